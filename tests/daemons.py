@@ -1,0 +1,148 @@
+"""Start and stop real daemons (ours and TVM's) on loopback for tests and benchmarks.
+
+Every process is started in its own process group and stopped by killing that
+group, since TVM's daemons run their service in a child process.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(host="127.0.0.1"):
+    """@return: a TCP port that was free a moment ago on C{host}."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra):
+    """The environment for a child: our source tree first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+class Daemon:
+    """A child process whose output is collected line by line."""
+
+    def __init__(self, args, env=None, cwd=None):
+        self.args = args
+        self.lines = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env or child_env(),
+            cwd=cwd,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for raw in self.proc.stdout:
+            with self._cond:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def output(self):
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern, timeout=30):
+        """
+        Wait until a line matches C{pattern}.
+
+        @return: the match.
+        @raise AssertionError: on timeout or if the process exits first.
+        """
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    m = regex.search(line)
+                    if m:
+                        return m
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(
+                        f"{pattern!r} not seen from {self.args!r}; output:\n{self.output}"
+                    )
+                self._cond.wait(min(left, 0.2))
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        """Stop the whole process group, forcefully if it lingers."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        self._reader.join(5)
+
+
+@contextmanager
+def running(args, ready, timeout=60, env=None, cwd=None):
+    """Run C{args} until the block ends, once a line matches C{ready}."""
+    daemon = Daemon(args, env=env, cwd=cwd)
+    try:
+        daemon.wait_for(ready, timeout)
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def twistd(*args):
+    """The command line of C{twistd -n}, logging to stdout, with no pid file."""
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--logfile=-", "--pidfile=", *args]
+
+
+@contextmanager
+def our_tracker(*extra, host="127.0.0.1"):
+    """Our tracker on a free port; yields C{(daemon, port)}."""
+    port = free_port(host)
+    args = twistd("rpc-tracker", "--host", host, "--port", str(port),
+                  "--port-end", str(port + 1), *extra)
+    with running(args, r"rpc-tracker listening on") as daemon:
+        yield daemon, port
+
+
+@contextmanager
+def tvm_tracker(host="127.0.0.1"):
+    """TVM's tracker on a free port; yields C{(daemon, port)}."""
+    port = free_port(host)
+    args = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host,
+            "--port", str(port), "--port-end", str(port + 1)]
+    with running(args, r"bind to") as daemon:
+        yield daemon, port

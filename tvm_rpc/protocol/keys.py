@@ -1,0 +1,70 @@
+"""Device keys, matchkeys and the ``server:``/``client:`` handshake keys."""
+
+import secrets
+
+SERVER_PREFIX = "server:"
+CLIENT_PREFIX = "client:"
+
+
+def random_matchkey(key):
+    """
+    Make a fresh matchkey for a device key, shaped as TVM's: ``<key>:<random>``.
+
+    @param key: the device key, which may itself contain ``:``.
+    @return: the matchkey.
+    """
+    return f"{key}:{secrets.randbelow(10**16) / 10**16!r}"
+
+
+def split_matchkey(matchkey):
+    """
+    Split a matchkey into its device key and random part.
+
+    Keys may contain ``:``, so only the last one separates.
+
+    @return: C{(key, random_part)}; C{random_part} is C{""} when absent.
+    """
+    key, sep, rest = matchkey.rpartition(":")
+    if not sep:
+        return matchkey, ""
+    return key, rest
+
+
+def parse_client_key(text):
+    """
+    Parse what a client sends in an RPC handshake.
+
+    @param text: ``client:<matchkey>`` optionally followed by options such as
+        `` -timeout=<seconds>``.
+    @return: C{(matchkey, options)} where options maps option names (without
+        the dash) to their string values.
+    @raise ValueError: when C{text} is not a client key.
+    """
+    if not text.startswith(CLIENT_PREFIX):
+        raise ValueError(f"not a client key: {text!r}")
+    parts = text[len(CLIENT_PREFIX) :].split(" ")
+    options = {}
+    for part in parts[1:]:
+        if not part:
+            continue
+        if not part.startswith("-") or "=" not in part:
+            raise ValueError(f"bad option {part!r} in client key")
+        name, _, value = part[1:].partition("=")
+        options[name] = value
+    return parts[0], options
+
+
+def parse_timeout_option(options):
+    """
+    @param options: as returned by L{parse_client_key}.
+    @return: the session timeout in seconds, or L{None} for none (0 means none,
+        as in TVM).
+    @raise ValueError: when the timeout is not a non-negative number.
+    """
+    raw = options.get("timeout")
+    if raw is None:
+        return None
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"bad timeout {raw!r}")
+    return value or None

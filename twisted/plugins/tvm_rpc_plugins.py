@@ -1,0 +1,14 @@
+"""twistd plugins: ``twistd rpc-tracker``, ``twistd rpc-proxy``, ``twistd rpc-server``.
+
+Each ServiceMaker names its ``tap`` module lazily, so ``twistd --help`` imports
+nothing of ours.
+"""
+
+from twisted.application.service import ServiceMaker
+
+rpc_tracker = ServiceMaker(
+    "TVM RPC tracker",
+    "tvm_rpc.tracker.tap",
+    "Queue requests for remote devices by key (TVM wire-compatible).",
+    "rpc-tracker",
+)
