@@ -1,0 +1,18 @@
+"""The Deferred-based client: tracker sessions now, RPC sessions on top of them."""
+
+from ..protocol.commands import Allocation, TrackerError
+from .tracker import (
+    TrackerClientFactory,
+    TrackerClientProtocol,
+    TrackerSession,
+    connect_tracker,
+)
+
+__all__ = [
+    "Allocation",
+    "TrackerClientFactory",
+    "TrackerClientProtocol",
+    "TrackerError",
+    "TrackerSession",
+    "connect_tracker",
+]

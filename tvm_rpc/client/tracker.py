@@ -1,0 +1,471 @@
+"""The client side of the tracker protocol, with Deferreds.
+
+:class:`TrackerClientProtocol` is a thin adapter around the sans-IO
+:class:`~tvm_rpc.protocol.framing.FrameDecoder`: it sends the magic, waits for
+the tracker's echo, sends each command in one write and matches replies to calls
+first in, first out (the protocol has no request ids).
+
+:func:`connect_tracker` opens a :class:`TrackerSession`: its control connection
+serves ``ping``/``summary``; each :meth:`TrackerSession.allocate` opens a
+connection of its own, because a REQUEST may be answered long after replies to
+later commands, so only one REQUEST may be outstanding per connection.
+"""
+
+import ipaddress
+from collections import deque
+
+import attrs
+from twisted.internet import defer, error
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..protocol.commands import (
+    Allocation,
+    BadMessage,
+    Ping,
+    Request,
+    Summary,
+    TrackerError,
+)
+from ..protocol.framing import FrameDecoder, encode_frame, encode_magic
+
+__all__ = [
+    "Allocation",
+    "AllocationTimeout",
+    "NotATracker",
+    "TrackerClientFactory",
+    "TrackerClientProtocol",
+    "TrackerError",
+    "TrackerSession",
+    "connect_tracker",
+    "text_summary",
+]
+
+#: Seconds allowed to open a tracker connection and get the magic echoed.
+DEFAULT_CONNECT_TIMEOUT = 30
+
+log = Logger()
+
+
+class NotATracker(BadMessage):
+    """The peer did not answer the tracker magic as a tracker does."""
+
+
+class AllocationTimeout(TrackerError, defer.TimeoutError):
+    """No server was allocated within the timeout the caller gave."""
+
+
+@attrs.define(eq=False)
+class _Call:
+    """
+    One command awaiting its reply.
+
+    @ivar command: the command sent.
+    @ivar deferred: fires with the decoded reply.
+    @ivar cancelled: whether the caller gave up; its reply is then dropped.
+    """
+
+    command: object
+    deferred: defer.Deferred
+    cancelled: bool = False
+
+
+class TrackerClientProtocol(Protocol):
+    """
+    The client side of a tracker connection; sends the magic on connect.
+
+    @ivar ready: a Deferred firing with this protocol once the tracker echoed
+        the magic; it errbacks with L{NotATracker} when the echo is wrong and
+        with the connection-loss reason when the connection closes first.
+    """
+
+    def __init__(self):
+        self.ready = defer.Deferred(self._cancel_ready)
+        self._decoder = FrameDecoder(expect_magic=True)
+        self._calls = deque()
+        self._unsent = []
+        self._closed = False
+        self._broken = False
+        self._close_reason = None
+        self._close_waiters = []
+        self._peer = "tracker"
+
+    def connectionMade(self):
+        """Send the magic and switch off Nagle: every command is one small write."""
+        peer = self.transport.getPeer()
+        self._peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except Exception:
+                pass
+        self.transport.write(encode_magic())
+
+    def call(self, command):
+        """
+        Send a command and wait for its reply.
+
+        Commands issued before the tracker echoed the magic are queued and sent,
+        in order and in one write, right after the echo (TVM's tracker refuses
+        a connection whose magic arrives together with a frame).
+
+        @param command: an instance of a command of
+            L{tvm_rpc.protocol.commands}.
+        @return: a Deferred firing with C{type(command).decode_result(reply)};
+            it errbacks with L{TrackerError} on a FAIL reply, L{BadMessage}
+            when the reply breaks the protocol (the connection is then closed),
+            and the connection-loss reason when the connection ends first.
+            Cancelling it drops the reply when it comes; cancelling a
+            L{Request} also closes the connection, which withdraws the request.
+        """
+        if self._closed or self._broken:
+            return defer.fail(self._close_reason or Failure(error.ConnectionDone()))
+        entry = _Call(command, None)
+        entry.deferred = defer.Deferred(lambda d: self._cancel_call(entry))
+        self._calls.append(entry)
+        frame = encode_frame(command.to_message())
+        if self.ready.called and self.transport is not None:
+            self.transport.write(frame)
+        else:
+            self._unsent.append(frame)
+        return entry.deferred
+
+    def when_closed(self):
+        """@return: a Deferred fired (with L{None}) when the connection has ended."""
+        if self._closed:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._close_waiters.append(waiter)
+        return waiter
+
+    def close(self):
+        """
+        Close the connection; outstanding calls errback.
+
+        @return: L{when_closed}.
+        """
+        if not self._closed and self.transport is not None:
+            self.transport.loseConnection()
+        return self.when_closed()
+
+    def dataReceived(self, data):
+        """Feed the decoder; fire C{ready} on the echo and calls on replies."""
+        if self._broken:
+            return
+        greeted = self._decoder.greeted
+        values = self._decoder.feed(data)
+        if not greeted and self._decoder.greeted:
+            self._on_greeted()
+        for value in values:
+            if self._broken:
+                return
+            self._on_reply(value)
+        if self._decoder.error is not None and not self._broken:
+            if not self._decoder.greeted:
+                problem = NotATracker(
+                    f"{self._peer} is not an RPC tracker ({self._decoder.error})"
+                )
+            else:
+                problem = BadMessage(f"bad reply from tracker {self._peer}: "
+                                     f"{self._decoder.error}")
+            self._violation(problem)
+
+    def connectionLost(self, reason=None):
+        """Fail C{ready} (if still waiting) and every outstanding call."""
+        if reason is None:
+            reason = Failure(error.ConnectionDone())
+        self._closed = True
+        if self._close_reason is None:
+            self._close_reason = reason
+        self._unsent.clear()
+        if not self.ready.called:
+            self.ready.errback(self._close_reason)
+        while self._calls:
+            entry = self._calls.popleft()
+            if not entry.deferred.called:
+                entry.deferred.errback(reason)
+        waiters, self._close_waiters = self._close_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def _on_greeted(self):
+        if self._unsent:
+            self.transport.write(b"".join(self._unsent))
+            self._unsent.clear()
+        self.ready.callback(self)
+
+    def _on_reply(self, value):
+        if not self._calls:
+            self._violation(BadMessage(
+                f"tracker {self._peer} sent a reply nobody asked for: {value!r}"[:300]
+            ))
+            return
+        entry = self._calls.popleft()
+        if entry.cancelled:
+            return
+        try:
+            result = type(entry.command).decode_result(value)
+        except BadMessage as e:
+            entry.deferred.errback(e)
+            self._violation(e)
+            return
+        except TrackerError as e:
+            entry.deferred.errback(e)
+            return
+        entry.deferred.callback(result)
+
+    def _violation(self, problem):
+        """Close the connection because the peer broke the protocol."""
+        log.warn("closing tracker connection to {peer}: {problem}",
+                 peer=self._peer, problem=problem)
+        self._broken = True
+        self._close_reason = Failure(problem)
+        if not self.ready.called:
+            self.ready.errback(Failure(problem))
+        self.transport.loseConnection()
+
+    def _cancel_ready(self, deferred):
+        if self.transport is not None and not self._closed:
+            self.transport.abortConnection()
+
+    def _cancel_call(self, entry):
+        entry.cancelled = True
+        if isinstance(entry.command, Request) and not self._closed:
+            if self.transport is not None:
+                self.transport.abortConnection()
+
+
+class TrackerClientFactory(Factory):
+    """Builds L{TrackerClientProtocol}s; usable with endpoints and C{ClientService}."""
+
+    protocol = TrackerClientProtocol
+
+
+def tracker_endpoint(reactor, host, port, timeout=DEFAULT_CONNECT_TIMEOUT):
+    """
+    An endpoint reaching a tracker by host name or address.
+
+    IP literals get a plain TCP endpoint (no resolver needed); names go through
+    L{HostnameEndpoint}.
+
+    @return: an L{IStreamClientEndpoint}.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
+    if address.version == 6:
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+
+
+async def _open(reactor, endpoint, address, timeout):
+    """
+    Connect and wait for the magic echo, within C{timeout} seconds in all.
+
+    @return: a ready L{TrackerClientProtocol}.
+    @raise defer.TimeoutError: when that takes longer than C{timeout}.
+    """
+
+    async def connect():
+        protocol = await connectProtocol(endpoint, TrackerClientProtocol())
+        return await protocol.ready
+
+    attempt = defer.Deferred.fromCoroutine(connect())
+    if timeout is not None:
+        def expired(result, seconds):
+            raise defer.TimeoutError(
+                f"tracker at {address} did not answer within {seconds:g} s"
+            )
+        attempt.addTimeout(timeout, reactor, onTimeoutCancel=expired)
+    return await attempt
+
+
+@attrs.define(eq=False)
+class TrackerSession:
+    """
+    A conversation with a tracker.
+
+    @ivar reactor: the reactor (or clock and connector) used for every
+        connection and timer.
+    @ivar host: the tracker's host as given.
+    @ivar port: the tracker's port as given.
+    @ivar endpoint: the endpoint every connection to the tracker is made with.
+    @ivar connect_timeout: seconds allowed to open each connection.
+    """
+
+    reactor: object
+    host: str
+    port: int
+    endpoint: object
+    _control: TrackerClientProtocol
+    connect_timeout: "float | None" = DEFAULT_CONNECT_TIMEOUT
+    _requests: set = attrs.field(factory=set)
+
+    @property
+    def address(self):
+        """The tracker's address as ``host:port``, for messages."""
+        return f"{self.host}:{self.port}"
+
+    def open_connection(self):
+        """
+        Open one more connection to the tracker.
+
+        @return: a Deferred firing with a ready L{TrackerClientProtocol}.
+        """
+        return defer.Deferred.fromCoroutine(
+            _open(self.reactor, self.endpoint, self.address, self.connect_timeout)
+        )
+
+    def ping(self):
+        """@return: a Deferred firing with L{None} when the tracker answered."""
+        return self._control.call(Ping())
+
+    def summary(self):
+        """@return: a Deferred firing with the tracker's summary L{dict}."""
+        return self._control.call(Summary())
+
+    def text_summary(self):
+        """@return: a Deferred firing with the summary as TVM's query tool prints it."""
+        return self.summary().addCallback(text_summary)
+
+    def allocate(self, key, priority=1, timeout=None, user=""):
+        """
+        Ask the tracker for a free server, on a connection of its own.
+
+        @param key: the device key.
+        @param priority: higher is served first; FIFO among equals.
+        @param timeout: seconds to wait at most, or L{None}. It is sent to the
+            tracker (ours answers FAIL when it expires; TVM's ignores it) and
+            enforced here as well.
+        @param user: who asks (shown by the tracker).
+        @return: a Deferred firing with an L{Allocation}; it errbacks with
+            L{TrackerError} when the tracker refuses, L{AllocationTimeout}
+            when C{timeout} expires. Cancelling it withdraws the request by
+            closing its connection.
+        """
+        attempt = defer.Deferred.fromCoroutine(
+            self._allocate(Request(key, user, priority, timeout))
+        )
+        if timeout is not None:
+            def expired(result, seconds):
+                raise AllocationTimeout(
+                    f"no server for key {key!r} from tracker {self.address} "
+                    f"within {seconds:g} s"
+                )
+            attempt.addTimeout(timeout, self.reactor, onTimeoutCancel=expired)
+        return attempt
+
+    async def _allocate(self, request):
+        connection = await self.open_connection()
+        self._requests.add(connection)
+        try:
+            return await connection.call(request)
+        finally:
+            self._requests.discard(connection)
+            connection.close()
+
+    def close(self):
+        """
+        Close the control connection and withdraw every allocation in progress.
+
+        @return: a Deferred firing with L{None} once the control connection ended.
+        """
+        for connection in list(self._requests):
+            connection.close()
+        return self._control.close()
+
+
+def connect_tracker(host, port, *, reactor=None, endpoint=None,
+                    connect_timeout=DEFAULT_CONNECT_TIMEOUT):
+    """
+    Connect to a tracker.
+
+    @param host: the tracker's host name or address.
+    @param port: the tracker's port.
+    @param reactor: the reactor to use; the global one when L{None}.
+    @param endpoint: an endpoint to reach the tracker with instead of one made
+        from C{host} and C{port} (which then only name it in messages).
+    @param connect_timeout: seconds allowed for each connection to open and
+        the tracker to echo the magic, or L{None} for no limit.
+    @return: a Deferred firing with a L{TrackerSession}; it errbacks with
+        L{NotATracker} when the peer is not a tracker, with
+        L{defer.TimeoutError} when it does not answer in time, and with the
+        connection error otherwise.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    if endpoint is None:
+        endpoint = tracker_endpoint(reactor, host, port, connect_timeout)
+
+    async def connect():
+        control = await _open(reactor, endpoint, f"{host}:{port}", connect_timeout)
+        return TrackerSession(reactor, host, port, endpoint, control, connect_timeout)
+
+    return defer.Deferred.fromCoroutine(connect())
+
+
+def _served_keys(info_key):
+    """
+    The device keys one server-info entry serves.
+
+    ``server:<key>`` serves the whole key after ``server:`` (which may hold
+    ``:``); a proxy's ``server:proxy[k1,k2]`` serves each key it lists.
+    """
+    prefix = "server:"
+    key = info_key[len(prefix):] if info_key.startswith(prefix) else info_key
+    if key.startswith("proxy[") and key.endswith("]"):
+        return [k for k in key[len("proxy["):-1].split(",") if k]
+    return [key]
+
+
+def text_summary(summary):
+    """
+    Render a tracker summary as TVM's ``query_rpc_tracker`` does.
+
+    The text is TVM's to the byte, except that a proxy's entry
+    ``server:proxy[k1,k2]`` counts toward each listed key's total (TVM files it
+    under the key ``proxy[k1,k2]``, so the proxied keys show total 0 and their
+    rows vanish) and a key containing ``:`` is counted whole (TVM keeps only
+    the part up to its first ``:``).
+
+    @param summary: the dict a SUMMARY returns (``queue_info`` and
+        ``server_info``; other fields are ignored).
+    @return: the text, ending with a newline.
+    """
+    totals = {}
+    lines = [
+        "Server List\n",
+        "------------------------------\n",
+        "server-address           key\n",
+        "------------------------------\n",
+    ]
+    for item in sorted(summary["server_info"], key=lambda item: item["key"]):
+        address = ":".join(map(str, item["addr"]))
+        lines.append(f"{address:21s}    {item['key']}\n")
+        for key in _served_keys(item["key"]):
+            totals[key] = totals.get(key, 0) + 1
+    lines.append("------------------------------\n")
+    lines.append("\n")
+
+    queue_info = summary["queue_info"]
+    keys = sorted(queue_info)
+    width = max((len(k) for k in keys), default=0)
+    title = f"{'key':<{width}s}   total  free  pending\n"
+    separator = "-" * len(title) + "\n"
+    lines += ["Queue Status\n", separator, title, separator]
+    for key in keys:
+        total = totals.get(key, 0)
+        free, pending = queue_info[key]["free"], queue_info[key]["pending"]
+        if total or pending:
+            lines.append(f"{key:<{width}}   {total:<5d}  {free:<4d}  {pending:<7d}\n")
+    lines.append(separator)
+    return "".join(lines)
