@@ -335,3 +335,472 @@ def parse_tracker_message(message):
     if not _is_int(code) or code not in TRACKER_COMMANDS:
         raise BadMessage(f"unknown tracker code {code!r}"[:200])
     return TRACKER_COMMANDS[code].from_message(message)
+
+
+# ---------------------------------------------------------------------------
+# Session commands (client <-> server, after the handshake)
+# ---------------------------------------------------------------------------
+
+SESSION_DOC = """
+The session protocol: AMP commands between our client and our server.
+
+After the RPC handshake the bytes of the connection belong to a
+:class:`twisted.protocols.amp.AMP` conversation. The client calls, the server
+answers; every command below lists its typed ``arguments``, its ``response``
+and its ``errors``. The call model:
+
+Opening
+    The client first calls :class:`Hello` (``protocol="tvm_rpc-session"``,
+    ``version=SESSION_VERSION``). A server that answers anything else, or does
+    not answer within a few seconds, is not a tvm_rpc session server (a real
+    TVM server answers nothing we can parse): the client reports the protocol
+    mismatch instead of hanging. The answer also gives the transfer
+    parameters (``chunk_size``, ``window``).
+
+Handles
+    The server keeps one table per session that maps integer ids to
+    functions, modules, arrays and streams. Ids are never reused within a
+    session. :class:`Free` drops ids (unknown ids are ignored, so freeing
+    twice is harmless); everything is dropped when the session ends.
+
+Values
+    Arguments and results of calls are encoded with
+    :mod:`tvm_rpc.protocol.values` (never pickle) and carried as raw bytes in
+    ``args`` / ``result``. In values, functions and modules appear as
+    :class:`~tvm_rpc.protocol.values.Handle`, server arrays as
+    :class:`~tvm_rpc.protocol.values.ArrayRef`, small host arrays inline as
+    :class:`~tvm_rpc.protocol.values.HostArray` (the server turns them into
+    arrays before the call) and devices as
+    :class:`~tvm_rpc.protocol.values.Device`.
+
+Calls
+    :class:`GetFunction` turns a global name into a function handle;
+    :class:`CallFunction` calls a handle, or a global name directly, with the
+    encoded argument list and answers the encoded result. Many calls may be
+    in flight at once on one session. The built-ins exist under TVM's names
+    and are called like any function: ``tvm.rpc.server.upload(path, data)``,
+    ``.download(path)`` -> bytes, ``.remove(path)``, ``.listdir(path=".")``
+    -> list of names, ``.load_module(path)`` -> module handle,
+    ``.workpath(path)`` -> absolute path on the device.
+
+Big values and bulk data: streams
+    No AMP value ever exceeds 65,535 bytes. When encoded arguments are longer
+    than ``MAX_INLINE_VALUE``, the client opens a value sink
+    (:class:`OpenValue`), writes the bytes with :class:`StreamWrite`, ends it
+    with :class:`StreamFinish` and passes the stream id as ``args_stream``
+    (the call consumes the stream). A result too long to inline comes back
+    as ``result_stream`` + ``result_size``: the client reads it with
+    :class:`StreamRead` and releases it with :class:`StreamClose`.
+    Uploads (:class:`OpenUpload`) and array fills (:class:`OpenArrayWrite`)
+    are write streams; downloads (:class:`OpenDownload`) and array reads
+    (:class:`OpenArrayRead`) are read streams. Writes are sequential; each
+    :class:`StreamWrite` is answered once its chunk is consumed (written to
+    disk or into the array), and the writer keeps at most ``window`` chunks
+    unanswered. Reads name their offset; the reader keeps at most ``window``
+    reads outstanding. So one transfer holds at most
+    ``window * chunk_size`` (16 x 60 KiB = 960 KiB by default) in flight on
+    each end, whatever the total size. :class:`StreamClose` cancels a write
+    stream (a partial upload is deleted) or releases a read stream.
+    :mod:`tvm_rpc.protocol.streams` implements both ends.
+
+Errors
+    Every exception raised on the server reaches the client as
+    :class:`RemoteError` carrying the remote exception's type name, message
+    and traceback text. The session stays usable after an error.
+
+Closing
+    :class:`Goodbye` asks the server to end the session (it answers, then
+    closes the connection); closing the connection has the same effect.
+"""
+
+__doc__ += SESSION_DOC
+
+import json  # noqa: E402
+
+from twisted.protocols import amp  # noqa: E402
+
+#: The ``protocol`` name exchanged by :class:`Hello`.
+SESSION_PROTOCOL = "tvm_rpc-session"
+#: The session protocol version; bumped on incompatible changes.
+SESSION_VERSION = 1
+#: Largest chunk carried by one :class:`StreamWrite` / :class:`StreamRead`.
+CHUNK_SIZE = 60 * 1024
+#: Chunks a writer or reader keeps outstanding on one stream.
+WINDOW = 16
+#: Longest encoded value sent inline in ``args`` / ``result``; longer values
+#: travel through a stream. Leaves room under AMP's 65,535-byte value limit.
+MAX_INLINE_VALUE = 60 * 1024
+
+_REMOTE_ERROR_LIMIT = 60 * 1024
+
+
+class RemoteError(Exception):
+    """
+    An exception raised on the other end of a session.
+
+    @ivar type_name: the remote exception's qualified type name
+        (e.g. ``"builtins.PermissionError"``).
+    @ivar message: C{str(exception)} on the remote end.
+    @ivar traceback_text: the remote traceback, formatted.
+
+    On the wire the three parts travel as one JSON description (AMP carries
+    only a description string). AMP rebuilds the exception by calling
+    C{RemoteError(description)}; that form is recognised and unpacked.
+    """
+
+    def __init__(self, type_name, message=None, traceback_text=None):
+        if message is None and traceback_text is None:
+            type_name, message, traceback_text = self._unpack(type_name)
+        self.type_name = str(type_name)
+        self.message = "" if message is None else str(message)
+        self.traceback_text = "" if traceback_text is None else str(traceback_text)
+        super().__init__(self.type_name, self.message, self.traceback_text)
+
+    @staticmethod
+    def _unpack(description):
+        """Split a wire description; a foreign one becomes an unknown error."""
+        try:
+            parts = json.loads(description)
+            return str(parts["type"]), str(parts["message"]), str(parts["traceback"])
+        except (ValueError, TypeError, KeyError):
+            return "tvm_rpc.UnknownRemoteError", str(description), ""
+
+    @classmethod
+    def from_exception(cls, exception, traceback_text=""):
+        """
+        @param exception: a local exception (or a L{RemoteError} to pass on).
+        @param traceback_text: its formatted traceback.
+        @return: the L{RemoteError} describing it.
+        """
+        if isinstance(exception, RemoteError):
+            return exception
+        kind = type(exception)
+        module = kind.__module__
+        name = kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+        return cls(name, str(exception), traceback_text)
+
+    @property
+    def short_type_name(self):
+        """The type name without its module (C{"PermissionError"})."""
+        return self.type_name.rsplit(".", 1)[-1]
+
+    def __str__(self):
+        """
+        The wire description: JSON of type, message and traceback, shortened
+        (the traceback keeps its end, the message its start) to fit in one
+        AMP value.
+        """
+        message, traceback_text = self.message, self.traceback_text
+        while True:
+            text = json.dumps(
+                {"type": self.type_name[:1024], "message": message, "traceback": traceback_text},
+                ensure_ascii=False,
+            )
+            if len(text.encode("utf-8", "replace")) <= _REMOTE_ERROR_LIMIT:
+                return text
+            if len(traceback_text) > 64:
+                traceback_text = "...\n" + traceback_text[len(traceback_text) // 2:]
+            else:
+                traceback_text = ""
+                message = message[: len(message) // 2] + "..."
+
+    def __repr__(self):
+        return f"RemoteError({self.type_name!r}, {self.message!r})"
+
+
+_ERRORS = {RemoteError: b"REMOTE_ERROR"}
+
+
+class Hello(amp.Command):
+    """
+    Identify both ends; the first command of every session.
+
+    The server answers with its own protocol name and version. The client
+    must check that C{protocol == SESSION_PROTOCOL} and that the version is
+    one it speaks; a peer that is not a tvm_rpc session server never answers
+    (so the client bounds the wait and reports the mismatch).
+    """
+
+    arguments = [
+        (b"protocol", amp.Unicode()),
+        (b"version", amp.Integer()),
+        (b"implementation", amp.Unicode(optional=True)),
+    ]
+    response = [
+        (b"protocol", amp.Unicode()),
+        (b"version", amp.Integer()),
+        (b"implementation", amp.Unicode()),
+        (b"chunk_size", amp.Integer()),
+        (b"window", amp.Integer()),
+        (b"max_inline_value", amp.Integer()),
+    ]
+    errors = _ERRORS
+
+
+class GetFunction(amp.Command):
+    """
+    Look up a global function (registry or built-in) by name.
+
+    Response ``function``: a new function handle id. Raises L{RemoteError}
+    (type ``tvm_rpc.NoSuchFunction``) when nothing has that name.
+    """
+
+    arguments = [(b"name", amp.Unicode())]
+    response = [(b"function", amp.Integer())]
+    errors = _ERRORS
+
+
+class CallFunction(amp.Command):
+    """
+    Call a function and answer its result.
+
+    Exactly one of ``function`` (a handle id) or ``name`` (a global name)
+    names the callee. The arguments are a list encoded with
+    L{tvm_rpc.protocol.values.encode}: inline in ``args`` (at most
+    L{MAX_INLINE_VALUE} bytes), or in a finished value stream named by
+    ``args_stream`` (consumed by the call). Missing both means no arguments.
+
+    The response holds the encoded result inline in ``result``, or, when it
+    is longer than L{MAX_INLINE_VALUE}, a read stream ``result_stream`` of
+    ``result_size`` bytes that the client reads and then closes.
+    """
+
+    arguments = [
+        (b"function", amp.Integer(optional=True)),
+        (b"name", amp.Unicode(optional=True)),
+        (b"args", amp.String(optional=True)),
+        (b"args_stream", amp.Integer(optional=True)),
+    ]
+    response = [
+        (b"result", amp.String(optional=True)),
+        (b"result_stream", amp.Integer(optional=True)),
+        (b"result_size", amp.Integer(optional=True)),
+    ]
+    errors = _ERRORS
+
+
+class Free(amp.Command):
+    """Drop handles (functions, modules, arrays, streams); unknown ids are ignored."""
+
+    arguments = [(b"handles", amp.ListOf(amp.Integer()))]
+    response = []
+    errors = _ERRORS
+
+
+class LoadModule(amp.Command):
+    """
+    Load a module from a path in the session's work directory.
+
+    A ``.py`` file gives a module whose public functions are callable; a
+    ``.so``/``.tar``/``.dylib``/``.dll`` built by TVM is loaded with
+    ``tvm.runtime.load_module`` when TVM's runtime is installed on the device
+    (else L{RemoteError} says it is not). Response: the module handle id and
+    its ``kind`` (``"python"`` or ``"tvm"``).
+    """
+
+    arguments = [(b"path", amp.Unicode())]
+    response = [(b"module", amp.Integer()), (b"kind", amp.Unicode())]
+    errors = _ERRORS
+
+
+class ModuleGetFunction(amp.Command):
+    """
+    Get a function of a loaded module by name.
+
+    ``query_imports`` also searches the module's imports (TVM modules).
+    Response ``function``: a new function handle id.
+    """
+
+    arguments = [
+        (b"module", amp.Integer()),
+        (b"name", amp.Unicode()),
+        (b"query_imports", amp.Boolean(optional=True)),
+    ]
+    response = [(b"function", amp.Integer())]
+    errors = _ERRORS
+
+
+class DeviceExists(amp.Command):
+    """
+    Whether a device exists on the server, by TVM's numbering
+    (cpu=1, cuda=2, cuda_host=3, opencl=4, vulkan=7, metal=8, ...).
+    ``name`` is TVM's device name (``"cpu"``, ``"cuda"``, ...).
+    """
+
+    arguments = [(b"device_type", amp.Integer()), (b"device_id", amp.Integer())]
+    response = [(b"exists", amp.Boolean()), (b"name", amp.Unicode())]
+    errors = _ERRORS
+
+
+class DeviceSync(amp.Command):
+    """Wait until all work queued on a device has finished."""
+
+    arguments = [(b"device_type", amp.Integer()), (b"device_id", amp.Integer())]
+    response = []
+    errors = _ERRORS
+
+
+class Empty(amp.Command):
+    """
+    Allocate an uninitialised array on a device.
+
+    Response: the array handle id and its size in bytes.
+    """
+
+    arguments = [
+        (b"shape", amp.ListOf(amp.Integer())),
+        (b"dtype", amp.Unicode()),
+        (b"device_type", amp.Integer()),
+        (b"device_id", amp.Integer()),
+    ]
+    response = [(b"array", amp.Integer()), (b"nbytes", amp.Integer())]
+    errors = _ERRORS
+
+
+class OpenArrayWrite(amp.Command):
+    """
+    Open a write stream that fills an array from host bytes (C order).
+
+    Response: the stream id and the number of bytes the array expects; the
+    stream must carry exactly that many bytes before L{StreamFinish}.
+    """
+
+    arguments = [(b"array", amp.Integer())]
+    response = [(b"stream", amp.Integer()), (b"size", amp.Integer())]
+    errors = _ERRORS
+
+
+class OpenArrayRead(amp.Command):
+    """
+    Open a read stream over an array's bytes (C order), for copying to host.
+
+    Response: the stream id, its size in bytes, the shape and the dtype.
+    """
+
+    arguments = [(b"array", amp.Integer())]
+    response = [
+        (b"stream", amp.Integer()),
+        (b"size", amp.Integer()),
+        (b"shape", amp.ListOf(amp.Integer())),
+        (b"dtype", amp.Unicode()),
+    ]
+    errors = _ERRORS
+
+
+class OpenUpload(amp.Command):
+    """
+    Open a write stream into a file of the work directory (created or
+    truncated; parent directories are created). ``size``, when given, is
+    checked at L{StreamFinish}. A cancelled upload leaves no file.
+    """
+
+    arguments = [(b"path", amp.Unicode()), (b"size", amp.Integer(optional=True))]
+    response = [(b"stream", amp.Integer())]
+    errors = _ERRORS
+
+
+class OpenDownload(amp.Command):
+    """Open a read stream over a file of the work directory; answers its size."""
+
+    arguments = [(b"path", amp.Unicode())]
+    response = [(b"stream", amp.Integer()), (b"size", amp.Integer())]
+    errors = _ERRORS
+
+
+class OpenValue(amp.Command):
+    """Open a write stream that collects an encoded value too long to inline."""
+
+    arguments = [(b"size", amp.Integer())]
+    response = [(b"stream", amp.Integer())]
+    errors = _ERRORS
+
+
+class StreamWrite(amp.Command):
+    """
+    Append a chunk (at most L{CHUNK_SIZE} bytes) to a write stream.
+
+    Answered once the chunk is consumed, so a writer with at most L{WINDOW}
+    writes outstanding bounds the memory both ends spend on the transfer.
+    """
+
+    arguments = [(b"stream", amp.Integer()), (b"data", amp.String())]
+    response = []
+    errors = _ERRORS
+
+
+class StreamFinish(amp.Command):
+    """End a write stream; answers the number of bytes it received."""
+
+    arguments = [(b"stream", amp.Integer())]
+    response = [(b"size", amp.Integer())]
+    errors = _ERRORS
+
+
+class StreamRead(amp.Command):
+    """
+    Read up to ``length`` (at most L{CHUNK_SIZE}) bytes at ``offset`` of a
+    read stream; an empty answer means the end.
+    """
+
+    arguments = [
+        (b"stream", amp.Integer()),
+        (b"offset", amp.Integer()),
+        (b"length", amp.Integer()),
+    ]
+    response = [(b"data", amp.String())]
+    errors = _ERRORS
+
+
+class StreamClose(amp.Command):
+    """Cancel a write stream (partial data discarded) or release a read stream; idempotent."""
+
+    arguments = [(b"stream", amp.Integer())]
+    response = []
+    errors = _ERRORS
+
+
+class TimeEvaluator(amp.Command):
+    """
+    Time a function on the device, excluding the network.
+
+    The callee is ``function`` (a handle) or ``name``; ``args`` /
+    ``args_stream`` as for L{CallFunction}. The function runs ``number``
+    times per repeat, ``repeat`` times; when ``min_repeat_ms`` > 0 ``number``
+    grows until one repeat lasts at least that long. The device is synced
+    around each repeat. Response ``results``: the mean seconds per call of
+    each repeat (the client derives mean/median/min/max/std).
+    """
+
+    arguments = [
+        (b"function", amp.Integer(optional=True)),
+        (b"name", amp.Unicode(optional=True)),
+        (b"args", amp.String(optional=True)),
+        (b"args_stream", amp.Integer(optional=True)),
+        (b"device_type", amp.Integer()),
+        (b"device_id", amp.Integer()),
+        (b"number", amp.Integer()),
+        (b"repeat", amp.Integer()),
+        (b"min_repeat_ms", amp.Float()),
+    ]
+    response = [(b"results", amp.ListOf(amp.Float()))]
+    errors = _ERRORS
+
+
+class Goodbye(amp.Command):
+    """End the session: the server answers, drops everything and closes."""
+
+    arguments = []
+    response = []
+    errors = _ERRORS
+
+
+#: Every session command, by class name.
+SESSION_COMMANDS = {
+    command.__name__: command
+    for command in (
+        Hello, GetFunction, CallFunction, Free, LoadModule, ModuleGetFunction,
+        DeviceExists, DeviceSync, Empty, OpenArrayWrite, OpenArrayRead,
+        OpenUpload, OpenDownload, OpenValue, StreamWrite, StreamFinish,
+        StreamRead, StreamClose, TimeEvaluator, Goodbye,
+    )
+}
