@@ -1,0 +1,92 @@
+"""Telling our session protocol from Apache TVM's native one during the handshake.
+
+The RPC handshake is TVM's, but what follows it is not: our sessions speak AMP,
+TVM's speak its own RPC endpoint protocol. So each side marks itself with a
+key option TVM ignores (TVM's server reads only ``-timeout=``, and its client
+never parses the server key), and refuses a peer without the mark with a
+message that names the mismatch instead of hanging:
+
+- our client appends `` -tvm_rpc=<version>`` to ``client:<matchkey>``;
+- our server appends the same option to ``server:<key>`` in its reply;
+- our server, meeting a client without the mark (a real TVM client), answers
+  the handshake and then sends one packet of TVM's own protocol, an exception
+  carrying :data:`TVM_CLIENT_REFUSAL`, which TVM's client raises as
+  ``RPCError``.
+"""
+
+import struct
+
+from .keys import CLIENT_PREFIX, SERVER_PREFIX
+
+#: The key option that marks a tvm_rpc peer.
+MARKER_OPTION = "tvm_rpc"
+#: Its value: the session protocol's version.
+MARKER_VERSION = "1"
+#: The text appended to a handshake key.
+MARKER = f" -{MARKER_OPTION}={MARKER_VERSION}"
+
+#: What a real TVM client is told when it reaches our server.
+TVM_CLIENT_REFUSAL = (
+    "this is a tvm_rpc server (Twisted), not Apache TVM's native RPC server: "
+    "its sessions speak the tvm_rpc protocol; connect with tvm_rpc.client.connect "
+    "or tvm_rpc.client.connect_tracker(...).request(key)"
+)
+#: What our client says when it reaches one of TVM's servers.
+TVM_SERVER_REFUSAL = (
+    "this is Apache TVM's native RPC server, not tvm_rpc: it does not speak the "
+    "tvm_rpc session protocol; use tvm.rpc.connect for it, or run "
+    "'twistd rpc-server' on the device"
+)
+
+# TVM's RpcCode::kException and the FFI type index of a string argument, as
+# written by tvm.rpc._ffi_api.ReturnException in apache-tvm 0.27.
+_TVM_EXCEPTION_CODE = 5
+_TVM_STRING_TYPE = 8
+_UINT64 = struct.Struct("<Q")
+_EXCEPTION_HEAD = struct.Struct("<iii")
+
+
+def client_key(matchkey, timeout=None):
+    """
+    @param matchkey: the key or tracker matchkey to present.
+    @param timeout: the session timeout in seconds, or L{None}/0 for none.
+    @return: the handshake key of our client, marked.
+    """
+    text = CLIENT_PREFIX + matchkey
+    if timeout:
+        text += f" -timeout={timeout}"
+    return text + MARKER
+
+
+def server_key(key):
+    """@return: the key our server sends back on success, marked."""
+    return SERVER_PREFIX + key + MARKER
+
+
+def is_marked(options):
+    """
+    @param options: the options parsed from a handshake key.
+    @return: whether the peer is a tvm_rpc peer.
+    """
+    return MARKER_OPTION in options
+
+
+def reply_is_marked(key):
+    """
+    @param key: the key a server sent back in its handshake reply.
+    @return: whether it carries our mark.
+    """
+    return MARKER.strip() in key.split()[1:]
+
+
+def tvm_exception_packet(message):
+    """
+    One packet of TVM's RPC endpoint protocol that makes TVM's client raise.
+
+    @param message: the error text TVM's client shows.
+    @return: ``[uint64 length][int32 kException][int32 1][int32 str][uint64 n][text]``.
+    """
+    raw = message.encode("utf-8")
+    body = _EXCEPTION_HEAD.pack(_TVM_EXCEPTION_CODE, 1, _TVM_STRING_TYPE)
+    body += _UINT64.pack(len(raw)) + raw
+    return _UINT64.pack(len(body)) + body

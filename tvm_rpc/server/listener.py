@@ -1,0 +1,314 @@
+"""The server port: TVM's RPC handshake, then a hand-off to a session runner.
+
+:class:`HandshakeProtocol` is a thin adapter around the sans-IO
+:class:`~tvm_rpc.protocol.handshake.HandshakeDecoder` and the
+:class:`~tvm_rpc.server.gate.SessionGate`. Each connection gets its own
+handshake timer, so a silent peer is dropped and never blocks anyone else.
+Once the handshake succeeds and a session slot is free, the connection goes to
+an :class:`ISessionRunner`: a worker process (see :mod:`tvm_rpc.server.worker`)
+or the in-process runner below (``--no-fork``).
+"""
+
+import attrs
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from ..protocol.constants import RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
+from ..protocol.flavour import (
+    TVM_CLIENT_REFUSAL,
+    is_marked,
+    server_key,
+    tvm_exception_packet,
+)
+from ..protocol.handshake import HandshakeDecoder, encode_reply
+from ..protocol.keys import parse_client_key, parse_timeout_option
+
+#: Seconds a peer has to complete its handshake.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+
+def provides(interface):
+    """An attrs validator: the value must provide C{interface}."""
+
+    def check(instance, attribute, value):
+        if not interface.providedBy(value):
+            raise TypeError(f"{attribute.name} must provide {interface.__name__}")
+
+    return check
+
+
+@attrs.frozen
+class Handoff:
+    """
+    A connection whose handshake succeeded, ready to become a session.
+
+    @ivar transport: the connection.
+    @ivar carrier: the L{HandshakeProtocol} that owns it; in-process runners
+        call L{HandshakeProtocol.switch_to} on it.
+    @ivar reply: the handshake reply not yet written (the runner writes it,
+        so it leaves ahead of any session byte).
+    @ivar rest: bytes the client sent after its handshake.
+    @ivar timeout: the session timeout in seconds, or L{None}.
+    @ivar peer: a printable address of the client.
+    @ivar slot: the L{tvm_rpc.server.gate.Slot} to release when the session ends.
+    """
+
+    transport: object
+    carrier: object
+    reply: bytes
+    rest: bytes
+    timeout: "float | None"
+    peer: str
+    slot: object
+
+
+class ISessionRunner(Interface):
+    """Runs sessions on connections whose handshake succeeded."""
+
+    def start(handoff):
+        """
+        Run one session; release C{handoff.slot} when it ends, however it ends.
+
+        @param handoff: a L{Handoff}.
+        """
+
+
+def describe_peer(transport):
+    """@return: C{host:port} of the peer, or its address's repr."""
+    try:
+        address = transport.getPeer()
+    except Exception:
+        return "?"
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return str(address)
+    return f"{host}:{port}"
+
+
+class HandshakeProtocol(Protocol):
+    """
+    One connection to the server port: handshake, wait for a slot, hand off.
+
+    After an in-process hand-off it keeps forwarding bytes and the connection
+    loss to the session protocol it switched to.
+    """
+
+    log = Logger()
+
+    def __init__(self, listener):
+        """@param listener: the L{ListenerFactory} that built this protocol."""
+        self._listener = listener
+        self._decoder = HandshakeDecoder()
+        self._timer = None
+        self._waiting = None
+        self._session = None
+        self._handed_off = False
+        self.peer = "?"
+
+    def connectionMade(self):
+        """Start the handshake timer."""
+        self.peer = describe_peer(self.transport)
+        self._timer = self._listener.clock.callLater(
+            self._listener.handshake_timeout, self._handshake_expired
+        )
+
+    def dataReceived(self, data):
+        """Feed the handshake, or pass bytes on once a session runs."""
+        if self._session is not None:
+            self._session.dataReceived(data)
+            return
+        if self._handed_off:
+            return
+        if self._decoder.done:
+            self._decoder.feed(data)
+            return
+        if self._decoder.feed(data):
+            self._cancel_timer()
+            self._handshake_done()
+
+    def connectionLost(self, reason=None):
+        """Give up a place in line, or tell the session."""
+        self._cancel_timer()
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.cancel()
+        if self._session is not None:
+            self._session.connectionLost(reason)
+
+    def switch_to(self, protocol, rest=b""):
+        """
+        Make C{protocol} the session protocol of this connection.
+
+        @param protocol: a fresh protocol; it is connected to this transport
+            and given C{rest}, then every later byte.
+        @param rest: bytes already received after the handshake.
+        """
+        self._session = protocol
+        protocol.makeConnection(self.transport)
+        if rest:
+            protocol.dataReceived(rest)
+
+    def _cancel_timer(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _handshake_expired(self):
+        self._timer = None
+        self.log.warn(
+            "dropping {peer}: no handshake within {timeout}s",
+            peer=self.peer,
+            timeout=self._listener.handshake_timeout,
+        )
+        self.transport.abortConnection()
+
+    def _refuse(self, why, **fields):
+        self.log.warn("mismatch key from {peer}: " + why, peer=self.peer, **fields)
+        self.transport.write(encode_reply(RPC_CODE_MISMATCH))
+        self.transport.loseConnection()
+
+    def _handshake_done(self):
+        decoder = self._decoder
+        if decoder.error is not None:
+            self.log.warn(
+                "bad handshake from {peer}: {error}", peer=self.peer, error=decoder.error
+            )
+            self.transport.abortConnection()
+            return
+        try:
+            matchkey, options = parse_client_key(decoder.key)
+            timeout = parse_timeout_option(options)
+        except ValueError as e:
+            self._refuse("{problem}", problem=str(e))
+            return
+        gate = self._listener.gate
+        if not gate.accepts(matchkey):
+            self._refuse("presented {key!r}", key=matchkey)
+            return
+        if not is_marked(options):
+            self.log.warn(
+                "refusing {peer}: an Apache TVM client, which cannot speak the "
+                "tvm_rpc session protocol",
+                peer=self.peer,
+            )
+            if gate.tracked:
+                # The tracker handed this matchkey out; offer a fresh one.
+                gate.renew()
+            self.transport.write(
+                encode_reply(RPC_CODE_SUCCESS, server_key(gate.key))
+                + tvm_exception_packet(TVM_CLIENT_REFUSAL)
+            )
+            self.transport.loseConnection()
+            return
+        waiting = gate.claim(matchkey)
+        # Hold the client's further bytes in the kernel until its session runs.
+        self.transport.pauseProducing()
+        self._waiting = waiting
+        waiting.addCallbacks(
+            lambda slot: self._slot_granted(slot, timeout),
+            lambda failure: None,
+        )
+
+    def _slot_granted(self, slot, timeout):
+        self._waiting = None
+        self._handed_off = True
+        self.transport.resumeProducing()
+        handoff = Handoff(
+            transport=self.transport,
+            carrier=self,
+            reply=encode_reply(RPC_CODE_SUCCESS, server_key(self._listener.gate.key)),
+            rest=self._decoder.rest,
+            timeout=timeout,
+            peer=self.peer,
+            slot=slot,
+        )
+        self.log.info(
+            "session for {peer} (timeout {timeout})", peer=self.peer, timeout=timeout
+        )
+        try:
+            self._listener.runner.start(handoff)
+        except Exception:
+            self.log.failure("could not start a session for {peer}", peer=self.peer)
+            slot.release()
+            self.transport.abortConnection()
+
+
+@attrs.define(eq=False)
+class ListenerFactory(Factory):
+    """
+    Builds a L{HandshakeProtocol} per connection.
+
+    @ivar gate: the L{tvm_rpc.server.gate.SessionGate}.
+    @ivar runner: the L{ISessionRunner}.
+    @ivar clock: an L{IReactorTime} for the handshake timers.
+    @ivar handshake_timeout: seconds a peer has to complete its handshake.
+    """
+
+    gate: object
+    runner: object = attrs.field(validator=provides(ISessionRunner))
+    clock: object
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+
+    def buildProtocol(self, addr):
+        """@return: a L{HandshakeProtocol}."""
+        protocol = HandshakeProtocol(self)
+        protocol.factory = self
+        return protocol
+
+
+@implementer(ISessionRunner)
+@attrs.define(eq=False)
+class InProcessRunner:
+    """
+    Runs each session in the server's own process (``--no-fork``).
+
+    A hung or crashing call takes the whole server with it in this mode; the
+    session timeout still closes the connection when the reactor gets a turn.
+
+    @ivar make_protocol: makes a fresh session protocol.
+    @ivar clock: an L{IReactorTime} for the session timeout.
+    """
+
+    log = Logger()
+
+    make_protocol: object
+    clock: object
+
+    def start(self, handoff):
+        """Write the reply and switch the connection to a session protocol."""
+        protocol = self.make_protocol()
+        timer = None
+        if handoff.timeout:
+            timer = self.clock.callLater(handoff.timeout, self._expired, handoff)
+        original_lost = protocol.connectionLost
+
+        def lost(reason=None):
+            if timer is not None and timer.active():
+                timer.cancel()
+            handoff.slot.release()
+            self.log.info("session for {peer} ended", peer=handoff.peer)
+            return original_lost(reason)
+
+        protocol.connectionLost = lost
+        handoff.transport.write(handoff.reply)
+        handoff.carrier.switch_to(protocol, handoff.rest)
+
+    def _expired(self, handoff):
+        self.log.warn(
+            "session for {peer} exceeded its {timeout}s timeout; closing",
+            peer=handoff.peer,
+            timeout=handoff.timeout,
+        )
+        handoff.transport.abortConnection()
+
+
+__all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "HandshakeProtocol",
+    "Handoff",
+    "ISessionRunner",
+    "InProcessRunner",
+    "ListenerFactory",
+]
