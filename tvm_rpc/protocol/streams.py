@@ -1,0 +1,524 @@
+"""Chunked bulk transfer by stream id over AMP, both directions, bounded memory.
+
+Bulk data (uploads, downloads, array copies, long encoded values) never
+travels in one AMP box. The receiving end of a transfer keeps a
+:class:`StreamTable` of open streams by integer id:
+
+- a *write stream* wraps an :class:`ISink` (a file being uploaded, an array
+  being filled, a long value being collected); the peer pushes chunks with
+  :class:`~tvm_rpc.protocol.commands.StreamWrite` and ends with
+  :class:`~tvm_rpc.protocol.commands.StreamFinish`;
+- a *read stream* wraps an :class:`ISource` (a file being downloaded, an
+  array being copied to host, a long result); the peer pulls chunks by offset
+  with :class:`~tvm_rpc.protocol.commands.StreamRead`.
+
+Either kind is cancelled or released by
+:class:`~tvm_rpc.protocol.commands.StreamClose`.
+
+The other end drives transfers with :func:`write_stream` and
+:func:`read_stream`. Each keeps at most ``window`` commands outstanding and
+each command carries at most ``chunk_size`` bytes, and a write is answered only
+once its chunk is consumed, so a transfer holds at most
+``window * chunk_size`` bytes in flight (16 x 60 KiB = 960 KiB by default)
+on each end, whatever its total size. Cancelling the Deferred of a transfer
+stops it and closes the stream on the other end.
+"""
+
+import itertools
+import os
+
+import attrs
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
+
+from .commands import (
+    CHUNK_SIZE,
+    MAX_INLINE_VALUE,
+    WINDOW,
+    OpenValue,
+    StreamClose,
+    StreamFinish,
+    StreamRead,
+    StreamWrite,
+)
+
+log = Logger()
+
+
+class StreamError(Exception):
+    """A stream that does not exist, a chunk too large, a size mismatch."""
+
+
+class ISink(Interface):
+    """Where the chunks of a write stream go."""
+
+    def write(data):
+        """
+        Consume a chunk.
+
+        @return: L{None} when consumed, or a L{Deferred} that fires once it is.
+        """
+
+    def finish():
+        """
+        End the stream.
+
+        @return: the number of bytes received.
+        @raise Exception: when the data is incomplete or invalid.
+        """
+
+    def cancel():
+        """Abandon the stream and discard what was received (idempotent)."""
+
+
+class ISource(Interface):
+    """Where the chunks of a read stream come from."""
+
+    size = Attribute("The total size in bytes.")
+
+    def read(offset, length):
+        """@return: up to C{length} bytes at C{offset}; empty at the end."""
+
+    def close():
+        """Release the source (idempotent)."""
+
+
+def _check_chunk(data, chunk_size):
+    if len(data) > chunk_size:
+        raise StreamError(f"chunk of {len(data)} bytes exceeds the {chunk_size}-byte limit")
+
+
+@implementer(ISink)
+@attrs.define(eq=False)
+class BytesSink:
+    """
+    Collect a stream in memory, refusing more than C{limit} bytes.
+
+    @ivar limit: the most bytes accepted.
+    @ivar expected: when not L{None}, the exact size required at L{finish}.
+    """
+
+    limit: int
+    expected: "int | None" = None
+    _buffer: bytearray = attrs.field(factory=bytearray)
+    finished: bool = False
+
+    def write(self, data):
+        """Append C{data}. @raise StreamError: beyond the limit."""
+        if len(self._buffer) + len(data) > self.limit:
+            raise StreamError(f"stream exceeds its announced {self.limit} bytes")
+        self._buffer += data
+
+    def finish(self):
+        """@return: the size. @raise StreamError: when short of C{expected}."""
+        if self.expected is not None and len(self._buffer) != self.expected:
+            raise StreamError(
+                f"stream ended after {len(self._buffer)} of {self.expected} bytes"
+            )
+        self.finished = True
+        return len(self._buffer)
+
+    def cancel(self):
+        """Forget the data."""
+        self._buffer = bytearray()
+
+    def getvalue(self):
+        """@return: the bytes received."""
+        return bytes(self._buffer)
+
+
+@implementer(ISink)
+@attrs.define(eq=False)
+class FileSink:
+    """
+    Write a stream to a file, atomically: chunks go to a hidden temporary
+    file beside C{path}, renamed over C{path} at L{finish}; a cancelled
+    stream leaves nothing behind.
+
+    @ivar path: the final path (already confined by the caller).
+    @ivar expected: when not L{None}, the exact size required at L{finish}.
+    """
+
+    path: str
+    expected: "int | None" = None
+    _file: object = None
+    _temporary: str = ""
+    _size: int = 0
+
+    def __attrs_post_init__(self):
+        directory, name = os.path.split(self.path)
+        self._temporary = os.path.join(directory, f".{name}.{os.getpid()}.{id(self)}.part")
+        self._file = open(self._temporary, "wb")
+
+    def write(self, data):
+        """Write C{data} to the temporary file."""
+        if self.expected is not None and self._size + len(data) > self.expected:
+            raise StreamError(f"upload exceeds its announced {self.expected} bytes")
+        self._file.write(data)
+        self._size += len(data)
+
+    def finish(self):
+        """Move the file into place. @return: its size."""
+        if self.expected is not None and self._size != self.expected:
+            self.cancel()
+            raise StreamError(f"upload ended after {self._size} of {self.expected} bytes")
+        self._file.close()
+        os.replace(self._temporary, self.path)
+        return self._size
+
+    def cancel(self):
+        """Delete the temporary file."""
+        if not self._file.closed:
+            self._file.close()
+        try:
+            os.unlink(self._temporary)
+        except FileNotFoundError:
+            pass
+
+
+@implementer(ISource)
+@attrs.define(eq=False)
+class BytesSource:
+    """Serve chunks of a bytes-like object held in memory (no copy until read)."""
+
+    _data: memoryview = attrs.field(converter=lambda data: memoryview(data).cast("B"))
+
+    @property
+    def size(self):
+        """The total size in bytes."""
+        return len(self._data)
+
+    def read(self, offset, length):
+        """@return: up to C{length} bytes at C{offset}."""
+        return bytes(self._data[offset:offset + length])
+
+    def close(self):
+        """Drop the reference to the data."""
+        self._data = memoryview(b"")
+
+
+@implementer(ISource)
+@attrs.define(eq=False)
+class FileSource:
+    """Serve chunks of a file by offset (opened at once, so the size is fixed)."""
+
+    path: str
+    _descriptor: int = -1
+    size: int = 0
+
+    def __attrs_post_init__(self):
+        self._descriptor = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self.size = os.fstat(self._descriptor).st_size
+
+    def read(self, offset, length):
+        """@return: up to C{length} bytes at C{offset}."""
+        if self._descriptor < 0:
+            raise StreamError("stream closed")
+        if hasattr(os, "pread"):
+            return os.pread(self._descriptor, length, offset)
+        os.lseek(self._descriptor, offset, os.SEEK_SET)
+        return os.read(self._descriptor, length)
+
+    def close(self):
+        """Close the file."""
+        if self._descriptor >= 0:
+            os.close(self._descriptor)
+            self._descriptor = -1
+
+
+@attrs.define(eq=False)
+class StreamTable:
+    """
+    The open streams of one session, by id.
+
+    @ivar chunk_size: the largest chunk accepted or served.
+    @ivar next_id: a callable returning fresh ids (shared with the session's
+        handle table, so ids never collide).
+    """
+
+    chunk_size: int = CHUNK_SIZE
+    next_id: object = attrs.field(factory=lambda: itertools.count(1).__next__)
+    _sinks: dict = attrs.field(factory=dict)
+    _sources: dict = attrs.field(factory=dict)
+    finished_values: dict = attrs.field(factory=dict)
+
+    def open_sink(self, sink):
+        """@param sink: an L{ISink}. @return: its new stream id."""
+        stream = self.next_id()
+        self._sinks[stream] = sink
+        return stream
+
+    def open_source(self, source):
+        """@param source: an L{ISource}. @return: its new stream id."""
+        stream = self.next_id()
+        self._sources[stream] = source
+        return stream
+
+    def _sink(self, stream):
+        try:
+            return self._sinks[stream]
+        except KeyError:
+            raise StreamError(f"no open write stream {stream}") from None
+
+    def write(self, stream, data):
+        """
+        Pass a chunk to a write stream's sink; a failing sink is cancelled
+        and its stream closed.
+
+        @return: L{None} or a L{Deferred} firing once the chunk is consumed.
+        @raise StreamError: unknown stream or chunk too large.
+        """
+        sink = self._sink(stream)
+        try:
+            _check_chunk(data, self.chunk_size)
+            return sink.write(data)
+        except BaseException:
+            self.close(stream)
+            raise
+
+    def finish(self, stream):
+        """
+        End a write stream. A finished L{BytesSink} (a value stream) is kept
+        for L{take_finished}; any other sink is done with.
+
+        @return: the number of bytes the sink received.
+        @raise StreamError: unknown stream; or whatever the sink raises (the
+            sink is then cancelled).
+        """
+        sink = self._sinks.pop(stream, None)
+        if sink is None:
+            raise StreamError(f"no open write stream {stream}")
+        try:
+            size = sink.finish()
+        except BaseException:
+            sink.cancel()
+            raise
+        if isinstance(sink, BytesSink):
+            self.finished_values[stream] = sink
+        return size
+
+    def take_finished(self, stream):
+        """
+        Remove a finished value stream and return its bytes (how a call
+        consumes its long arguments).
+
+        @raise StreamError: when C{stream} is not a finished value stream.
+        """
+        sink = self.finished_values.pop(stream, None)
+        if sink is None:
+            raise StreamError(f"no finished value stream {stream}")
+        return sink.getvalue()
+
+    def read(self, stream, offset, length):
+        """
+        @return: up to C{length} bytes at C{offset} of a read stream.
+        @raise StreamError: unknown stream, bad offset, length too large.
+        """
+        try:
+            source = self._sources[stream]
+        except KeyError:
+            raise StreamError(f"no open read stream {stream}") from None
+        if not 0 <= length <= self.chunk_size:
+            raise StreamError(f"read length {length} outside 0..{self.chunk_size}")
+        if not 0 <= offset:
+            raise StreamError(f"negative read offset {offset}")
+        return source.read(offset, length)
+
+    def close(self, stream):
+        """Cancel a write stream or release a read stream; unknown ids are ignored."""
+        sink = self._sinks.pop(stream, None)
+        if sink is not None:
+            sink.cancel()
+        self.finished_values.pop(stream, None)
+        source = self._sources.pop(stream, None)
+        if source is not None:
+            source.close()
+        return sink is not None or source is not None
+
+    def __contains__(self, stream):
+        return stream in self._sinks or stream in self._sources or stream in self.finished_values
+
+    def __len__(self):
+        return len(self._sinks) + len(self._sources) + len(self.finished_values)
+
+    def close_all(self):
+        """Cancel and release every stream (the session is over)."""
+        for stream in list(self._sinks) + list(self._sources) + list(self.finished_values):
+            try:
+                self.close(stream)
+            except Exception:
+                log.failure("closing stream {stream}", stream=stream)
+
+
+def chunked(data, chunk_size=CHUNK_SIZE):
+    """
+    @param data: a bytes-like object.
+    @return: an iterator over pieces of at most C{chunk_size} bytes (no copies:
+        pieces are memoryview slices).
+    """
+    view = memoryview(data).cast("B")
+    return (view[start:start + chunk_size] for start in range(0, len(view), chunk_size))
+
+
+def file_chunks(file, chunk_size=CHUNK_SIZE):
+    """
+    @param file: a binary file object open for reading.
+    @return: an iterator reading it C{chunk_size} bytes at a time.
+    """
+    return iter(lambda: file.read(chunk_size), b"")
+
+
+async def _close_quietly(call_remote, stream):
+    try:
+        await call_remote(StreamClose, stream=stream)
+    except Exception:
+        pass
+
+
+async def _write_stream(call_remote, stream, chunks, window, finish_command):
+    outstanding = []
+    try:
+        for chunk in chunks:
+            outstanding.append(call_remote(StreamWrite, stream=stream, data=bytes(chunk)))
+            if len(outstanding) >= window:
+                await outstanding.pop(0)
+        while outstanding:
+            await outstanding.pop(0)
+        response = await call_remote(finish_command, stream=stream)
+        return response["size"]
+    except BaseException:
+        for pending in outstanding:
+            pending.addErrback(lambda failure: None)
+        await _close_quietly(call_remote, stream)
+        raise
+
+
+def write_stream(call_remote, stream, chunks, *, window=WINDOW):
+    """
+    Push chunks into a write stream of the peer, then finish it.
+
+    @param call_remote: the peer protocol's C{callRemote}.
+    @param stream: the stream id (from an C{Open*} command).
+    @param chunks: an iterable of bytes-likes, each at most the peer's chunk size.
+    @param window: the most writes kept unanswered.
+    @return: a L{Deferred} firing with the size the peer received. Cancelling it
+        stops the transfer and closes the stream on the peer.
+    """
+    return ensureDeferred(_write_stream(call_remote, stream, chunks, window, StreamFinish))
+
+
+async def _read_stream(call_remote, stream, size, consumer, window, chunk_size, close):
+    outstanding = []
+    offset = 0
+    received = 0
+    try:
+        while offset < size or outstanding:
+            while offset < size and len(outstanding) < window:
+                length = min(chunk_size, size - offset)
+                outstanding.append(
+                    (length, call_remote(StreamRead, stream=stream, offset=offset, length=length))
+                )
+                offset += length
+            length, pending = outstanding.pop(0)
+            data = (await pending)["data"]
+            if len(data) != length:
+                raise StreamError(
+                    f"stream {stream} gave {len(data)} bytes at {received}, expected {length}"
+                )
+            received += length
+            result = consumer(data)
+            if isinstance(result, Deferred):
+                await result
+        return received
+    except BaseException:
+        for _, pending in outstanding:
+            pending.addErrback(lambda failure: None)
+        raise
+    finally:
+        if close:
+            await _close_quietly(call_remote, stream)
+
+
+def read_stream(call_remote, stream, size, consumer, *, window=WINDOW,
+                chunk_size=CHUNK_SIZE, close=True):
+    """
+    Pull a read stream of the peer, in order, into C{consumer}.
+
+    @param call_remote: the peer protocol's C{callRemote}.
+    @param stream: the stream id (from an C{Open*} command).
+    @param size: the stream's size (from the same answer).
+    @param consumer: called with each chunk in order; may return a Deferred
+        to slow the transfer down.
+    @param window: the most reads kept outstanding.
+    @param close: release the stream on the peer at the end (and on error).
+    @return: a L{Deferred} firing with the number of bytes read. Cancelling
+        it stops the transfer and releases the stream.
+    """
+    return ensureDeferred(
+        _read_stream(call_remote, stream, size, consumer, window, chunk_size, close)
+    )
+
+
+async def _send_value(call_remote, encoded, window):
+    if len(encoded) <= MAX_INLINE_VALUE:
+        return {"args": encoded}
+    stream = (await call_remote(OpenValue, size=len(encoded)))["stream"]
+    await _write_stream(call_remote, stream, chunked(encoded), window, StreamFinish)
+    return {"args_stream": stream}
+
+
+def send_value(call_remote, encoded, *, window=WINDOW):
+    """
+    Prepare encoded call arguments: inline when short, else through a value
+    stream.
+
+    @param encoded: the bytes from L{tvm_rpc.protocol.values.encode}.
+    @return: a Deferred of the keyword arguments to add to
+        L{CallFunction<tvm_rpc.protocol.commands.CallFunction>} or
+        L{TimeEvaluator<tvm_rpc.protocol.commands.TimeEvaluator>}
+        (C{{"args": ...}} or C{{"args_stream": ...}}).
+    """
+    return ensureDeferred(_send_value(call_remote, encoded, window))
+
+
+async def _receive_value(call_remote, response, window):
+    if response.get("result") is not None:
+        return response["result"]
+    stream = response.get("result_stream")
+    if stream is None:
+        raise StreamError("answer carries neither result nor result_stream")
+    parts = []
+    await _read_stream(
+        call_remote, stream, response["result_size"], parts.append, window, CHUNK_SIZE, True
+    )
+    return b"".join(parts)
+
+
+def receive_value(call_remote, response, *, window=WINDOW):
+    """
+    Get the encoded result of a call answer, reading its stream if it has one.
+
+    @param response: the answer of L{CallFunction<tvm_rpc.protocol.commands.CallFunction>}.
+    @return: a Deferred of the encoded bytes (decode with
+        L{tvm_rpc.protocol.values.decode}).
+    """
+    return ensureDeferred(_receive_value(call_remote, response, window))
+
+
+__all__ = [
+    "BytesSink",
+    "BytesSource",
+    "FileSink",
+    "FileSource",
+    "ISink",
+    "ISource",
+    "StreamError",
+    "StreamTable",
+    "chunked",
+    "file_chunks",
+    "read_stream",
+    "receive_value",
+    "send_value",
+    "write_stream",
+]
