@@ -1,0 +1,192 @@
+"""The server's tracker registration loop, against a scripted in-memory tracker."""
+
+import itertools
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from tvm_rpc.client.registration import TrackerRegistration
+from tvm_rpc.protocol.constants import TrackerCode
+from tvm_rpc.protocol.framing import FrameDecoder, encode_frame, encode_magic
+from tvm_rpc.server.gate import SessionGate
+
+
+class FakeTracker(Protocol):
+    """Echoes the magic, records every message, answers as a tracker does."""
+
+    def __init__(self, owner):
+        self.owner = owner
+        self.decoder = FrameDecoder(expect_magic=True)
+        self.messages = []
+
+    def dataReceived(self, data):
+        was_greeted = self.decoder.greeted
+        values = self.decoder.feed(data)
+        if self.decoder.greeted and not was_greeted:
+            self.transport.write(encode_magic())
+        for message in values:
+            self.messages.append(message)
+            self.owner.log.append(message)
+            if message[0] == TrackerCode.GET_PENDING_MATCHKEYS:
+                reply = sorted(self.owner.pending)
+            else:
+                if message[0] == TrackerCode.PUT:
+                    self.owner.pending.add(message[2][1])
+                reply = 0
+            self.transport.write(encode_frame(reply))
+
+
+class FakeEndpoint:
+    """Connects client factories to L{FakeTracker}s over iosim transports."""
+
+    def __init__(self):
+        self.up = True
+        self.pumps = []
+        self.trackers = []
+        self.log = []
+        self.pending = set()
+
+    def connect(self, factory):
+        if not self.up:
+            return defer.fail(ConnectionRefusedError())
+        client = factory.buildProtocol(None)
+        tracker = FakeTracker(self)
+        self.trackers.append(tracker)
+        self.pumps.append(
+            iosim.connect(
+                tracker,
+                iosim.FakeTransport(tracker, isServer=True),
+                client,
+                iosim.FakeTransport(client, isServer=False),
+                greet=False,
+            )
+        )
+        return defer.succeed(client)
+
+    def flush(self):
+        for _ in range(3):
+            for pump in self.pumps:
+                pump.flush()
+
+    def hand_out(self, matchkey):
+        """Pretend the tracker gave C{matchkey} to a client."""
+        self.pending.discard(matchkey)
+
+    def drop(self):
+        """The tracker goes away."""
+        self.up = False
+        self.pending.clear()
+        for tracker in self.trackers:
+            tracker.transport.loseConnection()
+        self.flush()
+
+
+def codes(messages):
+    return [message[0] for message in messages]
+
+
+class RegistrationTests(SynchronousTestCase):
+    """Registration as TVM's server does it."""
+
+    def setUp(self):
+        self.clock = Clock()
+        counter = itertools.count()
+        self.gate = SessionGate(
+            "dev", tracked=True, new_matchkey=lambda key: f"{key}:{next(counter)}"
+        )
+        self.endpoint = FakeEndpoint()
+        self.service = TrackerRegistration(
+            self.endpoint, self.gate, 9091, None, self.clock, tracker="fake"
+        )
+        self.service.startService()
+        self.endpoint.flush()
+        self.addCleanup(self.service.stopService)
+
+    def advance(self, seconds):
+        """Move time on in poll-sized steps, delivering bytes in between."""
+        steps = int(seconds / 0.5)
+        for _ in range(steps):
+            self.clock.advance(0.5)
+            self.endpoint.flush()
+
+    def test_registers_like_tvm(self):
+        """UPDATE_INFO with server:<key> and the port, then PUT with a matchkey."""
+        self.assertEqual(
+            self.endpoint.log,
+            [
+                [TrackerCode.UPDATE_INFO, {"key": "server:dev", "addr": [None, 9091]}],
+                [TrackerCode.PUT, "dev", [9091, "dev:0"], None],
+            ],
+        )
+        self.assertEqual(self.gate.offered, "dev:0")
+        self.assertEqual(self.service.registrations, 1)
+        self.assertIsNotNone(self.successResultOf(self.service.when_registered()))
+
+    def test_custom_addr(self):
+        """A custom address goes in both UPDATE_INFO and PUT."""
+        endpoint = FakeEndpoint()
+        gate = SessionGate("k", tracked=True, new_matchkey=lambda key: key + ":x")
+        service = TrackerRegistration(endpoint, gate, 9, "10.0.0.7", self.clock)
+        service.startService()
+        endpoint.flush()
+        self.addCleanup(service.stopService)
+        self.assertEqual(endpoint.log[0][1]["addr"], ["10.0.0.7", 9])
+        self.assertEqual(endpoint.log[1], [TrackerCode.PUT, "k", [9, "k:x"], "10.0.0.7"])
+
+    def test_polls_every_two_seconds(self):
+        """GET_PENDING_MATCHKEYS every 2 s; a pending matchkey is kept."""
+        self.advance(6)
+        polls = [m for m in self.endpoint.log if m[0] == TrackerCode.GET_PENDING_MATCHKEYS]
+        self.assertEqual(len(polls), 3)
+        self.assertEqual(self.gate.offered, "dev:0")
+        self.assertEqual(codes(self.endpoint.log).count(TrackerCode.PUT), 1)
+
+    def test_unused_matchkey_renewed(self):
+        """A matchkey handed out but unused is replaced after about 6 s."""
+        self.endpoint.hand_out("dev:0")
+        self.advance(4)
+        self.assertEqual(self.gate.offered, "dev:0")
+        self.advance(2)
+        self.assertEqual(self.gate.offered, "dev:1")
+        self.assertEqual(self.endpoint.log[-1], [TrackerCode.PUT, "dev", [9091, "dev:1"], None])
+
+    def test_reput_after_session(self):
+        """A session consumes the matchkey; its end brings a fresh PUT."""
+        self.endpoint.hand_out("dev:0")
+        slot = self.successResultOf(self.gate.claim("dev:0"))
+        self.endpoint.flush()
+        self.assertIsNone(self.gate.offered)
+        self.advance(20)
+        self.assertEqual(codes(self.endpoint.log).count(TrackerCode.PUT), 1)
+        slot.release()
+        self.endpoint.flush()
+        self.assertEqual(self.endpoint.log[-1], [TrackerCode.PUT, "dev", [9091, "dev:1"], None])
+
+    def test_reconnects_and_registers_again(self):
+        """When the tracker goes and comes back, registration resumes within seconds."""
+        self.endpoint.drop()
+        self.assertIsNone(self.service._protocol)
+        waiting = self.service.when_registered()
+        self.advance(10)
+        self.assertNoResult(waiting)
+        before = len(self.endpoint.log)
+        self.endpoint.up = True
+        self.advance(6)
+        self.successResultOf(waiting)
+        again = self.endpoint.log[before:]
+        self.assertEqual(codes(again)[:2], [TrackerCode.UPDATE_INFO, TrackerCode.PUT])
+        self.assertEqual(again[1][2][1], "dev:1")
+        self.assertEqual(self.service.registrations, 2)
+
+    def test_stop_closes(self):
+        """Stopping the service closes the tracker connection and stops polling."""
+        self.service.stopService()
+        self.endpoint.flush()
+        self.assertTrue(self.endpoint.trackers[0].transport.disconnected)
+        before = len(self.endpoint.log)
+        self.advance(10)
+        self.assertEqual(len(self.endpoint.log), before)

@@ -1,0 +1,208 @@
+"""A server's registration with a tracker, kept up for as long as the server runs.
+
+It does what TVM's server does (``_listen_loop`` in ``tvm/rpc/server.py``), so
+TVM's tracker and ours both understand it:
+
+- on every connection: ``UPDATE_INFO {"key": "server:<key>", "addr": [custom_addr, port]}``,
+  then ``PUT [key, [port, matchkey], custom_addr]`` when a session slot is free;
+- every ``poll_period`` seconds ``GET_PENDING_MATCHKEYS``; a matchkey the
+  tracker handed out but nobody used for more than ``unmatched_timeout``
+  seconds is replaced by a fresh one (a new PUT);
+- a fresh PUT whenever the session gate offers a new matchkey (after each
+  session, or as a session starts when more slots are free);
+- when the tracker goes away, reconnect with backoff and register again.
+
+Which matchkey is on offer is the gate's business
+(:class:`tvm_rpc.server.gate.SessionGate`, or anything with the same
+``key``/``offered``/``current_offer()``/``renew()``/``offer_changed``).
+"""
+
+import attrs
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from ..protocol.commands import GetPendingMatchkeys, Put, UpdateInfo
+from ..protocol.keys import SERVER_PREFIX
+from .tracker import TrackerClientFactory
+
+#: Seconds between GET_PENDING_MATCHKEYS polls (TVM's ping period).
+POLL_PERIOD = 2.0
+#: Seconds a handed-out matchkey may stay unused before it is replaced.
+UNMATCHED_TIMEOUT = 4.0
+
+
+@attrs.define(eq=False)
+class TrackerRegistration(Service):
+    """
+    Keeps one server registered with one tracker.
+
+    @ivar endpoint: reaches the tracker.
+    @ivar gate: decides the matchkey on offer; its C{offer_changed} hook is
+        taken over by this service while it runs.
+    @ivar port: the server's port as reported to the tracker.
+    @ivar custom_addr: the address clients should use, or L{None} for the one
+        the tracker sees.
+    @ivar clock: the reactor: an L{IReactorTime} for polls and backoff.
+    @ivar poll_period: seconds between polls.
+    @ivar unmatched_timeout: seconds before an unused matchkey is replaced.
+    @ivar max_delay: the longest wait between reconnection attempts.
+    @ivar tracker: a printable name of the tracker, for log lines.
+    """
+
+    log = Logger()
+
+    endpoint: object
+    gate: object
+    port: int
+    custom_addr: "str | None"
+    clock: object
+    poll_period: float = POLL_PERIOD
+    unmatched_timeout: float = UNMATCHED_TIMEOUT
+    max_delay: float = 5.0
+    tracker: str = "tracker"
+    registrations: int = attrs.field(init=False, default=0)
+    _client: object = attrs.field(init=False, default=None)
+    _protocol: object = attrs.field(init=False, default=None)
+    _poll: object = attrs.field(init=False, default=None)
+    _polled_key: "str | None" = attrs.field(init=False, default=None)
+    _unmatched: int = attrs.field(init=False, default=0)
+    _registered: list = attrs.field(init=False, factory=list)
+
+    def __attrs_post_init__(self):
+        Service.__init__(self)
+
+    def startService(self):
+        """Start connecting to the tracker."""
+        Service.startService(self)
+        self.gate.offer_changed = self._offer_changed
+        self._client = ClientService(
+            self.endpoint,
+            TrackerClientFactory(),
+            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=self.max_delay, factor=1.5),
+            clock=self.clock,
+            prepareConnection=self._prepare,
+        )
+        self._client.startService()
+
+    def stopService(self):
+        """Stop polling and close the tracker connection (which withdraws the PUT)."""
+        Service.stopService(self)
+        self._stop_polling()
+        self.gate.offer_changed = None
+        self._protocol = None
+        client, self._client = self._client, None
+        if client is None:
+            return defer.succeed(None)
+        return client.stopService()
+
+    def when_registered(self):
+        """
+        @return: a Deferred firing with the tracker protocol at the next
+            completed registration (at once if registered now).
+        """
+        if self._protocol is not None:
+            return defer.succeed(self._protocol)
+        waiter = defer.Deferred()
+        self._registered.append(waiter)
+        return waiter
+
+    def _prepare(self, protocol):
+        return defer.Deferred.fromCoroutine(self._register(protocol))
+
+    async def _register(self, protocol):
+        await protocol.ready
+        key = self.gate.key
+        await protocol.call(
+            UpdateInfo({"key": SERVER_PREFIX + key, "addr": [self.custom_addr, self.port]})
+        )
+        if self.gate.offered is not None:
+            # The tracker forgot the old matchkey with the old connection.
+            self.gate.offered = None
+        matchkey = self.gate.current_offer()
+        if matchkey is not None:
+            await protocol.call(Put(key, self.port, matchkey, self.custom_addr))
+        if not self.running:
+            return
+        self._protocol = protocol
+        self.registrations += 1
+        self._reset_unmatched()
+        self.log.info(
+            "registered {key} with {tracker} (port {port}, matchkey {matchkey})",
+            key=key,
+            tracker=self.tracker,
+            port=self.port,
+            matchkey=matchkey,
+        )
+        protocol.when_closed().addBoth(self._lost, protocol)
+        self._schedule_poll()
+        waiters, self._registered = self._registered, []
+        for waiter in waiters:
+            waiter.callback(protocol)
+
+    def _lost(self, reason, protocol):
+        if self._protocol is protocol:
+            self._protocol = None
+            self._stop_polling()
+            if self.running:
+                self.log.warn(
+                    "lost {tracker}; reconnecting", tracker=self.tracker
+                )
+
+    def _reset_unmatched(self):
+        self._unmatched = 0
+        self._polled_key = self.gate.offered
+
+    def _offer_changed(self):
+        self._reset_unmatched()
+        protocol = self._protocol
+        matchkey = self.gate.offered
+        if protocol is None or matchkey is None:
+            return
+        put = protocol.call(Put(self.gate.key, self.port, matchkey, self.custom_addr))
+        put.addErrback(self._call_failed, "PUT", protocol)
+
+    def _call_failed(self, failure, what, protocol):
+        self.log.failure(
+            "{what} to {tracker} failed; reconnecting", failure, what=what, tracker=self.tracker
+        )
+        if protocol is self._protocol and protocol.transport is not None:
+            protocol.transport.abortConnection()
+
+    def _schedule_poll(self):
+        self._stop_polling()
+        self._poll = self.clock.callLater(self.poll_period, self._poll_now)
+
+    def _stop_polling(self):
+        if self._poll is not None and self._poll.active():
+            self._poll.cancel()
+        self._poll = None
+
+    def _poll_now(self):
+        self._poll = None
+        protocol = self._protocol
+        if protocol is None:
+            return
+        asked = self.gate.offered
+        polled = protocol.call(GetPendingMatchkeys())
+        polled.addCallback(self._polled, asked, protocol)
+        polled.addErrback(self._call_failed, "GET_PENDING_MATCHKEYS", protocol)
+
+    def _polled(self, pending, asked, protocol):
+        if protocol is not self._protocol:
+            return
+        self._schedule_poll()
+        if asked is None or asked != self.gate.offered:
+            self._reset_unmatched()
+            return
+        if asked in pending:
+            self._unmatched = 0
+            return
+        self._unmatched += 1
+        if self._unmatched * self.poll_period > self.unmatched_timeout:
+            self.log.info(
+                "matchkey {matchkey} was handed out but never used; offering a fresh one",
+                matchkey=asked,
+            )
+            self.gate.renew()
