@@ -1,0 +1,278 @@
+"""Listening sockets that survive running out of file descriptors, and the
+service that binds them (the first free port of a range, or endpoint strings).
+
+Twisted's own port logs C{EMFILE} and returns, but the listening socket stays
+readable, so the reactor calls it again at once: a busy loop at 100% CPU for
+as long as the descriptors stay exhausted. L{GuardedTCPPort} instead sheds the
+connections waiting in the backlog (closing them with a reserved descriptor,
+so their clients see a prompt close rather than a hang), stops reading for a
+short backoff, logs once per episode and resumes by itself.
+"""
+
+import errno
+import os
+import socket
+
+from twisted.application import service
+from twisted.internet import tcp
+from twisted.internet.error import CannotListenError
+
+from .logs import logger
+
+try:
+    from twisted.internet import unix
+except ImportError:  # pragma: no cover - platforms without AF_UNIX
+    unix = None
+
+log = logger("tvm_rpc.tracker.listen")
+
+#: accept(2) errors that mean "out of descriptors or kernel memory".
+EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept(2) errors that concern one aborted connection only.
+TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.EINTR})
+
+
+class _GuardedAccept:
+    """
+    Mixin for L{tcp.Port} subclasses: the accept loop with exhaustion handling.
+
+    @ivar backoff: seconds the port stops accepting after running out of
+        descriptors.
+    @ivar max_accepts: the most connections accepted per reactor turn.
+    """
+
+    backoff = 0.25
+    max_accepts = 128
+    _reserve = None
+    _resume_call = None
+    _refused = 0
+    _exhausted_since = None
+
+    def startListening(self):
+        super().startListening()
+        self._take_reserve()
+
+    def _take_reserve(self):
+        if self._reserve is None:
+            try:
+                self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._reserve = None
+
+    def _release_reserve(self):
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
+
+    def doRead(self):
+        try:
+            for _ in range(self.max_accepts):
+                try:
+                    skt, addr = self.socket.accept()
+                except OSError as e:
+                    if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                        return
+                    if e.errno in TRANSIENT:
+                        continue
+                    if e.errno in EXHAUSTED:
+                        self._exhausted(e.errno)
+                        return
+                    raise
+                self._accepted(skt, addr)
+        except Exception:
+            log.failure("error accepting a connection on {port}", port=self._description())
+
+    def _accepted(self, skt, addr):
+        if self._exhausted_since is not None:
+            log.warn(
+                "accepting connections on {port} again; refused {refused} while out of "
+                "file descriptors",
+                port=self._description(),
+                refused=self._refused,
+            )
+            self._exhausted_since = None
+            self._refused = 0
+        if isinstance(addr, tuple) and len(addr) == 4:
+            host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+            addr = (host[0],) + tuple(addr[1:])
+        protocol = self.factory.buildProtocol(self._buildAddr(addr))
+        if protocol is None:
+            skt.close()
+            return
+        session = self.sessionno
+        self.sessionno = session + 1
+        transport = self.transport(skt, protocol, addr, self, session, self.reactor)
+        protocol.makeConnection(transport)
+
+    def _exhausted(self, code):
+        if self._exhausted_since is None:
+            self._exhausted_since = self.reactor.seconds()
+            log.warn(
+                "out of file descriptors on {port} ({error}): refusing new connections "
+                "until some close",
+                port=self._description(),
+                error=errno.errorcode.get(code, code),
+            )
+        self._shed_backlog()
+        self.stopReading()
+        if self._resume_call is None or not self._resume_call.active():
+            self._resume_call = self.reactor.callLater(self.backoff, self._resume)
+
+    def _shed_backlog(self):
+        """Close the connections waiting in the backlog, using the reserved fd."""
+        if self._reserve is None:
+            return
+        self._release_reserve()
+        try:
+            for _ in range(self.max_accepts):
+                try:
+                    skt, _addr = self.socket.accept()
+                except OSError:
+                    break
+                skt.close()
+                self._refused += 1
+        finally:
+            self._take_reserve()
+
+    def _resume(self):
+        self._resume_call = None
+        if self.connected and not self.disconnecting:
+            self.startReading()
+
+    def _description(self):
+        try:
+            return str(self.getHost())
+        except Exception:
+            return repr(self)
+
+    def connectionLost(self, reason):
+        if self._resume_call is not None and self._resume_call.active():
+            self._resume_call.cancel()
+        self._resume_call = None
+        self._release_reserve()
+        super().connectionLost(reason)
+
+
+class GuardedTCPPort(_GuardedAccept, tcp.Port):
+    """A TCP listening port that does not spin when descriptors run out."""
+
+
+if unix is not None:
+
+    class GuardedUNIXPort(_GuardedAccept, unix.Port):
+        """A UNIX listening port that does not spin when descriptors run out."""
+
+
+class GuardedListenReactor:
+    """
+    A reactor proxy whose C{listenTCP}, C{listenSSL} and C{listenUNIX} build
+    guarded ports; everything else goes to the real reactor. Pass it to
+    L{twisted.internet.endpoints.serverFromString} so endpoint strings get
+    guarded ports too.
+    """
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+
+    def __getattr__(self, name):
+        return getattr(self._reactor, name)
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        """Like L{IReactorTCP.listenTCP}, with a L{GuardedTCPPort}."""
+        p = GuardedTCPPort(port, factory, backlog, interface, self._reactor)
+        p.startListening()
+        return p
+
+    def listenSSL(self, port, factory, contextFactory, backlog=50, interface=""):
+        """Like L{IReactorSSL.listenSSL}: TLS over a L{GuardedTCPPort}."""
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        p = self.listenTCP(
+            port, TLSMemoryBIOFactory(contextFactory, False, factory), backlog, interface
+        )
+        p._type = "TLS"
+        return p
+
+    def listenUNIX(self, address, factory, backlog=50, mode=0o666, wantPID=0):
+        """Like L{IReactorUNIX.listenUNIX}, with a guarded UNIX port."""
+        if unix is None:
+            raise CannotListenError(address, None, "UNIX sockets are not supported")
+        p = GuardedUNIXPort(address, factory, backlog, mode, self._reactor, wantPID)
+        p.startListening()
+        return p
+
+
+def describe_address(address):
+    """@return: C{(host, port)} of a listening address (the path for UNIX)."""
+    host = getattr(address, "host", None)
+    if host is not None:
+        return host, getattr(address, "port", "")
+    name = getattr(address, "name", b"")
+    return (name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)), ""
+
+
+class ListenerService(service.Service):
+    """
+    Listen on the first of several endpoints that binds.
+
+    Each candidate is tried in order at C{privilegedStartService}; one that
+    fails because its address is in use is skipped, any other failure is
+    fatal, and so is running out of candidates (twistd then exits non-zero).
+    Once bound, logs C{"<name> listening on <host>:<port>"}.
+
+    @ivar candidates: the endpoints to try, in order.
+    @ivar factory: the protocol factory.
+    @ivar name: the daemon name used in the log line.
+    @ivar port: the listening port once bound, else L{None}.
+    """
+
+    def __init__(self, candidates, factory, name="rpc-tracker"):
+        self.candidates = list(candidates)
+        self.factory = factory
+        self.setName(f"{name} listener")
+        self._label = name
+        self.port = None
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        self.port = self._bind()
+
+    def startService(self):
+        super().startService()
+        if self.port is None:
+            self.port = self._bind()
+
+    def _bind(self):
+        last = None
+        for endpoint in self.candidates:
+            outcome = []
+            endpoint.listen(self.factory).addBoth(outcome.append)
+            if not outcome:
+                raise CannotListenError(None, None, f"{endpoint!r} did not bind at once")
+            result = outcome[0]
+            if not hasattr(result, "getHost"):
+                error = result.value
+                if isinstance(error, CannotListenError) and _in_use(error):
+                    last = error
+                    continue
+                result.raiseException()
+            host, port = describe_address(result.getHost())
+            log.info(
+                "{name} listening on {host}:{port}", name=self._label, host=host, port=port
+            )
+            return result
+        raise CannotListenError(
+            None, None, f"no free port among {len(self.candidates)} candidates ({last})"
+        )
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+
+def _in_use(error):
+    cause = getattr(error, "socketError", None)
+    return getattr(cause, "errno", None) == errno.EADDRINUSE

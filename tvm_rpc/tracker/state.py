@@ -1,0 +1,298 @@
+"""The tracker's pure state: connections, free servers, waiting requests, leases.
+
+No reactor and no transports: each connection talks back through an
+L{ITrackerPeer}, time comes from an injected L{IReactorTime} (a
+L{twisted.internet.task.Clock} in tests). Every operation costs O(log n) or
+less; only L{TrackerState.summary} walks its (output-sized) collections.
+"""
+
+from collections import OrderedDict, deque
+
+import attrs
+from zope.interface import Interface
+
+from ..protocol.commands import Allocation
+from ..protocol.keys import SERVER_PREFIX
+from .scheduler import Offer, Scheduler, Status, Waiter
+
+
+class ITrackerPeer(Interface):
+    """The far end of a tracker connection, as the state sees it."""
+
+    def answer_request(pending, result):
+        """
+        Answer one of this peer's REQUESTs.
+
+        @param pending: the L{PendingRequest} answered.
+        @param result: an L{Allocation}, or a L{str} saying why it failed.
+        """
+
+
+def _provides(interface):
+    def validate(instance, attribute, value):
+        if not interface.providedBy(value):
+            raise TypeError(f"{attribute.name} must provide {interface.__name__}")
+
+    return validate
+
+
+@attrs.define(eq=False)
+class Connection:
+    """
+    One peer connected to the tracker.
+
+    @ivar peer: where answers go.
+    @ivar host: the peer's address, used for servers that name no address.
+    @ivar port: the peer's port (for the lease records), or L{None}.
+    @ivar info: what the peer said about itself in UPDATE_INFO.
+    @ivar offers: this connection's free servers by matchkey, in PUT order.
+    @ivar requests: this connection's waiting requests.
+    @ivar leases: this connection's servers handed out, per key, oldest first.
+    """
+
+    peer: object = attrs.field(validator=_provides(ITrackerPeer))
+    host: str
+    port: "int | None" = None
+    info: dict = attrs.field(factory=dict)
+    offers: OrderedDict = attrs.field(factory=OrderedDict)
+    requests: dict = attrs.field(factory=dict)
+    leases: dict = attrs.field(factory=dict)
+    closed: bool = False
+
+
+@attrs.define(eq=False)
+class ServerSlot:
+    """What an L{Offer} carries: a free server and the connection that PUT it."""
+
+    connection: Connection
+    key: str
+    host: str
+    port: int
+    matchkey: str
+
+
+@attrs.define(eq=False)
+class PendingRequest:
+    """
+    A REQUEST waiting for its answer.
+
+    @ivar connection: who asked.
+    @ivar key: the device key wanted.
+    @ivar user: the user named in the request.
+    @ivar priority: its priority.
+    @ivar since: when it arrived (clock seconds).
+    @ivar timer: the deadline's delayed call, if it has a deadline.
+    """
+
+    connection: Connection
+    key: str
+    user: str
+    priority: float
+    since: float
+    waiter: "Waiter | None" = attrs.field(default=None, repr=False)
+    timer: object = attrs.field(default=None, repr=False)
+
+
+@attrs.frozen(eq=False)
+class Lease:
+    """
+    A server handed out: who obtained it, until its connection PUTs again.
+
+    @ivar server: the connection that PUT the server.
+    """
+
+    server: Connection = attrs.field(repr=False)
+    key: str
+    matchkey: str
+    host: str
+    port: int
+    client_host: str
+    client_port: "int | None"
+    user: str
+    priority: float
+    since: float
+
+    def to_json(self):
+        """@return: the lease as listed in SUMMARY's C{leases}."""
+        return {
+            "key": self.key,
+            "matchkey": self.matchkey,
+            "host": self.host,
+            "port": self.port,
+            "client": [self.client_host, self.client_port],
+            "user": self.user,
+            "priority": self.priority,
+            "since": self.since,
+        }
+
+
+@attrs.define(eq=False)
+class TrackerState:
+    """
+    Everything the tracker knows, and the rules of TVM's tracker protocol.
+
+    @ivar clock: an L{IReactorTime} for deadlines and lease times.
+    """
+
+    clock: object
+    scheduler: Scheduler = attrs.field(factory=Scheduler)
+    _connections: dict = attrs.field(factory=dict, init=False)
+    _servers: dict = attrs.field(factory=dict, init=False)
+    _leases: dict = attrs.field(factory=dict, init=False)
+
+    def connect(self, peer, host, port=None):
+        """
+        Register a new connection.
+
+        @param peer: an L{ITrackerPeer}.
+        @param host: the peer's address.
+        @param port: the peer's port, when it has one.
+        @return: the L{Connection}.
+        """
+        connection = Connection(peer, host, port)
+        self._connections[connection] = None
+        return connection
+
+    def disconnect(self, connection):
+        """
+        Forget a connection: its free servers leave the queues, its waiting
+        requests are withdrawn (never answered), its leases end.
+        """
+        if connection.closed:
+            return
+        connection.closed = True
+        self._connections.pop(connection, None)
+        self._servers.pop(connection, None)
+        for offer in connection.offers.values():
+            self.scheduler.remove(offer)
+        connection.offers.clear()
+        for pending in list(connection.requests):
+            self._withdraw(pending)
+        for leases in connection.leases.values():
+            for lease in leases:
+                self._leases.pop(lease, None)
+        connection.leases.clear()
+
+    def put(self, connection, command):
+        """
+        Offer a free server (PUT).
+
+        The server's address is the custom address if the peer gave one,
+        else the peer's own. PUTting a matchkey this connection already has
+        free replaces it. A PUT ends the oldest lease of this connection for
+        the same key: the server is free again.
+
+        @param command: a L{tvm_rpc.protocol.commands.Put}.
+        """
+        old = connection.offers.pop(command.matchkey, None)
+        if old is not None:
+            self.scheduler.remove(old)
+        leases = connection.leases.get(command.key)
+        if leases:
+            self._leases.pop(leases.popleft(), None)
+            if not leases:
+                del connection.leases[command.key]
+        host = command.custom_addr if command.custom_addr is not None else connection.host
+        slot = ServerSlot(connection, command.key, host, command.port, command.matchkey)
+        offer = Offer(command.key, slot)
+        waiter = self.scheduler.put(offer)
+        if waiter is None:
+            connection.offers[command.matchkey] = offer
+        else:
+            self._hand_out(waiter.payload, slot)
+
+    def request(self, connection, command):
+        """
+        Ask for a server (REQUEST); the answer goes to the peer, at once if a
+        server is free, else when one is put or the deadline passes.
+
+        @param command: a L{tvm_rpc.protocol.commands.Request}.
+        @return: the L{PendingRequest}.
+        """
+        pending = PendingRequest(
+            connection, command.key, command.user, command.priority, self.clock.seconds()
+        )
+        waiter = pending.waiter = Waiter(command.key, command.priority, pending)
+        offer = self.scheduler.request(waiter)
+        if offer is not None:
+            self._hand_out(pending, offer.payload)
+            return pending
+        connection.requests[pending] = None
+        if command.timeout is not None:
+            pending.timer = self.clock.callLater(
+                command.timeout, self._expire, pending, command.timeout
+            )
+        return pending
+
+    def cancel(self, pending):
+        """
+        Withdraw a waiting request without answering it.
+
+        @return: whether it was still waiting.
+        """
+        return self._withdraw(pending)
+
+    def update_info(self, connection, command):
+        """
+        Merge what a peer says about itself (UPDATE_INFO), as TVM does: a null
+        host in C{addr} becomes the peer's address.
+
+        @param command: a L{tvm_rpc.protocol.commands.UpdateInfo}.
+        """
+        info = dict(command.info)
+        addr = info.get("addr")
+        if isinstance(addr, list) and len(addr) == 2 and addr[0] is None:
+            info["addr"] = [connection.host, addr[1]]
+        connection.info.update(info)
+        key = connection.info.get("key")
+        if isinstance(key, str) and key.startswith(SERVER_PREFIX[:-1]):
+            self._servers[connection] = None
+        else:
+            self._servers.pop(connection, None)
+
+    def pending_matchkeys(self, connection):
+        """@return: this connection's matchkeys not yet handed out, in PUT order."""
+        return list(connection.offers)
+
+    def summary(self):
+        """
+        @return: TVM's summary (C{queue_info}, C{server_info}) plus C{leases}.
+        """
+        return {
+            "queue_info": self.scheduler.summary(),
+            "server_info": [connection.info for connection in self._servers],
+            "leases": [lease.to_json() for lease in self._leases],
+        }
+
+    def _hand_out(self, pending, slot):
+        server = slot.connection
+        server.offers.pop(slot.matchkey, None)
+        client = pending.connection
+        client.requests.pop(pending, None)
+        if pending.timer is not None and pending.timer.active():
+            pending.timer.cancel()
+        pending.timer = None
+        lease = Lease(
+            server, slot.key, slot.matchkey, slot.host, slot.port,
+            client.host, client.port, pending.user, pending.priority,
+            self.clock.seconds(),
+        )
+        server.leases.setdefault(slot.key, deque()).append(lease)
+        self._leases[lease] = None
+        client.peer.answer_request(
+            pending, Allocation(slot.host, slot.port, slot.matchkey)
+        )
+
+    def _withdraw(self, pending):
+        pending.connection.requests.pop(pending, None)
+        if pending.timer is not None and pending.timer.active():
+            pending.timer.cancel()
+        pending.timer = None
+        return self.scheduler.withdraw(pending.waiter)
+
+    def _expire(self, pending, timeout):
+        pending.timer = None
+        if pending.waiter.status is Status.QUEUED and self._withdraw(pending):
+            pending.connection.peer.answer_request(
+                pending, f"no free server for key {pending.key!r} within {timeout:g} s"
+            )
