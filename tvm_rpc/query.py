@@ -115,7 +115,7 @@ def _format_since(since):
 def _format_address(value):
     """An address as ``host:port``, from a list, a dict or a string."""
     if isinstance(value, (list, tuple)):
-        return ":".join(map(str, value))
+        return ":".join(str(part) for part in value if part is not None)
     if isinstance(value, dict):
         parts = [value.get("host"), value.get("port")]
         return ":".join(str(p) for p in parts if p is not None)
@@ -134,9 +134,11 @@ def leases_table(summary):
     """
     Render the ``leases`` field of our tracker's summary as a table.
 
-    Each lease names who holds a server (the requesting client's address), the
-    key, the priority of the request, since when (seconds since the epoch,
-    shown in UTC) and the server (address and matchkey).
+    Each lease (a dict as our tracker lists it: C{client} ``[host, port]``,
+    C{user}, C{key}, C{priority}, C{since} in seconds since the epoch, and the
+    server's C{host}, C{port} and C{matchkey}) becomes a row: who holds the
+    server (with the user name it gave), the key, the request's priority,
+    since when (UTC) and the server (address and matchkey).
 
     @param summary: the dict a SUMMARY returns.
     @return: the table, ending with a newline, or L{None} when the tracker
@@ -152,15 +154,23 @@ def leases_table(summary):
     for lease in leases:
         if not isinstance(lease, dict):
             continue
-        server = _format_address(_field(lease, "server", "server_addr", "addr"))
-        matchkey = _field(lease, "matchkey")
+        server = _format_address(_field(lease, "server"))
+        if not server and lease.get("host") is not None:
+            server = _format_address([lease.get("host"), lease.get("port")])
+        matchkey = lease.get("matchkey")
         if matchkey:
             server = f"{server} {matchkey}" if server else str(matchkey)
+        holder = _format_address(_field(lease, "client", "holder"))
+        user = lease.get("user")
+        if user:
+            holder = f"{holder} ({user})" if holder else str(user)
+        priority = lease.get("priority")
         rows.append((
-            _format_address(_field(lease, "holder", "client", "client_addr", "peer")),
-            str(_field(lease, "key") or ""),
-            str(_field(lease, "priority") if _field(lease, "priority") is not None else ""),
-            _format_since(_field(lease, "since", "time", "start")),
+            holder,
+            str(lease.get("key", "")),
+            "" if priority is None else f"{priority:g}" if isinstance(priority, float)
+            else str(priority),
+            _format_since(lease.get("since")),
             server,
         ))
     rows.sort(key=lambda row: (row[1], row[3], row[0]))
@@ -207,22 +217,22 @@ async def query(reactor, options, stdout, stderr):
             session.close()
     try:
         if options.json:
-            stdout.write(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            output = json.dumps(summary, indent=2, sort_keys=True) + "\n"
         elif options.leases:
             table = leases_table(summary)
-            stdout.write(f"Tracker address {address}\n\n")
             if table is None:
-                stdout.write("This tracker reports no leases "
-                             "(TVM's tracker does not track who holds a server).\n")
-            else:
-                stdout.write(table)
+                table = ("This tracker reports no leases "
+                         "(TVM's tracker does not track who holds a server).\n")
+            output = f"Tracker address {address}\n\n" + table
         else:
-            stdout.write(f"Tracker address {address}\n\n")
-            stdout.write(text_summary(summary) + "\n")
+            # TVM prints the address line and the text with print(): each
+            # gains one more newline.
+            output = f"Tracker address {address}\n\n" + text_summary(summary) + "\n"
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         stderr.write(f"{PROGRAM}: tracker at {address} sent a summary "
-                     f"that cannot be shown: {type(e).__name__}: {e}\n")
+                     f"that cannot be shown: {type(e).__name__}: {' '.join(str(e).split())}\n")
         return 1
+    stdout.write(output)
     return 0
 
 
