@@ -1,0 +1,432 @@
+"""The tracker's Twisted adapter over in-memory transports and a fake clock:
+every TVM code with TVM's exact replies, and every bad input closing only the
+connection that sent it."""
+
+import struct
+
+from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from tvm_rpc.protocol.constants import RPC_TRACKER_MAGIC, TrackerCode
+from tvm_rpc.protocol.framing import FrameDecoder, encode_frame, encode_magic
+from tvm_rpc.tracker.protocol import KeepAlive, TrackerFactory, describe_peer, tune_socket
+from tvm_rpc.tracker.state import TrackerState
+
+PUT, REQUEST, PING, STOP, UPDATE_INFO, SUMMARY, PENDING = (
+    TrackerCode.PUT, TrackerCode.REQUEST, TrackerCode.PING, TrackerCode.STOP,
+    TrackerCode.UPDATE_INFO, TrackerCode.SUMMARY, TrackerCode.GET_PENDING_MATCHKEYS,
+)
+
+
+class CountingTransport(StringTransport):
+    """A StringTransport that remembers each write separately."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.writes = []
+
+    def write(self, data):
+        self.writes.append(bytes(data))
+        super().write(data)
+
+
+class Peer:
+    """One in-memory connection to the tracker under test."""
+
+    def __init__(self, factory, host, port):
+        address = IPv4Address("TCP", host, port)
+        self.protocol = factory.buildProtocol(address)
+        self.transport = CountingTransport(peerAddress=address)
+        self.protocol.makeConnection(self.transport)
+        self._decoder = FrameDecoder(expect_magic=False)
+
+    def greet(self):
+        self.protocol.dataReceived(encode_magic())
+        assert self.transport.value() == encode_magic()
+        self.transport.clear()
+        self.transport.writes.clear()
+        return self
+
+    def send(self, *values):
+        self.protocol.dataReceived(b"".join(encode_frame(v) for v in values))
+
+    def replies(self):
+        values = self._decoder.feed(self.transport.value())
+        self.transport.clear()
+        assert self._decoder.error is None
+        return values
+
+    def ask(self, value):
+        self.send(value)
+        (reply,) = self.replies()
+        return reply
+
+    @property
+    def closed(self):
+        return self.transport.disconnecting
+
+    def lose(self):
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+class TrackerTestCase(SynchronousTestCase):
+    """Shared set-up: a tracker with a fake clock and a recorded stop."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.state = TrackerState(self.clock)
+        self.stops = []
+        self.factory = TrackerFactory(
+            self.state, "the-stop-key", lambda: self.stops.append(True), KeepAlive()
+        )
+        self._ports = iter(range(40000, 50000))
+
+    def peer(self, host="10.0.0.1"):
+        return Peer(self.factory, host, next(self._ports)).greet()
+
+
+class HandshakeTests(TrackerTestCase):
+    """The magic: echoed once, in any chunking, with or without a first frame."""
+
+    def test_magic_echoed(self):
+        self.peer()
+
+    def test_magic_in_pieces(self):
+        peer = Peer(self.factory, "10.0.0.1", 1)
+        magic = encode_magic()
+        for byte in magic:
+            self.assertEqual(peer.transport.value(), b"")
+            peer.protocol.dataReceived(bytes([byte]))
+        self.assertEqual(peer.transport.value(), magic)
+        self.assertFalse(peer.closed)
+
+    def test_magic_with_first_frame(self):
+        peer = Peer(self.factory, "10.0.0.1", 1)
+        peer.protocol.dataReceived(encode_magic() + encode_frame([PING]) + encode_frame([PING]))
+        self.assertEqual(peer.transport.value(), encode_magic() + encode_frame(0) * 2)
+
+    def test_wrong_magic_closes(self):
+        peer = Peer(self.factory, "10.0.0.1", 1)
+        with capturedLogs() as events:
+            peer.protocol.dataReceived(struct.pack("<i", RPC_TRACKER_MAGIC + 1))
+        self.assertTrue(peer.closed)
+        self.assertEqual(peer.transport.value(), b"")
+        self.assertIn("wrong magic", " ".join(formatEvent(e) for e in events))
+
+
+class CodeTests(TrackerTestCase):
+    """Every tracker code, answered exactly as TVM's tracker answers."""
+
+    def test_ping(self):
+        self.assertEqual(self.peer().ask([PING]), 0)
+
+    def test_each_reply_is_one_write(self):
+        peer = self.peer()
+        peer.send([PING], [SUMMARY], [PUT, "k", [9000, "k:1"], None], [PENDING])
+        self.assertEqual(
+            [FrameDecoder(expect_magic=False).feed(w) for w in peer.transport.writes],
+            [
+                [0],
+                [[0, {"queue_info": {}, "server_info": [], "leases": []}]],
+                [0],
+                [["k:1"]],
+            ],
+        )
+
+    def test_put_then_request(self):
+        server, client = self.peer("10.0.0.2"), self.peer("10.0.0.3")
+        self.assertEqual(server.ask([PUT, "gpu", [9090, "gpu:0.5"], None]), 0)
+        self.assertEqual(client.ask([REQUEST, "gpu", "alice", 1]), [0, ["10.0.0.2", 9090, "gpu:0.5"]])
+
+    def test_put_three_elements_and_string_port(self):
+        server, client = self.peer("10.0.0.2"), self.peer()
+        self.assertEqual(server.ask([PUT, "phone", ["9091", "phone:1"]]), 0)
+        self.assertEqual(client.ask([REQUEST, "phone", "", 0]), [0, ["10.0.0.2", 9091, "phone:1"]])
+
+    def test_put_custom_address(self):
+        server, client = self.peer("10.0.0.2"), self.peer()
+        server.ask([PUT, "k", [9000, "k:1"], "board.lan"])
+        self.assertEqual(client.ask([REQUEST, "k", "", 0]), [0, ["board.lan", 9000, "k:1"]])
+
+    def test_key_with_colons(self):
+        server, client = self.peer("10.0.0.2"), self.peer()
+        server.ask([PUT, "rk3399:npu", [9000, "rk3399:npu:0.25"], None])
+        self.assertEqual(
+            client.ask([REQUEST, "rk3399:npu", "", 0]), [0, ["10.0.0.2", 9000, "rk3399:npu:0.25"]]
+        )
+
+    def test_request_waits_for_put(self):
+        server, client = self.peer("10.0.0.2"), self.peer()
+        client.send([REQUEST, "k", "", 1])
+        self.assertEqual(client.replies(), [])
+        self.assertEqual(self.state.summary()["queue_info"], {"k": {"free": 0, "pending": 1}})
+        server.ask([PUT, "k", [1, "k:1"], None])
+        self.assertEqual(client.replies(), [[0, ["10.0.0.2", 1, "k:1"]]])
+
+    def test_priority_then_fifo(self):
+        server = self.peer("10.0.0.2")
+        low, first, second = self.peer(), self.peer(), self.peer()
+        low.send([REQUEST, "k", "", 1])
+        first.send([REQUEST, "k", "", 5])
+        second.send([REQUEST, "k", "", 5])
+        for i in range(3):
+            server.ask([PUT, "k", [1, f"k:{i}"], None])
+        self.assertEqual(first.replies(), [[0, ["10.0.0.2", 1, "k:0"]]])
+        self.assertEqual(second.replies(), [[0, ["10.0.0.2", 1, "k:1"]]])
+        self.assertEqual(low.replies(), [[0, ["10.0.0.2", 1, "k:2"]]])
+
+    def test_oldest_free_server_first(self):
+        a, b, client = self.peer("10.0.0.2"), self.peer("10.0.0.3"), self.peer()
+        a.ask([PUT, "k", [1, "k:a"], None])
+        b.ask([PUT, "k", [1, "k:b"], None])
+        self.assertEqual(client.ask([REQUEST, "k", "", 0])[1][2], "k:a")
+        self.assertEqual(client.ask([REQUEST, "k", "", 0])[1][2], "k:b")
+
+    def test_update_info_null_host(self):
+        server, query = self.peer("10.0.0.2"), self.peer()
+        self.assertEqual(server.ask([UPDATE_INFO, {"key": "server:k", "addr": [None, 9000]}]), 0)
+        summary = query.ask([SUMMARY])
+        self.assertEqual(summary[0], 0)
+        self.assertEqual(summary[1]["server_info"], [{"key": "server:k", "addr": ["10.0.0.2", 9000]}])
+
+    def test_update_info_merges_and_keeps_given_host(self):
+        server, query = self.peer("10.0.0.2"), self.peer()
+        server.ask([UPDATE_INFO, {"key": "server:k", "addr": ["board", 9000]}])
+        server.ask([UPDATE_INFO, {"extra": 1}])
+        self.assertEqual(
+            query.ask([SUMMARY])[1]["server_info"],
+            [{"key": "server:k", "addr": ["board", 9000], "extra": 1}],
+        )
+
+    def test_summary_lists_only_server_infos(self):
+        server, client, query = self.peer("10.0.0.2"), self.peer(), self.peer()
+        client.ask([UPDATE_INFO, {"key": "client:x", "addr": [None, 1]}])
+        server.ask([UPDATE_INFO, {"key": "server:proxy[a,b]", "addr": [None, 9000]}])
+        self.assertEqual(
+            [i["key"] for i in query.ask([SUMMARY])[1]["server_info"]], ["server:proxy[a,b]"]
+        )
+
+    def test_summary_idle(self):
+        self.assertEqual(
+            self.peer().ask([SUMMARY]),
+            [0, {"queue_info": {}, "server_info": [], "leases": []}],
+        )
+
+    def test_summary_keeps_seen_keys(self):
+        server, client, query = self.peer("10.0.0.2"), self.peer(), self.peer()
+        server.ask([PUT, "k", [1, "k:1"], None])
+        client.ask([REQUEST, "k", "", 0])
+        self.assertEqual(query.ask([SUMMARY])[1]["queue_info"], {"k": {"free": 0, "pending": 0}})
+
+    def test_pending_matchkeys(self):
+        server, client = self.peer("10.0.0.2"), self.peer()
+        server.ask([PUT, "k", [1, "k:1"], None])
+        server.ask([PUT, "k", [1, "k:2"], None])
+        self.assertEqual(server.ask([PENDING]), ["k:1", "k:2"])
+        self.assertEqual(client.ask([PENDING]), [])
+        client.ask([REQUEST, "k", "", 0])
+        self.assertEqual(server.ask([PENDING]), ["k:2"])
+
+    def test_stop_wrong_key(self):
+        peer = self.peer()
+        with capturedLogs() as events:
+            self.assertEqual(peer.ask([STOP, "nope"]), -1)
+        self.assertFalse(peer.closed)
+        self.assertEqual(self.stops, [])
+        self.assertIn("wrong stop key", " ".join(formatEvent(e) for e in events))
+
+    def test_stop_right_key(self):
+        peer = self.peer()
+        self.assertEqual(peer.ask([STOP, "the-stop-key"]), 0)
+        self.assertTrue(peer.closed)
+        self.assertEqual(self.stops, [])
+        peer.lose()
+        self.assertEqual(self.stops, [True])
+
+    def test_request_deadline(self):
+        client = self.peer()
+        client.send([REQUEST, "k", "", 1, {"timeout": 2.5}])
+        self.clock.advance(2.4)
+        self.assertEqual(client.replies(), [])
+        self.clock.advance(0.2)
+        (reply,) = client.replies()
+        self.assertEqual(reply[0], -1)
+        self.assertIsInstance(reply[1], str)
+        self.assertEqual(self.state.summary()["queue_info"], {"k": {"free": 0, "pending": 0}})
+
+    def test_deadline_cancelled_by_match(self):
+        server, client = self.peer("10.0.0.2"), self.peer()
+        client.send([REQUEST, "k", "", 1, {"timeout": 2}])
+        server.ask([PUT, "k", [1, "k:1"], None])
+        self.assertEqual(client.replies(), [[0, ["10.0.0.2", 1, "k:1"]]])
+        self.clock.advance(10)
+        self.assertEqual(client.replies(), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class FaultTests(TrackerTestCase):
+    """Disconnects, and leases."""
+
+    def test_waiting_client_disconnect_is_withdrawn(self):
+        server, gone, stays = self.peer("10.0.0.2"), self.peer(), self.peer()
+        gone.send([REQUEST, "k", "", 9])
+        stays.send([REQUEST, "k", "", 1])
+        gone.lose()
+        self.assertEqual(self.state.summary()["queue_info"]["k"]["pending"], 1)
+        server.ask([PUT, "k", [1, "k:1"], None])
+        self.assertEqual(stays.replies(), [[0, ["10.0.0.2", 1, "k:1"]]])
+        self.assertEqual(gone.replies(), [])
+
+    def test_server_disconnect_without_update_info(self):
+        server, client = self.peer("10.0.0.2"), self.peer()
+        server.ask([PUT, "k", [1, "k:1"], None])
+        server.ask([PUT, "j", [1, "j:1"], None])
+        server.lose()
+        self.assertEqual(
+            self.state.summary()["queue_info"],
+            {"k": {"free": 0, "pending": 0}, "j": {"free": 0, "pending": 0}},
+        )
+        client.send([REQUEST, "k", "", 0])
+        self.assertEqual(client.replies(), [])
+
+    def test_server_disconnect_with_update_info(self):
+        server, query = self.peer("10.0.0.2"), self.peer()
+        server.ask([UPDATE_INFO, {"key": "server:k", "addr": [None, 1]}])
+        server.ask([PUT, "k", [1, "k:1"], None])
+        server.lose()
+        self.assertEqual(
+            query.ask([SUMMARY])[1],
+            {"queue_info": {"k": {"free": 0, "pending": 0}}, "server_info": [], "leases": []},
+        )
+
+    def test_lease_recorded_until_fresh_put(self):
+        server, client, query = self.peer("10.0.0.2"), self.peer("10.0.0.3"), self.peer()
+        server.ask([PUT, "k", [9000, "k:1"], None])
+        self.clock.advance(5)
+        client.ask([REQUEST, "k", "bob", 3])
+        (lease,) = query.ask([SUMMARY])[1]["leases"]
+        self.assertEqual(
+            lease,
+            {
+                "key": "k", "matchkey": "k:1", "host": "10.0.0.2", "port": 9000,
+                "client": ["10.0.0.3", client.transport.getPeer().port],
+                "user": "bob", "priority": 3, "since": 1005.0,
+            },
+        )
+        server.ask([PUT, "k", [9000, "k:2"], None])
+        self.assertEqual(query.ask([SUMMARY])[1]["leases"], [])
+
+    def test_lease_ends_when_server_closes(self):
+        server, client, query = self.peer("10.0.0.2"), self.peer(), self.peer()
+        server.ask([PUT, "k", [9000, "k:1"], None])
+        client.ask([REQUEST, "k", "", 0])
+        client.lose()
+        self.assertEqual(len(query.ask([SUMMARY])[1]["leases"]), 1)
+        server.lose()
+        self.assertEqual(query.ask([SUMMARY])[1]["leases"], [])
+
+    def test_re_put_same_matchkey_replaces(self):
+        server = self.peer("10.0.0.2")
+        server.ask([PUT, "k", [1, "k:1"], None])
+        server.ask([PUT, "k", [2, "k:1"], None])
+        self.assertEqual(server.ask([PENDING]), ["k:1"])
+        self.assertEqual(self.state.summary()["queue_info"]["k"]["free"], 1)
+        self.assertEqual(self.peer().ask([REQUEST, "k", "", 0]), [0, ["10.0.0.2", 2, "k:1"]])
+
+
+BAD_INPUTS = {
+    "frame over 1 MiB": struct.pack("<i", (1 << 20) + 1),
+    "negative length": struct.pack("<i", -5),
+    "zero length": struct.pack("<i", 0),
+    "bad JSON": struct.pack("<i", 5) + b"[1, ]",
+    "non-UTF-8": struct.pack("<i", 3) + b"\xff\xfe\xfd",
+    "unknown code": encode_frame([99]),
+    "not an array": encode_frame({"code": 1}),
+    "empty array": encode_frame([]),
+    "code is a string": encode_frame(["1"]),
+    "PUT too short": encode_frame([PUT, "k"]),
+    "PUT bad address": encode_frame([PUT, "k", [1], None]),
+    "PUT bad port": encode_frame([PUT, "k", [70000, "k:1"], None]),
+    "REQUEST key not a string": encode_frame([REQUEST, 5, "", 1]),
+    "REQUEST bad priority": encode_frame([REQUEST, "k", "", "high"]),
+    "REQUEST bad options": encode_frame([REQUEST, "k", "", 1, {"timeout": -1}]),
+    "UPDATE_INFO not an object": encode_frame([UPDATE_INFO, [1, 2]]),
+    "STOP without key": encode_frame([STOP]),
+    "PING with arguments": encode_frame([PING, 1]),
+}
+
+
+class BadInputTests(TrackerTestCase):
+    """Each bad input closes its own connection, logs the peer and the reason,
+    and leaves every other connection served."""
+
+    def check(self, name, data):
+        bystander = self.peer("10.9.9.9")
+        bystander.send([REQUEST, "k", "", 1])
+        bad = self.peer("10.6.6.6")
+        bad.ask([PUT, "k2", [1, "k2:1"], None])
+        with capturedLogs() as events:
+            bad.protocol.dataReceived(data)
+        self.assertTrue(bad.closed, name)
+        self.assertEqual(bad.transport.value(), b"", name)
+        text = " ".join(formatEvent(e) for e in events)
+        self.assertIn("10.6.6.6", text, name)
+        self.assertIn("closing", text, name)
+        bad.protocol.dataReceived(encode_frame([PING]))
+        self.assertEqual(bad.transport.value(), b"", name)
+        bad.lose()
+        self.assertFalse(bystander.closed, name)
+        self.assertEqual(bystander.ask([PING]), 0, name)
+        self.assertEqual(self.state.summary()["queue_info"]["k2"], {"free": 0, "pending": 0})
+        self.peer().ask([PUT, "k", [1, "k:1"], None])
+        self.assertEqual(bystander.replies()[0][0], 0)
+
+    def test_bad_inputs(self):
+        for name, data in BAD_INPUTS.items():
+            self.check(name, data)
+
+    def test_good_frame_before_bad_one_is_answered(self):
+        peer = self.peer()
+        peer.protocol.dataReceived(encode_frame([PING]) + struct.pack("<i", -1))
+        self.assertEqual(peer.replies(), [0])
+        self.assertTrue(peer.closed)
+
+    def test_huge_length_refused_before_body(self):
+        peer = self.peer()
+        peer.protocol.dataReceived(struct.pack("<i", 0x7FFFFFFF))
+        self.assertTrue(peer.closed)
+
+
+class AddressTests(SynchronousTestCase):
+    """Peer descriptions and socket tuning on non-TCP transports."""
+
+    def test_unix_peer(self):
+        self.assertEqual(describe_peer(UNIXAddress(b"/tmp/x.sock")), ("/tmp/x.sock", None))
+
+    def test_tune_string_transport(self):
+        self.assertFalse(tune_socket(StringTransport(), KeepAlive()))
+
+    def test_tune_real_socket(self):
+        import socket
+
+        class Handle:
+            def __init__(self, sock):
+                self.sock = sock
+
+            def getHandle(self):
+                return self.sock
+
+        with socket.socket() as sock:
+            self.assertTrue(tune_socket(Handle(sock), KeepAlive(7, 3, 2)))
+            self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+            self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), 7)
+                self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL), 3)
+                self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT), 2)
