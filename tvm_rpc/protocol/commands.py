@@ -508,6 +508,47 @@ class RemoteError(Exception):
         return f"RemoteError({self.type_name!r}, {self.message!r})"
 
 
+def as_remote_error(failure):
+    """
+    An errback for responders: any failure becomes a L{RemoteError} with the
+    exception's type name, message and traceback text (so AMP sends it as a
+    declared error and the session stays usable).
+
+    @param failure: a L{twisted.python.failure.Failure}.
+    @return: a Failure wrapping the L{RemoteError}.
+    """
+    from twisted.python.failure import Failure
+
+    if failure.check(RemoteError):
+        return failure
+    return Failure(
+        RemoteError.from_exception(failure.value, failure.getTraceback(elideFrameworkCode=True))
+    )
+
+
+def remote_errors(function):
+    """
+    Decorate a responder so that every exception it raises (or its Deferred
+    fails with) reaches the peer as a L{RemoteError}. Apply it below
+    C{@Command.responder}::
+
+        @CallFunction.responder
+        @remote_errors
+        def call_function(self, ...): ...
+
+    @return: a function returning a Deferred.
+    """
+    import functools
+
+    from twisted.internet.defer import maybeDeferred
+
+    @functools.wraps(function)
+    def responder(*args, **kwargs):
+        return maybeDeferred(function, *args, **kwargs).addErrback(as_remote_error)
+
+    return responder
+
+
 _ERRORS = {RemoteError: b"REMOTE_ERROR"}
 
 

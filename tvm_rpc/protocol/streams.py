@@ -369,6 +369,29 @@ def file_chunks(file, chunk_size=CHUNK_SIZE):
     return iter(lambda: file.read(chunk_size), b"")
 
 
+@attrs.frozen
+class _Failed:
+    """A failed outstanding command, held until its turn comes."""
+
+    failure: object
+
+
+def _settled(deferred):
+    """
+    Catch an outstanding command's failure at once: AMP drops the connection
+    when an error answer reaches a Deferred that has no errback yet, and a
+    windowed transfer awaits its commands one after the other.
+    """
+    return deferred.addErrback(_Failed)
+
+
+async def _outcome(deferred):
+    result = await deferred
+    if isinstance(result, _Failed):
+        result.failure.raiseException()
+    return result
+
+
 async def _close_quietly(call_remote, stream):
     try:
         await call_remote(StreamClose, stream=stream)
@@ -380,16 +403,16 @@ async def _write_stream(call_remote, stream, chunks, window, finish_command):
     outstanding = []
     try:
         for chunk in chunks:
-            outstanding.append(call_remote(StreamWrite, stream=stream, data=bytes(chunk)))
+            outstanding.append(
+                _settled(call_remote(StreamWrite, stream=stream, data=bytes(chunk)))
+            )
             if len(outstanding) >= window:
-                await outstanding.pop(0)
+                await _outcome(outstanding.pop(0))
         while outstanding:
-            await outstanding.pop(0)
+            await _outcome(outstanding.pop(0))
         response = await call_remote(finish_command, stream=stream)
         return response["size"]
     except BaseException:
-        for pending in outstanding:
-            pending.addErrback(lambda failure: None)
         await _close_quietly(call_remote, stream)
         raise
 
@@ -416,12 +439,12 @@ async def _read_stream(call_remote, stream, size, consumer, window, chunk_size, 
         while offset < size or outstanding:
             while offset < size and len(outstanding) < window:
                 length = min(chunk_size, size - offset)
-                outstanding.append(
-                    (length, call_remote(StreamRead, stream=stream, offset=offset, length=length))
-                )
+                outstanding.append((length, _settled(
+                    call_remote(StreamRead, stream=stream, offset=offset, length=length)
+                )))
                 offset += length
             length, pending = outstanding.pop(0)
-            data = (await pending)["data"]
+            data = (await _outcome(pending))["data"]
             if len(data) != length:
                 raise StreamError(
                     f"stream {stream} gave {len(data)} bytes at {received}, expected {length}"
@@ -431,10 +454,6 @@ async def _read_stream(call_remote, stream, size, consumer, window, chunk_size, 
             if isinstance(result, Deferred):
                 await result
         return received
-    except BaseException:
-        for _, pending in outstanding:
-            pending.addErrback(lambda failure: None)
-        raise
     finally:
         if close:
             await _close_quietly(call_remote, stream)
