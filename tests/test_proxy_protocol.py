@@ -1,0 +1,214 @@
+"""The proxy's connection adapter: handshakes, refusals, timeouts, pairing, closing."""
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from tvm_rpc.protocol.constants import (
+    INT32,
+    RPC_CODE_DUPLICATE,
+    RPC_CODE_MISMATCH,
+    RPC_CODE_SUCCESS,
+    RPC_MAGIC,
+)
+from tvm_rpc.protocol.handshake import MAX_KEY_LENGTH, encode_handshake, encode_reply
+from tvm_rpc.proxy.pairing import IPeer, PairingPool
+from tvm_rpc.proxy.protocol import ProxyFactory
+from tvm_rpc.proxy.relay import IRelaySide
+
+
+class HalfCloseTransport(StringTransport):
+    """A StringTransport that also records half-closes."""
+
+    write_closed = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+
+class ProxyConnectionTests(SynchronousTestCase):
+    """L{ProxyConnection} over in-memory transports, with a fake clock."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.pool = PairingPool(self.clock, timeout_client=30, timeout_server=30)
+        self.factory = ProxyFactory(self.pool, self.clock, handshake_timeout=5, chunk_size=1024)
+        self.port = 40000
+
+    def connect(self):
+        """@return: C{(protocol, transport)} for a new accepted connection."""
+        self.port += 1
+        address = IPv4Address("TCP", "127.0.0.1", self.port)
+        protocol = self.factory.buildProtocol(address)
+        transport = HalfCloseTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_interfaces(self):
+        protocol, _ = self.connect()
+        verifyObject(IPeer, protocol)
+        verifyObject(IRelaySide, protocol)
+        verifyObject(IHalfCloseableProtocol, protocol)
+
+    def test_pair_and_relay_early_bytes(self):
+        server, server_t = self.connect()
+        client, client_t = self.connect()
+        server.dataReceived(encode_handshake("server:k") + b"from-server-early")
+        self.assertEqual(server_t.value(), b"")
+        client.dataReceived(encode_handshake("client:k -timeout=3") + b"hello")
+        self.assertEqual(
+            server_t.value(),
+            encode_reply(RPC_CODE_SUCCESS, "client:k -timeout=3") + b"hello",
+        )
+        self.assertEqual(
+            client_t.value(), encode_reply(RPC_CODE_SUCCESS, "server:k") + b"from-server-early"
+        )
+        server_t.clear()
+        client_t.clear()
+        client.dataReceived(b"more")
+        server.dataReceived(b"answer")
+        self.assertEqual(server_t.value(), b"more")
+        self.assertEqual(client_t.value(), b"answer")
+        self.assertIs(server_t.producer, client_t)
+        self.assertIs(client_t.producer, server_t)
+        self.assertTrue(server_t.streaming and client_t.streaming)
+
+    def test_handshake_byte_by_byte(self):
+        server, server_t = self.connect()
+        client, client_t = self.connect()
+        for byte in encode_handshake("server:abc"):
+            server.dataReceived(bytes([byte]))
+        data = encode_handshake("client:abc") + b"xyz"
+        for byte in data:
+            client.dataReceived(bytes([byte]))
+        self.assertEqual(server_t.value(), encode_reply(RPC_CODE_SUCCESS, "client:abc") + b"xyz")
+
+    def test_wrong_magic(self):
+        protocol, transport = self.connect()
+        protocol.dataReceived(INT32.pack(0x1234) + b"rest")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.pool.waiting(), 0)
+
+    def test_bad_key_lengths_close_at_once(self):
+        for length in (0, -1, -(2**31), MAX_KEY_LENGTH + 1, 1 << 30):
+            protocol, transport = self.connect()
+            protocol.dataReceived(INT32.pack(RPC_MAGIC) + INT32.pack(length))
+            self.assertTrue(transport.disconnecting, length)
+            self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_non_utf8_key(self):
+        protocol, transport = self.connect()
+        protocol.dataReceived(INT32.pack(RPC_MAGIC) + INT32.pack(9) + b"server:\xff\xfe")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.pool.waiting(), 0)
+
+    def test_bad_prefix_and_empty_key(self):
+        for key in ("abcdefgkey", "server:", "client:  ", "proxy:x"):
+            protocol, transport = self.connect()
+            protocol.dataReceived(encode_handshake(key))
+            self.assertEqual(transport.value(), INT32.pack(RPC_CODE_MISMATCH), key)
+            self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.pool.waiting(), 0)
+
+    def test_silent_peer_dropped(self):
+        protocol, transport = self.connect()
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_partial_handshake_dropped(self):
+        protocol, transport = self.connect()
+        protocol.dataReceived(encode_handshake("server:k")[:6])
+        self.clock.advance(5)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.pool.waiting(), 0)
+
+    def test_handshake_timer_cancelled(self):
+        protocol, transport = self.connect()
+        protocol.dataReceived(encode_handshake("server:k"))
+        self.clock.advance(5)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.pool.waiting(), 1)
+        self.clock.advance(25)
+        self.assertEqual(transport.value(), INT32.pack(RPC_CODE_MISMATCH))
+        self.assertTrue(transport.disconnecting)
+
+    def test_duplicate(self):
+        first, first_t = self.connect()
+        second, second_t = self.connect()
+        first.dataReceived(encode_handshake("client:k"))
+        second.dataReceived(encode_handshake("client:k"))
+        self.assertEqual(second_t.value(), INT32.pack(RPC_CODE_DUPLICATE))
+        self.assertTrue(second_t.disconnecting)
+        self.assertFalse(first_t.disconnecting)
+
+    def test_close_while_waiting_leaves_pool(self):
+        protocol, transport = self.connect()
+        protocol.dataReceived(encode_handshake("server:k"))
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.pool.waiting(), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_eof_while_waiting_leaves_pool(self):
+        protocol, transport = self.connect()
+        protocol.dataReceived(encode_handshake("server:k"))
+        protocol.readConnectionLost()
+        self.assertEqual(self.pool.waiting(), 0)
+        self.assertTrue(transport.disconnecting)
+
+    def test_early_bytes_bounded(self):
+        protocol, transport = self.connect()
+        protocol.dataReceived(encode_handshake("server:k") + b"x" * 600)
+        self.assertEqual(transport.producerState, "producing")
+        protocol.dataReceived(b"x" * 600)
+        self.assertEqual(transport.producerState, "paused")
+        client, client_t = self.connect()
+        client.dataReceived(encode_handshake("client:k"))
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(client_t.value(), encode_reply(RPC_CODE_SUCCESS, "server:k") + b"x" * 1200)
+
+    def pair(self):
+        server, server_t = self.connect()
+        client, client_t = self.connect()
+        server.dataReceived(encode_handshake("server:k"))
+        client.dataReceived(encode_handshake("client:k"))
+        server_t.clear()
+        client_t.clear()
+        return server, server_t, client, client_t
+
+    def test_half_close_passed_on(self):
+        server, server_t, client, client_t = self.pair()
+        client.dataReceived(b"request")
+        client.readConnectionLost()
+        self.assertTrue(server_t.write_closed)
+        self.assertFalse(server_t.disconnecting)
+        self.assertIsNone(server_t.producer)
+        self.assertIs(client_t.producer, server_t)
+        server.dataReceived(b"answer")
+        self.assertEqual(client_t.value(), b"answer")
+        client.readConnectionLost()
+        server.writeConnectionLost()
+        self.assertFalse(server_t.disconnecting)
+        server.readConnectionLost()
+        self.assertTrue(client_t.write_closed)
+        client.writeConnectionLost()
+        self.assertTrue(client_t.disconnecting)
+        self.assertTrue(server_t.disconnecting)
+
+    def test_connection_lost_closes_partner(self):
+        server, server_t, client, client_t = self.pair()
+        server.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(client_t.disconnecting)
+        self.assertIsNone(client_t.producer)
+        self.assertIsNone(server_t.producer)
+        client.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.pool.waiting(), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

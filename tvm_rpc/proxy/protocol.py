@@ -1,0 +1,233 @@
+"""The proxy's connection adapter: handshake, then waiting, then relaying.
+
+L{ProxyConnection} is a thin Twisted protocol around the sans-IO pieces: the
+handshake decoder of L{tvm_rpc.protocol.handshake}, the L{PairingPool} and
+the L{Relay}. The same class serves websocket peers through a transport shim
+(see L{tvm_rpc.proxy.web}).
+"""
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..protocol.constants import INT32, RPC_CODE_SUCCESS
+from ..protocol.handshake import HandshakeDecoder, encode_reply
+from .pairing import IPeer
+from .relay import RELAY_CHUNK, IRelaySide, Relay
+
+#: Seconds a new connection has to complete its handshake.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+
+def describe_peer(transport):
+    """@return: a short text naming the remote end of C{transport}, for logs."""
+    try:
+        peer = transport.getPeer()
+    except Exception:
+        return "unknown peer"
+    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    if host is None:
+        return str(peer)
+    return f"{host}:{port}"
+
+
+@implementer(IHalfCloseableProtocol, IPeer, IRelaySide)
+class ProxyConnection(Protocol):
+    """
+    One connection to the proxy, client or server.
+
+    States: C{"handshake"} (reading ``[magic][len][key]``), C{"waiting"} (in
+    the pool; bytes that arrive are kept, up to C{chunk_size}, then reading
+    pauses), C{"paired"} (accepted, relay being set up), C{"relaying"} and
+    C{"closed"}.
+
+    @ivar key: the key the peer presented, once known.
+    """
+
+    log = Logger()
+
+    def __init__(self, pool, clock, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
+                 chunk_size=RELAY_CHUNK):
+        """
+        @param pool: the L{PairingPool} to join after the handshake.
+        @param clock: an L{IReactorTime} for the handshake timeout.
+        @param handshake_timeout: seconds allowed for the handshake.
+        @param chunk_size: read size and outgoing buffer limit of the transport.
+        """
+        self._pool = pool
+        self._clock = clock
+        self._handshake_timeout = handshake_timeout
+        self._chunk_size = chunk_size
+        self._decoder = HandshakeDecoder()
+        self._timer = None
+        self._early = []
+        self._early_size = 0
+        self._paused = False
+        self._relay = None
+        self._read_closed = False
+        self._write_closed = False
+        self.state = "handshake"
+        self.key = None
+        self.peer_name = "unknown peer"
+
+    def connectionMade(self):
+        """Start the handshake clock and size the transport's buffers."""
+        self.peer_name = describe_peer(self.transport)
+        if hasattr(self.transport, "bufferSize"):
+            self.transport.bufferSize = self._chunk_size
+        self._timer = self._clock.callLater(self._handshake_timeout, self._handshake_expired)
+
+    def dataReceived(self, data):
+        """Route bytes by state: handshake decoder, early buffer or relay."""
+        if self.state == "relaying":
+            self._relay.received(self, data)
+        elif self.state in ("waiting", "paired"):
+            self._keep_early(data)
+        elif self.state == "handshake":
+            self._handshake(data)
+
+    def _handshake(self, data):
+        if not self._decoder.feed(data):
+            return
+        self._cancel_timer()
+        if self._decoder.error is not None:
+            self.log.warn("refused handshake from {peer}: {reason}", peer=self.peer_name,
+                          reason=self._decoder.error)
+            self._close_now()
+            return
+        self.key = self._decoder.key
+        self.state = "waiting"
+        if self._decoder.rest:
+            self._keep_early(self._decoder.rest)
+        self.log.info("{peer} presented {key!r}", peer=self.peer_name, key=self.key)
+        self._pool.arrive(self, self.key)
+
+    def _keep_early(self, data):
+        self._early.append(data)
+        self._early_size += len(data)
+        if self._early_size >= self._chunk_size and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _handshake_expired(self):
+        self._timer = None
+        if self.state == "handshake":
+            self.log.warn("dropped {peer}: no handshake within {timeout} s",
+                          peer=self.peer_name, timeout=self._handshake_timeout)
+            self._close_now()
+
+    def _cancel_timer(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _close_now(self):
+        self.state = "closed"
+        self.transport.loseConnection()
+
+    # IPeer
+
+    def accept(self, partner_key):
+        """Paired: send RPC_CODE_SUCCESS and the partner's key."""
+        self.state = "paired"
+        self.transport.write(encode_reply(RPC_CODE_SUCCESS, partner_key))
+
+    def join(self, partner):
+        """Start relaying with C{partner}, passing on what both sent early."""
+        relay = Relay(self, partner)
+        for side in (self, partner):
+            side._relay = relay
+            side.state = "relaying"
+        relay.start()
+        for side in (partner, self):
+            early, side._early, side._early_size = side._early, [], 0
+            for chunk in early:
+                relay.received(side, chunk)
+        for side in (partner, self):
+            if side._paused:
+                side._paused = False
+                side.transport.resumeProducing()
+
+    def refuse(self, code, reason):
+        """Send C{code} and close: duplicate, mismatch or a bad key."""
+        self.log.info("refused {peer} ({key!r}): {reason}", peer=self.peer_name,
+                      key=self.key, reason=reason)
+        self.state = "closed"
+        self.transport.write(INT32.pack(code))
+        self.transport.loseConnection()
+
+    # IRelaySide
+
+    def send(self, data):
+        """Write relayed bytes to this peer."""
+        self.transport.write(data)
+
+    def finish_sending(self):
+        """Half-close towards this peer once everything relayed is written."""
+        self.transport.loseWriteConnection()
+
+    def close(self):
+        """Close this peer's connection once its buffered bytes are written."""
+        self.state = "closed"
+        self.transport.loseConnection()
+
+    # IHalfCloseableProtocol
+
+    def readConnectionLost(self):
+        """
+        The peer sent end of file. While relaying it is passed on as a
+        half-close; before pairing it means the peer left.
+        """
+        if self._read_closed:
+            return
+        self._read_closed = True
+        if self.state == "relaying":
+            self._relay.read_closed(self)
+            self._maybe_finished()
+        else:
+            self._pool.leave(self)
+            self._close_now()
+
+    def writeConnectionLost(self):
+        """Our half-close towards the peer went out."""
+        self._write_closed = True
+        self._maybe_finished()
+
+    def _maybe_finished(self):
+        if self._read_closed and self._write_closed:
+            self.state = "closed"
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        """Leave the pool or end the relay; cancel the handshake timer."""
+        self._cancel_timer()
+        self._early = []
+        self._pool.leave(self)
+        if self._relay is not None:
+            self._relay.lost(self)
+        self.state = "closed"
+
+
+class ProxyFactory(Factory):
+    """Builds a L{ProxyConnection} for each accepted connection."""
+
+    def __init__(self, pool, clock, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
+                 chunk_size=RELAY_CHUNK):
+        """
+        @param pool: the shared L{PairingPool}.
+        @param clock: an L{IReactorTime}.
+        @param handshake_timeout: seconds allowed for a handshake.
+        @param chunk_size: see L{ProxyConnection}.
+        """
+        self.pool = pool
+        self.clock = clock
+        self.handshake_timeout = handshake_timeout
+        self.chunk_size = chunk_size
+
+    def buildProtocol(self, addr):
+        """@return: a new L{ProxyConnection}."""
+        protocol = ProxyConnection(self.pool, self.clock, self.handshake_timeout,
+                                   self.chunk_size)
+        protocol.factory = self
+        return protocol

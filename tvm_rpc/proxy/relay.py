@@ -1,0 +1,104 @@
+"""The byte relay between a paired client and server, with backpressure both ways.
+
+Each side's transport is registered as a streaming producer on the other
+side's transport: when one peer reads slowly and its outgoing buffer in the
+proxy passes the transport's C{bufferSize}, Twisted pauses reading from the
+other peer until the buffer drains. The proxy therefore holds at most about
+two chunks per direction (the buffer limit plus one read), which is the bound
+stated in ``docs/proxy.md``.
+
+An end of file from one peer is passed on as a half-close to the other, which
+may still answer; a lost connection closes the other side once its buffered
+bytes are written.
+"""
+
+import attrs
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface
+
+#: Bytes read per C{recv} and the outgoing buffer limit per side; a pair holds
+#: at most about 2 * 2 * RELAY_CHUNK bytes (two directions, limit plus one read).
+RELAY_CHUNK = 256 * 1024
+
+
+class IRelaySide(Interface):
+    """One peer of a relay."""
+
+    transport = Attribute(
+        "The peer's transport: an IConsumer for bytes sent to the peer and an "
+        "IPushProducer that reads from the peer."
+    )
+
+    def send(data):
+        """Send C{data} to the peer."""
+
+    def finish_sending():
+        """Nothing more will be sent: half-close towards the peer once flushed."""
+
+    def close():
+        """Close the peer's connection once its buffered bytes are written."""
+
+
+@attrs.define(eq=False)
+class Relay:
+    """
+    Relays bytes between two L{IRelaySide}s.
+
+    @ivar a: one side.
+    @ivar b: the other side.
+    """
+
+    a: object
+    b: object
+    _reading: set = attrs.field(init=False, factory=set)
+    _stopped: bool = attrs.field(init=False, default=False)
+
+    log = Logger()
+
+    def other(self, side):
+        """@return: the side that is not C{side}."""
+        return self.b if side is self.a else self.a
+
+    def start(self):
+        """Couple the two transports as each other's streaming producer."""
+        self._reading = {self.a, self.b}
+        self.a.transport.registerProducer(self.b.transport, True)
+        self.b.transport.registerProducer(self.a.transport, True)
+
+    def received(self, side, data):
+        """Bytes arrived from C{side}: pass them to the other side."""
+        if not self._stopped:
+            self.other(side).send(data)
+
+    def read_closed(self, side):
+        """
+        C{side} sent end of file: unhook it as the other side's producer and
+        half-close towards the other side, which may still answer.
+
+        @return: whether both sides have now finished sending.
+        """
+        if self._stopped or side not in self._reading:
+            return not self._reading
+        self._reading.discard(side)
+        other = self.other(side)
+        _unregister(other.transport)
+        other.finish_sending()
+        return not self._reading
+
+    def lost(self, side):
+        """C{side}'s connection is gone: close the other side."""
+        if self._stopped:
+            return
+        self._stopped = True
+        _unregister(self.a.transport)
+        _unregister(self.b.transport)
+        self.other(side).close()
+
+
+def _unregister(transport):
+    """Unregister a transport's producer, if any; safe on closed transports."""
+    if getattr(transport, "producer", True) is not None:
+        try:
+            transport.unregisterProducer()
+        except Exception:
+            Relay.log.failure("unregistering the producer of {transport}", transport=transport)
