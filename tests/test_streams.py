@@ -1,6 +1,8 @@
 """Chunked transfers by stream id over AMP, in memory with iosim."""
 
 import os
+import shutil
+import tempfile
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -261,8 +263,8 @@ class StreamTableTests(SynchronousTestCase):
 
     def test_file_sink_atomic_and_cancel(self):
         """A file appears only when finished; a cancelled one leaves nothing."""
-        directory = self.mktemp()
-        os.makedirs(directory)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
         path = os.path.join(directory, "f.bin")
         sink = FileSink(path, expected=6)
         sink.write(b"abc")
