@@ -11,7 +11,6 @@ or the in-process runner below (``--no-fork``).
 
 import attrs
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from ..protocol.constants import RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
@@ -23,6 +22,7 @@ from ..protocol.flavour import (
 )
 from ..protocol.handshake import HandshakeDecoder, encode_reply
 from ..protocol.keys import parse_client_key, parse_timeout_option
+from .logs import logger
 
 #: Seconds a peer has to complete its handshake.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
@@ -95,7 +95,7 @@ class HandshakeProtocol(Protocol):
     loss to the session protocol it switched to.
     """
 
-    log = Logger()
+    log = logger("tvm_rpc.server.listener")
 
     def __init__(self, listener):
         """@param listener: the L{ListenerFactory} that built this protocol."""
@@ -271,7 +271,7 @@ class InProcessRunner:
     @ivar clock: an L{IReactorTime} for the session timeout.
     """
 
-    log = Logger()
+    log = logger("tvm_rpc.server.listener")
 
     make_protocol: object
     clock: object

@@ -12,3 +12,10 @@ rpc_tracker = ServiceMaker(
     "Queue requests for remote devices by key (TVM wire-compatible).",
     "rpc-tracker",
 )
+
+rpc_server = ServiceMaker(
+    "TVM RPC server",
+    "tvm_rpc.server.tap",
+    "Run uploaded, compiled models for remote clients (TVM wire-compatible handshake).",
+    "rpc-server",
+)
