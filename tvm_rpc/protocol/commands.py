@@ -410,7 +410,17 @@ Errors
 
 Closing
     :class:`Goodbye` asks the server to end the session (it answers, then
-    closes the connection); closing the connection has the same effect.
+    closes the connection); closing the connection has the same effect. When
+    the server ends a session itself (the ``-timeout=N`` of the handshake ran
+    out), it sends :class:`SessionEnded` (``code="timeout"``) to the client
+    first, so the client's outstanding calls fail with a session-timeout
+    error instead of a bare lost connection.
+
+Caution for both ends
+    AMP drops the whole connection when an error answer reaches a Deferred
+    that has no errback yet: attach errbacks (or ``await``) before giving
+    control back to the reactor, and settle windowed commands at once (as
+    :mod:`tvm_rpc.protocol.streams` does).
 """
 
 __doc__ += SESSION_DOC
@@ -583,7 +593,7 @@ class GetFunction(amp.Command):
     Look up a global function (registry or built-in) by name.
 
     Response ``function``: a new function handle id. Raises L{RemoteError}
-    (type ``tvm_rpc.NoSuchFunction``) when nothing has that name.
+    (type ``tvm_rpc.server.registry.NoSuchFunction``) when nothing has that name.
     """
 
     arguments = [(b"name", amp.Unicode())]
@@ -835,6 +845,34 @@ class Goodbye(amp.Command):
     errors = _ERRORS
 
 
+class SessionEnded(amp.Command):
+    """
+    Sent by the server (no answer expected) just before it closes a session
+    it ends itself: ``code`` is ``"timeout"`` when the session outlived the
+    client's ``-timeout=N`` (the worker was killed), ``"shutdown"`` when the
+    server stops. The client should fail every outstanding call with an
+    error saying so. Built as raw bytes by L{session_ended_box} because the
+    worker that ran the session may already be dead.
+    """
+
+    arguments = [(b"code", amp.Unicode()), (b"reason", amp.Unicode())]
+    requiresAnswer = False
+
+
+def session_ended_box(code, reason):
+    """
+    @param code: C{"timeout"} or C{"shutdown"}.
+    @param reason: a sentence for the user.
+    @return: the serialized AMP box of a L{SessionEnded} command.
+    """
+    box = amp.AmpBox(
+        _command=b"SessionEnded",
+        code=code.encode("utf-8"),
+        reason=reason.encode("utf-8")[:MAX_INLINE_VALUE],
+    )
+    return box.serialize()
+
+
 #: Every session command, by class name.
 SESSION_COMMANDS = {
     command.__name__: command
@@ -842,6 +880,6 @@ SESSION_COMMANDS = {
         Hello, GetFunction, CallFunction, Free, LoadModule, ModuleGetFunction,
         DeviceExists, DeviceSync, Empty, OpenArrayWrite, OpenArrayRead,
         OpenUpload, OpenDownload, OpenValue, StreamWrite, StreamFinish,
-        StreamRead, StreamClose, TimeEvaluator, Goodbye,
+        StreamRead, StreamClose, TimeEvaluator, Goodbye, SessionEnded,
     )
 }
