@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from daemons import child_env, free_port
+from daemons import child_env, free_port, our_tracker
 from tvm_rpc.client.tracker import text_summary
 from tvm_rpc.protocol.commands import Summary
 from tvm_rpc.protocol.constants import INT32
@@ -364,3 +364,73 @@ def test_main_json():
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == summary
     assert result.stderr == b""
+
+
+OUR_TRACKER_SCRIPT = """
+import json, subprocess, sys
+from twisted.internet import defer, task
+from tvm_rpc.client import TrackerError, connect_tracker
+from tvm_rpc.protocol.commands import Put, UpdateInfo
+
+async def pending(session):
+    return (await session.summary())["queue_info"]["dev"]["pending"]
+
+async def settle(reactor, session, want):
+    for _ in range(100):
+        if await pending(session) == want:
+            return want
+        await task.deferLater(reactor, 0.02, lambda: None)
+    return await pending(session)
+
+async def go(reactor):
+    host, port = sys.argv[1], int(sys.argv[2])
+    report = {}
+    session = await connect_tracker(host, port, reactor=reactor, connect_timeout=10)
+    server = await session.open_connection()
+    await server.call(UpdateInfo({"key": "server:dev", "addr": [None, 9999]}))
+    await server.call(Put("dev", 9999, "dev:0.25"))
+    got = await session.allocate("dev", priority=3, user="alice", timeout=10)
+    report["allocation"] = [got.host, got.port, got.matchkey]
+    try:
+        await session.allocate("dev", timeout=0.3)
+    except TrackerError as e:
+        report["timeout"] = type(e).__name__
+    waiting = session.allocate("dev")
+    waiting.addErrback(lambda failure: None)
+    report["pending_before_cancel"] = await settle(reactor, session, 1)
+    waiting.cancel()
+    report["pending_after_cancel"] = await settle(reactor, session, 0)
+    leases = subprocess.run(
+        [sys.executable, "-m", "tvm_rpc.query", "--host", host, "--port", str(port),
+         "--leases"], capture_output=True, timeout=60)
+    report["leases"] = leases.stdout.decode()
+    await server.close()
+    await session.close()
+    print(json.dumps(report))
+
+task.react(lambda reactor: defer.Deferred.fromCoroutine(go(reactor)))
+"""
+
+
+def test_client_and_query_tool_against_our_tracker():
+    """
+    Our client and query tool with our tracker (C{twistd rpc-tracker}): an
+    allocation becomes a lease that --leases shows, a timeout is honoured and a
+    cancelled request leaves the queue at once.
+    """
+    with our_tracker() as (_, port):
+        done = subprocess.run(
+            [sys.executable, "-c", OUR_TRACKER_SCRIPT, "127.0.0.1", str(port)],
+            stdin=subprocess.DEVNULL, capture_output=True, env=child_env(), timeout=120,
+        )
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    report = json.loads(done.stdout)
+    assert report["allocation"] == ["127.0.0.1", 9999, "dev:0.25"]
+    assert report["timeout"] in ("TrackerError", "AllocationTimeout")
+    assert report["pending_before_cancel"] == 1
+    assert report["pending_after_cancel"] == 0
+    rows = [line.split() for line in report["leases"].splitlines()]
+    lease = next(row for row in rows if "dev" in row)
+    assert lease[0].startswith("127.0.0.1:")
+    assert lease[1:4] == ["(alice)", "dev", "3"]
+    assert lease[-2:] == ["127.0.0.1:9999", "dev:0.25"]
