@@ -178,6 +178,7 @@ def leases_table(summary):
     line = "-" * (sum(widths) + 2 * (len(widths) - 1)) + "\n"
 
     def render(cells):
+        """One row, each cell padded to its column."""
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() + "\n"
 
     text = "Leases\n" + line + render(header) + line
@@ -247,7 +248,9 @@ def main(argv=None):
     from twisted.internet.task import react
 
     def run(reactor):
+        """Query the tracker with the running reactor."""
         def done(status):
+            """Turn a failing status into the process's exit status."""
             if status:
                 raise SystemExit(status)
 

@@ -46,6 +46,7 @@ __all__ = [
     "TrackerSession",
     "connect_tracker",
     "text_summary",
+    "tracker_endpoint",
 ]
 
 #: Seconds allowed to open a tracker connection and get the magic echoed.
@@ -197,12 +198,14 @@ class TrackerClientProtocol(Protocol):
             waiter.callback(None)
 
     def _on_greeted(self):
+        """The magic came back: send what was queued, then fire C{ready}."""
         if self._unsent:
             self.transport.write(b"".join(self._unsent))
             self._unsent.clear()
         self.ready.callback(self)
 
     def _on_reply(self, value):
+        """Hand a reply to the oldest outstanding call."""
         if not self._calls:
             self._violation(BadMessage(
                 f"tracker {self._peer} sent a reply nobody asked for: {value!r}"[:300]
@@ -233,10 +236,15 @@ class TrackerClientProtocol(Protocol):
         self.transport.loseConnection()
 
     def _cancel_ready(self, deferred):
+        """Giving up on C{ready} drops the connection."""
         if self.transport is not None and not self._closed:
             self.transport.abortConnection()
 
     def _cancel_call(self, entry):
+        """
+        Forget a call's reply; a cancelled REQUEST is withdrawn by closing the
+        connection, the only way the protocol offers.
+        """
         entry.cancelled = True
         if isinstance(entry.command, Request) and not self._closed:
             if self.transport is not None:
@@ -276,12 +284,14 @@ async def _open(reactor, endpoint, address, timeout):
     """
 
     async def connect():
+        """Connect, then wait for the echo."""
         protocol = await connectProtocol(endpoint, TrackerClientProtocol())
         return await protocol.ready
 
     attempt = defer.Deferred.fromCoroutine(connect())
     if timeout is not None:
         def expired(result, seconds):
+            """Replace the cancellation by a timeout naming the tracker."""
             raise defer.TimeoutError(
                 f"tracker at {address} did not answer within {seconds:g} s"
             )
@@ -357,6 +367,7 @@ class TrackerSession:
         )
         if timeout is not None:
             def expired(result, seconds):
+                """Replace the cancellation by a timeout naming the key."""
                 raise AllocationTimeout(
                     f"no server for key {key!r} from tracker {self.address} "
                     f"within {seconds:g} s"
@@ -365,6 +376,7 @@ class TrackerSession:
         return attempt
 
     async def _allocate(self, request):
+        """Send C{request} on a fresh connection, closed once it is answered."""
         connection = await self.open_connection()
         self._requests.add(connection)
         try:
@@ -407,6 +419,7 @@ def connect_tracker(host, port, *, reactor=None, endpoint=None,
         endpoint = tracker_endpoint(reactor, host, port, connect_timeout)
 
     async def connect():
+        """Open the control connection, then build the session on it."""
         control = await _open(reactor, endpoint, f"{host}:{port}", connect_timeout)
         return TrackerSession(reactor, host, port, endpoint, control, connect_timeout)
 
