@@ -13,6 +13,13 @@ rpc_tracker = ServiceMaker(
     "rpc-tracker",
 )
 
+rpc_proxy = ServiceMaker(
+    "TVM RPC proxy",
+    "tvm_rpc.proxy.tap",
+    "Pair clients and servers by key and relay their bytes with backpressure (TVM wire-compatible).",
+    "rpc-proxy",
+)
+
 rpc_server = ServiceMaker(
     "TVM RPC server",
     "tvm_rpc.server.tap",
