@@ -3,6 +3,11 @@
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer, error
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+)
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -17,7 +22,7 @@ from tvm_rpc.client import (
     TrackerSession,
     connect_tracker,
 )
-from tvm_rpc.client.tracker import AllocationTimeout, NotATracker
+from tvm_rpc.client.tracker import AllocationTimeout, NotATracker, tracker_endpoint
 from tvm_rpc.protocol.commands import (
     BadMessage,
     GetPendingMatchkeys,
@@ -491,3 +496,19 @@ class SessionTests(SynchronousTestCase):
         self.assertTrue(control.lost)
         self.assertTrue(request_tracker.lost)
         self.failureResultOf(allocating, error.ConnectionDone)
+
+
+class EndpointTests(SynchronousTestCase):
+    """How a tracker address becomes an endpoint."""
+
+    def test_kinds(self):
+        reactor = MemoryReactorClock()
+        self.assertIsInstance(tracker_endpoint(reactor, "127.0.0.1", 9190), TCP4ClientEndpoint)
+        self.assertIsInstance(tracker_endpoint(reactor, "::1", 9190), TCP6ClientEndpoint)
+        self.assertIsInstance(tracker_endpoint(reactor, "tracker.lab", 9190), HostnameEndpoint)
+
+    def test_connect_timeout_reaches_the_reactor(self):
+        reactor = MemoryReactorClock()
+        connect_tracker("10.1.1.1", 9300, reactor=reactor, connect_timeout=7)
+        host, port, factory, timeout, bind = reactor.tcpClients[0]
+        self.assertEqual((host, port, timeout), ("10.1.1.1", 9300, 7))
