@@ -146,3 +146,28 @@ def tvm_tracker(host="127.0.0.1"):
             "--port", str(port), "--port-end", str(port + 1)]
     with running(args, r"bind to") as daemon:
         yield daemon, port
+
+
+@contextmanager
+def our_proxy(*extra, host="127.0.0.1", env=None):
+    """
+    Our proxy on a free port, websocket off unless C{--web-port} is in
+    C{extra}; yields C{(daemon, port)}.
+    """
+    port = free_port(host)
+    args = twistd("rpc-proxy", "--host", host, "--port", str(port),
+                  "--port-end", str(port + 1))
+    if "--web-port" not in extra:
+        args += ["--web-port", "0"]
+    with running(args + list(extra), r"rpc-proxy listening on", env=env) as daemon:
+        yield daemon, port
+
+
+@contextmanager
+def tvm_proxy(*extra, host="127.0.0.1"):
+    """TVM's proxy on a free port with its web port off; yields C{(daemon, port)}."""
+    port = free_port(host)
+    args = [sys.executable, "-m", "tvm.exec.rpc_proxy", "--host", host,
+            "--port", str(port), "--port-end", str(port + 1), "--web-port", "0", *extra]
+    with running(args, r"RPCProxy: client port bind to") as daemon:
+        yield daemon, port
