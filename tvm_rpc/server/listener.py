@@ -246,6 +246,8 @@ class ListenerFactory(Factory):
     @ivar handshake_timeout: seconds a peer has to complete its handshake.
     """
 
+    noisy = False
+
     gate: object
     runner: object = attrs.field(validator=provides(ISessionRunner))
     clock: object

@@ -183,9 +183,11 @@ def worker_main(argv=None):
     # user code started in it.
     os.setpgid(0, 0)
     control = socket.socket(fileno=args.control_fd)
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import FileLogObserver, formatEvent, globalLogBeginner
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    # The server stamps and relays each line; the worker writes the bare text.
+    observer = FileLogObserver(sys.stdout, lambda event: (formatEvent(event) or "") + "\n")
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     log = logger("tvm_rpc.server.worker")
     _, make_session = load_callable(args.session_factory)
     run_init(args.init)
@@ -198,13 +200,16 @@ def worker_main(argv=None):
     family = probe.family
     probe.detach()
     session = make_session(args.work_root, clock=reactor)
-    outcome = {"code": 0}
+    outcome = {"code": 0, "ended": False}
 
     def lost(reason):
+        outcome["ended"] = True
         if reactor.running:
             reactor.stop()
 
     def parent_gone():
+        if outcome["ended"]:
+            return
         log.warn("server went away; ending the session")
         outcome["code"] = 3
         transport.abortConnection()

@@ -1,0 +1,160 @@
+"""``twistd rpc-server``: options, the service they build, and the plugin."""
+
+import errno
+import os
+
+from twisted.application.service import IServiceMaker
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from tvm_rpc.client.registration import TrackerRegistration
+from tvm_rpc.server import tap
+from tvm_rpc.server.listener import InProcessRunner
+from tvm_rpc.server.worker import WorkerPool
+
+STANDIN = "tests.standin_session:make"
+
+
+def parse(*args):
+    options = tap.Options()
+    options.parseOptions(list(args))
+    return options
+
+
+class BusyReactor(MemoryReactorClock):
+    """A memory reactor on which some ports are taken."""
+
+    def __init__(self, busy):
+        super().__init__()
+        self.busy = set(busy)
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        if port in self.busy:
+            raise CannotListenError(interface, port, OSError(errno.EADDRINUSE, "in use"))
+        return super().listenTCP(port, factory, backlog, interface)
+
+
+class OptionsTests(SynchronousTestCase):
+    """TVM's flags, plus ours, validated together."""
+
+    def test_defaults_are_tvms(self):
+        options = parse()
+        self.assertEqual(
+            (options["host"], options["port"], options["port-end"], options["key"]),
+            ("0.0.0.0", 9090, 9199, ""),
+        )
+        self.assertIsNone(options["tracker"])
+        self.assertFalse(options["no-fork"])
+        self.assertEqual(options["max-sessions"], 1)
+
+    def test_tracker_address(self):
+        self.assertEqual(parse("--tracker", "127.0.0.1:9190")["tracker"], ("127.0.0.1", 9190))
+        self.assertEqual(parse("--tracker", "[::1]:9190")["tracker"], ("::1", 9190))
+
+    def test_bad_values(self):
+        for args in (
+            ["--port", "9100", "--port-end", "9100"],
+            ["--tracker", "nohost"],
+            ["--tracker", "h:notaport"],
+            ["--port", "70000"],
+            ["--handshake-timeout", "0"],
+            ["--max-sessions", "0"],
+            ["--key", "a b"],
+            ["--listen", "nonsense:1"],
+            ["--through-proxy"],
+            ["--session-factory", "nocolon"],
+        ):
+            self.assertRaises(usage.UsageError, parse, *args)
+
+    def test_repeatable(self):
+        options = parse("--init", "a.b", "--init", "c:d", "--listen", "tcp:0", "--listen", "tcp:1")
+        self.assertEqual(options["init"], ["a.b", "c:d"])
+        self.assertEqual(options["listen"], ["tcp:0", "tcp:1"])
+
+
+class MakeServiceTests(SynchronousTestCase):
+    """What makeService builds from the options."""
+
+    def make(self, *args, reactor=None):
+        reactor = reactor or MemoryReactorClock()
+        options = parse("--session-factory", STANDIN, "--host", "127.0.0.1", *args)
+        service = tap.makeService(options, reactor)
+        self.addCleanup(lambda: service.running and service.stopService())
+        return service, reactor
+
+    def test_workers_and_no_registration_by_default(self):
+        service, reactor = self.make(
+            "--port", "9300", "--port-end", "9301", "--init", "tests.server_init_sample"
+        )
+        self.assertIsInstance(service.runner, WorkerPool)
+        self.assertFalse(service.factory.gate.tracked)
+        self.assertIsNone(service.make_registration)
+        self.assertTrue(os.path.isdir(service.work_root))
+        argv = service.runner.argv(3)
+        self.assertEqual(argv[1:3], ["-m", "tvm_rpc.server.worker"])
+        for pair in (["--control-fd", "3"], ["--session-factory", STANDIN],
+                     ["--init", "tests.server_init_sample"], ["--work-root", service.work_root]):
+            index = argv.index(pair[0])
+            self.assertEqual(argv[index : index + 2], pair)
+        service.privilegedStartService()
+        [(port, _, _, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (9300, "127.0.0.1"))
+        self.assertEqual(list(service), [])
+        service.stopService()
+        self.assertFalse(os.path.exists(service.work_root))
+
+    def test_no_fork(self):
+        service, _ = self.make("--no-fork")
+        self.assertIsInstance(service.runner, InProcessRunner)
+
+    def test_tracker_registration_child(self):
+        service, reactor = self.make(
+            "--no-fork", "--tracker", "127.0.0.1:9190", "--key", "rasp",
+            "--port", "9300", "--port-end", "9310", "--custom-addr", "10.1.2.3",
+        )
+        reactor.busy = set()
+        service.startService()
+        [child] = list(service)
+        self.assertIsInstance(child, TrackerRegistration)
+        self.assertEqual((child.port, child.custom_addr, child.gate.key), (9300, "10.1.2.3", "rasp"))
+        self.assertTrue(service.factory.gate.tracked)
+        # The registration connects to the tracker at once.
+        self.assertEqual(reactor.tcpClients[0][:2], ("127.0.0.1", 9190))
+
+    def test_first_free_port(self):
+        reactor = BusyReactor({9300, 9301})
+        service, _ = self.make("--no-fork", "--port", "9300", "--port-end", "9303", reactor=reactor)
+        service.startService()
+        self.assertEqual(service.bound_port, 9302)
+
+    def test_no_free_port_is_fatal(self):
+        reactor = BusyReactor({9300, 9301})
+        service, _ = self.make("--no-fork", "--port", "9300", "--port-end", "9302", reactor=reactor)
+        self.assertRaises(CannotListenError, service.privilegedStartService)
+
+    def test_listen_endpoint(self):
+        service, reactor = self.make("--no-fork", "--listen", "tcp:9400:interface=127.0.0.1")
+        service.startService()
+        self.assertEqual(reactor.tcpServers[0][0], 9400)
+        self.assertEqual(service.bound_port, 9400)
+
+    def test_init_imported_at_start(self):
+        self.make("--no-fork", "--init", "tests.server_init_sample:setup")
+        import tests.server_init_sample as sample
+
+        self.assertEqual(sample.CALLS, ["setup"])
+
+    def test_bad_init_is_fatal(self):
+        self.assertRaises(ImportError, self.make, "--init", "tests.no_such_module_here")
+
+
+class PluginTests(SynchronousTestCase):
+    """``twistd --help`` lists rpc-server."""
+
+    def test_plugin_found(self):
+        names = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
+        self.assertIn("rpc-server", names)
+        self.assertIsInstance(names["rpc-server"].options(), tap.Options)
