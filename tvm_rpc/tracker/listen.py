@@ -16,6 +16,7 @@ import socket
 from twisted.application import service
 from twisted.internet import tcp
 from twisted.internet.error import CannotListenError
+from twisted.internet.posixbase import PosixReactorBase
 
 from .logs import logger
 
@@ -168,23 +169,29 @@ class GuardedListenReactor:
     A reactor proxy whose C{listenTCP}, C{listenSSL} and C{listenUNIX} build
     guarded ports; everything else goes to the real reactor. Pass it to
     L{twisted.internet.endpoints.serverFromString} so endpoint strings get
-    guarded ports too.
+    guarded ports too. Reactors that are not file-descriptor based (such as
+    L{twisted.internet.testing.MemoryReactor}) get the calls unchanged.
     """
 
     def __init__(self, reactor):
         self._reactor = reactor
+        self._guarded = isinstance(reactor, PosixReactorBase)
 
     def __getattr__(self, name):
         return getattr(self._reactor, name)
 
     def listenTCP(self, port, factory, backlog=50, interface=""):
         """Like L{IReactorTCP.listenTCP}, with a L{GuardedTCPPort}."""
+        if not self._guarded:
+            return self._reactor.listenTCP(port, factory, backlog, interface)
         p = GuardedTCPPort(port, factory, backlog, interface, self._reactor)
         p.startListening()
         return p
 
     def listenSSL(self, port, factory, contextFactory, backlog=50, interface=""):
         """Like L{IReactorSSL.listenSSL}: TLS over a L{GuardedTCPPort}."""
+        if not self._guarded:
+            return self._reactor.listenSSL(port, factory, contextFactory, backlog, interface)
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
         p = self.listenTCP(
@@ -195,6 +202,8 @@ class GuardedListenReactor:
 
     def listenUNIX(self, address, factory, backlog=50, mode=0o666, wantPID=0):
         """Like L{IReactorUNIX.listenUNIX}, with a guarded UNIX port."""
+        if not self._guarded:
+            return self._reactor.listenUNIX(address, factory, backlog, mode, wantPID)
         if unix is None:
             raise CannotListenError(address, None, "UNIX sockets are not supported")
         p = GuardedUNIXPort(address, factory, backlog, mode, self._reactor, wantPID)
@@ -229,7 +238,6 @@ class ListenerService(service.Service):
     def __init__(self, candidates, factory, name="rpc-tracker"):
         self.candidates = list(candidates)
         self.factory = factory
-        self.setName(f"{name} listener")
         self._label = name
         self.port = None
 

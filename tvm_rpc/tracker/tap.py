@@ -127,15 +127,19 @@ def makeService(options, reactor=None):
     )
     top = service.MultiService()
     if options["listen"]:
-        for description in options["listen"]:
+        for index, description in enumerate(options["listen"]):
             endpoint = endpoints.serverFromString(listen_reactor, description)
-            ListenerService([endpoint], factory).setServiceParent(top)
+            listener = ListenerService([endpoint], factory)
+            listener.setName(f"listener-{index}")
+            listener.setServiceParent(top)
     else:
         candidates = _range_endpoints(
             listen_reactor, options["host"], options["port"], options["port-end"],
             options["backlog"],
         )
-        ListenerService(candidates, factory).setServiceParent(top)
+        listener = ListenerService(candidates, factory)
+        listener.setName("listener-0")
+        listener.setServiceParent(top)
     top.state = state
     top.factory = factory
     return top

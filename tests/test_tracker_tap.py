@@ -1,0 +1,389 @@
+"""``twistd rpc-tracker``: options, the service tree, the plugin, the guarded
+listening port, and a few real daemons on loopback."""
+
+import errno
+import os
+import re
+import socket
+import struct
+import sys
+import time
+
+import pytest
+from twisted.application.service import IServiceMaker
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.daemons import Daemon, child_env, free_port, our_tracker, twistd
+from tvm_rpc.protocol.constants import RPC_TRACKER_MAGIC
+from tvm_rpc.tracker import tap
+from tvm_rpc.tracker.listen import GuardedTCPPort, ListenerService
+
+MAGIC = struct.pack("<i", RPC_TRACKER_MAGIC)
+
+
+def parse(*args):
+    options = tap.Options()
+    options.parseOptions(list(args))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    """Parsing and validation of the command line."""
+
+    def test_defaults(self):
+        options = parse()
+        self.assertEqual(
+            (options["host"], options["port"], options["port-end"], options["listen"]),
+            ("0.0.0.0", 9190, 9199, []),
+        )
+        self.assertEqual(
+            (options["keepalive-idle"], options["keepalive-interval"], options["keepalive-count"]),
+            (30, 10, 3),
+        )
+        self.assertFalse(options["silent"])
+        self.assertEqual(options["backlog"], 1024)
+
+    def test_random_stop_key(self):
+        first, second = parse()["stop-key"], parse()["stop-key"]
+        self.assertNotEqual(first, second)
+        self.assertGreater(len(first), 16)
+
+    def test_given_values(self):
+        options = parse("--host", "127.0.0.1", "--port", "5000", "--port-end", "5002",
+                        "--stop-key", "k", "--silent", "--keepalive-idle", "5")
+        self.assertEqual(
+            (options["host"], options["port"], options["port-end"], options["stop-key"],
+             options["silent"], options["keepalive-idle"]),
+            ("127.0.0.1", 5000, 5002, "k", True, 5),
+        )
+
+    def test_listen_repeatable_with_backlog(self):
+        options = parse("--listen", "tcp:0:interface=127.0.0.1",
+                        "--listen", "tcp6:0:interface=\\:\\:1:backlog=7")
+        self.assertEqual(
+            options["listen"],
+            ["tcp:0:interface=127.0.0.1:backlog=1024", "tcp6:0:interface=\\:\\:1:backlog=7"],
+        )
+
+    def test_rejected(self):
+        for args in (
+            ["--port", "9000", "--port-end", "9000"],
+            ["--port", "9000", "--port-end", "8000"],
+            ["--port", "70000"],
+            ["--port", "x"],
+            ["--keepalive-count", "0"],
+            ["--keepalive-idle", "-3"],
+            ["--listen", "bogus:1234"],
+            ["--listen", "tcp:notaport"],
+        ):
+            self.assertRaises(usage.UsageError, parse, *args)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    """The service tree and its listeners, on a memory reactor."""
+
+    def test_port_range(self):
+        reactor = MemoryReactorClock()
+        top = tap.makeService(parse("--host", "127.0.0.1", "--port", "7000", "--port-end", "7003"),
+                              reactor=reactor)
+        (child,) = list(top)
+        self.assertIsInstance(child, ListenerService)
+        self.assertEqual(len(child.candidates), 3)
+        with capturedLogs() as events:
+            top.privilegedStartService()
+            top.startService()
+        (server,) = reactor.tcpServers
+        self.assertEqual((server[0], server[2], server[3]), (7000, 1024, "127.0.0.1"))
+        # MemoryReactor's fake ports report 0.0.0.0 whatever the interface.
+        self.assertTrue(
+            any(re.fullmatch(r"rpc-tracker listening on [\d.]+:7000", formatEvent(e))
+                for e in events)
+        )
+        self.successResultOf(defer.maybeDeferred(top.stopService))
+
+    def test_listen_endpoints(self):
+        reactor = MemoryReactorClock()
+        top = tap.makeService(
+            parse("--listen", "tcp:7001:interface=127.0.0.1", "--listen", "tcp6:7002"),
+            reactor=reactor,
+        )
+        self.assertEqual(len(list(top)), 2)
+        top.privilegedStartService()
+        top.startService()
+        self.assertEqual(
+            sorted((s[0], s[2], s[3]) for s in reactor.tcpServers),
+            [(7001, 1024, "127.0.0.1"), (7002, 1024, "::")],
+        )
+
+    def test_ipv6_host(self):
+        reactor = MemoryReactorClock()
+        top = tap.makeService(parse("--host", "::1", "--port", "7000", "--port-end", "7001"),
+                              reactor=reactor)
+        top.privilegedStartService()
+        self.assertEqual(reactor.tcpServers[0][3], "::1")
+
+    def test_plugin_found(self):
+        names = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
+        self.assertIn("rpc-tracker", names)
+        self.assertIs(names["rpc-tracker"].options, tap.Options)
+
+
+class FakeEndpoint:
+    """An endpoint that fails with a given errno, or listens on a fake port."""
+
+    def __init__(self, code=None, port=1):
+        self.code = code
+        self.port = port
+
+    def listen(self, factory):
+        if self.code is not None:
+            return defer.fail(CannotListenError("127.0.0.1", self.port, OSError(self.code, "x")))
+        reactor = MemoryReactorClock()
+        return defer.succeed(reactor.listenTCP(self.port, factory, 50, "127.0.0.1"))
+
+
+class ListenerServiceTests(SynchronousTestCase):
+    """First free port of a range; every other failure is fatal."""
+
+    def test_skips_ports_in_use(self):
+        service = ListenerService(
+            [FakeEndpoint(errno.EADDRINUSE, 1), FakeEndpoint(None, 2)], Factory()
+        )
+        service.privilegedStartService()
+        self.assertEqual(service.port.getHost().port, 2)
+
+    def test_none_free_is_fatal(self):
+        service = ListenerService([FakeEndpoint(errno.EADDRINUSE, p) for p in (1, 2)], Factory())
+        self.assertRaises(CannotListenError, service.privilegedStartService)
+
+    def test_other_errors_are_fatal(self):
+        service = ListenerService(
+            [FakeEndpoint(errno.EACCES, 1), FakeEndpoint(None, 2)], Factory()
+        )
+        self.assertRaises(CannotListenError, service.privilegedStartService)
+
+
+class FakeListeningSocket:
+    """A listening socket whose accept() replays scripted outcomes."""
+
+    def __init__(self, outcomes):
+        self.outcomes = list(outcomes)
+        self.accepted = []
+
+    def accept(self):
+        outcome = self.outcomes.pop(0) if self.outcomes else errno.EAGAIN
+        if isinstance(outcome, int):
+            raise OSError(outcome, os.strerror(outcome))
+        self.accepted.append(outcome)
+        return outcome, ("127.0.0.1", 5555)
+
+    def fileno(self):
+        return -1
+
+    def getsockname(self):
+        return ("127.0.0.1", 9190)
+
+
+class FakeClientSocket:
+    """An accepted socket that only records being closed."""
+
+    closed = False
+
+    def close(self):
+        self.closed = True
+
+
+class GuardedPortTests(SynchronousTestCase):
+    """Running out of descriptors pauses the port instead of spinning."""
+
+    def make_port(self, outcomes):
+        reactor = MemoryReactorClock()
+        built = []
+
+        class Recorder(Factory):
+            def buildProtocol(self, addr):
+                built.append(addr)
+                return None
+
+        port = GuardedTCPPort(0, Recorder(), 50, "127.0.0.1", reactor)
+        port.socket = FakeListeningSocket(outcomes)
+        port.connected = True
+        port.startReading()
+        return port, reactor, built
+
+    def test_emfile_pauses_and_resumes(self):
+        port, reactor, built = self.make_port([errno.EMFILE])
+        with capturedLogs() as events:
+            port.doRead()
+            self.assertNotIn(port, reactor.readers)
+            self.assertEqual(len(reactor.getDelayedCalls()), 1)
+            port.doRead()
+            reactor.advance(port.backoff)
+        self.assertIn(port, reactor.readers)
+        warnings = [formatEvent(e) for e in events if "out of file descriptors" in formatEvent(e)]
+        self.assertEqual(len(warnings), 1)
+
+    def test_backlog_shed_with_reserve(self):
+        waiting = [FakeClientSocket(), FakeClientSocket()]
+        port, reactor, built = self.make_port([errno.EMFILE] + waiting)
+        port._take_reserve()
+        try:
+            port.doRead()
+            self.assertTrue(all(s.closed for s in waiting))
+            self.assertEqual(port._refused, 2)
+            self.assertIsNotNone(port._reserve)
+        finally:
+            port._release_reserve()
+
+    def test_recovery_logged_once(self):
+        client = FakeClientSocket()
+        port, reactor, built = self.make_port([errno.ENFILE])
+        with capturedLogs() as events:
+            port.doRead()
+            reactor.advance(port.backoff)
+            port.socket.outcomes = [client]
+            port.doRead()
+        self.assertEqual(len(built), 1)
+        self.assertTrue(client.closed)
+        text = [formatEvent(e) for e in events]
+        self.assertEqual(sum("again" in t for t in text), 1)
+
+    def test_transient_errors_skipped(self):
+        port, reactor, built = self.make_port([errno.ECONNABORTED, FakeClientSocket()])
+        port.doRead()
+        self.assertEqual(len(built), 1)
+        self.assertIn(port, reactor.readers)
+
+
+def tracker_call(port, *messages, timeout=5):
+    """Greet a tracker and send C{messages}; return the decoded replies."""
+    import json
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(MAGIC)
+        assert _recv(sock, 4) == MAGIC
+        replies = []
+        for message in messages:
+            body = json.dumps(message).encode()
+            sock.sendall(struct.pack("<i", len(body)) + body)
+            (length,) = struct.unpack("<i", _recv(sock, 4))
+            replies.append(json.loads(_recv(sock, length)))
+        return replies
+
+
+def _recv(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def test_twistd_smoke():
+    """A real ``twistd -n rpc-tracker``: serves, and stops on the right STOP key."""
+    with our_tracker("--stop-key", "secret") as (daemon, port):
+        assert tracker_call(port, [1], [3, "k", [9000, "k:1"], None], [6]) == [
+            0, 0, [0, {"queue_info": {"k": {"free": 1, "pending": 0}},
+                       "server_info": [], "leases": []}],
+        ]
+        assert tracker_call(port, [2, "wrong"]) == [-1]
+        assert tracker_call(port, [2, "secret"]) == [0]
+        assert daemon.proc.wait(15) == 0
+        assert "stop key" not in daemon.output or "wrong stop key" in daemon.output
+        assert "secret" not in daemon.output
+
+
+def test_twistd_port_range_and_fatal_bind():
+    """The first free port of the range is bound; none free exits non-zero."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        args = twistd("rpc-tracker", "--host", "127.0.0.1", "--port", str(port),
+                      "--port-end", str(port + 2))
+        daemon = Daemon(args)
+        try:
+            match = daemon.wait_for(r"rpc-tracker listening on 127\.0\.0\.1:(\d+)")
+            assert int(match.group(1)) == port + 1
+        finally:
+            daemon.stop()
+        daemon = Daemon(twistd("rpc-tracker", "--host", "127.0.0.1", "--port", str(port),
+                               "--port-end", str(port + 1)))
+        try:
+            assert daemon.proc.wait(30) != 0
+            assert "rpc-tracker listening" not in daemon.output
+        finally:
+            daemon.stop()
+
+
+def _cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and RLIMIT_NOFILE")
+def test_out_of_file_descriptors_recovers():
+    """A daemon at its descriptor limit refuses connections without spinning and
+    serves again once connections close."""
+    port = free_port()
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)); "
+            "from twisted.scripts.twistd import run; run()")
+    args = [sys.executable, "-c", code, "-n", "--logfile=-", "--pidfile=", "rpc-tracker",
+            "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)]
+    daemon = Daemon(args, env=child_env())
+    held = []
+    try:
+        daemon.wait_for(r"rpc-tracker listening on")
+        refused = 0
+        for _ in range(100):
+            if refused >= 3:
+                break
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.settimeout(2)
+            sock.sendall(MAGIC)
+            try:
+                if _recv(sock, 4) == MAGIC:
+                    held.append(sock)
+                    continue
+            except (OSError, ConnectionError):
+                pass
+            refused += 1
+            sock.close()
+        assert held and refused, (len(held), refused)
+        daemon.wait_for(r"out of file descriptors")
+        before = _cpu_seconds(daemon.proc.pid)
+        start = time.monotonic()
+        while time.monotonic() - start < 2:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(MAGIC)
+                time.sleep(0.05)
+        busy = _cpu_seconds(daemon.proc.pid) - before
+        assert busy < 1.0, f"tracker used {busy:.2f} s of CPU in 2 s at its fd limit"
+        for sock in held:
+            sock.close()
+        held.clear()
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                assert tracker_call(port, [1], timeout=2) == [0]
+                break
+            except (OSError, ConnectionError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        daemon.wait_for(r"accepting connections on .* again")
+        assert daemon.output.count("out of file descriptors on") == 1
+    finally:
+        for sock in held:
+            sock.close()
+        daemon.stop()
