@@ -1,0 +1,333 @@
+"""The AMP responder protocol that serves one session.
+
+:class:`SessionProtocol` answers the session commands of
+:mod:`tvm_rpc.protocol.commands` from a
+:class:`~tvm_rpc.server.environment.SessionEnvironment`.
+
+For the server's plumbing (listener, handshake, worker process):
+
+- :func:`make_session_protocol` ``(work_root, registry=None, *, clock=None)``
+  returns a fresh protocol for one session. Its work directory is created
+  under ``work_root`` on ``connectionMade`` and removed, with every handle
+  and stream, on ``connectionLost``.
+- The protocol can start in the middle of a byte stream: after the handshake,
+  call ``makeConnection(transport)`` and then ``dataReceived(rest)`` with the
+  bytes that arrived after the handshake; nothing is lost.
+- :func:`prepare` imports the array backend (TVM's runtime takes ~1-2 s to
+  import): call it in a warm worker before the session arrives.
+- :func:`timeout_notice` ``(seconds)`` gives the bytes to send to a client
+  whose session was ended for outliving its ``-timeout=N``.
+- A peer that is not speaking AMP (a real TVM RPC client sends a TVM packet
+  whose first byte is not 0, while every AMP box starts with a 0 byte) is
+  logged as a protocol mismatch and disconnected at once.
+
+Responders run user functions synchronously (the worker process is per
+session, so blocking is acceptable) but always return Deferreds, so the
+design can move calls to threads. Any exception becomes a
+:class:`~tvm_rpc.protocol.commands.RemoteError` and the session stays usable.
+"""
+
+import os
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from .. import __version__
+from ..protocol import commands, values
+from ..protocol.commands import remote_errors
+from .environment import PythonModule, SessionEnvironment, select_backend
+
+log = Logger()
+
+
+def prepare(backend="auto"):
+    """
+    Import the array backend ahead of the session.
+
+    @param backend: C{"auto"}, C{"tvm"}, C{"numpy"} or C{"python"}.
+    @return: the backend's name.
+    """
+    return select_backend(backend).name
+
+
+def timeout_notice(seconds):
+    """
+    @param seconds: the session timeout that ran out.
+    @return: the bytes of a L{SessionEnded<tvm_rpc.protocol.commands.SessionEnded>}
+        box telling the client its session timed out.
+    """
+    return commands.session_ended_box(
+        "timeout", f"the session timed out after {seconds:g} s and was ended by the server"
+    )
+
+
+class SessionProtocol(amp.AMP):
+    """
+    Serve one session over AMP.
+
+    @ivar environment: the L{SessionEnvironment}, from C{connectionMade} on.
+    """
+
+    def __init__(self, work_root=None, registry=None, *, clock=None, backend="auto",
+                 environment=None):
+        """
+        @param work_root: where the session's work directory is created (the
+            system's temporary directory when L{None}).
+        @param registry: the global functions (the process-wide registry when
+            L{None}).
+        @param clock: an L{IReactorTime} (the global reactor when L{None}).
+        @param backend: the array backend preference.
+        @param environment: a ready L{SessionEnvironment} (tests); one is
+            created on C{connectionMade} otherwise.
+        """
+        super().__init__()
+        self._work_root = work_root
+        self._registry = registry
+        self._clock = clock
+        self._backend = backend
+        self.environment = environment
+        self._first_bytes = True
+        self.peer = "?"
+
+    def _reactor(self):
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor
+        return self._clock
+
+    def connectionMade(self):
+        """Create the session's environment and work directory."""
+        if self.environment is None:
+            self.environment = SessionEnvironment.create(
+                self._work_root, self._registry, backend_name=self._backend
+            )
+        try:
+            self.peer = str(self.transport.getPeer())
+        except Exception:
+            self.peer = "?"
+        log.info("session from {peer} in {work_dir}", peer=self.peer,
+                 work_dir=self.environment.work_dir.root)
+        super().connectionMade()
+
+    def dataReceived(self, data):
+        """Refuse a peer that does not speak AMP, then parse boxes."""
+        if self._first_bytes and data:
+            self._first_bytes = False
+            if data[0] != 0:
+                log.warn(
+                    "protocol mismatch: {peer} does not speak the tvm_rpc session protocol "
+                    "(first bytes {head!r}; a TVM RPC client?); closing",
+                    peer=self.peer, head=bytes(data[:16]),
+                )
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+    def connectionLost(self, reason):
+        """Drop every handle and stream and remove the work directory."""
+        if self.environment is not None:
+            handles = len(self.environment)
+            self.environment.close()
+            log.info("session from {peer} ended ({handles} handles dropped)",
+                     peer=self.peer, handles=handles)
+        super().connectionLost(reason)
+
+    # -- helpers ---------------------------------------------------------
+
+    def _callee(self, function, name):
+        if (function is None) == (name is None):
+            raise ValueError("name the function by exactly one of 'function' or 'name'")
+        if function is not None:
+            return self.environment.get(function, "function")
+        return self.environment.lookup(name)
+
+    def _arguments(self, args, args_stream):
+        if args is not None and args_stream is not None:
+            raise ValueError("give the arguments inline or by stream, not both")
+        if args_stream is not None:
+            args = self.environment.streams.take_finished(args_stream)
+        if args is None:
+            return []
+        decoded = values.decode(args)
+        if not isinstance(decoded, (list, tuple)):
+            raise TypeError(f"call arguments must be a list, not {type(decoded).__name__}")
+        return decoded
+
+    def _result(self, value):
+        encoded = values.encode(value)
+        if len(encoded) <= commands.MAX_INLINE_VALUE:
+            return {"result": encoded}
+        return {"result_stream": self.environment.open_result(encoded),
+                "result_size": len(encoded)}
+
+    # -- responders ------------------------------------------------------
+
+    @commands.Hello.responder
+    @remote_errors
+    def hello(self, protocol, version, implementation=None):
+        """Identify ourselves (the client checks protocol and version)."""
+        if protocol != commands.SESSION_PROTOCOL or version != commands.SESSION_VERSION:
+            log.warn("{peer} says hello with {protocol!r} version {version}",
+                     peer=self.peer, protocol=protocol, version=version)
+        return {
+            "protocol": commands.SESSION_PROTOCOL,
+            "version": commands.SESSION_VERSION,
+            "implementation": f"tvm_rpc {__version__} (pid {os.getpid()})",
+            "chunk_size": commands.CHUNK_SIZE,
+            "window": commands.WINDOW,
+            "max_inline_value": commands.MAX_INLINE_VALUE,
+        }
+
+    @commands.GetFunction.responder
+    @remote_errors
+    def get_function(self, name):
+        """Give a handle to a global function."""
+        return {"function": self.environment.add(self.environment.lookup(name))}
+
+    @commands.CallFunction.responder
+    @remote_errors
+    def call_function(self, function=None, name=None, args=None, args_stream=None):
+        """Call a function with decoded arguments; answer the encoded result."""
+        callee = self._callee(function, name)
+        arguments = self._arguments(args, args_stream)
+        return self._result(self.environment.call(callee, arguments))
+
+    @commands.Free.responder
+    @remote_errors
+    def free(self, handles):
+        """Drop handles."""
+        self.environment.free(handles)
+        return {}
+
+    @commands.LoadModule.responder
+    @remote_errors
+    def load_module(self, path):
+        """Load a module from the work directory."""
+        module = self.environment.load_module(path)
+        kind = "python" if isinstance(module, PythonModule) else "tvm"
+        return {"module": self.environment.add(module), "kind": kind}
+
+    @commands.ModuleGetFunction.responder
+    @remote_errors
+    def module_get_function(self, module, name, query_imports=False):
+        """Give a handle to a module's function."""
+        loaded = self.environment.get(module, "module")
+        function = self.environment.module_function(loaded, name, bool(query_imports))
+        return {"function": self.environment.add(function)}
+
+    @commands.DeviceExists.responder
+    @remote_errors
+    def device_exists(self, device_type, device_id):
+        """Whether a device exists here."""
+        device = values.Device(device_type, device_id)
+        return {"exists": self.environment.device_exists(device), "name": device.name}
+
+    @commands.DeviceSync.responder
+    @remote_errors
+    def device_sync(self, device_type, device_id):
+        """Wait for a device."""
+        self.environment.device_sync(values.Device(device_type, device_id))
+        return {}
+
+    @commands.Empty.responder
+    @remote_errors
+    def empty(self, shape, dtype, device_type, device_id):
+        """Allocate an array."""
+        handle, nbytes = self.environment.empty(shape, dtype, values.Device(device_type, device_id))
+        return {"array": handle, "nbytes": nbytes}
+
+    @commands.OpenArrayWrite.responder
+    @remote_errors
+    def open_array_write(self, array):
+        """Open a stream filling an array."""
+        stream, size = self.environment.open_array_write(array)
+        return {"stream": stream, "size": size}
+
+    @commands.OpenArrayRead.responder
+    @remote_errors
+    def open_array_read(self, array):
+        """Open a stream reading an array."""
+        stream, ref = self.environment.open_array_read(array)
+        return {"stream": stream, "size": ref.nbytes, "shape": list(ref.shape), "dtype": ref.dtype}
+
+    @commands.OpenUpload.responder
+    @remote_errors
+    def open_upload(self, path, size=None):
+        """Open a stream writing a file."""
+        return {"stream": self.environment.open_upload(path, size)}
+
+    @commands.OpenDownload.responder
+    @remote_errors
+    def open_download(self, path):
+        """Open a stream reading a file."""
+        stream, size = self.environment.open_download(path)
+        return {"stream": stream, "size": size}
+
+    @commands.OpenValue.responder
+    @remote_errors
+    def open_value(self, size):
+        """Open a stream collecting a long encoded value."""
+        return {"stream": self.environment.open_value(size)}
+
+    @commands.StreamWrite.responder
+    @remote_errors
+    def stream_write(self, stream, data):
+        """Consume a chunk; answer once it is consumed."""
+        result = self.environment.streams.write(stream, data)
+        if isinstance(result, Deferred):
+            return result.addCallback(lambda _: {})
+        return {}
+
+    @commands.StreamFinish.responder
+    @remote_errors
+    def stream_finish(self, stream):
+        """End a write stream."""
+        return {"size": self.environment.streams.finish(stream)}
+
+    @commands.StreamRead.responder
+    @remote_errors
+    def stream_read(self, stream, offset, length):
+        """Serve a chunk of a read stream."""
+        return {"data": self.environment.streams.read(stream, offset, length)}
+
+    @commands.StreamClose.responder
+    @remote_errors
+    def stream_close(self, stream):
+        """Cancel or release a stream."""
+        self.environment.streams.close(stream)
+        return {}
+
+    @commands.TimeEvaluator.responder
+    @remote_errors
+    def time_evaluator(self, device_type, device_id, number, repeat, min_repeat_ms,
+                       function=None, name=None, args=None, args_stream=None):
+        """Time a function on the device."""
+        callee = self._callee(function, name)
+        arguments = self._arguments(args, args_stream)
+        results = self.environment.time_evaluator(
+            callee, values.Device(device_type, device_id), number, repeat, min_repeat_ms,
+            arguments,
+        )
+        return {"results": results}
+
+    @commands.Goodbye.responder
+    @remote_errors
+    def goodbye(self):
+        """Answer, then end the session."""
+        self._reactor().callLater(0, self.transport.loseConnection)
+        return {}
+
+
+def make_session_protocol(work_root=None, registry=None, *, clock=None, backend="auto"):
+    """
+    Make the protocol for one session; see the module docstring.
+
+    @param work_root: where session work directories are created.
+    @param registry: the global functions (the process-wide registry when L{None}).
+    @param clock: an L{IReactorTime} (the global reactor when L{None}).
+    @param backend: the array backend preference (see L{prepare}).
+    @return: a L{SessionProtocol} (an L{IProtocol}).
+    """
+    return SessionProtocol(work_root, registry, clock=clock, backend=backend)
