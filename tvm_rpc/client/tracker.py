@@ -107,6 +107,8 @@ class TrackerClientProtocol(Protocol):
             try:
                 set_no_delay(True)
             except Exception:
+                # Not every stream is TCP (unix sockets, wrapped transports):
+                # without the option the connection still works.
                 pass
         self.transport.write(encode_magic())
 
