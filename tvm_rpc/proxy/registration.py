@@ -1,0 +1,294 @@
+"""Tracker mode: advertise the servers waiting behind the proxy.
+
+TVM's tracker protocol has no command that withdraws one PUT: a tracker drops
+a connection's free servers only when that connection closes. So that a
+server leaving the proxy leaves the tracker at once, every waiting server
+gets a tracker connection of its own (an L{_OfferLink}) that says
+``UPDATE_INFO {"key": "proxy-entry:<key>", ...}`` (an info key not starting
+with ``server``, so trackers do not list it as a server), PUTs the server's
+matchkey, polls GET_PENDING_MATCHKEYS and renews a matchkey that was handed
+out but never used. Closing that connection takes the entry out of the
+tracker, on TVM's tracker and ours alike.
+
+One more connection reports the proxy itself as TVM's proxy does:
+``UPDATE_INFO {"key": "server:proxy[key1,key2,...]", "addr": [null, port]}``
+listing the keys currently waiting, so ``query_rpc_tracker`` shows the
+servers behind the proxy.
+
+Every link is a L{ClientService} with backoff: after a tracker restart each
+one reconnects and registers again (with a fresh matchkey, since the old one
+may have been handed out before the restart).
+"""
+
+import attrs
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..client.tracker import TrackerClientFactory
+from ..protocol.commands import GetPendingMatchkeys, Put, UpdateInfo
+from ..protocol.keys import SERVER_PREFIX
+from .pairing import IOfferObserver
+
+#: Seconds between GET_PENDING_MATCHKEYS polls (TVM's proxy: 2).
+POLL_PERIOD = 2.0
+#: Seconds a handed-out matchkey may stay unused before it is renewed (TVM's proxy: 5).
+UNMATCHED_TIMEOUT = 5.0
+#: The info key prefix of the per-server links.
+ENTRY_PREFIX = "proxy-entry:"
+
+
+def proxy_info_key(keys):
+    """@return: the UPDATE_INFO key by which the proxy reports C{keys}, as TVM's."""
+    return f"{SERVER_PREFIX}proxy[{','.join(keys)}]"
+
+
+def _prepared(protocol, coroutine):
+    """
+    Run a registration coroutine for C{ClientService}'s C{prepareConnection}.
+
+    C{ClientService} neither closes a connection whose preparation failed nor
+    one whose preparation it cancelled (when stopped), so this does.
+
+    @return: a Deferred of the coroutine's result.
+    """
+
+    def failed(failure):
+        transport = getattr(protocol, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+        return failure
+
+    return defer.Deferred.fromCoroutine(coroutine).addErrback(failed)
+
+
+def _retry_policy(max_delay):
+    return backoffPolicy(initialDelay=0.5, maxDelay=max_delay, factor=1.5)
+
+
+@implementer(IOfferObserver)
+@attrs.define(eq=False)
+class ProxyRegistration(Service):
+    """
+    Keeps the servers behind the proxy registered with one tracker.
+
+    Install it as the pool's observer (C{pool.observer = registration}).
+
+    @ivar endpoint: an L{IStreamClientEndpoint} reaching the tracker.
+    @ivar pool: the L{PairingPool} in tracker mode.
+    @ivar clock: an L{IReactorTime} for polls and backoff.
+    @ivar get_port: returns the proxy's listening port (known once bound).
+    @ivar tracker: a printable name of the tracker for log lines.
+    """
+
+    log = Logger()
+
+    endpoint: object
+    pool: object
+    clock: object
+    get_port: object
+    tracker: str = "tracker"
+    poll_period: float = POLL_PERIOD
+    unmatched_timeout: float = UNMATCHED_TIMEOUT
+    max_delay: float = 5.0
+    _links: dict = attrs.field(init=False, factory=dict)
+    _summary: object = attrs.field(init=False, default=None)
+    _summary_protocol: object = attrs.field(init=False, default=None)
+    _reported: object = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self):
+        Service.__init__(self)
+
+    def startService(self):
+        """Connect the proxy's own link and one link per waiting server."""
+        Service.startService(self)
+        self._summary = ClientService(
+            self.endpoint, TrackerClientFactory(), retryPolicy=_retry_policy(self.max_delay),
+            clock=self.clock, prepareConnection=self._announce,
+        )
+        self._summary.startService()
+        for offer in self.pool.offers():
+            self.offered(offer)
+
+    def stopService(self):
+        """Close every tracker connection (which withdraws every PUT)."""
+        Service.stopService(self)
+        stopping = [link.stop() for link in self._links.values()]
+        self._links.clear()
+        if self._summary is not None:
+            stopping.append(self._summary.stopService())
+            self._summary = None
+        self._summary_protocol = None
+        return defer.DeferredList(stopping)
+
+    def links(self):
+        """@return: the number of per-server links (for tests and status)."""
+        return len(self._links)
+
+    # IOfferObserver
+
+    def offered(self, offer):
+        """A server waits: open its link and report the proxy's keys."""
+        if not self.running or offer in self._links:
+            return
+        link = self._links[offer] = _OfferLink(self, offer)
+        link.start()
+        self._report()
+
+    def renewed(self, offer, old_matchkey):
+        """PUT the fresh matchkey on the server's link."""
+        link = self._links.get(offer)
+        if link is not None:
+            link.put_current()
+
+    def withdrawn(self, offer):
+        """The server paired or left: close its link and report the keys."""
+        link = self._links.pop(offer, None)
+        if link is not None:
+            link.stop()
+        self._report()
+
+    # the proxy's own link
+
+    def _announce(self, protocol):
+        return _prepared(protocol, self._announce_on(protocol))
+
+    async def _announce_on(self, protocol):
+        await protocol.ready
+        keys = self.pool.keys()
+        await protocol.call(UpdateInfo(
+            {"key": proxy_info_key(keys), "addr": [None, self.get_port()]}))
+        self._reported = keys
+        self._summary_protocol = protocol
+        protocol.when_closed().addBoth(self._summary_lost, protocol)
+        self.log.info("reported {info} to {tracker}", info=proxy_info_key(keys),
+                      tracker=self.tracker)
+        self._report()
+
+    def _summary_lost(self, _, protocol):
+        if self._summary_protocol is protocol:
+            self._summary_protocol = None
+            if self.running:
+                self.log.warn("lost {tracker}; reconnecting", tracker=self.tracker)
+
+    def _report(self):
+        protocol = self._summary_protocol
+        keys = self.pool.keys()
+        if protocol is None or keys == self._reported:
+            return
+        self._reported = keys
+        call = protocol.call(UpdateInfo(
+            {"key": proxy_info_key(keys), "addr": [None, self.get_port()]}))
+        call.addErrback(_abort_on_failure, protocol, "UPDATE_INFO", self.tracker)
+
+
+def _abort_on_failure(failure, protocol, what, tracker):
+    ProxyRegistration.log.failure("{what} to {tracker} failed; reconnecting", failure,
+                                  what=what, tracker=tracker)
+    if protocol.transport is not None:
+        protocol.transport.abortConnection()
+
+
+@attrs.define(eq=False)
+class _OfferLink:
+    """One waiting server's own tracker connection."""
+
+    owner: ProxyRegistration
+    offer: object
+    _service: object = attrs.field(init=False, default=None)
+    _protocol: object = attrs.field(init=False, default=None)
+    _poll: object = attrs.field(init=False, default=None)
+    _unmatched: float = attrs.field(init=False, default=0.0)
+    _connections: int = attrs.field(init=False, default=0)
+
+    def start(self):
+        """Start connecting to the tracker."""
+        owner = self.owner
+        self._service = ClientService(
+            owner.endpoint, TrackerClientFactory(), retryPolicy=_retry_policy(owner.max_delay),
+            clock=owner.clock, prepareConnection=self._register,
+        )
+        self._service.startService()
+
+    def stop(self):
+        """Close the link; the tracker forgets the server's matchkey."""
+        self._stop_polling()
+        self._protocol = None
+        service, self._service = self._service, None
+        if service is None:
+            return defer.succeed(None)
+        return service.stopService()
+
+    def _register(self, protocol):
+        return _prepared(protocol, self._register_on(protocol))
+
+    async def _register_on(self, protocol):
+        await protocol.ready
+        owner, offer = self.owner, self.offer
+        self._connections += 1
+        if self._connections > 1:
+            # The old matchkey may have been handed out before the tracker went away.
+            owner.pool.renew(offer)
+        await protocol.call(UpdateInfo(
+            {"key": ENTRY_PREFIX + offer.key, "addr": [None, owner.get_port()]}))
+        matchkey = offer.matchkey
+        await protocol.call(Put(offer.key, owner.get_port(), matchkey, None))
+        if self._service is None:
+            protocol.transport.loseConnection()
+            return
+        self._protocol = protocol
+        self._unmatched = 0.0
+        owner.log.info("registered {key} behind the proxy with {tracker} as {matchkey}",
+                       key=offer.key, tracker=owner.tracker, matchkey=matchkey)
+        protocol.when_closed().addBoth(self._lost, protocol)
+        self._schedule_poll()
+
+    def put_current(self):
+        """PUT the offer's current matchkey (after a renewal)."""
+        protocol = self._protocol
+        if protocol is None:
+            return
+        self._unmatched = 0.0
+        put = protocol.call(Put(self.offer.key, self.owner.get_port(), self.offer.matchkey, None))
+        put.addErrback(_abort_on_failure, protocol, "PUT", self.owner.tracker)
+
+    def _lost(self, _, protocol):
+        if self._protocol is protocol:
+            self._protocol = None
+            self._stop_polling()
+
+    def _schedule_poll(self):
+        self._stop_polling()
+        self._poll = self.owner.clock.callLater(self.owner.poll_period, self._poll_now)
+
+    def _stop_polling(self):
+        if self._poll is not None and self._poll.active():
+            self._poll.cancel()
+        self._poll = None
+
+    def _poll_now(self):
+        self._poll = None
+        protocol = self._protocol
+        if protocol is None:
+            return
+        asked = self.offer.matchkey
+        polled = protocol.call(GetPendingMatchkeys())
+        polled.addCallback(self._polled, asked, protocol)
+        polled.addErrback(_abort_on_failure, protocol, "GET_PENDING_MATCHKEYS",
+                          self.owner.tracker)
+
+    def _polled(self, pending, asked, protocol):
+        if protocol is not self._protocol:
+            return
+        self._schedule_poll()
+        if asked != self.offer.matchkey or asked in pending:
+            self._unmatched = 0.0
+            return
+        self._unmatched += self.owner.poll_period
+        if self._unmatched > self.owner.unmatched_timeout:
+            self.owner.log.info(
+                "matchkey {matchkey} of {key} was handed out but never used; renewing",
+                matchkey=asked, key=self.offer.key)
+            self.owner.pool.renew(self.offer)

@@ -1,0 +1,158 @@
+"""The websocket endpoint ``/ws``: the same proxy over websocket binary messages.
+
+TVM's web runtime (a server running in a browser) reaches the proxy over a
+websocket; each binary message carries bytes of the same stream a TCP peer
+would send (handshake, then session). L{ProxyWebSocketProtocol} feeds those
+bytes to an ordinary L{ProxyConnection} through L{WebSocketTransport}, a shim
+that turns writes into binary messages and passes producer registration and
+pausing to the underlying TCP transport, so backpressure works as on the TCP
+path.
+
+Websockets have no half-close: an end of file from the TCP partner closes the
+websocket once everything before it was sent. A message is held whole by
+autobahn before it is relayed; messages are limited to
+L{MAX_MESSAGE_SIZE} bytes.
+"""
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.python.failure import Failure
+from twisted.internet.error import ConnectionDone
+from twisted.logger import Logger
+
+from .protocol import DEFAULT_HANDSHAKE_TIMEOUT, ProxyConnection
+
+#: The largest websocket message accepted (autobahn buffers a message whole).
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+#: The websocket path, as TVM's proxy serves it.
+WS_PATH = "/ws"
+
+
+class WebSocketTransport:
+    """
+    What a L{ProxyConnection} needs from its transport, over a websocket.
+
+    @ivar protocol: the L{ProxyWebSocketProtocol}.
+    """
+
+    def __init__(self, protocol):
+        """@param protocol: the websocket protocol carrying the bytes."""
+        self.protocol = protocol
+
+    @property
+    def _tcp(self):
+        return self.protocol.transport
+
+    @property
+    def producer(self):
+        """The streaming producer registered on the underlying transport."""
+        return getattr(self._tcp, "producer", None)
+
+    def write(self, data):
+        """Send C{data} as one binary message."""
+        if data and self.protocol.state == self.protocol.STATE_OPEN:
+            self.protocol.sendMessage(bytes(data), isBinary=True)
+
+    def writeSequence(self, chunks):
+        """Send the chunks as one binary message."""
+        self.write(b"".join(chunks))
+
+    def loseConnection(self):
+        """Close the websocket after what was sent."""
+        if self.protocol.state == self.protocol.STATE_OPEN:
+            self.protocol.sendClose(code=1000)
+        elif self._tcp is not None:
+            self._tcp.loseConnection()
+
+    loseWriteConnection = loseConnection
+
+    def abortConnection(self):
+        """Drop the underlying connection."""
+        if self._tcp is not None:
+            self._tcp.abortConnection()
+
+    def getPeer(self):
+        """@return: the underlying transport's peer address."""
+        return self._tcp.getPeer()
+
+    def getHost(self):
+        """@return: the underlying transport's local address."""
+        return self._tcp.getHost()
+
+    def registerProducer(self, producer, streaming):
+        """Let the underlying transport pause C{producer} when its buffer is full."""
+        self._tcp.registerProducer(producer, streaming)
+
+    def unregisterProducer(self):
+        """Unregister the underlying transport's producer."""
+        self._tcp.unregisterProducer()
+
+    def pauseProducing(self):
+        """Stop reading websocket frames."""
+        self._tcp.pauseProducing()
+
+    def resumeProducing(self):
+        """Read websocket frames again."""
+        self._tcp.resumeProducing()
+
+    def stopProducing(self):
+        """Close the connection."""
+        self._tcp.stopProducing()
+
+
+class ProxyWebSocketProtocol(WebSocketServerProtocol):
+    """A websocket peer of the proxy: binary messages in, binary messages out."""
+
+    log = Logger()
+
+    def __init__(self):
+        super().__init__()
+        self.connection = None
+
+    def onConnect(self, request):
+        """Accept only the ``/ws`` path."""
+        if request.path != WS_PATH:
+            raise ConnectionDeny(404, f"only {WS_PATH} is served here")
+        return None
+
+    def onOpen(self):
+        """Start the proxy connection (and its handshake clock)."""
+        factory = self.factory
+        self.connection = ProxyConnection(factory.pool, factory.clock, factory.handshake_timeout)
+        self.connection.makeConnection(WebSocketTransport(self))
+
+    def onMessage(self, payload, isBinary):
+        """Relay a binary message's bytes; a text message breaks the protocol."""
+        if self.connection is None:
+            return
+        if not isBinary:
+            self.log.warn("text message from {peer} on {path}; closing",
+                          peer=self.connection.peer_name, path=WS_PATH)
+            self.sendClose(code=1003, reason="binary messages only")
+            return
+        self.connection.dataReceived(payload)
+
+    def onClose(self, wasClean, code, reason):
+        """End the proxy connection: leave the pool or close the partner."""
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.connectionLost(Failure(ConnectionDone(f"websocket closed ({code})")))
+
+
+class ProxyWebSocketFactory(WebSocketServerFactory):
+    """Builds L{ProxyWebSocketProtocol}s sharing the proxy's pool."""
+
+    protocol = ProxyWebSocketProtocol
+
+    def __init__(self, pool, reactor, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT):
+        """
+        @param pool: the proxy's L{PairingPool}.
+        @param reactor: the reactor (autobahn's timers and the handshake timeout).
+        @param handshake_timeout: seconds allowed for a handshake.
+        """
+        super().__init__(reactor=reactor)
+        self.pool = pool
+        self.clock = reactor
+        self.handshake_timeout = handshake_timeout
+        self.setProtocolOptions(maxMessagePayloadSize=MAX_MESSAGE_SIZE,
+                                maxFramePayloadSize=MAX_MESSAGE_SIZE)
