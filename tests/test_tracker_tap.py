@@ -1,6 +1,7 @@
 """``twistd rpc-tracker``: options, the service tree, the plugin, the guarded
 listening port, and a few real daemons on loopback."""
 
+import contextlib
 import errno
 import os
 import re
@@ -302,12 +303,27 @@ def test_twistd_smoke():
         assert "secret" not in daemon.output
 
 
+@contextlib.contextmanager
+def _busy_port_before_free_one():
+    """Hold a listening port P whose successor P+1 was free a moment ago."""
+    for _ in range(50):
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            port = busy.getsockname()[1]
+            try:
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            busy.listen(1)
+            yield port
+            return
+    raise AssertionError("no port with a free successor")
+
+
 def test_twistd_port_range_and_fatal_bind():
     """The first free port of the range is bound; none free exits non-zero."""
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(1)
-        port = busy.getsockname()[1]
+    with _busy_port_before_free_one() as port:
         args = twistd("rpc-tracker", "--host", "127.0.0.1", "--port", str(port),
                       "--port-end", str(port + 2))
         daemon = Daemon(args)

@@ -269,8 +269,11 @@ class ListenerService(service.Service):
                 "{name} listening on {host}:{port}", name=self._label, host=host, port=port
             )
             return result
+        first, final = self.candidates[0], self.candidates[-1]
         raise CannotListenError(
-            None, None, f"no free port among {len(self.candidates)} candidates ({last})"
+            getattr(first, "_interface", None),
+            f"{getattr(first, '_port', '?')}..{getattr(final, '_port', '?')}",
+            f"no free port among {len(self.candidates)} candidates (last: {last})",
         )
 
     def stopService(self):
