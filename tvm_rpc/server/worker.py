@@ -1,30 +1,35 @@
 """Session worker processes: each session runs in a process that owns its socket.
 
-The server keeps one *warm* worker ready: a child that has already imported
-Twisted, the session code and the ``--init`` modules, and waits on a Unix
-socket. When a handshake succeeds the server passes the connection's file
-descriptor to it (``SCM_RIGHTS``) with the handshake reply and any early bytes;
-the worker adopts the socket (``reactor.adoptStreamConnection``), writes the
-reply, runs the session protocol and exits when the connection ends. A fresh
-warm worker is started at once for the next session.
+The server starts one *fork server* at start-up: a child that imports Twisted,
+the session code and the ``--init`` modules once, then waits on a Unix socket
+without ever running a reactor. When a handshake succeeds the server passes the
+connection's file descriptor to it (``SCM_RIGHTS``) with the handshake reply and
+any early bytes; the fork server forks a *session worker*, which puts itself in
+a process group of its own, installs a reactor, adopts the socket
+(``reactor.adoptStreamConnection``), writes the reply, runs the session protocol
+and exits when the connection ends. Forking a warm process takes milliseconds,
+so opening a session costs about as much as a tracker round trip. The fork
+server reports each worker's pid as it starts and its exit status as it ends.
 
 The server keeps its own copy of each session's descriptor, so that:
 
 - a worker that crashes (``os._exit``, a segfault) or leaks ends only its own
-  session: the server sees the process end, closes its copy and frees the slot;
+  session: the server hears of the exit, closes its copy and frees the slot;
 - a session that outlives its ``-timeout=N`` is killed (the worker's whole
   process group, so children that user code started die too), the client is
-  sent the session protocol's timeout notice on the server's copy, and the
-  connection is closed.
+  sent the session protocol's timeout notice on the server's copy when one is
+  configured, and the connection is closed.
 
-Run as ``python -m tvm_rpc.server.worker --control-fd N ...`` by
-:class:`WorkerPool`; never by hand.
+Workers and the fork server watch a *lifeline* socket whose other end only the
+server holds: if the server dies, they end too. Run as
+``python -m tvm_rpc.server.worker ...`` by :class:`WorkerPool`; never by hand.
 """
 
 import argparse
 import base64
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -32,6 +37,7 @@ import sys
 
 import attrs
 from twisted.internet import protocol as tprotocol
+from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
 from .listener import ISessionRunner
@@ -43,6 +49,9 @@ MAX_CONTROL_MESSAGE = 1 << 20
 
 #: The session protocol factory used unless told otherwise.
 DEFAULT_SESSION_FACTORY = "tvm_rpc.server.session:make_session_protocol"
+
+#: Exit code of a worker whose server went away.
+EXIT_SERVER_GONE = 3
 
 
 def load_callable(spec):
@@ -77,13 +86,13 @@ def run_init(specs):
             function()
 
 
-def encode_control(header, fd, sock):
+def send_control(sock, header, fd):
     """
     Send one control message with a file descriptor.
 
+    @param sock: the server's end of the control socket (blocking).
     @param header: a JSON-able L{dict}.
     @param fd: the descriptor to pass.
-    @param sock: the parent's end of the control socket (blocking).
     """
     body = json.dumps(header).encode("utf-8")
     if len(body) > MAX_CONTROL_MESSAGE:
@@ -98,7 +107,7 @@ def receive_control(sock):
     """
     Wait for one control message.
 
-    @return: C{(header, fd)}, or C{(None, None)} when the parent went away.
+    @return: C{(header, fd)}, or C{(None, None)} when the server went away.
     """
     data, fds, _, _ = socket.recv_fds(sock, 65536, 1)
     if not data:
@@ -157,49 +166,85 @@ class SessionCarrier(tprotocol.Protocol):
             self._on_lost(reason)
 
 
-class _ParentWatch(tprotocol.Protocol):
-    """The worker's control socket during a session: EOF means the server died."""
+class _Lifeline:
+    """
+    A worker's end of the lifeline, watched by the reactor: end of file means
+    the server died. A bare reader, not an adopted connection, because Twisted
+    shuts an adopted socket down as the reactor stops, which would cut the
+    lifeline of the fork server and every other worker too.
+    """
 
-    def __init__(self, on_gone):
+    def __init__(self, fd, on_gone):
+        self._socket = socket.socket(fileno=fd)
+        self._socket.setblocking(False)
         self._on_gone = on_gone
 
+    def fileno(self):
+        return self._socket.fileno()
+
+    def logPrefix(self):
+        return "lifeline"
+
+    def doRead(self):
+        try:
+            data = self._socket.recv(4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            self._on_gone()
+            from twisted.internet.main import CONNECTION_DONE
+
+            return CONNECTION_DONE
+        return None
+
     def connectionLost(self, reason=None):
-        self._on_gone()
+        pass
 
 
-def worker_main(argv=None):
-    """
-    The worker process: wait for one connection, serve one session, exit.
-
-    @param argv: command-line arguments (see L{WorkerPool.argv}).
-    """
-    parser = argparse.ArgumentParser(prog="tvm_rpc.server.worker")
-    parser.add_argument("--control-fd", type=int, required=True)
-    parser.add_argument("--work-root", required=True)
-    parser.add_argument("--session-factory", default=DEFAULT_SESSION_FACTORY)
-    parser.add_argument("--init", action="append", default=[])
-    args = parser.parse_args(argv)
-    # Our own process group: the server kills the session with everything
-    # user code started in it.
-    os.setpgid(0, 0)
-    control = socket.socket(fileno=args.control_fd)
+def _start_logging():
     from twisted.logger import FileLogObserver, formatEvent, globalLogBeginner
 
-    # The server stamps and relays each line; the worker writes the bare text.
+    # The server stamps and relays each line; workers write the bare text.
     observer = FileLogObserver(sys.stdout, lambda event: (formatEvent(event) or "") + "\n")
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    log = logger("tvm_rpc.server.worker")
-    _, make_session = load_callable(args.session_factory)
-    run_init(args.init)
+
+
+def serve_session(header, fd, lifeline_fd, work_root, make_session):
+    """
+    Run one session in this (freshly forked) process; never returns.
+
+    @param header: the control message.
+    @param fd: the session socket.
+    @param lifeline_fd: the lifeline socket.
+    @param work_root: the directory under which the session works.
+    @param make_session: makes the session protocol.
+    """
+    code = 1
+    try:
+        code = _serve_session(header, fd, lifeline_fd, work_root, make_session)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _serve_session(header, fd, lifeline_fd, work_root, make_session):
+    from twisted.internet import default
+
+    default.install()
     from twisted.internet import reactor
 
-    header, fd = receive_control(control)
-    if header is None or fd is None:
-        return 0
+    log = logger("tvm_rpc.server.worker")
     probe = socket.socket(fileno=fd)
     family = probe.family
     probe.detach()
-    session = make_session(args.work_root, clock=reactor)
+    session = make_session(work_root, clock=reactor)
     outcome = {"code": 0, "ended": False}
 
     def lost(reason):
@@ -207,11 +252,11 @@ def worker_main(argv=None):
         if reactor.running:
             reactor.stop()
 
-    def parent_gone():
+    def server_gone():
         if outcome["ended"]:
             return
-        log.warn("server went away; ending the session")
-        outcome["code"] = 3
+        log.warn("the server went away; ending the session")
+        outcome["code"] = EXIT_SERVER_GONE
         transport.abortConnection()
 
     carrier = SessionCarrier(
@@ -220,28 +265,103 @@ def worker_main(argv=None):
         base64.b64decode(header["rest"]),
         lost,
     )
-    factory = tprotocol.Factory.forProtocol(lambda: carrier)
-    transport = reactor.adoptStreamConnection(fd, family, factory)
-    os.close(fd)
-    control.setblocking(False)
-    reactor.adoptStreamConnection(
-        control.fileno(), socket.AF_UNIX, tprotocol.Factory.forProtocol(lambda: _ParentWatch(parent_gone))
+    transport = reactor.adoptStreamConnection(
+        fd, family, tprotocol.Factory.forProtocol(lambda: carrier)
     )
-    log.info("serving {peer}", peer=header.get("peer"))
-    reactor.run()
+    os.close(fd)
+    reactor.addReader(_Lifeline(lifeline_fd, server_gone))
+    if not outcome["ended"]:
+        reactor.run()
     return outcome["code"]
 
 
-class _WorkerProcess(tprotocol.ProcessProtocol):
-    """The server's view of one worker process."""
+def _report(control, message):
+    control.sendall(json.dumps(message).encode("utf-8") + b"\n")
+
+
+def _reap(control):
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        if os.WIFSIGNALED(status):
+            _report(control, {"ended": pid, "code": None, "signal": os.WTERMSIG(status)})
+        else:
+            _report(control, {"ended": pid, "code": os.WEXITSTATUS(status), "signal": None})
+
+
+def fork_server_main(argv=None):
+    """
+    The fork server: import everything once, then fork one worker per session.
+
+    @param argv: command-line arguments (see L{WorkerPool.argv}).
+    @return: the exit code.
+    """
+    parser = argparse.ArgumentParser(prog="tvm_rpc.server.worker")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--lifeline-fd", type=int, required=True)
+    parser.add_argument("--work-root", required=True)
+    parser.add_argument("--session-factory", default=DEFAULT_SESSION_FACTORY)
+    parser.add_argument("--init", action="append", default=[])
+    args = parser.parse_args(argv)
+    control = socket.socket(fileno=args.control_fd)
+    lifeline = socket.socket(fileno=args.lifeline_fd)
+    _start_logging()
+    _, make_session = load_callable(args.session_factory)
+    run_init(args.init)
+    # Import what a worker needs without installing a reactor: the reactor
+    # must be created after the fork, in the worker.
+    import twisted.internet.default  # noqa: F401
+    import twisted.internet.tcp  # noqa: F401
+    import twisted.internet.unix  # noqa: F401
+
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    signal.signal(signal.SIGCHLD, lambda number, frame: None)
+    _report(control, {"ready": os.getpid()})
+    while True:
+        readable, _, _ = select.select([control, lifeline, wake_read], [], [])
+        if wake_read in readable:
+            try:
+                os.read(wake_read, 4096)
+            except BlockingIOError:
+                pass
+            _reap(control)
+        if lifeline in readable:
+            return 0
+        if control not in readable:
+            continue
+        header, fd = receive_control(control)
+        if header is None:
+            return 0
+        if fd is None:
+            continue
+        pid = os.fork()
+        if pid == 0:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.close(wake_read)
+            os.close(wake_write)
+            os.setpgid(0, 0)
+            control.close()
+            serve_session(header, fd, lifeline.detach(), args.work_root, make_session)
+        os.close(fd)
+        _report(control, {"started": pid, "id": header["id"]})
+
+
+class _ForkServerProcess(tprotocol.ProcessProtocol):
+    """The server's view of the fork server process: relays its output lines."""
 
     log = logger("tvm_rpc.server.worker")
 
     def __init__(self, pool):
         self.pool = pool
         self.pid = None
-        self.control = None
-        self.session = None
         self.ended = None
         self._partial = {1: b"", 2: b""}
 
@@ -253,44 +373,72 @@ class _WorkerProcess(tprotocol.ProcessProtocol):
         buffered = self._partial.get(fd, b"") + data
         *lines, self._partial[fd] = buffered.split(b"\n")
         for line in lines:
-            self.log.info(
-                "worker {pid}: {line}", pid=self.pid, line=line.decode("utf-8", "replace")
-            )
+            self.log.info("worker: {line}", line=line.decode("utf-8", "replace"))
 
     def processEnded(self, reason):
         self.ended = reason
-        if self.control is not None:
-            self.control.close()
-            self.control = None
-        self.pool._ended(self, reason)
+        self.pool._fork_server_ended(self, reason)
+
+
+class _ControlReader(LineOnlyReceiver):
+    """Reads the fork server's reports (one JSON object a line)."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 65536
+
+    def __init__(self, pool, server):
+        self.pool = pool
+        self.server = server
+
+    def lineReceived(self, line):
+        try:
+            message = json.loads(line)
+        except ValueError:
+            return
+        self.pool._report(self.server, message)
 
 
 @attrs.define(eq=False)
 class _Session:
-    """A session running in a worker: the server's copy of its socket and timer."""
+    """A session handed to the fork server: the server's socket copy and timer."""
 
+    id: int
     handoff: object
     socket: object
+    server: object
+    pid: "int | None" = None
     timer: object = None
     timed_out: bool = False
+
+
+@attrs.define(eq=False)
+class _ForkServer:
+    """The server's handles on one fork server."""
+
+    process: object
+    control: object
+    lifeline: object
+    reader: object = None
+    ready: bool = False
 
 
 @implementer(ISessionRunner)
 @attrs.define(eq=False)
 class WorkerPool:
     """
-    Runs each session in its own worker process, keeping one warm.
+    Runs each session in its own worker process, forked from a warm fork server.
 
-    @ivar reactor: provides L{IReactorProcess} and L{IReactorTime}.
+    @ivar reactor: provides L{IReactorProcess}, L{IReactorSocket} and
+        L{IReactorTime}.
     @ivar work_root: the directory under which sessions make their work
         directories.
-    @ivar init: ``--init`` specs the workers import at start.
+    @ivar init: ``--init`` specs imported by the fork server at start.
     @ivar session_factory: ``module:callable`` making a session protocol from
         C{(work_root, clock=...)}.
     @ivar timeout_notice: makes the bytes sent to a client whose session timed
         out, from the timeout in seconds; L{None} sends nothing.
-    @ivar executable: the Python that runs workers.
-    @ivar env: the workers' environment (the server's own when L{None}).
+    @ivar executable: the Python that runs the fork server.
+    @ivar env: its environment (the server's own when L{None}).
     """
 
     log = logger("tvm_rpc.server.worker")
@@ -302,20 +450,24 @@ class WorkerPool:
     timeout_notice: object = None
     executable: str = sys.executable
     env: "dict | None" = None
-    _warm: object = attrs.field(init=False, default=None)
-    _workers: set = attrs.field(init=False, factory=set)
+    _server: object = attrs.field(init=False, default=None)
+    _sessions: dict = attrs.field(init=False, factory=dict)
+    _by_pid: dict = attrs.field(init=False, factory=dict)
+    _next_id: int = attrs.field(init=False, default=0)
     _stopping: bool = attrs.field(init=False, default=False)
     sessions_started: int = attrs.field(init=False, default=0)
     crashes: int = attrs.field(init=False, default=0)
 
-    def argv(self, control_fd):
-        """@return: the command line of a worker whose control socket is C{control_fd}."""
+    def argv(self, control_fd, lifeline_fd=4):
+        """@return: the fork server's command line."""
         args = [
             self.executable,
             "-m",
             "tvm_rpc.server.worker",
             "--control-fd",
             str(control_fd),
+            "--lifeline-fd",
+            str(lifeline_fd),
             "--work-root",
             self.work_root,
             "--session-factory",
@@ -326,99 +478,107 @@ class WorkerPool:
         return args
 
     def warm_up(self):
-        """Start the warm worker if there is none."""
-        if self._warm is None and not self._stopping:
-            self._warm = self._spawn()
+        """Start the fork server if none runs."""
+        if self._server is None and not self._stopping:
+            self._server = self._spawn()
 
     def _spawn(self):
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        worker = _WorkerProcess(self)
+        control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        lifeline, child_lifeline = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        process = _ForkServerProcess(self)
         try:
             self.reactor.spawnProcess(
-                worker,
+                process,
                 self.executable,
-                self.argv(3),
+                self.argv(3, 4),
                 env=dict(os.environ) if self.env is None else self.env,
-                childFDs={0: "w", 1: "r", 2: "r", 3: child.fileno()},
+                childFDs={
+                    0: "w",
+                    1: "r",
+                    2: "r",
+                    3: child_control.fileno(),
+                    4: child_lifeline.fileno(),
+                },
             )
         finally:
-            child.close()
-        worker.control = parent
-        self._workers.add(worker)
-        return worker
+            child_control.close()
+            child_lifeline.close()
+        server = _ForkServer(process, control, lifeline)
+        server.reader = _ControlReader(self, server)
+        reading = control.dup()
+        self.reactor.adoptStreamConnection(
+            reading.fileno(), socket.AF_UNIX, tprotocol.Factory.forProtocol(lambda: server.reader)
+        )
+        reading.close()
+        return server
 
     def start(self, handoff):
-        """Pass the connection to the warm worker and warm up the next one."""
-        worker, self._warm = self._warm, None
-        if worker is None or worker.ended is not None:
-            worker = self._spawn()
+        """Pass the connection to the fork server, which forks its worker."""
+        self.warm_up()
+        server = self._server
         transport = handoff.transport
         transport.stopReading()
         transport.stopWriting()
         skt = transport.getHandle()
+        self._next_id += 1
+        session = _Session(self._next_id, handoff, skt, server)
         header = {
+            "id": session.id,
             "reply": base64.b64encode(handoff.reply).decode("ascii"),
             "rest": base64.b64encode(handoff.rest).decode("ascii"),
             "peer": handoff.peer,
         }
-        try:
-            encode_control(header, skt.fileno(), worker.control)
-        except OSError:
-            self.log.warn("warm worker {pid} is gone; starting another", pid=worker.pid)
-            worker = self._spawn()
-            encode_control(header, skt.fileno(), worker.control)
         # The transport is left out of the reactor on purpose: closing it the
         # Twisted way would shut the socket down under the worker.
-        session = _Session(handoff, skt)
+        send_control(server.control, header, skt.fileno())
+        self._sessions[session.id] = session
         if handoff.timeout:
-            session.timer = self.reactor.callLater(
-                handoff.timeout, self._expired, worker, session
-            )
-        worker.session = session
+            session.timer = self.reactor.callLater(handoff.timeout, self._expired, session)
         self.sessions_started += 1
-        self.warm_up()
 
-    def _expired(self, worker, session):
+    def _report(self, server, message):
+        if "ready" in message:
+            server.ready = True
+            self.log.info("fork server {pid} ready", pid=message["ready"])
+        elif "started" in message:
+            session = self._sessions.get(message.get("id"))
+            if session is None:
+                return
+            session.pid = message["started"]
+            self._by_pid[session.pid] = session
+            if session.timed_out:
+                self._kill(session)
+        elif "ended" in message:
+            session = self._by_pid.pop(message["ended"], None)
+            if session is not None:
+                self._finish(session, message.get("code"), message.get("signal"))
+
+    def _expired(self, session):
         session.timer = None
         session.timed_out = True
         self.log.warn(
-            "session for {peer} exceeded its {timeout}s timeout; killing worker {pid}",
+            "session for {peer} exceeded its {timeout}s timeout; killing its worker",
             peer=session.handoff.peer,
             timeout=session.handoff.timeout,
-            pid=worker.pid,
         )
-        self._kill(worker)
+        self._kill(session)
 
-    def _kill(self, worker):
-        if worker.ended is not None or worker.pid is None:
+    def _kill(self, session):
+        if session.pid is None:
             return
         try:
-            os.killpg(worker.pid, signal.SIGKILL)
+            os.killpg(session.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             try:
-                worker.transport.signalProcess("KILL")
-            except Exception:
+                os.kill(session.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
                 pass
 
-    def _ended(self, worker, reason):
-        self._workers.discard(worker)
-        if worker is self._warm:
-            self._warm = None
-        session = worker.session
-        code = getattr(reason.value, "exitCode", None)
-        signal_number = getattr(reason.value, "signal", None)
-        if session is None:
-            if not self._stopping:
-                self.log.warn(
-                    "idle worker {pid} ended (exit code {code}, signal {signal})",
-                    pid=worker.pid,
-                    code=code,
-                    signal=signal_number,
-                )
-            return
-        worker.session = None
+    def _finish(self, session, code, signal_number):
+        self._sessions.pop(session.id, None)
         if session.timer is not None and session.timer.active():
             session.timer.cancel()
+        session.timer = None
         if session.timed_out:
             self._send_notice(session)
         elif code not in (0, None) or signal_number is not None:
@@ -426,7 +586,7 @@ class WorkerPool:
             self.log.warn(
                 "worker {pid} for {peer} died (exit code {code}, signal {signal}); "
                 "the server goes on",
-                pid=worker.pid,
+                pid=session.pid,
                 peer=session.handoff.peer,
                 code=code,
                 signal=signal_number,
@@ -445,17 +605,40 @@ class WorkerPool:
             session.socket.setblocking(False)
             session.socket.send(notice)
         except Exception:
-            self.log.failure("could not tell {peer} its session timed out", peer=session.handoff.peer)
+            self.log.failure(
+                "could not tell {peer} its session timed out", peer=session.handoff.peer
+            )
+
+    def _fork_server_ended(self, process, reason):
+        server = self._server if self._server and self._server.process is process else None
+        if server is not None:
+            self._server = None
+        if not self._stopping:
+            self.log.warn("fork server ended: {reason}", reason=reason.getErrorMessage())
+        # Without the fork server nobody reports these workers' ends: end them.
+        for session in list(self._sessions.values()):
+            if server is None or session.server is server:
+                self._kill(session)
+                self._by_pid.pop(session.pid, None)
+                self._finish(session, None, signal.SIGKILL)
+        for sock in (getattr(server, "control", None), getattr(server, "lifeline", None)):
+            if sock is not None:
+                sock.close()
 
     def stop(self):
-        """Kill every worker, idle or busy."""
+        """Kill every worker and the fork server."""
         self._stopping = True
-        for worker in list(self._workers):
-            self._kill(worker)
-            if worker.control is not None:
-                worker.control.close()
-                worker.control = None
+        for session in list(self._sessions.values()):
+            self._kill(session)
+        server = self._server
+        if server is not None:
+            server.lifeline.close()
+            server.control.close()
+            try:
+                server.process.transport.signalProcess("KILL")
+            except Exception:
+                pass
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main())
+    sys.exit(fork_server_main())

@@ -1,0 +1,257 @@
+"""``twistd -n rpc-server`` as a real process, with our tracker, over loopback.
+
+The sessions here run the line-based stand-in protocol of
+``tests/standin_session.py`` so these tests exercise the plumbing alone:
+registration, handshake, worker processes, timeouts, crashes and concurrency.
+"""
+
+import os
+import socket
+import threading
+
+import pytest
+
+from tests.daemons import Daemon, free_port, our_tracker, twistd
+from tvm_rpc.protocol.constants import RPC_CODE_MISMATCH, RPC_CODE_SUCCESS, TrackerCode
+from tvm_rpc.protocol.flavour import client_key, reply_is_marked
+from tvm_rpc.protocol.framing import FrameDecoder, encode_frame, encode_magic
+from tvm_rpc.protocol.handshake import ReplyDecoder, encode_handshake
+
+STANDIN = "tests.standin_session:make"
+#: Bound on every blocking socket operation, so a broken server fails, never hangs.
+IO_TIMEOUT = 20
+
+
+class TrackerLink:
+    """A blocking tracker connection, for driving the tracker from a test."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        self.decoder = FrameDecoder(expect_magic=True)
+        self.values = []
+        self.sock.sendall(encode_magic())
+
+    def call(self, message):
+        self.sock.sendall(encode_frame(message))
+        while not self.values:
+            data = self.sock.recv(65536)
+            assert data, "tracker closed the connection"
+            self.values += self.decoder.feed(data)
+        return self.values.pop(0)
+
+    def close(self):
+        self.sock.close()
+
+
+def allocate(tracker_port, key):
+    """@return: C{(host, port, matchkey)} from the tracker."""
+    link = TrackerLink(tracker_port)
+    try:
+        code, (host, port, matchkey) = link.call([TrackerCode.REQUEST, key, "test", 1])
+        assert code == 0
+        return host, port, matchkey
+    finally:
+        link.close()
+
+
+def free_count(tracker_port, key):
+    link = TrackerLink(tracker_port)
+    try:
+        _, summary = link.call([TrackerCode.SUMMARY])
+        return summary["queue_info"].get(key, {}).get("free", 0)
+    finally:
+        link.close()
+
+
+class LineSession:
+    """A session with the stand-in protocol over a raw socket."""
+
+    def __init__(self, port, matchkey, timeout=None, marked=True):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        key = client_key(matchkey, timeout) if marked else "client:" + matchkey
+        self.sock.sendall(encode_handshake(key))
+        decoder = ReplyDecoder()
+        while not decoder.done:
+            data = self.sock.recv(4096)
+            if not data:
+                break
+            decoder.feed(data)
+        self.code = decoder.code
+        self.key = decoder.key
+        self.buffer = decoder.rest
+
+    def ask(self, line):
+        self.sock.sendall(line.encode() + b"\n")
+        return self.read_line()
+
+    def read_line(self):
+        while b"\n" not in self.buffer:
+            data = self.sock.recv(4096)
+            if not data:
+                return None
+            self.buffer += data
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.decode()
+
+    def send(self, line):
+        self.sock.sendall(line.encode() + b"\n")
+
+    def wait_closed(self):
+        """@return: True once the server closed the connection."""
+        while True:
+            try:
+                if not self.sock.recv(4096):
+                    return True
+            except ConnectionResetError:
+                return True
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def tracked_server():
+    """Our tracker and one rpc-server (two session slots) registered as ``plumb``."""
+    with our_tracker() as (tracker, tracker_port):
+        port = free_port()
+        server = Daemon(
+            twistd(
+                "rpc-server", "--host", "127.0.0.1", "--port", str(port),
+                "--port-end", str(port + 1), "--tracker", f"127.0.0.1:{tracker_port}",
+                "--key", "plumb", "--session-factory", STANDIN, "--max-sessions", "2",
+            )
+        )
+        try:
+            server.wait_for(r"rpc-server listening on 127\.0\.0\.1:%d" % port)
+            server.wait_for(r"registered plumb with tracker")
+            yield server, tracker_port, port
+        finally:
+            server.stop()
+        assert server.proc.returncode is not None
+
+
+def session_via_tracker(tracker_port, timeout=None):
+    _, port, matchkey = allocate(tracker_port, "plumb")
+    session = LineSession(port, matchkey, timeout)
+    assert session.code == RPC_CODE_SUCCESS
+    return session
+
+
+def test_register_and_serve_in_a_worker(tracked_server):
+    """The server registers; a session runs in another process; the server re-registers."""
+    server, tracker_port, port = tracked_server
+    session = session_via_tracker(tracker_port)
+    assert reply_is_marked(session.key)
+    assert session.key.startswith("server:plumb ")
+    pid = int(session.ask("pid"))
+    assert pid != server.proc.pid
+    assert session.ask("echo hello there") == "hello there"
+    session.close()
+    for _ in range(3):
+        again = session_via_tracker(tracker_port)
+        assert int(again.ask("pid")) != pid
+        again.close()
+
+
+def test_wrong_matchkey_mismatch(tracked_server):
+    """A client presenting a stale or made-up matchkey gets MISMATCH."""
+    server, _, port = tracked_server
+    session = LineSession(port, "plumb:0.123")
+    assert session.code == RPC_CODE_MISMATCH
+    assert session.wait_closed()
+    server.wait_for(r"mismatch key from 127\.0\.0\.1")
+
+
+def test_timeout_kills_hung_call(tracked_server):
+    """-timeout=N kills a hung session's worker; the server then serves again."""
+    server, tracker_port, _ = tracked_server
+    session = session_via_tracker(tracker_port, timeout=1)
+    pid = int(session.ask("pid"))
+    session.send("hang")
+    assert session.wait_closed()
+    server.wait_for(r"exceeded its 1\.0s timeout")
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    again = session_via_tracker(tracker_port)
+    assert again.ask("echo alive") == "alive"
+    again.close()
+
+
+@pytest.mark.parametrize("how", ["crash", "segv"])
+def test_crashing_worker_leaves_server_serving(tracked_server, how):
+    """os._exit or a segfault in a session ends only that session."""
+    server, tracker_port, _ = tracked_server
+    session = session_via_tracker(tracker_port)
+    session.send(how)
+    assert session.wait_closed()
+    server.wait_for(r"died \(exit code (7|None), signal (None|11)\); the server goes on")
+    again = session_via_tracker(tracker_port)
+    assert again.ask("echo still here") == "still here"
+    again.close()
+    assert server.proc.poll() is None
+
+
+def test_many_concurrent_sessions(tracked_server):
+    """Many clients at once all get served, two sessions at a time."""
+    _, tracker_port, _ = tracked_server
+    results = []
+    errors = []
+
+    def one(index):
+        try:
+            session = session_via_tracker(tracker_port)
+            results.append(session.ask(f"echo {index}"))
+            session.close()
+        except Exception as e:  # collected and reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert sorted(results, key=int) == [str(i) for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def direct_server():
+    """A server without a tracker, key ``dev``, short handshake timeout."""
+    port = free_port()
+    server = Daemon(
+        twistd(
+            "rpc-server", "--host", "127.0.0.1", "--port", str(port),
+            "--port-end", str(port + 1), "--key", "dev", "--session-factory", STANDIN,
+            "--handshake-timeout", "1",
+        )
+    )
+    try:
+        server.wait_for(r"rpc-server listening on")
+        yield server, port
+    finally:
+        server.stop()
+
+
+def test_silent_peer_never_blocks(direct_server):
+    """A connection that says nothing is dropped; others are served meanwhile."""
+    server, port = direct_server
+    silent = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+    session = LineSession(port, "dev")
+    assert session.code == RPC_CODE_SUCCESS
+    assert session.ask("echo ok") == "ok"
+    session.close()
+    try:
+        assert silent.recv(10) == b""
+    except ConnectionResetError:
+        pass
+    server.wait_for(r"no handshake within 1\.0s")
+    silent.close()
+
+
+def test_direct_key_rule(direct_server):
+    """Without a tracker, ``client:<key>`` is accepted and nothing else."""
+    _, port = direct_server
+    assert LineSession(port, "other").code == RPC_CODE_MISMATCH
+    session = LineSession(port, "dev", timeout=30)
+    assert session.code == RPC_CODE_SUCCESS
+    session.close()
