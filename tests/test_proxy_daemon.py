@@ -1,0 +1,314 @@
+"""``twistd -n rpc-proxy`` as a real process on loopback.
+
+Pairing and relaying over real sockets, half-close, bad handshakes, the
+websocket endpoint, the memory bound with a slow reader on a 1 GiB stream,
+and running out of file descriptors.
+"""
+
+import base64
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from daemons import Daemon, child_env, free_port, our_proxy, twistd
+from tvm_rpc.protocol.constants import INT32, RPC_CODE_SUCCESS, RPC_MAGIC
+from tvm_rpc.protocol.handshake import encode_handshake, encode_reply
+
+MiB = 1024 * 1024
+
+
+def recv_exactly(sock, size):
+    """Read exactly C{size} bytes or fail."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, f"connection closed after {len(data)} of {size} bytes"
+        data += chunk
+    return bytes(data)
+
+
+def recv_all(sock):
+    """Read until end of file."""
+    data = bytearray()
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+
+
+def connect(port, key, extra=b""):
+    """Open a connection and send the handshake for C{key} (plus C{extra})."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(encode_handshake(key) + extra)
+    return sock
+
+
+def expect_success(sock, partner_key):
+    reply = encode_reply(RPC_CODE_SUCCESS, partner_key)
+    assert recv_exactly(sock, len(reply)) == reply
+
+
+def test_pair_relay_half_close_and_bad_peers():
+    with our_proxy("--handshake-timeout", "2") as (daemon, port):
+        # Bad peers first: each is closed at once, the daemon keeps serving.
+        bad = [
+            INT32.pack(RPC_MAGIC) + INT32.pack(1 << 30),
+            INT32.pack(RPC_MAGIC) + INT32.pack(-5),
+            INT32.pack(0x12345) + b"junk",
+            INT32.pack(RPC_MAGIC) + INT32.pack(4) + b"\xff\xfe\xfd\xfc",
+        ]
+        for data in bad:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(data)
+                assert recv_all(sock) == b""
+        with connect(port, "abcdefgkey") as sock:
+            assert recv_all(sock) == INT32.pack(RPC_CODE_SUCCESS + 2)
+        silent = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert recv_all(silent) == b""
+        silent.close()
+        daemon.wait_for(r"refused handshake from 127\.0\.0\.1:\d+: key length 1073741824")
+        daemon.wait_for(r"no handshake within 2")
+
+        server = connect(port, "server:dev", b"server-early")
+        client = connect(port, "client:dev -timeout=5", b"client-early")
+        expect_success(server, "client:dev -timeout=5")
+        expect_success(client, "server:dev")
+        assert recv_exactly(server, 12) == b"client-early"
+        assert recv_exactly(client, 12) == b"server-early"
+        client.sendall(b"request")
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(server) == b"request"
+        server.sendall(b"answer after the client's half-close")
+        server.close()
+        assert recv_all(client) == b"answer after the client's half-close"
+        client.close()
+        # A pair that ended leaves nothing behind: the same key pairs again.
+        server = connect(port, "server:dev")
+        client = connect(port, "client:dev")
+        expect_success(client, "server:dev")
+        client.close()
+        expect_success(server, "client:dev")
+        assert recv_all(server) == b""
+        server.close()
+
+
+def ws_connect(port, path="/ws"):
+    """A minimal websocket client handshake over a plain socket."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = bytearray()
+    while not head.endswith(b"\r\n\r\n"):
+        byte = sock.recv(1)
+        assert byte, bytes(head)
+        head += byte
+    return sock, head.split(b"\r\n", 1)[0]
+
+
+def ws_send(sock, data, opcode=0x2):
+    """Send one masked frame."""
+    mask = os.urandom(4)
+    if len(data) < 126:
+        header = struct.pack("!BB", 0x80 | opcode, 0x80 | len(data))
+    elif len(data) < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, len(data))
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, len(data))
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    sock.sendall(header + mask + masked)
+
+
+def ws_recv(sock):
+    """@return: C{(opcode, payload)} of the next frame."""
+    first, second = recv_exactly(sock, 2)
+    length = second & 0x7F
+    if length == 126:
+        (length,) = struct.unpack("!H", recv_exactly(sock, 2))
+    elif length == 127:
+        (length,) = struct.unpack("!Q", recv_exactly(sock, 8))
+    return first & 0x0F, recv_exactly(sock, length)
+
+
+def test_websocket_peer_paired_with_tcp_peer():
+    web_port = free_port()
+    with our_proxy("--web-port", str(web_port)) as (daemon, port):
+        daemon.wait_for(r"rpc-proxy websocket /ws listening on 127\.0\.0\.1:%d" % web_port)
+        wrong, status = ws_connect(web_port, "/other")
+        assert b"101" not in status
+        wrong.close()
+        ws, status = ws_connect(web_port)
+        assert b"101" in status
+        handshake = encode_handshake("server:browser")
+        ws_send(ws, handshake[:6])
+        ws_send(ws, handshake[6:] + b"hello from the browser")
+        client = connect(port, "client:browser", b"hello from tcp")
+        expect_success(client, "server:browser")
+        received = bytearray()
+        while len(received) < len(encode_reply(RPC_CODE_SUCCESS, "client:browser")) + 14:
+            opcode, payload = ws_recv(ws)
+            assert opcode == 0x2
+            received += payload
+        assert bytes(received) == encode_reply(RPC_CODE_SUCCESS, "client:browser") + b"hello from tcp"
+        assert recv_exactly(client, 22) == b"hello from the browser"
+        ws_send(ws, b"x" * 70000)
+        assert recv_exactly(client, 70000) == b"x" * 70000
+        client.sendall(b"bye")
+        opcode, payload = ws_recv(ws)
+        assert (opcode, payload) == (0x2, b"bye")
+        ws.close()
+        assert recv_all(client) == b""
+        client.close()
+
+
+def rss(pid):
+    return psutil.Process(pid).memory_info().rss
+
+
+def test_slow_reader_on_a_1gib_stream_keeps_memory_bounded():
+    """
+    A sender pushes 1 GiB as fast as it can; the reader is slower. The
+    proxy's RSS stays within 32 MiB of where it started and is back near it
+    once the pair closed.
+    """
+    total = 1024 * MiB
+    block = os.urandom(MiB)
+    with our_proxy() as (daemon, port):
+        pid = daemon.proc.pid
+        # Warm the relay path up once so imports and first allocations are in the baseline.
+        server = connect(port, "server:warm")
+        client = connect(port, "client:warm")
+        expect_success(server, "client:warm")
+        expect_success(client, "server:warm")
+        client.sendall(block)
+        recv_exactly(server, len(block))
+        client.close()
+        server.close()
+        time.sleep(0.3)
+        baseline = rss(pid)
+
+        server = connect(port, "server:big")
+        client = connect(port, "client:big")
+        expect_success(server, "client:big")
+        expect_success(client, "server:big")
+        for sock in (server, client):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 * 1024)
+
+        def send():
+            view = memoryview(block)
+            for _ in range(total // len(block)):
+                client.sendall(view)
+            client.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        received = 0
+        peak = baseline
+        reads = 0
+        while received < total:
+            chunk = server.recv(256 * 1024)
+            assert chunk
+            received += len(chunk)
+            reads += 1
+            if reads % 64 == 0:
+                time.sleep(0.002)
+                peak = max(peak, rss(pid))
+        sender.join(60)
+        assert not sender.is_alive()
+        assert recv_all(server) == b""
+        server.close()
+        client.close()
+        assert received == total
+        time.sleep(0.5)
+        after = rss(pid)
+        growth = (peak - baseline) / MiB
+        assert growth < 32, f"proxy grew by {growth:.1f} MiB while relaying 1 GiB"
+        assert (after - baseline) / MiB < 8, f"{(after - baseline) / MiB:.1f} MiB not returned"
+
+
+def limited_proxy(limit, port):
+    """Our proxy with RLIMIT_NOFILE lowered to C{limit}."""
+    code = (
+        "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
+        "from twisted.scripts.twistd import run; run()" % (limit, limit)
+    )
+    args = twistd("rpc-proxy", "--host", "127.0.0.1", "--port", str(port),
+                  "--port-end", str(port + 1), "--web-port", "0")
+    args[1:3] = ["-c", code]
+    return Daemon(args, env=child_env())
+
+
+def test_running_out_of_descriptors_does_not_wedge():
+    port = free_port()
+    daemon = limited_proxy(64, port)
+    hogs = []
+    try:
+        daemon.wait_for(r"rpc-proxy listening on")
+        for i in range(80):
+            try:
+                sock = connect(port, f"server:hog{i}")
+            except OSError:
+                break
+            hogs.append(sock)
+        daemon.wait_for(r"EMFILE", timeout=30)
+        process = psutil.Process(daemon.proc.pid)
+        # More peers knock while no descriptor is free.
+        knocking = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
+        before = process.cpu_times()
+        time.sleep(2)
+        after = process.cpu_times()
+        busy = (after.user + after.system) - (before.user + before.system)
+        assert busy < 1.0, f"proxy used {busy:.2f} s of CPU in 2 s while out of descriptors"
+        for sock in knocking:
+            sock.close()
+        for sock in hogs:
+            sock.close()
+        hogs = []
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                server = connect(port, "server:after")
+                client = connect(port, "client:after")
+                expect_success(server, "client:after")
+                expect_success(client, "server:after")
+                break
+            except (OSError, AssertionError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        client.sendall(b"still serving")
+        assert recv_exactly(server, 13) == b"still serving"
+        server.close()
+        client.close()
+        assert daemon.proc.poll() is None
+    finally:
+        for sock in hogs:
+            sock.close()
+        daemon.stop()
+
+
+@pytest.mark.parametrize("flag", ["--port"])
+def test_taken_port_range_is_fatal(flag):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        args = twistd("rpc-proxy", "--host", "127.0.0.1", flag, str(port),
+                      "--port-end", str(port + 1), "--web-port", "0")
+        daemon = Daemon(args, env=child_env())
+        try:
+            assert daemon.proc.wait(60) != 0
+        finally:
+            daemon.stop()
+    assert sys.executable
