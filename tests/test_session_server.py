@@ -1,0 +1,479 @@
+"""The session responder protocol end to end, in memory, with a minimal AMP client."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from twisted.test.iosim import connectedServerAndClient
+from twisted.trial.unittest import SynchronousTestCase
+
+from tvm_rpc.protocol import commands, values
+from tvm_rpc.protocol.streams import chunked, read_stream, receive_value, send_value, write_stream
+from tvm_rpc.protocol.values import ArrayRef, Device, Handle, HostArray
+from tvm_rpc.server.registry import Registry
+from tvm_rpc.server.session import SessionProtocol, make_session_protocol, timeout_notice
+
+MODULE = b'''
+def double(array):
+    array *= 2
+    return array
+
+def fail(message):
+    raise KeyError(message)
+'''
+
+
+class SessionTests(SynchronousTestCase):
+    """Every command through AMP boxes, in memory."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.registry = Registry()
+        self.registry.register("echo", lambda *args: list(args))
+        self.registry.register("add", lambda a, b: a + b)
+        self.registry.register("boom", lambda: 1 / 0)
+        self.registry.register("big", lambda n: b"z" * n)
+        self.clock = Clock()
+        self.client, self.server, self.pump = connectedServerAndClient(
+            lambda: SessionProtocol(self.root, self.registry, clock=self.clock, backend="numpy"),
+            amp.AMP,
+        )
+
+    def call(self, command, **kwargs):
+        """Call and pump; @return: the answer (fails the test on an error)."""
+        results = []
+        self.client.callRemote(command, **kwargs).addBoth(results.append)
+        self.pump.flush()
+        self.assertEqual(len(results), 1)
+        if hasattr(results[0], "raiseException"):
+            results[0].raiseException()
+        return results[0]
+
+    def remote_error(self, command, **kwargs):
+        """Call a command that must fail; @return: the RemoteError."""
+        failures = []
+        self.client.callRemote(command, **kwargs).addErrback(failures.append)
+        self.pump.flush()
+        self.assertEqual(len(failures), 1)
+        return failures[0].trap(commands.RemoteError) and failures[0].value
+
+    def run_deferred(self, d):
+        """Pump until C{d} fires; @return: its result."""
+        self.pump.flush()
+        return self.successResultOf(d)
+
+    def invoke(self, name=None, *args, function=None):
+        """Call a function with encoded args; @return: the decoded result."""
+        answer = self.call(commands.CallFunction, name=name, function=function,
+                           args=values.encode(list(args)))
+        return values.decode(self.run_deferred(receive_value(self.client.callRemote, answer)))
+
+    def test_hello(self):
+        """Hello names the protocol, version and transfer parameters."""
+        answer = self.call(commands.Hello, protocol=commands.SESSION_PROTOCOL,
+                           version=commands.SESSION_VERSION)
+        self.assertEqual(answer["protocol"], "tvm_rpc-session")
+        self.assertEqual(answer["version"], commands.SESSION_VERSION)
+        self.assertEqual(answer["chunk_size"], commands.CHUNK_SIZE)
+        self.assertLessEqual(answer["chunk_size"], 65535)
+        self.assertIn("tvm_rpc", answer["implementation"])
+
+    def test_calls_by_name_and_handle(self):
+        """Functions are called by global name or by handle."""
+        self.assertEqual(self.invoke("add", 2, 40), 42)
+        handle = self.call(commands.GetFunction, name="echo")["function"]
+        self.assertEqual(self.invoke(None, None, 1.5, "s", b"b", {"k": [1]}, function=handle),
+                         [None, 1.5, "s", b"b", {"k": [1]}])
+        self.assertEqual(self.invoke("tvm_rpc.server.list_functions")[:0], [])
+
+    def test_remote_errors_keep_session_usable(self):
+        """An exception arrives with its type name and traceback; the session goes on."""
+        error = self.remote_error(commands.CallFunction, name="boom", args=values.encode([]))
+        self.assertEqual(error.type_name, "ZeroDivisionError")
+        self.assertIn("division by zero", error.message)
+        self.assertIn("Traceback", error.traceback_text)
+        self.assertIn("<lambda>", error.traceback_text)
+        error = self.remote_error(commands.GetFunction, name="nothing")
+        self.assertEqual(error.short_type_name, "NoSuchFunction")
+        error = self.remote_error(commands.CallFunction, name="add", args=b"\x01garbage")
+        self.assertEqual(error.short_type_name, "CodecError")
+        error = self.remote_error(commands.CallFunction, name="add", function=1,
+                                  args=values.encode([]))
+        self.assertIn("exactly one", error.message)
+        error = self.remote_error(commands.CallFunction, function=999, args=values.encode([]))
+        self.assertEqual(error.short_type_name, "HandleError")
+        self.assertEqual(self.invoke("add", 1, 1), 2)
+        self.assertFalse(self.client.transport.disconnecting)
+
+    def test_many_calls_in_flight(self):
+        """Many calls sent before any answer all get their own answers."""
+        results = {}
+        for i in range(200):
+            self.client.callRemote(commands.CallFunction, name="add",
+                                   args=values.encode([i, i])).addCallback(
+                lambda answer, i=i: results.__setitem__(i, values.decode(answer["result"])))
+        self.pump.flush()
+        self.assertEqual(results, {i: 2 * i for i in range(200)})
+
+    def test_long_arguments_and_results(self):
+        """Values longer than one AMP box travel by stream, both ways."""
+        payload = os.urandom(300_000)
+        extra = self.run_deferred(send_value(self.client.callRemote, values.encode([payload])))
+        self.assertIn("args_stream", extra)
+        answer = self.call(commands.CallFunction, name="echo", **extra)
+        self.assertIsNotNone(answer["result_stream"])
+        result = values.decode(self.run_deferred(receive_value(self.client.callRemote, answer)))
+        self.assertEqual(result, [payload])
+        self.assertEqual(len(self.server.environment.streams), 0)
+        self.assertEqual(len(self.invoke("big", 200_000)), 200_000)
+
+    def test_upload_download_streamed(self):
+        """A file streams up and down byte-exact; escapes are refused by name."""
+        data = os.urandom(1_000_003)
+        stream = self.call(commands.OpenUpload, path="d/blob.bin", size=len(data))["stream"]
+        size = self.run_deferred(write_stream(self.client.callRemote, stream, chunked(data)))
+        self.assertEqual(size, len(data))
+        self.assertEqual(self.invoke("tvm.rpc.server.listdir", "d"), ["blob.bin"])
+        answer = self.call(commands.OpenDownload, path="d/blob.bin")
+        parts = []
+        self.run_deferred(read_stream(self.client.callRemote, answer["stream"], answer["size"],
+                                      parts.append))
+        self.assertEqual(b"".join(parts), data)
+        error = self.remote_error(commands.OpenUpload, path="../escape")
+        self.assertEqual(error.type_name, "tvm_rpc.server.environment.PathEscapeError")
+        self.assertIn("'../escape'", error.message)
+        error = self.remote_error(commands.OpenDownload, path="/etc/hostname")
+        self.assertIn("absolute", error.message)
+        self.invoke("tvm.rpc.server.upload", "small.txt", b"hi")
+        self.assertEqual(self.invoke("tvm.rpc.server.download", "small.txt"), b"hi")
+        self.invoke("tvm.rpc.server.remove", "small.txt")
+
+    def test_cancelled_upload_leaves_nothing(self):
+        """Cancelling an upload removes the partial file on the server."""
+        stream = self.call(commands.OpenUpload, path="c.bin")["stream"]
+        self.client.callRemote(commands.StreamWrite, stream=stream, data=b"x" * 100)
+        self.call(commands.StreamClose, stream=stream)
+        self.assertEqual(self.invoke("tvm.rpc.server.listdir"), [])
+
+    def test_arrays_and_modules(self):
+        """Allocate, fill, run a module function on the handle, read back."""
+        import numpy
+
+        answer = self.call(commands.Empty, shape=[2, 3], dtype="float32", device_type=1,
+                           device_id=0)
+        array = answer["array"]
+        self.assertEqual(answer["nbytes"], 24)
+        host = numpy.arange(6, dtype="float32").reshape(2, 3)
+        stream = self.call(commands.OpenArrayWrite, array=array)
+        self.run_deferred(write_stream(self.client.callRemote, stream["stream"],
+                                       chunked(host.tobytes(), 7)))
+        self.invoke("tvm.rpc.server.upload", "m.py", MODULE)
+        module = self.call(commands.LoadModule, path="m.py")
+        self.assertEqual(module["kind"], "python")
+        double = self.call(commands.ModuleGetFunction, module=module["module"],
+                           name="double")["function"]
+        ref = self.invoke(None, ArrayRef(array, (2, 3), "float32", Device(1, 0)),
+                          function=double)
+        self.assertIsInstance(ref, ArrayRef)
+        self.assertEqual((ref.shape, ref.dtype, ref.device), ((2, 3), "float32", Device(1, 0)))
+        answer = self.call(commands.OpenArrayRead, array=array)
+        self.assertEqual((answer["shape"], answer["dtype"]), ([2, 3], "float32"))
+        parts = []
+        self.run_deferred(read_stream(self.client.callRemote, answer["stream"], answer["size"],
+                                      parts.append))
+        self.assertEqual(b"".join(parts), (host * 2).tobytes())
+        inline = self.invoke(None, HostArray.from_numpy(host), function=double)
+        self.assertIsInstance(inline, ArrayRef)
+        fail = self.call(commands.ModuleGetFunction, module=module["module"], name="fail")
+        error = self.remote_error(commands.CallFunction, function=fail["function"],
+                                  args=values.encode(["why"]))
+        self.assertEqual((error.type_name, error.message), ("KeyError", "'why'"))
+        self.call(commands.Free, handles=[array, module["module"], 12345])
+        error = self.remote_error(commands.OpenArrayRead, array=array)
+        self.assertEqual(error.short_type_name, "HandleError")
+
+    def test_devices(self):
+        """cpu exists; cuda does not on a numpy backend; allocation there fails clearly."""
+        self.assertEqual(self.call(commands.DeviceExists, device_type=1, device_id=0),
+                         {"exists": True, "name": "cpu"})
+        self.assertEqual(self.call(commands.DeviceExists, device_type=2, device_id=0),
+                         {"exists": False, "name": "cuda"})
+        self.call(commands.DeviceSync, device_type=1, device_id=0)
+        error = self.remote_error(commands.Empty, shape=[1], dtype="float32", device_type=2,
+                                  device_id=0)
+        self.assertEqual(error.short_type_name, "DeviceError")
+
+    def test_time_evaluator(self):
+        """time_evaluator answers one positive mean per repeat."""
+        answer = self.call(commands.TimeEvaluator, name="add", args=values.encode([1, 2]),
+                           device_type=1, device_id=0, number=5, repeat=3, min_repeat_ms=0.0)
+        self.assertEqual(len(answer["results"]), 3)
+        self.assertTrue(all(r >= 0 for r in answer["results"]))
+        error = self.remote_error(commands.TimeEvaluator, name="add", args=values.encode([1, 2]),
+                                  device_type=1, device_id=0, number=0, repeat=1,
+                                  min_repeat_ms=0.0)
+        self.assertEqual(error.short_type_name, "ValueError")
+
+    def test_goodbye_and_cleanup(self):
+        """Goodbye answers, closes, and the work directory goes away."""
+        work = self.server.environment.work_dir.root
+        self.assertTrue(os.path.isdir(work))
+        self.call(commands.Goodbye)
+        self.clock.advance(0)
+        self.pump.flush()
+        self.assertTrue(self.server.environment.closed)
+        self.assertFalse(os.path.exists(work))
+
+    def test_chunk_too_large(self):
+        """A StreamWrite above the chunk limit is refused (and the stream dropped)."""
+        stream = self.call(commands.OpenValue, size=100_000)["stream"]
+        error = self.remote_error(commands.StreamWrite, stream=stream,
+                                  data=b"x" * (commands.CHUNK_SIZE + 1))
+        self.assertIn("exceeds", error.message)
+
+
+class StartTests(SynchronousTestCase):
+    """How the plumbing starts a session, and bad peers."""
+
+    def make(self):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root, True)
+        protocol = make_session_protocol(root, Registry(), clock=Clock(), backend="python")
+        transport = StringTransport()
+        return protocol, transport
+
+    def test_bytes_before_and_after_start(self):
+        """Bytes received with the handshake (passed after makeConnection) are served."""
+        protocol, transport = self.make()
+        box = amp.AmpBox(_command=b"Hello", _ask=b"1", protocol=b"tvm_rpc-session",
+                         version=b"1").serialize()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(box[:5])
+        protocol.dataReceived(box[5:])
+        self.assertIn(b"tvm_rpc-session", transport.value())
+        self.assertIn(b"_answer", transport.value())
+        work = protocol.environment.work_dir.root
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(os.path.exists(work))
+
+    def test_non_amp_peer_refused(self):
+        """A TVM RPC packet (first byte not 0) closes the connection at once."""
+        protocol, transport = self.make()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"\x18\x00\x00\x00\x00\x00\x00\x00\x05\x00\x00\x00")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+
+    def test_timeout_notice_is_a_box(self):
+        """The timeout notice reaches a client's SessionEnded responder, unanswered."""
+        received = []
+
+        class Client(amp.AMP):
+            @commands.SessionEnded.responder
+            def ended(self, code, reason):
+                received.append((code, reason))
+                return {}
+
+        client = Client()
+        transport = StringTransport()
+        client.makeConnection(transport)
+        client.dataReceived(timeout_notice(2.5))
+        self.assertEqual(len(received), 1)
+        self.assertEqual(received[0][0], "timeout")
+        self.assertIn("2.5 s", received[0][1])
+        self.assertEqual(transport.value(), b"")
+
+
+NO_OPTIONAL_DEPENDENCIES = textwrap.dedent('''
+    import builtins, json, os, shutil, sys, tempfile
+    real_import = builtins.__import__
+    BLOCKED = ("numpy", "tvm", "tvm_ffi", "cloudpickle")
+
+    def guarded(name, *args, **kwargs):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("blocked: " + name)
+        return real_import(name, *args, **kwargs)
+
+    builtins.__import__ = guarded
+    for name in list(sys.modules):
+        if name.split(".")[0] in BLOCKED:
+            del sys.modules[name]
+
+    from twisted.internet.task import Clock
+    from twisted.protocols import amp
+    from twisted.test.iosim import connectedServerAndClient
+    from tvm_rpc.protocol import commands, values
+    from tvm_rpc.protocol.streams import chunked, read_stream, write_stream
+    from tvm_rpc.server.session import SessionProtocol, prepare
+
+    root = tempfile.mkdtemp()
+    client, server, pump = connectedServerAndClient(
+        lambda: SessionProtocol(root, clock=Clock()), amp.AMP)
+    out = {"backend": prepare()}
+
+    def call(command, **kw):
+        results = []
+        client.callRemote(command, **kw).addBoth(results.append)
+        pump.flush()
+        return results[0]
+
+    def finish(d):
+        results = []
+        d.addBoth(results.append)
+        pump.flush()
+        return results[0]
+
+    source = "def total(array):\\n    view = memoryview(array.data).cast('i')\\n" \\
+             "    return sum(view)\\n"
+    call(commands.CallFunction, name="tvm.rpc.server.upload",
+         args=values.encode(["m.py", source.encode()]))
+    module = call(commands.LoadModule, path="m.py")["module"]
+    total = call(commands.ModuleGetFunction, module=module, name="total")["function"]
+    array = call(commands.Empty, shape=[4], dtype="int32", device_type=1, device_id=0)["array"]
+    stream = call(commands.OpenArrayWrite, array=array)["stream"]
+    data = b"".join(i.to_bytes(4, "little") for i in (1, 2, 3, 4))
+    finish(write_stream(client.callRemote, stream, chunked(data)))
+    ref = values.ArrayRef(array, (4,), "int32")
+    answer = call(commands.CallFunction, function=total, args=values.encode([ref]))
+    out["total"] = values.decode(answer["result"])
+    cuda = call(commands.DeviceExists, device_type=2, device_id=0)
+    out["cuda"] = cuda["exists"]
+    call(commands.CallFunction, name="tvm.rpc.server.upload",
+         args=values.encode(["lib.so", b"x"]))
+    error = call(commands.LoadModule, path="lib.so")
+    out["so_error"] = error.value.message
+    out["loaded"] = sorted(n for n in sys.modules if n.split(".")[0] in BLOCKED)
+    print(json.dumps(out))
+    shutil.rmtree(root)
+''')
+
+
+class NoOptionalDependenciesTests(SynchronousTestCase):
+    """The server side works with numpy, TVM and cloudpickle all missing."""
+
+    def test_python_only_session(self):
+        """A .py module session runs on the pure-Python backend."""
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=here)
+        completed = subprocess.run(
+            [sys.executable, "-c", NO_OPTIONAL_DEPENDENCIES],
+            capture_output=True, text=True, timeout=120, env=env, cwd=here,
+        )
+        self.assertEqual(completed.returncode, 0, completed.stderr)
+        out = json.loads(completed.stdout.strip().splitlines()[-1])
+        self.assertEqual(out["backend"], "python")
+        self.assertEqual(out["total"], 10)
+        self.assertFalse(out["cuda"])
+        self.assertIn("TVM's runtime is not installed", out["so_error"])
+        self.assertEqual(out["loaded"], [])
+
+
+ROUND_TRIP = textwrap.dedent('''
+    import hashlib, json, os, resource, shutil, sys, tempfile
+    from twisted.internet import defer, endpoints, protocol, reactor
+    from twisted.protocols import amp
+    from tvm_rpc.protocol import commands
+    from tvm_rpc.protocol.streams import read_stream, write_stream
+    from tvm_rpc.server.session import make_session_protocol
+
+    SIZE = int(sys.argv[1])
+    root = tempfile.mkdtemp()
+
+    def rss_kib():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+
+    def chunks(digest):
+        block = hashlib.sha256(b"seed").digest() * 2048  # 64 KiB of pattern
+        sent = 0
+        counter = 0
+        while sent < SIZE:
+            counter += 1
+            piece = (counter.to_bytes(8, "little") + block)[:min(commands.CHUNK_SIZE, SIZE - sent)]
+            digest.update(piece)
+            sent += len(piece)
+            yield piece
+
+    async def main():
+        factory = protocol.Factory.forProtocol(
+            lambda: make_session_protocol(root, clock=reactor, backend="python"))
+        port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        client = await endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), amp.AMP())
+        base = rss_kib()
+        peak = [base]
+        sent_digest = hashlib.sha256()
+        stream = (await client.callRemote(commands.OpenUpload, path="big.bin", size=SIZE))["stream"]
+
+        def watched(iterator):
+            for i, piece in enumerate(iterator):
+                if i % 64 == 0:
+                    peak[0] = max(peak[0], rss_kib())
+                yield piece
+
+        await write_stream(client.callRemote, stream, watched(chunks(sent_digest)))
+        answer = await client.callRemote(commands.OpenDownload, path="big.bin")
+        got_digest = hashlib.sha256()
+        count = [0]
+
+        def consume(data):
+            got_digest.update(data)
+            count[0] += 1
+            if count[0] % 64 == 0:
+                peak[0] = max(peak[0], rss_kib())
+
+        size = await read_stream(client.callRemote, answer["stream"], answer["size"], consume)
+        await client.callRemote(commands.Goodbye)
+        port.stopListening()
+        return {"size": size, "same": sent_digest.hexdigest() == got_digest.hexdigest(),
+                "growth_kib": peak[0] - base, "left": os.listdir(root)}
+
+    result = {}
+    def done(value):
+        result.update(value)
+        reactor.callLater(0.2, reactor.stop)
+    def failed(failure):
+        result["error"] = failure.getTraceback()
+        reactor.stop()
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(main()).addCallbacks(done, failed))
+    reactor.run()
+    result["left"] = os.listdir(root)
+    shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(result))
+''')
+
+
+class RoundTripTests(SynchronousTestCase):
+    """A 256 MiB upload and download over loopback TCP, byte-exact, memory bounded."""
+
+    def test_256_mib_round_trip(self):
+        """Client and server share one process: its RSS growth bounds both ends together."""
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=here)
+        completed = subprocess.run(
+            [sys.executable, "-c", ROUND_TRIP, str(256 * 1024 * 1024)],
+            capture_output=True, text=True, timeout=240, env=env, cwd=here,
+        )
+        self.assertEqual(completed.returncode, 0, completed.stderr)
+        out = json.loads(completed.stdout.strip().splitlines()[-1])
+        self.assertNotIn("error", out, out.get("error"))
+        self.assertEqual(out["size"], 256 * 1024 * 1024)
+        self.assertTrue(out["same"])
+        self.assertEqual(out["left"], [])
+        # Both ends hold at most window x chunk (960 KiB) each in flight; allow
+        # generous slack for the allocator and transport buffers.
+        self.assertLess(out["growth_kib"], 64 * 1024, out)
+
+
