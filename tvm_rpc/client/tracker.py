@@ -387,6 +387,34 @@ class TrackerSession:
             self._requests.discard(connection)
             connection.close()
 
+    def request(self, key, priority=1, session_timeout=0, max_retry=5, timeout=None):
+        """
+        Obtain a server for C{key} and open a session on it (TVM's C{request}).
+
+        @param key: the device key.
+        @param priority: higher is served first.
+        @param session_timeout: seconds after which the server ends the session.
+        @param max_retry: attempts before giving up.
+        @param timeout: seconds each wait in the queue may take, or L{None}.
+        @return: a Deferred firing with an L{RPCSession}; cancelling it
+            withdraws the request. See L{tvm_rpc.client.connect.request}.
+        """
+        from .connect import request
+
+        return request(self, key, priority, session_timeout, max_retry, timeout)
+
+    def request_and_run(self, key, func, priority=1, session_timeout=0, max_retry=2):
+        """
+        Run C{func(session)} on a server for C{key}, retrying on another server
+        when the one obtained drops out; the session is always closed.
+
+        @return: a Deferred firing with what C{func}'s Deferred gives. See
+            L{tvm_rpc.client.connect.request_and_run}.
+        """
+        from .connect import request_and_run
+
+        return request_and_run(self, key, func, priority, session_timeout, max_retry)
+
     def close(self):
         """
         Close the control connection and withdraw every allocation in progress.

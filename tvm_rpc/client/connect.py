@@ -1,0 +1,329 @@
+"""The client's network entry points: ``connect``, ``request`` and ``request_and_run``.
+
+:func:`connect` opens a TCP connection to a server (or a proxy), performs TVM's
+RPC handshake marked as ours (see :mod:`tvm_rpc.protocol.flavour`), then
+switches the connection to the session protocol and returns the
+:class:`~tvm_rpc.client.session.RPCSession`. :func:`request` first obtains a
+server from a tracker; :func:`request_and_run` runs a function on a session and
+retries on another server when the one it got drops out. All return Deferreds.
+"""
+
+import ipaddress
+
+from twisted.internet import defer, error
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+)
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+
+from ..protocol.constants import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
+from ..protocol.flavour import TVM_SERVER_REFUSAL, client_key, reply_is_marked
+from ..protocol.handshake import ReplyDecoder, encode_handshake
+
+log = Logger()
+
+#: Seconds allowed to connect and receive the handshake reply.
+DEFAULT_HANDSHAKE_TIMEOUT = 30.0
+
+
+class HandshakeError(Exception):
+    """The server (or proxy) did not accept the session."""
+
+
+class KeyMismatch(HandshakeError):
+    """The server answered RPC_CODE_MISMATCH: it does not accept this key or matchkey."""
+
+
+class DuplicateKey(HandshakeError):
+    """The proxy answered RPC_CODE_DUPLICATE: the key is already waiting there."""
+
+
+class NotTvmRpcServer(HandshakeError):
+    """The peer completed TVM's handshake but is Apache TVM's native server, not ours."""
+
+
+class NotAnRpcServer(HandshakeError):
+    """The peer does not speak the RPC handshake at all, or closed during it."""
+
+
+class RequestFailed(Exception):
+    """No session could be opened on any server the tracker offered."""
+
+
+class SessionTimeout(Exception):
+    """The server ended the session because it outlived its session timeout."""
+
+
+def server_endpoint(reactor, host, port, timeout=DEFAULT_HANDSHAKE_TIMEOUT):
+    """
+    @return: an L{IStreamClientEndpoint} reaching C{host}:C{port} (IP literals
+        without a resolver, names through L{HostnameEndpoint}).
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
+    if address.version == 6:
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+
+
+class ClientHandshake(Protocol):
+    """
+    The connecting side of the RPC handshake, then a carrier for the session.
+
+    @ivar done: fires with the bytes received after the reply once the server
+        accepted us; errbacks with a L{HandshakeError} (the connection is then
+        closed) or the connection's loss.
+    """
+
+    def __init__(self, key, session_timeout, address):
+        """
+        @param key: the key or matchkey to present (without ``client:``).
+        @param session_timeout: seconds, or 0/L{None} for none.
+        @param address: C{host:port}, for messages.
+        """
+        self._key = key
+        self._session_timeout = session_timeout
+        self._address = address
+        self._decoder = ReplyDecoder()
+        self._session = None
+        self.done = defer.Deferred(lambda d: self.transport and self.transport.abortConnection())
+
+    def connectionMade(self):
+        """Send the handshake in one write, with Nagle off."""
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            try:
+                no_delay(True)
+            except OSError:
+                pass
+        self.transport.write(encode_handshake(client_key(self._key, self._session_timeout)))
+
+    def dataReceived(self, data):
+        """Decode the reply, then pass bytes to the session."""
+        if self._session is not None:
+            self._session.dataReceived(data)
+            return
+        if self.done.called:
+            return
+        if self._decoder.feed(data):
+            self._reply()
+
+    def _reply(self):
+        decoder = self._decoder
+        problem = None
+        if decoder.error is not None:
+            problem = NotAnRpcServer(f"{self._address} sent a bad handshake reply: {decoder.error}")
+        elif decoder.code == RPC_CODE_MISMATCH:
+            problem = KeyMismatch(
+                f"{self._address} does not accept key {self._key!r} (RPC_CODE_MISMATCH)"
+            )
+        elif decoder.code == RPC_CODE_DUPLICATE:
+            problem = DuplicateKey(
+                f"key {self._key!r} is already in use at {self._address} (RPC_CODE_DUPLICATE)"
+            )
+        elif decoder.code != RPC_CODE_SUCCESS:
+            problem = NotAnRpcServer(
+                f"{self._address} is not an RPC server or proxy "
+                f"(handshake reply 0x{decoder.code & 0xFFFFFFFF:x})"
+            )
+        elif not reply_is_marked(decoder.key):
+            problem = NotTvmRpcServer(f"{self._address}: {TVM_SERVER_REFUSAL}")
+        if problem is not None:
+            self.transport.abortConnection()
+            self.done.errback(problem)
+            return
+        self.done.callback(decoder.rest)
+
+    def switch_to(self, protocol, rest=b""):
+        """
+        Hand the connection to the session protocol.
+
+        @param protocol: a fresh protocol, connected to this transport.
+        @param rest: bytes already received after the reply.
+        """
+        self._session = protocol
+        protocol.makeConnection(self.transport)
+        if rest:
+            protocol.dataReceived(rest)
+
+    def connectionLost(self, reason=None):
+        """Fail the handshake, or tell the session."""
+        if not self.done.called:
+            self.done.errback(
+                NotAnRpcServer(
+                    f"{self._address} closed the connection during the handshake "
+                    f"({reason.getErrorMessage() if reason else 'closed'})"
+                )
+            )
+        if self._session is not None:
+            self._session.connectionLost(reason)
+
+
+def _start_session(transport_protocol, rest, *, reactor, session_timeout, address):
+    """
+    Switch a handshaken connection to the session protocol.
+
+    @return: a Deferred firing with the L{RPCSession}.
+    """
+    from .session import open_session
+
+    return open_session(
+        transport_protocol, rest, reactor=reactor, session_timeout=session_timeout,
+        address=address,
+    )
+
+
+def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=None,
+            handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT):
+    """
+    Open a session on a server (directly, or through a proxy by key).
+
+    @param host: the server's host name or address.
+    @param port: its port.
+    @param key: the key (or tracker matchkey) to present; C{""} for a server
+        started without a tracker and without ``--key``.
+    @param session_timeout: seconds after which the server ends the session
+        (0: never).
+    @param reactor: the reactor; the global one when L{None}.
+    @param endpoint: an endpoint to use instead of one made from C{host} and
+        C{port}.
+    @param handshake_timeout: seconds allowed to connect and be answered.
+    @return: a Deferred firing with an L{RPCSession}; it errbacks with
+        L{KeyMismatch}, L{DuplicateKey}, L{NotTvmRpcServer} or
+        L{NotAnRpcServer} when refused, or the connection error.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    address = f"{host}:{port}"
+    if endpoint is None:
+        endpoint = server_endpoint(reactor, host, port, handshake_timeout)
+
+    async def run():
+        handshake = ClientHandshake(key, session_timeout, address)
+
+        async def shake():
+            await connectProtocol(endpoint, handshake)
+            return await handshake.done
+
+        attempt = defer.Deferred.fromCoroutine(shake())
+        if handshake_timeout is not None:
+            def expired(result, seconds):
+                raise NotAnRpcServer(
+                    f"{address} did not complete the RPC handshake within {seconds:g} s"
+                )
+            attempt.addTimeout(handshake_timeout, reactor, onTimeoutCancel=expired)
+        rest = await attempt
+        return await _start_session(
+            handshake, rest, reactor=reactor, session_timeout=session_timeout, address=address
+        )
+
+    return defer.Deferred.fromCoroutine(run())
+
+
+#: Failures worth another server: the connection or handshake broke.
+RETRYABLE = (
+    error.ConnectError,
+    error.ConnectionLost,
+    error.ConnectionDone,
+    KeyMismatch,
+    NotAnRpcServer,
+    defer.TimeoutError,
+)
+
+
+def request(tracker, key, priority=1, session_timeout=0, max_retry=5, timeout=None):
+    """
+    Obtain a server for C{key} from a tracker and open a session on it.
+
+    @param tracker: a L{tvm_rpc.client.tracker.TrackerSession}.
+    @param key: the device key.
+    @param priority: higher is served first.
+    @param session_timeout: seconds after which the server ends the session.
+    @param max_retry: attempts (allocation plus connection) before giving up.
+    @param timeout: seconds each wait in the tracker's queue may take, or L{None}.
+    @return: a Deferred firing with an L{RPCSession}; cancelling it withdraws
+        the request. It errbacks with L{RequestFailed} after C{max_retry}
+        failed connections, and with the tracker's error (for instance
+        L{tvm_rpc.client.tracker.AllocationTimeout}) at once.
+    """
+    reactor = tracker.reactor
+
+    async def run():
+        last = None
+        for attempt in range(max(1, max_retry)):
+            allocation = await tracker.allocate(key, priority=priority, timeout=timeout)
+            try:
+                return await connect(
+                    allocation.host, allocation.port, allocation.matchkey,
+                    session_timeout, reactor=reactor,
+                )
+            except RETRYABLE as e:
+                last = e
+                log.warn(
+                    "session on {host}:{port} for {key} failed ({problem}); attempt {n} of {max}",
+                    host=allocation.host, port=allocation.port, key=key,
+                    problem=str(e) or type(e).__name__, n=attempt + 1, max=max_retry,
+                )
+        raise RequestFailed(
+            f"cannot open a session for key {key!r} via tracker {tracker.address} "
+            f"after {max_retry} attempts: {last}"
+        )
+
+    return defer.Deferred.fromCoroutine(run())
+
+
+def request_and_run(tracker, key, func, priority=1, session_timeout=0, max_retry=2):
+    """
+    Run C{func(session)} on a server for C{key}, on another server when the
+    one obtained drops out.
+
+    @param func: takes an L{RPCSession}, returns a Deferred (or a value).
+    @return: a Deferred firing with what C{func}'s Deferred gives; the session
+        is closed however it ends. It errbacks with L{SessionTimeout} when the
+        server ended the session for its timeout, with C{func}'s own error at
+        once (a remote error is not retried), and with L{RequestFailed} when
+        every attempt lost its server.
+    """
+    reactor = tracker.reactor
+
+    async def run():
+        last = None
+        for attempt in range(max(1, max_retry)):
+            session = await request(
+                tracker, key, priority=priority, session_timeout=session_timeout
+            )
+            started = reactor.seconds()
+            try:
+                return await defer.maybeDeferred(func, session)
+            except RETRYABLE as e:
+                elapsed = reactor.seconds() - started
+                if session_timeout and elapsed >= session_timeout * 0.95:
+                    raise SessionTimeout(
+                        f"the {session_timeout:g} s session on key {key!r} timed out "
+                        f"while running {getattr(func, '__name__', func)!r}"
+                    ) from e
+                last = e
+                log.warn(
+                    "lost the server for {key} ({problem}); attempt {n} of {max}",
+                    key=key, problem=str(e) or type(e).__name__, n=attempt + 1, max=max_retry,
+                )
+            finally:
+                await _close_quietly(session)
+        raise RequestFailed(
+            f"failed to run on key {key!r} (max_retry={max_retry}): {last}"
+        )
+
+    return defer.Deferred.fromCoroutine(run())
+
+
+async def _close_quietly(session):
+    try:
+        await defer.maybeDeferred(session.close)
+    except Exception:
+        log.failure("closing a session failed")
