@@ -135,7 +135,7 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
     set_silent(options["silent"])
     run_init(options["init"])
-    _, make_session = load_callable(options["session-factory"])
+    session_module, make_session = load_callable(options["session-factory"])
     work_root = options["work-dir"]
     owns_work_root = work_root is None
     if work_root is None:
@@ -155,6 +155,7 @@ def makeService(options, reactor=None):
             work_root,
             init=tuple(options["init"]),
             session_factory=options["session-factory"],
+            timeout_notice=getattr(session_module, "timeout_notice", None),
         )
     factory = ListenerFactory(gate, runner, reactor, options["handshake-timeout"])
     make_registration = None

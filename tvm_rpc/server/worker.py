@@ -310,8 +310,12 @@ def fork_server_main(argv=None):
     control = socket.socket(fileno=args.control_fd)
     lifeline = socket.socket(fileno=args.lifeline_fd)
     _start_logging()
-    _, make_session = load_callable(args.session_factory)
+    module, make_session = load_callable(args.session_factory)
     run_init(args.init)
+    prepare = getattr(module, "prepare", None)
+    if prepare is not None:
+        # Import the array backend once, here, instead of in every session.
+        prepare()
     # Import what a worker needs without installing a reactor: the reactor
     # must be created after the fork, in the worker.
     import twisted.internet.default  # noqa: F401
