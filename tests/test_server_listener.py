@@ -19,7 +19,19 @@ from tvm_rpc.protocol.flavour import (
     server_key,
     tvm_exception_packet,
 )
-from tvm_rpc.protocol.handshake import ReplyDecoder, encode_handshake
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from twisted.test.iosim import connectedServerAndClient
+
+from tvm_rpc.client.connect import (
+    ClientHandshake,
+    DuplicateKey,
+    KeyMismatch,
+    NotAnRpcServer,
+    NotTvmRpcServer,
+)
+from tvm_rpc.protocol.constants import RPC_CODE_DUPLICATE
+from tvm_rpc.protocol.handshake import HandshakeDecoder, ReplyDecoder, encode_handshake, encode_reply
 from tvm_rpc.server.gate import SessionGate
 from tvm_rpc.server.listener import (
     InProcessRunner,
@@ -319,3 +331,72 @@ class InProcessRunnerTests(SynchronousTestCase):
         protocol.connectionLost(None)
         self.assertEqual(self.gate.active, 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ClientHandshakeTests(SynchronousTestCase):
+    """The client side of the handshake, and both sides together."""
+
+    def shake(self, key="dev", timeout=0):
+        protocol = ClientHandshake(key, timeout, "h:1")
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_sends_marked_key(self):
+        """The handshake carries the key, the timeout and our mark."""
+        _, transport = self.shake("dev:0.5", 10)
+        decoder = HandshakeDecoder()
+        decoder.feed(transport.value())
+        self.assertEqual(decoder.key, "client:dev:0.5 -timeout=10" + MARKER)
+
+    def test_success_switches(self):
+        """A marked reply succeeds; later bytes reach the session protocol."""
+        protocol, transport = self.shake()
+        protocol.dataReceived(encode_reply(RPC_CODE_SUCCESS, server_key("dev")) + b"ab")
+        self.assertEqual(self.successResultOf(protocol.done), b"ab")
+        session = Recorder()
+        protocol.switch_to(session, b"ab")
+        protocol.dataReceived(b"cd")
+        self.assertEqual(session.data, b"abcd")
+        protocol.connectionLost(None)
+        self.assertTrue(session.lost)
+
+    def test_refusals(self):
+        """Each refusal is its own clear error and closes the connection."""
+        cases = [
+            (encode_reply(RPC_CODE_MISMATCH), KeyMismatch, "does not accept key"),
+            (encode_reply(RPC_CODE_DUPLICATE), DuplicateKey, "already in use"),
+            (struct.pack("<i", 0x1234), NotAnRpcServer, "not an RPC server"),
+            (encode_reply(RPC_CODE_SUCCESS, "server:dev"), NotTvmRpcServer,
+             "Apache TVM's native RPC server, not tvm_rpc"),
+        ]
+        for reply, kind, text in cases:
+            protocol, transport = self.shake()
+            protocol.dataReceived(reply)
+            failure = self.failureResultOf(protocol.done, kind)
+            self.assertIn(text, str(failure.value))
+            self.assertTrue(transport.disconnected)
+
+    def test_closed_during_handshake(self):
+        """A peer that hangs up before replying gives NotAnRpcServer."""
+        protocol, _ = self.shake()
+        protocol.dataReceived(b"\x71")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(protocol.done, NotAnRpcServer)
+
+    def test_against_our_listener(self):
+        """Our client and our listener agree over an in-memory connection."""
+        clock = Clock()
+        gate = SessionGate("", max_sessions=1)
+        runner = RecordingRunner()
+        factory = ListenerFactory(gate, runner, clock)
+        client = ClientHandshake("", 5, "h:1")
+        client, _, pump = connectedServerAndClient(
+            lambda: factory.buildProtocol(None), lambda: client, greet=False
+        )
+        pump.flush()
+        [handoff] = runner.handoffs
+        self.assertEqual(handoff.timeout, 5.0)
+        handoff.transport.write(handoff.reply + b"hello")
+        pump.flush()
+        self.assertEqual(self.successResultOf(client.done), b"hello")
