@@ -1,0 +1,95 @@
+"""Our proxy with the real apache-tvm: TVM's servers behind it, TVM's clients,
+TVM's tracker and query tool, as real processes on loopback."""
+
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+from daemons import Daemon, child_env, our_proxy, our_tracker, tvm_tracker
+
+KEY = "interop-dev"
+
+
+@contextmanager
+def tvm_server_through(port, key=KEY):
+    """TVM's server connecting out to a proxy, stopped (whole group) at the end."""
+    daemon = Daemon([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+                     "--port", str(port), "--through-proxy", "--key", key])
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def wait_free(tvm, tracker_port, key, want, timeout=30):
+    """Wait until the tracker's summary shows C{want} free servers for C{key}."""
+    deadline = time.monotonic() + timeout
+    while True:
+        summary = tvm.rpc.connect_tracker("127.0.0.1", tracker_port).summary()
+        free = summary["queue_info"].get(key, {}).get("free", 0)
+        if free == want:
+            return summary
+        assert time.monotonic() < deadline, f"free={free}, wanted {want}: {summary}"
+        time.sleep(0.1)
+
+
+def use_session(session):
+    """Round-trip a blob and call a server function through the relay."""
+    blob = bytes(range(256)) * 4096
+    session.upload(bytearray(blob), "blob.bin")
+    assert bytes(session.download("blob.bin")) == blob
+    workpath = session.get_function("tvm.rpc.server.workpath")
+    assert workpath("blob.bin").endswith("blob.bin")
+
+
+def test_tvm_server_behind_our_proxy_reached_through_our_tracker(tvm):
+    with our_tracker() as (tracker, tracker_port), \
+         our_proxy("--tracker", f"127.0.0.1:{tracker_port}") as (proxy, proxy_port), \
+         tvm_server_through(proxy_port) as server:
+        proxy.wait_for(f"presented 'server:{KEY}'", timeout=60)
+        wait_free(tvm, tracker_port, KEY, 1)
+        client = tvm.rpc.connect_tracker("127.0.0.1", tracker_port)
+        for _ in range(2):
+            session = client.request(KEY, session_timeout=60)
+            use_session(session)
+            del session
+            # TVM's server reconnects to the proxy after each session.
+            wait_free(tvm, tracker_port, KEY, 1)
+        assert server.proc.poll() is None
+
+
+def test_tvm_tracker_lists_our_proxy_and_forgets_a_leaving_server(tvm):
+    with tvm_tracker() as (tracker, tracker_port), \
+         our_proxy("--tracker", f"127.0.0.1:{tracker_port}") as (proxy, proxy_port):
+        with tvm_server_through(proxy_port):
+            proxy.wait_for(f"presented 'server:{KEY}'", timeout=60)
+            summary = wait_free(tvm, tracker_port, KEY, 1)
+            assert {"key": f"server:proxy[{KEY}]", "addr": ["127.0.0.1", proxy_port]} in \
+                summary["server_info"]
+            text = subprocess.run(
+                [sys.executable, "-m", "tvm.exec.query_rpc_tracker", "--host", "127.0.0.1",
+                 "--port", str(tracker_port)],
+                capture_output=True, text=True, timeout=60, env=child_env(),
+            ).stdout
+            assert f"server:proxy[{KEY}]" in text, text
+            session = tvm.rpc.connect_tracker("127.0.0.1", tracker_port).request(KEY)
+            use_session(session)
+            del session
+            wait_free(tvm, tracker_port, KEY, 1)
+        # The server is gone: its entry leaves TVM's tracker at once.
+        started = time.monotonic()
+        summary = wait_free(tvm, tracker_port, KEY, 0, timeout=10)
+        assert time.monotonic() - started < 5
+        assert {"key": "server:proxy[]", "addr": ["127.0.0.1", proxy_port]} in \
+            summary["server_info"]
+
+
+def test_tvm_client_and_server_paired_by_key(tvm):
+    with our_proxy() as (proxy, proxy_port), \
+         tvm_server_through(proxy_port, "plain-dev"):
+        proxy.wait_for("presented 'server:plain-dev'", timeout=60)
+        session = tvm.rpc.connect("127.0.0.1", proxy_port, key="plain-dev", session_timeout=60)
+        use_session(session)
+        del session
+        proxy.wait_for("presented 'client:plain-dev -timeout=60'")
