@@ -1,0 +1,85 @@
+"""Our client, driven in a child process for the interop tests (one reactor run each).
+
+Usage: ``python tests/interop_client.py MODE ARGS...``; prints one JSON object.
+
+- ``connect HOST PORT KEY``: open a session directly and report how it went.
+- ``story TRACKER_HOST TRACKER_PORT KEY LIBRARY N M``: the TVM docs' story:
+  request a server by key, upload LIBRARY (a dense + ReLU layer ``y = relu(x W^T)``
+  with ``x: (1, N)``, ``W: (M, N)``), load it, run it on device arrays, read
+  the result back and time it.
+"""
+
+import json
+import sys
+
+from twisted.internet import defer, task
+
+
+def describe(failure):
+    return {"ok": False, "error_type": type(failure.value).__name__, "message": str(failure.value)}
+
+
+async def connect_mode(reactor, host, port, key):
+    from tvm_rpc.client.connect import connect
+
+    try:
+        session = await connect(host, int(port), key, reactor=reactor)
+    except Exception:
+        from twisted.python.failure import Failure
+
+        return describe(Failure())
+    await session.close()
+    return {"ok": True}
+
+
+async def story_mode(reactor, tracker_host, tracker_port, key, library, n, m):
+    import numpy as np
+
+    from tvm_rpc.client import connect_tracker
+
+    n, m = int(n), int(m)
+    tracker = await connect_tracker(tracker_host, int(tracker_port), reactor=reactor)
+    session = await tracker.request(key, priority=1, session_timeout=60)
+    try:
+        await session.upload(library, "dense_relu.so")
+        module = await session.load_module("dense_relu.so")
+        device = session.cpu(0)
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((1, n)).astype("float32")
+        w = rng.standard_normal((m, n)).astype("float32")
+        x_remote = await session.array(x, device)
+        w_remote = await session.array(w, device)
+        y_remote = await session.empty((1, m), "float32", device)
+        function = module.get_function("main")
+        if isinstance(function, defer.Deferred):
+            function = await function
+        await function(x_remote, w_remote, y_remote)
+        y = await y_remote.numpy()
+        expected = np.maximum(x @ w.T, 0)
+        evaluator = session.time_evaluator(function, device, number=5, repeat=2)
+        timing = await evaluator(x_remote, w_remote, y_remote)
+        return {
+            "ok": True,
+            "max_abs_error": float(np.max(np.abs(y - expected))),
+            "nonzero": int(np.count_nonzero(y)),
+            "timings": [float(t) for t in timing.results],
+            "mean": float(timing.mean),
+        }
+    finally:
+        await session.close()
+        await tracker.close()
+
+
+def main(reactor, mode, *args):
+    modes = {"connect": connect_mode, "story": story_mode}
+
+    async def run():
+        result = await modes[mode](reactor, *args)
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
+
+    return defer.Deferred.fromCoroutine(run())
+
+
+if __name__ == "__main__":
+    task.react(main, sys.argv[1:])
