@@ -1,0 +1,273 @@
+"""Property tests of the pure scheduler and tracker state (hypothesis)."""
+
+from hypothesis import given, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from tvm_rpc.protocol.commands import Allocation, Put, Request, UpdateInfo
+from tvm_rpc.tracker.scheduler import Offer, Scheduler, Status, Waiter
+from tvm_rpc.tracker.state import ITrackerPeer, TrackerState
+
+KEYS = ["a", "b:c"]
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.sampled_from(KEYS)),
+        st.tuples(st.just("request"), st.sampled_from(KEYS), st.sampled_from([0, 1, 2, 2.5])),
+        st.tuples(st.just("withdraw"), st.integers(0, 200)),
+        st.tuples(st.just("remove"), st.integers(0, 200)),
+    ),
+    max_size=120,
+)
+
+
+@given(ops)
+def test_scheduler_matches_naive_model(operations):
+    """Against a sort-based model: priority then FIFO for requests, oldest free
+    server first, nothing handed out twice, counts always right."""
+    scheduler = Scheduler()
+    waiting = {k: [] for k in KEYS}
+    free = {k: [] for k in KEYS}
+    waiters, offers, seq = [], [], 0
+    handed = set()
+    for op in operations:
+        seq += 1
+        if op[0] == "put":
+            offer = Offer(op[1], seq)
+            offers.append(offer)
+            got = scheduler.put(offer)
+            if waiting[op[1]]:
+                best = min(waiting[op[1]], key=lambda w: (-w.priority, w.payload))
+                waiting[op[1]].remove(best)
+                assert got is best and offer.partner is best and best.partner is offer
+                assert id(offer) not in handed
+                handed.add(id(offer))
+            else:
+                assert got is None and offer.status is Status.QUEUED
+                free[op[1]].append(offer)
+        elif op[0] == "request":
+            waiter = Waiter(op[1], op[2], seq)
+            waiters.append(waiter)
+            got = scheduler.request(waiter)
+            if free[op[1]]:
+                oldest = free[op[1]].pop(0)
+                assert got is oldest and id(oldest) not in handed
+                handed.add(id(oldest))
+            else:
+                assert got is None
+                waiting[op[1]].append(waiter)
+        elif op[0] == "withdraw" and waiters:
+            waiter = waiters[op[1] % len(waiters)]
+            expected = waiter in waiting[waiter.key]
+            assert scheduler.withdraw(waiter) == expected
+            if expected:
+                waiting[waiter.key].remove(waiter)
+        elif op[0] == "remove" and offers:
+            offer = offers[op[1] % len(offers)]
+            expected = offer in free[offer.key]
+            assert scheduler.remove(offer) == expected
+            if expected:
+                free[offer.key].remove(offer)
+        for key in KEYS:
+            assert scheduler.counts(key) == (len(free[key]), len(waiting[key]))
+
+
+def test_withdrawn_majority_is_compacted_in_order():
+    """Many withdrawals shrink the heap and keep priority/FIFO order."""
+    scheduler = Scheduler()
+    waiters = [Waiter("k", i % 3, i) for i in range(1000)]
+    for waiter in waiters:
+        scheduler.request(waiter)
+    for waiter in waiters[:900]:
+        scheduler.withdraw(waiter)
+    assert len(scheduler._queues["k"]._heap) < 300
+    served = [scheduler.put(Offer("k")).payload for _ in range(100)]
+    assert served == sorted(range(900, 1000), key=lambda i: (-(i % 3), i))
+    assert scheduler.counts("k") == (0, 0)
+
+
+def test_reused_objects_refused():
+    scheduler = Scheduler()
+    waiter, offer = Waiter("k"), Offer("k")
+    scheduler.request(waiter)
+    scheduler.put(offer)
+    for call, thing in ((scheduler.request, waiter), (scheduler.put, offer)):
+        try:
+            call(thing)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("reuse accepted")
+    assert not scheduler.withdraw(waiter) and not scheduler.remove(offer)
+
+
+@implementer(ITrackerPeer)
+class RecordingPeer:
+    """Records the answers the state sends."""
+
+    def __init__(self):
+        self.answers = []
+
+    def answer_request(self, pending, result):
+        self.answers.append(result)
+
+
+class TrackerMachine(RuleBasedStateMachine):
+    """Puts, requests (with and without deadlines), cancels, UPDATE_INFO,
+    disconnects and time passing, against a simple model of TVM's rules."""
+
+    def __init__(self):
+        super().__init__()
+        self.clock = Clock()
+        self.state = TrackerState(self.clock)
+        self.peers, self.connections, self.open = [], [], []
+        self.expected = []
+        self.free = {k: [] for k in KEYS}
+        self.waiting = {k: [] for k in KEYS}
+        self.leases = {}
+        self.seen_keys = set()
+        self.handed = set()
+        self.seq = 0
+        self.pendings = []
+
+    def _pick(self, index):
+        return self.open[index % len(self.open)] if self.open else None
+
+    @rule()
+    def connect(self):
+        peer = RecordingPeer()
+        index = len(self.peers)
+        self.peers.append(peer)
+        self.connections.append(self.state.connect(peer, f"10.0.0.{index}", 1000 + index))
+        self.expected.append([])
+        self.open.append(index)
+
+    @rule(who=st.integers(0, 50), key=st.sampled_from(KEYS), again=st.booleans())
+    def put(self, who, key, again):
+        index = self._pick(who)
+        if index is None:
+            return
+        connection = self.connections[index]
+        mine = [m for m in connection.offers if m.rsplit(":", 1)[0] == key]
+        if again and mine:
+            matchkey = mine[0]
+            self.free[key] = [f for f in self.free[key] if f[1] != matchkey or f[0] != index]
+        else:
+            self.seq += 1
+            matchkey = f"{key}:{self.seq}"
+        self.seen_keys.add(key)
+        self.state.put(connection, Put(key, 9000 + index, matchkey, None))
+        held = self.leases.get((index, key))
+        if held:
+            self.leases[(index, key)] = held - 1
+        if self.waiting[key]:
+            best = min(self.waiting[key], key=lambda w: (-w[1], w[2]))
+            self.waiting[key].remove(best)
+            self._handed(best[0], index, key, matchkey)
+        else:
+            self.free[key].append((index, matchkey))
+
+    def _handed(self, client, server, key, matchkey):
+        assert (server, matchkey) not in self.handed
+        self.handed.add((server, matchkey))
+        self.expected[client].append(Allocation(f"10.0.0.{server}", 9000 + server, matchkey))
+        self.leases[(server, key)] = self.leases.get((server, key), 0) + 1
+
+    @rule(
+        who=st.integers(0, 50),
+        key=st.sampled_from(KEYS),
+        priority=st.sampled_from([0, 1, 1, 5]),
+        timeout=st.sampled_from([None, None, 1, 3]),
+    )
+    def request(self, who, key, priority, timeout):
+        index = self._pick(who)
+        if index is None:
+            return
+        self.seq += 1
+        self.seen_keys.add(key)
+        pending = self.state.request(
+            self.connections[index], Request(key, "u", priority, timeout)
+        )
+        if self.free[key]:
+            server, matchkey = self.free[key].pop(0)
+            self._handed(index, server, key, matchkey)
+        else:
+            deadline = None if timeout is None else self.clock.seconds() + timeout
+            entry = (index, priority, self.seq, deadline, pending)
+            self.waiting[key].append(entry)
+            self.pendings.append((key, entry))
+
+    @rule(which=st.integers(0, 100))
+    def cancel(self, which):
+        if not self.pendings:
+            return
+        key, entry = self.pendings[which % len(self.pendings)]
+        was_waiting = entry in self.waiting[key]
+        assert self.state.cancel(entry[4]) == was_waiting
+        if was_waiting:
+            self.waiting[key].remove(entry)
+
+    @rule(who=st.integers(0, 50), server=st.booleans())
+    def update_info(self, who, server):
+        index = self._pick(who)
+        if index is None:
+            return
+        key = "server:a" if server else "client"
+        self.state.update_info(self.connections[index], UpdateInfo({"key": key, "addr": [None, 1]}))
+
+    @rule(who=st.integers(0, 50))
+    def disconnect(self, who):
+        index = self._pick(who)
+        if index is None:
+            return
+        self.open.remove(index)
+        self.state.disconnect(self.connections[index])
+        for key in KEYS:
+            self.free[key] = [f for f in self.free[key] if f[0] != index]
+            self.waiting[key] = [w for w in self.waiting[key] if w[0] != index]
+            self.leases.pop((index, key), None)
+
+    @rule(seconds=st.sampled_from([0.5, 1, 2]))
+    def advance(self, seconds):
+        now = self.clock.seconds() + seconds
+        for key in KEYS:
+            for entry in list(self.waiting[key]):
+                if entry[3] is not None and entry[3] <= now:
+                    self.waiting[key].remove(entry)
+                    self.expected[entry[0]].append("expired")
+        self.clock.advance(seconds)
+
+    @invariant()
+    def answers_match_model(self):
+        for peer, expected in zip(self.peers, self.expected):
+            got = ["expired" if isinstance(a, str) else a for a in peer.answers]
+            assert sorted(map(repr, got)) == sorted(map(repr, expected))
+            assert [a for a in got if a != "expired"] == [a for a in expected if a != "expired"]
+
+    @invariant()
+    def summary_consistent(self):
+        summary = self.state.summary()
+        assert summary["queue_info"] == {
+            key: {"free": len(self.free[key]), "pending": len(self.waiting[key])}
+            for key in self.seen_keys
+        }
+        assert len(summary["leases"]) == sum(self.leases.values())
+        servers = [
+            i for i in self.open if self.connections[i].info.get("key") == "server:a"
+        ]
+        assert len(summary["server_info"]) == len(servers)
+
+    @invariant()
+    def pending_matchkeys_consistent(self):
+        for index in self.open:
+            mine = [m for key in KEYS for (i, m) in self.free[key] if i == index]
+            assert sorted(self.state.pending_matchkeys(self.connections[index])) == sorted(mine)
+
+    @invariant()
+    def no_timer_leaks(self):
+        live = sum(1 for key in KEYS for w in self.waiting[key] if w[3] is not None)
+        assert len(self.clock.getDelayedCalls()) == live
+
+
+TestTrackerMachine = TrackerMachine.TestCase
