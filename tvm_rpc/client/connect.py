@@ -54,10 +54,6 @@ class RequestFailed(Exception):
     """No session could be opened on any server the tracker offered."""
 
 
-class SessionTimeout(Exception):
-    """The server ended the session because it outlived its session timeout."""
-
-
 def server_endpoint(reactor, host, port, timeout=DEFAULT_HANDSHAKE_TIMEOUT):
     """
     @return: an L{IStreamClientEndpoint} reaching C{host}:C{port} (IP literals
@@ -165,18 +161,17 @@ class ClientHandshake(Protocol):
             self._session.connectionLost(reason)
 
 
-def _start_session(transport_protocol, rest, *, reactor, session_timeout, address):
+async def _start_session(handshake, rest, reactor):
     """
     Switch a handshaken connection to the session protocol.
 
-    @return: a Deferred firing with the L{RPCSession}.
+    @return: the L{RPCSession} once the session's opening exchange is done.
     """
-    from .session import open_session
+    from .session import make_client_protocol, start_session
 
-    return open_session(
-        transport_protocol, rest, reactor=reactor, session_timeout=session_timeout,
-        address=address,
-    )
+    protocol = make_client_protocol()
+    handshake.switch_to(protocol, rest)
+    return await start_session(protocol, clock=reactor)
 
 
 def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=None,
@@ -219,9 +214,7 @@ def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=Non
                 )
             attempt.addTimeout(handshake_timeout, reactor, onTimeoutCancel=expired)
         rest = await attempt
-        return await _start_session(
-            handshake, rest, reactor=reactor, session_timeout=session_timeout, address=address
-        )
+        return await _start_session(handshake, rest, reactor)
 
     return defer.Deferred.fromCoroutine(run())
 
@@ -229,8 +222,7 @@ def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=Non
 #: Failures worth another server: the connection or handshake broke.
 RETRYABLE = (
     error.ConnectError,
-    error.ConnectionLost,
-    error.ConnectionDone,
+    error.ConnectionClosed,
     KeyMismatch,
     NotAnRpcServer,
     defer.TimeoutError,
@@ -290,6 +282,8 @@ def request_and_run(tracker, key, func, priority=1, session_timeout=0, max_retry
         once (a remote error is not retried), and with L{RequestFailed} when
         every attempt lost its server.
     """
+    from .session import SessionTimeout
+
     reactor = tracker.reactor
 
     async def run():
@@ -301,6 +295,8 @@ def request_and_run(tracker, key, func, priority=1, session_timeout=0, max_retry
             started = reactor.seconds()
             try:
                 return await defer.maybeDeferred(func, session)
+            except SessionTimeout:
+                raise
             except RETRYABLE as e:
                 elapsed = reactor.seconds() - started
                 if session_timeout and elapsed >= session_timeout * 0.95:
