@@ -85,7 +85,6 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(answer["protocol"], "tvm_rpc-session")
         self.assertEqual(answer["version"], commands.SESSION_VERSION)
         self.assertEqual(answer["chunk_size"], commands.CHUNK_SIZE)
-        self.assertLessEqual(answer["chunk_size"], 65535)
         self.assertIn("tvm_rpc", answer["implementation"])
 
     def test_calls_by_name_and_handle(self):
@@ -472,7 +471,7 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(out["size"], 256 * 1024 * 1024)
         self.assertTrue(out["same"])
         self.assertEqual(out["left"], [])
-        # Both ends hold at most window x chunk (960 KiB) each in flight; allow
+        # Both ends hold at most window x chunk (2 MiB) each in flight; allow
         # generous slack for the allocator and transport buffers.
         self.assertLess(out["growth_kib"], 64 * 1024, out)
 

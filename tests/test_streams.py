@@ -227,6 +227,35 @@ class StreamTransferTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(receive_value(client.callRemote, {"result": b"r"})), b"r")
 
 
+class BlobTests(SynchronousTestCase):
+    """Chunks above one AMP value travel as several values of one box."""
+
+    def round_trip(self, data):
+        """Serialize a StreamWrite box and parse it back; @return: (box bytes, parsed data)."""
+        box = commands.StreamWrite.makeArguments({"stream": 1, "data": data}, None)
+        for key, value in box.items():
+            self.assertLessEqual(len(value), 0xFFFF, key)
+            self.assertLessEqual(len(key), 255)
+        wire = box.serialize()
+        parsed = commands.StreamWrite.parseArguments(amp.AmpBox(box), None)
+        return wire, parsed
+
+    def test_boundaries(self):
+        """Lengths around the 65,535-byte value limit, and a full chunk, round-trip."""
+        for length in (0, 1, 0xFFFE, 0xFFFF, 0x10000, 2 * 0xFFFF, 2 * 0xFFFF + 1,
+                       commands.CHUNK_SIZE):
+            data = os.urandom(length)
+            _, parsed = self.round_trip(data)
+            self.assertEqual(parsed["data"], data, length)
+            self.assertEqual(parsed["stream"], 1)
+
+    def test_memoryview_accepted(self):
+        """Writers may pass memoryview slices (no copy before the box)."""
+        data = os.urandom(200_000)
+        _, parsed = self.round_trip(memoryview(data)[1000:150_000])
+        self.assertEqual(parsed["data"], data[1000:150_000])
+
+
 class StreamTableTests(SynchronousTestCase):
     """The table's checks, without a connection."""
 

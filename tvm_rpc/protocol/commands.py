@@ -384,7 +384,8 @@ Calls
     ``.workpath(path)`` -> absolute path on the device.
 
 Big values and bulk data: streams
-    No AMP value ever exceeds 65,535 bytes. When encoded arguments are longer
+    No AMP value ever exceeds 65,535 bytes: a chunk of a stream is carried
+    in one box as consecutive values (:class:`Blob`). When encoded arguments are longer
     than ``MAX_INLINE_VALUE``, the client opens a value sink
     (:class:`OpenValue`), writes the bytes with :class:`StreamWrite`, ends it
     with :class:`StreamFinish` and passes the stream id as ``args_stream``
@@ -398,7 +399,7 @@ Big values and bulk data: streams
     disk or into the array), and the writer keeps at most ``window`` chunks
     unanswered. Reads name their offset; the reader keeps at most ``window``
     reads outstanding. So one transfer holds at most
-    ``window * chunk_size`` (16 x 60 KiB = 960 KiB by default) in flight on
+    ``window * chunk_size`` (4 x 512 KiB = 2 MiB by default) in flight on
     each end, whatever the total size. :class:`StreamClose` cancels a write
     stream (a partial upload is deleted) or releases a read stream.
     :mod:`tvm_rpc.protocol.streams` implements both ends.
@@ -433,10 +434,11 @@ from twisted.protocols import amp  # noqa: E402
 SESSION_PROTOCOL = "tvm_rpc-session"
 #: The session protocol version; bumped on incompatible changes.
 SESSION_VERSION = 1
-#: Largest chunk carried by one :class:`StreamWrite` / :class:`StreamRead`.
-CHUNK_SIZE = 60 * 1024
+#: Largest chunk carried by one :class:`StreamWrite` / :class:`StreamRead` (one
+#: box, split into values of at most 65,535 bytes by :class:`Blob`).
+CHUNK_SIZE = 512 * 1024
 #: Chunks a writer or reader keeps outstanding on one stream.
-WINDOW = 16
+WINDOW = 4
 #: Longest encoded value sent inline in ``args`` / ``result``; longer values
 #: travel through a stream. Leaves room under AMP's 65,535-byte value limit.
 MAX_INLINE_VALUE = 60 * 1024
@@ -557,6 +559,50 @@ def remote_errors(function):
         return maybeDeferred(function, *args, **kwargs).addErrback(as_remote_error)
 
     return responder
+
+
+class Blob(amp.Argument):
+    """
+    Bytes longer than one AMP value, carried in consecutive keys of one box:
+    ``name``, ``name.1``, ``name.2``, ... each at most L{PIECE_SIZE} bytes,
+    so no AMP value ever exceeds 65,535 bytes. The receiver checks the total
+    length (a L{StreamWrite} chunk above L{CHUNK_SIZE} is refused by the
+    stream table with a L{RemoteError}).
+    """
+
+    #: The longest single AMP value used (AMP's own limit is 65,535).
+    PIECE_SIZE = 0xFFFF
+
+    def toBox(self, name, strings, objects, proto):
+        """Split the bytes of C{objects[name]} over C{name}, C{name.1}, ..."""
+        value = objects.get(name.decode("ascii"))
+        if value is None:
+            if not self.optional:
+                raise amp.InvalidSignature(f"missing required argument {name!r}")
+            return
+        view = memoryview(value).cast("B")
+        size = self.PIECE_SIZE
+        strings[name] = bytes(view[:size])
+        for index, start in enumerate(range(size, len(view), size), 1):
+            strings[b"%s.%d" % (name, index)] = bytes(view[start:start + size])
+
+    def fromBox(self, name, strings, objects, proto):
+        """Join C{name}, C{name.1}, ... back into one L{bytes}."""
+        first = strings.pop(name, None)
+        if first is None:
+            if not self.optional:
+                raise KeyError(name)
+            objects[name.decode("ascii")] = None
+            return
+        pieces = [first]
+        index = 1
+        while True:
+            piece = strings.pop(b"%s.%d" % (name, index), None)
+            if piece is None:
+                break
+            pieces.append(piece)
+            index += 1
+        objects[name.decode("ascii")] = pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 _ERRORS = {RemoteError: b"REMOTE_ERROR"}
@@ -774,7 +820,7 @@ class StreamWrite(amp.Command):
     writes outstanding bounds the memory both ends spend on the transfer.
     """
 
-    arguments = [(b"stream", amp.Integer()), (b"data", amp.String())]
+    arguments = [(b"stream", amp.Integer()), (b"data", Blob())]
     response = []
     errors = _ERRORS
 
@@ -798,7 +844,7 @@ class StreamRead(amp.Command):
         (b"offset", amp.Integer()),
         (b"length", amp.Integer()),
     ]
-    response = [(b"data", amp.String())]
+    response = [(b"data", Blob())]
     errors = _ERRORS
 
 

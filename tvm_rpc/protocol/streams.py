@@ -19,7 +19,7 @@ The other end drives transfers with :func:`write_stream` and
 :func:`read_stream`. Each keeps at most ``window`` commands outstanding and
 each command carries at most ``chunk_size`` bytes, and a write is answered only
 once its chunk is consumed, so a transfer holds at most
-``window * chunk_size`` bytes in flight (16 x 60 KiB = 960 KiB by default)
+``window * chunk_size`` bytes in flight (4 x 512 KiB = 2 MiB by default)
 on each end, whatever its total size. Cancelling the Deferred of a transfer
 stops it and closes the stream on the other end.
 """
@@ -404,7 +404,7 @@ async def _write_stream(call_remote, stream, chunks, window, finish_command):
     try:
         for chunk in chunks:
             outstanding.append(
-                _settled(call_remote(StreamWrite, stream=stream, data=bytes(chunk)))
+                _settled(call_remote(StreamWrite, stream=stream, data=chunk))
             )
             if len(outstanding) >= window:
                 await _outcome(outstanding.pop(0))
