@@ -3,6 +3,8 @@
 Usage: ``python tests/interop_client.py MODE ARGS...``; prints one JSON object.
 
 - ``connect HOST PORT KEY``: open a session directly and report how it went.
+- ``pymodule HOST PORT KEY SOURCE``: upload a ``.py`` module, load it, call it.
+- ``hang HOST PORT KEY TIMEOUT``: call ``test.hang`` in a session with a timeout.
 - ``story TRACKER_HOST TRACKER_PORT KEY LIBRARY N M``: the TVM docs' story:
   request a server by key, upload LIBRARY (a dense + ReLU layer ``y = relu(x W^T)``
   with ``x: (1, N)``, ``W: (M, N)``), load it, run it on device arrays, read
@@ -50,7 +52,7 @@ async def story_mode(reactor, tracker_host, tracker_port, key, library, n, m):
         x_remote = await session.array(x, device)
         w_remote = await session.array(w, device)
         y_remote = await session.empty((1, m), "float32", device)
-        function = module.get_function("main")
+        function = module.get_function("dense_relu")
         if isinstance(function, defer.Deferred):
             function = await function
         await function(x_remote, w_remote, y_remote)
@@ -70,8 +72,48 @@ async def story_mode(reactor, tracker_host, tracker_port, key, library, n, m):
         await tracker.close()
 
 
+async def pymodule_mode(reactor, host, port, key, source):
+    from tvm_rpc.client.connect import connect
+
+    session = await connect(host, int(port), key, reactor=reactor)
+    try:
+        await session.upload(source, "plain.py")
+        module = await session.load_module("plain.py")
+        add = module.get_function("add")
+        if isinstance(add, defer.Deferred):
+            add = await add
+        loaded = module.get_function("loaded_modules")
+        if isinstance(loaded, defer.Deferred):
+            loaded = await loaded
+        return {"ok": True, "sum": await add(2, 40), "modules": await loaded()}
+    finally:
+        await session.close()
+
+
+async def hang_mode(reactor, host, port, key, timeout):
+    from twisted.python.failure import Failure
+
+    from tvm_rpc.client.connect import connect
+
+    session = await connect(host, int(port), key, float(timeout), reactor=reactor)
+    started = reactor.seconds()
+    try:
+        function = await session.get_function("test.hang")
+        await function(3600)
+    except Exception:
+        report = describe(Failure())
+        report["elapsed"] = reactor.seconds() - started
+        return report
+    return {"ok": True}
+
+
 def main(reactor, mode, *args):
-    modes = {"connect": connect_mode, "story": story_mode}
+    modes = {
+        "connect": connect_mode,
+        "story": story_mode,
+        "pymodule": pymodule_mode,
+        "hang": hang_mode,
+    }
 
     async def run():
         result = await modes[mode](reactor, *args)

@@ -102,3 +102,111 @@ def test_registers_with_tvm_tracker(tvm):
             assert row[0].split()[1:] == ["1", "1", "0"], text
         finally:
             daemon.stop()
+
+
+N, M = 64, 32
+
+
+@pytest.fixture(scope="module")
+def dense_relu(tvm, tmp_path_factory):
+    """``y = relu(x W^T)`` for ``x: (1, N)``, ``W: (M, N)``, compiled by TVM for llvm."""
+    from tvm import te
+
+    x = te.placeholder((1, N), "float32", name="x")
+    w = te.placeholder((M, N), "float32", name="w")
+    k = te.reduce_axis((0, N), name="k")
+    dense = te.compute((1, M), lambda i, j: te.sum(x[i, k] * w[j, k], axis=k), name="dense")
+    relu = te.compute(
+        (1, M), lambda i, j: te.max(dense[i, j], tvm.tirx.const(0, "float32")), name="relu"
+    )
+    function = te.create_prim_func([x, w, relu]).with_attr("global_symbol", "dense_relu")
+    path = tmp_path_factory.mktemp("model") / "dense_relu.so"
+    tvm.compile(function, target="llvm").export_library(str(path))
+    return path
+
+
+def check_story(report):
+    assert report["ok"] is True, report
+    assert report["max_abs_error"] < 1e-4
+    assert report["nonzero"] > 0
+    assert len(report["timings"]) == 2
+    assert all(t > 0 for t in report["timings"])
+    assert report["mean"] > 0
+
+
+def test_story_via_our_tracker(dense_relu):
+    """Compile on the host, run on our server found through our tracker."""
+    with our_tracker() as (_, tracker_port):
+        daemon, _ = our_server("--tracker", f"127.0.0.1:{tracker_port}", "--key", "story")
+        try:
+            daemon.wait_for(r"registered story with tracker")
+            check_story(run_client("story", "127.0.0.1", tracker_port, "story", dense_relu, N, M))
+        finally:
+            daemon.stop()
+
+
+def test_story_via_tvm_tracker(dense_relu):
+    """The same story with TVM's own tracker in the middle."""
+    with tvm_tracker() as (_, tracker_port):
+        daemon, _ = our_server("--tracker", f"127.0.0.1:{tracker_port}", "--key", "story")
+        try:
+            daemon.wait_for(r"registered story with tracker")
+            check_story(run_client("story", "127.0.0.1", tracker_port, "story", dense_relu, N, M))
+        finally:
+            daemon.stop()
+
+
+BLOCKER = textwrap.dedent(
+    '''
+    """Make numpy, cloudpickle and TVM impossible to import in this process."""
+    import sys
+
+    BLOCKED = ("numpy", "cloudpickle", "tvm", "tvm_ffi")
+
+
+    class Blocker:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{name} is blocked for this test")
+            return None
+
+
+    sys.meta_path.insert(0, Blocker())
+    '''
+)
+
+PLAIN_MODULE = textwrap.dedent(
+    '''
+    import sys
+
+
+    def add(a, b):
+        return a + b
+
+
+    def loaded_modules():
+        return sorted(name for name in ("numpy", "cloudpickle", "tvm") if name in sys.modules)
+    '''
+)
+
+
+def test_server_without_optional_dependencies(tvm, tmp_path):
+    """With numpy, cloudpickle and TVM unimportable, the server serves a .py module."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
+    source = tmp_path / "plain.py"
+    source.write_text(PLAIN_MODULE)
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(blocker), env["PYTHONPATH"]])
+    check = subprocess.run(
+        [sys.executable, "-c", "import numpy"], env=env, capture_output=True, timeout=60
+    )
+    assert check.returncode != 0 and b"blocked" in check.stderr
+    daemon, port = our_server("--key", "bare", env=env)
+    try:
+        report = run_client("pymodule", "127.0.0.1", port, "bare", source)
+        assert report == {"ok": True, "sum": 42, "modules": []}
+    finally:
+        daemon.stop()
+    assert "Traceback" not in daemon.output
