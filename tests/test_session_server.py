@@ -124,6 +124,37 @@ class SessionTests(SynchronousTestCase):
         self.pump.flush()
         self.assertEqual(results, {i: 2 * i for i in range(200)})
 
+    def test_asynchronous_functions(self):
+        """Functions returning Deferreds or coroutines answer when done; others go on."""
+        from twisted.internet.defer import Deferred
+
+        pending = Deferred()
+        second = Deferred()
+        self.registry.register("later", lambda: pending)
+
+        async def coroutine(x):
+            return [x, await second]
+
+        self.registry.register("coroutine", coroutine)
+        results = []
+        self.client.callRemote(commands.CallFunction, name="later").addCallback(results.append)
+        self.client.callRemote(commands.CallFunction, name="coroutine",
+                               args=values.encode([1])).addCallback(results.append)
+        self.assertEqual(self.invoke("add", 1, 2), 3)
+        self.assertEqual(results, [])
+        pending.callback(b"done")
+        second.callback(b"done")
+        self.pump.flush()
+        self.assertEqual([values.decode(r["result"]) for r in results], [b"done", [1, b"done"]])
+        failing = Deferred()
+        self.registry.register("fails", lambda: failing)
+        errors = []
+        self.client.callRemote(commands.CallFunction, name="fails").addErrback(errors.append)
+        self.pump.flush()
+        failing.errback(OSError("late failure"))
+        self.pump.flush()
+        self.assertEqual(errors[0].value.type_name, "OSError")
+
     def test_long_arguments_and_results(self):
         """Values longer than one AMP box travel by stream, both ways."""
         payload = os.urandom(300_000)

@@ -435,6 +435,7 @@ class SessionEnvironment:
     _ids: object = attrs.field(factory=lambda: itertools.count(1))
     streams: StreamTable = attrs.field(default=None)
     _backend: object = None
+    _builtins: object = None
     closed: bool = False
 
     def __attrs_post_init__(self):
@@ -521,6 +522,11 @@ class SessionEnvironment:
 
     def builtins(self):
         """@return: the built-in functions by TVM's names."""
+        if self._builtins is None:
+            self._builtins = self._make_builtins()
+        return self._builtins
+
+    def _make_builtins(self):
         return {
             "tvm.rpc.server.upload": self.upload,
             "tvm.rpc.server.download": self.download,
@@ -555,10 +561,19 @@ class SessionEnvironment:
         @return: the result, ready to encode (arrays, modules and functions
             are added to the handle table and returned as references).
         """
+        return self.to_wire(self.invoke(function, args))
+
+    def invoke(self, function, args):
+        """
+        Call C{function} with arguments received from the wire.
+
+        @return: the function's own result, not yet converted (it may be a
+            Deferred or a coroutine: the session waits for it, then calls
+            L{to_wire}).
+        """
         if not isinstance(args, (list, tuple)):
             raise TypeError(f"call arguments must be a list, not {type(args).__name__}")
-        result = function(*[self.from_wire(arg) for arg in args])
-        return self.to_wire(result)
+        return function(*[self.from_wire(arg) for arg in args])
 
     def from_wire(self, value, depth=0):
         """Turn a decoded value into what functions receive."""

@@ -23,13 +23,16 @@ For the server's plumbing (listener, handshake, worker process):
 
 Responders run user functions synchronously (the worker process is per
 session, so blocking is acceptable) but always return Deferreds, so the
-design can move calls to threads. Any exception becomes a
+design can move calls to threads. A function may also return a Deferred or
+be a coroutine function: its call is answered when it completes, and other
+calls proceed meanwhile. Any exception becomes a
 :class:`~tvm_rpc.protocol.commands.RemoteError` and the session stays usable.
 """
 
+import inspect
 import os
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.protocols import amp
 
@@ -39,6 +42,10 @@ from ..protocol.commands import remote_errors
 from .environment import PythonModule, SessionEnvironment, select_backend
 
 log = Logger()
+
+
+async def _awaited(awaitable):
+    return await awaitable
 
 
 def prepare(backend="auto"):
@@ -192,7 +199,13 @@ class SessionProtocol(amp.AMP):
         """Call a function with decoded arguments; answer the encoded result."""
         callee = self._callee(function, name)
         arguments = self._arguments(args, args_stream)
-        return self._result(self.environment.call(callee, arguments))
+        result = self.environment.invoke(callee, arguments)
+        if inspect.isawaitable(result):
+            return ensureDeferred(_awaited(result)).addCallback(self._converted)
+        return self._converted(result)
+
+    def _converted(self, result):
+        return self._result(self.environment.to_wire(result))
 
     @commands.Free.responder
     @remote_errors
