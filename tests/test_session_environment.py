@@ -69,9 +69,45 @@ _SHARED = []
 
 
 def _shared_root():
+    """
+    A work directory built once for the property tests::
+
+        base/outside/            a directory outside the work directory
+        base/work/sub/           a real subdirectory
+        base/work/in -> sub      a symlink that stays inside
+        base/work/out -> outside a symlink that leads out
+        base/work/up -> ..       a relative symlink that leads out
+        base/work/sub/back -> .. a symlink to the work directory itself
+    """
     if not _SHARED:
-        _SHARED.append(tempfile.mkdtemp())
-    return _SHARED[0]
+        base = tempfile.mkdtemp()
+        _SHARED.append(base)
+        work = os.path.join(base, "work")
+        os.makedirs(os.path.join(work, "sub"))
+        os.makedirs(os.path.join(base, "outside"))
+        os.symlink("sub", os.path.join(work, "in"))
+        os.symlink(os.path.join(base, "outside"), os.path.join(work, "out"))
+        os.symlink("..", os.path.join(work, "up"))
+        os.symlink("..", os.path.join(work, "sub", "back"))
+    return os.path.join(_SHARED[0], "work")
+
+
+link_segments = st.sampled_from(["sub", "in", "out", "up", "back", "..", ".", "", "f"])
+link_paths = st.lists(link_segments, min_size=1, max_size=5).map("/".join)
+
+
+@given(link_paths)
+def test_symlink_confinement_property(path):
+    """Through any mix of symlinks, a resolved path stays inside, or it is refused."""
+    work = WorkDirectory(_shared_root())
+    parts = path.split("/")
+    try:
+        resolved = work.resolve(path)
+    except PathEscapeError as e:
+        assert repr(path) in str(e)
+        return
+    assert resolved == work.root or resolved.startswith(work.root + os.sep)
+    assert "out" not in parts[:1] and "up" not in parts[:1]
 
 
 def teardown_module():

@@ -327,6 +327,24 @@ class StreamTableTests(SynchronousTestCase):
         self.assertTrue(sink.cancelled)
         self.assertEqual(len(table), 0)
 
+    def test_interfaces(self):
+        """The sinks and sources provide their interfaces."""
+        from zope.interface.verify import verifyObject
+
+        from tvm_rpc.protocol.streams import ISource
+
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "f")
+        sink = FileSink(path)
+        self.assertTrue(verifyObject(ISink, sink))
+        sink.finish()
+        self.assertTrue(verifyObject(ISink, BytesSink(1)))
+        self.assertTrue(verifyObject(ISource, BytesSource(b"")))
+        source = FileSource(path)
+        self.assertTrue(verifyObject(ISource, source))
+        source.close()
+
     def test_file_chunks(self):
         """file_chunks reads a file piecewise."""
         import io
