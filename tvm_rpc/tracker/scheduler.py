@@ -34,14 +34,16 @@ class Waiter:
         arrival order.
     @ivar payload: whatever the caller wants back with the match.
     @ivar status: set by the L{Scheduler}.
-    @ivar partner: the L{Offer} this request obtained, once matched.
+
+    Subclasses may add fields (keyword-only); matched objects hold no
+    reference to their partner, so they die by reference counting, without
+    work for the cyclic garbage collector.
     """
 
     key: str
     priority: float = 1
     payload: object = None
     status: Status = attrs.field(default=Status.NEW, init=False)
-    partner: "Offer | None" = attrs.field(default=None, init=False, repr=False)
     _seq: int = attrs.field(default=-1, init=False, repr=False)
 
 
@@ -53,13 +55,11 @@ class Offer:
     @ivar key: the device key served.
     @ivar payload: whatever the caller wants back with the match.
     @ivar status: set by the L{Scheduler}.
-    @ivar partner: the L{Waiter} this server went to, once matched.
     """
 
     key: str
     payload: object = None
     status: Status = attrs.field(default=Status.NEW, init=False)
-    partner: "Waiter | None" = attrs.field(default=None, init=False, repr=False)
     _seq: int = attrs.field(default=-1, init=False, repr=False)
 
 
@@ -214,5 +214,3 @@ class Scheduler:
 
 def _pair(waiter, offer):
     waiter.status = offer.status = Status.MATCHED
-    waiter.partner = offer
-    offer.partner = waiter

@@ -72,25 +72,20 @@ class ServerSlot:
 
 
 @attrs.define(eq=False)
-class PendingRequest:
+class PendingRequest(Waiter):
     """
-    A REQUEST waiting for its answer.
+    A REQUEST waiting for its answer: the scheduler's L{Waiter} itself.
 
     @ivar connection: who asked.
-    @ivar key: the device key wanted.
     @ivar user: the user named in the request.
-    @ivar priority: its priority.
     @ivar since: when it arrived (clock seconds).
     @ivar timer: the deadline's delayed call, if it has a deadline.
     """
 
-    connection: Connection
-    key: str
-    user: str
-    priority: float
-    since: float
-    waiter: "Waiter | None" = attrs.field(default=None, repr=False)
-    timer: object = attrs.field(default=None, repr=False)
+    connection: Connection = attrs.field(kw_only=True, repr=False)
+    user: str = attrs.field(kw_only=True, default="")
+    since: float = attrs.field(kw_only=True, default=0.0)
+    timer: object = attrs.field(kw_only=True, default=None, repr=False)
 
 
 @attrs.frozen(eq=False)
@@ -199,7 +194,7 @@ class TrackerState:
         if waiter is None:
             connection.offers[command.matchkey] = offer
         else:
-            self._hand_out(waiter.payload, slot)
+            self._hand_out(waiter, slot)
 
     def request(self, connection, command):
         """
@@ -210,10 +205,10 @@ class TrackerState:
         @return: the L{PendingRequest}.
         """
         pending = PendingRequest(
-            connection, command.key, command.user, command.priority, self.clock.seconds()
+            command.key, command.priority, connection=connection, user=command.user,
+            since=self.clock.seconds(),
         )
-        waiter = pending.waiter = Waiter(command.key, command.priority, pending)
-        offer = self.scheduler.request(waiter)
+        offer = self.scheduler.request(pending)
         if offer is not None:
             self._hand_out(pending, offer.payload)
             return pending
@@ -288,11 +283,11 @@ class TrackerState:
         if pending.timer is not None and pending.timer.active():
             pending.timer.cancel()
         pending.timer = None
-        return self.scheduler.withdraw(pending.waiter)
+        return self.scheduler.withdraw(pending)
 
     def _expire(self, pending, timeout):
         pending.timer = None
-        if pending.waiter.status is Status.QUEUED and self._withdraw(pending):
+        if pending.status is Status.QUEUED and self._withdraw(pending):
             pending.connection.peer.answer_request(
                 pending, f"no free server for key {pending.key!r} within {timeout:g} s"
             )
