@@ -1,0 +1,722 @@
+"""The session client (RPCSession and the remote objects) against the real session server, in memory."""
+
+import array
+import gc
+import math
+import os
+import random
+import shutil
+import tempfile
+
+import numpy
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from twisted.test.iosim import connectedServerAndClient
+from twisted.trial.unittest import SynchronousTestCase
+
+from tvm_rpc.client import remote
+from tvm_rpc.client.remote import (
+    Device,
+    RemoteArray,
+    RemoteFunction,
+    RemoteModule,
+    TimeEvaluatorResult,
+    host_array,
+    unpack,
+)
+from tvm_rpc.client.session import (
+    CLOSE_TIMEOUT,
+    HELLO_TIMEOUT,
+    ProtocolMismatch,
+    RPCSession,
+    SessionClosed,
+    SessionTimeout,
+    make_client_protocol,
+    open_session,
+    start_session,
+)
+from tvm_rpc.protocol import commands
+from tvm_rpc.protocol.commands import RemoteError
+from tvm_rpc.server.environment import SessionEnvironment
+from tvm_rpc.server.registry import Registry
+from tvm_rpc.server.session import SessionProtocol, timeout_notice
+
+MODULE = b'''
+def double(x):
+    return x * 2
+
+def fail(message):
+    raise KeyError(message)
+'''
+
+
+def _fill(target, value):
+    target[...] = value
+
+
+def _scale(source, target, factor):
+    target[...] = source * factor
+
+
+class FakeTimer:
+    """A timer for the server's time_evaluator: returns the given instants in turn."""
+
+    def __init__(self, instants):
+        self._instants = iter(instants)
+
+    def __call__(self):
+        return next(self._instants)
+
+
+class SessionTestBase(SynchronousTestCase):
+    """A client RPCSession connected in memory to a real SessionProtocol."""
+
+    timer_instants = ()
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.registry = Registry()
+        self.registry.register("add", lambda a, b: a + b)
+        self.registry.register("echo", lambda *args: list(args))
+        self.registry.register("boom", lambda: 1 / 0)
+        self.registry.register("fill", _fill)
+        self.registry.register("scale", _scale)
+        self.registry.register("total", lambda source: float(source.sum()))
+        self.registry.register("apply", lambda function, value: function(value))
+        self.registry.register("make_adder", lambda n: (lambda x: x + n))
+        self.registry.register("noop", lambda *args: None)
+        self.clock = Clock()
+        environment = SessionEnvironment.create(
+            self.root, self.registry, backend_name="numpy",
+            **({"timer": FakeTimer(self.timer_instants)} if self.timer_instants else {}),
+        )
+        self.client, self.server, self.pump = connectedServerAndClient(
+            lambda: SessionProtocol(self.root, self.registry, clock=self.clock,
+                                    environment=environment),
+            make_client_protocol,
+            clock=self.clock,
+        )
+        self.commands_seen = []
+        receive = self.server.ampBoxReceived
+
+        def spy(box):
+            self.commands_seen.append(box.get(b"_command"))
+            return receive(box)
+
+        self.server.ampBoxReceived = spy
+        opening = start_session(self.client, clock=self.clock)
+        self.pump.flush()
+        self.session = self.successResultOf(opening)
+
+    def resolve(self, deferred):
+        """Pump until C{deferred} fires; @return: its result (fails the test on an error)."""
+        self.pump.flush()
+        return self.successResultOf(deferred)
+
+    def failure(self, deferred, *types):
+        """Pump until C{deferred} fails; @return: the Failure."""
+        self.pump.flush()
+        return self.failureResultOf(deferred, *types)
+
+    @property
+    def environment(self):
+        """The server's session environment."""
+        return self.server.environment
+
+    def count(self, command):
+        """@return: how many C{command} boxes the server received."""
+        return self.commands_seen.count(command.__name__.encode())
+
+
+class OpeningTests(SessionTestBase):
+    """The Hello exchange."""
+
+    def test_session_opened(self):
+        """start_session gives an RPCSession with the server's transfer parameters."""
+        self.assertIsInstance(self.session, RPCSession)
+        self.assertEqual(self.session.chunk_size, commands.CHUNK_SIZE)
+        self.assertEqual(self.session.window, commands.WINDOW)
+        self.assertIn("tvm_rpc", self.session.server_implementation)
+        self.assertFalse(self.session.closed)
+        self.assertEqual(self.count(commands.Hello), 1)
+
+
+class HelloFailureTests(SynchronousTestCase):
+    """A peer that is not a tvm_rpc session server gives ProtocolMismatch, never a hang."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.protocol = make_client_protocol()
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.opening = start_session(self.protocol, clock=self.clock)
+
+    def test_silent_peer(self):
+        """No answer within the Hello timeout: mismatch, connection closed."""
+        self.assertNoResult(self.opening)
+        self.clock.advance(HELLO_TIMEOUT)
+        failure = self.failureResultOf(self.opening, ProtocolMismatch)
+        self.assertIn("not a tvm_rpc session server", str(failure.value))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_wrong_protocol(self):
+        """An answer naming another protocol or version: mismatch, connection closed."""
+        answer = amp.AmpBox(
+            _answer=b"1", protocol=b"other", version=b"7", implementation=b"x",
+            chunk_size=b"100", window=b"2", max_inline_value=b"100",
+        )
+        self.protocol.dataReceived(answer.serialize())
+        failure = self.failureResultOf(self.opening, ProtocolMismatch)
+        self.assertIn("'other' version 7", str(failure.value))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_peer_closes(self):
+        """The peer closes instead of answering: mismatch."""
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        failure = self.failureResultOf(self.opening, ProtocolMismatch)
+        self.assertIn("closed the connection", str(failure.value))
+
+    def test_cancel(self):
+        """Cancelling the opening closes the connection."""
+        self.opening.cancel()
+        self.failureResultOf(self.opening, CancelledError)
+        self.assertTrue(self.transport.disconnecting)
+
+
+class CarrierTests(SynchronousTestCase):
+    """open_session: how connect() hands a handshaken connection over."""
+
+    def test_switch_and_rest(self):
+        """The carrier switches to a session protocol given the early bytes."""
+        switched = []
+
+        class Carrier:
+            def switch_to(self, protocol, rest=b""):
+                switched.append((protocol, rest))
+                protocol.makeConnection(StringTransport())
+                if rest:
+                    protocol.dataReceived(rest)
+
+        answer = amp.AmpBox(
+            _answer=b"1", protocol=commands.SESSION_PROTOCOL.encode(),
+            version=str(commands.SESSION_VERSION).encode(), implementation=b"test",
+            chunk_size=b"1000", window=b"4", max_inline_value=b"1000",
+        ).serialize()
+        opening = open_session(Carrier(), b"", reactor=Clock(), session_timeout=7,
+                               address="h:1")
+        protocol, _ = switched[0]
+        protocol.dataReceived(answer)
+        session = self.successResultOf(opening)
+        self.assertIs(session.protocol, protocol)
+        self.assertEqual((session.address, session.session_timeout), ("h:1", 7))
+        self.assertEqual((session.chunk_size, session.window), (1000, 4))
+
+
+class FunctionTests(SessionTestBase):
+    """Global functions, calls, errors, handles."""
+
+    def test_get_function_and_call(self):
+        """get_function gives a RemoteFunction; calling it gives the result."""
+        add = self.resolve(self.session.get_function("add"))
+        self.assertIsInstance(add, RemoteFunction)
+        self.assertEqual(self.resolve(add(2, 3)), 5)
+        self.assertEqual(self.resolve(add("a", "b")), "ab")
+        self.assertEqual(self.resolve(self.session.call("add", 1.5, 2)), 3.5)
+
+    def test_values_round_trip(self):
+        """Plain values of every kind come back as sent."""
+        sent = [None, True, -7, 2.5, "é", b"\x00\xff", [1, [2]], (3, 4), {"k": {1: b"v"}}]
+        self.assertEqual(self.resolve(self.session.call("echo", *sent)), sent)
+
+    def test_large_arguments_and_result(self):
+        """Arguments and results beyond the inline limit travel through streams."""
+        blob = bytes(range(256)) * 1000
+        self.assertEqual(self.resolve(self.session.call("echo", blob)), [blob])
+        self.assertEqual(self.count(commands.OpenValue), 1)
+        self.assertGreater(self.count(commands.StreamRead), 0)
+
+    def test_remote_error_and_still_usable(self):
+        """A remote exception arrives as RemoteError with type and traceback; the session goes on."""
+        failure = self.failure(self.session.call("boom"), RemoteError)
+        self.assertEqual(failure.value.type_name, "ZeroDivisionError")
+        self.assertIn("division by zero", failure.value.message)
+        self.assertIn("Traceback", failure.value.traceback_text)
+        self.assertIn("ZeroDivisionError", failure.value.traceback_text)
+        self.assertEqual(self.resolve(self.session.call("add", 1, 1)), 2)
+
+    def test_unknown_function(self):
+        """get_function of a missing name fails with RemoteError naming NoSuchFunction."""
+        failure = self.failure(self.session.get_function("missing"), RemoteError)
+        self.assertIn("NoSuchFunction", failure.value.type_name)
+        self.assertIn("missing", failure.value.message)
+
+    def test_many_calls_in_flight(self):
+        """Many calls sent before any answer all complete, each with its own result."""
+        add = self.resolve(self.session.get_function("add"))
+        calls = [add(i, 1000) for i in range(100)]
+        for call in calls:
+            self.assertNoResult(call)
+        self.pump.flush()
+        self.assertEqual([self.successResultOf(call) for call in calls],
+                         [i + 1000 for i in range(100)])
+
+    def test_function_arguments_and_results(self):
+        """RemoteFunctions pass as arguments; functions returned become RemoteFunctions."""
+        add_five = self.resolve(self.session.call("make_adder", 5))
+        self.assertIsInstance(add_five, RemoteFunction)
+        self.assertEqual(self.resolve(add_five(1)), 6)
+        self.assertEqual(self.resolve(self.session.call("apply", add_five, 10)), 15)
+
+    def test_released_when_collected(self):
+        """A RemoteFunction that is garbage-collected releases its handle (a Free)."""
+        function = self.resolve(self.session.get_function("add"))
+        handles = len(self.environment)
+        del function
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.count(commands.Free), 1)
+        self.assertEqual(len(self.environment), handles - 1)
+
+    def test_close_releases(self):
+        """close() on a handle releases it once."""
+        function = self.resolve(self.session.get_function("add"))
+        handles = len(self.environment)
+        function.close()
+        function.close()
+        self.pump.flush()
+        self.assertEqual(len(self.environment), handles - 1)
+        self.assertEqual(self.count(commands.Free), 1)
+
+    def test_foreign_handle_refused(self):
+        """A handle of another session is refused locally."""
+        other = RPCSession(make_client_protocol(), self.clock)
+        stranger = RemoteFunction(other, "x", handle=99)
+        failure = self.failure(self.session.call("apply", stranger, 1), ValueError)
+        self.assertIn("another session", str(failure.value))
+
+
+class FileTests(SessionTestBase):
+    """Uploads and downloads in chunks, bounded, cancellable."""
+
+    SIZE = 5 * 1024 * 1024 + 123
+
+    def setUp(self):
+        super().setUp()
+        self.blob = random.Random(3).randbytes(self.SIZE)
+        self.local = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.local, True)
+
+    def record_writes(self, io):
+        """@return: the list of byte counts C{io} sends per pump step."""
+        sizes = []
+        original = io.getOutBuffer
+
+        def counting():
+            data = original()
+            sizes.append(len(data or b""))
+            return data
+
+        io.getOutBuffer = counting
+        return sizes
+
+    def chunk_sizes(self):
+        """Record the length of every StreamWrite chunk the server receives."""
+        chunks = []
+        receive = self.server.ampBoxReceived
+
+        def spy(box):
+            if box.get(b"_command") == b"StreamWrite":
+                chunks.append(sum(len(value) for key, value in box.items()
+                                  if key == b"data" or key.startswith(b"data.")))
+            return receive(box)
+
+        self.server.ampBoxReceived = spy
+        return chunks
+
+    def bound(self):
+        """The most bytes one side may have in flight on one transfer, with framing."""
+        return self.session.window * (self.session.chunk_size + 200)
+
+    def test_upload_download_round_trip(self):
+        """Bytes uploaded in bounded chunks come back byte-exact."""
+        chunks = self.chunk_sizes()
+        sent = self.record_writes(self.pump.clientIO)
+        size = self.resolve(self.session.upload(self.blob, "data/blob.bin"))
+        self.assertEqual(size, self.SIZE)
+        self.assertEqual(len(chunks), math.ceil(self.SIZE / self.session.chunk_size))
+        self.assertLessEqual(max(chunks), self.session.chunk_size)
+        self.assertLessEqual(max(sent), self.bound())
+        with open(os.path.join(self.environment.work_dir.root, "data", "blob.bin"), "rb") as f:
+            self.assertEqual(f.read(), self.blob)
+
+        received = self.record_writes(self.pump.serverIO)
+        self.assertEqual(self.resolve(self.session.download("data/blob.bin")), self.blob)
+        self.assertLessEqual(max(received), self.bound())
+        self.assertEqual(len(self.environment.streams), 0)
+
+    def test_upload_path_and_download_to_file(self):
+        """A local file uploads under its base name; a download streams into a local file."""
+        source = os.path.join(self.local, "model.bin")
+        with open(source, "wb") as f:
+            f.write(self.blob)
+        self.assertEqual(self.resolve(self.session.upload(source)), self.SIZE)
+        self.assertEqual(self.resolve(self.session.listdir()), ["model.bin"])
+        target = os.path.join(self.local, "copy.bin")
+        self.assertEqual(self.resolve(self.session.download("model.bin", local_path=target)),
+                         self.SIZE)
+        with open(target, "rb") as f:
+            self.assertEqual(f.read(), self.blob)
+        self.assertEqual(sorted(os.listdir(self.local)), ["copy.bin", "model.bin"])
+
+    def test_cancel_upload(self):
+        """Cancelling an upload stops it; the server keeps no file and no stream."""
+        uploading = self.session.upload(self.blob, "big.bin")
+        for _ in range(4):
+            self.pump.pump()
+        self.assertNoResult(uploading)
+        uploading.cancel()
+        self.failure(uploading, CancelledError)
+        self.assertEqual(os.listdir(self.environment.work_dir.root), [])
+        self.assertEqual(len(self.environment.streams), 0)
+        self.assertLess(self.count(commands.StreamWrite),
+                        math.ceil(self.SIZE / self.session.chunk_size))
+        self.assertEqual(self.resolve(self.session.call("add", 2, 2)), 4)
+
+    def test_cancel_download_to_file(self):
+        """Cancelling a download leaves no local file and releases the server's stream."""
+        self.resolve(self.session.upload(self.blob, "big.bin"))
+        target = os.path.join(self.local, "out.bin")
+        downloading = self.session.download("big.bin", local_path=target)
+        for _ in range(4):
+            self.pump.pump()
+        self.assertNoResult(downloading)
+        downloading.cancel()
+        self.failure(downloading, CancelledError)
+        self.assertEqual(os.listdir(self.local), [])
+        self.assertEqual(len(self.environment.streams), 0)
+
+    def test_cancel_before_open_answer(self):
+        """A transfer cancelled before its stream opens closes the stream when it does."""
+        uploading = self.session.upload(b"x" * 100, "small.bin")
+        uploading.cancel()
+        self.failureResultOf(uploading, CancelledError)
+        self.pump.flush()
+        self.assertEqual(len(self.environment.streams), 0)
+        self.assertEqual(os.listdir(self.environment.work_dir.root), [])
+
+    def test_download_missing_and_remove(self):
+        """Errors of file operations are RemoteErrors; remove deletes."""
+        failure = self.failure(self.session.download("nothing.bin"), RemoteError)
+        self.assertEqual(failure.value.type_name, "FileNotFoundError")
+        self.resolve(self.session.upload(b"abc", "a.txt"))
+        self.resolve(self.session.remove("a.txt"))
+        self.assertEqual(self.resolve(self.session.listdir(".")), [])
+        failure = self.failure(self.session.upload(b"abc", "../escape.txt"), RemoteError)
+        self.assertIn("PathEscapeError", failure.value.type_name)
+
+    def test_upload_bytes_needs_target(self):
+        """Bytes without a target path are refused locally."""
+        self.failureResultOf(self.session.upload(b"abc"), ValueError)
+
+
+class ModuleTests(SessionTestBase):
+    """Loading a .py module and calling its functions."""
+
+    def setUp(self):
+        super().setUp()
+        self.resolve(self.session.upload(MODULE, "lib/mod.py"))
+        self.module = self.resolve(self.session.load_module("lib/mod.py"))
+
+    def test_module_functions(self):
+        """module.get_function and module[name] both call the module's functions."""
+        self.assertIsInstance(self.module, RemoteModule)
+        self.assertEqual(self.module.kind, "python")
+        double = self.resolve(self.module.get_function("double"))
+        self.assertEqual(self.resolve(double(21)), 42)
+        self.assertEqual(self.resolve(self.module["double"]("ab")), "abab")
+
+    def test_lazy_function_resolves_once(self):
+        """Concurrent first calls of a lazy function share one lookup."""
+        lazy = self.module["double"]
+        self.assertIsNone(lazy.handle)
+        calls = [lazy(i) for i in range(5)]
+        self.pump.flush()
+        self.assertEqual([self.successResultOf(call) for call in calls], [0, 2, 4, 6, 8])
+        self.assertEqual(self.count(commands.ModuleGetFunction), 1)
+        self.assertIsNotNone(lazy.handle)
+
+    def test_lazy_lookup_failure_then_retry(self):
+        """A lazy function naming nothing fails each call with a RemoteError."""
+        missing = self.module["absent"]
+        self.failure(missing(1), RemoteError)
+        self.failure(missing(1), RemoteError)
+        self.assertEqual(self.count(commands.ModuleGetFunction), 2)
+
+    def test_module_error(self):
+        """An exception in module code names its type."""
+        failure = self.failure(self.module["fail"]("why"), RemoteError)
+        self.assertEqual(failure.value.type_name, "KeyError")
+        self.assertIn("mod.py", failure.value.traceback_text)
+
+
+class DeviceTests(SessionTestBase):
+    """Devices by name and number."""
+
+    def test_names_and_numbers(self):
+        """Names, aliases, 'type:index' and TVM's numbers all resolve."""
+        self.assertEqual(self.session.device("cuda", 1).device_type, 2)
+        self.assertEqual(self.session.device("cuda:3").index, 3)
+        self.assertEqual(self.session.device(4).name, "opencl")
+        self.assertEqual(self.session.cl(), self.session.device("opencl"))
+        self.assertEqual(self.session.device("llvm"), self.session.cpu(0))
+        self.assertEqual(self.session.cuda(2), Device(self.session, 2, 2))
+        self.assertRaises(ValueError, self.session.device, "abacus")
+        self.assertRaises(ValueError, self.session.device, 0)
+
+    def test_exists(self):
+        """cpu exists; cuda does not on a numpy-backed server."""
+        self.assertTrue(self.resolve(self.session.cpu().exists()))
+        self.assertFalse(self.resolve(self.session.cuda().exists()))
+        self.assertIsNone(self.resolve(self.session.cpu().sync()))
+
+
+class ArrayTests(SessionTestBase):
+    """Remote arrays: allocate, fill, pass, read back."""
+
+    def test_round_trip(self):
+        """A numpy array copied to the device reads back equal, as numpy, bytes or lists."""
+        host = numpy.arange(12, dtype="float32").reshape(3, 4)
+        remote_array = self.resolve(self.session.array(host, self.session.cpu()))
+        self.assertIsInstance(remote_array, RemoteArray)
+        self.assertEqual((remote_array.shape, remote_array.dtype), ((3, 4), "float32"))
+        numpy.testing.assert_array_equal(self.resolve(remote_array.numpy()), host)
+        self.assertEqual(self.resolve(remote_array.read()), host.tobytes())
+        self.assertEqual(self.resolve(remote_array.tolist()), host.tolist())
+
+    def test_big_array_in_chunks(self):
+        """An array of several chunks round-trips byte-exact."""
+        host = numpy.random.default_rng(1).standard_normal((512, 700)).astype("float64")
+        remote_array = self.resolve(self.session.array(host))
+        self.assertEqual(self.count(commands.StreamWrite),
+                         math.ceil(host.nbytes / self.session.chunk_size))
+        self.assertGreater(self.count(commands.StreamWrite), 1)
+        numpy.testing.assert_array_equal(self.resolve(remote_array.numpy()), host)
+        self.assertEqual(len(self.environment.streams), 0)
+
+    def test_empty_filled_by_function(self):
+        """Destination-passing: a remote function writes into an empty array."""
+        out = self.resolve(self.session.empty((2, 3), "int32", self.session.cpu(0)))
+        self.resolve(self.session.call("fill", out, 7))
+        numpy.testing.assert_array_equal(self.resolve(out.numpy()), numpy.full((2, 3), 7))
+        source = self.resolve(self.session.array(numpy.ones(4, dtype="float32")))
+        target = self.resolve(self.session.empty(4, "float32"))
+        scale = self.resolve(self.session.get_function("scale"))
+        self.resolve(scale(source, target, 2.5))
+        self.assertEqual(self.resolve(target.tolist()), [2.5] * 4)
+
+    def test_host_arrays_as_arguments(self):
+        """A numpy array argument is sent inline and arrives as an array."""
+        self.assertEqual(self.resolve(self.session.call("total", numpy.arange(5.0))), 10.0)
+
+    def test_copyfrom(self):
+        """copyfrom converts to the array's dtype and checks the shape."""
+        target = self.resolve(self.session.empty((2, 2), "float32"))
+        self.assertIs(self.resolve(target.copyfrom([[1, 2], [3, 4]])), target)
+        self.assertEqual(self.resolve(target.tolist()), [[1.0, 2.0], [3.0, 4.0]])
+        self.failure(target.copyfrom(numpy.zeros((4, 1))), ValueError)
+        self.failure(target.copyfrom([1, 2, 3]), ValueError)
+
+    def test_bad_dtype_and_closed(self):
+        """A bad dtype fails locally; a closed array is released on the server."""
+        self.failureResultOf(self.session.empty((2,), "complex7"), ValueError)
+        target = self.resolve(self.session.empty((2,), "float32"))
+        handles = len(self.environment)
+        target.close()
+        self.pump.flush()
+        self.assertEqual(len(self.environment), handles - 1)
+
+
+class TimeEvaluatorTests(SessionTestBase):
+    """time_evaluator statistics, from a server timer that is under the test's control."""
+
+    # Start/stop pairs of three repeats (the warm-up call is not timed).
+    timer_instants = (0.0, 0.004, 1.0, 1.006, 2.0, 2.002)
+
+    def test_statistics(self):
+        """The result carries per-repeat means and their statistics."""
+        evaluator = self.session.time_evaluator("noop", self.session.cpu(0), number=2, repeat=3)
+        result = self.resolve(evaluator(1, 2))
+        self.assertIsInstance(result, TimeEvaluatorResult)
+        for got, expected in zip(result.results, (0.002, 0.003, 0.001)):
+            self.assertAlmostEqual(got, expected)
+        self.assertAlmostEqual(result.mean, 0.002)
+        self.assertAlmostEqual(result.median, 0.002)
+        self.assertAlmostEqual(result.min, 0.001)
+        self.assertAlmostEqual(result.max, 0.003)
+        self.assertAlmostEqual(result.std, math.sqrt(2 / 3) * 0.001)
+        self.assertIn("mean (ms)", str(result))
+
+    def test_bad_parameters(self):
+        """number or repeat below 1 are refused at once."""
+        self.assertRaises(ValueError, self.session.time_evaluator, "noop", "cpu", number=0)
+        self.assertRaises(ValueError, self.session.time_evaluator, "noop", "cpu", repeat=0)
+
+
+class TimeEvaluatorFunctionTests(SessionTestBase):
+    """time_evaluator of a RemoteFunction."""
+
+    timer_instants = (10.0, 10.5)
+
+    def test_remote_function(self):
+        """A RemoteFunction handle is timed by handle."""
+        noop = self.resolve(self.session.get_function("noop"))
+        result = self.resolve(self.session.time_evaluator(noop, "cpu", number=5)())
+        self.assertEqual(len(result.results), 1)
+        self.assertAlmostEqual(result.mean, 0.1)
+
+
+class ClosingTests(SessionTestBase):
+    """Ending sessions: close(), async with, lost connections, server notices."""
+
+    def test_close(self):
+        """close() says goodbye, the connection goes, later calls fail with SessionClosed."""
+        closing = self.session.close()
+        self.assertTrue(self.session.closed)
+        self.resolve(closing)
+        self.assertTrue(self.client.lost)
+        self.assertTrue(self.environment.closed)
+        self.assertEqual(self.count(commands.Goodbye), 1)
+        self.failureResultOf(self.session.call("add", 1, 2), SessionClosed)
+        self.successResultOf(self.session.close())
+
+    def test_async_with(self):
+        """async with closes the session on the way out, also after an error."""
+
+        async def use():
+            async with self.session as session:
+                return await session.call("add", 20, 22)
+
+        self.assertEqual(self.resolve(Deferred.fromCoroutine(use())), 42)
+        self.assertTrue(self.client.lost)
+
+        async def fail_inside():
+            async with self.session:
+                raise KeyError("inside")
+
+        self.failure(Deferred.fromCoroutine(fail_inside()), KeyError)
+
+    def test_unanswered_close(self):
+        """A server that never answers Goodbye is dropped after the close timeout."""
+        closing = self.session.close()
+        self.assertNoResult(closing)
+        self.clock.advance(CLOSE_TIMEOUT)
+        self.pump.flush(advanceClock=False)
+        self.successResultOf(closing)
+
+    def test_connection_lost(self):
+        """Outstanding calls fail with SessionClosed (a ConnectionLost) when the connection goes."""
+        calling = self.session.call("add", 1, 2)
+        self.client.connectionLost(Failure(ConnectionDone()))
+        failure = self.failureResultOf(calling, SessionClosed)
+        self.assertIsInstance(failure.value, ConnectionLost)
+        self.assertTrue(self.session.closed)
+        self.successResultOf(self.session.when_closed())
+
+    def test_dropped_session_closes(self):
+        """A session garbage-collected without close() closes its connection."""
+        self.session = None
+        gc.collect()
+        self.pump.flush()
+        self.assertTrue(self.client.lost)
+        self.assertTrue(self.environment.closed)
+
+
+class SessionEndedTests(SynchronousTestCase):
+    """The server's SessionEnded notice turns into SessionTimeout."""
+
+    def test_timeout_notice(self):
+        """Outstanding calls fail with SessionTimeout carrying the server's sentence."""
+        protocol = make_client_protocol()
+        protocol.makeConnection(StringTransport())
+        session = RPCSession(protocol, Clock())
+        calling = session.call("slow")
+        protocol.dataReceived(timeout_notice(5))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        failure = self.failureResultOf(calling, SessionTimeout)
+        self.assertIn("timed out after 5 s", str(failure.value))
+        self.failureResultOf(session.call("again"), SessionTimeout)
+
+
+class HostArrayTests(SynchronousTestCase):
+    """Host data to array bytes, with and without numpy."""
+
+    def without_numpy(self):
+        """Make the helpers behave as if numpy were not installed."""
+        self.patch(remote, "_numpy", lambda: None)
+
+    def test_fallback_lists(self):
+        """Nested lists pack as numpy would, with numpy's default dtypes."""
+        self.without_numpy()
+        ints = host_array([[1, 2], [3, 4]])
+        self.assertEqual((ints.shape, ints.dtype), ((2, 2), "int64"))
+        self.assertEqual(ints.data, numpy.array([[1, 2], [3, 4]]).tobytes())
+        floats = host_array([1, 2.5], "float32")
+        self.assertEqual(floats.data, numpy.array([1, 2.5], "float32").tobytes())
+        self.assertEqual(host_array([True, False]).dtype, "bool")
+        self.assertRaises(ValueError, host_array, [[1, 2], [3]])
+        self.assertRaises(ValueError, host_array, ["a"])
+        self.assertRaises(ValueError, host_array, [1], "bfloat16")
+
+    def test_bytes_and_array_module(self):
+        """Bytes default to uint8 (or take a dtype and shape); array.array keeps its type."""
+        self.without_numpy()
+        raw = host_array(b"\x01\x00\x02\x00", "int16")
+        self.assertEqual((raw.shape, raw.dtype), ((2,), "int16"))
+        self.assertEqual(host_array(b"abcd", shape=(2, 2)).shape, (2, 2))
+        self.assertRaises(ValueError, host_array, b"abc", "int16")
+        floats = host_array(array.array("f", [1.0, 2.0]))
+        self.assertEqual(floats.dtype, "float32")
+        self.assertEqual(unpack(floats.data, floats.shape, "float32"), [1.0, 2.0])
+
+    def test_unpack_shapes(self):
+        """unpack rebuilds nested lists, and a scalar for shape ()."""
+        data = numpy.arange(6, dtype="int32").tobytes()
+        self.assertEqual(unpack(data, (2, 3), "int32"), [[0, 1, 2], [3, 4, 5]])
+        self.assertEqual(unpack(numpy.float64(2.5).tobytes(), (), "float64"), 2.5)
+        self.assertRaises(ValueError, unpack, data, (7,), "int32")
+
+    @given(st.lists(st.integers(-(2**31), 2**31 - 1), max_size=50),
+           st.sampled_from(["int32", "int64", "float64"]))
+    def test_fallback_matches_numpy(self, items, dtype):
+        """The pure-Python packing gives numpy's bytes, and unpack inverts it."""
+        numpy_bytes = host_array(items, dtype).data
+        self.without_numpy()
+        try:
+            fallback = host_array(items, dtype)
+        finally:
+            self.patch(remote, "_numpy", lambda: numpy)
+        self.assertEqual(fallback.data, numpy_bytes)
+        self.assertEqual(unpack(fallback.data, fallback.shape, dtype), items)
+
+
+class TimeEvaluatorResultTests(SynchronousTestCase):
+    """The statistics agree with numpy's (TVM's BenchmarkResult)."""
+
+    @given(st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=30))
+    def test_matches_numpy(self, results):
+        """mean, median, min, max and std as numpy computes them."""
+        result = TimeEvaluatorResult(results)
+        for name, function in [("mean", numpy.mean), ("median", numpy.median),
+                               ("min", numpy.min), ("max", numpy.max), ("std", numpy.std)]:
+            self.assertAlmostEqual(getattr(result, name), float(function(results)), places=9)
+
+    def test_empty(self):
+        """A result needs timings."""
+        self.assertRaises(ValueError, TimeEvaluatorResult, [])
