@@ -7,6 +7,8 @@ from .tracker import (
     TrackerSession,
     connect_tracker,
 )
+from .remote import Device, RemoteArray, RemoteFunction, RemoteModule, TimeEvaluatorResult
+from .session import ProtocolMismatch, RemoteError, RPCSession, SessionClosed, SessionTimeout
 
 __all__ = [
     "Allocation",
@@ -16,3 +18,6 @@ __all__ = [
     "TrackerSession",
     "connect_tracker",
 ]
+__all__ += ["Device", "ProtocolMismatch", "RPCSession", "RemoteArray", "RemoteError",
+            "RemoteFunction", "RemoteModule", "SessionClosed", "SessionTimeout",
+            "TimeEvaluatorResult"]
