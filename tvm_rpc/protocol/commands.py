@@ -580,11 +580,13 @@ class Blob(amp.Argument):
             if not self.optional:
                 raise amp.InvalidSignature(f"missing required argument {name!r}")
             return
+        # Slices of a memoryview: the box is serialized at once, so the only
+        # copy is AMP's own join.
         view = memoryview(value).cast("B")
         size = self.PIECE_SIZE
-        strings[name] = bytes(view[:size])
+        strings[name] = view[:size]
         for index, start in enumerate(range(size, len(view), size), 1):
-            strings[b"%s.%d" % (name, index)] = bytes(view[start:start + size])
+            strings[b"%s.%d" % (name, index)] = view[start:start + size]
 
     def fromBox(self, name, strings, objects, proto):
         """Join C{name}, C{name.1}, ... back into one L{bytes}."""
