@@ -255,3 +255,44 @@ def test_direct_key_rule(direct_server):
     session = LineSession(port, "dev", timeout=30)
     assert session.code == RPC_CODE_SUCCESS
     session.close()
+
+
+def run_client(*args):
+    """Run our client in a child process; @return: its JSON report."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.daemons import ROOT, child_env
+
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "interop_client.py"), *map(str, args)],
+        capture_output=True, timeout=120, env=child_env(), cwd=str(ROOT),
+    )
+    lines = [line for line in completed.stdout.decode().splitlines() if line.startswith("{")]
+    assert lines, completed.stdout.decode() + completed.stderr.decode()
+    return json.loads(lines[-1])
+
+
+def test_real_session_timeout():
+    """A hung call in a real session ends with SessionTimeout; the server serves on."""
+    port = free_port()
+    server = Daemon(
+        twistd(
+            "rpc-server", "--host", "127.0.0.1", "--port", str(port),
+            "--port-end", str(port + 1), "--key", "hang",
+            "--init", "tests.server_init_sample:setup",
+        )
+    )
+    try:
+        server.wait_for(r"rpc-server listening on")
+        report = run_client("hang", "127.0.0.1", port, "hang", 2)
+        assert report["ok"] is False
+        assert report["error_type"] == "SessionTimeout", report
+        assert "timed out" in report["message"]
+        server.wait_for(r"exceeded its 2\.0s timeout")
+        again = LineSession(port, "hang")
+        assert again.code == RPC_CODE_SUCCESS
+        again.close()
+    finally:
+        server.stop()

@@ -536,8 +536,6 @@ class WorkerPool:
         # Twisted way would shut the socket down under the worker.
         send_control(server.control, header, skt.fileno())
         self._sessions[session.id] = session
-        if handoff.timeout:
-            session.timer = self.reactor.callLater(handoff.timeout, self._expired, session)
         self.sessions_started += 1
 
     def _report(self, server, message):
@@ -550,8 +548,11 @@ class WorkerPool:
                 return
             session.pid = message["started"]
             self._by_pid[session.pid] = session
-            if session.timed_out:
-                self._kill(session)
+            timeout = session.handoff.timeout
+            if timeout:
+                # The session's time starts with its worker, not while the
+                # fork server is still starting up.
+                session.timer = self.reactor.callLater(timeout, self._expired, session)
         elif "ended" in message:
             session = self._by_pid.pop(message["ended"], None)
             if session is not None:
