@@ -1,0 +1,169 @@
+"""``request`` and ``request_and_run``: retries, cancellation, closing, with fakes."""
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from tvm_rpc.client import connect as connect_module
+from tvm_rpc.client.connect import KeyMismatch, RequestFailed, request, request_and_run
+from tvm_rpc.client.session import SessionTimeout
+from tvm_rpc.protocol.commands import Allocation, RemoteError
+
+
+class FakeTracker:
+    """Hands out allocations on demand; records cancellations."""
+
+    def __init__(self):
+        self.reactor = Clock()
+        self.address = "tracker:1"
+        self.asked = []
+        self.cancelled = 0
+        self.auto = True
+        self.count = 0
+
+    def allocate(self, key, priority=1, timeout=None):
+        self.asked.append((key, priority, timeout))
+        if self.auto:
+            self.count += 1
+            return defer.succeed(Allocation("127.0.0.1", 9000 + self.count, f"{key}:{self.count}"))
+
+        def cancel(d):
+            self.cancelled += 1
+
+        return defer.Deferred(cancel)
+
+
+class FakeSession:
+    """A session that records being closed."""
+
+    def __init__(self, port):
+        self.port = port
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+        return defer.succeed(None)
+
+
+class RequestTests(SynchronousTestCase):
+    """Retries over allocations and connections."""
+
+    def setUp(self):
+        self.tracker = FakeTracker()
+        self.outcomes = []
+        self.connected = []
+        self.patch(connect_module, "connect", self.fake_connect)
+
+    def fake_connect(self, host, port, key, session_timeout, *, reactor):
+        self.connected.append((port, key, session_timeout))
+        outcome = self.outcomes.pop(0) if self.outcomes else None
+        if isinstance(outcome, Exception):
+            return defer.fail(outcome)
+        return defer.succeed(FakeSession(port))
+
+    def test_connects_with_matchkey(self):
+        """The allocated matchkey and session timeout go to connect()."""
+        session = self.successResultOf(request(self.tracker, "dev", 2, 30, timeout=5))
+        self.assertEqual(self.tracker.asked, [("dev", 2, 5)])
+        self.assertEqual(self.connected, [(9001, "dev:1", 30)])
+        self.assertEqual(session.port, 9001)
+
+    def test_retries_connection_failures(self):
+        """A refused connection or a mismatch means: ask for another server."""
+        self.outcomes = [ConnectionRefusedError(), KeyMismatch("stale")]
+        session = self.successResultOf(request(self.tracker, "dev", max_retry=3))
+        self.assertEqual(session.port, 9003)
+        self.assertEqual(len(self.tracker.asked), 3)
+
+    def test_gives_up(self):
+        """After max_retry failures: RequestFailed naming the last problem."""
+        self.outcomes = [ConnectionRefusedError()] * 2
+        failure = self.failureResultOf(request(self.tracker, "dev", max_retry=2), RequestFailed)
+        self.assertIn("after 2 attempts", str(failure.value))
+
+    def test_other_errors_not_retried(self):
+        """An unexpected error surfaces at once."""
+        self.outcomes = [ValueError("boom")]
+        self.failureResultOf(request(self.tracker, "dev"), ValueError)
+        self.assertEqual(len(self.tracker.asked), 1)
+
+    def test_cancel_withdraws(self):
+        """Cancelling a waiting request cancels the allocation."""
+        self.tracker.auto = False
+        waiting = request(self.tracker, "dev")
+        waiting.cancel()
+        self.failureResultOf(waiting, defer.CancelledError)
+        self.assertEqual(self.tracker.cancelled, 1)
+
+
+class RequestAndRunTests(SynchronousTestCase):
+    """Run a function on a session, on another server if the first drops out."""
+
+    def setUp(self):
+        self.tracker = FakeTracker()
+        self.sessions = []
+        self.patch(connect_module, "connect", self.fake_connect)
+
+    def fake_connect(self, host, port, key, session_timeout, *, reactor):
+        self.sessions.append(FakeSession(port))
+        return defer.succeed(self.sessions[-1])
+
+    def test_result_and_close(self):
+        result = request_and_run(self.tracker, "dev", lambda s: defer.succeed(s.port * 2))
+        self.assertEqual(self.successResultOf(result), 18002)
+        self.assertTrue(self.sessions[0].closed)
+
+    def test_retry_on_lost_server(self):
+        """A lost connection is retried on another server; both sessions are closed."""
+        calls = []
+
+        def work(session):
+            calls.append(session.port)
+            if len(calls) == 1:
+                return defer.fail(ConnectionLost())
+            return defer.succeed("done")
+
+        self.assertEqual(self.successResultOf(request_and_run(self.tracker, "dev", work)), "done")
+        self.assertEqual(calls, [9001, 9002])
+        self.assertTrue(all(s.closed for s in self.sessions))
+
+    def test_remote_error_not_retried(self):
+        """An error raised by the remote code is the caller's, at once."""
+        def work(session):
+            return defer.fail(RemoteError("ValueError", "bad", ""))
+
+        self.failureResultOf(request_and_run(self.tracker, "dev", work), RemoteError)
+        self.assertEqual(len(self.sessions), 1)
+        self.assertTrue(self.sessions[0].closed)
+
+    def test_timeout_not_retried(self):
+        """A session the server ended for its timeout is reported, not retried."""
+        self.failureResultOf(
+            request_and_run(
+                self.tracker, "dev", lambda s: defer.fail(SessionTimeout("timed out")),
+                session_timeout=5,
+            ),
+            SessionTimeout,
+        )
+        self.assertEqual(len(self.sessions), 1)
+
+    def test_late_loss_is_a_timeout(self):
+        """A connection lost after (nearly) the whole timeout reads as a timeout."""
+        clock = self.tracker.reactor
+
+        def work(session):
+            clock.advance(9.6)
+            return defer.fail(ConnectionLost())
+
+        self.failureResultOf(
+            request_and_run(self.tracker, "dev", work, session_timeout=10), SessionTimeout
+        )
+
+    def test_gives_up(self):
+        failure = self.failureResultOf(
+            request_and_run(self.tracker, "dev", lambda s: defer.fail(ConnectionLost()), max_retry=2),
+            RequestFailed,
+        )
+        self.assertIn("max_retry=2", str(failure.value))
+        self.assertEqual(len(self.sessions), 2)
