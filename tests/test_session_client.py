@@ -302,6 +302,40 @@ class FunctionTests(SessionTestBase):
         self.assertIn("another session", str(failure.value))
 
 
+class ManySessionsTests(SynchronousTestCase):
+    """Several sessions share one clock (one reactor), their calls interleaved."""
+
+    def test_interleaved(self):
+        """Calls on three sessions, all in flight at once, each get their own answers."""
+        clock = Clock()
+        registry = Registry()
+        registry.register("tag", lambda tag, i: f"{tag}:{i}")
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root, True)
+        pumps, sessions = [], []
+        for _ in range(3):
+            client, server, pump = connectedServerAndClient(
+                lambda: SessionProtocol(root, registry, clock=clock, backend="python"),
+                make_client_protocol, clock=clock,
+            )
+            opening = start_session(client, clock=clock)
+            pump.flush()
+            pumps.append(pump)
+            sessions.append(self.successResultOf(opening))
+        calls = [(n, i, session.call("tag", f"s{n}", i))
+                 for i in range(20) for n, session in enumerate(sessions)]
+        for _ in range(50):
+            for pump in pumps:
+                pump.pump()
+        for n, i, call in calls:
+            self.assertEqual(self.successResultOf(call), f"s{n}:{i}")
+        for session in sessions:
+            session.close()
+        for pump in pumps:
+            pump.flush()
+        self.assertTrue(all(session.closed for session in sessions))
+
+
 class FileTests(SessionTestBase):
     """Uploads and downloads in chunks, bounded, cancellable."""
 
@@ -418,6 +452,8 @@ class FileTests(SessionTestBase):
         self.resolve(self.session.upload(b"abc", "a.txt"))
         self.resolve(self.session.remove("a.txt"))
         self.assertEqual(self.resolve(self.session.listdir(".")), [])
+        self.assertEqual(self.resolve(self.session.workpath("x/y")),
+                         os.path.join(self.environment.work_dir.root, "x", "y"))
         failure = self.failure(self.session.upload(b"abc", "../escape.txt"), RemoteError)
         self.assertIn("PathEscapeError", failure.value.type_name)
 

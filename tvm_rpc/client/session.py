@@ -593,7 +593,6 @@ class RPCSession:
                 )
             os.replace(temporary, local_path)
         except BaseException:
-            self._close_stream(stream)
             try:
                 os.unlink(temporary)
             except FileNotFoundError:
