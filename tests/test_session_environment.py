@@ -4,6 +4,7 @@ import os
 import shutil
 import sys
 import tempfile
+import types
 
 import pytest
 from hypothesis import given
@@ -303,6 +304,8 @@ def test_calls_convert_values(env):
     assert env.get(again.id, "array") is env.get(result.id, "array")
     assert env.call(lambda d: d, [Device(1, 0)]) == Device(1, 0)
     assert env.call(lambda: {"k": [1, (2, b"x")]}, []) == {"k": [1, (2, b"x")]}
+    assert env.call(lambda: range(3), []) == [0, 1, 2]
+    assert env.call(lambda: types.MappingProxyType({"a": 1}), []) == {"a": 1}
     with pytest.raises(TypeError, match="cannot send"):
         env.call(lambda: object(), [])
     with pytest.raises(TypeError, match="must be a list"):

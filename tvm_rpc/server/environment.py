@@ -22,6 +22,7 @@ A :class:`SessionEnvironment` is what a session protocol serves. It owns:
 It is plain synchronous Python: no reactor, no transport.
 """
 
+import collections.abc
 import importlib.util
 import itertools
 import math
@@ -624,9 +625,11 @@ class SessionEnvironment:
             return [self.to_wire(item, depth + 1) for item in value]
         if isinstance(value, tuple):
             return tuple(self.to_wire(item, depth + 1) for item in value)
-        if isinstance(value, dict):
+        if isinstance(value, collections.abc.Mapping):
             return {self.to_wire(key, depth + 1): self.to_wire(item, depth + 1)
                     for key, item in value.items()}
+        if isinstance(value, collections.abc.Sequence):
+            return [self.to_wire(item, depth + 1) for item in value]
         item = getattr(value, "item", None)
         if callable(item) and type(value).__module__ == "numpy":
             return self.to_wire(item(), depth + 1)
