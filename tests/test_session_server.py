@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tvm_rpc.protocol import commands, values
 from tvm_rpc.protocol.streams import chunked, read_stream, receive_value, send_value, write_stream
-from tvm_rpc.protocol.values import ArrayRef, Device, Handle, HostArray
+from tvm_rpc.protocol.values import ArrayRef, Device, HostArray
 from tvm_rpc.server.registry import Registry
 from tvm_rpc.server.session import SessionProtocol, make_session_protocol, timeout_notice
 
