@@ -426,9 +426,12 @@ Caution for both ends
 
 __doc__ += SESSION_DOC
 
+import functools  # noqa: E402
 import json  # noqa: E402
 
+from twisted.internet.defer import maybeDeferred  # noqa: E402
 from twisted.protocols import amp  # noqa: E402
+from twisted.python.failure import Failure  # noqa: E402
 
 #: The ``protocol`` name exchanged by :class:`Hello`.
 SESSION_PROTOCOL = "tvm_rpc-session"
@@ -529,8 +532,6 @@ def as_remote_error(failure):
     @param failure: a L{twisted.python.failure.Failure}.
     @return: a Failure wrapping the L{RemoteError}.
     """
-    from twisted.python.failure import Failure
-
     if failure.check(RemoteError):
         return failure
     return Failure(
@@ -550,9 +551,6 @@ def remote_errors(function):
 
     @return: a function returning a Deferred.
     """
-    import functools
-
-    from twisted.internet.defer import maybeDeferred
 
     @functools.wraps(function)
     def responder(*args, **kwargs):
