@@ -244,7 +244,10 @@ class FunctionTests(SessionTestBase):
 
     def test_remote_error_and_still_usable(self):
         """A remote exception arrives as RemoteError with type and traceback; the session goes on."""
-        failure = self.failure(self.session.call("boom"), RemoteError)
+        failing = self.session.call("boom")
+        self.pump.flush()
+        self.assertFalse(self.client.lost)
+        failure = self.failureResultOf(failing, RemoteError)
         self.assertEqual(failure.value.type_name, "ZeroDivisionError")
         self.assertIn("division by zero", failure.value.message)
         self.assertIn("Traceback", failure.value.traceback_text)
@@ -521,6 +524,16 @@ class DeviceTests(SessionTestBase):
         self.assertTrue(self.resolve(self.session.cpu().exists()))
         self.assertFalse(self.resolve(self.session.cuda().exists()))
         self.assertIsNone(self.resolve(self.session.cpu().sync()))
+
+    def test_errors_wait_for_errbacks(self):
+        """Errors answered before the caller looks do not cost the connection."""
+        calls = [self.session.cuda().sync(), self.session.call("boom"),
+                 self.resolve(self.session.get_function("boom"))()]
+        self.pump.flush()
+        self.assertFalse(self.client.lost)
+        for call in calls:
+            self.failureResultOf(call, RemoteError)
+        self.assertTrue(self.resolve(self.session.cpu().exists()))
 
 
 class ArrayTests(SessionTestBase):

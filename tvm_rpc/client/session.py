@@ -57,6 +57,7 @@ import tvm_rpc
 from ..protocol import values
 from ..protocol.commands import (
     CHUNK_SIZE,
+    MAX_INLINE_VALUE,
     SESSION_PROTOCOL,
     SESSION_VERSION,
     WINDOW,
@@ -285,6 +286,19 @@ def _abandon(protocol, clock):
         clock.callLater(0, protocol.transport.loseConnection)
 
 
+def _detached(calling):
+    """
+    Hand a command's Deferred to a caller who may attach errbacks late.
+
+    AMP drops the connection when an error answer meets a Deferred that has
+    no errback yet; the caller gets a separate Deferred instead, so an error
+    waits there (cancelling it cancels the command's Deferred).
+    """
+    result = Deferred(lambda _: calling.cancel())
+    calling.addCallbacks(result.callback, result.errback)
+    return result
+
+
 def _ignore(failure):
     """Errback for best-effort commands: their failure is of no interest."""
     return None
@@ -474,11 +488,9 @@ class RPCSession:
 
     async def _target(self, function):
         """@return: the C{function=} or C{name=} argument naming the callee."""
-        if isinstance(function, RemoteFunction):
-            return {"function": await self._own(function).resolve()}
-        if isinstance(function, str):
-            return {"name": function}
-        raise TypeError(f"call a RemoteFunction or a global name, not {function!r}")
+        if isinstance(function, RemoteFunction) and function.handle is None:
+            await self._own(function).resolve()
+        return self._ready_target(function)
 
     # -- functions -------------------------------------------------------
 
@@ -501,18 +513,49 @@ class RPCSession:
 
         @return: a Deferred of the result.
         """
-        return Deferred.fromCoroutine(self._call(name, args))
+        return self._call_function(name, args)
 
     def _call_function(self, function, args):
-        """@return: a Deferred of C{function(*args)} (see L{RemoteFunction})."""
+        """
+        @param function: a L{RemoteFunction} or a global name.
+        @return: a Deferred of C{function(*args)} (see L{RemoteFunction}).
+        """
+        try:
+            target = self._ready_target(function)
+            if target is not None and not self._lazy_functions(args, []):
+                encoded = values.encode([self._to_wire(arg) for arg in args])
+                if len(encoded) <= MAX_INLINE_VALUE:
+                    # The common case, without coroutine machinery: one box each way.
+                    calling = self._call_remote(CallFunction, **target, args=encoded)
+                    return _detached(calling).addCallback(self._result)
+        except Exception:
+            return fail()
         return Deferred.fromCoroutine(self._call(function, args))
+
+    def _ready_target(self, function):
+        """
+        @return: the C{function=} or C{name=} argument naming the callee, or
+            L{None} when it is a lazy function not looked up yet.
+        """
+        if isinstance(function, RemoteFunction):
+            handle = self._own(function).handle
+            return None if handle is None else {"function": handle}
+        if isinstance(function, str):
+            return {"name": function}
+        raise TypeError(f"call a RemoteFunction or a global name, not {function!r}")
+
+    def _result(self, answer):
+        """@return: the decoded result of a call answer (a Deferred when streamed)."""
+        if answer.get("result") is not None:
+            return self._from_wire(values.decode(answer["result"]))
+        receiving = receive_value(self._call_remote, answer, window=self.window)
+        return receiving.addCallback(lambda encoded: self._from_wire(values.decode(encoded)))
 
     async def _call(self, function, args):
         target = await self._target(function)
         carried = await self._encode_args(args)
         answer = await self._call_remote(CallFunction, **target, **carried)
-        encoded = await receive_value(self._call_remote, answer, window=self.window)
-        return self._from_wire(values.decode(encoded))
+        return await self._result(answer) if answer.get("result") is None else self._result(answer)
 
     def _module_function_handle(self, module, name, query_imports):
         """@return: a Deferred of the handle id of C{module}'s function C{name}."""
@@ -686,12 +729,12 @@ class RPCSession:
     def _device_exists(self, device):
         answer = self._call_remote(DeviceExists, device_type=device.device_type,
                                    device_id=device.index)
-        return answer.addCallback(lambda answer: answer["exists"])
+        return _detached(answer).addCallback(lambda answer: answer["exists"])
 
     def _device_sync(self, device):
         answer = self._call_remote(DeviceSync, device_type=device.device_type,
                                    device_id=device.index)
-        return answer.addCallback(lambda _: None)
+        return _detached(answer).addCallback(lambda _: None)
 
     # -- arrays ----------------------------------------------------------
 
