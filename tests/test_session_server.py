@@ -504,6 +504,6 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(out["left"], [])
         # Both ends hold at most window x chunk (2 MiB) each in flight; allow
         # generous slack for the allocator and transport buffers.
-        self.assertLess(out["growth_kib"], 64 * 1024, out)
+        self.assertLess(out["growth_kib"], 32 * 1024, out)
 
 
