@@ -92,6 +92,7 @@ class SessionTestBase(SynchronousTestCase):
         self.registry.register("apply", lambda function, value: function(value))
         self.registry.register("make_adder", lambda n: (lambda x: x + n))
         self.registry.register("noop", lambda *args: None)
+        self.registry.register("big", lambda n: b"z" * n)
         self.clock = Clock()
         environment = SessionEnvironment.create(
             self.root, self.registry, backend_name="numpy",
@@ -241,6 +242,14 @@ class FunctionTests(SessionTestBase):
         self.assertEqual(self.resolve(self.session.call("echo", blob)), [blob])
         self.assertEqual(self.count(commands.OpenValue), 1)
         self.assertGreater(self.count(commands.StreamRead), 0)
+
+    def test_small_call_large_result(self):
+        """A result beyond the inline limit is read from its stream and released."""
+        big = self.resolve(self.session.get_function("big"))
+        self.assertEqual(self.resolve(big(300_000)), b"z" * 300_000)
+        self.assertEqual(self.count(commands.OpenValue), 0)
+        self.assertGreater(self.count(commands.StreamRead), 0)
+        self.assertEqual(len(self.environment.streams), 0)
 
     def test_remote_error_and_still_usable(self):
         """A remote exception arrives as RemoteError with type and traceback; the session goes on."""
@@ -497,6 +506,14 @@ class ModuleTests(SessionTestBase):
         self.failure(missing(1), RemoteError)
         self.failure(missing(1), RemoteError)
         self.assertEqual(self.count(commands.ModuleGetFunction), 2)
+
+    def test_module_time_evaluator(self):
+        """A module's function is timed by name (looked up lazily)."""
+        evaluator = self.module.time_evaluator("double", self.session.cpu(), number=3, repeat=2)
+        result = self.resolve(evaluator(4))
+        self.assertEqual(len(result.results), 2)
+        self.assertGreaterEqual(result.min, 0)
+        self.assertEqual(self.count(commands.ModuleGetFunction), 1)
 
     def test_module_error(self):
         """An exception in module code names its type."""

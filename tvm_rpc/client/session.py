@@ -555,7 +555,10 @@ class RPCSession:
         target = await self._target(function)
         carried = await self._encode_args(args)
         answer = await self._call_remote(CallFunction, **target, **carried)
-        return await self._result(answer) if answer.get("result") is None else self._result(answer)
+        result = self._result(answer)
+        if isinstance(result, Deferred):
+            result = await result
+        return result
 
     def _module_function_handle(self, module, name, query_imports):
         """@return: a Deferred of the handle id of C{module}'s function C{name}."""
