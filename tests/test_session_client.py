@@ -751,6 +751,13 @@ class HostArrayTests(SynchronousTestCase):
         self.assertEqual(floats.dtype, "float32")
         self.assertEqual(unpack(floats.data, floats.shape, "float32"), [1.0, 2.0])
 
+    def test_numpy_byte_order(self):
+        """Big-endian numpy data is sent little-endian, under TVM's dtype name."""
+        swapped = host_array(numpy.array([1, 258], dtype=">i4"))
+        self.assertEqual((swapped.dtype, swapped.data),
+                         ("int32", numpy.array([1, 258], dtype="<i4").tobytes()))
+        self.assertEqual(host_array(numpy.zeros((2, 3)), "float32", (3, 2)).shape, (3, 2))
+
     def test_unpack_shapes(self):
         """unpack rebuilds nested lists, and a scalar for shape ()."""
         data = numpy.arange(6, dtype="int32").tobytes()
