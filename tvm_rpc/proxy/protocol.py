@@ -76,6 +76,9 @@ class ProxyConnection(Protocol):
         self.peer_name = describe_peer(self.transport)
         if hasattr(self.transport, "bufferSize"):
             self.transport.bufferSize = self._chunk_size
+        if hasattr(self.transport, "SEND_LIMIT"):
+            # One send(2) per relayed chunk instead of several of Twisted's default 128 KiB.
+            self.transport.SEND_LIMIT = max(self.transport.SEND_LIMIT, self._chunk_size)
         self._timer = self._clock.callLater(self._handshake_timeout, self._handshake_expired)
 
     def dataReceived(self, data):

@@ -1,0 +1,255 @@
+"""Relay throughput and memory of our proxy against TVM's, in the same run.
+
+Usage (from the repository root, with apache-tvm installed)::
+
+    python bench/proxy_relay.py [--size-mib 256] [--slow-mib 1024] [--tvm-slow-mib 256]
+                                [--repeat 3] [--slow-rate 100]
+
+For each path -- a direct loopback socket (the baseline), ``twistd rpc-proxy``
+and TVM's ``python -m tvm.exec.rpc_proxy`` (web port off) -- it moves
+``--size-mib`` MiB from the client to the server and then the same back, and
+prints the best MB/s of ``--repeat`` runs per direction. A fourth row,
+``copyloop``, relays through a minimal blocking copy loop in another process:
+the ceiling of any user-space relay hop on the machine, for reference. Then, with a reader
+that takes at most ``--slow-rate`` MB/s while the writer sends as fast as it
+can, it samples each proxy's resident memory (the whole process group) and
+prints the peak growth over the idle proxy, and the growth left one second
+after the pair closed.
+"""
+
+import argparse
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import psutil  # noqa: E402
+
+from daemons import our_proxy, tvm_proxy  # noqa: E402
+from tvm_rpc.protocol.constants import RPC_CODE_SUCCESS  # noqa: E402
+from tvm_rpc.protocol.handshake import encode_handshake, encode_reply  # noqa: E402
+
+MiB = 1024 * 1024
+BLOCK = os.urandom(4 * MiB)
+
+
+def recv_exactly(sock, size):
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("closed early")
+        data += chunk
+    return bytes(data)
+
+
+def direct_pair():
+    """A connected pair of loopback sockets: C{(client, server, closer)}."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    return client, server
+
+
+def _copy_loop(source, sink):
+    """Relay one direction with a plain blocking loop (the reference relay)."""
+    buffer = bytearray(MiB)
+    view = memoryview(buffer)
+    while True:
+        n = source.recv_into(view)
+        if not n:
+            sink.shutdown(socket.SHUT_WR)
+            return
+        sink.sendall(view[:n])
+
+
+def copy_relay_pair():
+    """
+    A pair relayed by a minimal blocking copy loop in another process: the
+    best a user-space relay hop can do on this machine, for reference.
+
+    @return: C{(client, server, process)}.
+    """
+    import multiprocessing
+
+    client, near = direct_pair()
+    far, server = direct_pair()
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=_copy_loop, args=(near, far), daemon=True),
+                 context.Process(target=_copy_loop, args=(far, near), daemon=True)]
+    for process in processes:
+        process.start()
+    near.close()
+    far.close()
+    return client, server, processes
+
+
+def proxied_pair(port, key):
+    """A client and a server paired through the proxy at C{port}."""
+    server = socket.create_connection(("127.0.0.1", port))
+    server.sendall(encode_handshake("server:" + key))
+    time.sleep(0.05)
+    client = socket.create_connection(("127.0.0.1", port))
+    client.sendall(encode_handshake("client:" + key))
+    for sock, partner in ((server, "client:" + key), (client, "server:" + key)):
+        reply = encode_reply(RPC_CODE_SUCCESS, partner)
+        got = recv_exactly(sock, len(reply))
+        if got != reply:
+            raise RuntimeError(f"bad pairing reply {got!r}")
+    return client, server
+
+
+def send_all(sock, total):
+    view = memoryview(BLOCK)
+    sent = 0
+    while sent < total:
+        n = min(len(BLOCK), total - sent)
+        sock.sendall(view[:n])
+        sent += n
+
+
+def transfer(sender, receiver, total, rate=None, on_chunk=None):
+    """
+    Send C{total} bytes from C{sender} to C{receiver}; the reader is limited
+    to C{rate} bytes per second when given.
+
+    @return: seconds taken.
+    """
+    thread = threading.Thread(target=send_all, args=(sender, total), daemon=True)
+    buffer = bytearray(MiB)
+    view = memoryview(buffer)
+    started = time.perf_counter()
+    thread.start()
+    received = 0
+    while received < total:
+        n = receiver.recv_into(view, min(len(buffer), total - received))
+        if not n:
+            raise ConnectionError("closed early")
+        received += n
+        if rate:
+            behind = received / rate - (time.perf_counter() - started)
+            if behind > 0:
+                time.sleep(behind)
+        if on_chunk:
+            on_chunk()
+    elapsed = time.perf_counter() - started
+    thread.join()
+    return elapsed
+
+
+def throughput(make_pair, size, repeat):
+    """@return: best MB/s up and down over C{repeat} fresh pairs."""
+    up = down = 0.0
+    for i in range(repeat):
+        client, server = make_pair(i)
+        try:
+            up = max(up, size / transfer(client, server, size) / 1e6)
+            down = max(down, size / transfer(server, client, size) / 1e6)
+        finally:
+            client.close()
+            server.close()
+    return up, down
+
+
+def group_rss(pid):
+    """Resident memory of a process and all its children."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def slow_reader_memory(port, pid, size, rate):
+    """@return: C{(idle, peak growth, growth left after close)} in bytes."""
+    warm_client, warm_server = proxied_pair(port, "warm")
+    transfer(warm_client, warm_server, 8 * MiB)
+    warm_client.close()
+    warm_server.close()
+    time.sleep(0.5)
+    idle = group_rss(pid)
+    peak = [idle]
+    last = [0.0]
+
+    def sample():
+        now = time.perf_counter()
+        if now - last[0] > 0.05:
+            last[0] = now
+            peak[0] = max(peak[0], group_rss(pid))
+
+    client, server = proxied_pair(port, "slow")
+    transfer(client, server, size, rate=rate, on_chunk=sample)
+    peak[0] = max(peak[0], group_rss(pid))
+    client.close()
+    server.close()
+    time.sleep(1.0)
+    return idle, peak[0] - idle, group_rss(pid) - idle
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--slow-mib", type=int, default=1024,
+                        help="MiB carried through our proxy to a slow reader")
+    parser.add_argument("--tvm-slow-mib", type=int, default=256,
+                        help="MiB carried through TVM's proxy to a slow reader")
+    parser.add_argument("--slow-rate", type=float, default=100, help="slow reader MB/s")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    size = args.size_mib * MiB
+    rate = args.slow_rate * 1e6
+    print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+          f"{args.size_mib} MiB each way, best of {args.repeat}")
+
+    results = {}
+    results["direct"] = throughput(lambda i: direct_pair(), size, args.repeat)
+    relays = []
+
+    def copy_pair(i):
+        client, server, processes = copy_relay_pair()
+        relays.extend(processes)
+        return client, server
+
+    results["copyloop"] = throughput(copy_pair, size, args.repeat)
+    for process in relays:
+        process.join(10)
+    with our_proxy() as (daemon, port):
+        results["ours"] = throughput(lambda i: proxied_pair(port, f"k{i}"), size, args.repeat)
+        ours_mem = slow_reader_memory(port, daemon.proc.pid, args.slow_mib * MiB, rate)
+    with tvm_proxy() as (daemon, port):
+        results["tvm"] = throughput(lambda i: proxied_pair(port, f"k{i}"), size, args.repeat)
+        tvm_mem = slow_reader_memory(port, daemon.proc.pid, args.tvm_slow_mib * MiB, rate)
+
+    print(f"{'path':8s} {'up MB/s':>9s} {'down MB/s':>10s} {'mean':>8s} {'x direct':>9s} {'x tvm':>7s}")
+    direct_mean = sum(results["direct"]) / 2
+    tvm_mean = sum(results["tvm"]) / 2
+    for name in ("direct", "copyloop", "ours", "tvm"):
+        up, down = results[name]
+        mean = (up + down) / 2
+        print(f"{name:8s} {up:9.0f} {down:10.0f} {mean:8.0f} {mean / direct_mean:9.2f} "
+              f"{mean / tvm_mean:7.2f}")
+    print()
+    print(f"slow reader at {args.slow_rate:g} MB/s:")
+    for name, mib, (idle, growth, left) in (("ours", args.slow_mib, ours_mem),
+                                            ("tvm", args.tvm_slow_mib, tvm_mem)):
+        print(f"  {name:5s} carried {mib} MiB: idle {idle / MiB:.0f} MiB, peak growth "
+              f"{growth / MiB:.1f} MiB, left after close {left / MiB:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
