@@ -403,6 +403,38 @@ class BadInputTests(TrackerTestCase):
         self.assertTrue(peer.closed)
 
 
+class SocketTransport(StringTransport):
+    """A StringTransport over a real (unconnected) TCP socket handle."""
+
+    def __init__(self, sock, **kwargs):
+        super().__init__(**kwargs)
+        self.sock = sock
+
+    def getHandle(self):
+        return self.sock
+
+
+class TuningTests(TrackerTestCase):
+    """Every accepted connection gets TCP_NODELAY and keepalive timers."""
+
+    def test_connection_made_tunes_socket(self):
+        import socket
+
+        self.factory.keepalive = KeepAlive(11, 4, 5)
+        with socket.socket() as sock:
+            address = IPv4Address("TCP", "10.0.0.1", 1)
+            protocol = self.factory.buildProtocol(address)
+            protocol.makeConnection(SocketTransport(sock, peerAddress=address))
+            self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+            self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                self.assertEqual(
+                    [sock.getsockopt(socket.IPPROTO_TCP, o) for o in
+                     (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)],
+                    [11, 4, 5],
+                )
+
+
 class AddressTests(SynchronousTestCase):
     """Peer descriptions and socket tuning on non-TCP transports."""
 

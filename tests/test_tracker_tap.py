@@ -5,6 +5,7 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import socket
 import struct
 import sys
@@ -129,6 +130,21 @@ class MakeServiceTests(SynchronousTestCase):
                               reactor=reactor)
         top.privilegedStartService()
         self.assertEqual(reactor.tcpServers[0][3], "::1")
+
+    def test_silent(self):
+        from tvm_rpc.tracker.logs import logger, set_silent
+
+        self.addCleanup(set_silent, False)
+        log = logger("tvm_rpc.tracker.test")
+        tap.makeService(parse("--silent"), reactor=MemoryReactorClock())
+        with capturedLogs() as events:
+            log.info("quiet {n}", n=1)
+            log.warn("loud {n}", n=2)
+        self.assertEqual([formatEvent(e) for e in events], ["loud 2"])
+        tap.makeService(parse(), reactor=MemoryReactorClock())
+        with capturedLogs() as events:
+            log.info("quiet {n}", n=3)
+        self.assertEqual([formatEvent(e) for e in events], ["quiet 3"])
 
     def test_plugin_found(self):
         names = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
@@ -319,6 +335,21 @@ def _busy_port_before_free_one():
             yield port
             return
     raise AssertionError("no port with a free successor")
+
+
+def test_twistd_sigterm_stops_cleanly():
+    """SIGTERM shuts the reactor down: the listener closes, twistd finishes.
+
+    (twistd re-raises the signal after a clean shutdown, so the exit status
+    says SIGTERM.)
+    """
+    with our_tracker("--silent") as (daemon, port):
+        assert tracker_call(port, [1]) == [0]
+    assert daemon.proc.returncode in (0, -signal.SIGTERM)
+    assert re.search(r"Port %d Closed" % port, daemon.output)
+    assert "Server Shut Down" in daemon.output
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
 def test_twistd_port_range_and_fatal_bind():

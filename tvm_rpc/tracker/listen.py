@@ -18,7 +18,7 @@ from twisted.internet import tcp
 from twisted.internet.error import CannotListenError
 from twisted.internet.posixbase import PosixReactorBase
 
-from .logs import logger
+from .logs import logger, unfiltered_logger
 
 try:
     from twisted.internet import unix
@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - platforms without AF_UNIX
     unix = None
 
 log = logger("tvm_rpc.tracker.listen")
+announce = unfiltered_logger("tvm_rpc.tracker.listen")
 
 #: accept(2) errors that mean "out of descriptors or kernel memory".
 EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -265,7 +266,7 @@ class ListenerService(service.Service):
                     continue
                 result.raiseException()
             host, port = describe_address(result.getHost())
-            log.info(
+            announce.info(
                 "{name} listening on {host}:{port}", name=self._label, host=host, port=port
             )
             return result

@@ -20,6 +20,15 @@ def logger(namespace):
     return Logger(namespace, observer=_observer)
 
 
+def unfiltered_logger(namespace):
+    """
+    @param namespace: the logger's namespace.
+    @return: a L{Logger} that C{--silent} does not quiet, for the few lines
+        scripts wait for (such as the listening address).
+    """
+    return Logger(namespace)
+
+
 def set_silent(silent):
     """
     Let only warnings and worse through (C{--silent}), or everything from info up.
