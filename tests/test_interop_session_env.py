@@ -63,6 +63,13 @@ def test_environment_runs_tvm_library(tvm, library):
         numpy.testing.assert_allclose(numpy.frombuffer(out, dtype="float32"), x + y, rtol=1e-6)
         timings = env.time_evaluator(function, cpu, 10, 3, 0, refs)
         assert len(timings) == 3 and all(t > 0 for t in timings)
+        handle = env.add_module_function(env.get(module.id, "module"), "vector_add")
+        origin = env.origin(handle)
+        assert origin is not None and origin[1] == "vector_add"
+        native = env.time_evaluator(env.get(handle, "function"), cpu, 10, 4, 1, refs, origin=origin)
+        assert len(native) == 4 and all(t > 0 for t in native)
+        env.free([handle])
+        assert env.origin(handle) is None
         assert env.device_exists(cpu)
     finally:
         env.close()

@@ -227,8 +227,8 @@ class SessionProtocol(amp.AMP):
     def module_get_function(self, module, name, query_imports=False):
         """Give a handle to a module's function."""
         loaded = self.environment.get(module, "module")
-        function = self.environment.module_function(loaded, name, bool(query_imports))
-        return {"function": self.environment.add(function)}
+        return {"function": self.environment.add_module_function(loaded, name,
+                                                                 bool(query_imports))}
 
     @commands.DeviceExists.responder
     @remote_errors
@@ -321,7 +321,7 @@ class SessionProtocol(amp.AMP):
         arguments = self._arguments(args, args_stream)
         results = self.environment.time_evaluator(
             callee, values.Device(device_type, device_id), number, repeat, min_repeat_ms,
-            arguments,
+            arguments, origin=None if function is None else self.environment.origin(function),
         )
         return {"results": results}
 
