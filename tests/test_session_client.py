@@ -21,6 +21,7 @@ from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 from tvm_rpc.client import remote
+from tvm_rpc.client import session as session_module
 from tvm_rpc.client.remote import (
     Device,
     RemoteArray,
@@ -296,6 +297,17 @@ class FunctionTests(SessionTestBase):
         self.assertEqual(self.count(commands.Free), 1)
         self.assertEqual(len(self.environment), handles - 1)
 
+    def test_releases_batched(self):
+        """Handles dropped together go out in Free commands of at most FREE_BATCH ids."""
+        self.patch(session_module, "FREE_BATCH", 3)
+        functions = [self.resolve(self.session.get_function("add")) for _ in range(7)]
+        handles = len(self.environment)
+        del functions
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.count(commands.Free), 3)
+        self.assertEqual(len(self.environment), handles - 7)
+
     def test_close_releases(self):
         """close() on a handle releases it once."""
         function = self.resolve(self.session.get_function("add"))
@@ -420,6 +432,22 @@ class FileTests(SessionTestBase):
         with open(target, "rb") as f:
             self.assertEqual(f.read(), self.blob)
         self.assertEqual(sorted(os.listdir(self.local)), ["copy.bin", "model.bin"])
+
+    def test_transfers_and_calls_interleave(self):
+        """Calls answer while an upload and a download are under way on the same session."""
+        self.resolve(self.session.upload(self.blob, "first.bin"))
+        uploading = self.session.upload(self.blob, "second.bin")
+        downloading = self.session.download("first.bin")
+        calls = [self.session.call("add", i, i) for i in range(10)]
+        self.pump.pump()
+        self.pump.pump()
+        self.pump.pump()
+        self.assertEqual([self.successResultOf(call) for call in calls],
+                         [2 * i for i in range(10)])
+        self.assertNoResult(uploading)
+        self.assertNoResult(downloading)
+        self.assertEqual(self.resolve(uploading), self.SIZE)
+        self.assertEqual(self.successResultOf(downloading), self.blob)
 
     def test_cancel_upload(self):
         """Cancelling an upload stops it; the server keeps no file and no stream."""
