@@ -212,3 +212,29 @@ class ProxyConnectionTests(SynchronousTestCase):
         client.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.pool.waiting(), 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class TuneSocketTests(SynchronousTestCase):
+    """L{tune_socket} on a real TCP socket (no reactor involved)."""
+
+    def test_nodelay_and_keepalive(self):
+        import socket
+
+        from tvm_rpc.proxy.protocol import KEEPALIVE, tune_socket
+
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            with socket.create_connection(listener.getsockname()) as sock:
+
+                class Handle:
+                    def getHandle(self):
+                        return sock
+
+                tune_socket(Handle())
+                self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                self.assertTrue(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+                if hasattr(socket, "TCP_KEEPIDLE"):
+                    self.assertEqual(
+                        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), KEEPALIVE[0])
+        tune_socket(StringTransport())

@@ -6,6 +6,8 @@ the L{Relay}. The same class serves websocket peers through a transport shim
 (see L{tvm_rpc.proxy.web}).
 """
 
+import socket
+
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -18,6 +20,35 @@ from .relay import RELAY_CHUNK, IRelaySide, Relay
 
 #: Seconds a new connection has to complete its handshake.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+
+#: TCP keepalive: seconds idle before probing, seconds between probes, probes
+#: unanswered before a silent dead peer is dropped (from a pool or a pair).
+KEEPALIVE = (60, 10, 3)
+
+
+def tune_socket(transport):
+    """
+    Switch Nagle off (the relay forwards what it gets at once; delaying small
+    writes would add round trips to every RPC) and turn TCP keepalive on, so a
+    peer that vanished without a FIN is noticed. Transports without a socket
+    (tests, websockets) are left alone.
+    """
+    get_handle = getattr(transport, "getHandle", None)
+    sock = get_handle() if get_handle is not None else None
+    if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
+        return
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in zip(("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"), KEEPALIVE):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError:
+        # A socket that refuses an option still relays correctly.
+        pass
 
 
 def describe_peer(transport):
@@ -74,6 +105,7 @@ class ProxyConnection(Protocol):
     def connectionMade(self):
         """Start the handshake clock and size the transport's buffers."""
         self.peer_name = describe_peer(self.transport)
+        tune_socket(self.transport)
         if hasattr(self.transport, "bufferSize"):
             self.transport.bufferSize = self._chunk_size
         if hasattr(self.transport, "SEND_LIMIT"):
