@@ -429,7 +429,7 @@ __doc__ += SESSION_DOC
 import functools  # noqa: E402
 import json  # noqa: E402
 
-from twisted.internet.defer import maybeDeferred  # noqa: E402
+from twisted.internet.defer import Deferred, fail, succeed  # noqa: E402
 from twisted.protocols import amp  # noqa: E402
 from twisted.python.failure import Failure  # noqa: E402
 
@@ -554,7 +554,15 @@ def remote_errors(function):
 
     @functools.wraps(function)
     def responder(*args, **kwargs):
-        return maybeDeferred(function, *args, **kwargs).addErrback(as_remote_error)
+        # A plain try/except rather than maybeDeferred: this sits on the path
+        # of every call, and AMP wraps the answer in a Deferred anyway.
+        try:
+            result = function(*args, **kwargs)
+        except BaseException:
+            return fail(as_remote_error(Failure()))
+        if isinstance(result, Deferred):
+            return result.addErrback(as_remote_error)
+        return succeed(result)
 
     return responder
 
