@@ -108,8 +108,15 @@ class HandshakeProtocol(Protocol):
         self.peer = "?"
 
     def connectionMade(self):
-        """Start the handshake timer."""
+        """Switch Nagle off (sessions are request/response) and start the handshake timer."""
         self.peer = describe_peer(self.transport)
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            try:
+                no_delay(True)
+            except OSError:
+                # Not every stream is TCP (unix: endpoints); nothing to switch off.
+                pass
         self._timer = self._listener.clock.callLater(
             self._listener.handshake_timeout, self._handshake_expired
         )
