@@ -2,6 +2,7 @@
 
 import array
 import gc
+import io
 import math
 import os
 import random
@@ -42,7 +43,7 @@ from tvm_rpc.client.session import (
     open_session,
     start_session,
 )
-from tvm_rpc.protocol import commands
+from tvm_rpc.protocol import commands, values
 from tvm_rpc.protocol.commands import RemoteError
 from tvm_rpc.server.environment import SessionEnvironment
 from tvm_rpc.server.registry import Registry
@@ -746,6 +747,46 @@ class SessionEndedTests(SynchronousTestCase):
         failure = self.failureResultOf(calling, SessionTimeout)
         self.assertIn("timed out after 5 s", str(failure.value))
         self.failureResultOf(session.call("again"), SessionTimeout)
+
+
+class RawAnswerTests(SynchronousTestCase):
+    """Call answers read from raw boxes (the quick path) as callRemote would read them."""
+
+    def setUp(self):
+        self.protocol = make_client_protocol()
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.session = RPCSession(self.protocol, Clock())
+
+    def answer(self, **fields):
+        """Feed the answer box to call 1."""
+        self.protocol.dataReceived(amp.AmpBox(**fields).serialize())
+
+    def test_request_box(self):
+        """The request is a CallFunction box naming the callee and carrying encoded args."""
+        self.session.call("demo.f", 1, "x")
+        box = amp.parse(io.BytesIO(self.transport.value()))[0]
+        self.assertEqual(box[b"_command"], b"CallFunction")
+        self.assertEqual(box[b"name"], b"demo.f")
+        self.assertEqual(values.decode(box[b"args"]), [1, "x"])
+
+    def test_declared_error(self):
+        """A REMOTE_ERROR answer becomes a RemoteError with its parts."""
+        calling = self.session.call("f")
+        error = RemoteError("pkg.Oops", "bad", "Traceback...")
+        self.answer(_error=b"1", _error_code=b"REMOTE_ERROR",
+                    _error_description=str(error).encode())
+        failure = self.failureResultOf(calling, RemoteError)
+        self.assertEqual((failure.value.type_name, failure.value.message,
+                          failure.value.traceback_text), ("pkg.Oops", "bad", "Traceback..."))
+
+    def test_undeclared_error(self):
+        """Another error code becomes AMP's UnknownRemoteError; the connection stays."""
+        calling = self.session.call("f")
+        self.answer(_error=b"1", _error_code=b"WEIRD", _error_description=b"odd")
+        failure = self.failureResultOf(calling, amp.UnknownRemoteError)
+        self.assertIn("odd", str(failure.value))
+        self.assertFalse(self.transport.disconnecting)
 
 
 class HostArrayTests(SynchronousTestCase):
