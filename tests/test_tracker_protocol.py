@@ -391,6 +391,28 @@ class BadInputTests(TrackerTestCase):
         for name, data in BAD_INPUTS.items():
             self.check(name, data)
 
+    def test_too_many_requests_on_one_connection(self):
+        self.state.max_per_connection = 3
+        greedy = self.peer("10.6.6.6")
+        greedy.send(*[[REQUEST, "k", "", 1]] * 3)
+        self.assertFalse(greedy.closed)
+        with capturedLogs() as events:
+            greedy.send([REQUEST, "k", "", 1])
+        self.assertTrue(greedy.closed)
+        self.assertIn("more than 3 waiting requests", " ".join(formatEvent(e) for e in events))
+        greedy.lose()
+        self.assertEqual(self.state.summary()["queue_info"]["k"]["pending"], 0)
+
+    def test_too_many_free_servers_on_one_connection(self):
+        self.state.max_per_connection = 2
+        server = self.peer("10.6.6.6")
+        server.ask([PUT, "k", [1, "k:1"], None])
+        server.ask([PUT, "k", [1, "k:2"], None])
+        server.ask([PUT, "k", [1, "k:2"], None])
+        self.assertFalse(server.closed)
+        server.send([PUT, "k", [1, "k:3"], None])
+        self.assertTrue(server.closed)
+
     def test_good_frame_before_bad_one_is_answered(self):
         peer = self.peer()
         peer.protocol.dataReceived(encode_frame([PING]) + struct.pack("<i", -1))

@@ -213,12 +213,12 @@ class GuardedListenReactor:
 
 
 def describe_address(address):
-    """@return: C{(host, port)} of a listening address (the path for UNIX)."""
+    """@return: C{(host, port)} of a listening address; C{("unix", path)} for UNIX."""
     host = getattr(address, "host", None)
     if host is not None:
         return host, getattr(address, "port", "")
     name = getattr(address, "name", b"")
-    return (name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)), ""
+    return "unix", (name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name))
 
 
 class ListenerService(service.Service):

@@ -135,6 +135,9 @@ class TrackerProtocol(Protocol):
                 return
             try:
                 self._dispatch(command)
+            except BadMessage as e:
+                self._drop(str(e))
+                return
             except Exception:
                 log.failure("error handling {command!r} from {peer}", command=command, peer=self._peer)
                 self._drop("internal error")

@@ -11,9 +11,18 @@ from collections import OrderedDict, deque
 import attrs
 from zope.interface import Interface
 
-from ..protocol.commands import Allocation
+from ..protocol.commands import Allocation, BadMessage
 from ..protocol.keys import SERVER_PREFIX
 from .scheduler import Offer, Scheduler, Status, Waiter
+
+
+#: The most free servers, and the most waiting requests, one connection may
+#: have at once: a bound on what one runaway peer can make the tracker hold.
+MAX_PER_CONNECTION = 10_000
+
+
+class LimitExceeded(BadMessage):
+    """A connection tried to hold more than L{MAX_PER_CONNECTION} of something."""
 
 
 class ITrackerPeer(Interface):
@@ -127,10 +136,14 @@ class TrackerState:
     Everything the tracker knows, and the rules of TVM's tracker protocol.
 
     @ivar clock: an L{IReactorTime} for deadlines and lease times.
+    @ivar max_per_connection: the most free servers and the most waiting
+        requests one connection may have; L{put} and L{request} raise
+        L{LimitExceeded} beyond it.
     """
 
     clock: object
     scheduler: Scheduler = attrs.field(factory=Scheduler)
+    max_per_connection: int = MAX_PER_CONNECTION
     _connections: dict = attrs.field(factory=dict, init=False)
     _servers: dict = attrs.field(factory=dict, init=False)
     _leases: dict = attrs.field(factory=dict, init=False)
@@ -179,6 +192,11 @@ class TrackerState:
 
         @param command: a L{tvm_rpc.protocol.commands.Put}.
         """
+        if (
+            len(connection.offers) >= self.max_per_connection
+            and command.matchkey not in connection.offers
+        ):
+            raise LimitExceeded(f"more than {self.max_per_connection} free servers")
         old = connection.offers.pop(command.matchkey, None)
         if old is not None:
             self.scheduler.remove(old)
@@ -204,6 +222,8 @@ class TrackerState:
         @param command: a L{tvm_rpc.protocol.commands.Request}.
         @return: the L{PendingRequest}.
         """
+        if len(connection.requests) >= self.max_per_connection:
+            raise LimitExceeded(f"more than {self.max_per_connection} waiting requests")
         pending = PendingRequest(
             command.key, command.priority, connection=connection, user=command.user,
             since=self.clock.seconds(),
