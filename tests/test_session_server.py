@@ -304,6 +304,31 @@ class StartTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(transport.value(), b"")
 
+    def test_unknown_command_answered(self):
+        """An unknown command gets AMP's unhandled-command error; the session goes on."""
+        protocol, transport = self.make()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(amp.AmpBox(_command=b"Nonsense", _ask=b"7").serialize())
+        self.assertIn(b"_error", transport.value())
+        self.assertIn(b"UNHANDLED", transport.value())
+        transport.clear()
+        protocol.dataReceived(amp.AmpBox(_command=b"Hello", _ask=b"8", protocol=b"x",
+                                         version=b"1").serialize())
+        self.assertIn(b"_answer", transport.value())
+        self.assertFalse(transport.disconnecting)
+        protocol.connectionLost(Failure(ConnectionDone()))
+
+    def test_malformed_box_closes_and_cleans_up(self):
+        """A box that is neither a command nor an answer ends the session, cleanly."""
+        protocol, transport = self.make()
+        protocol.makeConnection(transport)
+        work = protocol.environment.work_dir.root
+        protocol.dataReceived(amp.AmpBox(whatever=b"1").serialize())
+        self.assertTrue(transport.disconnecting)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(os.path.exists(work))
+        self.assertEqual(len(self.flushLoggedErrors(amp.NoEmptyBoxes)), 1)
+
     def test_timeout_notice_is_a_box(self):
         """The timeout notice reaches a client's SessionEnded responder, unanswered."""
         received = []

@@ -119,7 +119,10 @@ class SessionProtocol(amp.AMP):
         super().connectionMade()
 
     def dataReceived(self, data):
-        """Refuse a peer that does not speak AMP, then parse boxes."""
+        """
+        Refuse a peer that does not speak AMP, then parse boxes; a box that
+        breaks the protocol is logged and ends the session.
+        """
         if self._first_bytes and data:
             self._first_bytes = False
             if data[0] != 0:
@@ -130,7 +133,11 @@ class SessionProtocol(amp.AMP):
                 )
                 self.transport.loseConnection()
                 return
-        super().dataReceived(data)
+        try:
+            super().dataReceived(data)
+        except Exception:
+            log.failure("protocol violation from {peer}; closing the session", peer=self.peer)
+            self.transport.loseConnection()
 
     def connectionLost(self, reason):
         """Drop every handle and stream and remove the work directory."""
