@@ -12,9 +12,12 @@ import attrs
 from zope.interface import Interface
 
 from ..protocol.commands import Allocation, BadMessage
-from ..protocol.keys import SERVER_PREFIX
 from .scheduler import Offer, Scheduler, Status, Waiter
 
+
+#: TVM's tracker lists in C{server_info} every connection whose info key
+#: starts with this, which includes proxies (C{server:proxy[key1,key2]}).
+SERVER_INFO_PREFIX = "server"
 
 #: The most free servers, and the most waiting requests, one connection may
 #: have at once: a bound on what one runaway peer can make the tracker hold.
@@ -144,7 +147,6 @@ class TrackerState:
     clock: object
     scheduler: Scheduler = attrs.field(factory=Scheduler)
     max_per_connection: int = MAX_PER_CONNECTION
-    _connections: dict = attrs.field(factory=dict, init=False)
     _servers: dict = attrs.field(factory=dict, init=False)
     _leases: dict = attrs.field(factory=dict, init=False)
 
@@ -157,9 +159,7 @@ class TrackerState:
         @param port: the peer's port, when it has one.
         @return: the L{Connection}.
         """
-        connection = Connection(peer, host, port)
-        self._connections[connection] = None
-        return connection
+        return Connection(peer, host, port)
 
     def disconnect(self, connection):
         """
@@ -169,7 +169,6 @@ class TrackerState:
         if connection.closed:
             return
         connection.closed = True
-        self._connections.pop(connection, None)
         self._servers.pop(connection, None)
         for offer in connection.offers.values():
             self.scheduler.remove(offer)
@@ -260,7 +259,7 @@ class TrackerState:
             info["addr"] = [connection.host, addr[1]]
         connection.info.update(info)
         key = connection.info.get("key")
-        if isinstance(key, str) and key.startswith(SERVER_PREFIX[:-1]):
+        if isinstance(key, str) and key.startswith(SERVER_INFO_PREFIX):
             self._servers[connection] = None
         else:
             self._servers.pop(connection, None)
