@@ -318,3 +318,29 @@ def test_query_tools_agree_byte_for_byte(trackers):
     assert re.search(r"^10\.0\.0\.7:9092\s+server:rk3399$", tvm_on_tvm, re.M), tvm_on_tvm
     assert ours_on_tvm == tvm_on_tvm
     assert tvm_on_ours.replace(f":{trackers['ours']}\n", f":{trackers['tvm']}\n", 1) == tvm_on_tvm
+
+
+def test_waiter_that_disconnects_is_never_served(trackers):
+    """
+    On our tracker a TVM-style waiter that hangs up leaves the queue at once
+    and the freed server goes to the next waiter (TVM's keeps counting it as
+    pending; not checked here since that is TVM's bug, not a behaviour to match).
+    """
+    port = trackers["ours"]
+    key = "hangup"
+    eager = RawTrackerPeer(port)
+    eager.send([TrackerCode.REQUEST, key, "eager", 9])
+    patient = RawTrackerPeer(port)
+    patient.send([TrackerCode.REQUEST, key, "patient", 1])
+    server = None
+    try:
+        wait_until(lambda: (queue(port, key) or {}).get("pending") == 2, 10)
+        eager.close()
+        wait_until(lambda: queue(port, key)["pending"] == 1, 5)
+        server = register_fake_server(port, key, 9100, [f"{key}:1"])
+        assert patient.recv() == [0, [HOST, 9100, f"{key}:1"]]
+        assert queue(port, key) == {"free": 0, "pending": 0}
+    finally:
+        patient.close()
+        if server is not None:
+            server.close()
