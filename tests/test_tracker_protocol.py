@@ -413,6 +413,20 @@ class BadInputTests(TrackerTestCase):
         server.send([PUT, "k", [1, "k:3"], None])
         self.assertTrue(server.closed)
 
+    def test_closing_connection_is_forgotten_at_once(self):
+        bad, server = self.peer("10.6.6.6"), self.peer("10.0.0.2")
+        bad.send([REQUEST, "k", "", 1])
+        bad.ask([PUT, "j", [1, "j:1"], None])
+        bad.protocol.dataReceived(encode_frame([42]))
+        self.assertTrue(bad.closed)
+        self.assertEqual(
+            self.state.summary()["queue_info"],
+            {"k": {"free": 0, "pending": 0}, "j": {"free": 0, "pending": 0}},
+        )
+        server.ask([PUT, "k", [1, "k:1"], None])
+        self.assertEqual(bad.transport.value(), b"")
+        self.assertEqual(server.ask([PENDING]), ["k:1"])
+
     def test_good_frame_before_bad_one_is_answered(self):
         peer = self.peer()
         peer.protocol.dataReceived(encode_frame([PING]) + struct.pack("<i", -1))

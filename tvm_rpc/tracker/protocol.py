@@ -168,6 +168,7 @@ class TrackerProtocol(Protocol):
             if accepted:
                 log.info("stop requested by {peer}", peer=self._peer)
                 self._closing = self._stopping = True
+                self._forget()
                 self.transport.loseConnection()
             else:
                 log.warn("wrong stop key from {peer}", peer=self._peer)
@@ -182,12 +183,18 @@ class TrackerProtocol(Protocol):
     def _drop(self, reason):
         self._closing = True
         log.warn("closing tracker connection from {peer}: {reason}", peer=self._peer, reason=reason)
+        self._forget()
         self.transport.loseConnection()
 
-    def connectionLost(self, reason):
+    def _forget(self):
+        # At once, not at connectionLost: a closing connection must not be
+        # handed a server while its last replies flush.
         if self._connection is not None:
             self.factory.state.disconnect(self._connection)
             self._connection = None
+
+    def connectionLost(self, reason):
+        self._forget()
         if self._stopping:
             self._stopping = False
             self.factory.on_stop()
