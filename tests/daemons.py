@@ -169,5 +169,6 @@ def tvm_proxy(*extra, host="127.0.0.1"):
     port = free_port(host)
     args = [sys.executable, "-m", "tvm.exec.rpc_proxy", "--host", host,
             "--port", str(port), "--port-end", str(port + 1), "--web-port", "0", *extra]
-    with running(args, r"RPCProxy: client port bind to") as daemon:
+    # Logged once the port listens and the handler runs (the bind line comes before listen()).
+    with running(args, r"RPCProxy: Websock port bind to") as daemon:
         yield daemon, port
