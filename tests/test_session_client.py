@@ -318,6 +318,8 @@ class FunctionTests(SessionTestBase):
         handles = len(self.environment)
         function.close()
         function.close()
+        self.assertTrue(function.closed)
+        self.failureResultOf(function(1, 2), ValueError)
         self.pump.flush()
         self.assertEqual(len(self.environment), handles - 1)
         self.assertEqual(self.count(commands.Free), 1)

@@ -447,6 +447,11 @@ class RemoteFunction:
         """@return: a Deferred of the result of calling the function with C{args}."""
         return self.session._call_function(self, args)
 
+    @property
+    def closed(self):
+        """Whether the handle was released (by L{close} or garbage collection)."""
+        return self._finalizer is not None and not self._finalizer.alive
+
     def close(self):
         """Release the function's handle on the server (idempotent)."""
         if self._finalizer is not None:
@@ -504,6 +509,11 @@ class RemoteModule:
         for the module's function C{name}.
         """
         return self.session.time_evaluator(self[name], device, number, repeat, min_repeat_ms)
+
+    @property
+    def closed(self):
+        """Whether the handle was released (by L{close} or garbage collection)."""
+        return self._finalizer is not None and not self._finalizer.alive
 
     def close(self):
         """Release the module's handle on the server (idempotent)."""
@@ -571,6 +581,11 @@ class RemoteArray:
     def tolist(self):
         """@return: a Deferred of the data as nested lists of Python numbers."""
         return self.read().addCallback(unpack, self.shape, self.dtype)
+
+    @property
+    def closed(self):
+        """Whether the handle was released (by L{close} or garbage collection)."""
+        return self._finalizer is not None and not self._finalizer.alive
 
     def close(self):
         """Release the array on the server (idempotent)."""

@@ -428,8 +428,14 @@ class RPCSession:
     # -- values ----------------------------------------------------------
 
     def _own(self, thing):
+        """
+        @return: C{thing}, a remote object or device of this session.
+        @raise ValueError: for one of another session, or a closed handle.
+        """
         if thing.session is not self:
             raise ValueError(f"{thing!r} belongs to another session")
+        if getattr(thing, "closed", False):
+            raise ValueError(f"{thing!r} was closed")
         return thing
 
     def _lazy_functions(self, value, found):
