@@ -71,6 +71,18 @@ def test_environment_runs_tvm_library(tvm, library):
         env.free([handle])
         assert env.origin(handle) is None
         assert env.device_exists(cpu)
+        tensor = env.get(handles[0], "array")
+        stream, _ = env.open_array_write(handles[0])
+        env.streams.write(stream, y.tobytes())
+        env.streams.finish(stream)
+        numpy.testing.assert_array_equal(tensor.numpy(), y)
+        bf16, nbytes = env.empty((3,), "bfloat16", cpu)
+        assert nbytes == 6
+        stream, _ = env.open_array_write(bf16)
+        env.streams.write(stream, b"\x80\x3f\x00\x40\x40\x40")
+        env.streams.finish(stream)
+        stream, ref = env.open_array_read(bf16)
+        assert env.streams.read(stream, 0, 100) == b"\x80\x3f\x00\x40\x40\x40"
     finally:
         env.close()
         shutil.rmtree(root, ignore_errors=True)

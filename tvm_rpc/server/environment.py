@@ -302,18 +302,35 @@ class TVMBackend(PythonBackend):
     def describe(self, array):
         return tuple(array.shape), str(array.dtype), self.to_wire_device(array.device)
 
+    def _host_view(self, array):
+        """A numpy view of a cpu tensor's memory (DLPack, no copy), or L{None}."""
+        if array.device.dlpack_device_type() != values.DEVICE_TYPES["cpu"]:
+            return None
+        try:
+            view = self._numpy.from_dlpack(array)
+        except Exception:
+            return None
+        return view if view.flags["C_CONTIGUOUS"] else None
+
     def host_bytes(self, array):
-        host = self._numpy.ascontiguousarray(array.numpy())
-        return memoryview(host.reshape(-1).view(self._numpy.uint8))
+        view = self._host_view(array)
+        if view is None:
+            view = self._numpy.ascontiguousarray(array.numpy())
+        return memoryview(view.reshape(-1).view(self._numpy.uint8))
 
     def writable_view(self, array):
-        return None
+        view = self._host_view(array)
+        if view is None or not view.flags["WRITEABLE"]:
+            return None
+        return memoryview(view.reshape(-1).view(self._numpy.uint8))
 
     def fill(self, array, data):
         shape, dtype = tuple(array.shape), str(array.dtype)
-        if dtype.startswith("bfloat16") or "x" in dtype:
+        if "x" in dtype:
             raise DeviceError(f"cannot fill an array of dtype {dtype!r} from host bytes")
-        array.copyfrom(self._numpy.frombuffer(data, dtype=dtype).reshape(shape))
+        # numpy has no bfloat16: TVM's copyfrom takes its bits as uint16.
+        host_dtype = "uint16" if dtype == "bfloat16" else dtype
+        array.copyfrom(self._numpy.frombuffer(data, dtype=host_dtype).reshape(shape))
 
 
 _BACKENDS = {"tvm": TVMBackend, "numpy": NumpyBackend, "python": PythonBackend}
@@ -862,8 +879,8 @@ class SessionEnvironment:
 class ArraySink:
     """
     Fill an array from a write stream: straight into the array's memory when
-    the backend exposes it (numpy, pure Python), else into a host buffer
-    copied to the array at the end (TVM tensors, any device).
+    the backend exposes it (numpy, pure Python, TVM tensors on the cpu), else
+    into a host buffer copied to the array at the end (other TVM devices).
     """
 
     backend: object
