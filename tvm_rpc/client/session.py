@@ -280,7 +280,7 @@ def open_session(carrier, rest=b"", *, reactor=None, session_timeout=0, address=
 
 def _abandon(protocol, clock):
     """Close the connection of a session object that was garbage-collected."""
-    if not protocol.lost:
+    if not protocol.lost and protocol.transport is not None:
         log.info("session dropped without close(): closing its connection")
         protocol.closing = True
         clock.callLater(0, protocol.transport.loseConnection)
