@@ -210,3 +210,25 @@ def test_server_without_optional_dependencies(tvm, tmp_path):
     finally:
         daemon.stop()
     assert "Traceback" not in daemon.output
+
+
+def test_through_tvm_proxy(tvm):
+    """Our server behind TVM's proxy: our client gets sessions, TVM's a clear refusal."""
+    from tests.daemons import tvm_proxy
+
+    with tvm_proxy() as (_, proxy_port):
+        daemon = Daemon(
+            twistd("rpc-server", "--through-proxy", "--host", "127.0.0.1",
+                   "--port", str(proxy_port), "--key", "behind")
+        )
+        try:
+            daemon.wait_for(r"waiting at proxy 127\.0\.0\.1:%d as behind" % proxy_port)
+            assert run_client("connect", "127.0.0.1", proxy_port, "behind") == {"ok": True}
+            daemon.wait_for(r"waiting at proxy", timeout=30)
+            with pytest.raises(Exception) as caught:
+                tvm.rpc.connect("127.0.0.1", proxy_port, key="behind", session_timeout=20)
+            assert "not Apache TVM's native RPC server" in str(caught.value)
+            daemon.wait_for(r"refusing a client through proxy")
+            assert run_client("connect", "127.0.0.1", proxy_port, "behind") == {"ok": True}
+        finally:
+            daemon.stop()

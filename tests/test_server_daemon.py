@@ -296,3 +296,21 @@ def test_real_session_timeout():
         again.close()
     finally:
         server.stop()
+
+
+def test_through_our_proxy():
+    """--through-proxy: sessions through our proxy, one after another."""
+    from tests.daemons import our_proxy
+
+    with our_proxy() as (_, proxy_port):
+        server = Daemon(
+            twistd("rpc-server", "--through-proxy", "--host", "127.0.0.1",
+                   "--port", str(proxy_port), "--key", "behind")
+        )
+        try:
+            server.wait_for(r"waiting at proxy 127\.0\.0\.1:%d as behind" % proxy_port)
+            for _ in range(2):
+                assert run_client("connect", "127.0.0.1", proxy_port, "behind") == {"ok": True}
+            assert len(server.output.split("session through proxy")) == 3
+        finally:
+            server.stop()

@@ -64,7 +64,7 @@ class OptionsTests(SynchronousTestCase):
             ["--max-sessions", "0"],
             ["--key", "a b"],
             ["--listen", "nonsense:1"],
-            ["--through-proxy"],
+            ["--through-proxy", "--tracker", "h:1"],
             ["--session-factory", "nocolon"],
         ):
             self.assertRaises(usage.UsageError, parse, *args)

@@ -10,6 +10,7 @@ from ..client.tracker import tracker_endpoint
 from .gate import SessionGate
 from .listener import DEFAULT_HANDSHAKE_TIMEOUT, InProcessRunner, ListenerFactory
 from .logs import set_silent
+from .proxied import ProxiedServerService, ProxyLink
 from .service import RPCServerService
 from .worker import DEFAULT_SESSION_FACTORY, WorkerPool, load_callable, run_init
 
@@ -64,7 +65,7 @@ class Options(usage.Options):
         "direct connections) and runs each session in its own worker process."
     )
     optFlags = [
-        ["through-proxy", None, "Connect out to a proxy at --host/--port (not supported yet)."],
+        ["through-proxy", None, "Connect out to the proxy at --host/--port instead of listening."],
         ["silent", None, "Log only warnings and errors."],
         ["no-fork", None, "Run sessions in the server process (for tests and platforms without fork)."],
     ]
@@ -99,9 +100,12 @@ class Options(usage.Options):
 
     def postOptions(self):
         """Check the options together."""
-        if self["through-proxy"]:
-            raise usage.UsageError("--through-proxy is not supported by this server yet")
-        if self["port-end"] <= self["port"]:
+        if self["through-proxy"] and (self["listen"] or self["tracker"]):
+            raise usage.UsageError(
+                "--through-proxy connects out to --host/--port; --listen and --tracker "
+                "do not apply (the proxy registers its servers with its own tracker)"
+            )
+        if self["port-end"] <= self["port"] and not self["through-proxy"]:
             raise usage.UsageError("--port-end must be greater than --port")
         if self["tracker"] is not None:
             self["tracker"] = parse_address(self["tracker"], "--tracker")
@@ -157,6 +161,20 @@ def makeService(options, reactor=None):
             session_factory=options["session-factory"],
             timeout_notice=getattr(session_module, "timeout_notice", None),
         )
+    if options["through-proxy"]:
+        gate.max_sessions = 1
+        host, port = options["host"], options["port"]
+        link = ProxyLink(
+            tracker_endpoint(reactor, host, port), gate, runner, reactor, proxy=f"proxy {host}:{port}"
+        )
+        cleanup = None
+        if owns_work_root:
+            import shutil
+
+            def cleanup():
+                shutil.rmtree(work_root, ignore_errors=True)
+
+        return ProxiedServerService(link, runner, cleanup)
     factory = ListenerFactory(gate, runner, reactor, options["handshake-timeout"])
     make_registration = None
     if tracker is not None:

@@ -1,0 +1,262 @@
+"""``rpc-server --through-proxy``: serve sessions over connections made out to a proxy.
+
+A device that nobody can reach connects out to a proxy (TVM's or ours),
+presents ``server:<key>`` (marked as ours, see :mod:`tvm_rpc.protocol.flavour`)
+and waits. When the proxy pairs it with a client it answers
+``RPC_CODE_SUCCESS`` and the client's key (``client:<key> -timeout=N ...``);
+from then on the connection is a session, run by the same session runner as
+direct connections (a worker process, or in-process with ``--no-fork``). After
+each session, and whenever the proxy refuses or goes away, the link connects
+again (at once after a session or a proxy timeout, with backoff after errors).
+One session at a time, as TVM's server does through a proxy.
+"""
+
+import attrs
+from twisted.application.service import MultiService, Service
+from twisted.internet.protocol import Factory, Protocol
+
+from ..protocol.constants import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
+from ..protocol.flavour import TVM_CLIENT_REFUSAL, is_marked, server_key, tvm_exception_packet
+from ..protocol.handshake import ReplyDecoder, encode_handshake
+from ..protocol.keys import parse_client_key, parse_timeout_option
+from .listener import Handoff
+from .logs import logger
+
+log = logger("tvm_rpc.server.proxied")
+
+
+class _LinkSlot:
+    """A session slot that also brings the link back when it is released."""
+
+    def __init__(self, slot, link):
+        self._slot = slot
+        self._link = link
+
+    def release(self):
+        """Free the slot and connect to the proxy again."""
+        if not self._slot.released:
+            self._slot.release()
+            self._link._session_ended()
+
+
+class ProxiedServerProtocol(Protocol):
+    """One connection to the proxy: handshake, wait for a client, hand off."""
+
+    def __init__(self, link):
+        """@param link: the L{ProxyLink} that made this connection."""
+        self._link = link
+        self._decoder = ReplyDecoder()
+        self._session = None
+        self._handed_off = False
+        self._outcome = "lost"
+
+    def connectionMade(self):
+        """Present our key; Nagle off, as on the server port."""
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            try:
+                no_delay(True)
+            except OSError:
+                pass
+        self.transport.write(encode_handshake(server_key(self._link.gate.key)))
+
+    def dataReceived(self, data):
+        """Read the proxy's answer, then pass bytes to the session."""
+        if self._session is not None:
+            self._session.dataReceived(data)
+            return
+        if self._handed_off or self._decoder.done:
+            return
+        if self._decoder.feed(data):
+            self._answered()
+
+    def switch_to(self, protocol, rest=b""):
+        """Make C{protocol} the session protocol of this connection (``--no-fork``)."""
+        self._session = protocol
+        protocol.makeConnection(self.transport)
+        if rest:
+            protocol.dataReceived(rest)
+
+    def _answered(self):
+        decoder = self._decoder
+        proxy = self._link.proxy
+        if decoder.error is not None or decoder.code not in (
+            RPC_CODE_SUCCESS, RPC_CODE_MISMATCH, RPC_CODE_DUPLICATE
+        ):
+            log.error("{proxy} is not an RPC proxy ({problem})", proxy=proxy,
+                      problem=decoder.error or f"reply 0x{decoder.code & 0xFFFFFFFF:x}")
+            self._outcome = "error"
+            self.transport.abortConnection()
+            return
+        if decoder.code == RPC_CODE_MISMATCH:
+            log.info("{proxy} has no client for {key} yet; connecting again",
+                     proxy=proxy, key=self._link.gate.key)
+            self._outcome = "again"
+            self.transport.loseConnection()
+            return
+        if decoder.code == RPC_CODE_DUPLICATE:
+            log.error("key {key} is already in use at {proxy}", key=self._link.gate.key, proxy=proxy)
+            self._outcome = "error"
+            self.transport.loseConnection()
+            return
+        try:
+            _, options = parse_client_key(decoder.key)
+            timeout = parse_timeout_option(options)
+        except ValueError as e:
+            log.warn("bad client key from {proxy}: {problem}", proxy=proxy, problem=str(e))
+            self._outcome = "again"
+            self.transport.loseConnection()
+            return
+        if not is_marked(options):
+            log.warn("refusing a client through {proxy}: an Apache TVM client, which cannot "
+                     "speak the tvm_rpc session protocol", proxy=proxy)
+            self._outcome = "again"
+            self.transport.write(tvm_exception_packet(TVM_CLIENT_REFUSAL))
+            self.transport.loseConnection()
+            return
+        self._handed_off = True
+        self.transport.pauseProducing()
+        waiting = self._link.gate.claim(self._link.gate.key)
+        waiting.addCallback(self._start, timeout)
+
+    def _start(self, slot, timeout):
+        self.transport.resumeProducing()
+        handoff = Handoff(
+            transport=self.transport,
+            carrier=self,
+            reply=b"",
+            rest=self._decoder.rest,
+            timeout=timeout,
+            peer=f"a client through {self._link.proxy}",
+            slot=_LinkSlot(slot, self._link),
+        )
+        log.info("session through {proxy} (timeout {timeout})", proxy=self._link.proxy,
+                 timeout=timeout)
+        try:
+            self._link.runner.start(handoff)
+        except Exception:
+            log.failure("could not start a session through {proxy}", proxy=self._link.proxy)
+            handoff.slot.release()
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason=None):
+        """Connect again, or end the in-process session."""
+        if self._session is not None:
+            self._session.connectionLost(reason)
+        if not self._handed_off:
+            self._link._connection_ended(self._outcome)
+
+
+@attrs.define(eq=False)
+class ProxyLink(Service):
+    """
+    Keeps one connection waiting at the proxy whenever no session runs.
+
+    @ivar endpoint: reaches the proxy.
+    @ivar gate: the L{tvm_rpc.server.gate.SessionGate} (untracked; its key is
+        the one presented).
+    @ivar runner: the L{tvm_rpc.server.listener.ISessionRunner}.
+    @ivar clock: an L{IReactorTime}.
+    @ivar proxy: a printable name of the proxy.
+    @ivar max_delay: the longest wait between attempts after errors.
+    """
+
+    endpoint: object
+    gate: object
+    runner: object
+    clock: object
+    proxy: str = "proxy"
+    max_delay: float = 5.0
+    attempts: int = attrs.field(init=False, default=0)
+    _delay: float = attrs.field(init=False, default=0.5)
+    _pending: object = attrs.field(init=False, default=None)
+    _connecting: object = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self):
+        Service.__init__(self)
+
+    def startService(self):
+        """Connect to the proxy."""
+        Service.startService(self)
+        self._connect()
+
+    def stopService(self):
+        """Stop connecting; a waiting connection is closed."""
+        Service.stopService(self)
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
+        if self._connecting is not None:
+            self._connecting.cancel()
+
+    def _connect(self):
+        self._pending = None
+        if not self.running:
+            return
+        self.attempts += 1
+        attempt = self.endpoint.connect(Factory.forProtocol(lambda: ProxiedServerProtocol(self)))
+        self._connecting = attempt
+        attempt.addCallbacks(self._connected, self._failed)
+
+    def _connected(self, protocol):
+        self._connecting = None
+        log.info("waiting at {proxy} as {key}", proxy=self.proxy, key=self.gate.key)
+        if not self.running:
+            protocol.transport.loseConnection()
+
+    def _failed(self, failure):
+        self._connecting = None
+        if self.running:
+            log.warn("cannot reach {proxy} ({problem}); retrying in {delay:.1f}s",
+                     proxy=self.proxy, problem=failure.getErrorMessage(), delay=self._delay)
+            self._later(backoff=True)
+
+    def _later(self, backoff):
+        if not self.running or self._pending is not None:
+            return
+        delay = self._delay if backoff else 0
+        if backoff:
+            self._delay = min(self._delay * 2, self.max_delay)
+        self._pending = self.clock.callLater(delay, self._connect)
+
+    def _connection_ended(self, outcome):
+        if outcome == "again":
+            self._delay = 0.5
+        self._later(backoff=outcome != "again")
+
+    def _session_ended(self):
+        self._delay = 0.5
+        self._later(backoff=False)
+
+
+class ProxiedServerService(MultiService):
+    """The whole ``--through-proxy`` server: the link and the session runner."""
+
+    def __init__(self, link, runner, cleanup=None):
+        """
+        @param link: the L{ProxyLink}.
+        @param runner: the session runner (C{warm_up}/C{stop} called when present).
+        @param cleanup: called with no argument after stopping, or L{None}.
+        """
+        super().__init__()
+        self.link = link
+        self.runner = runner
+        self._cleanup = cleanup
+        link.setServiceParent(self)
+
+    def startService(self):
+        """Warm the runner, then connect."""
+        warm_up = getattr(self.runner, "warm_up", None)
+        if warm_up is not None:
+            warm_up()
+        super().startService()
+
+    def stopService(self):
+        """Stop connecting and end every session."""
+        stopped = super().stopService()
+        stop = getattr(self.runner, "stop", None)
+        if stop is not None:
+            stop()
+        if self._cleanup is not None:
+            self._cleanup()
+        return stopped
