@@ -3,7 +3,7 @@
 Usage (from the repository root, with apache-tvm installed)::
 
     python bench/proxy_relay.py [--size-mib 256] [--slow-mib 1024] [--tvm-slow-mib 256]
-                                [--repeat 3] [--slow-rate 100]
+                                [--repeat 3] [--slow-rate 100] [--write-docs]
 
 For each path -- a direct loopback socket (the baseline), ``twistd rpc-proxy``
 and TVM's ``python -m tvm.exec.rpc_proxy`` (web port off) -- it moves
@@ -14,7 +14,8 @@ the ceiling of any user-space relay hop on the machine, for reference. Then, wit
 that takes at most ``--slow-rate`` MB/s while the writer sends as fast as it
 can, it samples each proxy's resident memory (the whole process group) and
 prints the peak growth over the idle proxy, and the growth left one second
-after the pair closed.
+after the pair closed. ``--write-docs`` puts the figures in the ``## Proxy``
+section of ``docs/benchmarks.md`` (other sections are left alone).
 """
 
 import argparse
@@ -210,7 +211,10 @@ def main():
                         help="MiB carried through TVM's proxy to a slow reader")
     parser.add_argument("--slow-rate", type=float, default=100, help="slow reader MB/s")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--write-docs", action="store_true",
+                        help="write the figures into docs/benchmarks.md (## Proxy)")
     args = parser.parse_args()
+    load = os.getloadavg()
     size = args.size_mib * MiB
     rate = args.slow_rate * 1e6
     print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
@@ -235,20 +239,57 @@ def main():
         results["tvm"] = throughput(lambda i: proxied_pair(port, f"k{i}"), size, args.repeat)
         tvm_mem = slow_reader_memory(port, daemon.proc.pid, args.tvm_slow_mib * MiB, rate)
 
-    print(f"{'path':8s} {'up MB/s':>9s} {'down MB/s':>10s} {'mean':>8s} {'x direct':>9s} {'x tvm':>7s}")
     direct_mean = sum(results["direct"]) / 2
     tvm_mean = sum(results["tvm"]) / 2
+    ours_mean = sum(results["ours"]) / 2
+    table = ["| path | up MB/s | down MB/s | mean MB/s | x direct | x TVM's proxy |",
+             "|---|---|---|---|---|---|"]
+    labels = {"direct": "direct socket (baseline)",
+              "copyloop": "blocking copy-loop relay (reference ceiling)",
+              "ours": "ours (`twistd rpc-proxy`)", "tvm": "TVM's `rpc_proxy`"}
     for name in ("direct", "copyloop", "ours", "tvm"):
         up, down = results[name]
         mean = (up + down) / 2
-        print(f"{name:8s} {up:9.0f} {down:10.0f} {mean:8.0f} {mean / direct_mean:9.2f} "
-              f"{mean / tvm_mean:7.2f}")
-    print()
-    print(f"slow reader at {args.slow_rate:g} MB/s:")
+        table.append(f"| {labels[name]} | {up:.0f} | {down:.0f} | {mean:.0f} | "
+                     f"{mean / direct_mean:.2f} | {mean / tvm_mean:.2f} |")
+    memory = ["| proxy | carried to the slow reader | idle RSS (MiB) | peak growth (MiB) "
+              "| growth left 1 s after close (MiB) |", "|---|---|---|---|---|"]
     for name, mib, (idle, growth, left) in (("ours", args.slow_mib, ours_mem),
-                                            ("tvm", args.tvm_slow_mib, tvm_mem)):
-        print(f"  {name:5s} carried {mib} MiB: idle {idle / MiB:.0f} MiB, peak growth "
-              f"{growth / MiB:.1f} MiB, left after close {left / MiB:.1f} MiB")
+                                            ("TVM's", args.tvm_slow_mib, tvm_mem)):
+        memory.append(f"| {name} | {mib} MiB | {idle / MiB:.0f} | {growth / MiB:.1f} | "
+                      f"{left / MiB:.1f} |")
+    ours_growth, ours_left = ours_mem[1] / MiB, ours_mem[2] / MiB
+
+    def verdict(ok):
+        return "met" if ok else "NOT met"
+
+    targets = [
+        f"- ours >= 0.8x the direct baseline: {ours_mean / direct_mean:.2f}x "
+        f"({verdict(ours_mean >= 0.8 * direct_mean)})",
+        f"- ours >= 2x TVM's proxy: {ours_mean / tvm_mean:.2f}x "
+        f"({verdict(ours_mean >= 2 * tvm_mean)})",
+        f"- slow reader, {args.slow_mib} MiB through ours: growth {ours_growth:.1f} MiB < 32 MB "
+        f"({verdict(ours_growth * MiB < 32e6)}); left after close {ours_left:.1f} MiB",
+    ]
+    body = "\n".join([
+        f"Measured by `python bench/proxy_relay.py` at "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
+        f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} at the start (a shared "
+        f"machine: figures move between runs). {args.size_mib} MiB each way through a fresh "
+        f"pair, best of {args.repeat}; the client and server are threads of the benchmark "
+        f"process using blocking sockets; TVM's proxy is started with `--web-port 0`.",
+        "", *table, "",
+        f"Slow reader: the writer sends as fast as it can, the reader takes at most "
+        f"{args.slow_rate:g} MB/s; RSS is the proxy's whole process group (TVM's runs in a "
+        f"child), sampled every 50 ms.", "", *memory, "",
+        "Against issue 4's targets:", "", *targets,
+    ])
+    print(body)
+    if args.write_docs:
+        from bench.common import DOCS, replace_section
+
+        replace_section(DOCS, "Proxy", body)
+        print(f"wrote {DOCS}")
 
 
 if __name__ == "__main__":
