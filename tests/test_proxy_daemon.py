@@ -178,8 +178,8 @@ def rss(pid):
 def test_slow_reader_on_a_1gib_stream_keeps_memory_bounded():
     """
     A sender pushes 1 GiB as fast as it can; the reader is slower. The
-    proxy's RSS stays within 32 MiB of where it started and is back near it
-    once the pair closed.
+    proxy's RSS stays within its bound (plus allocator slack) of where it
+    started and is back near it once the pair closed.
     """
     total = 1024 * MiB
     block = os.urandom(MiB)
@@ -233,7 +233,9 @@ def test_slow_reader_on_a_1gib_stream_keeps_memory_bounded():
         time.sleep(0.5)
         after = rss(pid)
         growth = (peak - baseline) / MiB
-        assert growth < 32, f"proxy grew by {growth:.1f} MiB while relaying 1 GiB"
+        # The stated bound is 2 MiB per pair (docs/proxy.md); the rest is allocator slack,
+        # and the issue's ceiling is 32 MB.
+        assert growth < 8, f"proxy grew by {growth:.1f} MiB while relaying 1 GiB"
         assert (after - baseline) / MiB < 8, f"{(after - baseline) / MiB:.1f} MiB not returned"
 
 

@@ -133,8 +133,9 @@ class ProxyConnection(Protocol):
             return
         self.key = self._decoder.key
         self.state = "waiting"
-        if self._decoder.rest:
-            self._keep_early(self._decoder.rest)
+        rest, self._decoder = self._decoder.rest, None
+        if rest:
+            self._keep_early(rest)
         self.log.info("{peer} presented {key!r}", peer=self.peer_name, key=self.key)
         self._pool.arrive(self, self.key)
 

@@ -9,7 +9,7 @@ The flags are TVM's ``python -m tvm.exec.rpc_proxy`` flags (``--host``,
 import ipaddress
 
 from twisted.application import service
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
@@ -173,8 +173,6 @@ class ListenerService(service.Service):
         """Stop listening."""
         service.Service.stopService(self)
         ports, self.ports = self.ports, []
-        from twisted.internet import defer
-
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
 
     def port_number(self):
