@@ -5,6 +5,8 @@ Usage: ``python tests/interop_client.py MODE ARGS...``; prints one JSON object.
 - ``connect HOST PORT KEY``: open a session directly and report how it went.
 - ``pymodule HOST PORT KEY SOURCE``: upload a ``.py`` module, load it, call it.
 - ``hang HOST PORT KEY TIMEOUT``: call ``test.hang`` in a session with a timeout.
+- ``many TRACKER_HOST TRACKER_PORT KEY COUNT``: COUNT sessions at once from one
+  reactor, each asking its work path.
 - ``story TRACKER_HOST TRACKER_PORT KEY LIBRARY N M``: the TVM docs' story:
   request a server by key, upload LIBRARY (a dense + ReLU layer ``y = relu(x W^T)``
   with ``x: (1, N)``, ``W: (M, N)``), load it, run it on device arrays, read
@@ -107,8 +109,31 @@ async def hang_mode(reactor, host, port, key, timeout):
     return {"ok": True}
 
 
+async def many_mode(reactor, tracker_host, tracker_port, key, count):
+    from tvm_rpc.client import connect_tracker
+
+    tracker = await connect_tracker(tracker_host, int(tracker_port), reactor=reactor)
+
+    async def one(index):
+        session = await tracker.request(key, timeout=60)
+        try:
+            workpath = await session.get_function("tvm.rpc.server.workpath")
+            return index, await workpath(f"f{index}")
+        finally:
+            await session.close()
+
+    try:
+        results = await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(one(i)) for i in range(int(count))], consumeErrors=True
+        )
+    finally:
+        await tracker.close()
+    return {"ok": True, "paths": [path for _, path in sorted(results)]}
+
+
 def main(reactor, mode, *args):
     modes = {
+        "many": many_mode,
         "connect": connect_mode,
         "story": story_mode,
         "pymodule": pymodule_mode,

@@ -314,3 +314,66 @@ def test_through_our_proxy():
             assert len(server.output.split("session through proxy")) == 3
         finally:
             server.stop()
+
+
+def test_many_concurrent_real_sessions():
+    """One client reactor opens many sessions at once through the tracker."""
+    with our_tracker() as (_, tracker_port):
+        port = free_port()
+        server = Daemon(
+            twistd("rpc-server", "--host", "127.0.0.1", "--port", str(port),
+                   "--port-end", str(port + 1), "--tracker", f"127.0.0.1:{tracker_port}",
+                   "--key", "many", "--max-sessions", "4")
+        )
+        try:
+            server.wait_for(r"registered many with tracker")
+            report = run_client("many", "127.0.0.1", tracker_port, "many", 10)
+            assert report["ok"] is True, report
+            paths = report["paths"]
+            assert [p.rsplit("/", 1)[1] for p in paths] == [f"f{i}" for i in range(10)]
+            # Every session had a work directory of its own.
+            assert len({p.rsplit("/", 2)[1] for p in paths}) == 10
+        finally:
+            server.stop()
+
+
+def test_reregisters_when_the_tracker_returns():
+    """When the tracker restarts on its port, the server registers again within seconds."""
+    tracker_port = free_port()
+    tracker_args = twistd("rpc-tracker", "--host", "127.0.0.1", "--port", str(tracker_port),
+                          "--port-end", str(tracker_port + 1))
+    tracker = Daemon(tracker_args)
+    port = free_port()
+    server = Daemon(
+        twistd("rpc-server", "--host", "127.0.0.1", "--port", str(port),
+               "--port-end", str(port + 1), "--tracker", f"127.0.0.1:{tracker_port}",
+               "--key", "phoenix", "--session-factory", STANDIN)
+    )
+    try:
+        tracker.wait_for(r"rpc-tracker listening on")
+        server.wait_for(r"registered phoenix with tracker")
+        tracker.stop()
+        server.wait_for(r"lost tracker 127\.0\.0\.1:%d; reconnecting" % tracker_port)
+        tracker = Daemon(tracker_args)
+        tracker.wait_for(r"rpc-tracker listening on")
+        # The new tracker knows nothing; the server's backoff brings it back.
+        registered = False
+        for _ in range(200):
+            if free_count(tracker_port, "phoenix") == 1:
+                registered = True
+                break
+            threading.Event().wait(0.1)
+        assert registered, server.output
+        session = session_via_tracker_key(tracker_port, "phoenix")
+        assert session.ask("echo back") == "back"
+        session.close()
+    finally:
+        server.stop()
+        tracker.stop()
+
+
+def session_via_tracker_key(tracker_port, key):
+    _, port, matchkey = allocate(tracker_port, key)
+    session = LineSession(port, matchkey)
+    assert session.code == RPC_CODE_SUCCESS
+    return session
