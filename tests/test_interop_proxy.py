@@ -93,3 +93,35 @@ def test_tvm_client_and_server_paired_by_key(tvm):
         use_session(session)
         del session
         proxy.wait_for("presented 'client:plain-dev -timeout=60'")
+
+
+def test_unused_matchkey_renewed_under_the_real_key(tvm):
+    """
+    A client takes the matchkey from TVM's tracker and never comes: the proxy
+    renews it under the server's real key, and the next client gets the server.
+    """
+    import json
+    import socket
+    import struct
+
+    key = "renew:dev"
+    with tvm_tracker() as (tracker, tracker_port), \
+         our_proxy("--tracker", f"127.0.0.1:{tracker_port}") as (proxy, proxy_port), \
+         tvm_server_through(proxy_port, key):
+        proxy.wait_for(f"presented 'server:{key}'", timeout=60)
+        wait_free(tvm, tracker_port, key, 1)
+        with socket.create_connection(("127.0.0.1", tracker_port), timeout=30) as greedy:
+            greedy.sendall(struct.pack("<i", 0x2F271))
+            assert struct.unpack("<i", greedy.recv(4))[0] == 0x2F271
+            body = json.dumps([4, key, "greedy", 1]).encode()
+            greedy.sendall(struct.pack("<i", len(body)) + body)
+            (length,) = struct.unpack("<i", greedy.recv(4))
+            reply = json.loads(greedy.recv(length))
+            assert reply[0] == 0 and reply[1][2].startswith(key + ":")
+            stale = reply[1][2]
+            proxy.wait_for(f"matchkey {stale} of {key} was handed out but never used", timeout=30)
+            summary = wait_free(tvm, tracker_port, key, 1, timeout=30)
+            assert set(summary["queue_info"]) == {key}
+            session = tvm.rpc.connect_tracker("127.0.0.1", tracker_port).request(key)
+            use_session(session)
+            del session
