@@ -337,6 +337,35 @@ def _busy_port_before_free_one():
     raise AssertionError("no port with a free successor")
 
 
+def _tcp_timer(local_port, remote_port):
+    """
+    The kernel's timer on the loopback TCP socket C{local_port} -> C{remote_port},
+    from /proc/net/tcp: C{(kind, ticks)}; kind 2 is the keepalive timer.
+    """
+    want_local, want_remote = f":{local_port:04X}", f":{remote_port:04X}"
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(want_local) and fields[2].endswith(want_remote):
+                kind, when = fields[5].split(":")
+                return int(kind, 16), int(when, 16)
+    raise AssertionError(f"no socket {local_port} -> {remote_port}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/net/tcp")
+def test_accepted_sockets_get_keepalive_timers():
+    """The daemon's side of an idle connection runs a keepalive timer set from
+    --keepalive-idle (a plain socket has no timer at all when idle)."""
+    with our_tracker("--keepalive-idle", "7") as (daemon, port):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(MAGIC)
+            assert _recv(sock, 4) == MAGIC
+            kind, ticks = _tcp_timer(port, sock.getsockname()[1])
+            assert kind == 2
+            assert 0 < ticks <= 7 * os.sysconf("SC_CLK_TCK")
+            assert _tcp_timer(sock.getsockname()[1], port)[0] == 0
+
+
 def test_twistd_sigterm_stops_cleanly():
     """SIGTERM shuts the reactor down: the listener closes, twistd finishes.
 
