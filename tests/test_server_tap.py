@@ -158,3 +158,19 @@ class PluginTests(SynchronousTestCase):
         names = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
         self.assertIn("rpc-server", names)
         self.assertIsInstance(names["rpc-server"].options(), tap.Options)
+
+
+class UnixListenTests(SynchronousTestCase):
+    """A Unix socket listener has no port to register with a tracker."""
+
+    def test_unix_with_tracker_is_fatal(self):
+        import tempfile
+
+        path = os.path.join(tempfile.mkdtemp(), "rpc.sock")
+        options = parse("--session-factory", STANDIN, "--no-fork", "--listen", f"unix:{path}",
+                        "--tracker", "127.0.0.1:9190")
+        from twisted.internet.testing import MemoryReactorClock
+
+        service = tap.makeService(options, MemoryReactorClock())
+        self.assertRaises(CannotListenError, service.startService)
+        service.stopService()

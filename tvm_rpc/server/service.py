@@ -86,6 +86,10 @@ class RPCServerService(service.MultiService):
         if not self.listening:
             self._bind()
         if self.make_registration is not None and self.registration is None:
+            if self.bound_port is None:
+                raise CannotListenError(
+                    None, None, "--tracker needs a TCP port to report, but no TCP port is bound"
+                )
             self.registration = self.make_registration(self.bound_port)
             self.registration.setServiceParent(self)
         warm_up = getattr(self.runner, "warm_up", None)
@@ -136,8 +140,14 @@ class RPCServerService(service.MultiService):
     def _bound(self, port):
         self.listening.append(port)
         address = port.getHost()
-        host = getattr(address, "host", str(address))
+        host = getattr(address, "host", None)
         number = getattr(address, "port", None)
-        if self.bound_port is None and number is not None:
+        if host is None or number is None:
+            name = getattr(address, "name", address)
+            if isinstance(name, bytes):
+                name = name.decode("utf-8", "replace")
+            _always.info("rpc-server listening on unix:{name}", name=name)
+            return
+        if self.bound_port is None:
             self.bound_port = number
         _always.info("rpc-server listening on {host}:{port}", host=host, port=number)
