@@ -474,6 +474,14 @@ class TuningTests(TrackerTestCase):
 class AddressTests(SynchronousTestCase):
     """Peer descriptions and socket tuning on non-TCP transports."""
 
+    def test_ipv4_mapped_peer(self):
+        from twisted.internet.address import IPv6Address
+
+        self.assertEqual(
+            describe_peer(IPv6Address("TCP", "::ffff:10.1.2.3", 5)), ("10.1.2.3", 5)
+        )
+        self.assertEqual(describe_peer(IPv6Address("TCP", "fe80::1", 5)), ("fe80::1", 5))
+
     def test_unix_peer(self):
         self.assertEqual(describe_peer(UNIXAddress(b"/tmp/x.sock")), ("/tmp/x.sock", None))
 

@@ -87,9 +87,15 @@ def tune_socket(transport, keepalive):
 
 
 def describe_peer(address):
-    """@return: C{(host, port)} of a peer address; port is L{None} for non-IP peers."""
+    """
+    @return: C{(host, port)} of a peer address; port is L{None} for non-IP
+        peers. An IPv4 peer of a dual-stack listener (C{::ffff:a.b.c.d}) is
+        given as plain IPv4, the address its clients can reach it on.
+    """
     host = getattr(address, "host", None)
     if host is not None:
+        if host.lower().startswith("::ffff:") and host.count(".") == 3:
+            host = host[len("::ffff:"):]
         return host, getattr(address, "port", None)
     name = getattr(address, "name", None)
     return (name.decode("utf-8", "replace") if isinstance(name, bytes) else (name or "localhost")), None
