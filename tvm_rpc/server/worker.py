@@ -365,6 +365,7 @@ class _ForkServerProcess(tprotocol.ProcessProtocol):
 
     def __init__(self, pool):
         self.pool = pool
+        self.server = None
         self.pid = None
         self.ended = None
         self._partial = {1: b"", 2: b""}
@@ -508,6 +509,7 @@ class WorkerPool:
             child_control.close()
             child_lifeline.close()
         server = _ForkServer(process, control, lifeline)
+        process.server = server
         server.reader = _ControlReader(self, server)
         reading = control.dup()
         self.reactor.adoptStreamConnection(
@@ -534,7 +536,14 @@ class WorkerPool:
         }
         # The transport is left out of the reactor on purpose: closing it the
         # Twisted way would shut the socket down under the worker.
-        send_control(server.control, header, skt.fileno())
+        try:
+            send_control(server.control, header, skt.fileno())
+        except OSError:
+            self.log.warn("the fork server is gone; starting another")
+            self._server = None
+            self.warm_up()
+            server = session.server = self._server
+            send_control(server.control, header, skt.fileno())
         self._sessions[session.id] = session
         self.sessions_started += 1
 
@@ -615,14 +624,14 @@ class WorkerPool:
             )
 
     def _fork_server_ended(self, process, reason):
-        server = self._server if self._server and self._server.process is process else None
-        if server is not None:
+        server = process.server
+        if self._server is server:
             self._server = None
         if not self._stopping:
             self.log.warn("fork server ended: {reason}", reason=reason.getErrorMessage())
         # Without the fork server nobody reports these workers' ends: end them.
         for session in list(self._sessions.values()):
-            if server is None or session.server is server:
+            if session.server is server:
                 self._kill(session)
                 self._by_pid.pop(session.pid, None)
                 self._finish(session, None, signal.SIGKILL)

@@ -1,0 +1,183 @@
+"""The server's side of the worker processes, with a fake process reactor.
+
+Real processes are exercised by ``tests/test_server_daemon.py``; here the fork
+server's reports are fed by hand, so timeouts, crashes and a dying fork
+server are checked deterministically.
+"""
+
+import os
+import signal
+import socket
+
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from tvm_rpc.server import worker as worker_module
+from tvm_rpc.server.gate import SessionGate
+from tvm_rpc.server.listener import Handoff
+from tvm_rpc.server.worker import WorkerPool, receive_control
+
+
+class FakeProcessTransport:
+    def __init__(self, pid):
+        self.pid = pid
+        self.signals = []
+
+    def closeStdin(self):
+        pass
+
+    def signalProcess(self, name):
+        self.signals.append(name)
+
+
+class ProcessReactor(MemoryReactorClock):
+    """Records spawned processes, keeping a copy of the descriptors handed to them."""
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+
+    def spawnProcess(self, protocol, executable, args=(), env=None, path=None, uid=None,
+                     gid=None, usePTY=False, childFDs=None):
+        kept = {n: socket.socket(fileno=os.dup(fd)) for n, fd in childFDs.items()
+                if isinstance(fd, int)}
+        self.spawned.append((protocol, args, kept))
+        protocol.makeConnection(FakeProcessTransport(1000 + len(self.spawned)))
+
+
+class FakeTCPTransport:
+    """A session connection: a real socket handle, reading switched off by the pool."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.reading = True
+
+    def stopReading(self):
+        self.reading = False
+
+    def stopWriting(self):
+        pass
+
+    def getHandle(self):
+        return self.sock
+
+
+class WorkerPoolTests(SynchronousTestCase):
+    def setUp(self):
+        self.reactor = ProcessReactor()
+        self.killed = []
+        self.patch(worker_module.os, "killpg", lambda pid, sig: self.killed.append((pid, sig)))
+        self.pool = WorkerPool(
+            self.reactor, "/work-root", init=("mod:fn",), session_factory="a.b:c",
+            timeout_notice=lambda seconds: f"timeout {seconds:g}".encode(),
+        )
+        self.pool.warm_up()
+        self.gate = SessionGate("k", max_sessions=4)
+        self.client_ends = []
+
+    def tearDown(self):
+        for _, _, kept in self.reactor.spawned:
+            for sock in kept.values():
+                sock.close()
+        for sock in self.client_ends:
+            sock.close()
+
+    def fork_server(self, index=-1):
+        protocol, args, kept = self.reactor.spawned[index]
+        return protocol, args, kept[3]
+
+    def start_session(self, timeout=None, rest=b""):
+        server_end, client_end = socket.socketpair()
+        self.client_ends.append(client_end)
+        slot = self.successResultOf(self.gate.claim("k"))
+        handoff = Handoff(FakeTCPTransport(server_end), None, b"REPLY", rest, timeout, "peer", slot)
+        self.pool.start(handoff)
+        return handoff, client_end
+
+    def report(self, message, index=-1):
+        protocol, _, _ = self.fork_server(index)
+        self.pool._report(protocol.server, message)
+
+    def test_one_fork_server_with_the_options(self):
+        """warm_up starts one fork server with the control and lifeline sockets."""
+        self.pool.warm_up()
+        self.assertEqual(len(self.reactor.spawned), 1)
+        _, args, kept = self.reactor.spawned[0]
+        self.assertEqual(sorted(kept), [3, 4])
+        self.assertEqual(args[1:3], ["-m", "tvm_rpc.server.worker"])
+        self.assertIn("--init", args)
+        self.assertEqual(args[args.index("--session-factory") + 1], "a.b:c")
+
+    def test_handoff_passes_descriptor(self):
+        """The connection's descriptor, reply and early bytes reach the fork server."""
+        handoff, client_end = self.start_session(rest=b"early")
+        self.assertFalse(handoff.transport.reading)
+        _, _, control = self.fork_server()
+        header, fd = receive_control(control)
+        self.assertEqual(header["id"], 1)
+        self.assertEqual(header["peer"], "peer")
+        self.assertIsNotNone(fd)
+        passed = socket.socket(fileno=fd)
+        passed.sendall(b"from the worker")
+        self.assertEqual(client_end.recv(100), b"from the worker")
+        passed.close()
+
+    def test_normal_end(self):
+        """A worker's clean exit frees the slot and closes the server's copy."""
+        handoff, _ = self.start_session()
+        self.report({"started": 4242, "id": 1})
+        self.report({"ended": 4242, "code": 0, "signal": None})
+        self.assertTrue(handoff.slot.released)
+        self.assertEqual(handoff.transport.sock.fileno(), -1)
+        self.assertEqual(self.pool.crashes, 0)
+
+    def test_crash(self):
+        """A segfault is counted and ends only that session."""
+        first, _ = self.start_session()
+        second, _ = self.start_session()
+        self.report({"started": 1, "id": 1})
+        self.report({"started": 2, "id": 2})
+        self.report({"ended": 1, "code": None, "signal": 11})
+        self.assertEqual(self.pool.crashes, 1)
+        self.assertTrue(first.slot.released)
+        self.assertFalse(second.slot.released)
+
+    def test_timeout_counts_from_start_and_kills_group(self):
+        """The timer starts with the worker; expiry kills its group and sends the notice."""
+        handoff, client_end = self.start_session(timeout=5)
+        self.reactor.advance(100)
+        self.assertEqual(self.killed, [])
+        self.report({"started": 77, "id": 1})
+        self.reactor.advance(4.9)
+        self.assertEqual(self.killed, [])
+        self.reactor.advance(0.2)
+        self.assertEqual(self.killed, [(77, signal.SIGKILL)])
+        self.report({"ended": 77, "code": None, "signal": 9})
+        self.assertEqual(client_end.recv(100), b"timeout 5")
+        self.assertTrue(handoff.slot.released)
+        self.assertEqual(self.pool.crashes, 0)
+
+    def test_fork_server_death_ends_its_sessions(self):
+        """If the fork server dies, its sessions end and the next one gets a new server."""
+        handoff, _ = self.start_session()
+        self.report({"started": 5, "id": 1})
+        protocol, _, _ = self.fork_server()
+        protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertTrue(handoff.slot.released)
+        self.assertIn((5, signal.SIGKILL), self.killed)
+        later, _ = self.start_session()
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertFalse(later.slot.released)
+
+    def test_stop_kills_everything(self):
+        self.start_session()
+        self.report({"started": 9, "id": 1})
+        self.pool.stop()
+        self.assertIn((9, signal.SIGKILL), self.killed)
+        protocol, _, _ = self.fork_server()
+        self.assertEqual(protocol.transport.signals, ["KILL"])
+        self.pool.warm_up()
+        self.assertEqual(len(self.reactor.spawned), 1)
+
