@@ -304,6 +304,23 @@ class StartTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(transport.value(), b"")
 
+    def test_reading_paused_while_answers_wait(self):
+        """A full write buffer pauses reading requests; draining resumes it."""
+        protocol, transport = self.make()
+        protocol.makeConnection(transport)
+        self.assertTrue(transport.streaming)
+        self.assertIs(transport.producer, protocol)
+        hello = amp.AmpBox(_command=b"Hello", _ask=b"1", protocol=b"tvm_rpc-session",
+                           version=b"1").serialize()
+        transport.producer.pauseProducing()
+        self.assertEqual(transport.producerState, "paused")
+        protocol.dataReceived(hello)
+        self.assertEqual(transport.value(), b"")
+        transport.producer.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertIn(b"_answer", transport.value())
+        protocol.connectionLost(Failure(ConnectionDone()))
+
     def test_unknown_command_answered(self):
         """An unknown command gets AMP's unhandled-command error; the session goes on."""
         protocol, transport = self.make()
@@ -532,3 +549,87 @@ class RoundTripTests(SynchronousTestCase):
         self.assertLess(out["growth_kib"], 32 * 1024, out)
 
 
+
+
+FLOOD_SERVER = textwrap.dedent('''
+    import tempfile
+    from twisted.internet import endpoints, protocol, reactor
+    from tvm_rpc.server.session import make_session_protocol
+
+    root = tempfile.mkdtemp()
+    factory = protocol.Factory.forProtocol(
+        lambda: make_session_protocol(root, clock=reactor, backend="python"))
+    endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+    endpoint.listen(factory).addCallback(lambda port: print(port.getHost().port, flush=True))
+    reactor.run()
+''')
+
+
+def _rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+
+
+class FloodTests(SynchronousTestCase):
+    """A client that asks for data and never reads it cannot bloat the server."""
+
+    def ask(self, sock, buffered, command, tag, **arguments):
+        """Send one command and wait for its answer; @return: the answer box."""
+        box = command.makeArguments(arguments, None)
+        box[b"_command"] = command.commandName
+        box[b"_ask"] = tag
+        sock.sendall(box.serialize())
+        while True:
+            try:
+                boxes = amp.parseString(buffered[0])
+            except Exception:
+                boxes = []
+            if boxes and buffered[0].endswith(b"\x00\x00"):
+                buffered[0] = b""
+                return boxes[0]
+            buffered[0] += sock.recv(65536)
+
+    def test_unread_downloads_stay_bounded(self):
+        """128 unread 512 KiB reads (64 MiB asked for) grow the server by far less."""
+        import socket
+        import time
+
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        server = subprocess.Popen(
+            [sys.executable, "-c", FLOOD_SERVER], stdout=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=here), cwd=here,
+        )
+        self.addCleanup(server.wait, 30)
+        self.addCleanup(server.kill)
+        port = int(server.stdout.readline())
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.connect(("127.0.0.1", port))
+        self.addCleanup(sock.close)
+        buffered = [b""]
+        size = 64 * 1024 * 1024
+        answer = self.ask(sock, buffered, commands.Empty, b"1", shape=[size], dtype="uint8",
+                          device_type=1, device_id=0)
+        self.assertEqual(int(answer[b"nbytes"]), size)
+        stream = self.ask(sock, buffered, commands.OpenArrayRead, b"2",
+                          array=int(answer[b"array"]))[b"stream"]
+        before = _rss_kib(server.pid)
+        chunk = commands.CHUNK_SIZE
+        flood = b"".join(
+            amp.AmpBox(_command=b"StreamRead", _ask=b"r%d" % i, stream=stream,
+                       offset=b"%d" % (i * chunk), length=b"%d" % chunk).serialize()
+            for i in range(size // chunk)
+        )
+        sock.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and sent < len(flood):
+            try:
+                sent += sock.send(flood[sent:])
+            except BlockingIOError:
+                time.sleep(0.05)
+        time.sleep(1)
+        growth = _rss_kib(server.pid) - before
+        self.assertLess(growth, 16 * 1024, f"server grew by {growth} KiB")

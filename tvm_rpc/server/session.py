@@ -17,6 +17,11 @@ For the server's plumbing (listener, handshake, worker process):
   import): call it in a warm worker before the session arrives.
 - :func:`timeout_notice` ``(seconds)`` gives the bytes to send to a client
   whose session was ended for outliving its ``-timeout=N``.
+- The protocol registers itself as a streaming producer on its transport:
+  while answers wait to be sent (the transport's buffer is full) it stops
+  reading and handling requests, so a client that asks for data without
+  reading it cannot make the server buffer more than about one answer (one
+  chunk) beyond the transport's own buffer.
 - A peer that is not speaking AMP (a real TVM RPC client sends a TVM packet
   whose first byte is not 0, while every AMP box starts with a 0 byte) is
   logged as a protocol mismatch and disconnected at once.
@@ -33,8 +38,10 @@ import inspect
 import os
 
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols import amp
+from zope.interface import implementer
 
 from .. import __version__
 from ..protocol import commands, values
@@ -69,9 +76,11 @@ def timeout_notice(seconds):
     )
 
 
+@implementer(IPushProducer)
 class SessionProtocol(amp.AMP):
     """
-    Serve one session over AMP.
+    Serve one session over AMP. It is also the push producer registered on
+    its transport (AMP's parser pauses and resumes).
 
     @ivar environment: the L{SessionEnvironment}, from C{connectionMade} on.
     """
@@ -116,6 +125,13 @@ class SessionProtocol(amp.AMP):
             self.peer = "?"
         log.info("session from {peer} in {work_dir}", peer=self.peer,
                  work_dir=self.environment.work_dir.root)
+        try:
+            # AMP's parser is a push producer: pausing it stops both reading
+            # from the socket and handling requests already received.
+            self.transport.registerProducer(self, True)
+        except (AttributeError, RuntimeError):
+            log.warn("cannot throttle {peer}: its transport has a producer already",
+                     peer=self.peer)
         super().connectionMade()
 
     def dataReceived(self, data):
