@@ -320,6 +320,18 @@ class InProcessRunnerTests(SynchronousTestCase):
         self.assertTrue(session.lost)
         self.assertEqual(self.gate.active, 0)
 
+    def test_timeout_notice_then_close(self):
+        """With a notice, the client is told why before the connection closes."""
+        self.factory.runner.timeout_notice = lambda seconds: f"ended after {seconds:g}".encode()
+        protocol, transport = connect(self.factory)
+        protocol.dataReceived(encode_handshake(client_key("dev", 3)))
+        transport.clear()
+        self.clock.advance(3)
+        self.assertEqual(transport.value(), b"ended after 3")
+        self.assertTrue(transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnected)
+
     def test_timeout_closes(self):
         """The session timeout closes the connection; the slot comes back."""
         protocol, transport = connect(self.factory)

@@ -278,12 +278,18 @@ class InProcessRunner:
 
     @ivar make_protocol: makes a fresh session protocol.
     @ivar clock: an L{IReactorTime} for the session timeout.
+    @ivar timeout_notice: makes the bytes sent to a client whose session
+        timed out, from the timeout in seconds; L{None} sends nothing.
+    @ivar grace: seconds the notice may take to leave before the connection
+        is cut.
     """
 
     log = logger("tvm_rpc.server.listener")
 
     make_protocol: object
     clock: object
+    timeout_notice: object = None
+    grace: float = 1.0
 
     def start(self, handoff):
         """Write the reply and switch the connection to a session protocol."""
@@ -310,7 +316,14 @@ class InProcessRunner:
             peer=handoff.peer,
             timeout=handoff.timeout,
         )
-        handoff.transport.abortConnection()
+        transport = handoff.transport
+        if self.timeout_notice is None:
+            transport.abortConnection()
+            return
+        transport.write(self.timeout_notice(handoff.timeout))
+        transport.loseConnection()
+        # A peer that does not read must not keep the connection open.
+        self.clock.callLater(self.grace, transport.abortConnection)
 
 
 __all__ = [

@@ -152,7 +152,11 @@ def makeService(options, reactor=None):
         options["key"], tracked=tracker is not None, max_sessions=options["max-sessions"]
     )
     if options["no-fork"]:
-        runner = InProcessRunner(lambda: make_session(work_root, clock=reactor), reactor)
+        runner = InProcessRunner(
+            lambda: make_session(work_root, clock=reactor),
+            reactor,
+            timeout_notice=getattr(session_module, "timeout_notice", None),
+        )
     else:
         runner = WorkerPool(
             reactor,
