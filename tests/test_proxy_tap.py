@@ -37,6 +37,29 @@ def parse(*argv):
     return options
 
 
+class TuningTests(SynchronousTestCase):
+    """L{tvm_rpc.proxy.tuning}."""
+
+    def test_thresholds(self):
+        from tvm_rpc.proxy.tuning import MAX_MMAP_THRESHOLD, allocator_thresholds
+
+        self.assertEqual(allocator_thresholds(256 * 1024), (4 << 20, 16 << 20))
+        self.assertEqual(allocator_thresholds(4 << 20), (16 << 20, 64 << 20))
+        self.assertEqual(allocator_thresholds(64 << 20)[0], MAX_MMAP_THRESHOLD)
+
+    def test_tune(self):
+        import sys
+
+        from tvm_rpc.proxy.tuning import tune_allocator
+
+        applied = tune_allocator(256 * 1024)
+        if sys.platform.startswith("linux") and sys.implementation.name == "cpython":
+            import platform
+
+            if platform.libc_ver()[0] == "glibc":
+                self.assertEqual(applied, (4 << 20, 16 << 20))
+
+
 class OptionsTests(SynchronousTestCase):
     """L{tap.Options}."""
 
@@ -84,7 +107,7 @@ class MakeServiceTests(SynchronousTestCase):
         reactor = MemoryReactorClock()
         top = tap.makeService(parse("--web-port", "0", "--port", "9300", "--port-end", "9302"),
                               reactor)
-        self.assertEqual([s.name for s in top], ["rpc"])
+        self.assertEqual([s.name for s in top], ["allocator", "rpc"])
         self.assertFalse(top.pool.tracker_mode)
         top.privilegedStartService()
         top.startService()
@@ -116,7 +139,7 @@ class MakeServiceTests(SynchronousTestCase):
         reactor = MemoryReactorClock()
         top = tap.makeService(parse("--web-port", "9500", "--host", "127.0.0.1",
                                     "--tracker", "127.0.0.1:9190"), reactor)
-        self.assertEqual([s.name for s in top], ["rpc", "web", "tracker"])
+        self.assertEqual([s.name for s in top], ["allocator", "rpc", "web", "tracker"])
         self.assertTrue(top.pool.tracker_mode)
         self.assertIs(top.pool.observer, top.getServiceNamed("tracker"))
         top.privilegedStartService()

@@ -17,6 +17,7 @@ from twisted.python import usage
 from .pairing import DEFAULT_TIMEOUT, PairingPool
 from .protocol import DEFAULT_HANDSHAKE_TIMEOUT, ProxyFactory
 from .relay import RELAY_CHUNK
+from .tuning import AllocatorTuning
 
 log = Logger(namespace="tvm_rpc.proxy")
 
@@ -190,7 +191,8 @@ def makeService(options, reactor=None):
 
     @param options: parsed L{Options}.
     @param reactor: the reactor to use; the global one when L{None}.
-    @return: a L{service.MultiService} whose children are the RPC listener,
+    @return: a L{service.MultiService} whose children are the allocator
+        tuning (L{tvm_rpc.proxy.tuning}), the RPC listener,
         the websocket listener (when C{--web-port} is not 0) and the tracker
         registration (with C{--tracker}). It carries C{pool} and C{listener}
         attributes.
@@ -206,6 +208,9 @@ def makeService(options, reactor=None):
     )
     factory = ProxyFactory(pool, reactor, options["handshake-timeout"], options["relay-buffer"])
     top = service.MultiService()
+    tuning = AllocatorTuning(options["relay-buffer"])
+    tuning.setName("allocator")
+    tuning.setServiceParent(top)
     if options["listen"]:
         candidates = [endpoints.serverFromString(reactor, d) for d in options["listen"]]
         listener = ListenerService(candidates, factory, "rpc-proxy", first_only=False)
