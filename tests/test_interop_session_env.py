@@ -98,6 +98,7 @@ def test_session_runs_tvm_library(tvm, library):
     )
 
     def call(command, **kwargs):
+        """Call and pump; @return: the answer (raising its failure)."""
         results = []
         client.callRemote(command, **kwargs).addBoth(results.append)
         pump.flush()
@@ -106,6 +107,7 @@ def test_session_runs_tvm_library(tvm, library):
         return results[0]
 
     def finish(d):
+        """Pump until C{d} fires; @return: its result (raising its failure)."""
         results = []
         d.addBoth(results.append)
         pump.flush()

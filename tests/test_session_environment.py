@@ -362,9 +362,11 @@ class FakeTimer:
     """A timer that advances only when the timed function runs."""
 
     def __init__(self):
+        """Start at time zero."""
         self.now = 0.0
 
     def __call__(self):
+        """@return: the current fake time."""
         return self.now
 
 
@@ -375,6 +377,7 @@ def test_time_evaluator(env):
     calls = []
 
     def work(cost):
+        """Advance the fake time by C{cost}."""
         calls.append(cost)
         timer.now += cost
 
@@ -397,10 +400,12 @@ def test_registry():
 
     @registry.register("b")
     def b():
+        """A decorated function."""
         return "b"
 
     @registry.register
     def c():
+        """A function registered under its own name."""
         return "c"
 
     assert registry.names() == ["a", "b", "c"]
@@ -419,6 +424,7 @@ def test_registry():
 
     @register_func("test_session_environment.global")
     def global_function():
+        """A function in the process-wide registry."""
         return 1
 
     try:

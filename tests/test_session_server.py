@@ -36,6 +36,7 @@ class SessionTests(SynchronousTestCase):
     """Every command through AMP boxes, in memory."""
 
     def setUp(self):
+        """A session over an in-memory connection, with a few global functions."""
         self.root = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.root, True)
         self.registry = Registry()
@@ -133,6 +134,7 @@ class SessionTests(SynchronousTestCase):
         self.registry.register("later", lambda: pending)
 
         async def coroutine(x):
+            """Wait for C{second}."""
             return [x, await second]
 
         self.registry.register("coroutine", coroutine)
@@ -276,6 +278,7 @@ class StartTests(SynchronousTestCase):
     """How the plumbing starts a session, and bad peers."""
 
     def make(self):
+        """@return: a session protocol and a StringTransport, not yet connected."""
         root = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, root, True)
         protocol = make_session_protocol(root, Registry(), clock=Clock(), backend="python")
@@ -351,8 +354,11 @@ class StartTests(SynchronousTestCase):
         received = []
 
         class Client(amp.AMP):
+            """A client that only handles SessionEnded."""
+
             @commands.SessionEnded.responder
             def ended(self, code, reason):
+                """Record the notice."""
                 received.append((code, reason))
                 return {}
 
@@ -566,6 +572,7 @@ FLOOD_SERVER = textwrap.dedent('''
 
 
 def _rss_kib(pid):
+    """@return: the resident set size of process C{pid}, in KiB."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):

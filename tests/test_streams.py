@@ -35,6 +35,7 @@ class StreamServer(amp.AMP):
     """A minimal AMP peer that serves a L{StreamTable} (the session server does more)."""
 
     def __init__(self):
+        """Start with an empty stream table."""
         super().__init__()
         self.table = StreamTable()
         self.writes_received = 0
@@ -42,6 +43,7 @@ class StreamServer(amp.AMP):
     @commands.StreamWrite.responder
     @commands.remote_errors
     def stream_write(self, stream, data):
+        """Pass a chunk to the table; answer once it is consumed."""
         self.writes_received += 1
         result = self.table.write(stream, data)
         if isinstance(result, Deferred):
@@ -51,22 +53,26 @@ class StreamServer(amp.AMP):
     @commands.StreamFinish.responder
     @commands.remote_errors
     def stream_finish(self, stream):
+        """End a write stream."""
         return {"size": self.table.finish(stream)}
 
     @commands.StreamRead.responder
     @commands.remote_errors
     def stream_read(self, stream, offset, length):
+        """Serve a chunk of a read stream."""
         return {"data": self.table.read(stream, offset, length)}
 
     @commands.StreamClose.responder
     @commands.remote_errors
     def stream_close(self, stream):
+        """Close a stream."""
         self.table.close(stream)
         return {}
 
     @commands.OpenValue.responder
     @commands.remote_errors
     def open_value(self, size):
+        """Open a value stream of the announced size."""
         return {"stream": self.table.open_sink(BytesSink(size, size))}
 
 
@@ -75,24 +81,29 @@ class SlowSink:
     """A sink that consumes a chunk only when the test says so."""
 
     def __init__(self):
+        """Nothing consumed yet."""
         self.pending = []
         self.data = bytearray()
         self.cancelled = False
 
     def write(self, data):
+        """Hold the chunk until L{release}."""
         d = Deferred()
         self.pending.append((d, bytes(data)))
         return d
 
     def release(self):
+        """Consume the oldest held chunk."""
         d, data = self.pending.pop(0)
         self.data += data
         d.callback(None)
 
     def finish(self):
+        """@return: the bytes consumed."""
         return len(self.data)
 
     def cancel(self):
+        """Note the cancellation."""
         self.cancelled = True
 
 
@@ -160,6 +171,7 @@ class StreamTransferTests(SynchronousTestCase):
         calls = []
 
         def consumer(chunk):
+            """Record the chunk and hold the transfer."""
             calls.append(chunk)
             return held
 

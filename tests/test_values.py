@@ -25,6 +25,7 @@ shapes = st.lists(st.integers(0, 4), max_size=3).map(tuple)
 
 @st.composite
 def host_arrays(draw):
+    """Host arrays whose data matches their shape and dtype."""
     shape = draw(shapes)
     dtype = draw(dtypes)
     data = draw(st.binary(min_size=values.array_nbytes(shape, dtype),

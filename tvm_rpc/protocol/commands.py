@@ -464,6 +464,7 @@ class RemoteError(Exception):
     """
 
     def __init__(self, type_name, message=None, traceback_text=None):
+        """@param type_name: the remote type name, or a whole wire description (then the other two are omitted)."""
         if message is None and traceback_text is None:
             type_name, message, traceback_text = self._unpack(type_name)
         self.type_name = str(type_name)
@@ -520,6 +521,7 @@ class RemoteError(Exception):
                 message = message[: len(message) // 2] + "..."
 
     def __repr__(self):
+        """@return: the type name and message."""
         return f"RemoteError({self.type_name!r}, {self.message!r})"
 
 
@@ -556,6 +558,7 @@ def remote_errors(function):
     def responder(*args, **kwargs):
         # A plain try/except rather than maybeDeferred: this sits on the path
         # of every call, and AMP wraps the answer in a Deferred anyway.
+        """Call the responder; its failures become L{RemoteError}s."""
         try:
             result = function(*args, **kwargs)
         except BaseException:

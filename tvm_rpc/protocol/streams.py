@@ -85,6 +85,7 @@ class ISource(Interface):
 
 
 def _check_chunk(data, chunk_size):
+    """@raise StreamError: when C{data} is longer than C{chunk_size}."""
     if len(data) > chunk_size:
         raise StreamError(f"chunk of {len(data)} bytes exceeds the {chunk_size}-byte limit")
 
@@ -147,6 +148,7 @@ class FileSink:
     _size: int = 0
 
     def __attrs_post_init__(self):
+        """Open the temporary file."""
         directory, name = os.path.split(self.path)
         self._temporary = os.path.join(directory, f".{name}.{os.getpid()}.{id(self)}.part")
         self._file = open(self._temporary, "wb")
@@ -208,6 +210,7 @@ class FileSource:
     size: int = 0
 
     def __attrs_post_init__(self):
+        """Open the file and note its size."""
         self._descriptor = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         self.size = os.fstat(self._descriptor).st_size
 
@@ -256,6 +259,7 @@ class StreamTable:
         return stream
 
     def _sink(self, stream):
+        """@return: the sink of an open write stream. @raise StreamError: when there is none."""
         try:
             return self._sinks[stream]
         except KeyError:
@@ -337,9 +341,11 @@ class StreamTable:
         return sink is not None or source is not None
 
     def __contains__(self, stream):
+        """@return: whether C{stream} is open (or finished and not yet consumed)."""
         return stream in self._sinks or stream in self._sources or stream in self.finished_values
 
     def __len__(self):
+        """@return: how many streams are open or waiting to be consumed."""
         return len(self._sinks) + len(self._sources) + len(self.finished_values)
 
     def close_all(self):
@@ -386,6 +392,7 @@ def _settled(deferred):
 
 
 async def _outcome(deferred):
+    """Wait for a settled command. @return: its answer. @raise Exception: its failure."""
     result = await deferred
     if isinstance(result, _Failed):
         result.failure.raiseException()
@@ -393,6 +400,7 @@ async def _outcome(deferred):
 
 
 async def _close_quietly(call_remote, stream):
+    """Close C{stream} on the peer, ignoring failures (it may be gone already)."""
     try:
         await call_remote(StreamClose, stream=stream)
     except Exception:
@@ -400,6 +408,7 @@ async def _close_quietly(call_remote, stream):
 
 
 async def _write_stream(call_remote, stream, chunks, window, finish_command):
+    """The body of L{write_stream}."""
     outstanding = []
     try:
         for chunk in chunks:
@@ -432,6 +441,7 @@ def write_stream(call_remote, stream, chunks, *, window=WINDOW):
 
 
 async def _read_stream(call_remote, stream, size, consumer, window, chunk_size, close):
+    """The body of L{read_stream}."""
     outstanding = []
     offset = 0
     received = 0
@@ -480,6 +490,7 @@ def read_stream(call_remote, stream, size, consumer, *, window=WINDOW,
 
 
 async def _send_value(call_remote, encoded, window):
+    """The body of L{send_value}."""
     if len(encoded) <= MAX_INLINE_VALUE:
         return {"args": encoded}
     stream = (await call_remote(OpenValue, size=len(encoded)))["stream"]
@@ -502,6 +513,7 @@ def send_value(call_remote, encoded, *, window=WINDOW):
 
 
 async def _receive_value(call_remote, response, window):
+    """The body of L{receive_value}."""
     if response.get("result") is not None:
         return response["result"]
     stream = response.get("result_stream")

@@ -65,6 +65,7 @@ def dtype_itemsize(dtype):
 
 
 def _shape(value):
+    """@return: C{value} as a tuple of non-negative ints. @raise CodecError: otherwise."""
     shape = tuple(value)
     for dim in shape:
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
@@ -78,6 +79,7 @@ def array_nbytes(shape, dtype):
 
 
 def _small_number(value):
+    """@return: C{value} if it is an int in 0..2**31-1. @raise CodecError: otherwise."""
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 31:
         raise CodecError(f"bad device number {value!r}")
     return value
@@ -133,6 +135,7 @@ class Device:
         return DEVICE_NAMES.get(self.device_type, f"device{self.device_type}")
 
     def __str__(self):
+        """@return: TVM's spelling, e.g. C{cpu(0)}."""
         return f"{self.name}({self.index})"
 
 
@@ -166,6 +169,7 @@ class ArrayRef:
     device: Device = attrs.field(factory=lambda: Device(1, 0))
 
     def __attrs_post_init__(self):
+        """Check the dtype. @raise CodecError: for an unknown one."""
         dtype_itemsize(self.dtype)
 
     @property
@@ -187,6 +191,7 @@ class HostArray:
     data: bytes = attrs.field(converter=bytes, repr=lambda data: f"<{len(data)} bytes>")
 
     def __attrs_post_init__(self):
+        """Check the data length against shape and dtype."""
         expected = array_nbytes(self.shape, self.dtype)
         if len(self.data) != expected:
             raise CodecError(
@@ -218,6 +223,7 @@ _HANDLE, _ARRAY_REF, _HOST_ARRAY, _DEVICE = b"H", b"A", b"h", b"D"
 
 
 def _varint(number, out):
+    """Append C{number} (non-negative) to C{out} as an unsigned LEB128 varint."""
     while True:
         low = number & 0x7F
         number >>= 7
@@ -229,16 +235,19 @@ def _varint(number, out):
 
 
 def _zigzag(number):
+    """@return: C{number} mapped to a non-negative int (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...)."""
     return number << 1 if number >= 0 else ((-number) << 1) - 1
 
 
 def _encode_text(text, out):
+    """Append C{text} as a varint length and its UTF-8 bytes."""
     raw = text.encode("utf-8")
     _varint(len(raw), out)
     out += raw
 
 
 def _encode_into(value, out, depth, max_depth):
+    """Append the tag and body of C{value} to C{out}; see L{encode}."""
     if depth > max_depth:
         raise CodecError(f"value nested deeper than {max_depth}")
     if value is None:
@@ -306,6 +315,7 @@ def _encode_into(value, out, depth, max_depth):
 
 
 def _encode_shape(shape, out):
+    """Append a shape: its rank, then each dimension, as varints."""
     _varint(len(shape), out)
     for dim in shape:
         _varint(dim, out)
@@ -337,6 +347,7 @@ class _Reader:
     position: int = 0
 
     def byte(self):
+        """@return: the next byte. @raise CodecError: at the end of the input."""
         if self.position >= len(self.data):
             raise CodecError("truncated value")
         value = self.data[self.position]
@@ -344,6 +355,7 @@ class _Reader:
         return value
 
     def take(self, length):
+        """@return: a view of the next C{length} bytes. @raise CodecError: past the end."""
         end = self.position + length
         if end > len(self.data):
             raise CodecError(f"truncated value: wants {length} bytes at {self.position}")
@@ -370,6 +382,7 @@ class _Reader:
         return number
 
     def text(self):
+        """@return: a varint-prefixed UTF-8 string."""
         raw = self.take(self.count())
         try:
             return str(raw, "utf-8")
@@ -384,10 +397,12 @@ class _Reader:
         return number
 
     def shape(self):
+        """@return: a varint rank followed by that many dimensions."""
         return tuple(self.small() for _ in range(self.count()))
 
 
 def _decode_from(reader, depth, max_depth):
+    """Read one value (tag and body) from C{reader}; see L{decode}."""
     if depth > max_depth:
         raise CodecError(f"value nested deeper than {max_depth}")
     tag = bytes([reader.byte()])

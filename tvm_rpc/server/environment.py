@@ -131,6 +131,7 @@ class WorkDirectory:
             return
 
         def failed(function, path, error):
+            """Log a file that could not be removed."""
             log.warn("could not remove {path}: {error}", path=path, error=error)
 
         if sys.version_info >= (3, 12):
@@ -171,6 +172,7 @@ class PythonBackend:
         return device
 
     def _check(self, device):
+        """@raise DeviceError: unless C{device} is the cpu."""
         if device.device_type != values.DEVICE_TYPES["cpu"]:
             raise DeviceError(
                 f"device {device} is not available: only cpu exists on a server "
@@ -221,11 +223,13 @@ class NumpyBackend(PythonBackend):
     name = "numpy"
 
     def __init__(self):
+        """Import numpy (raising L{ImportError} when it is missing)."""
         import numpy
 
         self._numpy = numpy
 
     def _dtype(self, dtype):
+        """@return: the numpy dtype of C{dtype}. @raise DeviceError: when numpy has none."""
         values.dtype_itemsize(dtype)
         try:
             return self._numpy.dtype(dtype)
@@ -233,27 +237,34 @@ class NumpyBackend(PythonBackend):
             raise DeviceError(f"dtype {dtype!r} needs TVM's runtime on this device") from None
 
     def is_array(self, value):
+        """@return: whether C{value} is a numpy array."""
         return isinstance(value, self._numpy.ndarray)
 
     def empty(self, shape, dtype, device):
+        """@return: a new zero-filled numpy array on the cpu."""
         self._check(device)
         return self._numpy.zeros(tuple(shape), dtype=self._dtype(dtype))
 
     def describe(self, array):
+        """@return: C{(shape, dtype, Device)}."""
         return tuple(array.shape), str(array.dtype), Device(1, 0)
 
     def _bytes_view(self, array):
+        """@return: a byte view of a C-contiguous array (no copy)."""
         return memoryview(array.reshape(-1).view(self._numpy.uint8))
 
     def host_bytes(self, array):
+        """@return: the array's bytes in C order (a view when already contiguous)."""
         return self._bytes_view(self._numpy.ascontiguousarray(array))
 
     def writable_view(self, array):
+        """@return: a writable byte view, or L{None} for a non-contiguous or read-only array."""
         if not array.flags["C_CONTIGUOUS"] or not array.flags["WRITEABLE"]:
             return None
         return self._bytes_view(array)
 
     def fill(self, array, data):
+        """Copy C{data} into the array."""
         array[...] = self._numpy.frombuffer(data, dtype=array.dtype).reshape(array.shape)
 
 
@@ -263,6 +274,7 @@ class TVMBackend(PythonBackend):
     name = "tvm"
 
     def __init__(self):
+        """Import TVM's runtime and numpy (raising L{ImportError} when missing)."""
         import numpy
         import tvm.runtime
 
@@ -270,36 +282,44 @@ class TVMBackend(PythonBackend):
         self._runtime = tvm.runtime
 
     def device(self, device):
+        """@return: TVM's device object for C{device}."""
         return self._runtime.device(device.device_type, device.index)
 
     def exists(self, device):
+        """@return: whether TVM's runtime reports C{device} as present."""
         try:
             return bool(self.device(device).exist)
         except Exception:
             return False
 
     def _existing(self, device):
+        """@return: TVM's device object. @raise DeviceError: when it does not exist."""
         tvm_device = self.device(device)
         if not tvm_device.exist:
             raise DeviceError(f"device {device} does not exist on this server")
         return tvm_device
 
     def sync(self, device):
+        """Wait for the device's queued work."""
         self._existing(device).sync()
 
     def to_wire_device(self, device):
+        """@return: the L{Device} of a TVM device object, or L{None}."""
         if isinstance(device, self._runtime.Device):
             return Device(device.dlpack_device_type(), device.index)
         return None
 
     def is_array(self, value):
+        """@return: whether C{value} is a TVM tensor."""
         return isinstance(value, self._runtime.Tensor)
 
     def empty(self, shape, dtype, device):
+        """@return: a new TVM tensor on C{device}. @raise DeviceError: when it does not exist."""
         values.dtype_itemsize(dtype)
         return self._runtime.empty(tuple(shape), dtype, self._existing(device))
 
     def describe(self, array):
+        """@return: C{(shape, dtype, Device)}."""
         return tuple(array.shape), str(array.dtype), self.to_wire_device(array.device)
 
     def _host_view(self, array):
@@ -313,18 +333,21 @@ class TVMBackend(PythonBackend):
         return view if view.flags["C_CONTIGUOUS"] else None
 
     def host_bytes(self, array):
+        """@return: the tensor's bytes in C order (a view for cpu tensors, else a copy)."""
         view = self._host_view(array)
         if view is None:
             view = self._numpy.ascontiguousarray(array.numpy())
         return memoryview(view.reshape(-1).view(self._numpy.uint8))
 
     def writable_view(self, array):
+        """@return: a writable byte view of a cpu tensor, or L{None}."""
         view = self._host_view(array)
         if view is None or not view.flags["WRITEABLE"]:
             return None
         return memoryview(view.reshape(-1).view(self._numpy.uint8))
 
     def fill(self, array, data):
+        """Copy C{data} into the tensor (any device)."""
         shape, dtype = tuple(array.shape), str(array.dtype)
         if "x" in dtype:
             raise DeviceError(f"cannot fill an array of dtype {dtype!r} from host bytes")
@@ -458,6 +481,7 @@ class SessionEnvironment:
     closed: bool = False
 
     def __attrs_post_init__(self):
+        """Share the id counter with the stream table."""
         if self.streams is None:
             self.streams = StreamTable(next_id=self.new_id)
 
@@ -494,6 +518,7 @@ class SessionEnvironment:
         return handle
 
     def _kind(self, value):
+        """@return: C{"module"}, C{"array"}, C{"function"} or C{"object"}."""
         if self._is_module(value):
             return "module"
         if self.backend.is_array(value):
@@ -527,6 +552,7 @@ class SessionEnvironment:
             self.streams.close(handle)
 
     def __len__(self):
+        """@return: the number of handles held."""
         return len(self._objects)
 
     def close(self):
@@ -547,6 +573,7 @@ class SessionEnvironment:
         return self._builtins
 
     def _make_builtins(self):
+        """@return: the built-ins, bound to this environment."""
         return {
             "tvm.rpc.server.upload": self.upload,
             "tvm.rpc.server.download": self.download,
@@ -658,6 +685,7 @@ class SessionEnvironment:
                         "back to the client")
 
     def _is_module(self, value):
+        """@return: whether C{value} is a Python or TVM module."""
         if isinstance(value, PythonModule):
             return True
         runtime = sys.modules.get("tvm.runtime")
@@ -703,6 +731,7 @@ class SessionEnvironment:
             f.write(data)
 
     def _file_target(self, path):
+        """@return: the confined path of a file to write (its parents made). @raise IsADirectoryError: for the work directory itself."""
         target = self.work_dir.resolve(path)
         if target == self.work_dir.root:
             raise IsADirectoryError(f"{path!r} is the work directory, not a file")
@@ -891,6 +920,7 @@ class ArraySink:
     _offset: int = 0
 
     def __attrs_post_init__(self):
+        """Write into the array's memory if the backend exposes it, else into a host buffer."""
         self._view = self.backend.writable_view(self.array)
         if self._view is None:
             self._buffer = bytearray(self.nbytes)

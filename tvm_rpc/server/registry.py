@@ -69,6 +69,7 @@ class Registry:
         return sorted(self._functions)
 
     def __contains__(self, name):
+        """@return: whether a function is registered under C{name}."""
         return name in self._functions
 
 

@@ -52,6 +52,7 @@ log = Logger()
 
 
 async def _awaited(awaitable):
+    """@return: the result of C{awaitable} (so L{ensureDeferred} takes any awaitable)."""
     return await awaitable
 
 
@@ -107,6 +108,7 @@ class SessionProtocol(amp.AMP):
         self.peer = "?"
 
     def _reactor(self):
+        """@return: the injected clock, or the global reactor imported on first use."""
         if self._clock is None:
             from twisted.internet import reactor
 
@@ -167,6 +169,7 @@ class SessionProtocol(amp.AMP):
     # -- helpers ---------------------------------------------------------
 
     def _callee(self, function, name):
+        """@return: the function named by handle or by name. @raise ValueError: unless exactly one is given."""
         if (function is None) == (name is None):
             raise ValueError("name the function by exactly one of 'function' or 'name'")
         if function is not None:
@@ -174,6 +177,7 @@ class SessionProtocol(amp.AMP):
         return self.environment.lookup(name)
 
     def _arguments(self, args, args_stream):
+        """@return: the decoded argument list, inline or from a finished value stream."""
         if args is not None and args_stream is not None:
             raise ValueError("give the arguments inline or by stream, not both")
         if args_stream is not None:
@@ -186,6 +190,7 @@ class SessionProtocol(amp.AMP):
         return decoded
 
     def _result(self, value):
+        """@return: the answer of a call: the encoded result inline, or a read stream of it."""
         encoded = values.encode(value)
         if len(encoded) <= commands.MAX_INLINE_VALUE:
             return {"result": encoded}
@@ -228,6 +233,7 @@ class SessionProtocol(amp.AMP):
         return self._converted(result)
 
     def _converted(self, result):
+        """@return: the answer for a function's result."""
         return self._result(self.environment.to_wire(result))
 
     @commands.Free.responder
