@@ -46,7 +46,7 @@ scalars = (
     | st.builds(ArrayRef, st.integers(0, 2**31 - 1), shapes, dtypes, devices)
     | host_arrays()
 )
-keys = st.text() | st.integers() | st.binary()
+keys = st.text() | st.integers() | st.binary() | st.booleans()
 value_trees = st.recursive(
     scalars,
     lambda children: st.lists(children, max_size=4)

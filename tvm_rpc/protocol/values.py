@@ -5,7 +5,7 @@ into a value. Supported values:
 
 - ``None``, ``bool``, ``int`` (any size up to :data:`MAX_INT_BYTES`),
   ``float``, ``str``, ``bytes`` (``bytearray``/``memoryview`` encode as
-  bytes), ``list``, ``tuple``, ``dict`` (keys: ``str``, ``int``, ``bytes``);
+  bytes), ``list``, ``tuple``, ``dict`` (keys: ``str``, ``int``, ``bool``, ``bytes``);
 - :class:`HostArray` (a small array inline: shape, dtype, raw C-order bytes);
 - :class:`ArrayRef` (an array that lives on the server, by handle id);
 - :class:`Handle` (a remote function or module, by id);
@@ -428,7 +428,7 @@ def _decode_from(reader, depth, max_depth):
         result = {}
         for _ in range(reader.count()):
             key = _decode_from(reader, depth + 1, max_depth)
-            if not isinstance(key, (str, int, bytes)) or isinstance(key, bool):
+            if not isinstance(key, (str, int, bytes)):
                 raise CodecError(f"bad dict key of type {type(key).__name__}")
             result[key] = _decode_from(reader, depth + 1, max_depth)
         return result
