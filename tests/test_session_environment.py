@@ -136,6 +136,21 @@ def test_escapes_refused(root):
     assert os.path.isdir(outside)
 
 
+def test_remove_work_dirs_of(root):
+    """A dead worker's work directories are found by pid and removed; others stay."""
+    from tvm_rpc.server.environment import remove_work_dirs_of
+
+    mine = WorkDirectory.create(root)
+    assert os.path.basename(mine.root).startswith(f"session-{os.getpid()}-")
+    with open(os.path.join(mine.root, "f"), "w") as f:
+        f.write("x")
+    other = os.path.join(root, "session-1-abc")
+    os.makedirs(other)
+    assert remove_work_dirs_of(root, os.getpid()) == 1
+    assert os.listdir(root) == ["session-1-abc"]
+    assert remove_work_dirs_of(os.path.join(root, "missing"), 1) == 0
+
+
 def test_files(env):
     """The TVM-named built-ins upload, download, list and remove files."""
     call = env.lookup

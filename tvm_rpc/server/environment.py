@@ -94,7 +94,9 @@ class WorkDirectory:
         """
         if parent is not None:
             os.makedirs(parent, exist_ok=True)
-        return cls(tempfile.mkdtemp(prefix="session-", dir=parent))
+        # The pid in the name lets the server remove what a worker that died
+        # (crash, timeout kill) could not: see remove_work_dirs_of.
+        return cls(tempfile.mkdtemp(prefix=f"session-{os.getpid()}-", dir=parent))
 
     def resolve(self, path):
         """
@@ -138,6 +140,27 @@ class WorkDirectory:
             shutil.rmtree(self.root, onexc=failed)
         else:
             shutil.rmtree(self.root, onerror=lambda function, path, info: failed(function, path, info[1]))
+
+
+def remove_work_dirs_of(work_root, pid):
+    """
+    Remove the work directories that the process C{pid} created under
+    C{work_root} (for a session worker that died without cleaning up).
+
+    @return: the number of directories removed.
+    """
+    prefix = f"session-{int(pid)}-"
+    removed = 0
+    try:
+        names = os.listdir(work_root)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        path = os.path.join(work_root, name)
+        if name.startswith(prefix) and os.path.isdir(path) and not os.path.islink(path):
+            WorkDirectory(path).remove()
+            removed += 1
+    return removed
 
 
 @attrs.define(eq=False)
