@@ -17,6 +17,10 @@ For the server's plumbing (listener, handshake, worker process):
   import): call it in a warm worker before the session arrives.
 - :func:`timeout_notice` ``(seconds)`` gives the bytes to send to a client
   whose session was ended for outliving its ``-timeout=N``.
+- A worker that dies (crash, timeout kill) cannot remove its work directory:
+  work directories are named ``session-<pid>-*``, and
+  :func:`~tvm_rpc.server.environment.remove_work_dirs_of` ``(work_root, pid)``
+  removes a dead worker's.
 - The protocol registers itself as a streaming producer on its transport:
   while answers wait to be sent (the transport's buffer is full) it stops
   reading and handling requests, so a client that asks for data without
