@@ -181,3 +181,22 @@ class WorkerPoolTests(SynchronousTestCase):
         self.pool.warm_up()
         self.assertEqual(len(self.reactor.spawned), 1)
 
+
+
+class ControlMessageTests(SynchronousTestCase):
+    def test_queued_messages_stay_apart(self):
+        """Messages queued while the fork server starts are read one by one, each with its fd."""
+        parent, child = socket.socketpair()
+        self.addCleanup(parent.close)
+        self.addCleanup(child.close)
+        sent = [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]
+        for index, fd in enumerate(sent):
+            worker_module.send_control(parent, {"id": index, "pad": "x" * 3000 * index}, fd)
+            os.close(fd)
+        for index in range(3):
+            header, fd = receive_control(child)
+            self.assertEqual(header["id"], index)
+            self.assertIsNotNone(fd)
+            os.close(fd)
+        parent.close()
+        self.assertEqual(receive_control(child), (None, None))

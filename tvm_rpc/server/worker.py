@@ -345,6 +345,9 @@ def fork_server_main(argv=None):
             return 0
         if fd is None:
             continue
+        # Buffered output would otherwise be written twice, by both processes.
+        sys.stdout.flush()
+        sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
             signal.set_wakeup_fd(-1)
