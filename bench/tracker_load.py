@@ -3,7 +3,8 @@
 Usage::
 
     python bench/tracker_load.py [--quick] [--duration S] [--sweep 1x1,8x32,...]
-                                 [--scale-servers N] [--scale-pending N] [--scale-runs N]
+                                 [--sweep-runs N] [--scale-servers N] [--scale-pending N]
+                                 [--scale-runs N]
                                  [--write-docs] [--json FILE]
 
 For each tracker (ours: C{twistd -n rpc-tracker}; TVM's: C{python -m
@@ -36,6 +37,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
 import random
 import struct
 import sys
@@ -512,13 +514,22 @@ def run_tracker(kind, options):
             print(f"[{kind}] idle: RSS {figures['idle_rss_mib']:.1f} MiB, SUMMARY p50 "
                   f"{fmt_ms(figures['idle_summary']['p50'])} ms", flush=True)
             for servers, clients in options.sweep:
-                row = asyncio.run(load_cycle(port, pid, sampler, servers, clients,
-                                             options.duration, options.warmup))
+                runs = []
+                for _ in range(options.sweep_runs):
+                    load = os.getloadavg()[0]
+                    row = asyncio.run(load_cycle(port, pid, sampler, servers, clients,
+                                                 options.duration, options.warmup))
+                    row["load"] = load
+                    runs.append(row)
+                    print(f"[{kind}] S={servers} C={clients}: {row['cycles_per_s']:.0f} "
+                          f"cycles/s, p50 {fmt_ms(row['p50_ms'])} ms, p99 "
+                          f"{fmt_ms(row['p99_ms'])} ms, RSS {row['peak_rss_mib']:.1f} MiB, CPU "
+                          f"tracker {row['tracker_cpu']:.0f}% driver {row['driver_cpu']:.0f}%, "
+                          f"load {load:.1f}", flush=True)
+                # The run with the median rate stands for the configuration.
+                row = dict(sorted(runs, key=lambda r: r["cycles_per_s"])[len(runs) // 2])
+                row["all_cycles_per_s"] = [r["cycles_per_s"] for r in runs]
                 figures["sweep"].append(row)
-                print(f"[{kind}] S={servers} C={clients}: {row['cycles_per_s']:.0f} cycles/s, "
-                      f"p50 {fmt_ms(row['p50_ms'])} ms, p99 {fmt_ms(row['p99_ms'])} ms, "
-                      f"RSS {row['peak_rss_mib']:.1f} MiB, CPU tracker "
-                      f"{row['tracker_cpu']:.0f}% driver {row['driver_cpu']:.0f}%", flush=True)
     if options.scale_servers:
         figures["scale_runs"] = []
         for _ in range(options.scale_runs):
@@ -541,6 +552,17 @@ def run_tracker(kind, options):
         figures["scale"] = median_run(figures["scale_runs"])
     gc.collect()
     return figures
+
+
+def rate(row):
+    """@return: a row's cycles/s, with every run's rate in brackets when there were several."""
+    if not row or row.get("cycles_per_s") is None:
+        return "-"
+    text = f"{row['cycles_per_s']:.0f}"
+    every = row.get("all_cycles_per_s", [])
+    if len(every) > 1:
+        text += " (" + ", ".join(f"{value:.0f}" for value in every) + ")"
+    return text
 
 
 def median_run(runs):
@@ -566,8 +588,7 @@ def report(results, options, machine):
     """@return: the Markdown body of the "Tracker" section."""
     ours, tvm = results.get("ours"), results.get("tvm")
     lines = [
-        "Measured by `python bench/tracker_load.py"
-        + (" --quick" if options.quick else "") + " --write-docs`: our tracker "
+        f"Measured by `python bench/tracker_load.py {options.command_line}`: our tracker "
         "(`twistd -n rpc-tracker`) and TVM's (`python -m tvm.exec.rpc_tracker`) in the same "
         "run, each fresh on 127.0.0.1, driven by one asyncio process over real sockets. RSS is "
         "the tracker's whole process tree (TVM's runs its service in a child process). CPU is "
@@ -590,29 +611,34 @@ def report(results, options, machine):
         "### Request -> re-put cycles (S servers, C clients)",
         "",
         "Latency is REQUEST to answer as the client sees it (with C > S it includes the wait "
-        "for a free server).",
+        "for a free server). With several runs per configuration the row is the run with the "
+        "median rate (the upper one of two), and the rates of all runs follow in brackets. The last column is the "
+        "machine's 1-minute load average when the row's run started (2 cores: above 2, other "
+        "processes were competing for them).",
         "",
         "| S | C | ours cycles/s | TVM cycles/s | ratio | ours p50 / p99 (ms) | "
         "TVM p50 / p99 (ms) | ours peak RSS (MiB) | TVM peak RSS (MiB) | "
-        "CPU ours / TVM / driver (%) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "CPU ours / TVM / driver (%) | load avg ours / TVM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ours_rows = {(r["servers"], r["clients"]): r for r in (ours or {}).get("sweep", [])}
     tvm_rows = {(r["servers"], r["clients"]): r for r in (tvm or {}).get("sweep", [])}
     for config in sorted(set(ours_rows) | set(tvm_rows)):
         row = ours_rows.get(config, {"servers": config[0], "clients": config[1],
-                                     "cycles_per_s": 0, "p50_ms": None, "p99_ms": None,
+                                     "cycles_per_s": None, "p50_ms": None, "p99_ms": None,
                                      "peak_rss_mib": 0, "tracker_cpu": 0, "driver_cpu": 0})
         other = tvm_rows.get(config, {})
         lines.append(
-            f"| {row['servers']} | {row['clients']} | {row['cycles_per_s']:.0f} | "
-            f"{other.get('cycles_per_s', 0):.0f} | "
+            f"| {row['servers']} | {row['clients']} | {rate(row)} | {rate(other)} | "
             f"{ratio(row['cycles_per_s'], other.get('cycles_per_s'))} | "
             f"{fmt_ms(row['p50_ms'])} / {fmt_ms(row['p99_ms'])} | "
             f"{fmt_ms(other.get('p50_ms'))} / {fmt_ms(other.get('p99_ms'))} | "
             f"{row['peak_rss_mib']:.1f} | {other.get('peak_rss_mib', 0):.1f} | "
             f"{row['tracker_cpu']:.0f} / {other.get('tracker_cpu', 0):.0f} / "
-            f"{row['driver_cpu']:.0f} |")
+            f"{row['driver_cpu']:.0f} | {row.get('load', 0):.1f} / {other.get('load', 0):.1f} |")
+    if not options.scale_servers:
+        lines += ["", "### Against issue 2's targets", ""] + targets(results)
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         f"### Scale: {options.scale_servers} servers, {options.scale_pending} pending requests",
@@ -694,6 +720,8 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=float, help="seconds before each window (0.5)")
     parser.add_argument("--sweep", type=parse_sweep,
                         help="SxC pairs, comma-separated (1x1,8x8,8x32,32x32)")
+    parser.add_argument("--sweep-runs", type=int,
+                        help="runs per sweep configuration; the median run is reported (1)")
     parser.add_argument("--summary-samples", type=int, help="idle SUMMARY samples (100)")
     parser.add_argument("--scale-servers", type=int, help="servers in the scale run (1000; 0 skips)")
     parser.add_argument("--scale-pending", type=int, help="pending requests in the scale run (10000)")
@@ -707,7 +735,7 @@ def parse_args(argv):
                         help=f"write the figures into {DOCS.relative_to(DOCS.parent.parent)}")
     parser.add_argument("--json", help="also write the raw figures to this file")
     options = parser.parse_args(argv)
-    defaults = dict(duration=3.0, warmup=0.5, sweep=[(1, 1), (8, 8), (8, 32), (32, 32)],
+    defaults = dict(duration=3.0, warmup=0.5, sweep_runs=1, sweep=[(1, 1), (8, 8), (8, 32), (32, 32)],
                     summary_samples=100, scale_servers=1000, scale_pending=10000,
                     scale_duration=10.0, scale_runs=1, hold=1.0, setup_timeout=60.0)
     if options.quick:
@@ -717,6 +745,7 @@ def parse_args(argv):
     for name, value in defaults.items():
         if getattr(options, name) is None:
             setattr(options, name, value)
+    options.command_line = " ".join(argv if argv is not None else sys.argv[1:])
     options.trackers = [t.strip() for t in options.trackers.split(",") if t.strip()]
     unknown = set(options.trackers) - set(TRACKERS)
     if unknown:
