@@ -188,7 +188,9 @@ def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=Non
     @param reactor: the reactor; the global one when L{None}.
     @param endpoint: an endpoint to use instead of one made from C{host} and
         C{port}.
-    @param handshake_timeout: seconds allowed to connect and be answered.
+    @param handshake_timeout: seconds allowed to connect and be answered, or
+        L{None} for no limit. Through a proxy the answer waits until a server
+        with the key is there: raise it (or pass L{None}) to wait longer.
     @return: a Deferred firing with an L{RPCSession}; it errbacks with
         L{KeyMismatch}, L{DuplicateKey}, L{NotTvmRpcServer} or
         L{NotAnRpcServer} when refused, or the connection error.
