@@ -324,6 +324,24 @@ class StartTests(SynchronousTestCase):
         self.assertIn(b"_answer", transport.value())
         protocol.connectionLost(Failure(ConnectionDone()))
 
+    def test_unusable_work_root(self):
+        """A work root that cannot be created is logged and the connection closed."""
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root, True)
+        blocker = os.path.join(root, "file")
+        with open(blocker, "w") as f:
+            f.write("not a directory")
+        protocol = make_session_protocol(os.path.join(blocker, "sub"), Registry(),
+                                         clock=Clock(), backend="python")
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+        protocol.dataReceived(amp.AmpBox(_command=b"Hello", _ask=b"1", protocol=b"x",
+                                         version=b"1").serialize())
+        self.assertEqual(transport.value(), b"")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
     def test_unknown_command_answered(self):
         """An unknown command gets AMP's unhandled-command error; the session goes on."""
         protocol, transport = self.make()

@@ -109,6 +109,7 @@ class SessionProtocol(amp.AMP):
         self._backend = backend
         self.environment = environment
         self._first_bytes = True
+        self._refused = False
         self.peer = "?"
 
     def _reactor(self):
@@ -121,14 +122,22 @@ class SessionProtocol(amp.AMP):
 
     def connectionMade(self):
         """Create the session's environment and work directory."""
-        if self.environment is None:
-            self.environment = SessionEnvironment.create(
-                self._work_root, self._registry, backend_name=self._backend
-            )
         try:
             self.peer = str(self.transport.getPeer())
         except Exception:
             self.peer = "?"
+        if self.environment is None:
+            try:
+                self.environment = SessionEnvironment.create(
+                    self._work_root, self._registry, backend_name=self._backend
+                )
+            except OSError:
+                log.failure("cannot create a work directory under {root} for {peer}; "
+                            "closing", root=self._work_root, peer=self.peer)
+                self._first_bytes = False
+                self._refused = True
+                self.transport.loseConnection()
+                return
         log.info("session from {peer} in {work_dir}", peer=self.peer,
                  work_dir=self.environment.work_dir.root)
         try:
@@ -145,6 +154,8 @@ class SessionProtocol(amp.AMP):
         Refuse a peer that does not speak AMP, then parse boxes; a box that
         breaks the protocol is logged and ends the session.
         """
+        if self._refused:
+            return
         if self._first_bytes and data:
             self._first_bytes = False
             if data[0] != 0:
