@@ -39,6 +39,7 @@ import gc
 import json
 import os
 import random
+import signal
 import struct
 import sys
 import time
@@ -756,6 +757,8 @@ def parse_args(argv):
 def main(argv=None):
     """Run the benchmark; @return: the exit status."""
     options = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every daemon's process group is stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     raise_fd_limit(options.scale_servers + options.scale_pending + 1024)
     machine = machine_description()
     print("machine: " + "; ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
