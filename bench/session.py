@@ -229,6 +229,25 @@ def table(ours, theirs, args):
     return "\n".join(lines)
 
 
+TARGETS = [
+    ("session open p50 no slower than TVM's", lambda o, t: o["open_p50_ms"] <= t["open_p50_ms"]),
+    ("upload at least 5x TVM's", lambda o, t: o["upload_mb_s"] >= 5 * t["upload_mb_s"]),
+    ("download at least 5x TVM's", lambda o, t: o["download_mb_s"] >= 5 * t["download_mb_s"]),
+    ("sequential call within 3x TVM's round trip",
+     lambda o, t: o["call_p50_ms"] <= 3 * t["call_p50_ms"]),
+    ("calls/s in flight at least TVM's sequential calls/s",
+     lambda o, t: o["calls_per_s"] >= t["calls_per_s"]),
+]
+
+
+def targets(ours, theirs):
+    """@return: Markdown lines saying which of the issue's targets this run met."""
+    return [
+        f"- {name}: {'met' if check(ours, theirs) else 'NOT met'}"
+        for name, check in TARGETS
+    ]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--opens", type=int, default=30)
@@ -242,7 +261,9 @@ def main(argv=None):
     ours = summarize(our_side(args, blob), len(blob))
     theirs = summarize(tvm_side(args, blob), len(blob))
     text = table(ours, theirs, args)
+    verdicts = targets(ours, theirs)
     print(text)
+    print("\n".join(verdicts))
     if args.write_docs:
         body = "\n".join(
             [
@@ -251,6 +272,14 @@ def main(argv=None):
                 "better for us (for latencies, TVM's time over ours).",
                 "",
                 text,
+                "",
+                "Targets of issue 3 in this run:",
+                "",
+                *verdicts,
+                "",
+                "The trivial call is a Python function behind AMP boxes and our value "
+                "codec on both ends; TVM's is C++ on both ends. On this shared 2-core "
+                "machine each of our round trips costs about 0.1 ms of Python per side.",
                 "",
                 "Measured on:",
                 "",
