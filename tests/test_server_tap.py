@@ -51,20 +51,23 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["max-sessions"], 1)
 
     def test_tracker_address(self):
-        self.assertEqual(parse("--tracker", "127.0.0.1:9190")["tracker"], ("127.0.0.1", 9190))
-        self.assertEqual(parse("--tracker", "[::1]:9190")["tracker"], ("::1", 9190))
+        self.assertEqual(
+            parse("--tracker", "127.0.0.1:9190", "--key", "k")["tracker"], ("127.0.0.1", 9190)
+        )
+        self.assertEqual(parse("--tracker", "[::1]:9190", "--key", "k")["tracker"], ("::1", 9190))
+        self.assertRaises(usage.UsageError, parse, "--tracker", "127.0.0.1:9190")
 
     def test_bad_values(self):
         for args in (
             ["--port", "9100", "--port-end", "9100"],
-            ["--tracker", "nohost"],
-            ["--tracker", "h:notaport"],
+            ["--tracker", "nohost", "--key", "k"],
+            ["--tracker", "h:notaport", "--key", "k"],
             ["--port", "70000"],
             ["--handshake-timeout", "0"],
             ["--max-sessions", "0"],
             ["--key", "a b"],
             ["--listen", "nonsense:1"],
-            ["--through-proxy", "--tracker", "h:1"],
+            ["--through-proxy", "--tracker", "h:1", "--key", "k"],
             ["--session-factory", "nocolon"],
         ):
             self.assertRaises(usage.UsageError, parse, *args)
@@ -168,7 +171,7 @@ class UnixListenTests(SynchronousTestCase):
 
         path = os.path.join(tempfile.mkdtemp(), "rpc.sock")
         options = parse("--session-factory", STANDIN, "--no-fork", "--listen", f"unix:{path}",
-                        "--tracker", "127.0.0.1:9190")
+                        "--tracker", "127.0.0.1:9190", "--key", "k")
         from twisted.internet.testing import MemoryReactorClock
 
         service = tap.makeService(options, MemoryReactorClock())

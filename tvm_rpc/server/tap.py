@@ -109,6 +109,8 @@ class Options(usage.Options):
             raise usage.UsageError("--port-end must be greater than --port")
         if self["tracker"] is not None:
             self["tracker"] = parse_address(self["tracker"], "--tracker")
+            if not self["key"]:
+                raise usage.UsageError("--tracker needs --key: the device type clients ask for")
         if ":" not in self["session-factory"]:
             raise usage.UsageError("--session-factory must be MODULE:CALLABLE")
         if any(c.isspace() for c in self["key"]):
