@@ -49,6 +49,15 @@ def test_tvm_server_behind_our_proxy_reached_through_our_tracker(tvm):
          tvm_server_through(proxy_port) as server:
         proxy.wait_for(f"presented 'server:{KEY}'", timeout=60)
         wait_free(tvm, tracker_port, KEY, 1)
+        # Our query tool counts the key served behind the proxy (TVM's drops its row).
+        text = subprocess.run(
+            [sys.executable, "-m", "tvm_rpc.query", "--host", "127.0.0.1",
+             "--port", str(tracker_port)],
+            capture_output=True, text=True, timeout=60, env=child_env(),
+        ).stdout
+        assert f"server:proxy[{KEY}]" in text, text
+        rows = [line.split() for line in text.splitlines() if line.startswith(KEY + " ")]
+        assert rows == [[KEY, "1", "1", "0"]], text
         client = tvm.rpc.connect_tracker("127.0.0.1", tracker_port)
         for _ in range(2):
             session = client.request(KEY, session_timeout=60)
