@@ -7,6 +7,8 @@ Usage: ``python tests/interop_client.py MODE ARGS...``; prints one JSON object.
 - ``hang HOST PORT KEY TIMEOUT``: call ``test.hang`` in a session with a timeout.
 - ``many TRACKER_HOST TRACKER_PORT KEY COUNT``: COUNT sessions at once from one
   reactor, each asking its work path.
+- ``retry TRACKER_HOST TRACKER_PORT KEY``: ``request_and_run`` whose first
+  attempt crashes its worker; the second must finish.
 - ``story TRACKER_HOST TRACKER_PORT KEY LIBRARY N M``: the TVM docs' story:
   request a server by key, upload LIBRARY (a dense + ReLU layer ``y = relu(x W^T)``
   with ``x: (1, N)``, ``W: (M, N)``), load it, run it on device arrays, read
@@ -131,8 +133,30 @@ async def many_mode(reactor, tracker_host, tracker_port, key, count):
     return {"ok": True, "paths": [path for _, path in sorted(results)]}
 
 
+async def retry_mode(reactor, tracker_host, tracker_port, key):
+    from tvm_rpc.client import connect_tracker
+
+    tracker = await connect_tracker(tracker_host, int(tracker_port), reactor=reactor)
+    attempts = []
+
+    async def work(session):
+        attempts.append(await (await session.get_function("tvm.rpc.server.workpath"))(""))
+        if len(attempts) == 1:
+            await (await session.get_function("test.crash"))(9)
+        return "finished"
+
+    try:
+        result = await tracker.request_and_run(
+            key, lambda session: defer.Deferred.fromCoroutine(work(session)), max_retry=2
+        )
+    finally:
+        await tracker.close()
+    return {"ok": True, "result": result, "attempts": len(attempts)}
+
+
 def main(reactor, mode, *args):
     modes = {
+        "retry": retry_mode,
         "many": many_mode,
         "connect": connect_mode,
         "story": story_mode,

@@ -377,3 +377,21 @@ def session_via_tracker_key(tracker_port, key):
     session = LineSession(port, matchkey)
     assert session.code == RPC_CODE_SUCCESS
     return session
+
+
+def test_request_and_run_survives_a_lost_server():
+    """request_and_run retries on a server again when the worker dies under it."""
+    with our_tracker() as (_, tracker_port):
+        port = free_port()
+        server = Daemon(
+            twistd("rpc-server", "--host", "127.0.0.1", "--port", str(port),
+                   "--port-end", str(port + 1), "--tracker", f"127.0.0.1:{tracker_port}",
+                   "--key", "retry", "--init", "tests.server_init_sample")
+        )
+        try:
+            server.wait_for(r"registered retry with tracker")
+            report = run_client("retry", "127.0.0.1", tracker_port, "retry")
+            assert report == {"ok": True, "result": "finished", "attempts": 2}
+            server.wait_for(r"died \(exit code 9, signal None\)")
+        finally:
+            server.stop()
