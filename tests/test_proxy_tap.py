@@ -92,7 +92,8 @@ class OptionsTests(SynchronousTestCase):
                      ["--timeout-client", "0"],
                      ["--handshake-timeout", "-1"],
                      ["--listen", "bogus:thing"],
-                     ["--relay-buffer", "10"]):
+                     ["--relay-buffer", "10"],
+                     ["--tracker", "127.0.0.1:9190", "--listen", "unix:/tmp/proxy.sock"]):
             self.assertRaises(usage.UsageError, parse, *argv)
 
 

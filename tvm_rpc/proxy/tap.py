@@ -107,6 +107,10 @@ class Options(usage.Options):
                 self["tracker-address"] = parse_tracker_address(self["tracker"])
             except ValueError as e:
                 raise usage.UsageError(str(e))
+            kinds = {d.split(":", 1)[0].strip().lower() for d in self["listen"]}
+            if self["listen"] and not kinds & {"tcp", "tcp6", "ssl"}:
+                raise usage.UsageError("--tracker needs a TCP listener: the tracker hands "
+                                       "out the proxy's port")
         else:
             self["tracker-address"] = None
 
