@@ -7,7 +7,8 @@ import tempfile
 import types
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from hypothesis import strategies as st
 
 from tvm_rpc.protocol import values
@@ -446,3 +447,75 @@ def test_registry():
         assert GLOBAL_REGISTRY.get("test_session_environment.global") is global_function
     finally:
         GLOBAL_REGISTRY.unregister("test_session_environment.global")
+
+
+class HandleMachine(RuleBasedStateMachine):
+    """Handles and streams of one environment against a simple model."""
+
+    def __init__(self):
+        """A fresh environment on the pure-Python backend, and an empty model."""
+        super().__init__()
+        self.root = tempfile.mkdtemp()
+        self.env = SessionEnvironment.create(self.root, Registry(), backend_name="python")
+        self.model = {}
+        self.issued = set()
+
+    def _issue(self, handle, kind):
+        """Record a new id, which must never have been issued before."""
+        assert handle not in self.issued
+        self.issued.add(handle)
+        self.model[handle] = kind
+
+    @rule()
+    def add_function(self):
+        """A function handle."""
+        self._issue(self.env.add(len), "function")
+
+    @rule(size=st.integers(0, 16))
+    def add_array(self, size):
+        """An array handle."""
+        handle, nbytes = self.env.empty((size,), "uint8", Device(1, 0))
+        assert nbytes == size
+        self._issue(handle, "array")
+
+    @rule(size=st.integers(0, 16))
+    def open_stream(self, size):
+        """A value stream (streams share the id space)."""
+        self._issue(self.env.open_value(size), "stream")
+
+    @rule(data=st.data())
+    def free(self, data):
+        """Free a held id, or one never issued."""
+        handle = data.draw(st.sampled_from(sorted(self.model) or [0]) | st.integers(0, 1000))
+        self.env.free([handle])
+        self.model.pop(handle, None)
+
+    @rule(data=st.data(), kind=st.sampled_from(["function", "array", "module"]))
+    def get(self, data, kind):
+        """A lookup succeeds exactly for a held id of the same kind."""
+        handle = data.draw(st.sampled_from(sorted(self.issued) or [0]))
+        if self.model.get(handle) == kind:
+            assert self.env.get(handle, kind) is not None
+        elif self.model.get(handle) == "stream":
+            assert handle in self.env.streams
+        else:
+            with pytest.raises(HandleError):
+                self.env.get(handle, kind)
+
+    @invariant()
+    def counts_match(self):
+        """The environment holds what the model holds."""
+        held = sum(1 for kind in self.model.values() if kind != "stream")
+        assert len(self.env) == held
+        assert len(self.env.streams) == len(self.model) - held
+
+    def teardown(self):
+        """Closing drops everything and removes the work directory."""
+        self.env.close()
+        assert len(self.env) == 0 and len(self.env.streams) == 0
+        assert not os.path.exists(self.env.work_dir.root)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+TestHandles = HandleMachine.TestCase
+TestHandles.settings = settings(max_examples=30, stateful_step_count=20, deadline=None)
