@@ -37,6 +37,7 @@ def split(data, cuts):
 
 
 def feed_all(decoder, pieces):
+    """@return: every value C{decoder} yields for C{pieces}, fed in order."""
     values = []
     for piece in pieces:
         values.extend(decoder.feed(piece))
@@ -45,6 +46,7 @@ def feed_all(decoder, pieces):
 
 @given(st.lists(json_values, max_size=8), st.lists(st.floats(0, 1), max_size=12))
 def test_any_split_gives_the_same_values(values, cuts):
+    """Any chunking of magic + frames decodes to the values encoded."""
     stream = encode_magic() + b"".join(encode_frame(v) for v in values)
     decoder = FrameDecoder()
     assert feed_all(decoder, split(stream, cuts)) == values
@@ -53,6 +55,7 @@ def test_any_split_gives_the_same_values(values, cuts):
 
 @given(st.lists(json_values, max_size=4))
 def test_byte_by_byte(values):
+    """One byte at a time decodes the same as one chunk."""
     stream = encode_magic() + b"".join(encode_frame(v) for v in values)
     decoder = FrameDecoder()
     assert feed_all(decoder, [stream[i : i + 1] for i in range(len(stream))]) == values
@@ -60,6 +63,7 @@ def test_byte_by_byte(values):
 
 @given(st.binary(max_size=300), st.booleans(), st.lists(st.floats(0, 1), max_size=6))
 def test_garbage_never_raises(garbage, with_magic, cuts):
+    """Random bytes, with or without the magic, never raise; an error is final."""
     data = (encode_magic() if with_magic else b"") + garbage
     decoder = FrameDecoder()
     for value in feed_all(decoder, split(data, cuts)):
@@ -70,12 +74,14 @@ def test_garbage_never_raises(garbage, with_magic, cuts):
 
 @given(json_values, st.binary(min_size=1, max_size=50))
 def test_good_frames_before_garbage_are_kept(value, tail):
+    """A complete frame before garbage is still returned."""
     decoder = FrameDecoder()
     assert decoder.feed(encode_magic() + encode_frame(value) + tail)[:1] == [value]
 
 
 @given(st.integers(-(2**31), 2**31 - 1).filter(lambda n: n != RPC_TRACKER_MAGIC))
 def test_wrong_magic(magic):
+    """Any other first int32 is refused as a wrong magic."""
     decoder = FrameDecoder()
     assert decoder.feed(struct.pack("<i", magic) + encode_frame([1])) == []
     assert "magic" in decoder.error
@@ -83,12 +89,14 @@ def test_wrong_magic(magic):
 
 @given(st.one_of(st.integers(-(2**31), 0), st.integers(MAX_TRACKER_FRAME + 1, 2**31 - 1)))
 def test_bad_lengths(length):
+    """Zero, negative and over-1-MiB lengths are errors from the header alone."""
     decoder = FrameDecoder(expect_magic=False)
     assert decoder.feed(struct.pack("<i", length)) == []
     assert decoder.error is not None
 
 
 def test_length_at_limit_waits_for_body():
+    """Exactly 1 MiB is allowed: the decoder waits for the body."""
     decoder = FrameDecoder(expect_magic=False)
     assert decoder.feed(struct.pack("<i", MAX_TRACKER_FRAME)) == []
     assert decoder.error is None
@@ -96,6 +104,7 @@ def test_length_at_limit_waits_for_body():
 
 @given(st.binary(min_size=1, max_size=40))
 def test_bad_utf8_or_json(body):
+    """A body that is not UTF-8 JSON is an error."""
     try:
         json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -108,6 +117,7 @@ def test_bad_utf8_or_json(body):
 
 
 def test_deep_nesting_is_an_error():
+    """JSON nested past the recursion limit is an error, not a crash."""
     body = b"[" * 100000 + b"]" * 100000
     decoder = FrameDecoder(expect_magic=False)
     assert decoder.feed(struct.pack("<i", len(body)) + body) == []
@@ -137,6 +147,7 @@ commands = st.one_of(
 
 @given(commands)
 def test_commands_round_trip_through_frames(command):
+    """Every command survives to_message -> frame -> parse_tracker_message."""
     decoder = FrameDecoder(expect_magic=False)
     (message,) = decoder.feed(encode_frame(command.to_message()))
     parsed = parse_tracker_message(message)
@@ -147,6 +158,7 @@ def test_commands_round_trip_through_frames(command):
 
 @given(json_values)
 def test_parse_only_raises_bad_message(value):
+    """Any JSON value either parses or raises BadMessage, nothing else."""
     try:
         parse_tracker_message(value)
     except BadMessage:
@@ -155,6 +167,7 @@ def test_parse_only_raises_bad_message(value):
 
 @given(st.integers(0, 7), st.lists(json_values, max_size=5))
 def test_parse_arbitrary_arguments(code, arguments):
+    """Known codes with arbitrary arguments parse or raise BadMessage."""
     try:
         parse_tracker_message([code, *arguments])
     except BadMessage:
@@ -162,12 +175,14 @@ def test_parse_arbitrary_arguments(code, arguments):
 
 
 def test_put_as_tvm_servers_send_it():
+    """PUT with 3 elements and a string port (cpp_rpc) or a custom address."""
     assert parse_tracker_message([3, "k:x", ["9090", "k:x:0.1"]]) == Put("k:x", 9090, "k:x:0.1")
     assert parse_tracker_message([3, "k", [9090, "k:1"], "10.0.0.5"]).custom_addr == "10.0.0.5"
 
 
 @given(names, st.integers(0, 65535), names)
 def test_request_results_round_trip(host, port, matchkey):
+    """REQUEST answers encode as TVM's and decode back; FAIL raises TrackerError."""
     allocation = Allocation(host, port, matchkey)
     wire = json.loads(json.dumps(Request.encode_result(allocation)))
     assert wire == [0, [host, port, matchkey]]
@@ -183,6 +198,7 @@ def test_request_results_round_trip(host, port, matchkey):
 
 
 def test_plain_replies():
+    """The plain replies are TVM's integers and lists."""
     assert Ping.encode_result(None) == 0
     assert Stop.encode_result(True) == 0 and Stop.encode_result(False) == -1
     assert Summary.encode_result({"queue_info": {}}) == [0, {"queue_info": {}}]

@@ -88,6 +88,7 @@ def test_withdrawn_majority_is_compacted_in_order():
 
 
 def test_reused_objects_refused():
+    """A waiter or offer cannot be queued twice, nor withdrawn once matched."""
     scheduler = Scheduler()
     waiter, offer = Waiter("k"), Offer("k")
     scheduler.request(waiter)
@@ -107,9 +108,11 @@ class RecordingPeer:
     """Records the answers the state sends."""
 
     def __init__(self):
+        """Start with no answers."""
         self.answers = []
 
     def answer_request(self, pending, result):
+        """Record C{result}."""
         self.answers.append(result)
 
 
@@ -118,6 +121,7 @@ class TrackerMachine(RuleBasedStateMachine):
     disconnects and time passing, against a simple model of TVM's rules."""
 
     def __init__(self):
+        """A fresh tracker state on a fake clock, and an empty model."""
         super().__init__()
         self.clock = Clock()
         self.state = TrackerState(self.clock)
@@ -132,10 +136,12 @@ class TrackerMachine(RuleBasedStateMachine):
         self.pendings = []
 
     def _pick(self, index):
+        """@return: an open connection's index chosen by C{index}, or L{None}."""
         return self.open[index % len(self.open)] if self.open else None
 
     @rule()
     def connect(self):
+        """A new connection."""
         peer = RecordingPeer()
         index = len(self.peers)
         self.peers.append(peer)
@@ -145,6 +151,7 @@ class TrackerMachine(RuleBasedStateMachine):
 
     @rule(who=st.integers(0, 50), key=st.sampled_from(KEYS), again=st.booleans())
     def put(self, who, key, again):
+        """A PUT of a fresh matchkey, or again of one still free."""
         index = self._pick(who)
         if index is None:
             return
@@ -169,6 +176,7 @@ class TrackerMachine(RuleBasedStateMachine):
             self.free[key].append((index, matchkey))
 
     def _handed(self, client, server, key, matchkey):
+        """Expect C{client} to be answered with C{server}'s matchkey."""
         assert (server, matchkey) not in self.handed
         self.handed.add((server, matchkey))
         self.expected[client].append(Allocation(f"10.0.0.{server}", 9000 + server, matchkey))
@@ -181,6 +189,7 @@ class TrackerMachine(RuleBasedStateMachine):
         timeout=st.sampled_from([None, None, 1, 3]),
     )
     def request(self, who, key, priority, timeout):
+        """A REQUEST, maybe with a deadline."""
         index = self._pick(who)
         if index is None:
             return
@@ -200,6 +209,7 @@ class TrackerMachine(RuleBasedStateMachine):
 
     @rule(which=st.integers(0, 100))
     def cancel(self, which):
+        """Withdraw a request (answered ones report that they were not waiting)."""
         if not self.pendings:
             return
         key, entry = self.pendings[which % len(self.pendings)]
@@ -210,6 +220,7 @@ class TrackerMachine(RuleBasedStateMachine):
 
     @rule(who=st.integers(0, 50), server=st.booleans())
     def update_info(self, who, server):
+        """UPDATE_INFO as a server or as something else."""
         index = self._pick(who)
         if index is None:
             return
@@ -218,6 +229,7 @@ class TrackerMachine(RuleBasedStateMachine):
 
     @rule(who=st.integers(0, 50))
     def disconnect(self, who):
+        """A connection closes."""
         index = self._pick(who)
         if index is None:
             return
@@ -230,6 +242,7 @@ class TrackerMachine(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([0.5, 1, 2]))
     def advance(self, seconds):
+        """Time passes; deadlines expire."""
         now = self.clock.seconds() + seconds
         for key in KEYS:
             for entry in list(self.waiting[key]):
@@ -240,6 +253,7 @@ class TrackerMachine(RuleBasedStateMachine):
 
     @invariant()
     def answers_match_model(self):
+        """Every peer got exactly the answers the model expects, in order."""
         for peer, expected in zip(self.peers, self.expected):
             got = ["expired" if isinstance(a, str) else a for a in peer.answers]
             assert sorted(map(repr, got)) == sorted(map(repr, expected))
@@ -247,6 +261,7 @@ class TrackerMachine(RuleBasedStateMachine):
 
     @invariant()
     def summary_consistent(self):
+        """SUMMARY's counts, leases and server_info agree with the model."""
         summary = self.state.summary()
         assert summary["queue_info"] == {
             key: {"free": len(self.free[key]), "pending": len(self.waiting[key])}
@@ -260,12 +275,14 @@ class TrackerMachine(RuleBasedStateMachine):
 
     @invariant()
     def pending_matchkeys_consistent(self):
+        """Each connection's pending matchkeys are its free servers."""
         for index in self.open:
             mine = [m for key in KEYS for (i, m) in self.free[key] if i == index]
             assert sorted(self.state.pending_matchkeys(self.connections[index])) == sorted(mine)
 
     @invariant()
     def no_timer_leaks(self):
+        """Only waiting requests with deadlines have timers."""
         live = sum(1 for key in KEYS for w in self.waiting[key] if w[3] is not None)
         assert len(self.clock.getDelayedCalls()) == live
 

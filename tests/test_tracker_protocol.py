@@ -27,10 +27,12 @@ class CountingTransport(StringTransport):
     """A StringTransport that remembers each write separately."""
 
     def __init__(self, *args, **kwargs):
+        """Start with no writes."""
         super().__init__(*args, **kwargs)
         self.writes = []
 
     def write(self, data):
+        """Record C{data} as one write, then buffer it."""
         self.writes.append(bytes(data))
         super().write(data)
 
@@ -39,6 +41,7 @@ class Peer:
     """One in-memory connection to the tracker under test."""
 
     def __init__(self, factory, host, port):
+        """Connect a new protocol from C{factory} to a transport from C{host}:C{port}."""
         address = IPv4Address("TCP", host, port)
         self.protocol = factory.buildProtocol(address)
         self.transport = CountingTransport(peerAddress=address)
@@ -46,6 +49,7 @@ class Peer:
         self._decoder = FrameDecoder(expect_magic=False)
 
     def greet(self):
+        """Send the magic, check its echo. @return: C{self}."""
         self.protocol.dataReceived(encode_magic())
         assert self.transport.value() == encode_magic()
         self.transport.clear()
@@ -53,24 +57,29 @@ class Peer:
         return self
 
     def send(self, *values):
+        """Send C{values} as frames in one chunk."""
         self.protocol.dataReceived(b"".join(encode_frame(v) for v in values))
 
     def replies(self):
+        """@return: the replies written since the last call."""
         values = self._decoder.feed(self.transport.value())
         self.transport.clear()
         assert self._decoder.error is None
         return values
 
     def ask(self, value):
+        """Send one request. @return: its single reply."""
         self.send(value)
         (reply,) = self.replies()
         return reply
 
     @property
     def closed(self):
+        """Whether the tracker closed this connection."""
         return self.transport.disconnecting
 
     def lose(self):
+        """The connection is lost."""
         self.protocol.connectionLost(Failure(ConnectionDone()))
 
 
@@ -78,6 +87,7 @@ class TrackerTestCase(SynchronousTestCase):
     """Shared set-up: a tracker with a fake clock and a recorded stop."""
 
     def setUp(self):
+        """A tracker state on a fake clock, a factory with stop key C{the-stop-key}."""
         self.clock = Clock()
         self.clock.advance(1000)
         self.state = TrackerState(self.clock)
@@ -88,6 +98,7 @@ class TrackerTestCase(SynchronousTestCase):
         self._ports = iter(range(40000, 50000))
 
     def peer(self, host="10.0.0.1"):
+        """@return: a new greeted L{Peer} from C{host}."""
         return Peer(self.factory, host, next(self._ports)).greet()
 
 
@@ -95,9 +106,11 @@ class HandshakeTests(TrackerTestCase):
     """The magic: echoed once, in any chunking, with or without a first frame."""
 
     def test_magic_echoed(self):
+        """The magic is echoed."""
         self.peer()
 
     def test_magic_in_pieces(self):
+        """A magic sent byte by byte is echoed once complete."""
         peer = Peer(self.factory, "10.0.0.1", 1)
         magic = encode_magic()
         for byte in magic:
@@ -107,11 +120,13 @@ class HandshakeTests(TrackerTestCase):
         self.assertFalse(peer.closed)
 
     def test_magic_with_first_frame(self):
+        """Magic and frames in one write: echo first, then the replies."""
         peer = Peer(self.factory, "10.0.0.1", 1)
         peer.protocol.dataReceived(encode_magic() + encode_frame([PING]) + encode_frame([PING]))
         self.assertEqual(peer.transport.value(), encode_magic() + encode_frame(0) * 2)
 
     def test_wrong_magic_closes(self):
+        """A wrong magic closes the connection without an echo and is logged."""
         peer = Peer(self.factory, "10.0.0.1", 1)
         with capturedLogs() as events:
             peer.protocol.dataReceived(struct.pack("<i", RPC_TRACKER_MAGIC + 1))
@@ -124,9 +139,11 @@ class CodeTests(TrackerTestCase):
     """Every tracker code, answered exactly as TVM's tracker answers."""
 
     def test_ping(self):
+        """PING -> 0."""
         self.assertEqual(self.peer().ask([PING]), 0)
 
     def test_each_reply_is_one_write(self):
+        """Each reply, length and body, leaves in a single write."""
         peer = self.peer()
         peer.send([PING], [SUMMARY], [PUT, "k", [9000, "k:1"], None], [PENDING])
         self.assertEqual(
@@ -140,21 +157,25 @@ class CodeTests(TrackerTestCase):
         )
 
     def test_put_then_request(self):
+        """A REQUEST gets a free server's peer address, port and matchkey."""
         server, client = self.peer("10.0.0.2"), self.peer("10.0.0.3")
         self.assertEqual(server.ask([PUT, "gpu", [9090, "gpu:0.5"], None]), 0)
         self.assertEqual(client.ask([REQUEST, "gpu", "alice", 1]), [0, ["10.0.0.2", 9090, "gpu:0.5"]])
 
     def test_put_three_elements_and_string_port(self):
+        """PUT as cpp_rpc sends it: no custom address, the port a string."""
         server, client = self.peer("10.0.0.2"), self.peer()
         self.assertEqual(server.ask([PUT, "phone", ["9091", "phone:1"]]), 0)
         self.assertEqual(client.ask([REQUEST, "phone", "", 0]), [0, ["10.0.0.2", 9091, "phone:1"]])
 
     def test_put_custom_address(self):
+        """A custom address replaces the peer's in the answer."""
         server, client = self.peer("10.0.0.2"), self.peer()
         server.ask([PUT, "k", [9000, "k:1"], "board.lan"])
         self.assertEqual(client.ask([REQUEST, "k", "", 0]), [0, ["board.lan", 9000, "k:1"]])
 
     def test_key_with_colons(self):
+        """Keys containing ':' are kept whole."""
         server, client = self.peer("10.0.0.2"), self.peer()
         server.ask([PUT, "rk3399:npu", [9000, "rk3399:npu:0.25"], None])
         self.assertEqual(
@@ -162,6 +183,7 @@ class CodeTests(TrackerTestCase):
         )
 
     def test_request_waits_for_put(self):
+        """A REQUEST before any server waits and is answered by the PUT."""
         server, client = self.peer("10.0.0.2"), self.peer()
         client.send([REQUEST, "k", "", 1])
         self.assertEqual(client.replies(), [])
@@ -170,6 +192,7 @@ class CodeTests(TrackerTestCase):
         self.assertEqual(client.replies(), [[0, ["10.0.0.2", 1, "k:1"]]])
 
     def test_priority_then_fifo(self):
+        """Higher priority first, arrival order among equals."""
         server = self.peer("10.0.0.2")
         low, first, second = self.peer(), self.peer(), self.peer()
         low.send([REQUEST, "k", "", 1])
@@ -182,6 +205,7 @@ class CodeTests(TrackerTestCase):
         self.assertEqual(low.replies(), [[0, ["10.0.0.2", 1, "k:2"]]])
 
     def test_oldest_free_server_first(self):
+        """Free servers are handed out oldest first."""
         a, b, client = self.peer("10.0.0.2"), self.peer("10.0.0.3"), self.peer()
         a.ask([PUT, "k", [1, "k:a"], None])
         b.ask([PUT, "k", [1, "k:b"], None])
@@ -189,6 +213,7 @@ class CodeTests(TrackerTestCase):
         self.assertEqual(client.ask([REQUEST, "k", "", 0])[1][2], "k:b")
 
     def test_update_info_null_host(self):
+        """A null host in UPDATE_INFO's addr becomes the peer's address."""
         server, query = self.peer("10.0.0.2"), self.peer()
         self.assertEqual(server.ask([UPDATE_INFO, {"key": "server:k", "addr": [None, 9000]}]), 0)
         summary = query.ask([SUMMARY])
@@ -196,6 +221,7 @@ class CodeTests(TrackerTestCase):
         self.assertEqual(summary[1]["server_info"], [{"key": "server:k", "addr": ["10.0.0.2", 9000]}])
 
     def test_update_info_merges_and_keeps_given_host(self):
+        """UPDATE_INFO merges into the info; a given host stays."""
         server, query = self.peer("10.0.0.2"), self.peer()
         server.ask([UPDATE_INFO, {"key": "server:k", "addr": ["board", 9000]}])
         server.ask([UPDATE_INFO, {"extra": 1}])
@@ -205,6 +231,7 @@ class CodeTests(TrackerTestCase):
         )
 
     def test_summary_lists_only_server_infos(self):
+        """server_info lists infos whose key starts with 'server' (proxies too)."""
         server, client, query = self.peer("10.0.0.2"), self.peer(), self.peer()
         client.ask([UPDATE_INFO, {"key": "client:x", "addr": [None, 1]}])
         server.ask([UPDATE_INFO, {"key": "server:proxy[a,b]", "addr": [None, 9000]}])
@@ -213,18 +240,21 @@ class CodeTests(TrackerTestCase):
         )
 
     def test_summary_idle(self):
+        """SUMMARY of an idle tracker."""
         self.assertEqual(
             self.peer().ask([SUMMARY]),
             [0, {"queue_info": {}, "server_info": [], "leases": []}],
         )
 
     def test_summary_keeps_seen_keys(self):
+        """A key stays in queue_info at zero counts, as in TVM."""
         server, client, query = self.peer("10.0.0.2"), self.peer(), self.peer()
         server.ask([PUT, "k", [1, "k:1"], None])
         client.ask([REQUEST, "k", "", 0])
         self.assertEqual(query.ask([SUMMARY])[1]["queue_info"], {"k": {"free": 0, "pending": 0}})
 
     def test_pending_matchkeys(self):
+        """GET_PENDING_MATCHKEYS lists this connection's matchkeys not handed out."""
         server, client = self.peer("10.0.0.2"), self.peer()
         server.ask([PUT, "k", [1, "k:1"], None])
         server.ask([PUT, "k", [1, "k:2"], None])
@@ -234,6 +264,7 @@ class CodeTests(TrackerTestCase):
         self.assertEqual(server.ask([PENDING]), ["k:2"])
 
     def test_stop_wrong_key(self):
+        """STOP with a wrong key -> -1, logged, nothing stops."""
         peer = self.peer()
         with capturedLogs() as events:
             self.assertEqual(peer.ask([STOP, "nope"]), -1)
@@ -242,6 +273,7 @@ class CodeTests(TrackerTestCase):
         self.assertIn("wrong stop key", " ".join(formatEvent(e) for e in events))
 
     def test_stop_right_key(self):
+        """STOP with the key -> 0, the connection closes, then the tracker stops."""
         peer = self.peer()
         self.assertEqual(peer.ask([STOP, "the-stop-key"]), 0)
         self.assertTrue(peer.closed)
@@ -250,6 +282,7 @@ class CodeTests(TrackerTestCase):
         self.assertEqual(self.stops, [True])
 
     def test_request_deadline(self):
+        """A REQUEST with a timeout is answered [-1, reason] when it expires."""
         client = self.peer()
         client.send([REQUEST, "k", "", 1, {"timeout": 2.5}])
         self.clock.advance(2.4)
@@ -261,6 +294,7 @@ class CodeTests(TrackerTestCase):
         self.assertEqual(self.state.summary()["queue_info"], {"k": {"free": 0, "pending": 0}})
 
     def test_deadline_cancelled_by_match(self):
+        """A matched request's deadline timer is cancelled."""
         server, client = self.peer("10.0.0.2"), self.peer()
         client.send([REQUEST, "k", "", 1, {"timeout": 2}])
         server.ask([PUT, "k", [1, "k:1"], None])
@@ -274,6 +308,7 @@ class FaultTests(TrackerTestCase):
     """Disconnects, and leases."""
 
     def test_waiting_client_disconnect_is_withdrawn(self):
+        """A waiting client that leaves is never counted nor served."""
         server, gone, stays = self.peer("10.0.0.2"), self.peer(), self.peer()
         gone.send([REQUEST, "k", "", 9])
         stays.send([REQUEST, "k", "", 1])
@@ -284,6 +319,7 @@ class FaultTests(TrackerTestCase):
         self.assertEqual(gone.replies(), [])
 
     def test_server_disconnect_without_update_info(self):
+        """A closing connection takes its free servers along, UPDATE_INFO or not."""
         server, client = self.peer("10.0.0.2"), self.peer()
         server.ask([PUT, "k", [1, "k:1"], None])
         server.ask([PUT, "j", [1, "j:1"], None])
@@ -296,6 +332,7 @@ class FaultTests(TrackerTestCase):
         self.assertEqual(client.replies(), [])
 
     def test_server_disconnect_with_update_info(self):
+        """A closing server leaves server_info and the queues."""
         server, query = self.peer("10.0.0.2"), self.peer()
         server.ask([UPDATE_INFO, {"key": "server:k", "addr": [None, 1]}])
         server.ask([PUT, "k", [1, "k:1"], None])
@@ -306,6 +343,7 @@ class FaultTests(TrackerTestCase):
         )
 
     def test_lease_recorded_until_fresh_put(self):
+        """A lease records who holds which server until the server PUTs again."""
         server, client, query = self.peer("10.0.0.2"), self.peer("10.0.0.3"), self.peer()
         server.ask([PUT, "k", [9000, "k:1"], None])
         self.clock.advance(5)
@@ -323,6 +361,7 @@ class FaultTests(TrackerTestCase):
         self.assertEqual(query.ask([SUMMARY])[1]["leases"], [])
 
     def test_lease_ends_when_server_closes(self):
+        """A lease outlives its client's connection but not its server's."""
         server, client, query = self.peer("10.0.0.2"), self.peer(), self.peer()
         server.ask([PUT, "k", [9000, "k:1"], None])
         client.ask([REQUEST, "k", "", 0])
@@ -332,6 +371,7 @@ class FaultTests(TrackerTestCase):
         self.assertEqual(query.ask([SUMMARY])[1]["leases"], [])
 
     def test_re_put_same_matchkey_replaces(self):
+        """PUTting a still-free matchkey again replaces it."""
         server = self.peer("10.0.0.2")
         server.ask([PUT, "k", [1, "k:1"], None])
         server.ask([PUT, "k", [2, "k:1"], None])
@@ -367,6 +407,7 @@ class BadInputTests(TrackerTestCase):
     and leaves every other connection served."""
 
     def check(self, name, data):
+        """C{data} closes its connection with a log line; a bystander is still served."""
         bystander = self.peer("10.9.9.9")
         bystander.send([REQUEST, "k", "", 1])
         bad = self.peer("10.6.6.6")
@@ -388,10 +429,12 @@ class BadInputTests(TrackerTestCase):
         self.assertEqual(bystander.replies()[0][0], 0)
 
     def test_bad_inputs(self):
+        """Every entry of L{BAD_INPUTS}."""
         for name, data in BAD_INPUTS.items():
             self.check(name, data)
 
     def test_too_many_requests_on_one_connection(self):
+        """More waiting requests than allowed close the connection."""
         self.state.max_per_connection = 3
         greedy = self.peer("10.6.6.6")
         greedy.send(*[[REQUEST, "k", "", 1]] * 3)
@@ -404,6 +447,7 @@ class BadInputTests(TrackerTestCase):
         self.assertEqual(self.state.summary()["queue_info"]["k"]["pending"], 0)
 
     def test_too_many_free_servers_on_one_connection(self):
+        """More free servers than allowed close the connection; a re-PUT is not more."""
         self.state.max_per_connection = 2
         server = self.peer("10.6.6.6")
         server.ask([PUT, "k", [1, "k:1"], None])
@@ -414,6 +458,7 @@ class BadInputTests(TrackerTestCase):
         self.assertTrue(server.closed)
 
     def test_closing_connection_is_forgotten_at_once(self):
+        """A connection being closed is never handed a server while it flushes."""
         bad, server = self.peer("10.6.6.6"), self.peer("10.0.0.2")
         bad.send([REQUEST, "k", "", 1])
         bad.ask([PUT, "j", [1, "j:1"], None])
@@ -428,12 +473,14 @@ class BadInputTests(TrackerTestCase):
         self.assertEqual(server.ask([PENDING]), ["k:1"])
 
     def test_good_frame_before_bad_one_is_answered(self):
+        """Frames before a bad one in the same chunk are answered."""
         peer = self.peer()
         peer.protocol.dataReceived(encode_frame([PING]) + struct.pack("<i", -1))
         self.assertEqual(peer.replies(), [0])
         self.assertTrue(peer.closed)
 
     def test_huge_length_refused_before_body(self):
+        """A 2 GiB length header closes at once."""
         peer = self.peer()
         peer.protocol.dataReceived(struct.pack("<i", 0x7FFFFFFF))
         self.assertTrue(peer.closed)
@@ -443,10 +490,12 @@ class SocketTransport(StringTransport):
     """A StringTransport over a real (unconnected) TCP socket handle."""
 
     def __init__(self, sock, **kwargs):
+        """@param sock: the socket L{getHandle} returns."""
         super().__init__(**kwargs)
         self.sock = sock
 
     def getHandle(self):
+        """@return: the socket."""
         return self.sock
 
 
@@ -454,6 +503,7 @@ class TuningTests(TrackerTestCase):
     """Every accepted connection gets TCP_NODELAY and keepalive timers."""
 
     def test_connection_made_tunes_socket(self):
+        """connectionMade sets TCP_NODELAY and the keepalive timers."""
         import socket
 
         self.factory.keepalive = KeepAlive(11, 4, 5)
@@ -475,6 +525,7 @@ class AddressTests(SynchronousTestCase):
     """Peer descriptions and socket tuning on non-TCP transports."""
 
     def test_ipv4_mapped_peer(self):
+        """IPv4-mapped IPv6 peers are described as IPv4."""
         from twisted.internet.address import IPv6Address
 
         self.assertEqual(
@@ -483,19 +534,25 @@ class AddressTests(SynchronousTestCase):
         self.assertEqual(describe_peer(IPv6Address("TCP", "fe80::1", 5)), ("fe80::1", 5))
 
     def test_unix_peer(self):
+        """A UNIX peer is described by its path, without a port."""
         self.assertEqual(describe_peer(UNIXAddress(b"/tmp/x.sock")), ("/tmp/x.sock", None))
 
     def test_tune_string_transport(self):
+        """Transports without a TCP socket are left alone."""
         self.assertFalse(tune_socket(StringTransport(), KeepAlive()))
 
     def test_tune_real_socket(self):
+        """tune_socket sets the options on a real socket."""
         import socket
 
         class Handle:
+            """A transport stand-in that only has getHandle."""
             def __init__(self, sock):
+                """@param sock: the socket to hand out."""
                 self.sock = sock
 
             def getHandle(self):
+                """@return: the socket."""
                 return self.sock
 
         with socket.socket() as sock:

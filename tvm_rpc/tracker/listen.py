@@ -51,10 +51,12 @@ class _GuardedAccept:
     _exhausted_since = None
 
     def startListening(self):
+        """Listen, then reserve the descriptor used to shed the backlog."""
         super().startListening()
         self._take_reserve()
 
     def _take_reserve(self):
+        """Hold one descriptor (on /dev/null) for L{_shed_backlog}, if one is free."""
         if self._reserve is None:
             try:
                 self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -62,11 +64,13 @@ class _GuardedAccept:
                 self._reserve = None
 
     def _release_reserve(self):
+        """Give the reserved descriptor back."""
         if self._reserve is not None:
             os.close(self._reserve)
             self._reserve = None
 
     def doRead(self):
+        """Accept the waiting connections, up to L{max_accepts} per reactor turn."""
         try:
             for _ in range(self.max_accepts):
                 try:
@@ -85,6 +89,7 @@ class _GuardedAccept:
             log.failure("error accepting a connection on {port}", port=self._description())
 
     def _accepted(self, skt, addr):
+        """Build the protocol and transport of an accepted socket."""
         if self._exhausted_since is not None:
             log.warn(
                 "accepting connections on {port} again; refused {refused} while out of "
@@ -107,6 +112,7 @@ class _GuardedAccept:
         protocol.makeConnection(transport)
 
     def _exhausted(self, code):
+        """Out of descriptors: shed the backlog, pause, log once per episode."""
         if self._exhausted_since is None:
             self._exhausted_since = self.reactor.seconds()
             log.warn(
@@ -137,17 +143,20 @@ class _GuardedAccept:
             self._take_reserve()
 
     def _resume(self):
+        """Accept again after the backoff (unless the port closed meanwhile)."""
         self._resume_call = None
         if self.connected and not self.disconnecting:
             self.startReading()
 
     def _description(self):
+        """@return: the listening address, for log lines."""
         try:
             return str(self.getHost())
         except Exception:
             return repr(self)
 
     def connectionLost(self, reason):
+        """Stop the pending resume and free the reserve as the port closes."""
         if self._resume_call is not None and self._resume_call.active():
             self._resume_call.cancel()
         self._resume_call = None
@@ -175,10 +184,12 @@ class GuardedListenReactor:
     """
 
     def __init__(self, reactor):
+        """@param reactor: the reactor to wrap."""
         self._reactor = reactor
         self._guarded = isinstance(reactor, PosixReactorBase)
 
     def __getattr__(self, name):
+        """Everything else is the wrapped reactor's."""
         return getattr(self._reactor, name)
 
     def listenTCP(self, port, factory, backlog=50, interface=""):
@@ -237,21 +248,32 @@ class ListenerService(service.Service):
     """
 
     def __init__(self, candidates, factory, name="rpc-tracker"):
+        """@param candidates: endpoints to try in order.
+        @param factory: the protocol factory.
+        @param name: the daemon name for the log line.
+        """
         self.candidates = list(candidates)
         self.factory = factory
         self._label = name
         self.port = None
 
     def privilegedStartService(self):
+        """Bind now, before twistd drops privileges; a failure is fatal."""
         super().privilegedStartService()
         self.port = self._bind()
 
     def startService(self):
+        """Bind now unless L{privilegedStartService} already did."""
         super().startService()
         if self.port is None:
             self.port = self._bind()
 
     def _bind(self):
+        """
+        @return: the listening port of the first candidate that binds.
+        @raise CannotListenError: when none binds, or one fails otherwise than
+            by its address being in use.
+        """
         last = None
         for endpoint in self.candidates:
             outcome = []
@@ -278,6 +300,7 @@ class ListenerService(service.Service):
         )
 
     def stopService(self):
+        """Stop listening. @return: a Deferred that fires once the port closed."""
         super().stopService()
         port, self.port = self.port, None
         if port is not None:
@@ -286,5 +309,6 @@ class ListenerService(service.Service):
 
 
 def _in_use(error):
+    """@return: whether a L{CannotListenError} says the address is in use."""
     cause = getattr(error, "socketError", None)
     return getattr(cause, "errno", None) == errno.EADDRINUSE

@@ -111,6 +111,7 @@ class TrackerProtocol(Protocol):
     """
 
     def __init__(self, factory):
+        """@param factory: the L{TrackerFactory} sharing the state."""
         self.factory = factory
         self._decoder = FrameDecoder(expect_magic=True)
         self._connection = None
@@ -119,12 +120,14 @@ class TrackerProtocol(Protocol):
         self._peer = "?"
 
     def connectionMade(self):
+        """Tune the socket and register the connection with the state."""
         host, port = describe_peer(self.transport.getPeer())
         self._peer = f"{host}:{port}" if port is not None else host
         tune_socket(self.transport, self.factory.keepalive)
         self._connection = self.factory.state.connect(self, host, port)
 
     def dataReceived(self, data):
+        """Echo the magic once it arrives, then handle every complete frame."""
         if self._closing:
             return
         greeted = self._decoder.greeted
@@ -152,6 +155,7 @@ class TrackerProtocol(Protocol):
             self._drop(self._decoder.error)
 
     def _dispatch(self, command):
+        """Carry out one parsed command. @raise BadMessage: to close this connection."""
         state = self.factory.state
         connection = self._connection
         if isinstance(command, Request):
@@ -184,15 +188,18 @@ class TrackerProtocol(Protocol):
         self._reply(Request.encode_result(result))
 
     def _reply(self, value):
+        """Send one JSON value as one frame, in one write."""
         self.transport.write(encode_frame(value))
 
     def _drop(self, reason):
+        """Close this connection because of C{reason}, with a log line."""
         self._closing = True
         log.warn("closing tracker connection from {peer}: {reason}", peer=self._peer, reason=reason)
         self._forget()
         self.transport.loseConnection()
 
     def _forget(self):
+        """Take this connection out of the tracker state (once)."""
         # At once, not at connectionLost: a closing connection must not be
         # handed a server while its last replies flush.
         if self._connection is not None:
@@ -200,6 +207,7 @@ class TrackerProtocol(Protocol):
             self._connection = None
 
     def connectionLost(self, reason):
+        """Forget the connection; stop the tracker if this one carried STOP."""
         self._forget()
         if self._stopping:
             self._stopping = False
@@ -219,12 +227,14 @@ class TrackerFactory(Factory):
     noisy = False
 
     def __init__(self, state, stop_key, on_stop, keepalive=KeepAlive()):
+        """See the class docstring for the parameters."""
         self.state = state
         self.stop_key = stop_key
         self.on_stop = on_stop
         self.keepalive = keepalive
 
     def buildProtocol(self, addr):
+        """@return: a L{TrackerProtocol} for a new connection."""
         return TrackerProtocol(self)
 
     def check_stop_key(self, key):

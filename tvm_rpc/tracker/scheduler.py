@@ -81,6 +81,7 @@ class KeyQueue:
         return len(self._free)
 
     def push_waiter(self, waiter):
+        """Queue a request."""
         heapq.heappush(self._heap, (-waiter.priority, waiter._seq, waiter))
         self.pending += 1
 
@@ -103,6 +104,7 @@ class KeyQueue:
             heapq.heapify(self._heap)
 
     def push_offer(self, offer):
+        """Queue a free server, last in line."""
         self._free[offer._seq] = offer
 
     def pop_offer(self):
@@ -112,6 +114,7 @@ class KeyQueue:
         return self._free.popitem(last=False)[1]
 
     def drop_offer(self, offer):
+        """Take a queued free server out, in O(1)."""
         del self._free[offer._seq]
 
 
@@ -127,6 +130,7 @@ class Scheduler:
     _counter: "itertools.count" = attrs.field(factory=itertools.count)
 
     def _queue(self, key):
+        """@return: the L{KeyQueue} of C{key}, created on first sight."""
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = KeyQueue()
@@ -213,4 +217,5 @@ class Scheduler:
 
 
 def _pair(waiter, offer):
+    """Mark a request and a server as matched with each other."""
     waiter.status = offer.status = Status.MATCHED

@@ -41,7 +41,9 @@ class ITrackerPeer(Interface):
 
 
 def _provides(interface):
+    """@return: an attrs validator checking that a value provides C{interface}."""
     def validate(instance, attribute, value):
+        """@raise TypeError: when C{value} does not provide the interface."""
         if not interface.providedBy(value):
             raise TypeError(f"{attribute.name} must provide {interface.__name__}")
 
@@ -279,6 +281,7 @@ class TrackerState:
         }
 
     def _hand_out(self, pending, slot):
+        """Give C{slot}'s server to C{pending}: record the lease and answer."""
         server = slot.connection
         server.offers.pop(slot.matchkey, None)
         client = pending.connection
@@ -298,6 +301,7 @@ class TrackerState:
         )
 
     def _withdraw(self, pending):
+        """Take a waiting request out of its queue. @return: whether it waited."""
         pending.connection.requests.pop(pending, None)
         if pending.timer is not None and pending.timer.active():
             pending.timer.cancel()
@@ -305,6 +309,7 @@ class TrackerState:
         return self.scheduler.withdraw(pending)
 
     def _expire(self, pending, timeout):
+        """A request's deadline passed: withdraw it and answer FAIL."""
         pending.timer = None
         if pending.status is Status.QUEUED and self._withdraw(pending):
             pending.connection.peer.answer_request(

@@ -19,6 +19,7 @@ _BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix")
 
 
 def _port_number(value):
+    """@return: C{value} as a port number. @raise ValueError: if it is not one."""
     number = int(value)
     if not 0 <= number <= 65535:
         raise ValueError(f"{value} is not a port number")
@@ -26,6 +27,7 @@ def _port_number(value):
 
 
 def _positive(value):
+    """@return: C{value} as a positive int. @raise ValueError: if it is not one."""
     number = int(value)
     if number <= 0:
         raise ValueError(f"{value} is not a positive integer")
@@ -59,6 +61,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self):
+        """Start with no C{--listen} endpoints."""
         super().__init__()
         self["listen"] = []
 
@@ -67,6 +70,10 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     def postOptions(self):
+        """Check the port range and endpoints; pick a random stop key if none.
+
+        @raise usage.UsageError: on an empty port range or a bad endpoint.
+        """
         if self["port-end"] <= self["port"]:
             raise usage.UsageError("--port-end must be greater than --port")
         self["listen"] = [_with_backlog(d, self["backlog"]) for d in self["listen"]]
@@ -80,6 +87,7 @@ class Options(usage.Options):
 
 
 def _with_backlog(description, backlog):
+    """@return: an endpoint string with C{backlog=} added where it applies and is absent."""
     kind = description.split(":", 1)[0].strip().lower()
     if kind in _BACKLOG_TYPES and "backlog=" not in description:
         return f"{description}:backlog={backlog}"
@@ -87,6 +95,7 @@ def _with_backlog(description, backlog):
 
 
 def _range_endpoints(reactor, host, port, port_end, backlog):
+    """@return: one TCP endpoint per port of [port, port_end) on C{host}."""
     family = endpoints.TCP4ServerEndpoint
     try:
         if ipaddress.ip_address(host).version == 6:
@@ -112,6 +121,7 @@ def makeService(options, reactor=None):
     state = TrackerState(reactor)
 
     def on_stop():
+        """A correct STOP was answered: stop the reactor (and so the service)."""
         log.info("stopping on request")
         reactor.stop()
 
