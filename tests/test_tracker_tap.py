@@ -15,7 +15,7 @@ import pytest
 from twisted.application.service import IServiceMaker
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.plugin import getPlugins
