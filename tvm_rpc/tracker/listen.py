@@ -17,6 +17,7 @@ from twisted.application import service
 from twisted.internet import tcp
 from twisted.internet.error import CannotListenError
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.python.failure import Failure
 
 from .logs import logger, unfiltered_logger
 
@@ -248,7 +249,9 @@ class ListenerService(service.Service):
     """
 
     def __init__(self, candidates, factory, name="rpc-tracker"):
-        """@param candidates: endpoints to try in order.
+        """
+        @param candidates: endpoints to try in order; each must bind
+            synchronously (TCP, SSL and UNIX endpoints do).
         @param factory: the protocol factory.
         @param name: the daemon name for the log line.
         """
@@ -281,7 +284,7 @@ class ListenerService(service.Service):
             if not outcome:
                 raise CannotListenError(None, None, f"{endpoint!r} did not bind at once")
             result = outcome[0]
-            if not hasattr(result, "getHost"):
+            if isinstance(result, Failure):
                 error = result.value
                 if isinstance(error, CannotListenError) and _in_use(error):
                     last = error
