@@ -192,8 +192,11 @@ class BytesSource:
         return len(self._data)
 
     def read(self, offset, length):
-        """@return: up to C{length} bytes at C{offset}."""
-        return bytes(self._data[offset:offset + length])
+        """
+        @return: up to C{length} bytes at C{offset}, as a view of the data (the
+            answer box is serialized at once, so it is never held).
+        """
+        return self._data[offset:offset + length]
 
     def close(self):
         """Drop the reference to the data."""
