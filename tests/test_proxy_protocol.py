@@ -238,3 +238,90 @@ class TuneSocketTests(SynchronousTestCase):
                     self.assertEqual(
                         sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), KEEPALIVE[0])
         tune_socket(StringTransport())
+
+
+class WebSocketTests(SynchronousTestCase):
+    """The ``/ws`` endpoint over in-memory transports (autobahn on both ends)."""
+
+    def setUp(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        self.clock = MemoryReactorClock()
+        self.pool = PairingPool(self.clock, timeout_client=30, timeout_server=30)
+        self.tcp_factory = ProxyFactory(self.pool, self.clock, handshake_timeout=5)
+
+    def websocket(self, path="/ws", first=b""):
+        """@return: C{(client protocol, received messages, pump)} over iosim."""
+        from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+        from twisted.test import iosim
+
+        from tvm_rpc.proxy.web import ProxyWebSocketFactory
+
+        received = []
+
+        class Browser(WebSocketClientProtocol):
+            def onOpen(self):
+                if first:
+                    self.sendMessage(first, isBinary=True)
+
+            def onMessage(self, payload, isBinary):
+                received.append((payload, isBinary))
+
+        client_factory = WebSocketClientFactory(f"ws://127.0.0.1:8888{path}", reactor=self.clock)
+        client_factory.protocol = Browser
+        server = ProxyWebSocketFactory(self.pool, self.clock, 5).buildProtocol(None)
+        client = client_factory.buildProtocol(None)
+        pump = iosim.connect(server, iosim.FakeTransport(server, isServer=True),
+                             client, iosim.FakeTransport(client, isServer=False),
+                             clock=self.clock)
+        pump.flush()
+        return client, received, pump
+
+    def tcp(self):
+        protocol = self.tcp_factory.buildProtocol(None)
+        transport = HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_websocket_server_and_tcp_client(self):
+        browser, received, pump = self.websocket(first=encode_handshake("server:web") + b"early")
+        self.assertEqual(self.pool.waiting(), 1)
+        client, client_t = self.tcp()
+        client.dataReceived(encode_handshake("client:web") + b"hello")
+        pump.flush()
+        self.assertEqual(client_t.value(), encode_reply(RPC_CODE_SUCCESS, "server:web") + b"early")
+        self.assertEqual(b"".join(p for p, _ in received),
+                         encode_reply(RPC_CODE_SUCCESS, "client:web") + b"hello")
+        self.assertTrue(all(binary for _, binary in received))
+        browser.sendMessage(b"from the browser", isBinary=True)
+        pump.flush()
+        self.assertTrue(client_t.value().endswith(b"from the browser"))
+        browser.sendClose(1000)
+        pump.flush()
+        self.assertTrue(client_t.disconnecting)
+
+    def test_tcp_end_of_file_closes_the_websocket(self):
+        browser, received, pump = self.websocket(first=encode_handshake("server:web"))
+        client, client_t = self.tcp()
+        client.dataReceived(encode_handshake("client:web"))
+        client.readConnectionLost()
+        pump.flush()
+        self.assertEqual(browser.state, browser.STATE_CLOSED)
+
+    def test_text_message_closes(self):
+        browser, received, pump = self.websocket()
+        browser.sendMessage(b"not binary", isBinary=False)
+        pump.flush()
+        self.assertEqual(browser.state, browser.STATE_CLOSED)
+        self.assertEqual(self.pool.waiting(), 0)
+
+    def test_other_path_refused(self):
+        browser, received, pump = self.websocket(path="/other")
+        self.assertNotEqual(browser.state, browser.STATE_OPEN)
+        self.assertEqual(self.pool.waiting(), 0)
+
+    def test_silent_websocket_dropped(self):
+        browser, received, pump = self.websocket()
+        self.clock.advance(5)
+        pump.flush()
+        self.assertEqual(browser.state, browser.STATE_CLOSED)

@@ -128,7 +128,8 @@ class ProxyWebSocketProtocol(WebSocketServerProtocol):
         if not isBinary:
             self.log.warn("text message from {peer} on {path}; closing",
                           peer=self.connection.peer_name, path=WS_PATH)
-            self.sendClose(code=1003, reason="binary messages only")
+            # Autobahn lets applications send 1000 or 3000-4999 only.
+            self.sendClose(code=3003, reason="binary messages only")
             return
         self.connection.dataReceived(payload)
 
