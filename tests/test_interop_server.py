@@ -232,3 +232,28 @@ def test_through_tvm_proxy(tvm):
             assert run_client("connect", "127.0.0.1", proxy_port, "behind") == {"ok": True}
         finally:
             daemon.stop()
+
+
+def test_refusal_packet_is_tvms(tvm):
+    """Our refusal packet is byte for byte what TVM's own server sends to report an error."""
+    import socket
+
+    from tvm.rpc import _ffi_api
+
+    from tvm_rpc.protocol.flavour import tvm_exception_packet
+
+    ours, theirs = socket.socketpair()
+    try:
+        message = "a message with ünicode"
+        _ffi_api.ReturnException(ours.fileno(), message)
+        expected = tvm_exception_packet(message)
+        theirs.settimeout(10)
+        received = b""
+        while len(received) < len(expected):
+            chunk = theirs.recv(4096)
+            assert chunk
+            received += chunk
+        assert received == expected
+    finally:
+        ours.close()
+        theirs.close()
