@@ -544,10 +544,10 @@ class SessionEnvironment:
         """@return: C{"module"}, C{"array"}, C{"function"} or C{"object"}."""
         if self._is_module(value):
             return "module"
-        if self.backend.is_array(value):
-            return "array"
         if callable(value):
             return "function"
+        if self.backend.is_array(value):
+            return "array"
         return "object"
 
     def get(self, handle, kind):
@@ -683,6 +683,15 @@ class SessionEnvironment:
             return bytes(value)
         if isinstance(value, (Device, HostArray, ArrayRef, Handle)):
             return value
+        # Plain containers first: only other objects need the array backend
+        # (which may import TVM's runtime) to be told apart.
+        if isinstance(value, list) or (isinstance(value, tuple) and type(value) is not tuple):
+            return [self.to_wire(item, depth + 1) for item in value]
+        if isinstance(value, tuple):
+            return tuple(self.to_wire(item, depth + 1) for item in value)
+        if isinstance(value, dict):
+            return {self.to_wire(key, depth + 1): self.to_wire(item, depth + 1)
+                    for key, item in value.items()}
         if self._is_module(value):
             return Handle("module", self.add(value))
         if self.backend.is_array(value):
@@ -690,10 +699,6 @@ class SessionEnvironment:
         device = self.backend.to_wire_device(value)
         if device is not None:
             return device
-        if isinstance(value, list) or (isinstance(value, tuple) and type(value) is not tuple):
-            return [self.to_wire(item, depth + 1) for item in value]
-        if isinstance(value, tuple):
-            return tuple(self.to_wire(item, depth + 1) for item in value)
         if isinstance(value, collections.abc.Mapping):
             return {self.to_wire(key, depth + 1): self.to_wire(item, depth + 1)
                     for key, item in value.items()}
