@@ -381,12 +381,17 @@ Calls
     and are called like any function: ``tvm.rpc.server.upload(path, data)``,
     ``.download(path)`` -> bytes, ``.remove(path)``, ``.listdir(path=".")``
     -> list of names, ``.load_module(path)`` -> module handle,
-    ``.workpath(path)`` -> absolute path on the device.
+    ``.workpath(path)`` -> absolute path on the device; and
+    ``tvm_rpc.server.list_functions()`` -> every name callable. A server
+    function may return a Deferred or be a coroutine function; its call is
+    answered when it completes while other calls proceed.
+    :class:`TimeEvaluator` times a function on the device (TVM's own timer
+    for functions of TVM modules).
 
 Big values and bulk data: streams
     No AMP value ever exceeds 65,535 bytes: a chunk of a stream is carried
-    in one box as consecutive values (:class:`Blob`). When encoded arguments are longer
-    than ``MAX_INLINE_VALUE``, the client opens a value sink
+    in one box as consecutive values (:class:`Blob`). When encoded arguments
+    are longer than ``MAX_INLINE_VALUE``, the client opens a value sink
     (:class:`OpenValue`), writes the bytes with :class:`StreamWrite`, ends it
     with :class:`StreamFinish` and passes the stream id as ``args_stream``
     (the call consumes the stream). A result too long to inline comes back
@@ -400,7 +405,9 @@ Big values and bulk data: streams
     unanswered. Reads name their offset; the reader keeps at most ``window``
     reads outstanding. So one transfer holds at most
     ``window * chunk_size`` (4 x 512 KiB = 2 MiB by default) in flight on
-    each end, whatever the total size. :class:`StreamClose` cancels a write
+    each end, whatever the total size; and the server stops reading requests
+    while its answers wait to be sent, so even a client that ignores the
+    window cannot make it buffer more than about one chunk. :class:`StreamClose` cancels a write
     stream (a partial upload is deleted) or releases a read stream.
     :mod:`tvm_rpc.protocol.streams` implements both ends.
 
