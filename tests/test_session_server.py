@@ -515,7 +515,7 @@ ROUND_TRIP = textwrap.dedent('''
 
         def watched(iterator):
             for i, piece in enumerate(iterator):
-                if i % 64 == 0:
+                if i % 4 == 0:
                     peak[0] = max(peak[0], rss_kib())
                 yield piece
 
@@ -527,7 +527,7 @@ ROUND_TRIP = textwrap.dedent('''
         def consume(data):
             got_digest.update(data)
             count[0] += 1
-            if count[0] % 64 == 0:
+            if count[0] % 4 == 0:
                 peak[0] = max(peak[0], rss_kib())
 
         size = await read_stream(client.callRemote, answer["stream"], answer["size"], consume)
