@@ -6,7 +6,9 @@ import sys
 import time
 from contextlib import contextmanager
 
-from daemons import Daemon, child_env, our_proxy, our_tracker, tvm_tracker
+import pytest
+
+from daemons import Daemon, child_env, our_proxy, our_tracker, tvm_proxy, tvm_tracker, twistd
 
 KEY = "interop-dev"
 
@@ -134,3 +136,54 @@ def test_unused_matchkey_renewed_under_the_real_key(tvm):
             session = tvm.rpc.connect_tracker("127.0.0.1", tracker_port).request(key)
             use_session(session)
             del session
+
+
+#: Our client, run in a child process: two sessions through the tracker, each
+#: round-tripping a blob; prints a JSON line.
+OUR_CLIENT = """
+import json, sys
+from twisted.internet import defer, task
+from tvm_rpc.client import connect_tracker
+
+async def main(reactor, host, port, key):
+    tracker = await connect_tracker(host, int(port), reactor=reactor)
+    blob = bytes(range(256)) * 4096
+    for _ in range(2):
+        session = await tracker.request(key, session_timeout=60, timeout=60)
+        async with session:
+            await session.upload(blob, "blob.bin")
+            back = await session.download("blob.bin")
+            path = await session.workpath("blob.bin")
+        assert back == blob and path.endswith("blob.bin"), path
+    await tracker.close()
+    print(json.dumps({"ok": True}))
+
+task.react(lambda reactor, *args: defer.Deferred.fromCoroutine(main(reactor, *args)),
+           sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("kind", ["tvm", "ours"])
+def test_our_server_behind_a_proxy_reached_through_its_tracker(tvm, kind):
+    """
+    Our server (``--through-proxy``) behind TVM's proxy registered with TVM's
+    tracker, and behind our proxy registered with our tracker, reached by our
+    client through the tracker, twice (the server reconnects after a session).
+    """
+    key = f"ours-behind-{kind}"
+    tracker_of = {"tvm": tvm_tracker, "ours": our_tracker}[kind]
+    proxy_of = {"tvm": tvm_proxy, "ours": our_proxy}[kind]
+    with tracker_of() as (tracker, tracker_port), \
+         proxy_of("--tracker", f"127.0.0.1:{tracker_port}") as (proxy, proxy_port):
+        server = Daemon(twistd("rpc-server", "--through-proxy", "--host", "127.0.0.1",
+                               "--port", str(proxy_port), "--key", key))
+        try:
+            server.wait_for(r"waiting at proxy 127\.0\.0\.1:%d as %s" % (proxy_port, key))
+            wait_free(tvm, tracker_port, key, 1)
+            completed = subprocess.run(
+                [sys.executable, "-c", OUR_CLIENT, "127.0.0.1", str(tracker_port), key],
+                capture_output=True, text=True, timeout=120, env=child_env(),
+            )
+            assert '{"ok": true}' in completed.stdout, completed.stdout + completed.stderr
+        finally:
+            server.stop()
