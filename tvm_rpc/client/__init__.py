@@ -21,3 +21,15 @@ __all__ = [
 __all__ += ["Device", "ProtocolMismatch", "RPCSession", "RemoteArray", "RemoteError",
             "RemoteFunction", "RemoteModule", "SessionClosed", "SessionTimeout",
             "TimeEvaluatorResult"]
+from .connect import (
+    DuplicateKey,
+    HandshakeError,
+    KeyMismatch,
+    NotAnRpcServer,
+    NotTvmRpcServer,
+    RequestFailed,
+    connect,
+)
+
+__all__ += ["DuplicateKey", "HandshakeError", "KeyMismatch", "NotAnRpcServer",
+            "NotTvmRpcServer", "RequestFailed", "connect"]
