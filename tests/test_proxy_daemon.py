@@ -313,3 +313,69 @@ def test_taken_port_range_is_fatal():
             daemon.stop()
         assert "CannotListenError" in daemon.output or "Couldn't listen" in daemon.output, \
             daemon.output
+
+
+def tracker_summary(port):
+    """Ask a tracker for its summary over a raw socket (TVM's framing)."""
+    import json
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(INT32.pack(0x2F271))
+        assert recv_exactly(sock, 4) == INT32.pack(0x2F271)
+        body = json.dumps([6]).encode()
+        sock.sendall(INT32.pack(len(body)) + body)
+        (length,) = INT32.unpack(recv_exactly(sock, 4))
+        code, summary = json.loads(recv_exactly(sock, length))
+        assert code == 0
+        return summary
+
+
+def wait_summary(port, predicate, timeout=30):
+    """Poll the tracker until C{predicate(summary)} holds; @return: the summary."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            summary = tracker_summary(port)
+            if predicate(summary):
+                return summary
+        except (OSError, AssertionError):
+            summary = None
+        assert time.monotonic() < deadline, summary
+        time.sleep(0.1)
+
+
+def test_tracker_restart_reregisters_and_leaving_server_is_withdrawn():
+    """
+    Tracker mode with our tracker: a server that leaves the proxy leaves the
+    tracker at once; after a tracker restart the proxy registers again what it
+    still holds.
+    """
+    tracker_port = free_port()
+    tracker_args = twistd("rpc-tracker", "--host", "127.0.0.1", "--port", str(tracker_port),
+                          "--port-end", str(tracker_port + 1))
+
+    def free(summary, key):
+        return summary["queue_info"].get(key, {}).get("free", 0)
+
+    tracker = Daemon(tracker_args, env=child_env())
+    try:
+        tracker.wait_for(r"rpc-tracker listening on")
+        with our_proxy("--tracker", f"127.0.0.1:{tracker_port}") as (proxy, port):
+            first = connect(port, "server:a")
+            second = connect(port, "server:b")
+            wait_summary(tracker_port, lambda s: free(s, "a") == 1 and free(s, "b") == 1)
+            first.close()
+            summary = wait_summary(tracker_port, lambda s: free(s, "a") == 0, timeout=5)
+            assert free(summary, "b") == 1
+            assert {"key": "server:proxy[b]", "addr": ["127.0.0.1", port]} in \
+                summary["server_info"]
+            tracker.stop()
+            tracker = Daemon(tracker_args, env=child_env())
+            tracker.wait_for(r"rpc-tracker listening on")
+            summary = wait_summary(tracker_port, lambda s: free(s, "b") == 1, timeout=30)
+            assert {"key": "server:proxy[b]", "addr": ["127.0.0.1", port]} in \
+                summary["server_info"]
+            second.close()
+            wait_summary(tracker_port, lambda s: free(s, "b") == 0, timeout=5)
+    finally:
+        tracker.stop()
