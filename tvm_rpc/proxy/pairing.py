@@ -219,6 +219,7 @@ class PairingPool:
         self._by_peer.clear()
 
     def _match(self, peer, role, match_key, handshake_key):
+        """Plain mode: pair with a partner of the other role, refuse a duplicate, or wait."""
         other_role = Role.CLIENT if role is Role.SERVER else Role.SERVER
         partner = self._waiting.get((other_role, match_key))
         if partner is not None:
@@ -239,6 +240,7 @@ class PairingPool:
         return "waiting"
 
     def _offer(self, peer, key, handshake_key):
+        """Tracker mode: a server waits under a fresh matchkey and is advertised."""
         offer = ServerOffer(key, self._fresh_matchkey(key), handshake_key, peer)
         self._offers[offer.matchkey] = offer
         self._by_peer[peer] = offer
@@ -248,6 +250,7 @@ class PairingPool:
         return "waiting"
 
     def _claim(self, peer, matchkey, handshake_key):
+        """Tracker mode: a client takes the server waiting under its matchkey."""
         offer = self._offers.pop(matchkey, None)
         if offer is None:
             peer.refuse(RPC_CODE_MISMATCH, f"no server waits under matchkey {matchkey!r}")
@@ -260,11 +263,13 @@ class PairingPool:
         return "paired"
 
     def _pair(self, waiting_peer, waiting_key, newcomer, newcomer_key):
+        """Accept both sides (each learns the other's key), then start the relay."""
         waiting_peer.accept(newcomer_key)
         newcomer.accept(waiting_key)
         newcomer.join(waiting_peer)
 
     def _expire(self, entry):
+        """A waiting connection's timeout: refuse it with RPC_CODE_MISMATCH."""
         entry.timer = None
         if self._by_peer.get(entry.peer) is not entry:
             return
@@ -273,6 +278,7 @@ class PairingPool:
         entry.peer.refuse(RPC_CODE_MISMATCH, f"no partner for key {entry.match_key!r} in time")
 
     def _drop_waiting(self, entry):
+        """Take a plain-mode entry out of its pool and cancel its timer."""
         if self._waiting.get((entry.role, entry.match_key)) is entry:
             del self._waiting[(entry.role, entry.match_key)]
         if entry.timer is not None and entry.timer.active():
@@ -280,6 +286,7 @@ class PairingPool:
         entry.timer = None
 
     def _fresh_matchkey(self, key):
+        """@return: a matchkey for C{key} not used by any waiting server."""
         for _ in range(1000):
             matchkey = self.make_matchkey(key)
             if matchkey not in self._offers:
@@ -287,6 +294,7 @@ class PairingPool:
         raise RuntimeError(f"cannot make a fresh matchkey for {key!r}")
 
     def _tell(self, event, *args):
+        """Pass an event to the observer; its failures are logged, never raised."""
         if self.observer is None:
             return
         try:

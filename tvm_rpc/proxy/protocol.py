@@ -123,6 +123,7 @@ class ProxyConnection(Protocol):
             self._handshake(data)
 
     def _handshake(self, data):
+        """Feed the handshake decoder; refuse, or join the pool once the key is read."""
         if not self._decoder.feed(data):
             return
         self._cancel_timer()
@@ -140,6 +141,7 @@ class ProxyConnection(Protocol):
         self._pool.arrive(self, self.key)
 
     def _keep_early(self, data):
+        """Keep bytes received before pairing; pause reading past the limit."""
         self._early.append(data)
         self._early_size += len(data)
         if self._early_size >= self._chunk_size and not self._paused:
@@ -147,6 +149,7 @@ class ProxyConnection(Protocol):
             self.transport.pauseProducing()
 
     def _handshake_expired(self):
+        """The handshake took too long: drop the connection."""
         self._timer = None
         if self.state == "handshake":
             self.log.warn("dropped {peer}: no handshake within {timeout} s",
@@ -154,11 +157,13 @@ class ProxyConnection(Protocol):
             self._close_now()
 
     def _cancel_timer(self):
+        """Cancel the handshake timer, if it is still pending."""
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
     def _close_now(self):
+        """Close without a reply (a refused handshake)."""
         self.state = "closed"
         self.transport.loseConnection()
 
@@ -231,6 +236,7 @@ class ProxyConnection(Protocol):
         self._maybe_finished()
 
     def _maybe_finished(self):
+        """Close once both directions have ended (after half-closes)."""
         if self._read_closed and self._write_closed:
             self.state = "closed"
             self.transport.loseConnection()

@@ -56,6 +56,7 @@ def _prepared(protocol, coroutine):
     """
 
     def failed(failure):
+        """Drop the connection the preparation was for."""
         transport = getattr(protocol, "transport", None)
         if transport is not None:
             transport.abortConnection()
@@ -65,6 +66,7 @@ def _prepared(protocol, coroutine):
 
 
 def _retry_policy(max_delay):
+    """@return: the reconnection backoff of every tracker link."""
     return backoffPolicy(initialDelay=0.5, maxDelay=max_delay, factor=1.5)
 
 
@@ -99,6 +101,7 @@ class ProxyRegistration(Service):
     _reported: object = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self):
+        """Initialise the L{Service} part."""
         Service.__init__(self)
 
     def startService(self):
@@ -153,9 +156,11 @@ class ProxyRegistration(Service):
     # the proxy's own link
 
     def _announce(self, protocol):
+        """C{prepareConnection} of the proxy's own link."""
         return _prepared(protocol, self._announce_on(protocol))
 
     async def _announce_on(self, protocol):
+        """Report C{server:proxy[...]} on a fresh connection."""
         await protocol.ready
         keys = self.pool.keys()
         await protocol.call(UpdateInfo(
@@ -168,12 +173,14 @@ class ProxyRegistration(Service):
         self._report()
 
     def _summary_lost(self, _, protocol):
+        """The proxy's own link closed; C{ClientService} reconnects it."""
         if self._summary_protocol is protocol:
             self._summary_protocol = None
             if self.running:
                 self.log.warn("lost {tracker}; reconnecting", tracker=self.tracker)
 
     def _report(self):
+        """Send UPDATE_INFO again when the waiting keys changed."""
         protocol = self._summary_protocol
         keys = self.pool.keys()
         if protocol is None or keys == self._reported:
@@ -185,6 +192,7 @@ class ProxyRegistration(Service):
 
 
 def _abort_on_failure(failure, protocol, what, tracker):
+    """Log a failed tracker call and drop the link, which reconnects."""
     ProxyRegistration.log.failure("{what} to {tracker} failed; reconnecting", failure,
                                   what=what, tracker=tracker)
     if protocol.transport is not None:
@@ -222,9 +230,11 @@ class _OfferLink:
         return service.stopService()
 
     def _register(self, protocol):
+        """C{prepareConnection} of a server's link."""
         return _prepared(protocol, self._register_on(protocol))
 
     async def _register_on(self, protocol):
+        """UPDATE_INFO and PUT the server on a fresh connection, then poll."""
         await protocol.ready
         owner, offer = self.owner, self.offer
         self._connections += 1
@@ -255,20 +265,24 @@ class _OfferLink:
         put.addErrback(_abort_on_failure, protocol, "PUT", self.owner.tracker)
 
     def _lost(self, _, protocol):
+        """The link closed; stop polling until it is registered again."""
         if self._protocol is protocol:
             self._protocol = None
             self._stop_polling()
 
     def _schedule_poll(self):
+        """Poll GET_PENDING_MATCHKEYS after the poll period."""
         self._stop_polling()
         self._poll = self.owner.clock.callLater(self.owner.poll_period, self._poll_now)
 
     def _stop_polling(self):
+        """Cancel the next poll, if any."""
         if self._poll is not None and self._poll.active():
             self._poll.cancel()
         self._poll = None
 
     def _poll_now(self):
+        """Ask the tracker which of this link's matchkeys are still pending."""
         self._poll = None
         protocol = self._protocol
         if protocol is None:
@@ -280,6 +294,7 @@ class _OfferLink:
                           self.owner.tracker)
 
     def _polled(self, pending, asked, protocol):
+        """Renew the matchkey once it has been handed out and unused for too long."""
         if protocol is not self._protocol:
             return
         self._schedule_poll()

@@ -23,6 +23,7 @@ log = Logger(namespace="tvm_rpc.proxy")
 
 
 def _port_number(value):
+    """Coerce an option to a TCP port number."""
     number = int(value)
     if not 0 <= number <= 65535:
         raise ValueError(f"{value} is not a port number")
@@ -30,6 +31,7 @@ def _port_number(value):
 
 
 def _seconds(value):
+    """Coerce an option to a positive, finite number of seconds."""
     number = float(value)
     if not number > 0 or number == float("inf"):
         raise ValueError(f"{value} is not a positive number of seconds")
@@ -37,6 +39,7 @@ def _seconds(value):
 
 
 def _buffer_size(value):
+    """Coerce an option to a relay buffer size in bytes."""
     number = int(value)
     if not 4096 <= number <= 64 * 1024 * 1024:
         raise ValueError(f"{value} is not between 4096 and 67108864 bytes")
@@ -86,6 +89,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self):
+        """Start with no C{--listen} endpoint."""
         super().__init__()
         self["listen"] = []
 
@@ -116,6 +120,7 @@ class Options(usage.Options):
 
 
 def _tcp_server_endpoint(reactor, host, port, backlog=1024):
+    """@return: a TCP server endpoint on C{host} (IPv4 or IPv6) with a large backlog."""
     family = endpoints.TCP4ServerEndpoint
     try:
         if ipaddress.ip_address(host).version == 6:

@@ -73,6 +73,7 @@ class AllocatorTuning(Service):
     log = Logger()
 
     def __attrs_post_init__(self):
+        """Initialise the L{Service} part."""
         Service.__init__(self)
 
     def startService(self):

@@ -41,6 +41,7 @@ class WebSocketTransport:
 
     @property
     def _tcp(self):
+        """The underlying TCP transport."""
         return self.protocol.transport
 
     @property
@@ -106,6 +107,7 @@ class ProxyWebSocketProtocol(WebSocketServerProtocol):
     log = Logger()
 
     def __init__(self):
+        """Start without a proxy connection (made on open)."""
         super().__init__()
         self.connection = None
 
