@@ -10,6 +10,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from tvm_rpc.client.registration import TrackerRegistration
+from tvm_rpc.protocol.commands import TrackerError
 from tvm_rpc.protocol.constants import TrackerCode
 from tvm_rpc.protocol.framing import FrameDecoder, encode_frame, encode_magic
 from tvm_rpc.server.gate import SessionGate
@@ -43,7 +44,8 @@ class FakeTracker(Protocol):
 class FakeEndpoint:
     """Connects client factories to L{FakeTracker}s over iosim transports."""
 
-    def __init__(self):
+    def __init__(self, tracker_class=None):
+        self.tracker_class = tracker_class or FakeTracker
         self.up = True
         self.pumps = []
         self.trackers = []
@@ -54,7 +56,7 @@ class FakeEndpoint:
         if not self.up:
             return defer.fail(ConnectionRefusedError())
         client = factory.buildProtocol(None)
-        tracker = FakeTracker(self)
+        tracker = self.tracker_class(self)
         self.trackers.append(tracker)
         self.pumps.append(
             iosim.connect(
@@ -190,3 +192,34 @@ class RegistrationTests(SynchronousTestCase):
         before = len(self.endpoint.log)
         self.advance(10)
         self.assertEqual(len(self.endpoint.log), before)
+
+
+class RefusingTracker(FakeTracker):
+    """Answers FAIL to every PUT."""
+
+    def dataReceived(self, data):
+        was_greeted = self.decoder.greeted
+        values = self.decoder.feed(data)
+        if self.decoder.greeted and not was_greeted:
+            self.transport.write(encode_magic())
+        for message in values:
+            self.owner.log.append(message)
+            self.transport.write(encode_frame(-1 if message[0] == TrackerCode.PUT else 0))
+
+
+class FailedRegistrationTests(SynchronousTestCase):
+    def test_failed_registration_closes_and_retries(self):
+        """A tracker that refuses the PUT: the connection is closed and retried later."""
+        clock = Clock()
+        endpoint = FakeEndpoint(RefusingTracker)
+        gate = SessionGate("dev", tracked=True, new_matchkey=lambda key: key + ":1")
+        service = TrackerRegistration(endpoint, gate, 1, None, clock)
+        service.startService()
+        endpoint.flush()
+        self.addCleanup(service.stopService)
+        self.assertTrue(endpoint.trackers[0].transport.disconnected)
+        self.assertEqual(service.registrations, 0)
+        clock.advance(1)
+        endpoint.flush()
+        self.assertEqual(len(endpoint.trackers), 2)
+        self.assertEqual(len(self.flushLoggedErrors(TrackerError)), 2)

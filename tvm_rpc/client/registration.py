@@ -109,7 +109,20 @@ class TrackerRegistration(Service):
         return waiter
 
     def _prepare(self, protocol):
-        return defer.Deferred.fromCoroutine(self._register(protocol))
+        # Registration runs beside the connection rather than as its
+        # preparation: ClientService keeps a connection whose preparation
+        # failed open, and then cannot handle its loss. A failed registration
+        # closes the connection instead, and ClientService reconnects.
+        registering = defer.Deferred.fromCoroutine(self._register(protocol))
+        registering.addErrback(self._registration_failed, protocol)
+
+    def _registration_failed(self, failure, protocol):
+        self.log.failure(
+            "registering with {tracker} failed; reconnecting", failure, tracker=self.tracker
+        )
+        transport = getattr(protocol, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
 
     async def _register(self, protocol):
         await protocol.ready
