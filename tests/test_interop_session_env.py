@@ -76,6 +76,25 @@ def test_environment_runs_tvm_library(tvm, library):
         env.streams.write(stream, y.tobytes())
         env.streams.finish(stream)
         numpy.testing.assert_array_equal(tensor.numpy(), y)
+        # The piecewise path, used for tensors without a host view (GPUs):
+        # exercised on the cpu by hiding the host view.
+        backend = env.backend
+        original = backend._host_view
+        backend._host_view = lambda array: None
+        try:
+            stream, _ = env.open_array_write(handles[1])
+            data = (x * 3).tobytes()
+            for start in range(0, len(data), 1000):
+                env.streams.write(stream, data[start:start + 1000])
+            env.streams.finish(stream)
+            numpy.testing.assert_array_equal(env.get(handles[1], "array").numpy(), x * 3)
+            stream, ref = env.open_array_read(handles[1])
+            out = b"".join(bytes(env.streams.read(stream, offset, 777))
+                           for offset in range(0, ref.nbytes, 777))
+            assert out == data
+            assert env.streams.read(stream, ref.nbytes, 10) == b""
+        finally:
+            backend._host_view = original
         bf16, nbytes = env.empty((3,), "bfloat16", cpu)
         assert nbytes == 6
         stream, _ = env.open_array_write(bf16)

@@ -45,6 +45,7 @@ from ..protocol.streams import (
     FileSink,
     FileSource,
     ISink,
+    ISource,
     StreamError,
     StreamTable,
 )
@@ -239,6 +240,14 @@ class PythonBackend:
         """Copy C{data} (exactly the array's size) into the array."""
         array.data[:] = data
 
+    def piecewise(self, array):
+        """
+        @return: whether the array can be written and read a byte range at a
+            time with L{write_at} / L{read_at} (arrays without a host view,
+            e.g. on a GPU); L{False} here, as every array has a host view.
+        """
+        return False
+
 
 class NumpyBackend(PythonBackend):
     """Arrays as numpy arrays; only the cpu exists."""
@@ -368,6 +377,23 @@ class TVMBackend(PythonBackend):
         if view is None or not view.flags["WRITEABLE"]:
             return None
         return memoryview(view.reshape(-1).view(self._numpy.uint8))
+
+    def piecewise(self, array):
+        """@return: whether byte-range views of the tensor can be made (TVM's C{_create_view})."""
+        return hasattr(array, "_create_view")
+
+    def _byte_range(self, array, offset, length):
+        """A uint8 view of C{length} bytes at C{offset} of the tensor, on its device."""
+        return array._create_view((length,), "uint8", relative_byte_offset=offset)
+
+    def write_at(self, array, offset, data):
+        """Copy C{data} into the tensor at byte C{offset} (any device, no staging)."""
+        chunk = self._numpy.frombuffer(data, dtype=self._numpy.uint8)
+        self._byte_range(array, offset, len(chunk)).copyfrom(chunk)
+
+    def read_at(self, array, offset, length):
+        """@return: C{length} bytes of the tensor at byte C{offset} (any device)."""
+        return memoryview(self._byte_range(array, offset, length).numpy())
 
     def fill(self, array, data):
         """Copy C{data} into the tensor (any device)."""
@@ -876,9 +902,17 @@ class SessionEnvironment:
         return self.streams.open_sink(sink), ref.nbytes
 
     def open_array_read(self, handle):
-        """@return: C{(stream id, ArrayRef)} for copying the array to host."""
+        """
+        @return: C{(stream id, ArrayRef)} for copying the array to host: a
+            view of its memory when it has a host view, else read a chunk at
+            a time from its device (so a GPU tensor is never copied whole).
+        """
         ref = self.array_ref(handle)
-        source = BytesSource(self.backend.host_bytes(self.get(handle, "array")))
+        array = self.get(handle, "array")
+        if self.backend.writable_view(array) is None and self.backend.piecewise(array):
+            source = PiecewiseArraySource(self.backend, array, ref.nbytes)
+        else:
+            source = BytesSource(self.backend.host_bytes(array))
         return self.streams.open_source(source), ref
 
     # -- timing ----------------------------------------------------------
@@ -937,7 +971,8 @@ class ArraySink:
     """
     Fill an array from a write stream: straight into the array's memory when
     the backend exposes it (numpy, pure Python, TVM tensors on the cpu), else
-    into a host buffer copied to the array at the end (other TVM devices).
+    a chunk at a time onto its device (TVM tensors elsewhere), else into a
+    host buffer copied to the array at the end.
     """
 
     backend: object
@@ -945,21 +980,28 @@ class ArraySink:
     nbytes: int
     _view: object = None
     _buffer: object = None
+    _piecewise: bool = False
     _offset: int = 0
 
     def __attrs_post_init__(self):
-        """Write into the array's memory if the backend exposes it, else into a host buffer."""
+        """Choose how chunks reach the array (see the class docstring)."""
         self._view = self.backend.writable_view(self.array)
         if self._view is None:
-            self._buffer = bytearray(self.nbytes)
-            self._view = memoryview(self._buffer)
+            self._piecewise = self.backend.piecewise(self.array)
+            if not self._piecewise:
+                self._buffer = bytearray(self.nbytes)
+                self._view = memoryview(self._buffer)
 
     def write(self, data):
         """Copy a chunk at the current offset. @raise StreamError: past the end."""
         end = self._offset + len(data)
         if end > self.nbytes:
             raise StreamError(f"array takes {self.nbytes} bytes; got more")
-        self._view[self._offset:end] = data
+        if self._piecewise:
+            if data:
+                self.backend.write_at(self.array, self._offset, data)
+        else:
+            self._view[self._offset:end] = data
         self._offset = end
 
     def finish(self):
@@ -975,3 +1017,27 @@ class ArraySink:
         """Drop the buffer (the array keeps what was written so far)."""
         self._view = None
         self._buffer = None
+
+
+@implementer(ISource)
+@attrs.define(eq=False)
+class PiecewiseArraySource:
+    """
+    Serve an array without a host view (a tensor on a GPU, say) a chunk at a
+    time, each copied from the device when asked for.
+    """
+
+    backend: object
+    array: object
+    size: int
+
+    def read(self, offset, length):
+        """@return: up to C{length} bytes at C{offset}."""
+        length = max(0, min(length, self.size - offset))
+        if not length:
+            return b""
+        return self.backend.read_at(self.array, offset, length)
+
+    def close(self):
+        """Drop the reference to the array."""
+        self.array = None
