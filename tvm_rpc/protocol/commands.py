@@ -699,6 +699,10 @@ class CallFunction(amp.Command):
 
     _argument_names = frozenset(("function", "name", "args", "args_stream"))
 
+    def __init__(self, **kw):
+        """Keep the arguments (all are optional, so none can be missing)."""
+        self.structured = kw
+
     @classmethod
     def makeArguments(cls, objects, proto):
         """Encode the arguments (as AMP would, faster)."""
