@@ -746,7 +746,15 @@ def parse_args(argv):
     for name, value in defaults.items():
         if getattr(options, name) is None:
             setattr(options, name, value)
-    options.command_line = " ".join(argv if argv is not None else sys.argv[1:])
+    shown = []
+    words = iter(argv if argv is not None else sys.argv[1:])
+    for word in words:
+        # The JSON file is a local path: it says nothing about how figures were made.
+        if word == "--json":
+            next(words, None)
+        elif not word.startswith("--json="):
+            shown.append(word)
+    options.command_line = " ".join(shown)
     options.trackers = [t.strip() for t in options.trackers.split(",") if t.strip()]
     unknown = set(options.trackers) - set(TRACKERS)
     if unknown:
