@@ -117,6 +117,7 @@ class TreeSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
+        """Sample until stopped or until the process is gone."""
         while not self._stop.is_set():
             try:
                 rss = tree_rss(self.pid)
@@ -144,11 +145,13 @@ class TreeSampler:
             return self.peak
 
     def __enter__(self):
+        """Take a first sample and start the sampling thread."""
         self.reset()
         self._thread.start()
         return self
 
     def __exit__(self, *exc_info):
+        """Stop the sampling thread."""
         self._stop.set()
         self._thread.join(5)
 
@@ -200,6 +203,7 @@ def fmt_ms(value):
 
 
 def _cpu_model():
+    """@return: the CPU model name from /proc/cpuinfo, or what platform knows."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:
@@ -211,6 +215,7 @@ def _cpu_model():
 
 
 def _version(distribution):
+    """@return: the installed version of C{distribution}, or C{"not installed"}."""
     try:
         from importlib.metadata import version
 

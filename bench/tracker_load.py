@@ -86,6 +86,7 @@ class TrackerPeer(asyncio.Protocol):
     """
 
     def __init__(self):
+        """A peer not yet connected; C{ready} fires once the magic is echoed."""
         self.transport = None
         self.on_reply = None
         self._buffer = bytearray()
@@ -95,10 +96,12 @@ class TrackerPeer(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport):
+        """Send the tracker magic."""
         self.transport = transport
         transport.write(MAGIC_BYTES)
 
     def data_received(self, data):
+        """Check the magic echo, then decode every complete frame and deliver it."""
         buffer = self._buffer
         buffer += data
         if not self._greeted:
@@ -128,6 +131,7 @@ class TrackerPeer(asyncio.Protocol):
             del buffer[:position]
 
     def _fail(self, error):
+        """Fail whoever waits with C{error} and drop the connection."""
         if not self.ready.done():
             self.ready.set_exception(error)
         while self._waiting:
@@ -138,6 +142,7 @@ class TrackerPeer(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc):
+        """Mark the peer closed and fail whoever still waits."""
         self.closed = True
         self._fail(BenchError(f"tracker closed the connection ({exc})"))
 
@@ -219,6 +224,7 @@ class FakeServer:
     """A server as the tracker sees it: UPDATE_INFO once, then PUTs of fresh matchkeys."""
 
     def __init__(self, run, index, peer):
+        """Serve C{run} as server number C{index} over C{peer}."""
         self.run = run
         self.index = index
         self.peer = peer
@@ -244,6 +250,7 @@ class FakeServer:
         self.peer.send([PUT, self.run.key, [FAKE_SERVER_PORT + self.index, matchkey], None])
 
     def _on_reply(self, value):
+        """Count anything but SUCCESS as an error of the run."""
         if value != 0:
             self.run.errors.append(f"PUT answered {value!r}")
 
@@ -252,6 +259,7 @@ class Client:
     """A client that keeps one REQUEST outstanding and asks again once answered."""
 
     def __init__(self, run, peer):
+        """Ask for C{run}'s key over C{peer}."""
         self.run = run
         self.peer = peer
         self.sent = None
@@ -265,6 +273,7 @@ class Client:
         self.peer.send([REQUEST, self.run.key, "bench", 1])
 
     def _on_reply(self, value):
+        """Record the answer, release the server it names and ask again."""
         now = time.perf_counter()
         run = self.run
         try:

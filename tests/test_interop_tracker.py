@@ -42,6 +42,7 @@ class RawTrackerPeer:
         assert magic == RPC_TRACKER_MAGIC, f"tracker echoed {magic:#x}"
 
     def _recv_exactly(self, size):
+        """@return: exactly C{size} bytes. @raise ConnectionError: on EOF first."""
         chunks = []
         while size:
             chunk = self.sock.recv(size)
@@ -215,6 +216,7 @@ def test_terminated_tvm_server_leaves_our_summary_within_a_second(tvm, tracker):
         daemon.stop(sig=signal.SIGKILL)
 
         def gone():
+            """@return: whether the server has left server_info and the free count."""
             peer = RawTrackerPeer(tracker)
             try:
                 summary = peer.summary()
