@@ -4,6 +4,7 @@ listening port, and a few real daemons on loopback."""
 import contextlib
 import errno
 import os
+import random
 import re
 import signal
 import socket
@@ -350,16 +351,24 @@ def test_twistd_smoke():
 
 @contextlib.contextmanager
 def _busy_port_before_free_one():
-    """Hold a listening port P whose successor P+1 was free a moment ago."""
-    for _ in range(50):
-        with socket.socket() as busy:
-            busy.bind(("127.0.0.1", 0))
-            port = busy.getsockname()[1]
+    """
+    Hold a listening port P whose successor P+1 was free a moment ago.
+
+    Ports are drawn below the usual ephemeral range, which outgoing
+    connections crowd on a busy machine.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as busy, socket.socket() as probe:
+            # As Twisted binds: connections in TIME_WAIT do not count.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", port + 1))
+                busy.bind(("127.0.0.1", port))
+                probe.bind(("127.0.0.1", port + 1))
             except OSError:
                 continue
+            probe.close()
             busy.listen(1)
             yield port
             return
