@@ -249,6 +249,7 @@ def targets(ours, theirs):
 
 
 def main(argv=None):
+    """Run both sides, print the table and the targets; @return: the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--opens", type=int, default=30)
     parser.add_argument("--blob-mib", type=int, default=64)

@@ -180,12 +180,15 @@ class _Lifeline:
         self._on_gone = on_gone
 
     def fileno(self):
+        """@return: the lifeline's descriptor, for the reactor."""
         return self._socket.fileno()
 
     def logPrefix(self):
+        """@return: the prefix of the reactor's log lines about this reader."""
         return "lifeline"
 
     def doRead(self):
+        """Read: end of file (or an error) means the server died."""
         try:
             data = self._socket.recv(4096)
         except BlockingIOError:
@@ -200,7 +203,7 @@ class _Lifeline:
         return None
 
     def connectionLost(self, reason=None):
-        pass
+        """Nothing to do: the reactor is stopping or the lifeline is gone."""
 
 
 def _start_logging():
@@ -374,16 +377,19 @@ class _ForkServerProcess(tprotocol.ProcessProtocol):
         self._partial = {1: b"", 2: b""}
 
     def connectionMade(self):
+        """Remember the pid; the fork server reads nothing on stdin."""
         self.pid = self.transport.pid
         self.transport.closeStdin()
 
     def childDataReceived(self, fd, data):
+        """Relay the fork server's and its workers' output, a line at a time."""
         buffered = self._partial.get(fd, b"") + data
         *lines, self._partial[fd] = buffered.split(b"\n")
         for line in lines:
             self.log.info("worker: {line}", line=line.decode("utf-8", "replace"))
 
     def processEnded(self, reason):
+        """Tell the pool: the sessions of this fork server can no longer be followed."""
         self.ended = reason
         self.pool._fork_server_ended(self, reason)
 
@@ -399,6 +405,7 @@ class _ControlReader(LineOnlyReceiver):
         self.server = server
 
     def lineReceived(self, line):
+        """Pass one report to the pool; an unreadable line is ignored."""
         try:
             message = json.loads(line)
         except ValueError:
