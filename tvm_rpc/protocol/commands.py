@@ -8,6 +8,7 @@ its command raises :class:`BadMessage` (a protocol violation: the receiver
 closes the connection); a well-formed FAIL reply raises :class:`TrackerError`.
 """
 
+import math
 from typing import ClassVar
 
 import attrs
@@ -29,6 +30,16 @@ def _is_int(value):
 
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite_number(value):
+    """Whether C{value} is a number a float can hold (JSON allows Infinity and huge ints)."""
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _port(value):
@@ -191,7 +202,7 @@ class Request(_Command):
             user = ""
         user = _string(user, "user")
         priority = message[3]
-        if not _is_number(priority) or priority != priority:
+        if not _is_finite_number(priority):
             raise BadMessage(f"bad priority {priority!r}")
         timeout = None
         if len(message) == 5 and message[4] is not None:
@@ -199,7 +210,7 @@ class Request(_Command):
             if not isinstance(options, dict):
                 raise BadMessage(f"request options must be an object, not {options!r}")
             timeout = options.get("timeout")
-            if timeout is not None and (not _is_number(timeout) or not timeout > 0):
+            if timeout is not None and (not _is_finite_number(timeout) or not timeout > 0):
                 raise BadMessage(f"bad request timeout {timeout!r}")
         return cls(key, user, priority, timeout)
 
