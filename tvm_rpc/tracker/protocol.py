@@ -194,6 +194,8 @@ class TrackerProtocol(Protocol):
     def _drop(self, reason):
         """Close this connection because of C{reason}, with a log line."""
         self._closing = True
+        if len(reason) > 300:
+            reason = reason[:300] + "..."
         log.warn("closing tracker connection from {peer}: {reason}", peer=self._peer, reason=reason)
         self._forget()
         self.transport.loseConnection()
