@@ -157,6 +157,27 @@ class MakeServiceTests(SynchronousTestCase):
             log.info("quiet {n}", n=3)
         self.assertEqual([formatEvent(e) for e in events], ["quiet 3"])
 
+    def test_stop_callback_stops_reactor_once(self):
+        """A correct STOP stops the given reactor; a second stop is harmless."""
+        from twisted.internet.error import ReactorNotRunning
+
+        class StrictReactor(MemoryReactorClock):
+            """Refuses a second stop, as real reactors do."""
+
+            def stop(self):
+                """Stop once. @raise ReactorNotRunning: when already stopped."""
+                if self.hasStopped:
+                    raise ReactorNotRunning()
+                super().stop()
+
+        reactor = StrictReactor()
+        top = tap.makeService(parse("--stop-key", "k"), reactor=reactor)
+        self.assertTrue(top.factory.check_stop_key("k"))
+        self.assertFalse(top.factory.check_stop_key("K"))
+        top.factory.on_stop()
+        self.assertTrue(reactor.hasStopped)
+        top.factory.on_stop()
+
     def test_plugin_found(self):
         """twistd finds rpc-tracker, with our Options."""
         names = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}

@@ -5,6 +5,7 @@ import secrets
 
 from twisted.application import service
 from twisted.internet import endpoints
+from twisted.internet.error import ReactorNotRunning
 from twisted.python import usage
 
 from .listen import GuardedListenReactor, ListenerService
@@ -123,7 +124,10 @@ def makeService(options, reactor=None):
     def on_stop():
         """A correct STOP was answered: stop the reactor (and so the service)."""
         log.info("stopping on request")
-        reactor.stop()
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass
 
     factory = TrackerFactory(
         state,
