@@ -5,11 +5,13 @@ connection that sent it."""
 import struct
 
 from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.protocol import Protocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
+from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 from tvm_rpc.protocol.constants import RPC_TRACKER_MAGIC, TrackerCode
@@ -566,3 +568,68 @@ class AddressTests(SynchronousTestCase):
                 self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), 7)
                 self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL), 3)
                 self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT), 2)
+
+
+class RawClient(Protocol):
+    """A tracker client for iosim: sends what it is told, decodes the replies."""
+
+    def __init__(self):
+        """Start with no replies and the connection open."""
+        self.decoder = FrameDecoder(expect_magic=True)
+        self.replies = []
+        self.lost = False
+
+    def dataReceived(self, data):
+        """Collect the replies (the echoed magic is checked by the decoder)."""
+        self.replies.extend(self.decoder.feed(data))
+
+    def connectionLost(self, reason):
+        """Remember the tracker closed the connection."""
+        self.lost = True
+
+
+class InMemoryConnectionTests(TrackerTestCase):
+    """Whole connections over iosim, where closing really reaches connectionLost."""
+
+    def connect(self):
+        """@return: C{(client, pump)} of a new connection to the tracker."""
+        address = IPv4Address("TCP", "10.0.0.9", 4000)
+        client, server, pump = connectedServerAndClient(
+            lambda: self.factory.buildProtocol(address), RawClient, greet=False
+        )
+        client.transport.write(encode_magic())
+        pump.flush()
+        self.assertTrue(client.decoder.greeted)
+        return client, pump
+
+    def test_put_request_and_close(self):
+        """A server and a client meet; the server's close empties the queue."""
+        server, server_pump = self.connect()
+        client, client_pump = self.connect()
+        server.transport.write(encode_frame([PUT, "k", [9000, "k:1"], None])
+                               + encode_frame([PUT, "k", [9000, "k:2"], None]))
+        server_pump.flush()
+        client.transport.write(encode_frame([REQUEST, "k", "", 1]))
+        client_pump.flush()
+        self.assertEqual(server.replies, [0, 0])
+        self.assertEqual(client.replies[0][0], 0)
+        server.transport.loseConnection()
+        server_pump.flush()
+        self.assertEqual(self.state.summary()["queue_info"]["k"], {"free": 0, "pending": 0})
+
+    def test_bad_frame_really_closes(self):
+        """A bad frame ends in connectionLost on both sides and a clean state."""
+        client, pump = self.connect()
+        client.transport.write(encode_frame([REQUEST, "k", "", 1]) + struct.pack("<i", -1))
+        pump.flush()
+        self.assertTrue(client.lost)
+        self.assertEqual(self.state.summary()["queue_info"]["k"]["pending"], 0)
+
+    def test_stop_flushes_reply_then_stops(self):
+        """STOP's reply reaches the client before the tracker stops."""
+        client, pump = self.connect()
+        client.transport.write(encode_frame([STOP, "the-stop-key"]))
+        pump.flush()
+        self.assertEqual(client.replies, [0])
+        self.assertTrue(client.lost)
+        self.assertEqual(self.stops, [True])
