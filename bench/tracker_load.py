@@ -417,6 +417,7 @@ async def load_cycle(port, pid, sampler, servers, clients, duration, warmup):
             "cycles_per_s": run.answers / duration,
             "p50_ms": stats["p50"], "p99_ms": stats["p99"],
             "peak_rss_mib": sampler.take_peak() / MiB,
+            "driver_lag_p99_ms": latency_stats(lags)["p99"],
             **cpu,
         }
     finally:
@@ -534,8 +535,9 @@ def run_tracker(kind, options):
                     print(f"[{kind}] S={servers} C={clients}: {row['cycles_per_s']:.0f} "
                           f"cycles/s, p50 {fmt_ms(row['p50_ms'])} ms, p99 "
                           f"{fmt_ms(row['p99_ms'])} ms, RSS {row['peak_rss_mib']:.1f} MiB, CPU "
-                          f"tracker {row['tracker_cpu']:.0f}% driver {row['driver_cpu']:.0f}%, "
-                          f"load {load:.1f}", flush=True)
+                          f"tracker {row['tracker_cpu']:.0f}% driver {row['driver_cpu']:.0f}%, driver lag "
+                          f"p99 {fmt_ms(row['driver_lag_p99_ms'])} ms, load {load:.1f}",
+                          flush=True)
                 # The run with the median rate stands for the configuration.
                 row = dict(sorted(runs, key=lambda r: r["cycles_per_s"])[len(runs) // 2])
                 row["all_cycles_per_s"] = [r["cycles_per_s"] for r in runs]
