@@ -4,6 +4,8 @@ connection that sent it."""
 
 import struct
 
+from hypothesis import given, strategies as st
+
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.protocol import Protocol
 from twisted.internet.error import ConnectionDone
@@ -633,3 +635,33 @@ class InMemoryConnectionTests(TrackerTestCase):
         self.assertEqual(client.replies, [0])
         self.assertTrue(client.lost)
         self.assertEqual(self.stops, [True])
+
+
+@given(
+    st.lists(
+        st.sampled_from([
+            [PING], [SUMMARY], [PENDING], [PUT, "k", [1, "k:1"], None],
+            [PUT, "k:x", ["2", "k:x:2"]], [UPDATE_INFO, {"key": "server:k", "addr": [None, 1]}],
+            [REQUEST, "k", "", 1], [STOP, "wrong"],
+        ]),
+        max_size=12,
+    ),
+    st.lists(st.integers(0, 400), max_size=10),
+)
+def test_any_chunking_gives_the_same_replies(messages, cuts):
+    """However the peer's bytes are split, the tracker's replies are the same."""
+    stream = encode_magic() + b"".join(encode_frame(m) for m in messages)
+
+    def run(pieces):
+        """@return: what one fresh tracker writes back for C{pieces}."""
+        clock = Clock()
+        factory = TrackerFactory(TrackerState(clock), "key", lambda: None, KeepAlive())
+        peer = Peer(factory, "10.0.0.1", 1)
+        for piece in pieces:
+            peer.protocol.dataReceived(piece)
+        assert not peer.closed
+        return peer.transport.value()
+
+    points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    pieces = [stream[a:b] for a, b in zip(points, points[1:])]
+    assert run(pieces) == run([stream])
