@@ -1,15 +1,19 @@
 """``request`` and ``request_and_run``: retries, cancellation, closing, with fakes."""
 
+import importlib
+
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tvm_rpc.client import connect as connect_module
 from tvm_rpc.client.connect import KeyMismatch, RequestFailed, request, request_and_run
 from tvm_rpc.client.session import SessionTimeout
 from tvm_rpc.protocol.commands import Allocation, RemoteError
 
+# The package exports the function connect(), which hides the module of the
+# same name as an attribute; the module itself is what these tests patch.
+connect_module = importlib.import_module("tvm_rpc.client.connect")
 
 class FakeTracker:
     """Hands out allocations on demand; records cancellations."""
