@@ -505,9 +505,12 @@ def test_out_of_file_descriptors_recovers():
         before = _cpu_seconds(daemon.proc.pid)
         start = time.monotonic()
         while time.monotonic() - start < 2:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                sock.sendall(MAGIC)
-                time.sleep(0.05)
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.sendall(MAGIC)
+            except OSError:
+                pass  # refused or reset: what a tracker out of descriptors may do
+            time.sleep(0.05)
         busy = _cpu_seconds(daemon.proc.pid) - before
         assert busy < 1.0, f"tracker used {busy:.2f} s of CPU in 2 s at its fd limit"
         for sock in held:
