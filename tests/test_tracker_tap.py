@@ -491,8 +491,8 @@ def test_out_of_file_descriptors_recovers():
                 break
             sock = socket.create_connection(("127.0.0.1", port), timeout=5)
             sock.settimeout(2)
-            sock.sendall(MAGIC)
             try:
+                sock.sendall(MAGIC)
                 if _recv(sock, 4) == MAGIC:
                     held.append(sock)
                     continue
