@@ -129,6 +129,25 @@ class HandshakeTests(TrackerTestCase):
         peer.protocol.dataReceived(encode_magic() + encode_frame([PING]) + encode_frame([PING]))
         self.assertEqual(peer.transport.value(), encode_magic() + encode_frame(0) * 2)
 
+    def test_silent_peer_closed_after_greeting_timeout(self):
+        """A connection that never sends the magic is closed after a minute."""
+        peer = Peer(self.factory, "10.0.0.1", 1)
+        self.clock.advance(59)
+        self.assertFalse(peer.closed)
+        with capturedLogs() as events:
+            self.clock.advance(2)
+        self.assertTrue(peer.closed)
+        self.assertIn("no tracker magic", " ".join(formatEvent(e) for e in events))
+        peer.lose()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_greeted_peer_has_no_greeting_timer(self):
+        """Once greeted, a connection may idle (keepalive watches it)."""
+        peer = self.peer()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(3600)
+        self.assertFalse(peer.closed)
+
     def test_wrong_magic_closes(self):
         """A wrong magic closes the connection without an echo and is logged."""
         peer = Peer(self.factory, "10.0.0.1", 1)

@@ -118,6 +118,7 @@ class TrackerProtocol(Protocol):
         self._closing = False
         self._stopping = False
         self._peer = "?"
+        self._greeting_timer = None
 
     def connectionMade(self):
         """Tune the socket and register the connection with the state."""
@@ -125,6 +126,22 @@ class TrackerProtocol(Protocol):
         self._peer = f"{host}:{port}" if port is not None else host
         tune_socket(self.transport, self.factory.keepalive)
         self._connection = self.factory.state.connect(self, host, port)
+        if self.factory.greeting_timeout is not None:
+            self._greeting_timer = self.factory.state.clock.callLater(
+                self.factory.greeting_timeout, self._greeting_expired
+            )
+
+    def _greeting_expired(self):
+        """The peer never sent the magic: close, so idle sockets cannot pile up."""
+        self._greeting_timer = None
+        self._drop(f"no tracker magic within {self.factory.greeting_timeout:g} s")
+
+    def _cancel_greeting_timer(self):
+        """The magic came, or the connection ended."""
+        if self._greeting_timer is not None:
+            if self._greeting_timer.active():
+                self._greeting_timer.cancel()
+            self._greeting_timer = None
 
     def dataReceived(self, data):
         """Echo the magic once it arrives, then handle every complete frame."""
@@ -133,6 +150,7 @@ class TrackerProtocol(Protocol):
         greeted = self._decoder.greeted
         values = self._decoder.feed(data)
         if not greeted and self._decoder.greeted:
+            self._cancel_greeting_timer()
             self.transport.write(encode_magic())
         for value in values:
             if self._closing:
@@ -210,6 +228,7 @@ class TrackerProtocol(Protocol):
 
     def connectionLost(self, reason):
         """Forget the connection; stop the tracker if this one carried STOP."""
+        self._cancel_greeting_timer()
         self._forget()
         if self._stopping:
             self._stopping = False
@@ -224,16 +243,19 @@ class TrackerFactory(Factory):
     @ivar stop_key: the key a STOP must carry.
     @ivar on_stop: called (once the STOP reply is flushed) to stop the tracker.
     @ivar keepalive: the L{KeepAlive} timers set on every accepted socket.
+    @ivar greeting_timeout: seconds a new connection has to send the magic
+        before it is closed, or L{None} for no limit.
     """
 
     noisy = False
 
-    def __init__(self, state, stop_key, on_stop, keepalive=KeepAlive()):
+    def __init__(self, state, stop_key, on_stop, keepalive=KeepAlive(), greeting_timeout=60.0):
         """See the class docstring for the parameters."""
         self.state = state
         self.stop_key = stop_key
         self.on_stop = on_stop
         self.keepalive = keepalive
+        self.greeting_timeout = greeting_timeout
 
     def buildProtocol(self, addr):
         """@return: a L{TrackerProtocol} for a new connection."""
