@@ -395,3 +395,34 @@ def test_request_and_run_survives_a_lost_server():
             server.wait_for(r"died \(exit code 9, signal None\)")
         finally:
             server.stop()
+
+
+def test_stop_leaves_nothing_behind():
+    """Stopping the server withdraws it from the tracker and ends its fork server and workers."""
+    with our_tracker() as (_, tracker_port):
+        port = free_port()
+        server = Daemon(
+            twistd("rpc-server", "--host", "127.0.0.1", "--port", str(port),
+                   "--port-end", str(port + 1), "--tracker", f"127.0.0.1:{tracker_port}",
+                   "--key", "bye", "--session-factory", STANDIN)
+        )
+        try:
+            server.wait_for(r"registered bye with tracker")
+            fork_server = int(server.wait_for(r"fork server (\d+) ready").group(1))
+            session = session_via_tracker_key(tracker_port, "bye")
+            worker = int(session.ask("pid"))
+        finally:
+            server.stop()
+        assert session.wait_closed()
+        session.close()
+        for pid in (fork_server, worker):
+            gone = False
+            for _ in range(100):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    gone = True
+                    break
+                threading.Event().wait(0.05)
+            assert gone, f"process {pid} outlived the server"
+        assert free_count(tracker_port, "bye") == 0
