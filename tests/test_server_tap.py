@@ -113,6 +113,12 @@ class MakeServiceTests(SynchronousTestCase):
         service, _ = self.make("--no-fork")
         self.assertIsInstance(service.runner, InProcessRunner)
 
+    def test_silent_reaches_workers(self):
+        service, _ = self.make("--silent")
+        self.assertIn("--silent", service.runner.argv(3))
+        service, _ = self.make()
+        self.assertNotIn("--silent", service.runner.argv(3))
+
     def test_tracker_registration_child(self):
         service, reactor = self.make(
             "--no-fork", "--tracker", "127.0.0.1:9190", "--key", "rasp",

@@ -166,6 +166,7 @@ def makeService(options, reactor=None):
             init=tuple(options["init"]),
             session_factory=options["session-factory"],
             timeout_notice=getattr(session_module, "timeout_notice", None),
+            silent=options["silent"],
         )
     if options["through-proxy"]:
         gate.max_sessions = 1

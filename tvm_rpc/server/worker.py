@@ -206,12 +206,22 @@ class _Lifeline:
         """Nothing to do: the reactor is stopping or the lifeline is gone."""
 
 
-def _start_logging():
-    from twisted.logger import FileLogObserver, formatEvent, globalLogBeginner
+def _start_logging(silent=False):
+    from twisted.logger import (
+        FileLogObserver,
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        formatEvent,
+        globalLogBeginner,
+    )
 
     # The server stamps and relays each line; workers write the bare text.
     observer = FileLogObserver(sys.stdout, lambda event: (formatEvent(event) or "") + "\n")
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    level = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn if silent else LogLevel.info)
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(observer, [level])], redirectStandardIO=False
+    )
 
 
 def serve_session(header, fd, lifeline_fd, work_root, make_session):
@@ -309,10 +319,11 @@ def fork_server_main(argv=None):
     parser.add_argument("--work-root", required=True)
     parser.add_argument("--session-factory", default=DEFAULT_SESSION_FACTORY)
     parser.add_argument("--init", action="append", default=[])
+    parser.add_argument("--silent", action="store_true")
     args = parser.parse_args(argv)
     control = socket.socket(fileno=args.control_fd)
     lifeline = socket.socket(fileno=args.lifeline_fd)
-    _start_logging()
+    _start_logging(args.silent)
     module, make_session = load_callable(args.session_factory)
     run_init(args.init)
     prepare = getattr(module, "prepare", None)
@@ -454,6 +465,7 @@ class WorkerPool:
         out, from the timeout in seconds; L{None} sends nothing.
     @ivar executable: the Python that runs the fork server.
     @ivar env: its environment (the server's own when L{None}).
+    @ivar silent: whether workers log only warnings and errors.
     """
 
     log = logger("tvm_rpc.server.worker")
@@ -465,6 +477,7 @@ class WorkerPool:
     timeout_notice: object = None
     executable: str = sys.executable
     env: "dict | None" = None
+    silent: bool = False
     _server: object = attrs.field(init=False, default=None)
     _sessions: dict = attrs.field(init=False, factory=dict)
     _by_pid: dict = attrs.field(init=False, factory=dict)
@@ -490,6 +503,8 @@ class WorkerPool:
         ]
         for spec in self.init:
             args += ["--init", spec]
+        if self.silent:
+            args.append("--silent")
         return args
 
     def warm_up(self):
