@@ -212,7 +212,10 @@ def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=Non
         if handshake_timeout is not None:
             def expired(result, seconds):
                 raise NotAnRpcServer(
-                    f"{address} did not complete the RPC handshake within {seconds:g} s"
+                    f"{address} did not answer the RPC handshake within {seconds:g} s "
+                    f"(a busy server answers once its session ends, a proxy once a "
+                    f"server with the key arrives: pass a larger handshake_timeout "
+                    f"to wait longer)"
                 )
             attempt.addTimeout(handshake_timeout, reactor, onTimeoutCancel=expired)
         rest = await attempt
