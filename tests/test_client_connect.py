@@ -171,3 +171,35 @@ class RequestAndRunTests(SynchronousTestCase):
         )
         self.assertIn("max_retry=2", str(failure.value))
         self.assertEqual(len(self.sessions), 2)
+
+
+class StringEndpoint:
+    """Connects protocols to StringTransports that nobody answers."""
+
+    def __init__(self):
+        self.transports = []
+
+    def connect(self, factory):
+        from twisted.internet.testing import StringTransport
+
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.transports.append(transport)
+        return defer.succeed(protocol)
+
+
+class ConnectTimeoutTests(SynchronousTestCase):
+    def test_unanswered_handshake(self):
+        """A peer that never answers fails the connect after the handshake timeout."""
+        from tvm_rpc.client.connect import NotAnRpcServer, connect
+
+        clock = Clock()
+        endpoint = StringEndpoint()
+        attempt = connect("h", 1, "k", reactor=clock, endpoint=endpoint, handshake_timeout=5)
+        clock.advance(4.9)
+        self.assertNoResult(attempt)
+        clock.advance(0.2)
+        failure = self.failureResultOf(attempt, NotAnRpcServer)
+        self.assertIn("within 5 s", str(failure.value))
+        self.assertTrue(endpoint.transports[0].disconnected)
