@@ -324,6 +324,74 @@ class StartTests(SynchronousTestCase):
         self.assertIn(b"_answer", transport.value())
         protocol.connectionLost(Failure(ConnectionDone()))
 
+    def test_call_fast_path_matches_amp_dispatch(self):
+        """CallFunction's short path answers exactly as AMP's own dispatch does."""
+        from twisted.internet.defer import Deferred, fail
+
+        class Generic(SessionProtocol):
+            """The same protocol with AMP's dispatch for every command."""
+
+            ampBoxReceived = amp.AMP.ampBoxReceived
+
+        registry = Registry()
+        registry.register("add", lambda a, b: a + b)
+        registry.register("boom", lambda: 1 / 0)
+        registry.register("later", lambda: Deferred())
+        registry.register("failed", lambda: fail(OSError("late")))
+        registry.register("opaque", lambda: object())
+        registry.register("big", lambda: b"x" * 100_000)
+        calls = [
+            {"name": "add", "args": values.encode([1, 2])},
+            {"name": "boom", "args": values.encode([])},
+            {"name": "failed"},
+            {"name": "opaque"},
+            {"name": "big"},
+            {"name": "missing"},
+            {"function": 12345},
+            {"name": "add", "function": 1},
+            {"name": "add", "args": b"garbage"},
+            {"name": "later"},
+        ]
+        outputs = []
+        for kind in (SessionProtocol, Generic):
+            root = tempfile.mkdtemp()
+            self.addCleanup(shutil.rmtree, root, True)
+            protocol = kind(root, registry, clock=Clock(), backend="python")
+            transport = StringTransport()
+            protocol.makeConnection(transport)
+            for tag, call in enumerate(calls):
+                box = commands.CallFunction.makeArguments(call, None)
+                box[b"_command"] = b"CallFunction"
+                box[b"_ask"] = b"%d" % tag
+                protocol.dataReceived(box.serialize())
+            replies = []
+            for reply in amp.parseString(transport.value()):
+                reply = dict(reply)
+                if b"_error_description" in reply:
+                    error = commands.RemoteError(reply.pop(b"_error_description").decode())
+                    reply["error"] = (error.type_name, error.message)
+                replies.append(reply)
+            outputs.append(replies)
+            protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(outputs[0], outputs[1])
+        self.assertEqual(len(outputs[0]), len(calls) - 1)
+        self.assertEqual(values.decode(outputs[0][0][b"result"]), 3)
+        self.assertEqual(outputs[0][1]["error"][0], "ZeroDivisionError")
+        self.assertEqual(outputs[0][2]["error"], ("OSError", "late"))
+        self.assertIn(b"result_stream", outputs[0][4])
+
+    def test_call_with_malformed_arguments(self):
+        """A CallFunction whose arguments do not parse is a RemoteError, not a lost session."""
+        protocol, transport = self.make()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(amp.AmpBox(_command=b"CallFunction", _ask=b"1",
+                                         function=b"not a number").serialize())
+        [reply] = amp.parseString(transport.value())
+        self.assertEqual(reply[b"_error_code"], b"REMOTE_ERROR")
+        self.assertIn("ValueError", reply[b"_error_description"].decode())
+        self.assertFalse(transport.disconnecting)
+        protocol.connectionLost(Failure(ConnectionDone()))
+
     def test_unusable_work_root(self):
         """A work root that cannot be created is logged and the connection closed."""
         root = tempfile.mkdtemp()

@@ -45,6 +45,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import __version__
@@ -250,6 +251,55 @@ class SessionProtocol(amp.AMP):
     def _converted(self, result):
         """@return: the answer for a function's result."""
         return self._result(self.environment.to_wire(result))
+
+    def ampBoxReceived(self, box):
+        """
+        Serve L{CallFunction<tvm_rpc.protocol.commands.CallFunction>} on a
+        short path (the command of every remote call); everything else goes
+        through AMP's dispatch.
+        """
+        if box.get(b"_command") == b"CallFunction" and b"_ask" in box:
+            self._call_fast(box, box[b"_ask"])
+        else:
+            super().ampBoxReceived(box)
+
+    def _call_fast(self, box, ask):
+        """
+        Answer a CallFunction box as AMP's dispatch would (same answer and
+        error boxes), without its Deferred layers when the call completes at
+        once.
+        """
+        try:
+            answer = self.call_function.__wrapped__(
+                self, **commands.CallFunction.parseArguments(box, self))
+        except BaseException:
+            self._send_call_error(ask, Failure())
+            return
+        if isinstance(answer, Deferred):
+            answer.addCallbacks(lambda objects: self._send_call_answer(ask, objects),
+                                lambda failure: self._send_call_error(ask, failure))
+            answer.addErrback(self.unhandledError)
+        else:
+            self._send_call_answer(ask, answer)
+
+    def _send_call_answer(self, ask, objects):
+        """Send the answer box of a call (an error box if it cannot be encoded)."""
+        try:
+            reply = commands.CallFunction.makeResponse(objects, self)
+        except BaseException:
+            self._send_call_error(ask, Failure())
+            return
+        reply[b"_answer"] = ask
+        self._safeEmit(reply)
+
+    def _send_call_error(self, ask, failure):
+        """Send the error box of a call: its failure as a RemoteError."""
+        error = commands.as_remote_error(failure).value
+        reply = amp.AmpBox()
+        reply[b"_error"] = ask
+        reply[b"_error_code"] = commands.CallFunction.errors[commands.RemoteError]
+        reply[b"_error_description"] = str(error).encode("utf-8", "replace")
+        self._safeEmit(reply)
 
     @commands.Free.responder
     @remote_errors
