@@ -240,7 +240,16 @@ class SessionProtocol(amp.AMP):
     @commands.CallFunction.responder
     @remote_errors
     def call_function(self, function=None, name=None, args=None, args_stream=None):
-        """Call a function with decoded arguments; answer the encoded result."""
+        """Call a function (AMP's dispatch; calls normally take L{_call_fast})."""
+        return self._call(function, name, args, args_stream)
+
+    def _call(self, function=None, name=None, args=None, args_stream=None):
+        """
+        Call a function with decoded arguments.
+
+        @return: the answer (see L{_result}), or a Deferred of it when the
+            function returns an awaitable.
+        """
         callee = self._callee(function, name)
         arguments = self._arguments(args, args_stream)
         result = self.environment.invoke(callee, arguments)
@@ -270,8 +279,7 @@ class SessionProtocol(amp.AMP):
         once.
         """
         try:
-            answer = self.call_function.__wrapped__(
-                self, **commands.CallFunction.parseArguments(box, self))
+            answer = self._call(**commands.CallFunction.parseArguments(box, self))
         except BaseException:
             self._send_call_error(ask, Failure())
             return
