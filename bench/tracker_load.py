@@ -606,7 +606,7 @@ def report(results, options, machine):
         "the tracker's whole process tree (TVM's runs its service in a child process). CPU is "
         "% of one core over the measurement window.",
         "",
-        f"Run at {time.strftime('%Y-%m-%d %H:%M %Z')}: sweep windows of {options.duration:g} s "
+        f"Finished at {time.strftime('%Y-%m-%d %H:%M %Z')}: sweep windows of {options.duration:g} s "
         f"after {options.warmup:g} s warm-up.",
         "",
         "### Idle tracker",
