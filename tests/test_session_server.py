@@ -305,7 +305,9 @@ class StartTests(SynchronousTestCase):
         protocol.makeConnection(transport)
         protocol.dataReceived(b"\x18\x00\x00\x00\x00\x00\x00\x00\x05\x00\x00\x00")
         self.assertTrue(transport.disconnecting)
+        protocol.dataReceived(b"\x00\x05hello more bytes that are not AMP" * 10)
         self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_reading_paused_while_answers_wait(self):
         """A full write buffer pauses reading requests; draining resumes it."""

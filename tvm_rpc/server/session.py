@@ -165,12 +165,14 @@ class SessionProtocol(amp.AMP):
                     "(first bytes {head!r}; a TVM RPC client?); closing",
                     peer=self.peer, head=bytes(data[:16]),
                 )
+                self._refused = True
                 self.transport.loseConnection()
                 return
         try:
             super().dataReceived(data)
         except Exception:
             log.failure("protocol violation from {peer}; closing the session", peer=self.peer)
+            self._refused = True
             self.transport.loseConnection()
 
     def connectionLost(self, reason):
