@@ -78,6 +78,12 @@ class BenchError(Exception):
     """The tracker broke the protocol or the run could not proceed."""
 
 
+def frame(message):
+    """@return: C{message} as one tracker frame: int32 length, then UTF-8 JSON."""
+    body = json.dumps(message).encode("utf-8")
+    return INT32.pack(len(body)) + body
+
+
 class TrackerPeer(asyncio.Protocol):
     """
     One connection to a tracker: sends the magic, checks its echo, then
@@ -148,8 +154,7 @@ class TrackerPeer(asyncio.Protocol):
 
     def send(self, message):
         """Send one message as a single frame in one write."""
-        body = json.dumps(message).encode("utf-8")
-        self.transport.write(INT32.pack(len(body)) + body)
+        self.transport.write(frame(message))
 
     def call(self, message):
         """Send C{message}; @return: a future of the reply."""
@@ -270,7 +275,7 @@ class Client:
         if not self.run.running or self.peer.closed:
             return
         self.sent = time.perf_counter()
-        self.peer.send([REQUEST, self.run.key, "bench", 1])
+        self.peer.transport.write(self.run.request_frame)
 
     def _on_reply(self, value):
         """Record the answer, release the server it names and ask again."""
@@ -305,6 +310,8 @@ class LoadRun:
         """
         self.key = key
         self.hold = hold
+        # Every REQUEST of a run is the same frame: encode it once.
+        self.request_frame = frame([REQUEST, key, "bench", 1])
         self.owners = {}
         self.errors = []
         self.running = True
