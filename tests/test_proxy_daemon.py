@@ -275,15 +275,24 @@ def test_running_out_of_descriptors_does_not_wedge():
         for sock in hogs:
             sock.close()
         hogs = []
+        # The first attempts may still meet a full descriptor table (accepted and
+        # closed at once): each attempt uses its own key and closes what it opened.
         deadline = time.monotonic() + 20
-        while True:
+        for attempt in range(1000):
+            opened = []
             try:
-                server = connect(port, "server:after")
-                client = connect(port, "client:after")
-                expect_success(server, "client:after")
-                expect_success(client, "server:after")
+                server = connect(port, f"server:after{attempt}")
+                opened.append(server)
+                client = connect(port, f"client:after{attempt}")
+                opened.append(client)
+                server.settimeout(5)
+                client.settimeout(5)
+                expect_success(server, f"client:after{attempt}")
+                expect_success(client, f"server:after{attempt}")
                 break
             except (OSError, AssertionError):
+                for sock in opened:
+                    sock.close()
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
