@@ -177,7 +177,11 @@ def group_rss(pid):
 
 
 def slow_reader_memory(port, pid, size, rate):
-    """@return: C{(idle, peak growth, growth left after close)} in bytes."""
+    """
+    @return: C{(cold, idle, peak growth, growth left after close)} in bytes:
+        C{cold} before any pair, C{idle} after one warm-up pair closed.
+    """
+    cold = group_rss(pid)
     warm_client, warm_server = proxied_pair(port, "warm")
     transfer(warm_client, warm_server, 8 * MiB)
     warm_client.close()
@@ -199,7 +203,7 @@ def slow_reader_memory(port, pid, size, rate):
     client.close()
     server.close()
     time.sleep(1.0)
-    return idle, peak[0] - idle, group_rss(pid) - idle
+    return cold, idle, peak[0] - idle, group_rss(pid) - idle
 
 
 def main():
@@ -234,9 +238,14 @@ def main():
         process.join(10)
     with our_proxy() as (daemon, port):
         results["ours"] = throughput(lambda i: proxied_pair(port, f"k{i}"), size, args.repeat)
-        ours_mem = slow_reader_memory(port, daemon.proc.pid, args.slow_mib * MiB, rate)
     with tvm_proxy() as (daemon, port):
         results["tvm"] = throughput(lambda i: proxied_pair(port, f"k{i}"), size, args.repeat)
+    # Memory is measured on fresh daemons, so "at start" means just started.
+    with our_proxy() as (daemon, port):
+        time.sleep(0.5)
+        ours_mem = slow_reader_memory(port, daemon.proc.pid, args.slow_mib * MiB, rate)
+    with tvm_proxy() as (daemon, port):
+        time.sleep(0.5)
         tvm_mem = slow_reader_memory(port, daemon.proc.pid, args.tvm_slow_mib * MiB, rate)
 
     direct_mean = sum(results["direct"]) / 2
@@ -252,13 +261,15 @@ def main():
         mean = (up + down) / 2
         table.append(f"| {labels[name]} | {up:.0f} | {down:.0f} | {mean:.0f} | "
                      f"{mean / direct_mean:.2f} | {mean / tvm_mean:.2f} |")
-    memory = ["| proxy | carried to the slow reader | idle RSS (MiB) | peak growth (MiB) "
-              "| growth left 1 s after close (MiB) |", "|---|---|---|---|---|"]
-    for name, mib, (idle, growth, left) in (("ours", args.slow_mib, ours_mem),
-                                            ("TVM's", args.tvm_slow_mib, tvm_mem)):
-        memory.append(f"| {name} | {mib} MiB | {idle / MiB:.0f} | {growth / MiB:.1f} | "
-                      f"{left / MiB:.1f} |")
-    ours_growth, ours_left = ours_mem[1] / MiB, ours_mem[2] / MiB
+    memory = ["| proxy | carried to the slow reader | RSS at start (MiB) | idle RSS after a "
+              "warm-up pair (MiB) | peak growth over idle (MiB) "
+              "| growth left 1 s after close (MiB) |", "|---|---|---|---|---|---|"]
+    for name, mib, (cold, idle, growth, left) in (("ours", args.slow_mib, ours_mem),
+                                                  ("TVM's", args.tvm_slow_mib, tvm_mem)):
+        memory.append(f"| {name} | {mib} MiB | {cold / MiB:.0f} | {idle / MiB:.0f} | "
+                      f"{growth / MiB:.1f} | {left / MiB:.1f} |")
+    ours_growth, ours_left = ours_mem[2] / MiB, ours_mem[3] / MiB
+    ours_from_cold = (ours_mem[1] + ours_mem[2] - ours_mem[0]) / MiB
 
     def verdict(ok):
         return "met" if ok else "NOT met"
@@ -269,7 +280,9 @@ def main():
         f"- ours >= 2x TVM's proxy: {ours_mean / tvm_mean:.2f}x "
         f"({verdict(ours_mean >= 2 * tvm_mean)})",
         f"- slow reader, {args.slow_mib} MiB through ours: growth {ours_growth:.1f} MiB < 32 MB "
-        f"({verdict(ours_growth * MiB < 32e6)}); left after close {ours_left:.1f} MiB",
+        f"({verdict(ours_growth * MiB < 32e6)}); left after close {ours_left:.1f} MiB; "
+        f"peak over the RSS at start (warm-up included) {ours_from_cold:.1f} MiB "
+        f"({verdict(ours_from_cold * MiB < 32e6)})",
     ]
     body = "\n".join([
         f"Measured by `python bench/proxy_relay.py` at "
@@ -281,7 +294,9 @@ def main():
         "", *table, "",
         f"Slow reader: the writer sends as fast as it can, the reader takes at most "
         f"{args.slow_rate:g} MB/s; RSS is the proxy's whole process group (TVM's runs in a "
-        f"child), sampled every 50 ms.", "", *memory, "",
+        f"child), sampled every 50 ms, on a freshly started proxy; growth is counted from the idle proxy after one 8 MiB "
+        f"warm-up pair has come and gone (ours keeps up to its 16 MiB allocator trim "
+        f"threshold of freed heap).", "", *memory, "",
         "Against issue 4's targets:", "", *targets,
     ])
     print(body)

@@ -192,7 +192,8 @@ def test_slow_reader_on_a_1gib_stream_keeps_memory_bounded():
         recv_exactly(server, len(block))
         client.close()
         server.close()
-        time.sleep(0.3)
+        # The proxy gives free heap back a second after a pair ends.
+        time.sleep(2)
         baseline = rss(pid)
 
         server = connect(port, "server:big")
@@ -228,13 +229,17 @@ def test_slow_reader_on_a_1gib_stream_keeps_memory_bounded():
         server.close()
         client.close()
         assert received == total
-        time.sleep(0.5)
-        after = rss(pid)
+        deadline = time.monotonic() + 10
+        while True:
+            after = rss(pid)
+            if after - baseline < 2 * MiB or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         growth = (peak - baseline) / MiB
-        # The stated bound is 2 MiB per pair (docs/proxy.md); the rest is allocator slack,
-        # and the ceiling is 32 MB.
-        assert growth < 8, f"proxy grew by {growth:.1f} MiB while relaying 1 GiB"
-        assert (after - baseline) / MiB < 8, f"{(after - baseline) / MiB:.1f} MiB not returned"
+        # The stated bound is 4 MiB per pair, twice that for a moment (docs/proxy.md);
+        # the rest is allocator slack. The ceiling is 32 MB.
+        assert growth < 12, f"proxy grew by {growth:.1f} MiB while relaying 1 GiB"
+        assert (after - baseline) / MiB < 2, f"{(after - baseline) / MiB:.1f} MiB not returned"
 
 
 def limited_proxy(limit, port):

@@ -47,6 +47,34 @@ class TuningTests(SynchronousTestCase):
         self.assertEqual(allocator_thresholds(4 << 20), (16 << 20, 64 << 20))
         self.assertEqual(allocator_thresholds(64 << 20)[0], MAX_MMAP_THRESHOLD)
 
+    def test_trim_after_pairs_end(self):
+        from twisted.internet.task import Clock
+
+        from tvm_rpc.proxy.tuning import AllocatorTuning
+
+        clock = Clock()
+        calls = []
+        tuning = AllocatorTuning(1 << 20, clock, trim=lambda: calls.append(clock.seconds()))
+        tuning.pair_ended()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        tuning.startService()
+        tuning.pair_ended()
+        tuning.pair_ended()
+        clock.advance(1)
+        self.assertEqual(calls, [1.0])
+        tuning.pair_ended()
+        tuning.stopService()
+        clock.advance(5)
+        self.assertEqual(calls, [1.0])
+        self.assertEqual(tuning.trims, 1)
+
+    def test_release_free_memory(self):
+        import platform
+
+        from tvm_rpc.proxy.tuning import release_free_memory
+
+        self.assertEqual(release_free_memory(), platform.libc_ver()[0] == "glibc")
+
     def test_tune(self):
         import sys
 

@@ -183,7 +183,11 @@ class BoundTests(SynchronousTestCase):
 
     def test_lost_side_unhooks_producers(self):
         client, client_t, server, server_t = paired()
+        ended = []
+        client._relay.on_end = lambda: ended.append(True)
         client.connectionLost(None)
+        server.connectionLost(None)
+        self.assertEqual(ended, [True])
         self.assertTrue(server_t.disconnecting)
         self.assertIsNone(server_t.producer)
         self.assertIsNone(client_t.producer)

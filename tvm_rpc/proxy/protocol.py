@@ -79,13 +79,16 @@ class ProxyConnection(Protocol):
     log = Logger()
 
     def __init__(self, pool, clock, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
-                 chunk_size=RELAY_CHUNK):
+                 chunk_size=RELAY_CHUNK, on_relay_end=None):
         """
         @param pool: the L{PairingPool} to join after the handshake.
         @param clock: an L{IReactorTime} for the handshake timeout.
         @param handshake_timeout: seconds allowed for the handshake.
         @param chunk_size: read size and outgoing buffer limit of the transport.
+        @param on_relay_end: called once when a relay this connection started
+            ends, or L{None}.
         """
+        self._on_relay_end = on_relay_end
         self._pool = pool
         self._clock = clock
         self._handshake_timeout = handshake_timeout
@@ -176,7 +179,7 @@ class ProxyConnection(Protocol):
 
     def join(self, partner):
         """Start relaying with C{partner}, passing on what both sent early."""
-        relay = Relay(self, partner)
+        relay = Relay(self, partner, self._on_relay_end)
         for side in (self, partner):
             side._relay = relay
             side.state = "relaying"
@@ -255,21 +258,23 @@ class ProxyFactory(Factory):
     """Builds a L{ProxyConnection} for each accepted connection."""
 
     def __init__(self, pool, clock, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
-                 chunk_size=RELAY_CHUNK):
+                 chunk_size=RELAY_CHUNK, on_relay_end=None):
         """
         @param pool: the shared L{PairingPool}.
         @param clock: an L{IReactorTime}.
         @param handshake_timeout: seconds allowed for a handshake.
         @param chunk_size: see L{ProxyConnection}.
+        @param on_relay_end: see L{ProxyConnection}.
         """
         self.pool = pool
         self.clock = clock
         self.handshake_timeout = handshake_timeout
         self.chunk_size = chunk_size
+        self.on_relay_end = on_relay_end
 
     def buildProtocol(self, addr):
         """@return: a new L{ProxyConnection}."""
         protocol = ProxyConnection(self.pool, self.clock, self.handshake_timeout,
-                                   self.chunk_size)
+                                   self.chunk_size, self.on_relay_end)
         protocol.factory = self
         return protocol

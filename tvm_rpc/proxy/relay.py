@@ -47,10 +47,12 @@ class Relay:
 
     @ivar a: one side.
     @ivar b: the other side.
+    @ivar on_end: called once (no arguments) when the relay ends, or L{None}.
     """
 
     a: object
     b: object
+    on_end: object = None
     _reading: set = attrs.field(init=False, factory=set)
     _stopped: bool = attrs.field(init=False, default=False)
 
@@ -94,6 +96,11 @@ class Relay:
         _unregister(self.a.transport)
         _unregister(self.b.transport)
         self.other(side).close()
+        if self.on_end is not None:
+            try:
+                self.on_end()
+            except Exception:
+                self.log.failure("relay end hook failed")
 
 
 def _unregister(transport):

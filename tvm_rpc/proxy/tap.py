@@ -215,9 +215,10 @@ def makeService(options, reactor=None):
         timeout_server=options["timeout-server"],
         tracker_mode=tracker is not None,
     )
-    factory = ProxyFactory(pool, reactor, options["handshake-timeout"], options["relay-buffer"])
+    tuning = AllocatorTuning(options["relay-buffer"], reactor)
+    factory = ProxyFactory(pool, reactor, options["handshake-timeout"], options["relay-buffer"],
+                           tuning.pair_ended)
     top = service.MultiService()
-    tuning = AllocatorTuning(options["relay-buffer"])
     tuning.setName("allocator")
     tuning.setServiceParent(top)
     if options["listen"]:
@@ -232,7 +233,8 @@ def makeService(options, reactor=None):
     if options["web-port"]:
         from .web import ProxyWebSocketFactory
 
-        web_factory = ProxyWebSocketFactory(pool, reactor, options["handshake-timeout"])
+        web_factory = ProxyWebSocketFactory(pool, reactor, options["handshake-timeout"],
+                                            tuning.pair_ended)
         web = ListenerService(
             [_tcp_server_endpoint(reactor, options["host"], options["web-port"])],
             web_factory, "rpc-proxy websocket /ws", first_only=True)

@@ -120,7 +120,8 @@ class ProxyWebSocketProtocol(WebSocketServerProtocol):
     def onOpen(self):
         """Start the proxy connection (and its handshake clock)."""
         factory = self.factory
-        self.connection = ProxyConnection(factory.pool, factory.clock, factory.handshake_timeout)
+        self.connection = ProxyConnection(factory.pool, factory.clock, factory.handshake_timeout,
+                                          on_relay_end=factory.on_relay_end)
         self.connection.makeConnection(WebSocketTransport(self))
 
     def onMessage(self, payload, isBinary):
@@ -147,13 +148,16 @@ class ProxyWebSocketFactory(WebSocketServerFactory):
 
     protocol = ProxyWebSocketProtocol
 
-    def __init__(self, pool, reactor, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT):
+    def __init__(self, pool, reactor, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
+                 on_relay_end=None):
         """
         @param pool: the proxy's L{PairingPool}.
         @param reactor: the reactor (autobahn's timers and the handshake timeout).
         @param handshake_timeout: seconds allowed for a handshake.
+        @param on_relay_end: see L{ProxyConnection}.
         """
         super().__init__(reactor=reactor)
+        self.on_relay_end = on_relay_end
         self.pool = pool
         self.clock = reactor
         self.handshake_timeout = handshake_timeout
