@@ -164,6 +164,26 @@ class ProxyConnectionTests(SynchronousTestCase):
         self.assertEqual(self.pool.waiting(), 0)
         self.assertTrue(transport.disconnecting)
 
+    def test_early_bytes_keep_backpressure(self):
+        """Early bytes that fill the partner's buffer leave their sender paused."""
+        from test_relay import ModelTransport
+
+        factory = ProxyFactory(self.pool, self.clock, chunk_size=1000)
+        server = factory.buildProtocol(None)
+        server_t = ModelTransport(1)
+        server.makeConnection(server_t)
+        server.dataReceived(encode_handshake("server:bp") + b"x" * 900)
+        server.dataReceived(b"x" * 900)
+        self.assertFalse(server_t.reading)
+        client = factory.buildProtocol(None)
+        client_t = ModelTransport(2)
+        client_t.bufferSize = 1000
+        client.makeConnection(client_t)
+        client.dataReceived(encode_handshake("client:bp"))
+        self.assertFalse(server_t.reading)
+        self.assertEqual(client_t.take(1 << 20)[-1800:], b"x" * 1800)
+        self.assertTrue(server_t.reading)
+
     def test_early_bytes_bounded(self):
         protocol, transport = self.connect()
         protocol.dataReceived(encode_handshake("server:k") + b"x" * 600)

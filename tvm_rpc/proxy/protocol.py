@@ -184,14 +184,16 @@ class ProxyConnection(Protocol):
             side._relay = relay
             side.state = "relaying"
         relay.start()
-        for side in (partner, self):
-            early, side._early, side._early_size = side._early, [], 0
-            for chunk in early:
-                relay.received(side, chunk)
+        # Resume first: passing on the early bytes may pause a side again, and
+        # that pause must stand.
         for side in (partner, self):
             if side._paused:
                 side._paused = False
                 side.transport.resumeProducing()
+        for side in (partner, self):
+            early, side._early, side._early_size = side._early, [], 0
+            for chunk in early:
+                relay.received(side, chunk)
 
     def refuse(self, code, reason):
         """Send C{code} and close: duplicate, mismatch or a bad key."""
