@@ -54,7 +54,8 @@ from twisted.python.failure import Failure
 
 import tvm_rpc
 
-from ..protocol import values
+from ..protocol import ampwire, values
+from ..protocol.ampwire import LeanAMP
 from ..protocol.commands import (
     CHUNK_SIZE,
     MAX_INLINE_VALUE,
@@ -121,9 +122,13 @@ class ProtocolMismatch(Exception):
     """The peer does not speak the tvm_rpc session protocol (or not this version)."""
 
 
-class SessionClientProtocol(amp.AMP):
+class SessionClientProtocol(LeanAMP):
     """
     The client side of the session protocol (an AMP conversation).
+
+    Remote calls with inline arguments take L{call_function}: the request
+    box is built as bytes and the answer is read from the raw box, one
+    Deferred per call (the wire format is the one C{callRemote} uses).
 
     @ivar end_code: the code of the server's L{SessionEnded} notice
         (C{"timeout"}, C{"shutdown"}), or L{None}.
@@ -141,6 +146,51 @@ class SessionClientProtocol(amp.AMP):
         self.lost = False
         self.lost_reason = None
         self._lost_waiters = []
+        self._calls = {}
+
+    def call_function(self, args, decode, function=None, name=None):
+        """
+        Send a L{CallFunction} box with inline arguments.
+
+        @param args: the encoded argument list (at most
+            L{MAX_INLINE_VALUE<tvm_rpc.protocol.commands.MAX_INLINE_VALUE>} bytes).
+        @param decode: called with the answer box (a C{dict}); its result
+            (or the result of the Deferred it returns) is the call's result.
+        @param function: the callee's handle id, or L{None}.
+        @param name: the callee's global name (C{str}), or L{None}.
+        @return: a Deferred of the result; it fails with L{RemoteError}
+            (or AMP's C{UnknownRemoteError} for an undeclared error code)
+            when the server answers an error, and with the session's
+            ending error when the connection goes.
+        """
+        if self._failAllReason is not None:
+            return fail(self._failAllReason)
+        tag = self._nextTag()
+        box = ampwire.call_box(
+            tag, args, function, None if name is None else name.encode("utf-8"))
+        deferred = Deferred()
+        self._calls[tag] = (deferred, decode)
+        self.emit(box)
+        return deferred
+
+    def ampBoxReceived(self, box):
+        """Answer the calls of L{call_function}; hand every other box to AMP."""
+        calls = self._calls
+        if calls:
+            tag = box.get(b"_answer")
+            if tag is not None:
+                waiting = calls.pop(tag, None)
+                if waiting is not None:
+                    _deliver(waiting, box)
+                    return
+            else:
+                tag = box.get(b"_error")
+                if tag is not None:
+                    waiting = calls.pop(tag, None)
+                    if waiting is not None:
+                        _deliver_error(waiting[0], box)
+                        return
+        super().ampBoxReceived(box)
 
     @SessionEnded.responder
     def session_ended(self, code, reason):
@@ -170,6 +220,10 @@ class SessionClientProtocol(amp.AMP):
         self.lost = True
         self.lost_reason = Failure(self.ending_error(reason))
         super().connectionLost(self.lost_reason)
+        calls, self._calls = self._calls, {}
+        for deferred, _ in calls.values():
+            if not deferred.called:
+                deferred.errback(self.lost_reason)
         waiters, self._lost_waiters = self._lost_waiters, []
         for waiter in waiters:
             waiter.callback(None)
@@ -181,6 +235,33 @@ class SessionClientProtocol(amp.AMP):
         waiter = Deferred()
         self._lost_waiters.append(waiter)
         return waiter
+
+
+def _deliver(waiting, box):
+    """Fire a call's Deferred with its decoded answer (unless it was cancelled)."""
+    deferred, decode = waiting
+    if deferred.called:
+        return
+    try:
+        result = decode(box)
+    except BaseException:
+        deferred.errback(Failure())
+        return
+    if isinstance(result, Deferred):
+        result.chainDeferred(deferred)
+    else:
+        deferred.callback(result)
+
+
+def _deliver_error(deferred, box):
+    """Fail a call's Deferred with the error of an AMP error box, as C{callRemote} would."""
+    if deferred.called:
+        return
+    code = box.get(b"_error_code")
+    description = box.get(b"_error_description", b"").decode("utf-8", "replace")
+    kind = CallFunction.reverseErrors.get(code)
+    error = amp.UnknownRemoteError(description) if kind is None else kind(description)
+    deferred.errback(Failure(error))
 
 
 def make_client_protocol():
@@ -297,19 +378,6 @@ def _detached(calling):
     result = Deferred(lambda _: calling.cancel())
     calling.addCallbacks(result.callback, result.errback)
     return result
-
-
-def _typed_remote_error(failure):
-    """
-    Errback for raw L{CallFunction} answers: turn AMP's coded error into the
-    declared exception, as C{callRemote} would.
-    """
-    failure.trap(amp.RemoteAmpError)
-    error = failure.value
-    kind = CallFunction.reverseErrors.get(error.errorCode)
-    if kind is None:
-        return Failure(amp.UnknownRemoteError(error.description))
-    return Failure(kind(error.description))
 
 
 def _ignore(failure):
@@ -551,28 +619,26 @@ class RPCSession:
 
     def _quick_call(self, target, encoded):
         """
-        L{CallFunction} with inline arguments through AMP's string-level
-        C{callRemoteString}: the common case, one box each way. AMP's typed
-        argument machinery costs more than the rest of a small call, so the
-        box is built and read here, to the same wire format.
+        L{CallFunction} with inline arguments: the common case, one box each
+        way, built and read as bytes by the protocol's
+        L{SessionClientProtocol.call_function} (AMP's typed argument
+        machinery costs more than the rest of a small call), to the same
+        wire format.
 
         @return: a Deferred of the decoded result.
         """
         if self.closed:
             return fail(self._protocol.ending_error())
-        if "function" in target:
-            callee = {"function": b"%d" % target["function"]}
-        else:
-            callee = {"name": target["name"].encode("utf-8")}
-        calling = self._protocol.callRemoteString(b"CallFunction", args=encoded, **callee)
-        return _detached(calling).addCallbacks(self._box_result, _typed_remote_error)
+        return self._protocol.call_function(
+            encoded, self._box_result, target.get("function"), target.get("name"))
 
     def _box_result(self, box):
         """@return: the decoded result of a raw L{CallFunction} answer box."""
-        answer = {"result": box.get(b"result")}
-        if answer["result"] is None:
-            answer["result_stream"] = int(box[b"result_stream"])
-            answer["result_size"] = int(box[b"result_size"])
+        result = box.get(b"result")
+        if result is not None:
+            return self._from_wire(values.decode(result))
+        answer = {"result": None, "result_stream": int(box[b"result_stream"]),
+                  "result_size": int(box[b"result_size"])}
         return self._result(answer)
 
     def _ready_target(self, function):

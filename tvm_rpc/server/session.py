@@ -44,12 +44,12 @@ import os
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import __version__
-from ..protocol import commands, values
+from ..protocol import ampwire, commands, values
+from ..protocol.ampwire import LeanAMP
 from ..protocol.commands import remote_errors
 from .environment import PythonModule, SessionEnvironment, select_backend
 
@@ -82,8 +82,13 @@ def timeout_notice(seconds):
     )
 
 
+#: Result types that are never awaitable (checked before L{inspect.isawaitable}).
+_PLAIN_RESULTS = frozenset((type(None), bool, int, float, str, bytes, list, tuple, dict))
+_REMOTE_ERROR_CODE = commands.CallFunction.errors[commands.RemoteError]
+
+
 @implementer(IPushProducer)
-class SessionProtocol(amp.AMP):
+class SessionProtocol(LeanAMP):
     """
     Serve one session over AMP. It is also the push producer registered on
     its transport (AMP's parser pauses and resumes).
@@ -255,7 +260,7 @@ class SessionProtocol(amp.AMP):
         callee = self._callee(function, name)
         arguments = self._arguments(args, args_stream)
         result = self.environment.invoke(callee, arguments)
-        if inspect.isawaitable(result):
+        if type(result) not in _PLAIN_RESULTS and inspect.isawaitable(result):
             return ensureDeferred(_awaited(result)).addCallback(self._converted)
         return self._converted(result)
 
@@ -269,19 +274,28 @@ class SessionProtocol(amp.AMP):
         short path (the command of every remote call); everything else goes
         through AMP's dispatch.
         """
-        if box.get(b"_command") == b"CallFunction" and b"_ask" in box:
-            self._call_fast(box, box[b"_ask"])
+        ask = box.get(b"_ask")
+        if ask is not None and box.get(b"_command") == b"CallFunction":
+            self._call_fast(box, ask)
         else:
             super().ampBoxReceived(box)
 
     def _call_fast(self, box, ask):
         """
         Answer a CallFunction box as AMP's dispatch would (same answer and
-        error boxes), without its Deferred layers when the call completes at
-        once.
+        error boxes, built directly as bytes), without its Deferred layers
+        when the call completes at once.
         """
         try:
-            answer = self._call(**commands.CallFunction.parseArguments(box, self))
+            function = box.get(b"function")
+            name = box.get(b"name")
+            stream = box.get(b"args_stream")
+            answer = self._call(
+                None if function is None else int(function),
+                None if name is None else name.decode("utf-8"),
+                box.get(b"args"),
+                None if stream is None else int(stream),
+            )
         except BaseException:
             self._send_call_error(ask, Failure())
             return
@@ -295,21 +309,23 @@ class SessionProtocol(amp.AMP):
     def _send_call_answer(self, ask, objects):
         """Send the answer box of a call (an error box if it cannot be encoded)."""
         try:
-            reply = commands.CallFunction.makeResponse(objects, self)
+            result = objects.get("result")
+            if result is not None and len(objects) == 1:
+                reply = ampwire.answer_box(ask, result)
+            else:
+                box = commands.CallFunction.makeResponse(objects, self)
+                box[b"_answer"] = ask
+                reply = box.serialize()
         except BaseException:
             self._send_call_error(ask, Failure())
             return
-        reply[b"_answer"] = ask
-        self._safeEmit(reply)
+        self.emit(reply)
 
     def _send_call_error(self, ask, failure):
         """Send the error box of a call: its failure as a RemoteError."""
         error = commands.as_remote_error(failure).value
-        reply = amp.AmpBox()
-        reply[b"_error"] = ask
-        reply[b"_error_code"] = commands.CallFunction.errors[commands.RemoteError]
-        reply[b"_error_description"] = str(error).encode("utf-8", "replace")
-        self._safeEmit(reply)
+        self.emit(ampwire.error_box(
+            ask, _REMOTE_ERROR_CODE, str(error).encode("utf-8", "replace")))
 
     @commands.Free.responder
     @remote_errors

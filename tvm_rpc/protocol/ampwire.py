@@ -1,0 +1,321 @@
+"""AMP boxes on the wire, for the hot path of a session: parse fast, write once.
+
+Session commands are real :mod:`twisted.protocols.amp` boxes (see
+:mod:`tvm_rpc.protocol.commands`). AMP's own receiver handles one length
+prefixed string per method call and every box it sends is written on its
+own; on the path of every remote call those costs are most of a call. This
+module keeps the wire format byte for byte and makes it cheaper:
+
+- :class:`BoxParser` (sans-IO) turns received bytes into boxes (plain
+  ``dict``s of ``bytes`` to ``bytes``), one box per :meth:`BoxParser.next_box`,
+  resuming inside a box that arrives in pieces (only the unfinished key or
+  value is kept as bytes, as AMP's parser does).
+- :func:`serialize` writes a box from ``(key, value)`` pairs exactly as
+  :meth:`twisted.protocols.amp.AmpBox.serialize` does (keys sorted);
+  :func:`call_box`, :func:`answer_box` and :func:`error_box` build the boxes
+  of a remote call and its answer.
+- :class:`LeanAMP` is an :class:`~twisted.protocols.amp.AMP` whose receive
+  loop uses the parser and whose writes are *corked* while received data is
+  handled: the answers to every box of one read leave in one write. A write
+  also goes straight to the socket when the TCP transport has nothing
+  buffered (see :func:`idle_socket`), instead of waiting for the reactor's
+  next turn; anything that cannot be sent at once goes to the transport as
+  usual, so ordering, flow control and producers are unchanged.
+"""
+
+import struct
+
+import attrs
+from twisted.internet import tcp
+from twisted.protocols import amp
+
+_LENGTH = struct.Struct("!H")
+#: The longest key AMP allows.
+MAX_KEY_LENGTH = 255
+#: The longest value AMP allows.
+MAX_VALUE_LENGTH = 0xFFFF
+#: Corked bytes that are written out even while received data is still being
+#: handled, so a read full of requests for big answers never piles them up.
+CORK_LIMIT = 64 * 1024
+
+
+class BoxError(ValueError):
+    """Bytes that are not AMP boxes (a key longer than AMP allows)."""
+
+
+@attrs.define
+class BoxParser:
+    """
+    Incremental AMP box parser: C{feed} bytes, then take boxes with
+    C{next_box} until it returns L{None}.
+
+    Boxes are plain C{dict}s of C{bytes} keys to C{bytes} values, in the
+    order the keys arrived (an empty box, just the terminator, is a box).
+    """
+
+    _data: bytes = b""
+    _offset: int = 0
+    _box: "dict | None" = None
+    _key: "bytes | None" = None
+
+    def feed(self, data):
+        """Add received bytes."""
+        if self._offset >= len(self._data):
+            self._data = bytes(data)
+        else:
+            self._data = self._data[self._offset:] + data
+        self._offset = 0
+
+    def next_box(self):
+        """
+        @return: the next complete box, or L{None} until more bytes arrive.
+        @raise BoxError: for a key length above L{MAX_KEY_LENGTH} (the bytes
+            cannot be AMP; the parser is unusable afterwards).
+        """
+        data = self._data
+        position = self._offset
+        end = len(data)
+        box = self._box
+        if box is None:
+            box = {}
+        key = self._key
+        while position + 2 <= end:
+            length = (data[position] << 8) | data[position + 1]
+            start = position + 2
+            stop = start + length
+            if key is None:
+                if length == 0:
+                    self._offset = start
+                    self._box = None
+                    self._key = None
+                    return box
+                if length > MAX_KEY_LENGTH:
+                    raise BoxError(f"AMP key length {length} exceeds {MAX_KEY_LENGTH}")
+                if stop > end:
+                    break
+                key = data[start:stop]
+            else:
+                if stop > end:
+                    break
+                box[key] = data[start:stop]
+                key = None
+            position = stop
+        self._offset = position
+        self._box = box
+        self._key = key
+        return None
+
+
+def serialize(pairs):
+    """
+    @param pairs: C{(key, value)} pairs of bytes (any order).
+    @return: the box's bytes, identical to C{AmpBox(pairs).serialize()}.
+    @raise BoxError: for a key or value too long for AMP.
+    """
+    parts = []
+    for key, value in sorted(pairs):
+        if not 0 < len(key) <= MAX_KEY_LENGTH:
+            raise BoxError(f"bad AMP key length {len(key)}")
+        if len(value) > MAX_VALUE_LENGTH:
+            raise BoxError(f"AMP value for {key!r} is {len(value)} bytes, above {MAX_VALUE_LENGTH}")
+        parts += (_LENGTH.pack(len(key)), key, _LENGTH.pack(len(value)), value)
+    parts.append(b"\x00\x00")
+    return b"".join(parts)
+
+
+_pack = _LENGTH.pack
+_ASK = b"\x00\x04_ask"
+_COMMAND_CALL = b"\x00\x08_command\x00\x0cCallFunction"
+_ARGS = b"\x00\x04args"
+_FUNCTION = b"\x00\x08function"
+_NAME = b"\x00\x04name"
+_ANSWER = b"\x00\x07_answer"
+_RESULT = b"\x00\x06result"
+_END = b"\x00\x00"
+
+
+def call_box(tag, args, function=None, name=None):
+    """
+    The CallFunction request box, as C{callRemote(CallFunction, ...)} writes it.
+
+    @param tag: the C{_ask} tag (bytes).
+    @param args: the encoded argument list (at most L{MAX_VALUE_LENGTH} bytes).
+    @param function: the callee's handle id, or L{None}.
+    @param name: the callee's global name as UTF-8 bytes, or L{None}.
+    @return: the box's bytes.
+    @raise BoxError: for a value too long for AMP.
+    """
+    if len(args) > MAX_VALUE_LENGTH or len(tag) > MAX_VALUE_LENGTH:
+        raise BoxError("CallFunction value too long for one AMP box")
+    parts = [_ASK, _pack(len(tag)), tag, _COMMAND_CALL, _ARGS, _pack(len(args)), args]
+    if function is not None:
+        number = b"%d" % function
+        parts += (_FUNCTION, _pack(len(number)), number)
+    if name is not None:
+        if len(name) > MAX_VALUE_LENGTH:
+            raise BoxError("function name too long for one AMP box")
+        parts += (_NAME, _pack(len(name)), name)
+    parts.append(_END)
+    return b"".join(parts)
+
+
+def answer_box(tag, result):
+    """
+    @param tag: the C{_ask} tag of the request.
+    @param result: the encoded result (at most L{MAX_VALUE_LENGTH} bytes).
+    @return: the bytes of the answer box C{{_answer: tag, result: result}}.
+    """
+    if len(result) > MAX_VALUE_LENGTH or len(tag) > MAX_VALUE_LENGTH:
+        raise BoxError("answer value too long for one AMP box")
+    return b"".join((_ANSWER, _pack(len(tag)), tag, _RESULT, _pack(len(result)), result, _END))
+
+
+def error_box(tag, code, description):
+    """
+    @param tag: the C{_ask} tag of the request.
+    @param code: the error code (bytes).
+    @param description: the description (bytes, at most L{MAX_VALUE_LENGTH}).
+    @return: the bytes of AMP's error answer box.
+    """
+    return serialize(
+        [(b"_error", tag), (b"_error_code", code), (b"_error_description", description)])
+
+
+def idle_socket(transport):
+    """
+    The socket of a plain TCP transport that has nothing waiting to be
+    written, or L{None}.
+
+    Bytes sent on that socket directly leave in the order they are written,
+    exactly as if the transport had sent them, but without waiting for the
+    reactor's next turn. This reads the write buffer of Twisted's
+    C{FileDescriptor}; any other transport (TLS, in-memory, a transport that
+    is closing or has bytes queued) gives L{None}, and the caller writes
+    through the transport as usual.
+
+    @param transport: a transport, or L{None}.
+    """
+    if not isinstance(transport, tcp.Connection):
+        return None
+    try:
+        if (
+            transport.connected
+            and not transport.disconnecting
+            and not transport.TLS
+            and not transport._writeDisconnecting
+            and not transport._writeDisconnected
+            and not transport._tempDataLen
+            and transport.offset == len(transport.dataBuffer)
+        ):
+            return transport.socket
+    except AttributeError:
+        return None
+    return None
+
+
+class LeanAMP(amp.AMP):
+    """
+    L{amp.AMP} with a faster receive loop and corked, write-through output.
+
+    Received bytes are parsed by a L{BoxParser}; each box goes to
+    C{ampBoxReceived} (as a plain C{dict}; subclasses may serve some boxes
+    themselves and hand the rest to L{LeanAMP.ampBoxReceived}, which gives
+    AMP an L{amp.AmpBox}). While a read is being handled, everything this
+    protocol sends (L{emit}, and AMP's own C{sendBox}) is collected and
+    written once when the read is done, or when L{CORK_LIMIT} bytes have
+    gathered; outside a read, a write goes out at once. The parser honours
+    C{pauseProducing} between boxes, like AMP's.
+
+    A key length above AMP's limit closes the connection, as AMP does
+    (outstanding commands fail with L{amp.TooLong}).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._parser = BoxParser()
+        self._corked = None
+        self._corked_size = 0
+        self._unparsable = False
+
+    def dataReceived(self, data):
+        """Parse and handle every complete box; write the answers once."""
+        if self.innerProtocol is not None:
+            self.innerProtocol.dataReceived(data)
+            return
+        if self._unparsable:
+            return
+        parser = self._parser
+        if data:
+            parser.feed(data)
+        outermost = self._corked is None
+        if outermost:
+            self._corked = []
+            self._corked_size = 0
+        try:
+            while not self.paused:
+                try:
+                    box = parser.next_box()
+                except BoxError:
+                    self._unparsable = True
+                    self._keyLengthLimitExceeded = True
+                    self.transport.loseConnection()
+                    return
+                if box is None:
+                    return
+                self.ampBoxReceived(box)
+        finally:
+            if outermost:
+                self._flush_cork()
+                self._corked = None
+
+    def ampBoxReceived(self, box):
+        """Hand a box to AMP's dispatch (answers, errors, commands)."""
+        super().ampBoxReceived(amp.AmpBox(box))
+
+    def sendBox(self, box):
+        """Send an L{amp.AmpBox} through L{emit} (AMP's checks first)."""
+        if self._locked or self._startingTLSBuffer is not None:
+            return super().sendBox(box)
+        if self.transport is None:
+            raise amp.ConnectionLost()
+        self.emit(box.serialize())
+
+    def emit(self, data):
+        """
+        Write the bytes of whole boxes: corked while a read is handled,
+        otherwise at once (straight to an idle socket when possible).
+        Nothing is written once the connection is gone.
+        """
+        corked = self._corked
+        if corked is not None:
+            corked.append(data)
+            self._corked_size += len(data)
+            if self._corked_size >= CORK_LIMIT:
+                self._flush_cork()
+        else:
+            self._write_now(data)
+
+    def _flush_cork(self):
+        """Write what is corked, if anything."""
+        corked = self._corked
+        if corked:
+            self._corked = []
+            self._corked_size = 0
+            self._write_now(corked[0] if len(corked) == 1 else b"".join(corked))
+
+    def _write_now(self, data):
+        """Send C{data} on an idle socket, the rest (or all) through the transport."""
+        transport = self.transport
+        if transport is None:
+            return
+        sock = idle_socket(transport)
+        if sock is not None:
+            try:
+                sent = sock.send(data)
+            except OSError:
+                # EAGAIN, or an error the transport reports on its own write.
+                sent = 0
+            if sent >= len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
