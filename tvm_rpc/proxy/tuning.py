@@ -15,6 +15,7 @@ does not stay with the process.
 """
 
 import ctypes
+import functools
 import sys
 
 import attrs
@@ -39,6 +40,7 @@ def allocator_thresholds(chunk_size):
     return mmap_threshold, 4 * mmap_threshold
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc():
     """@return: the C library when it is glibc, else L{None}."""
     if not sys.platform.startswith("linux"):
