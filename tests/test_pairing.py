@@ -299,3 +299,72 @@ def test_plain_mode_invariants(events):
         assert len([p for p in waiting if roles[p][1] == key]) <= 2
     pool.close()
     assert clock.getDelayedCalls() == []
+
+
+_tracker_events = st.lists(
+    st.tuples(
+        st.sampled_from(["server", "client", "stale", "leave", "renew"]),
+        st.sampled_from(["a", "b", "c:d"]),
+        st.integers(0, 7),
+    ),
+    max_size=60,
+)
+
+
+@given(_tracker_events)
+def test_tracker_mode_invariants(events):
+    """
+    Whatever servers, clients, departures and renewals happen, the observer's
+    view (offered minus withdrawn) is exactly the waiting servers, matchkeys
+    are unique and keep the server's key, and a client is paired only with
+    the server whose current matchkey it presented.
+    """
+    clock = Clock()
+    observer = Observer()
+    pool = PairingPool(clock, tracker_mode=True, observer=observer,
+                       make_matchkey=counting_matchkeys())
+    servers = []
+    used = set()
+    for action, key, index in events:
+        if action == "server":
+            peer = FakePeer(f"s{len(servers)}")
+            servers.append((peer, key))
+            pool.arrive(peer, f"server:{key}")
+        elif action in ("client", "stale") and pool.offers():
+            offers = pool.offers()
+            offer = offers[index % len(offers)]
+            matchkey = offer.matchkey if action == "client" else offer.matchkey + ":stale"
+            client = FakePeer("c")
+            outcome = pool.arrive(client, f"client:{matchkey} -timeout=5")
+            if action == "client":
+                assert outcome == "paired"
+                assert client.joined == [offer.peer]
+                assert offer.peer.accepted == [f"client:{matchkey} -timeout=5"]
+                assert client.accepted == [f"server:{offer.key}"]
+                used.add(matchkey)
+            else:
+                assert outcome == "refused"
+        elif action == "leave" and servers:
+            pool.leave(servers[index % len(servers)][0])
+        elif action == "renew" and pool.offers():
+            offers = pool.offers()
+            offer = offers[index % len(offers)]
+            old = offer.matchkey
+            assert pool.renew(offer) != old
+    live = {}
+    for event in observer.events:
+        if event[0] == "offered":
+            live[event[2]] = event[1]
+        elif event[0] == "renewed":
+            del live[event[2]]
+            live[event[3]] = event[1]
+        else:
+            del live[event[2]]
+    offers = pool.offers()
+    assert live == {offer.matchkey: offer.key for offer in offers}
+    assert len({offer.matchkey for offer in offers}) == len(offers)
+    for offer in offers:
+        assert offer.matchkey.rpartition(":")[0] == offer.key
+        assert offer.matchkey not in used
+    assert pool.keys() == sorted({offer.key for offer in offers})
+    assert clock.getDelayedCalls() == []
