@@ -96,6 +96,18 @@ class SessionTests(SynchronousTestCase):
                          [None, 1.5, "s", b"b", {"k": [1]}])
         self.assertEqual(self.invoke("tvm_rpc.server.list_functions")[:0], [])
 
+    def test_freed_function_handle(self):
+        """A function handle that was called, then freed, is unknown afterwards."""
+        handle = self.call(commands.GetFunction, name="add")["function"]
+        self.assertEqual(self.invoke(None, 1, 2, function=handle), 3)
+        self.call(commands.Free, handles=[handle])
+        error = self.remote_error(commands.CallFunction, function=handle,
+                                  args=values.encode([1, 2]))
+        self.assertEqual(error.short_type_name, "HandleError")
+        other = self.call(commands.GetFunction, name="add")["function"]
+        self.assertNotEqual(other, handle)
+        self.assertEqual(self.invoke(None, 5, 6, function=other), 11)
+
     def test_remote_errors_keep_session_usable(self):
         """An exception arrives with its type name and traceback; the session goes on."""
         error = self.remote_error(commands.CallFunction, name="boom", args=values.encode([]))

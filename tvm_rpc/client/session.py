@@ -104,6 +104,8 @@ CLOSE_TIMEOUT = 5.0
 FREE_BATCH = 4000
 #: Largest window accepted from a server (it bounds our memory per transfer).
 MAX_WINDOW = 64
+#: Value types that cross the wire as they are (no remote objects inside).
+_SCALARS = frozenset((type(None), bool, int, float, str, bytes))
 
 
 class SessionClosed(ConnectionLost):
@@ -508,6 +510,8 @@ class RPCSession:
 
     def _lazy_functions(self, value, found):
         """Collect the unresolved L{RemoteFunction}s inside C{value}."""
+        if type(value) in _SCALARS:
+            return found
         if isinstance(value, RemoteFunction):
             if value.handle is None:
                 found.append(value)
@@ -521,6 +525,8 @@ class RPCSession:
 
     def _to_wire(self, value):
         """Turn an argument into what the value codec carries."""
+        if type(value) in _SCALARS:
+            return value
         if isinstance(value, RemoteArray):
             return self._own(value).to_wire()
         if isinstance(value, RemoteFunction):
@@ -544,6 +550,8 @@ class RPCSession:
 
     def _from_wire(self, value):
         """Turn a decoded result into client objects."""
+        if type(value) in _SCALARS:
+            return value
         if isinstance(value, Handle):
             if value.kind == "module":
                 return RemoteModule(self, value.id, kind=None)

@@ -250,6 +250,12 @@ def _encode_into(value, out, depth, max_depth):
     """Append the tag and body of C{value} to C{out}; see L{encode}."""
     if depth > max_depth:
         raise CodecError(f"value nested deeper than {max_depth}")
+    if type(value) is int:
+        number = value << 1 if value >= 0 else ((-value) << 1) - 1
+        if number < 0x80:
+            out += _INT
+            out.append(number)
+            return
     if value is None:
         out += _NONE
     elif value is True:
@@ -339,23 +345,33 @@ def encode(value, *, max_depth=MAX_DEPTH):
     return bytes(out)
 
 
+_T_NONE, _T_TRUE, _T_FALSE = _NONE[0], _TRUE[0], _FALSE[0]
+_T_INT, _T_FLOAT, _T_STR, _T_BYTES = _INT[0], _FLOAT[0], _STR[0], _BYTES[0]
+_T_LIST, _T_TUPLE, _T_DICT = _LIST[0], _TUPLE[0], _DICT[0]
+_T_HANDLE, _T_ARRAY_REF, _T_HOST_ARRAY, _T_DEVICE = (
+    _HANDLE[0], _ARRAY_REF[0], _HOST_ARRAY[0], _DEVICE[0])
+
+
 @attrs.define
 class _Reader:
-    """A cursor over the bytes being decoded; every failure is a L{CodecError}."""
+    """
+    A cursor over the bytes being decoded (C{bytes}, or a byte
+    C{memoryview}); every failure is a L{CodecError}.
+    """
 
-    data: memoryview
+    data: object
     position: int = 0
 
     def byte(self):
         """@return: the next byte. @raise CodecError: at the end of the input."""
-        if self.position >= len(self.data):
+        position = self.position
+        if position >= len(self.data):
             raise CodecError("truncated value")
-        value = self.data[self.position]
-        self.position += 1
-        return value
+        self.position = position + 1
+        return self.data[position]
 
     def take(self, length):
-        """@return: a view of the next C{length} bytes. @raise CodecError: past the end."""
+        """@return: the next C{length} bytes (a slice). @raise CodecError: past the end."""
         end = self.position + length
         if end > len(self.data):
             raise CodecError(f"truncated value: wants {length} bytes at {self.position}")
@@ -365,6 +381,11 @@ class _Reader:
 
     def varint(self, limit=10):
         """Read an unsigned LEB128 varint of at most C{limit} bytes."""
+        data = self.data
+        position = self.position
+        if position < len(data) and data[position] < 0x80:
+            self.position = position + 1
+            return data[position]
         result = shift = 0
         for _ in range(limit):
             byte = self.byte()
@@ -405,26 +426,26 @@ def _decode_from(reader, depth, max_depth):
     """Read one value (tag and body) from C{reader}; see L{decode}."""
     if depth > max_depth:
         raise CodecError(f"value nested deeper than {max_depth}")
-    tag = bytes([reader.byte()])
-    if tag == _NONE:
-        return None
-    if tag == _TRUE:
-        return True
-    if tag == _FALSE:
-        return False
-    if tag == _INT:
+    tag = reader.byte()
+    if tag == _T_INT:
         number = reader.varint(MAX_INT_BYTES)
         return number >> 1 if not number & 1 else -((number + 1) >> 1)
-    if tag == _FLOAT:
-        return _DOUBLE.unpack(reader.take(8))[0]
-    if tag == _STR:
-        return reader.text()
-    if tag == _BYTES:
-        return bytes(reader.take(reader.count()))
-    if tag in (_LIST, _TUPLE):
+    if tag == _T_LIST or tag == _T_TUPLE:
         items = [_decode_from(reader, depth + 1, max_depth) for _ in range(reader.count())]
-        return items if tag == _LIST else tuple(items)
-    if tag == _DICT:
+        return items if tag == _T_LIST else tuple(items)
+    if tag == _T_NONE:
+        return None
+    if tag == _T_TRUE:
+        return True
+    if tag == _T_FALSE:
+        return False
+    if tag == _T_FLOAT:
+        return _DOUBLE.unpack(reader.take(8))[0]
+    if tag == _T_STR:
+        return reader.text()
+    if tag == _T_BYTES:
+        return bytes(reader.take(reader.count()))
+    if tag == _T_DICT:
         result = {}
         for _ in range(reader.count()):
             key = _decode_from(reader, depth + 1, max_depth)
@@ -432,20 +453,20 @@ def _decode_from(reader, depth, max_depth):
                 raise CodecError(f"bad dict key of type {type(key).__name__}")
             result[key] = _decode_from(reader, depth + 1, max_depth)
         return result
-    if tag == _HANDLE:
+    if tag == _T_HANDLE:
         kind = reader.text()
         if kind not in ("function", "module"):
             raise CodecError(f"unknown handle kind {kind!r}")
         return Handle(kind, reader.small())
-    if tag == _DEVICE:
+    if tag == _T_DEVICE:
         return Device(reader.small(), reader.small())
-    if tag == _ARRAY_REF:
+    if tag == _T_ARRAY_REF:
         handle = reader.small()
         shape = reader.shape()
         dtype = reader.text()
         device = Device(reader.small(), reader.small())
         return ArrayRef(handle, shape, dtype, device)
-    if tag == _HOST_ARRAY:
+    if tag == _T_HOST_ARRAY:
         shape = reader.shape()
         dtype = reader.text()
         # Checked before taking the data, so a bogus shape cannot allocate.
@@ -454,7 +475,7 @@ def _decode_from(reader, depth, max_depth):
         if length != expected:
             raise CodecError(f"host array data is {length} bytes, expected {expected}")
         return HostArray(shape, dtype, bytes(reader.take(length)))
-    raise CodecError(f"unknown value tag {tag!r}")
+    raise CodecError(f"unknown value tag {bytes([tag])!r}")
 
 
 def decode(data, *, max_depth=MAX_DEPTH, max_size=MAX_SIZE):
@@ -468,10 +489,13 @@ def decode(data, *, max_depth=MAX_DEPTH, max_size=MAX_SIZE):
     @raise CodecError: for anything that is not a complete, valid encoding
         of this version (and for nothing else).
     """
-    try:
-        view = memoryview(data).cast("B")
-    except TypeError:
-        raise CodecError(f"cannot decode a {type(data).__name__}") from None
+    if type(data) is bytes:
+        view = data
+    else:
+        try:
+            view = memoryview(data).cast("B")
+        except TypeError:
+            raise CodecError(f"cannot decode a {type(data).__name__}") from None
     if len(view) > max_size:
         raise CodecError(f"encoded value of {len(view)} bytes exceeds {max_size}")
     reader = _Reader(view)

@@ -84,6 +84,9 @@ def timeout_notice(seconds):
 
 #: Result types that are never awaitable (checked before L{inspect.isawaitable}).
 _PLAIN_RESULTS = frozenset((type(None), bool, int, float, str, bytes, list, tuple, dict))
+#: Values the environment passes through unchanged in both directions
+#: (C{from_wire} for arguments, C{to_wire} for results).
+_SCALARS = frozenset((type(None), bool, int, float, str, bytes))
 _REMOTE_ERROR_CODE = commands.CallFunction.errors[commands.RemoteError]
 
 
@@ -116,6 +119,7 @@ class SessionProtocol(LeanAMP):
         self.environment = environment
         self._first_bytes = True
         self._refused = False
+        self._callees = {}
         self.peer = "?"
 
     def _reactor(self):
@@ -196,7 +200,12 @@ class SessionProtocol(LeanAMP):
         if (function is None) == (name is None):
             raise ValueError("name the function by exactly one of 'function' or 'name'")
         if function is not None:
-            return self.environment.get(function, "function")
+            # Handles are never reused and only Free drops them (see free()),
+            # so a function found once stays valid until then.
+            callee = self._callees.get(function)
+            if callee is None:
+                callee = self._callees[function] = self.environment.get(function, "function")
+            return callee
         return self.environment.lookup(name)
 
     def _arguments(self, args, args_stream):
@@ -259,14 +268,21 @@ class SessionProtocol(LeanAMP):
         """
         callee = self._callee(function, name)
         arguments = self._arguments(args, args_stream)
-        result = self.environment.invoke(callee, arguments)
+        for argument in arguments:
+            if type(argument) not in _SCALARS:
+                result = self.environment.invoke(callee, arguments)
+                break
+        else:
+            result = callee(*arguments)
         if type(result) not in _PLAIN_RESULTS and inspect.isawaitable(result):
             return ensureDeferred(_awaited(result)).addCallback(self._converted)
         return self._converted(result)
 
     def _converted(self, result):
         """@return: the answer for a function's result."""
-        return self._result(self.environment.to_wire(result))
+        if type(result) not in _SCALARS:
+            result = self.environment.to_wire(result)
+        return self._result(result)
 
     def ampBoxReceived(self, box):
         """
@@ -331,6 +347,8 @@ class SessionProtocol(LeanAMP):
     @remote_errors
     def free(self, handles):
         """Drop handles."""
+        for handle in handles:
+            self._callees.pop(handle, None)
         self.environment.free(handles)
         return {}
 
