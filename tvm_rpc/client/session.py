@@ -616,6 +616,16 @@ class RPCSession:
         @return: a Deferred of C{function(*args)} (see L{RemoteFunction}).
         """
         try:
+            # The common call: a looked-up function with plain arguments.
+            if type(function) is RemoteFunction and function.handle is not None:
+                for arg in args:
+                    if type(arg) not in _SCALARS:
+                        break
+                else:
+                    encoded = values.encode(list(args))
+                    if len(encoded) <= MAX_INLINE_VALUE:
+                        return self._quick_call({"function": self._own(function).handle},
+                                                encoded)
             target = self._ready_target(function)
             if target is not None and not self._lazy_functions(args, []):
                 encoded = values.encode([self._to_wire(arg) for arg in args])

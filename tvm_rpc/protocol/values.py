@@ -250,12 +250,23 @@ def _encode_into(value, out, depth, max_depth):
     """Append the tag and body of C{value} to C{out}; see L{encode}."""
     if depth > max_depth:
         raise CodecError(f"value nested deeper than {max_depth}")
-    if type(value) is int:
+    kind = type(value)
+    if kind is int:
         number = value << 1 if value >= 0 else ((-value) << 1) - 1
-        if number < 0x80:
+        if number < 0x4000:
             out += _INT
-            out.append(number)
+            if number < 0x80:
+                out.append(number)
+            else:
+                out.append((number & 0x7F) | 0x80)
+                out.append(number >> 7)
             return
+    elif kind is list:
+        out += _LIST
+        _varint(len(value), out)
+        for item in value:
+            _encode_into(item, out, depth + 1, max_depth)
+        return
     if value is None:
         out += _NONE
     elif value is True:
