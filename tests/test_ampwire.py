@@ -453,12 +453,24 @@ class WriteThroughTests(SynchronousTestCase):
     def test_partial_send_queues_the_rest(self):
         """What the socket does not take at once is queued in the transport, in order."""
         self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        big = bytes(range(256)) * 4096
+        big = bytes(range(256)) * (ampwire.WRITE_THROUGH_LIMIT // 256)
         self.protocol.emit(big)
         self.assertGreater(self.transport._tempDataLen, 0)
+        self.assertLess(self.transport._tempDataLen, len(big))
         self.protocol.emit(b"tail")
         got = b""
         while len(got) < len(big) + 4:
             got += self.received()
             self.transport.doWrite()
         self.assertEqual(got, big + b"tail")
+
+    def test_bulk_goes_through_the_transport(self):
+        """A write above WRITE_THROUGH_LIMIT is queued in the transport whole."""
+        bulk = b"b" * (ampwire.WRITE_THROUGH_LIMIT + 1)
+        self.protocol.emit(bulk)
+        self.assertEqual(self.transport._tempDataLen, len(bulk))
+        got = b""
+        while len(got) < len(bulk):
+            self.transport.doWrite()
+            got += self.received()
+        self.assertEqual(got, bulk)

@@ -17,9 +17,10 @@ module keeps the wire format byte for byte and makes it cheaper:
 - :class:`LeanAMP` is an :class:`~twisted.protocols.amp.AMP` whose receive
   loop uses the parser and whose writes are *corked* while received data is
   handled: the answers to every box of one read leave in one write. A write
-  also goes straight to the socket when the TCP transport has nothing
-  buffered (see :func:`idle_socket`), instead of waiting for the reactor's
-  next turn; anything that cannot be sent at once goes to the transport as
+  of up to :data:`WRITE_THROUGH_LIMIT` bytes also goes straight to the
+  socket when the TCP transport has nothing buffered (see
+  :func:`idle_socket`), instead of waiting for the reactor's next turn;
+  anything that cannot be sent at once goes to the transport as
   usual, so ordering, flow control and producers are unchanged.
 """
 
@@ -37,6 +38,10 @@ MAX_VALUE_LENGTH = 0xFFFF
 #: Corked bytes that are written out even while received data is still being
 #: handled, so a read full of requests for big answers never piles them up.
 CORK_LIMIT = 64 * 1024
+#: Longest write sent straight to an idle socket. Bigger ones (bulk data)
+#: gain nothing from it and go through the transport, which sends them in
+#: slices without copying what the socket did not take.
+WRITE_THROUGH_LIMIT = 64 * 1024
 
 
 class BoxError(ValueError):
@@ -308,7 +313,7 @@ class LeanAMP(amp.AMP):
         transport = self.transport
         if transport is None:
             return
-        sock = idle_socket(transport)
+        sock = idle_socket(transport) if len(data) <= WRITE_THROUGH_LIMIT else None
         if sock is not None:
             try:
                 sent = sock.send(data)
