@@ -200,3 +200,52 @@ class ControlMessageTests(SynchronousTestCase):
             os.close(fd)
         parent.close()
         self.assertEqual(receive_control(child), (None, None))
+
+
+class SessionCarrierTests(SynchronousTestCase):
+    """The worker's side of the adopted session socket."""
+
+    def test_reply_nagle_off_and_early_bytes(self):
+        """The carrier turns Nagle off, writes the reply, then hands bytes to the session."""
+        from twisted.internet.testing import StringTransport
+
+        class Transport(StringTransport):
+            """Records setTcpNoDelay."""
+
+            no_delay = None
+
+            def setTcpNoDelay(self, enabled):
+                """Remember the setting."""
+                self.no_delay = enabled
+
+        class Session:
+            """Records what the carrier hands it."""
+
+            def __init__(self):
+                self.transport = None
+                self.received = []
+
+            def makeConnection(self, transport):
+                """Remember the transport."""
+                self.transport = transport
+
+            def dataReceived(self, data):
+                """Remember the bytes."""
+                self.received.append(data)
+
+            def connectionLost(self, reason):
+                """Remember the end."""
+                self.received.append(None)
+
+        ended = []
+        session = Session()
+        carrier = worker_module.SessionCarrier(session, b"reply", b"early", ended.append)
+        transport = Transport()
+        carrier.makeConnection(transport)
+        self.assertIs(transport.no_delay, True)
+        self.assertEqual(transport.value(), b"reply")
+        self.assertIs(session.transport, transport)
+        carrier.dataReceived(b"more")
+        self.assertEqual(session.received, [b"early", b"more"])
+        carrier.connectionLost(None)
+        self.assertEqual((session.received[-1], ended), (None, [None]))

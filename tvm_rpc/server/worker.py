@@ -148,7 +148,13 @@ class SessionCarrier(tprotocol.Protocol):
         self._on_lost = on_lost
 
     def connectionMade(self):
-        """Reply, then start the session with the early bytes."""
+        """Reply (with Nagle off: every answer is latency), then start the session with the early bytes."""
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            try:
+                no_delay(True)
+            except OSError:
+                pass
         self.transport.write(self._reply)
         self._session.makeConnection(self.transport)
         if self._rest:
