@@ -1,8 +1,8 @@
-"""``twistd rpc-tracker``: options, the service tree, the plugin, the guarded
-listening port, and a few real daemons on loopback."""
+"""``twistd rpc-tracker``: options, the service tree, the plugin, and a few
+real daemons on loopback (the shared listener and guarded port are tested in
+``tests/test_daemon.py``)."""
 
 import contextlib
-import errno
 import os
 import random
 import re
@@ -15,8 +15,6 @@ import time
 import pytest
 from twisted.application.service import IServiceMaker
 from twisted.internet import defer
-from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.plugin import getPlugins
@@ -24,9 +22,9 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.daemons import Daemon, child_env, free_port, our_tracker, twistd
+from tvm_rpc.daemon import ListenerService
 from tvm_rpc.protocol.constants import RPC_TRACKER_MAGIC
 from tvm_rpc.tracker import tap
-from tvm_rpc.tracker.listen import GuardedTCPPort, ListenerService
 
 MAGIC = struct.pack("<i", RPC_TRACKER_MAGIC)
 
@@ -119,13 +117,14 @@ class MakeServiceTests(SynchronousTestCase):
         self.successResultOf(defer.maybeDeferred(top.stopService))
 
     def test_listen_endpoints(self):
-        """Each --listen gets its own listener service."""
+        """Every --listen endpoint is bound, with our backlog where none is given."""
         reactor = MemoryReactorClock()
         top = tap.makeService(
             parse("--listen", "tcp:7001:interface=127.0.0.1", "--listen", "tcp6:7002"),
             reactor=reactor,
         )
-        self.assertEqual(len(list(top)), 2)
+        (child,) = list(top)
+        self.assertEqual(len(child.candidates), 2)
         top.privilegedStartService()
         top.startService()
         self.assertEqual(
@@ -183,150 +182,6 @@ class MakeServiceTests(SynchronousTestCase):
         names = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
         self.assertIn("rpc-tracker", names)
         self.assertIs(names["rpc-tracker"].options, tap.Options)
-
-
-class FakeEndpoint:
-    """An endpoint that fails with a given errno, or listens on a fake port."""
-
-    def __init__(self, code=None, port=1):
-        """@param code: the errno to fail with, or L{None} to succeed on C{port}."""
-        self.code = code
-        self.port = port
-
-    def listen(self, factory):
-        """@return: a Deferred: the failure, or a fake listening port."""
-        if self.code is not None:
-            return defer.fail(CannotListenError("127.0.0.1", self.port, OSError(self.code, "x")))
-        reactor = MemoryReactorClock()
-        return defer.succeed(reactor.listenTCP(self.port, factory, 50, "127.0.0.1"))
-
-
-class ListenerServiceTests(SynchronousTestCase):
-    """First free port of a range; every other failure is fatal."""
-
-    def test_skips_ports_in_use(self):
-        """A port in use is skipped for the next candidate."""
-        service = ListenerService(
-            [FakeEndpoint(errno.EADDRINUSE, 1), FakeEndpoint(None, 2)], Factory()
-        )
-        service.privilegedStartService()
-        self.assertEqual(service.port.getHost().port, 2)
-
-    def test_none_free_is_fatal(self):
-        """No candidate free: CannotListenError."""
-        service = ListenerService([FakeEndpoint(errno.EADDRINUSE, p) for p in (1, 2)], Factory())
-        self.assertRaises(CannotListenError, service.privilegedStartService)
-
-    def test_other_errors_are_fatal(self):
-        """A failure other than 'in use' is fatal at once."""
-        service = ListenerService(
-            [FakeEndpoint(errno.EACCES, 1), FakeEndpoint(None, 2)], Factory()
-        )
-        self.assertRaises(CannotListenError, service.privilegedStartService)
-
-
-class FakeListeningSocket:
-    """A listening socket whose accept() replays scripted outcomes."""
-
-    def __init__(self, outcomes):
-        """@param outcomes: sockets to return or errnos to raise, in order."""
-        self.outcomes = list(outcomes)
-        self.accepted = []
-
-    def accept(self):
-        """@return: the next scripted socket. @raise OSError: a scripted errno (EAGAIN when done)."""
-        outcome = self.outcomes.pop(0) if self.outcomes else errno.EAGAIN
-        if isinstance(outcome, int):
-            raise OSError(outcome, os.strerror(outcome))
-        self.accepted.append(outcome)
-        return outcome, ("127.0.0.1", 5555)
-
-    def fileno(self):
-        """@return: an invalid descriptor (never polled)."""
-        return -1
-
-    def getsockname(self):
-        """@return: a plausible local address."""
-        return ("127.0.0.1", 9190)
-
-
-class FakeClientSocket:
-    """An accepted socket that only records being closed."""
-
-    closed = False
-
-    def close(self):
-        """Remember being closed."""
-        self.closed = True
-
-
-class GuardedPortTests(SynchronousTestCase):
-    """Running out of descriptors pauses the port instead of spinning."""
-
-    def make_port(self, outcomes):
-        """@return: C{(port, reactor, addresses built)} for a port over a scripted socket."""
-        reactor = MemoryReactorClock()
-        built = []
-
-        class Recorder(Factory):
-            """Records the addresses it is asked to build protocols for."""
-            def buildProtocol(self, addr):
-                """Record C{addr}; refuse the connection."""
-                built.append(addr)
-                return None
-
-        port = GuardedTCPPort(0, Recorder(), 50, "127.0.0.1", reactor)
-        port.socket = FakeListeningSocket(outcomes)
-        port.connected = True
-        port.startReading()
-        return port, reactor, built
-
-    def test_emfile_pauses_and_resumes(self):
-        """EMFILE stops reading for the backoff, logged once, then reading resumes."""
-        port, reactor, built = self.make_port([errno.EMFILE])
-        with capturedLogs() as events:
-            port.doRead()
-            self.assertNotIn(port, reactor.readers)
-            self.assertEqual(len(reactor.getDelayedCalls()), 1)
-            port.doRead()
-            reactor.advance(port.backoff)
-        self.assertIn(port, reactor.readers)
-        warnings = [formatEvent(e) for e in events if "out of file descriptors" in formatEvent(e)]
-        self.assertEqual(len(warnings), 1)
-
-    def test_backlog_shed_with_reserve(self):
-        """With the reserve, waiting connections are accepted and closed at once."""
-        waiting = [FakeClientSocket(), FakeClientSocket()]
-        port, reactor, built = self.make_port([errno.EMFILE] + waiting)
-        port._take_reserve()
-        try:
-            port.doRead()
-            self.assertTrue(all(s.closed for s in waiting))
-            self.assertEqual(port._refused, 2)
-            self.assertIsNotNone(port._reserve)
-        finally:
-            port._release_reserve()
-
-    def test_recovery_logged_once(self):
-        """The first accept after an episode logs the recovery once."""
-        client = FakeClientSocket()
-        port, reactor, built = self.make_port([errno.ENFILE])
-        with capturedLogs() as events:
-            port.doRead()
-            reactor.advance(port.backoff)
-            port.socket.outcomes = [client]
-            port.doRead()
-        self.assertEqual(len(built), 1)
-        self.assertTrue(client.closed)
-        text = [formatEvent(e) for e in events]
-        self.assertEqual(sum("again" in t for t in text), 1)
-
-    def test_transient_errors_skipped(self):
-        """ECONNABORTED skips one connection and accepting goes on."""
-        port, reactor, built = self.make_port([errno.ECONNABORTED, FakeClientSocket()])
-        port.doRead()
-        self.assertEqual(len(built), 1)
-        self.assertIn(port, reactor.readers)
 
 
 def tracker_call(port, *messages, timeout=5):

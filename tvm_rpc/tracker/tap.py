@@ -1,41 +1,27 @@
 """``twistd rpc-tracker``: command-line options and the service they build."""
 
-import ipaddress
 import secrets
 
 from twisted.application import service
-from twisted.internet import endpoints
 from twisted.internet.error import ReactorNotRunning
 from twisted.python import usage
 
-from .listen import GuardedListenReactor, ListenerService
+from ..daemon import (
+    DEFAULT_BACKLOG,
+    ListenOptions,
+    listen_parameters,
+    listener_service,
+    positive_int,
+    with_backlog,
+)
 from .logs import logger, set_silent
 from .protocol import KeepAlive, TrackerFactory
 from .state import TrackerState
 
 log = logger("tvm_rpc.tracker")
 
-#: Endpoint types that take a C{backlog} argument we fill in when absent.
-_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix")
 
-
-def _port_number(value):
-    """@return: C{value} as a port number. @raise ValueError: if it is not one."""
-    number = int(value)
-    if not 0 <= number <= 65535:
-        raise ValueError(f"{value} is not a port number")
-    return number
-
-
-def _positive(value):
-    """@return: C{value} as a positive int. @raise ValueError: if it is not one."""
-    number = int(value)
-    if number <= 0:
-        raise ValueError(f"{value} is not a positive integer")
-    return number
-
-
-class Options(usage.Options):
+class Options(ListenOptions, usage.Options):
     """
     The options of ``twistd rpc-tracker``, TVM's flags plus ours.
 
@@ -50,60 +36,23 @@ class Options(usage.Options):
     optFlags = [
         ["silent", None, "Log only warnings and errors."],
     ]
-    optParameters = [
-        ["host", None, "0.0.0.0", "Address to listen on."],
-        ["port", None, 9190, "First port to try.", _port_number],
-        ["port-end", None, 9199, "End of the port range (exclusive).", _port_number],
+    optParameters = listen_parameters("0.0.0.0", 9190) + [
         ["stop-key", None, None, "Key that a STOP command must carry (default: random)."],
-        ["keepalive-idle", None, 30, "Seconds of silence before TCP keepalive probes.", _positive],
-        ["keepalive-interval", None, 10, "Seconds between TCP keepalive probes.", _positive],
-        ["keepalive-count", None, 3, "Unanswered probes before a peer is dropped.", _positive],
-        ["backlog", None, 1024, "Listen backlog.", _positive],
+        ["keepalive-idle", None, 30, "Seconds of silence before TCP keepalive probes.", positive_int],
+        ["keepalive-interval", None, 10, "Seconds between TCP keepalive probes.", positive_int],
+        ["keepalive-count", None, 3, "Unanswered probes before a peer is dropped.", positive_int],
+        ["backlog", None, DEFAULT_BACKLOG, "Listen backlog.", positive_int],
     ]
-
-    def __init__(self):
-        """Start with no C{--listen} endpoints."""
-        super().__init__()
-        self["listen"] = []
-
-    def opt_listen(self, description):
-        """Listen on a Twisted endpoint string, e.g. tcp:9190:interface=127.0.0.1 (repeatable)."""
-        self["listen"].append(description)
 
     def postOptions(self):
         """Check the port range and endpoints; pick a random stop key if none.
 
         @raise usage.UsageError: on an empty port range or a bad endpoint.
         """
-        if self["port-end"] <= self["port"]:
-            raise usage.UsageError("--port-end must be greater than --port")
-        self["listen"] = [_with_backlog(d, self["backlog"]) for d in self["listen"]]
-        for description in self["listen"]:
-            try:
-                endpoints.serverFromString(None, description)
-            except Exception as e:
-                raise usage.UsageError(f"bad --listen {description!r}: {e}")
+        self["listen"] = [with_backlog(d, self["backlog"]) for d in self["listen"]]
+        self.check_listen()
         if self["stop-key"] is None:
             self["stop-key"] = "tracker:" + secrets.token_hex(16)
-
-
-def _with_backlog(description, backlog):
-    """@return: an endpoint string with C{backlog=} added where it applies and is absent."""
-    kind = description.split(":", 1)[0].strip().lower()
-    if kind in _BACKLOG_TYPES and "backlog=" not in description:
-        return f"{description}:backlog={backlog}"
-    return description
-
-
-def _range_endpoints(reactor, host, port, port_end, backlog):
-    """@return: one TCP endpoint per port of [port, port_end) on C{host}."""
-    family = endpoints.TCP4ServerEndpoint
-    try:
-        if ipaddress.ip_address(host).version == 6:
-            family = endpoints.TCP6ServerEndpoint
-    except ValueError:
-        pass
-    return [family(reactor, p, backlog=backlog, interface=host) for p in range(port, port_end)]
 
 
 def makeService(options, reactor=None):
@@ -112,13 +61,14 @@ def makeService(options, reactor=None):
 
     @param options: parsed L{Options}.
     @param reactor: the reactor to use; the global one when L{None}.
-    @return: a L{service.MultiService} with one L{ListenerService} child per
-        listening address, all sharing one L{TrackerState}.
+    @return: a L{service.MultiService} whose child C{"listener"} (a
+        L{tvm_rpc.daemon.ListenerService}) listens on the first free port of
+        the range or on every C{--listen} endpoint; it carries C{state} (the
+        L{TrackerState}) and C{factory} attributes.
     """
     if reactor is None:
         from twisted.internet import reactor
     set_silent(options["silent"])
-    listen_reactor = GuardedListenReactor(reactor)
     state = TrackerState(reactor)
 
     def on_stop():
@@ -139,21 +89,13 @@ def makeService(options, reactor=None):
             options["keepalive-count"],
         ),
     )
+    listener = listener_service(
+        reactor, factory, "rpc-tracker", host=options["host"], port=options["port"],
+        port_end=options["port-end"], listen=options["listen"], backlog=options["backlog"],
+    )
+    listener.setName("listener")
     top = service.MultiService()
-    if options["listen"]:
-        for index, description in enumerate(options["listen"]):
-            endpoint = endpoints.serverFromString(listen_reactor, description)
-            listener = ListenerService([endpoint], factory)
-            listener.setName(f"listener-{index}")
-            listener.setServiceParent(top)
-    else:
-        candidates = _range_endpoints(
-            listen_reactor, options["host"], options["port"], options["port-end"],
-            options["backlog"],
-        )
-        listener = ListenerService(candidates, factory)
-        listener.setName("listener-0")
-        listener.setServiceParent(top)
+    listener.setServiceParent(top)
     top.state = state
     top.factory = factory
     return top
