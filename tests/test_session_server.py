@@ -449,6 +449,26 @@ class StartTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(work))
         self.assertEqual(len(self.flushLoggedErrors(amp.NoEmptyBoxes)), 1)
 
+    def test_key_too_long_closes_and_cleans_up(self):
+        """Bytes with an AMP key length above 255 end the session, cleanly and logged."""
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        protocol, transport = self.make()
+        protocol.makeConnection(transport)
+        work = protocol.environment.work_dir.root
+        protocol.dataReceived(b"\x00\x04_ask\x00\x011\x01\x00" + b"k" * 256)
+        self.assertTrue(transport.disconnecting)
+        protocol.dataReceived(amp.AmpBox(_command=b"Hello", _ask=b"2", protocol=b"x",
+                                         version=b"1").serialize())
+        self.assertNotIn(b"_answer", transport.value())
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(os.path.exists(work))
+        self.assertTrue(any("not AMP boxes" in (event.get("log_format") or "")
+                            for event in events))
+
     def test_timeout_notice_is_a_box(self):
         """The timeout notice reaches a client's SessionEnded responder, unanswered."""
         received = []

@@ -28,7 +28,10 @@ import struct
 
 import attrs
 from twisted.internet import tcp
+from twisted.logger import Logger
 from twisted.protocols import amp
+
+log = Logger()
 
 _LENGTH = struct.Struct("!H")
 #: The longest key AMP allows.
@@ -260,7 +263,9 @@ class LeanAMP(amp.AMP):
             while not self.paused:
                 try:
                     box = parser.next_box()
-                except BoxError:
+                except BoxError as e:
+                    log.warn("closing {peer}: its bytes are not AMP boxes ({why})",
+                             peer=self._peer(), why=str(e))
                     self._unparsable = True
                     self._keyLengthLimitExceeded = True
                     self.transport.loseConnection()
@@ -272,6 +277,13 @@ class LeanAMP(amp.AMP):
             if outermost:
                 self._flush_cork()
                 self._corked = None
+
+    def _peer(self):
+        """@return: the peer's address as text, for log lines."""
+        try:
+            return str(self.transport.getPeer())
+        except Exception:
+            return "?"
 
     def ampBoxReceived(self, box):
         """Hand a box to AMP's dispatch (answers, errors, commands)."""
