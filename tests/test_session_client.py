@@ -785,6 +785,35 @@ class RawAnswerTests(SynchronousTestCase):
         self.assertEqual((failure.value.type_name, failure.value.message,
                           failure.value.traceback_text), ("pkg.Oops", "bad", "Traceback..."))
 
+    def test_cancelled_call_ignores_its_answer(self):
+        """A cancelled call fails with CancelledError; its late answer is dropped, calls go on."""
+        calling = self.session.call("f")
+        calling.cancel()
+        self.failureResultOf(calling, CancelledError)
+        later = self.session.call("g")
+        self.answer(_answer=b"1", result=values.encode("late"))
+        self.answer(_answer=b"2", result=values.encode("fine"))
+        self.assertEqual(self.successResultOf(later), "fine")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_answer_with_bad_value(self):
+        """An answer whose value does not decode fails that call only."""
+        calling = self.session.call("f")
+        self.answer(_answer=b"1", result=b"\x01garbage")
+        self.failureResultOf(calling, values.CodecError)
+        again = self.session.call("f")
+        self.answer(_answer=b"2", result=values.encode([1, None]))
+        self.assertEqual(self.successResultOf(again), [1, None])
+
+    def test_calls_after_loss_fail_at_once(self):
+        """Once the connection is gone, a new call fails with SessionClosed without writing."""
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.transport.clear()
+        self.failureResultOf(self.session.call("f"), SessionClosed)
+        self.failureResultOf(self.protocol.call_function(values.encode([]), lambda box: None,
+                                                         name="f"), SessionClosed)
+        self.assertEqual(self.transport.value(), b"")
+
     def test_undeclared_error(self):
         """Another error code becomes AMP's UnknownRemoteError; the connection stays."""
         calling = self.session.call("f")
