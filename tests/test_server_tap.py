@@ -105,7 +105,7 @@ class MakeServiceTests(SynchronousTestCase):
         service.privilegedStartService()
         [(port, _, _, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (9300, "127.0.0.1"))
-        self.assertEqual(list(service), [])
+        self.assertEqual([child.name for child in service], ["listener"])
         service.stopService()
         self.assertFalse(os.path.exists(service.work_root))
 
@@ -126,7 +126,8 @@ class MakeServiceTests(SynchronousTestCase):
         )
         reactor.busy = set()
         service.startService()
-        [child] = list(service)
+        self.assertEqual([c.name for c in service], ["listener", "registration"])
+        child = service.getServiceNamed("registration")
         self.assertIsInstance(child, TrackerRegistration)
         self.assertEqual((child.port, child.custom_addr, child.gate.key), (9300, "10.1.2.3", "rasp"))
         self.assertTrue(service.factory.gate.tracked)
@@ -149,6 +150,22 @@ class MakeServiceTests(SynchronousTestCase):
         service.startService()
         self.assertEqual(reactor.tcpServers[0][0], 9400)
         self.assertEqual(service.bound_port, 9400)
+
+    def test_through_proxy(self):
+        """--through-proxy: no listener, a link to the proxy; stopping removes the work root."""
+        from tvm_rpc.server.proxied import ProxiedServerService
+
+        service, reactor = self.make("--no-fork", "--through-proxy", "--key", "k",
+                                     "--port", "9500", "--port-end", "9500")
+        self.assertIsInstance(service, ProxiedServerService)
+        self.assertEqual([child.name for child in service], ["link"])
+        service.privilegedStartService()
+        service.startService()
+        self.assertEqual(reactor.tcpServers, [])
+        self.assertEqual(reactor.tcpClients[0][:2], ("127.0.0.1", 9500))
+        self.assertTrue(os.path.isdir(service.work_root))
+        service.stopService()
+        self.assertFalse(os.path.exists(service.work_root))
 
     def test_init_imported_at_start(self):
         self.make("--no-fork", "--init", "tests.server_init_sample:setup")

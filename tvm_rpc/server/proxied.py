@@ -12,7 +12,7 @@ One session at a time, as TVM's server does through a proxy.
 """
 
 import attrs
-from twisted.application.service import MultiService, Service
+from twisted.application.service import Service
 from twisted.internet.protocol import Factory, Protocol
 
 from ..protocol.constants import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
@@ -21,6 +21,7 @@ from ..protocol.handshake import ReplyDecoder, encode_handshake
 from ..protocol.keys import parse_client_key, parse_timeout_option
 from .listener import Handoff
 from .logs import logger
+from .service import SessionHostService
 
 log = logger("tvm_rpc.server.proxied")
 
@@ -229,34 +230,17 @@ class ProxyLink(Service):
         self._later(backoff=False)
 
 
-class ProxiedServerService(MultiService):
-    """The whole ``--through-proxy`` server: the link and the session runner."""
+class ProxiedServerService(SessionHostService):
+    """The whole ``--through-proxy`` server: the link (child C{"link"}) and the session runner."""
 
-    def __init__(self, link, runner, cleanup=None):
+    def __init__(self, link, runner, work_root=None, owns_work_root=False):
         """
         @param link: the L{ProxyLink}.
         @param runner: the session runner (C{warm_up}/C{stop} called when present).
-        @param cleanup: called with no argument after stopping, or L{None}.
+        @param work_root: the directory under which sessions work.
+        @param owns_work_root: whether to remove C{work_root} on stop.
         """
-        super().__init__()
+        super().__init__(runner, work_root, owns_work_root)
         self.link = link
-        self.runner = runner
-        self._cleanup = cleanup
+        link.setName("link")
         link.setServiceParent(self)
-
-    def startService(self):
-        """Warm the runner, then connect."""
-        warm_up = getattr(self.runner, "warm_up", None)
-        if warm_up is not None:
-            warm_up()
-        super().startService()
-
-    def stopService(self):
-        """Stop connecting and end every session."""
-        stopped = super().stopService()
-        stop = getattr(self.runner, "stop", None)
-        if stop is not None:
-            stop()
-        if self._cleanup is not None:
-            self._cleanup()
-        return stopped

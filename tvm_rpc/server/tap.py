@@ -7,6 +7,14 @@ from twisted.python import usage
 
 from ..client.registration import TrackerRegistration
 from ..client.tracker import tracker_endpoint
+from ..daemon import (
+    ListenOptions,
+    listen_parameters,
+    listener_service,
+    parse_address,
+    positive_float,
+    positive_int,
+)
 from .gate import SessionGate
 from .listener import DEFAULT_HANDSHAKE_TIMEOUT, InProcessRunner, ListenerFactory
 from .logs import set_silent
@@ -15,44 +23,7 @@ from .service import RPCServerService
 from .worker import DEFAULT_SESSION_FACTORY, WorkerPool, load_callable, run_init
 
 
-def _port_number(value):
-    number = int(value)
-    if not 0 <= number <= 65535:
-        raise ValueError(f"{value} is not a port number")
-    return number
-
-
-def _positive_float(value):
-    number = float(value)
-    if not number > 0 or number == float("inf"):
-        raise ValueError(f"{value} is not a positive number")
-    return number
-
-
-def _positive_int(value):
-    number = int(value)
-    if number <= 0:
-        raise ValueError(f"{value} is not a positive integer")
-    return number
-
-
-def parse_address(text, what):
-    """
-    @param text: ``HOST:PORT`` (IPv6 hosts in brackets or bare before the last colon).
-    @return: C{(host, port)}.
-    @raise usage.UsageError: when it is not an address.
-    """
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host:
-        raise usage.UsageError(f"{what} must be HOST:PORT, not {text!r}")
-    try:
-        return host, _port_number(port)
-    except ValueError:
-        raise usage.UsageError(f"{what} must be HOST:PORT, not {text!r}") from None
-
-
-class Options(usage.Options):
+class Options(ListenOptions, usage.Options):
     """
     The options of ``twistd rpc-server``: TVM's flags plus ours.
 
@@ -69,30 +40,23 @@ class Options(usage.Options):
         ["silent", None, "Log only warnings and errors."],
         ["no-fork", None, "Run sessions in the server process (for tests and platforms without fork)."],
     ]
-    optParameters = [
-        ["host", None, "0.0.0.0", "Address to listen on."],
-        ["port", None, 9090, "First port to try.", _port_number],
-        ["port-end", None, 9199, "End of the port range (exclusive).", _port_number],
+    optParameters = listen_parameters("0.0.0.0", 9090) + [
         ["tracker", None, None, "The tracker to register with, HOST:PORT."],
         ["key", None, "", "The device key clients ask for."],
         ["custom-addr", None, None, "The address to report to the tracker instead of the one it sees."],
         ["work-dir", None, None, "Directory for session work directories (default: a fresh temporary one)."],
         ["handshake-timeout", None, DEFAULT_HANDSHAKE_TIMEOUT,
-         "Seconds a peer has to complete its handshake.", _positive_float],
+         "Seconds a peer has to complete its handshake.", positive_float],
         ["max-sessions", None, 1,
-         "Sessions run at once (TVM runs one: measurements stay exclusive).", _positive_int],
+         "Sessions run at once (TVM runs one: measurements stay exclusive).", positive_int],
         ["session-factory", None, DEFAULT_SESSION_FACTORY,
          "MODULE:CALLABLE making a session protocol from (work_root, clock=...)."],
     ]
 
     def __init__(self):
+        """Start with no C{--listen} endpoint and no C{--init} module."""
         super().__init__()
-        self["listen"] = []
         self["init"] = []
-
-    def opt_listen(self, description):
-        """Listen on a Twisted endpoint string, e.g. tcp:9090:interface=127.0.0.1 (repeatable)."""
-        self["listen"].append(description)
 
     def opt_init(self, spec):
         """Import MODULE[:CALLABLE] at start-up (and in every worker) so it registers functions (repeatable)."""
@@ -105,10 +69,12 @@ class Options(usage.Options):
                 "--through-proxy connects out to --host/--port; --listen and --tracker "
                 "do not apply (the proxy registers its servers with its own tracker)"
             )
-        if self["port-end"] <= self["port"] and not self["through-proxy"]:
-            raise usage.UsageError("--port-end must be greater than --port")
+        self.check_listen(port_range=not self["through-proxy"])
         if self["tracker"] is not None:
-            self["tracker"] = parse_address(self["tracker"], "--tracker")
+            try:
+                self["tracker"] = parse_address(self["tracker"], "--tracker")
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
             if not self["key"]:
                 raise usage.UsageError("--tracker needs --key: the device type clients ask for")
         if ":" not in self["session-factory"]:
@@ -118,13 +84,6 @@ class Options(usage.Options):
         for spec in self["init"]:
             if not spec.partition(":")[0]:
                 raise usage.UsageError(f"bad --init {spec!r}: want MODULE[:CALLABLE]")
-        from twisted.internet import endpoints
-
-        for description in self["listen"]:
-            try:
-                endpoints.serverFromString(None, description)
-            except Exception as e:
-                raise usage.UsageError(f"bad --listen {description!r}: {e}")
 
 
 def makeService(options, reactor=None):
@@ -133,7 +92,8 @@ def makeService(options, reactor=None):
 
     @param options: parsed L{Options}.
     @param reactor: the reactor to use; the global one when L{None}.
-    @return: an L{RPCServerService}.
+    @return: an L{RPCServerService}, or a L{ProxiedServerService} with
+        C{--through-proxy}.
     @raise ImportError: when an ``--init`` module or the session factory
         cannot be imported.
     """
@@ -174,14 +134,7 @@ def makeService(options, reactor=None):
         link = ProxyLink(
             tracker_endpoint(reactor, host, port), gate, runner, reactor, proxy=f"proxy {host}:{port}"
         )
-        cleanup = None
-        if owns_work_root:
-            import shutil
-
-            def cleanup():
-                shutil.rmtree(work_root, ignore_errors=True)
-
-        return ProxiedServerService(link, runner, cleanup)
+        return ProxiedServerService(link, runner, work_root, owns_work_root)
     factory = ListenerFactory(gate, runner, reactor, options["handshake-timeout"])
     make_registration = None
     if tracker is not None:
@@ -197,13 +150,13 @@ def makeService(options, reactor=None):
                 tracker=f"tracker {host}:{port}",
             )
 
+    listener = listener_service(
+        reactor, factory, "rpc-server", host=options["host"], port=options["port"],
+        port_end=options["port-end"], listen=options["listen"],
+    )
     return RPCServerService(
-        reactor,
+        listener,
         factory,
-        host=options["host"],
-        port=options["port"],
-        port_end=options["port-end"],
-        listen=options["listen"],
         make_registration=make_registration,
         runner=runner,
         work_root=work_root,
