@@ -5,6 +5,7 @@ import importlib
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tvm_rpc.client.connect import KeyMismatch, RequestFailed, request, request_and_run
@@ -203,3 +204,66 @@ class ConnectTimeoutTests(SynchronousTestCase):
         failure = self.failureResultOf(attempt, NotAnRpcServer)
         self.assertIn("within 5 s", str(failure.value))
         self.assertTrue(endpoint.transports[0].disconnected)
+
+
+class RecordingSession:
+    """A session protocol that records what it is given."""
+
+    def __init__(self):
+        self.transport = None
+        self.received = []
+        self.lost = []
+
+    def makeConnection(self, transport):
+        self.transport = transport
+
+    def dataReceived(self, data):
+        self.received.append(data)
+
+    def connectionLost(self, reason=None):
+        self.lost.append(reason)
+
+
+class SessionCarrierTests(SynchronousTestCase):
+    """The handshake-then-session carrier shared by the client and the server."""
+
+    def test_carries_after_switch(self):
+        """Before the switch nothing is carried; after it, early bytes, later
+        bytes and the loss go to the session on the same transport."""
+        from twisted.internet.testing import StringTransport
+
+        from tvm_rpc.client.connect import ClientHandshake
+
+        carrier = ClientHandshake("k", 0, "here:1")
+        transport = StringTransport()
+        carrier.makeConnection(transport)
+        self.assertFalse(carrier.carried(b"x"))
+        session = RecordingSession()
+        carrier.switch_to(session, b"early")
+        self.assertIs(session.transport, transport)
+        carrier.dataReceived(b"later")
+        self.assertEqual(session.received, [b"early", b"later"])
+        carrier.done.addErrback(lambda failure: None)
+        reason = Failure(ConnectionLost("gone"))
+        carrier.connectionLost(reason)
+        self.assertEqual(session.lost, [reason])
+
+    def test_set_no_delay(self):
+        """Nagle goes off where the transport has the switch; others are left alone."""
+        from tvm_rpc.client.connect import set_no_delay
+
+        class TCPish:
+            calls = []
+
+            def setTcpNoDelay(self, enabled):
+                self.calls.append(enabled)
+
+        class Refusing:
+            def setTcpNoDelay(self, enabled):
+                raise OSError("not TCP")
+
+        tcp = TCPish()
+        set_no_delay(tcp)
+        set_no_delay(Refusing())
+        set_no_delay(object())
+        self.assertEqual(tcp.calls, [True])

@@ -8,21 +8,15 @@ server from a tracker; :func:`request_and_run` runs a function on a session and
 retries on another server when the one it got drops out. All return Deferreds.
 """
 
-import ipaddress
-
 from twisted.internet import defer, error
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    connectProtocol,
-)
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from ..protocol.constants import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
 from ..protocol.flavour import TVM_SERVER_REFUSAL, client_key, reply_is_marked
 from ..protocol.handshake import ReplyDecoder, encode_handshake
+from .tracker import tracker_endpoint
 
 log = Logger()
 
@@ -57,18 +51,69 @@ class RequestFailed(Exception):
 def server_endpoint(reactor, host, port, timeout=DEFAULT_HANDSHAKE_TIMEOUT):
     """
     @return: an L{IStreamClientEndpoint} reaching C{host}:C{port} (IP literals
-        without a resolver, names through L{HostnameEndpoint}).
+        without a resolver, names through L{HostnameEndpoint}), as
+        L{tracker_endpoint} makes them, with the handshake's timeout.
     """
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
-    if address.version == 6:
-        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
-    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    return tracker_endpoint(reactor, host, port, timeout)
 
 
-class ClientHandshake(Protocol):
+def set_no_delay(transport):
+    """
+    Switch Nagle off on C{transport}: handshakes and sessions are
+    request/response, so every delayed small write is latency. Streams that
+    are not TCP (UNIX sockets, test transports) are left alone.
+    """
+    no_delay = getattr(transport, "setTcpNoDelay", None)
+    if no_delay is not None:
+        try:
+            no_delay(True)
+        except OSError:
+            pass
+
+
+class SessionCarrier:
+    """
+    Mixin for the protocol that does one side of the RPC handshake and then
+    carries a session protocol over the same transport: once L{switch_to}
+    ran, every byte and the connection's loss go to the session.
+
+    The client's L{ClientHandshake}, the server port's handshake and the
+    server's link to a proxy all use it.
+    """
+
+    _session = None
+
+    def switch_to(self, protocol, rest=b""):
+        """
+        Hand the connection to a session protocol.
+
+        @param protocol: a fresh protocol; it is connected to this transport
+            and given C{rest}, then every later byte.
+        @param rest: bytes already received after the handshake.
+        """
+        self._session = protocol
+        protocol.makeConnection(self.transport)
+        if rest:
+            protocol.dataReceived(rest)
+
+    def carried(self, data):
+        """
+        Pass C{data} to the session, if one was switched to.
+
+        @return: whether it was (then the handshake has nothing to do with it).
+        """
+        if self._session is None:
+            return False
+        self._session.dataReceived(data)
+        return True
+
+    def carry_loss(self, reason):
+        """Tell the session, if any, that the connection is gone."""
+        if self._session is not None:
+            self._session.connectionLost(reason)
+
+
+class ClientHandshake(SessionCarrier, Protocol):
     """
     The connecting side of the RPC handshake, then a carrier for the session.
 
@@ -87,25 +132,16 @@ class ClientHandshake(Protocol):
         self._session_timeout = session_timeout
         self._address = address
         self._decoder = ReplyDecoder()
-        self._session = None
         self.done = defer.Deferred(lambda d: self.transport and self.transport.abortConnection())
 
     def connectionMade(self):
         """Send the handshake in one write, with Nagle off."""
-        no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if no_delay is not None:
-            try:
-                no_delay(True)
-            except OSError:
-                pass
+        set_no_delay(self.transport)
         self.transport.write(encode_handshake(client_key(self._key, self._session_timeout)))
 
     def dataReceived(self, data):
         """Decode the reply, then pass bytes to the session."""
-        if self._session is not None:
-            self._session.dataReceived(data)
-            return
-        if self.done.called:
+        if self.carried(data) or self.done.called:
             return
         if self._decoder.feed(data):
             self._reply()
@@ -136,18 +172,6 @@ class ClientHandshake(Protocol):
             return
         self.done.callback(decoder.rest)
 
-    def switch_to(self, protocol, rest=b""):
-        """
-        Hand the connection to the session protocol.
-
-        @param protocol: a fresh protocol, connected to this transport.
-        @param rest: bytes already received after the reply.
-        """
-        self._session = protocol
-        protocol.makeConnection(self.transport)
-        if rest:
-            protocol.dataReceived(rest)
-
     def connectionLost(self, reason=None):
         """Fail the handshake, or tell the session."""
         if not self.done.called:
@@ -157,8 +181,7 @@ class ClientHandshake(Protocol):
                     f"({reason.getErrorMessage() if reason else 'closed'})"
                 )
             )
-        if self._session is not None:
-            self._session.connectionLost(reason)
+        self.carry_loss(reason)
 
 
 async def _start_session(handshake, rest, reactor):

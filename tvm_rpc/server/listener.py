@@ -13,6 +13,7 @@ import attrs
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import Interface, implementer
 
+from ..client.connect import SessionCarrier, set_no_delay
 from ..protocol.constants import RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
 from ..protocol.flavour import (
     TVM_CLIENT_REFUSAL,
@@ -87,7 +88,7 @@ def describe_peer(transport):
     return f"{host}:{port}"
 
 
-class HandshakeProtocol(Protocol):
+class HandshakeProtocol(SessionCarrier, Protocol):
     """
     One connection to the server port: handshake, wait for a slot, hand off.
 
@@ -103,30 +104,20 @@ class HandshakeProtocol(Protocol):
         self._decoder = HandshakeDecoder()
         self._timer = None
         self._waiting = None
-        self._session = None
         self._handed_off = False
         self.peer = "?"
 
     def connectionMade(self):
         """Switch Nagle off (sessions are request/response) and start the handshake timer."""
         self.peer = describe_peer(self.transport)
-        no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if no_delay is not None:
-            try:
-                no_delay(True)
-            except OSError:
-                # Not every stream is TCP (unix: endpoints); nothing to switch off.
-                pass
+        set_no_delay(self.transport)
         self._timer = self._listener.clock.callLater(
             self._listener.handshake_timeout, self._handshake_expired
         )
 
     def dataReceived(self, data):
         """Feed the handshake, or pass bytes on once a session runs."""
-        if self._session is not None:
-            self._session.dataReceived(data)
-            return
-        if self._handed_off:
+        if self.carried(data) or self._handed_off:
             return
         if self._decoder.done:
             self._decoder.feed(data)
@@ -141,21 +132,7 @@ class HandshakeProtocol(Protocol):
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
             waiting.cancel()
-        if self._session is not None:
-            self._session.connectionLost(reason)
-
-    def switch_to(self, protocol, rest=b""):
-        """
-        Make C{protocol} the session protocol of this connection.
-
-        @param protocol: a fresh protocol; it is connected to this transport
-            and given C{rest}, then every later byte.
-        @param rest: bytes already received after the handshake.
-        """
-        self._session = protocol
-        protocol.makeConnection(self.transport)
-        if rest:
-            protocol.dataReceived(rest)
+        self.carry_loss(reason)
 
     def _cancel_timer(self):
         if self._timer is not None and self._timer.active():

@@ -15,6 +15,7 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.protocol import Factory, Protocol
 
+from ..client.connect import SessionCarrier, set_no_delay
 from ..protocol.constants import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
 from ..protocol.flavour import TVM_CLIENT_REFUSAL, is_marked, server_key, tvm_exception_packet
 from ..protocol.handshake import ReplyDecoder, encode_handshake
@@ -40,43 +41,27 @@ class _LinkSlot:
             self._link._session_ended()
 
 
-class ProxiedServerProtocol(Protocol):
+class ProxiedServerProtocol(SessionCarrier, Protocol):
     """One connection to the proxy: handshake, wait for a client, hand off."""
 
     def __init__(self, link):
         """@param link: the L{ProxyLink} that made this connection."""
         self._link = link
         self._decoder = ReplyDecoder()
-        self._session = None
         self._handed_off = False
         self._outcome = "lost"
 
     def connectionMade(self):
         """Present our key; Nagle off, as on the server port."""
-        no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if no_delay is not None:
-            try:
-                no_delay(True)
-            except OSError:
-                pass
+        set_no_delay(self.transport)
         self.transport.write(encode_handshake(server_key(self._link.gate.key)))
 
     def dataReceived(self, data):
         """Read the proxy's answer, then pass bytes to the session."""
-        if self._session is not None:
-            self._session.dataReceived(data)
-            return
-        if self._handed_off or self._decoder.done:
+        if self.carried(data) or self._handed_off or self._decoder.done:
             return
         if self._decoder.feed(data):
             self._answered()
-
-    def switch_to(self, protocol, rest=b""):
-        """Make C{protocol} the session protocol of this connection (``--no-fork``)."""
-        self._session = protocol
-        protocol.makeConnection(self.transport)
-        if rest:
-            protocol.dataReceived(rest)
 
     def _answered(self):
         decoder = self._decoder
@@ -142,8 +127,7 @@ class ProxiedServerProtocol(Protocol):
 
     def connectionLost(self, reason=None):
         """Connect again, or end the in-process session."""
-        if self._session is not None:
-            self._session.connectionLost(reason)
+        self.carry_loss(reason)
         if not self._handed_off:
             self._link._connection_ended(self._outcome)
 
