@@ -226,3 +226,79 @@ class FailedRegistrationTests(SynchronousTestCase):
         self.assertGreaterEqual(len(endpoint.trackers), 2)
         self.assertTrue(all(t.transport.disconnected for t in endpoint.trackers))
         self.assertEqual(len(self.flushLoggedErrors(TrackerError)), len(endpoint.trackers))
+
+
+class PollingProtocol:
+    """A tracker connection that answers GET_PENDING_MATCHKEYS from a set, or fails."""
+
+    def __init__(self):
+        self.pending = set()
+        self.calls = 0
+        self.fail = False
+
+    def call(self, command):
+        """@return: a Deferred of the pending matchkeys (or a failure)."""
+        self.calls += 1
+        if self.fail:
+            return defer.fail(ConnectionRefusedError())
+        return defer.succeed(sorted(self.pending))
+
+
+class MatchkeyPollerTests(SynchronousTestCase):
+    """The polling that the server's registration and the proxy's links share."""
+
+    def setUp(self):
+        from tvm_rpc.client.registration import MatchkeyPoller
+
+        self.clock = Clock()
+        self.current = "k:1"
+        self.stale = []
+        self.failed = []
+        self.poller = MatchkeyPoller(
+            self.clock, 2.0, 5.0, current=lambda: self.current, stale=self.stale.append,
+            failed=lambda failure, what, protocol: self.failed.append(what))
+        self.protocol = PollingProtocol()
+
+    def test_polls_every_period(self):
+        """One GET_PENDING_MATCHKEYS per period while started, none after stop."""
+        self.protocol.pending.add("k:1")
+        self.poller.start(self.protocol)
+        self.clock.advance(1.9)
+        self.assertEqual(self.protocol.calls, 0)
+        self.clock.pump([0.1, 2, 2])
+        self.assertEqual(self.protocol.calls, 3)
+        self.poller.stop()
+        self.clock.advance(10)
+        self.assertEqual((self.protocol.calls, self.stale), (3, []))
+
+    def test_stale_after_timeout(self):
+        """A handed-out matchkey unused for more than the timeout is stale (third poll: 6 s > 5 s)."""
+        self.poller.start(self.protocol)
+        self.clock.pump([2, 2])
+        self.assertEqual(self.stale, [])
+        self.clock.advance(2)
+        self.assertEqual(self.stale, ["k:1"])
+
+    def test_reset_by_pending_new_offer_or_put(self):
+        """A pending matchkey, a different one on offer, or a reset start the count afresh."""
+        self.poller.start(self.protocol)
+        self.clock.pump([2, 2])
+        self.protocol.pending.add("k:1")
+        self.clock.advance(2)
+        self.protocol.pending.clear()
+        self.clock.pump([2, 2])
+        self.poller.reset()
+        self.clock.pump([2, 2])
+        self.current = None
+        self.clock.pump([2, 2, 2])
+        self.assertEqual(self.stale, [])
+        self.current = "k:2"
+        self.clock.pump([2, 2, 2])
+        self.assertEqual(self.stale, ["k:2"])
+
+    def test_failure_reported(self):
+        """A failed poll goes to C{failed}, named."""
+        self.protocol.fail = True
+        self.poller.start(self.protocol)
+        self.clock.advance(2)
+        self.assertEqual(self.failed, ["GET_PENDING_MATCHKEYS"])

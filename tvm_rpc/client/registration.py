@@ -33,6 +33,90 @@ POLL_PERIOD = 2.0
 UNMATCHED_TIMEOUT = 4.0
 
 
+def retry_policy(max_delay):
+    """
+    @param max_delay: the longest wait between attempts, in seconds.
+    @return: the reconnection backoff of every tracker link (the server's
+        and the proxy's): from 0.5 s, growing 1.5 times per failure.
+    """
+    return backoffPolicy(initialDelay=0.5, maxDelay=max_delay, factor=1.5)
+
+
+@attrs.define(eq=False)
+class MatchkeyPoller:
+    """
+    Polls a registered tracker connection, as TVM's server and proxy do:
+    C{GET_PENDING_MATCHKEYS} every C{poll_period} seconds, and a matchkey the
+    tracker handed out (it is no longer pending) that nobody used for more
+    than C{unmatched_timeout} seconds is reported as stale, to be replaced.
+    The server's L{TrackerRegistration} and the proxy's per-server links
+    (L{tvm_rpc.proxy.registration}) both poll with it.
+
+    @ivar clock: an L{IReactorTime}.
+    @ivar poll_period: seconds between polls.
+    @ivar unmatched_timeout: seconds a handed-out matchkey may stay unused.
+    @ivar current: returns the matchkey on offer now, or L{None}.
+    @ivar stale: called with a matchkey handed out and never used.
+    @ivar failed: called with C{(failure, what, protocol)} when a poll fails.
+    """
+
+    clock: object
+    poll_period: float
+    unmatched_timeout: float
+    current: object
+    stale: object
+    failed: object
+    _protocol: object = attrs.field(init=False, default=None)
+    _call: object = attrs.field(init=False, default=None)
+    _unmatched: int = attrs.field(init=False, default=0)
+
+    def start(self, protocol):
+        """Poll C{protocol}, a freshly registered tracker connection."""
+        self._protocol = protocol
+        self.reset()
+        self._schedule()
+
+    def stop(self):
+        """Stop polling (the connection closed or the service stops)."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._protocol = None
+
+    def reset(self):
+        """The matchkey on offer is new or was just PUT: count afresh."""
+        self._unmatched = 0
+
+    def _schedule(self):
+        """Poll again after the poll period."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = self.clock.callLater(self.poll_period, self._poll)
+
+    def _poll(self):
+        """Ask the tracker which matchkeys of this connection are still pending."""
+        self._call = None
+        protocol = self._protocol
+        if protocol is None:
+            return
+        asked = self.current()
+        polled = protocol.call(GetPendingMatchkeys())
+        polled.addCallback(self._polled, asked, protocol)
+        polled.addErrback(self.failed, "GET_PENDING_MATCHKEYS", protocol)
+
+    def _polled(self, pending, asked, protocol):
+        """Count a poll in which the matchkey asked about was handed out but unused."""
+        if protocol is not self._protocol:
+            return
+        self._schedule()
+        if asked is None or asked != self.current() or asked in pending:
+            self._unmatched = 0
+            return
+        self._unmatched += 1
+        if self._unmatched * self.poll_period > self.unmatched_timeout:
+            self.stale(asked)
+
+
 @attrs.define(eq=False)
 class TrackerRegistration(Service):
     """
@@ -65,13 +149,20 @@ class TrackerRegistration(Service):
     registrations: int = attrs.field(init=False, default=0)
     _client: object = attrs.field(init=False, default=None)
     _protocol: object = attrs.field(init=False, default=None)
-    _poll: object = attrs.field(init=False, default=None)
-    _polled_key: "str | None" = attrs.field(init=False, default=None)
-    _unmatched: int = attrs.field(init=False, default=0)
+    _poller: MatchkeyPoller = attrs.field(init=False, default=None)
     _registered: list = attrs.field(init=False, factory=list)
 
     def __attrs_post_init__(self):
+        """Initialise the L{Service} part and the poller."""
         Service.__init__(self)
+        self._poller = MatchkeyPoller(
+            self.clock,
+            self.poll_period,
+            self.unmatched_timeout,
+            current=lambda: self.gate.offered,
+            stale=self._stale,
+            failed=self._call_failed,
+        )
 
     def startService(self):
         """Start connecting to the tracker."""
@@ -80,7 +171,7 @@ class TrackerRegistration(Service):
         self._client = ClientService(
             self.endpoint,
             TrackerClientFactory(),
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=self.max_delay, factor=1.5),
+            retryPolicy=retry_policy(self.max_delay),
             clock=self.clock,
             prepareConnection=self._prepare,
         )
@@ -89,7 +180,7 @@ class TrackerRegistration(Service):
     def stopService(self):
         """Stop polling and close the tracker connection (which withdraws the PUT)."""
         Service.stopService(self)
-        self._stop_polling()
+        self._poller.stop()
         self.gate.offer_changed = None
         self._protocol = None
         client, self._client = self._client, None
@@ -140,7 +231,6 @@ class TrackerRegistration(Service):
             return
         self._protocol = protocol
         self.registrations += 1
-        self._reset_unmatched()
         self.log.info(
             "registered {key} with {tracker} (port {port}, matchkey {matchkey})",
             key=key,
@@ -149,7 +239,7 @@ class TrackerRegistration(Service):
             matchkey=matchkey,
         )
         protocol.when_closed().addBoth(self._lost, protocol)
-        self._schedule_poll()
+        self._poller.start(protocol)
         waiters, self._registered = self._registered, []
         for waiter in waiters:
             waiter.callback(protocol)
@@ -157,18 +247,14 @@ class TrackerRegistration(Service):
     def _lost(self, reason, protocol):
         if self._protocol is protocol:
             self._protocol = None
-            self._stop_polling()
+            self._poller.stop()
             if self.running:
                 self.log.warn(
                     "lost {tracker}; reconnecting", tracker=self.tracker
                 )
 
-    def _reset_unmatched(self):
-        self._unmatched = 0
-        self._polled_key = self.gate.offered
-
     def _offer_changed(self):
-        self._reset_unmatched()
+        self._poller.reset()
         protocol = self._protocol
         matchkey = self.gate.offered
         if protocol is None or matchkey is None:
@@ -183,39 +269,10 @@ class TrackerRegistration(Service):
         if protocol is self._protocol and protocol.transport is not None:
             protocol.transport.abortConnection()
 
-    def _schedule_poll(self):
-        self._stop_polling()
-        self._poll = self.clock.callLater(self.poll_period, self._poll_now)
-
-    def _stop_polling(self):
-        if self._poll is not None and self._poll.active():
-            self._poll.cancel()
-        self._poll = None
-
-    def _poll_now(self):
-        self._poll = None
-        protocol = self._protocol
-        if protocol is None:
-            return
-        asked = self.gate.offered
-        polled = protocol.call(GetPendingMatchkeys())
-        polled.addCallback(self._polled, asked, protocol)
-        polled.addErrback(self._call_failed, "GET_PENDING_MATCHKEYS", protocol)
-
-    def _polled(self, pending, asked, protocol):
-        if protocol is not self._protocol:
-            return
-        self._schedule_poll()
-        if asked is None or asked != self.gate.offered:
-            self._reset_unmatched()
-            return
-        if asked in pending:
-            self._unmatched = 0
-            return
-        self._unmatched += 1
-        if self._unmatched * self.poll_period > self.unmatched_timeout:
-            self.log.info(
-                "matchkey {matchkey} was handed out but never used; offering a fresh one",
-                matchkey=asked,
-            )
-            self.gate.renew()
+    def _stale(self, matchkey):
+        """Offer a fresh matchkey: C{matchkey} was handed out and never used."""
+        self.log.info(
+            "matchkey {matchkey} was handed out but never used; offering a fresh one",
+            matchkey=matchkey,
+        )
+        self.gate.renew()

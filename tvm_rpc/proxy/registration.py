@@ -21,14 +21,15 @@ may have been handed out before the restart).
 """
 
 import attrs
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..client.registration import MatchkeyPoller, retry_policy
 from ..client.tracker import TrackerClientFactory
-from ..protocol.commands import GetPendingMatchkeys, Put, UpdateInfo
+from ..protocol.commands import Put, UpdateInfo
 from ..protocol.keys import SERVER_PREFIX
 from .pairing import IOfferObserver
 
@@ -63,11 +64,6 @@ def _prepared(protocol, coroutine):
         return failure
 
     return defer.Deferred.fromCoroutine(coroutine).addErrback(failed)
-
-
-def _retry_policy(max_delay):
-    """@return: the reconnection backoff of every tracker link."""
-    return backoffPolicy(initialDelay=0.5, maxDelay=max_delay, factor=1.5)
 
 
 @implementer(IOfferObserver)
@@ -108,7 +104,7 @@ class ProxyRegistration(Service):
         """Connect the proxy's own link and one link per waiting server."""
         Service.startService(self)
         self._summary = ClientService(
-            self.endpoint, TrackerClientFactory(), retryPolicy=_retry_policy(self.max_delay),
+            self.endpoint, TrackerClientFactory(), retryPolicy=retry_policy(self.max_delay),
             clock=self.clock, prepareConnection=self._announce,
         )
         self._summary.startService()
@@ -207,22 +203,34 @@ class _OfferLink:
     offer: object
     _service: object = attrs.field(init=False, default=None)
     _protocol: object = attrs.field(init=False, default=None)
-    _poll: object = attrs.field(init=False, default=None)
-    _unmatched: float = attrs.field(init=False, default=0.0)
+    _poller: MatchkeyPoller = attrs.field(init=False, default=None)
     _connections: int = attrs.field(init=False, default=0)
+
+    def __attrs_post_init__(self):
+        """Poll as the owner says."""
+        owner = self.owner
+        self._poller = MatchkeyPoller(
+            owner.clock,
+            owner.poll_period,
+            owner.unmatched_timeout,
+            current=lambda: self.offer.matchkey,
+            stale=self._stale,
+            failed=lambda failure, what, protocol: _abort_on_failure(
+                failure, protocol, what, owner.tracker),
+        )
 
     def start(self):
         """Start connecting to the tracker."""
         owner = self.owner
         self._service = ClientService(
-            owner.endpoint, TrackerClientFactory(), retryPolicy=_retry_policy(owner.max_delay),
+            owner.endpoint, TrackerClientFactory(), retryPolicy=retry_policy(owner.max_delay),
             clock=owner.clock, prepareConnection=self._register,
         )
         self._service.startService()
 
     def stop(self):
         """Close the link; the tracker forgets the server's matchkey."""
-        self._stop_polling()
+        self._poller.stop()
         self._protocol = None
         service, self._service = self._service, None
         if service is None:
@@ -249,18 +257,17 @@ class _OfferLink:
             protocol.transport.loseConnection()
             return
         self._protocol = protocol
-        self._unmatched = 0.0
         owner.log.info("registered {key} behind the proxy with {tracker} as {matchkey}",
                        key=offer.key, tracker=owner.tracker, matchkey=matchkey)
         protocol.when_closed().addBoth(self._lost, protocol)
-        self._schedule_poll()
+        self._poller.start(protocol)
 
     def put_current(self):
         """PUT the offer's current matchkey (after a renewal)."""
         protocol = self._protocol
         if protocol is None:
             return
-        self._unmatched = 0.0
+        self._poller.reset()
         put = protocol.call(Put(self.offer.key, self.owner.get_port(), self.offer.matchkey, None))
         put.addErrback(_abort_on_failure, protocol, "PUT", self.owner.tracker)
 
@@ -268,42 +275,11 @@ class _OfferLink:
         """The link closed; stop polling until it is registered again."""
         if self._protocol is protocol:
             self._protocol = None
-            self._stop_polling()
+            self._poller.stop()
 
-    def _schedule_poll(self):
-        """Poll GET_PENDING_MATCHKEYS after the poll period."""
-        self._stop_polling()
-        self._poll = self.owner.clock.callLater(self.owner.poll_period, self._poll_now)
-
-    def _stop_polling(self):
-        """Cancel the next poll, if any."""
-        if self._poll is not None and self._poll.active():
-            self._poll.cancel()
-        self._poll = None
-
-    def _poll_now(self):
-        """Ask the tracker which of this link's matchkeys are still pending."""
-        self._poll = None
-        protocol = self._protocol
-        if protocol is None:
-            return
-        asked = self.offer.matchkey
-        polled = protocol.call(GetPendingMatchkeys())
-        polled.addCallback(self._polled, asked, protocol)
-        polled.addErrback(_abort_on_failure, protocol, "GET_PENDING_MATCHKEYS",
-                          self.owner.tracker)
-
-    def _polled(self, pending, asked, protocol):
-        """Renew the matchkey once it has been handed out and unused for too long."""
-        if protocol is not self._protocol:
-            return
-        self._schedule_poll()
-        if asked != self.offer.matchkey or asked in pending:
-            self._unmatched = 0.0
-            return
-        self._unmatched += self.owner.poll_period
-        if self._unmatched > self.owner.unmatched_timeout:
-            self.owner.log.info(
-                "matchkey {matchkey} of {key} was handed out but never used; renewing",
-                matchkey=asked, key=self.offer.key)
-            self.owner.pool.renew(self.offer)
+    def _stale(self, matchkey):
+        """Renew a matchkey handed out and never used (the server keeps its key)."""
+        self.owner.log.info(
+            "matchkey {matchkey} of {key} was handed out but never used; renewing",
+            matchkey=matchkey, key=self.offer.key)
+        self.owner.pool.renew(self.offer)
