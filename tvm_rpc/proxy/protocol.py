@@ -79,7 +79,7 @@ class ProxyConnection(Protocol):
     log = Logger()
 
     def __init__(self, pool, clock, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
-                 chunk_size=RELAY_CHUNK, on_relay_end=None):
+                 chunk_size=RELAY_CHUNK, on_relay_end=None, splice=False):
         """
         @param pool: the L{PairingPool} to join after the handshake.
         @param clock: an L{IReactorTime} for the handshake timeout.
@@ -87,7 +87,10 @@ class ProxyConnection(Protocol):
         @param chunk_size: read size and outgoing buffer limit of the transport.
         @param on_relay_end: called once when a relay this connection started
             ends, or L{None}.
+        @param splice: relay plain TCP pairs with C{splice(2)} where possible
+            (C{clock} must then be the reactor; see L{tvm_rpc.proxy.splice}).
         """
+        self._splice = splice
         self._on_relay_end = on_relay_end
         self._pool = pool
         self._clock = clock
@@ -179,7 +182,8 @@ class ProxyConnection(Protocol):
 
     def join(self, partner):
         """Start relaying with C{partner}, passing on what both sent early."""
-        relay = Relay(self, partner, self._on_relay_end)
+        relay = Relay(self, partner, self._on_relay_end, reactor=self._clock,
+                      splice=self._splice)
         for side in (self, partner):
             side._relay = relay
             side.state = "relaying"
@@ -260,14 +264,16 @@ class ProxyFactory(Factory):
     """Builds a L{ProxyConnection} for each accepted connection."""
 
     def __init__(self, pool, clock, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
-                 chunk_size=RELAY_CHUNK, on_relay_end=None):
+                 chunk_size=RELAY_CHUNK, on_relay_end=None, splice=False):
         """
         @param pool: the shared L{PairingPool}.
         @param clock: an L{IReactorTime}.
         @param handshake_timeout: seconds allowed for a handshake.
         @param chunk_size: see L{ProxyConnection}.
         @param on_relay_end: see L{ProxyConnection}.
+        @param splice: see L{ProxyConnection}.
         """
+        self.splice = splice
         self.pool = pool
         self.clock = clock
         self.handshake_timeout = handshake_timeout
@@ -277,6 +283,6 @@ class ProxyFactory(Factory):
     def buildProtocol(self, addr):
         """@return: a new L{ProxyConnection}."""
         protocol = ProxyConnection(self.pool, self.clock, self.handshake_timeout,
-                                   self.chunk_size, self.on_relay_end)
+                                   self.chunk_size, self.on_relay_end, self.splice)
         protocol.factory = self
         return protocol

@@ -10,6 +10,13 @@ stated in ``docs/proxy.md``.
 An end of file from one peer is passed on as a half-close to the other, which
 may still answer; a lost connection closes the other side once its buffered
 bytes are written.
+
+With C{splice} on (the proxy's default on Linux), a pair of plain TCP
+transports is handed to L{tvm_rpc.proxy.splice.SpliceRelay} one reactor turn
+after it starts: the bytes then move socket -> pipe -> socket in the kernel,
+and the producer coupling above only covers the moment before the hand-over
+(and every pair where splicing is unavailable: websockets, TLS, other
+platforms).
 """
 
 import attrs
@@ -53,8 +60,11 @@ class Relay:
     a: object
     b: object
     on_end: object = None
+    reactor: object = None
+    splice: bool = False
     _reading: set = attrs.field(init=False, factory=set)
     _stopped: bool = attrs.field(init=False, default=False)
+    _spliced: object = attrs.field(init=False, default=None)
 
     log = Logger()
 
@@ -63,10 +73,50 @@ class Relay:
         return self.b if side is self.a else self.a
 
     def start(self):
-        """Couple the two transports as each other's streaming producer."""
+        """
+        Couple the two transports as each other's streaming producer; with
+        C{splice}, plan the hand-over to the kernel for the next reactor turn
+        (after the caller passed on what the peers sent early).
+        """
         self._reading = {self.a, self.b}
+        self._couple()
+        if self.splice and self.reactor is not None:
+            from .splice import can_splice
+
+            if can_splice(self.reactor, self.a.transport) and can_splice(
+                    self.reactor, self.b.transport):
+                self.reactor.callLater(0, self._begin_splice)
+
+    def _couple(self):
+        """Register each transport as the other's streaming producer."""
         self.a.transport.registerProducer(self.b.transport, True)
         self.b.transport.registerProducer(self.a.transport, True)
+
+    def _begin_splice(self):
+        """Hand both sockets to a L{SpliceRelay} unless the pair already began ending."""
+        if self._stopped or len(self._reading) != 2:
+            return
+        from .splice import SpliceRelay
+
+        _unregister(self.a.transport)
+        _unregister(self.b.transport)
+        self._spliced = SpliceRelay(self.reactor, self.a.transport, self.b.transport,
+                                    on_unsupported=self._splice_unsupported)
+        self._spliced.start()
+
+    def _splice_unsupported(self):
+        """The kernel refused to splice these sockets: relay through Twisted after all."""
+        self._spliced = None
+        if self._stopped:
+            return
+        self._couple()
+        for side in (self.a, self.b):
+            side.transport.resumeProducing()
+
+    @property
+    def spliced(self):
+        """The L{SpliceRelay} carrying this pair, or L{None} on the plain path."""
+        return self._spliced
 
     def received(self, side, data):
         """Bytes arrived from C{side}: pass them to the other side."""
@@ -93,6 +143,8 @@ class Relay:
         if self._stopped:
             return
         self._stopped = True
+        if self._spliced is not None:
+            self._spliced.abort()
         _unregister(self.a.transport)
         _unregister(self.b.transport)
         self.other(side).close()

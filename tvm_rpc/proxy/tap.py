@@ -58,6 +58,10 @@ class Options(ListenOptions, usage.Options):
         ["relay-buffer", None, RELAY_CHUNK,
          "Bytes per read and outgoing buffer limit per connection.", _buffer_size],
     ]
+    optFlags = [
+        ["no-splice", None, "Relay plain TCP pairs through Twisted instead of splice(2) "
+         "(for debugging)."],
+    ]
 
     def postOptions(self):
         """Check the port range, the endpoint strings and the tracker address."""
@@ -99,7 +103,7 @@ def makeService(options, reactor=None):
     )
     tuning = AllocatorTuning(options["relay-buffer"], reactor)
     factory = ProxyFactory(pool, reactor, options["handshake-timeout"], options["relay-buffer"],
-                           tuning.pair_ended)
+                           tuning.pair_ended, splice=not options["no-splice"])
     top = service.MultiService()
     tuning.setName("allocator")
     tuning.setServiceParent(top)
