@@ -128,6 +128,22 @@ def twistd(*args):
             "-n", "--logfile=-", "--pidfile=", *args]
 
 
+def twistd_with_fd_limit(limit, *args):
+    """The command line of C{twistd -n} that first lowers RLIMIT_NOFILE to C{limit}."""
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
+            "from twisted.scripts.twistd import run; run()" % (limit, limit))
+    args = twistd(*args)
+    args[1:3] = ["-c", code]
+    return args
+
+
+def cpu_seconds(pid):
+    """@return: user + system CPU seconds used so far by process C{pid} (from /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def our_tracker(*extra, host="127.0.0.1"):
     """Our tracker on a free port; yields C{(daemon, port)}."""

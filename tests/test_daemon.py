@@ -341,6 +341,12 @@ class ListenerServiceFactoryTests(SynchronousTestCase):
             listener.privilegedStartService()
         self.assertIn("9300..9301", str(raised.exception))
 
+    def test_empty_range_fatal(self):
+        """An empty range is fatal too (not an IndexError)."""
+        listener = daemon.listener_service(MemoryReactorClock(), Factory(), "rpc-test",
+                                           host="127.0.0.1", port=9300, port_end=9300)
+        self.assertRaises(CannotListenError, listener.privilegedStartService)
+
     def test_other_error_fatal(self):
         """A bind failure other than 'in use' is fatal at once."""
         reactor = BusyReactor(refused={9300})

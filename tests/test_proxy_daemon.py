@@ -14,7 +14,7 @@ import time
 
 import psutil
 
-from daemons import Daemon, child_env, free_port, our_proxy, twistd
+from daemons import Daemon, child_env, free_port, our_proxy, twistd, twistd_with_fd_limit
 from tvm_rpc.protocol.constants import INT32, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS, RPC_MAGIC
 from tvm_rpc.protocol.handshake import encode_handshake, encode_reply
 
@@ -244,13 +244,8 @@ def test_slow_reader_on_a_1gib_stream_keeps_memory_bounded():
 
 def limited_proxy(limit, port):
     """Our proxy with RLIMIT_NOFILE lowered to C{limit}."""
-    code = (
-        "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
-        "from twisted.scripts.twistd import run; run()" % (limit, limit)
-    )
-    args = twistd("rpc-proxy", "--host", "127.0.0.1", "--port", str(port),
-                  "--port-end", str(port + 1), "--web-port", "0")
-    args[1:3] = ["-c", code]
+    args = twistd_with_fd_limit(limit, "rpc-proxy", "--host", "127.0.0.1", "--port", str(port),
+                                "--port-end", str(port + 1), "--web-port", "0")
     return Daemon(args, env=child_env())
 
 

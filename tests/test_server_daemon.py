@@ -428,31 +428,20 @@ def test_stop_leaves_nothing_behind():
         assert free_count(tracker_port, "bye") == 0
 
 
-def _cpu_seconds(pid):
-    """@return: user + system CPU seconds used so far by process C{pid}."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc and RLIMIT_NOFILE")
 def test_out_of_file_descriptors_recovers():
     """A server at its descriptor limit refuses connections without spinning
     (the shared guarded port of tvm_rpc.daemon) and serves again once
     connections close."""
-    import sys
     import time
 
-    from tests.daemons import child_env
+    from tests.daemons import child_env, cpu_seconds, twistd_with_fd_limit
 
     port = free_port()
-    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40)); "
-            "from twisted.scripts.twistd import run; run()")
-    args = twistd("rpc-server", "--host", "127.0.0.1", "--port", str(port),
-                  "--port-end", str(port + 1), "--key", "dev", "--no-fork",
-                  "--session-factory", STANDIN, "--handshake-timeout", "60")
-    args[1:3] = ["-c", code]
-    assert args[0] == sys.executable
+    args = twistd_with_fd_limit(
+        40, "rpc-server", "--host", "127.0.0.1", "--port", str(port), "--port-end",
+        str(port + 1), "--key", "dev", "--no-fork", "--session-factory", STANDIN,
+        "--handshake-timeout", "60")
     server = Daemon(args, env=child_env())
     held = []
     try:
@@ -463,7 +452,7 @@ def test_out_of_file_descriptors_recovers():
                 break
             time.sleep(0.02)
         server.wait_for(r"out of file descriptors on .*EMFILE")
-        before = _cpu_seconds(server.proc.pid)
+        before = cpu_seconds(server.proc.pid)
         start = time.monotonic()
         while time.monotonic() - start < 2:
             try:
@@ -471,7 +460,7 @@ def test_out_of_file_descriptors_recovers():
             except OSError:
                 pass  # refused or reset: what a server out of descriptors may do
             time.sleep(0.05)
-        busy = _cpu_seconds(server.proc.pid) - before
+        busy = cpu_seconds(server.proc.pid) - before
         assert busy < 1.0, f"server used {busy:.2f} s of CPU in 2 s at its fd limit"
         for sock in held:
             sock.close()

@@ -21,7 +21,15 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.daemons import Daemon, child_env, free_port, our_tracker, twistd
+from tests.daemons import (
+    Daemon,
+    child_env,
+    cpu_seconds,
+    free_port,
+    our_tracker,
+    twistd,
+    twistd_with_fd_limit,
+)
 from tvm_rpc.daemon import ListenerService
 from tvm_rpc.protocol.constants import RPC_TRACKER_MAGIC
 from tvm_rpc.tracker import tap
@@ -320,22 +328,13 @@ def test_twistd_port_range_and_fatal_bind():
             daemon.stop()
 
 
-def _cpu_seconds(pid):
-    """@return: user + system CPU seconds used so far by process C{pid}."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and RLIMIT_NOFILE")
 def test_out_of_file_descriptors_recovers():
     """A daemon at its descriptor limit refuses connections without spinning and
     serves again once connections close."""
     port = free_port()
-    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)); "
-            "from twisted.scripts.twistd import run; run()")
-    args = [sys.executable, "-c", code, "-n", "--logfile=-", "--pidfile=", "rpc-tracker",
-            "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)]
+    args = twistd_with_fd_limit(48, "rpc-tracker", "--host", "127.0.0.1", "--port", str(port),
+                                "--port-end", str(port + 1))
     daemon = Daemon(args, env=child_env())
     held = []
     try:
@@ -357,7 +356,7 @@ def test_out_of_file_descriptors_recovers():
             sock.close()
         assert held and refused, (len(held), refused)
         daemon.wait_for(r"out of file descriptors")
-        before = _cpu_seconds(daemon.proc.pid)
+        before = cpu_seconds(daemon.proc.pid)
         start = time.monotonic()
         while time.monotonic() - start < 2:
             try:
@@ -366,7 +365,7 @@ def test_out_of_file_descriptors_recovers():
             except OSError:
                 pass  # refused or reset: what a tracker out of descriptors may do
             time.sleep(0.05)
-        busy = _cpu_seconds(daemon.proc.pid) - before
+        busy = cpu_seconds(daemon.proc.pid) - before
         assert busy < 1.0, f"tracker used {busy:.2f} s of CPU in 2 s at its fd limit"
         for sock in held:
             sock.close()

@@ -498,6 +498,8 @@ class ListenerService(service.Service):
         """
         if self.ports:
             return
+        if not self.candidates:
+            raise CannotListenError(None, None, f"{self.label}: nothing to listen on")
         if not self.first_only:
             for endpoint in self.candidates:
                 self._announce(self._listen(endpoint))
