@@ -6,9 +6,14 @@ Usage (from the repository root, with apache-tvm installed)::
                                 [--repeat 3] [--slow-rate 100] [--write-docs]
 
 For each path -- a direct loopback socket (the baseline), ``twistd rpc-proxy``
-and TVM's ``python -m tvm.exec.rpc_proxy`` (web port off) -- it moves
+with its default kernel relay (``splice(2)``), ``twistd rpc-proxy --no-splice``
+(the relay through Twisted) and TVM's ``python -m tvm.exec.rpc_proxy`` (web
+port off) -- it moves
 ``--size-mib`` MiB from the client to the server and then the same back, and
-prints the best MB/s of ``--repeat`` runs per direction. A fourth row,
+prints the best MB/s of ``--repeat`` runs per direction, and for the proxies
+the CPU seconds their process group spent per GiB relayed; then the aggregate
+MB/s of ``--pairs`` pairs relaying at once (half of ``--size-mib`` each, client
+to server). Another row,
 ``copyloop``, relays through a minimal blocking copy loop (one process per
 direction, 1 MiB buffer): a reference for what a plain relay hop costs on the
 machine. Then, with a reader
@@ -147,18 +152,67 @@ def transfer(sender, receiver, total, rate=None, on_chunk=None):
     return elapsed
 
 
-def throughput(make_pair, size, repeat):
-    """@return: best MB/s up and down over C{repeat} fresh pairs."""
+def group_cpu(pid):
+    """CPU seconds (user + system) of a process and all its children."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def throughput(make_pair, size, repeat, pid=None):
+    """
+    @return: best MB/s up and down over C{repeat} fresh pairs, and the CPU
+        seconds per GiB relayed of the process group C{pid} (L{None} without).
+    """
     up = down = 0.0
+    cpu = 0.0
     for i in range(repeat):
         client, server = make_pair(i)
         try:
+            before = group_cpu(pid) if pid else 0.0
             up = max(up, size / transfer(client, server, size) / 1e6)
             down = max(down, size / transfer(server, client, size) / 1e6)
+            cpu += (group_cpu(pid) - before) if pid else 0.0
         finally:
             client.close()
             server.close()
-    return up, down
+    return up, down, (cpu / (2 * repeat * size / (1 << 30)) if pid else None)
+
+
+def aggregate(make_pair, pairs, size, pid=None):
+    """
+    Move C{size} bytes through each of C{pairs} fresh pairs at once (client to
+    server), one thread per pair.
+
+    @return: C{(aggregate MB/s, CPU seconds per GiB of the process group pid)}.
+    """
+    made = [make_pair(i) for i in range(pairs)]
+    try:
+        before = group_cpu(pid) if pid else 0.0
+        started = time.perf_counter()
+        threads = [threading.Thread(target=transfer, args=(client, server, size))
+                   for client, server in made]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+        cpu = (group_cpu(pid) - before) / (pairs * size / (1 << 30)) if pid else None
+    finally:
+        for client, server in made:
+            client.close()
+            server.close()
+    return pairs * size / elapsed / 1e6, cpu
 
 
 def group_rss(pid):
@@ -216,6 +270,10 @@ def main():
                         help="MiB carried through TVM's proxy to a slow reader")
     parser.add_argument("--slow-rate", type=float, default=100, help="slow reader MB/s")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=4,
+                        help="pairs relaying at once in the concurrent measurement")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternations of ours with splice and with --no-splice")
     parser.add_argument("--write-docs", action="store_true",
                         help="write the figures into docs/benchmarks.md (## Proxy)")
     args = parser.parse_args()
@@ -227,6 +285,7 @@ def main():
 
     results = {}
     results["direct"] = throughput(lambda i: direct_pair(), size, args.repeat)
+    concurrent = {"direct": aggregate(lambda i: direct_pair(), args.pairs, size // 2)}
     relays = []
 
     def copy_pair(i):
@@ -236,37 +295,75 @@ def main():
 
     results["copyloop"] = throughput(copy_pair, size, args.repeat)
     for process in relays:
+        # Each copy process also holds the other pairs' sockets (fork): stop it.
+        process.terminate()
         process.join(10)
-    with our_proxy() as (daemon, port):
-        results["ours"] = throughput(lambda i: proxied_pair(port, f"k{i}"), size, args.repeat)
+    # The two relays of ours alternate, so a change in the machine's load
+    # between them shows up in both.
+    for _ in range(args.rounds):
+        for name, extra in (("ours", ()), ("plain", ("--no-splice",))):
+            with our_proxy(*extra) as (daemon, port):
+                got = throughput(lambda i: proxied_pair(port, f"k{i}"), size, args.repeat,
+                                 daemon.proc.pid)
+                many = aggregate(lambda i: proxied_pair(port, f"m{i}"), args.pairs, size // 2,
+                                 daemon.proc.pid)
+            if name not in results:
+                results[name], concurrent[name] = got, many
+            else:
+                old = results[name]
+                results[name] = (max(old[0], got[0]), max(old[1], got[1]), min(old[2], got[2]))
+                old = concurrent[name]
+                concurrent[name] = (max(old[0], many[0]), min(old[1], many[1]))
     with tvm_proxy() as (daemon, port):
-        results["tvm"] = throughput(lambda i: proxied_pair(port, f"k{i}"), size, args.repeat)
+        results["tvm"] = throughput(lambda i: proxied_pair(port, f"k{i}"), size, args.repeat,
+                                    daemon.proc.pid)
+        concurrent["tvm"] = aggregate(lambda i: proxied_pair(port, f"m{i}"), args.pairs,
+                                      size // 2, daemon.proc.pid)
     # Memory is measured on fresh daemons, so "at start" means just started.
     with our_proxy() as (daemon, port):
         time.sleep(0.5)
         ours_mem = slow_reader_memory(port, daemon.proc.pid, args.slow_mib * MiB, rate)
+    with our_proxy("--no-splice") as (daemon, port):
+        time.sleep(0.5)
+        plain_mem = slow_reader_memory(port, daemon.proc.pid, args.slow_mib * MiB, rate)
     with tvm_proxy() as (daemon, port):
         time.sleep(0.5)
         tvm_mem = slow_reader_memory(port, daemon.proc.pid, args.tvm_slow_mib * MiB, rate)
 
-    direct_mean = sum(results["direct"]) / 2
-    tvm_mean = sum(results["tvm"]) / 2
-    ours_mean = sum(results["ours"]) / 2
-    copy_mean = sum(results["copyloop"]) / 2
-    table = ["| path | up MB/s | down MB/s | mean MB/s | x direct | x TVM's proxy |",
-             "|---|---|---|---|---|---|"]
+    def mean_of(name):
+        return (results[name][0] + results[name][1]) / 2
+
+    direct_mean = mean_of("direct")
+    tvm_mean = mean_of("tvm")
+    ours_mean = mean_of("ours")
+    plain_mean = mean_of("plain")
+    copy_mean = mean_of("copyloop")
+    table = ["| path | up MB/s | down MB/s | mean MB/s | x direct | x TVM's proxy "
+             "| proxy CPU s per GiB |", "|---|---|---|---|---|---|---|"]
     labels = {"direct": "direct socket (baseline)",
               "copyloop": "blocking copy-loop relay (reference)",
-              "ours": "ours (`twistd rpc-proxy`)", "tvm": "TVM's `rpc_proxy`"}
-    for name in ("direct", "copyloop", "ours", "tvm"):
-        up, down = results[name]
+              "ours": "ours (`twistd rpc-proxy`, splice, the default)",
+              "plain": "ours (`twistd rpc-proxy --no-splice`)", "tvm": "TVM's `rpc_proxy`"}
+    for name in ("direct", "copyloop", "ours", "plain", "tvm"):
+        up, down, cpu = (results[name] + (None,))[:3]
         mean = (up + down) / 2
         table.append(f"| {labels[name]} | {up:.0f} | {down:.0f} | {mean:.0f} | "
-                     f"{mean / direct_mean:.2f} | {mean / tvm_mean:.2f} |")
+                     f"{mean / direct_mean:.2f} | {mean / tvm_mean:.2f} | "
+                     f"{'' if cpu is None else f'{cpu:.2f}'} |")
+    many_table = ["| path | aggregate MB/s | x direct | x TVM's proxy | proxy CPU s per GiB |",
+                  "|---|---|---|---|---|"]
+    for name in ("direct", "ours", "plain", "tvm"):
+        rate_mb, cpu = concurrent[name]
+        many_table.append(f"| {labels[name]} | {rate_mb:.0f} | "
+                          f"{rate_mb / concurrent['direct'][0]:.2f} | "
+                          f"{rate_mb / concurrent['tvm'][0]:.2f} | "
+                          f"{'' if cpu is None else f'{cpu:.2f}'} |")
     memory = ["| proxy | carried to the slow reader | RSS at start (MiB) | idle RSS after a "
               "warm-up pair (MiB) | peak growth over idle (MiB) "
               "| growth left 2 s after close (MiB) |", "|---|---|---|---|---|---|"]
-    for name, mib, (cold, idle, growth, left) in (("ours", args.slow_mib, ours_mem),
+    for name, mib, (cold, idle, growth, left) in (("ours (splice)", args.slow_mib, ours_mem),
+                                                  ("ours (--no-splice)", args.slow_mib,
+                                                   plain_mem),
                                                   ("TVM's", args.tvm_slow_mib, tvm_mem)):
         memory.append(f"| {name} | {mib} MiB | {cold / MiB:.0f} | {idle / MiB:.0f} | "
                       f"{growth / MiB:.1f} | {left / MiB:.1f} |")
@@ -278,10 +375,13 @@ def main():
 
     targets = [
         f"- ours >= 0.8x the direct baseline: {ours_mean / direct_mean:.2f}x "
-        f"({verdict(ours_mean >= 0.8 * direct_mean)}; a relay hop adds a second pair of "
-        f"kernel copies and a third busy process on this machine: the blocking copy-loop "
-        f"reference reaches {copy_mean / direct_mean:.2f}x, ours "
-        f"{ours_mean / copy_mean:.2f}x of it)",
+        f"({verdict(ours_mean >= 0.8 * direct_mean)}; `--no-splice`: "
+        f"{plain_mean / direct_mean:.2f}x; a relay hop adds a third busy process on this "
+        f"machine: the blocking copy-loop reference reaches {copy_mean / direct_mean:.2f}x, "
+        f"ours {ours_mean / copy_mean:.2f}x of it)",
+        f"- with {args.pairs} pairs at once, ours (splice) relays "
+        f"{concurrent['ours'][0] / concurrent['plain'][0]:.2f}x what `--no-splice` relays "
+        f"and {concurrent['ours'][0] / concurrent['direct'][0]:.2f}x the direct sockets",
         f"- ours >= 2x TVM's proxy: {ours_mean / tvm_mean:.2f}x "
         f"({verdict(ours_mean >= 2 * tvm_mean)})",
         f"- slow reader, {args.slow_mib} MiB through ours: growth {ours_growth:.1f} MiB < 32 MB "
@@ -294,9 +394,14 @@ def main():
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
         f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} at the start (a shared "
         f"machine: figures move between runs). {args.size_mib} MiB each way through a fresh "
-        f"pair, best of {args.repeat}; the client and server are threads of the benchmark "
+        f"pair, best of {args.repeat} (ours: of {args.rounds} x {args.repeat}, the splice "
+        f"and --no-splice daemons alternating); CPU is the proxy's process group's user + "
+        f"system seconds per GiB relayed (lowest round for ours); the client and server "
+        f"are threads of the benchmark "
         f"process using blocking sockets; TVM's proxy is started with `--web-port 0`.",
         "", *table, "",
+        f"{args.pairs} pairs at once, {args.size_mib // 2} MiB each from client to server, "
+        f"one thread per pair (best round for ours):", "", *many_table, "",
         f"Slow reader: the writer sends as fast as it can, the reader takes at most "
         f"{args.slow_rate:g} MB/s; RSS is the proxy's whole process group (TVM's runs in a "
         f"child), sampled every 50 ms, on a freshly started proxy; growth is counted from the idle proxy after one 8 MiB "

@@ -188,7 +188,7 @@ class _Direction:
 
     def source_ready(self):
         """Splice what the source has into the pipe, then on to the destination."""
-        if self.done or self.source_ended:
+        if self.done or self.source_ended or self.pending >= self.capacity:
             self.source.set_reading(False)
             return
         try:
@@ -228,8 +228,9 @@ class _Direction:
             self.pending -= count
             self.moved += count
         if self.pending:
-            # The destination is full: stop reading the source (backpressure).
-            self.source.set_reading(False)
+            # The destination is full: wait until it is writable, and read the
+            # source only while the pipe has room (backpressure).
+            self.source.set_reading(self.pending < self.capacity and not self.source_ended)
             self.destination.set_writing(True)
             return
         self.destination.set_writing(False)
