@@ -413,3 +413,25 @@ class ListenerServiceFactoryTests(SynchronousTestCase):
         self.assertEqual((listened[0], listened[2], listened[3]), (1, 9, "127.0.0.1"))
         self.assertNotIsInstance(port, GuardedTCPPort)
         self.assertEqual(guarded.seconds, reactor.seconds)
+
+
+class DescribePeerTests(SynchronousTestCase):
+    """L{daemon.describe_peer}."""
+
+    def test_peers(self):
+        """TCP peers as host:port, UNIX peers by their address, no peer as given."""
+        from twisted.internet.address import IPv4Address, UNIXAddress
+        from twisted.internet.testing import StringTransport
+
+        self.assertEqual(
+            daemon.describe_peer(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5))),
+            "10.0.0.1:5")
+        unix = StringTransport(peerAddress=UNIXAddress(b"/tmp/x.sock"))
+        self.assertEqual(daemon.describe_peer(unix), str(UNIXAddress(b"/tmp/x.sock")))
+
+        class Gone:
+            def getPeer(self):
+                raise OSError("closed")
+
+        self.assertEqual(daemon.describe_peer(Gone()), "unknown peer")
+        self.assertEqual(daemon.describe_peer(Gone(), unknown="?"), "?")

@@ -13,6 +13,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..daemon import describe_peer
 from ..protocol.constants import INT32, RPC_CODE_SUCCESS
 from ..protocol.handshake import HandshakeDecoder, encode_reply
 from .pairing import IPeer
@@ -49,18 +50,6 @@ def tune_socket(transport):
     except OSError:
         # A socket that refuses an option still relays correctly.
         pass
-
-
-def describe_peer(transport):
-    """@return: a short text naming the remote end of C{transport}, for logs."""
-    try:
-        peer = transport.getPeer()
-    except Exception:
-        return "unknown peer"
-    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
-    if host is None:
-        return str(peer)
-    return f"{host}:{port}"
 
 
 @implementer(IHalfCloseableProtocol, IPeer, IRelaySide)

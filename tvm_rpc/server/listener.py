@@ -14,6 +14,7 @@ from twisted.internet.protocol import Factory, Protocol
 from zope.interface import Interface, implementer
 
 from ..client.connect import SessionCarrier, set_no_delay
+from ..daemon import describe_peer
 from ..protocol.constants import RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
 from ..protocol.flavour import (
     TVM_CLIENT_REFUSAL,
@@ -75,19 +76,6 @@ class ISessionRunner(Interface):
         """
 
 
-def describe_peer(transport):
-    """@return: C{host:port} of the peer, or its address's repr."""
-    try:
-        address = transport.getPeer()
-    except Exception:
-        return "?"
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None:
-        return str(address)
-    return f"{host}:{port}"
-
-
 class HandshakeProtocol(SessionCarrier, Protocol):
     """
     One connection to the server port: handshake, wait for a slot, hand off.
@@ -109,7 +97,7 @@ class HandshakeProtocol(SessionCarrier, Protocol):
 
     def connectionMade(self):
         """Switch Nagle off (sessions are request/response) and start the handshake timer."""
-        self.peer = describe_peer(self.transport)
+        self.peer = describe_peer(self.transport, unknown="?")
         set_no_delay(self.transport)
         self._timer = self._listener.clock.callLater(
             self._listener.handshake_timeout, self._handshake_expired
