@@ -429,3 +429,63 @@ class OptionTests(SynchronousTestCase):
             factory = top.getServiceNamed("rpc").factory
             self.assertEqual(factory.splice, expected)
 
+
+
+def test_daemon_splices_by_default_and_closes_pairs_on_peer_death():
+    """
+    ``twistd rpc-proxy`` (default options) hands a TCP pair to the kernel
+    relay: bytes arrive exactly both ways with a half-close in between, and
+    a peer that dies closes its partner; the same keys pair again afterwards.
+    """
+    from daemons import our_proxy
+
+    def connect(port, key):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        sock.sendall(encode_handshake(key))
+        return sock
+
+    def recv_exactly(sock, size):
+        data = bytearray()
+        while len(data) < size:
+            chunk = sock.recv(size - len(data))
+            assert chunk, f"closed after {len(data)} of {size} bytes"
+            data += chunk
+        return bytes(data)
+
+    def pair(port, key):
+        server = connect(port, "server:" + key)
+        client = connect(port, "client:" + key)
+        for sock, partner in ((server, "client:" + key), (client, "server:" + key)):
+            reply = encode_reply(RPC_CODE_SUCCESS, partner)
+            assert recv_exactly(sock, len(reply)) == reply
+        return server, client
+
+    with our_proxy() as (daemon, port):
+        server, client = pair(port, "d")
+        daemon.wait_for(r"splicing")
+        up, down = os.urandom(3 * MiB + 17), os.urandom(2 * MiB + 5)
+        client.sendall(up)
+        client.shutdown(socket.SHUT_WR)
+        assert recv_exactly(server, len(up)) == up
+        assert server.recv(1) == b""
+        server.sendall(down)
+        server.close()
+        assert recv_exactly(client, len(down)) == down
+        assert client.recv(1) == b""
+        client.close()
+
+        server, client = pair(port, "d")
+        client.sendall(b"x" * 1000)
+        assert recv_exactly(server, 1000) == b"x" * 1000
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        try:
+            assert server.recv(1) == b""
+        except ConnectionResetError:
+            pass
+        server.close()
+        server, client = pair(port, "d")
+        client.sendall(b"again")
+        assert recv_exactly(server, 5) == b"again"
+        server.close()
+        client.close()
