@@ -144,6 +144,26 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_while_knocking(pid, port, seconds=2.0, hello=b""):
+    """
+    Connect to 127.0.0.1:C{port} every 50 ms for C{seconds} (sending C{hello},
+    then closing), as peers keep knocking at a daemon out of descriptors.
+
+    @return: the CPU seconds process C{pid} used meanwhile.
+    """
+    before = cpu_seconds(pid)
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                if hello:
+                    sock.sendall(hello)
+        except OSError:
+            pass  # refused or reset: what a daemon out of descriptors may do
+        time.sleep(0.05)
+    return cpu_seconds(pid) - before
+
+
 @contextmanager
 def our_tracker(*extra, host="127.0.0.1"):
     """Our tracker on a free port; yields C{(daemon, port)}."""

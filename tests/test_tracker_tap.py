@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.daemons import (
     Daemon,
     child_env,
-    cpu_seconds,
+    cpu_while_knocking,
     free_port,
     our_tracker,
     twistd,
@@ -356,16 +356,7 @@ def test_out_of_file_descriptors_recovers():
             sock.close()
         assert held and refused, (len(held), refused)
         daemon.wait_for(r"out of file descriptors")
-        before = cpu_seconds(daemon.proc.pid)
-        start = time.monotonic()
-        while time.monotonic() - start < 2:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                    sock.sendall(MAGIC)
-            except OSError:
-                pass  # refused or reset: what a tracker out of descriptors may do
-            time.sleep(0.05)
-        busy = cpu_seconds(daemon.proc.pid) - before
+        busy = cpu_while_knocking(daemon.proc.pid, port, hello=MAGIC)
         assert busy < 1.0, f"tracker used {busy:.2f} s of CPU in 2 s at its fd limit"
         for sock in held:
             sock.close()
