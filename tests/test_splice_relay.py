@@ -417,6 +417,85 @@ class EligibilityTests(SynchronousTestCase):
             os.close(write_fd)
 
 
+class FakeTCP:
+    """
+    Just enough of a Twisted TCP transport for the hand-over's bookkeeping:
+    a write buffer, reading on or off, a producer slot.
+    """
+
+    def __init__(self, pending=b""):
+        self.dataBuffer = pending
+        self.offset = 0
+        self._tempDataLen = 0
+        self.producer = None
+        self.reading = True
+        self.disconnecting = self.disconnected = False
+
+    def stopReading(self):
+        self.reading = False
+
+    def registerProducer(self, producer, streaming):
+        assert self.producer is None
+        self.producer = producer
+        if not streaming:
+            producer.resumeProducing()
+
+    def unregisterProducer(self):
+        self.producer = None
+
+    def getPeer(self):
+        from twisted.internet.address import IPv4Address
+
+        return IPv4Address("TCP", "127.0.0.1", 1)
+
+    def loseConnection(self):
+        self.disconnecting = True
+
+
+class HandOverTests(SynchronousTestCase):
+    """The wait for Twisted's buffers before the kernel takes over."""
+
+    def test_buffers_that_do_not_drain_leave_the_pair_on_the_twisted_relay(self):
+        """
+        A peer that does not read keeps its buffer full: after the flush
+        timeout the hand-over gives up, unhooks its waiter and falls back.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        reactor = MemoryReactorClock()
+        stuck, idle = FakeTCP(pending=b"reply"), FakeTCP()
+        fallbacks = []
+        relay = splice_module.SpliceRelay(reactor, stuck, idle,
+                                          on_unsupported=lambda: fallbacks.append(True))
+        relay.start()
+        self.assertEqual(relay.state, "flushing")
+        self.assertFalse(stuck.reading or idle.reading)
+        self.assertIsInstance(stuck.producer, splice_module._FlushWaiter)
+        reactor.advance(splice_module.FLUSH_TIMEOUT / 2)
+        self.assertEqual(fallbacks, [])
+        reactor.advance(splice_module.FLUSH_TIMEOUT)
+        self.assertEqual(fallbacks, [True])
+        self.assertIsNone(stuck.producer)
+        self.assertEqual(relay.state, "ended")
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_ending_while_flushing_cancels_the_timeout(self):
+        """A pair that ends during the hand-over leaves no timer and no fallback."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        reactor = MemoryReactorClock()
+        stuck, idle = FakeTCP(pending=b"reply"), FakeTCP()
+        fallbacks = []
+        relay = splice_module.SpliceRelay(reactor, stuck, idle,
+                                          on_unsupported=lambda: fallbacks.append(True))
+        relay.start()
+        relay.abort()
+        self.assertEqual(relay.state, "ended")
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        reactor.advance(10)
+        self.assertEqual(fallbacks, [])
+
+
 class OptionTests(SynchronousTestCase):
     """The C{--no-splice} switch of C{twistd rpc-proxy}."""
 

@@ -45,6 +45,12 @@ from zope.interface import implementer
 #: proxy (kernel pipe buffers), beside the two sockets' own buffers.
 PIPE_SIZE = 1024 * 1024
 
+#: Seconds the hand-over may wait for Twisted's write buffers to drain. While
+#: it waits neither peer is read, so a peer that reads only after it finished
+#: writing could otherwise wait forever; past this the pair stays on the
+#: Twisted relay.
+FLUSH_TIMEOUT = 1.0
+
 #: fcntl commands to get and set a pipe's capacity (Linux; not in every
 #: Python's fcntl module).
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -280,9 +286,11 @@ class SpliceRelay:
     @ivar a: one side's transport (a L{tcp.Connection}).
     @ivar b: the other side's transport.
     @ivar on_started: called once the kernel relays (no arguments), or L{None}.
-    @ivar on_unsupported: called when the first splice is refused
-        (C{EINVAL}) before any byte moved that way; the caller then relays on
-        the plain path with the transports reading again. L{None} to close.
+    @ivar on_unsupported: called when the kernel relay cannot take the pair:
+        the first splice is refused (C{EINVAL}) before any byte moved that
+        way, or Twisted's write buffers did not drain within
+        C{flush_timeout} seconds. The caller then relays on the plain path
+        with the transports reading again. L{None} to close both instead.
     @ivar state: C{"new"}, C{"flushing"}, C{"splicing"}, C{"ended"}.
     """
 
@@ -292,7 +300,9 @@ class SpliceRelay:
     on_started: object = None
     on_unsupported: object = None
     pipe_size: int = PIPE_SIZE
+    flush_timeout: float = FLUSH_TIMEOUT
     state: str = "new"
+    _flush_timer: object = attrs.field(init=False, default=None)
     _ends: list = attrs.field(init=False, factory=list)
     _directions: list = attrs.field(init=False, factory=list)
     _failed: set = attrs.field(init=False, factory=set)
@@ -304,7 +314,31 @@ class SpliceRelay:
         self.state = "flushing"
         for transport in (self.a, self.b):
             transport.stopReading()
+        self._flush_timer = self.reactor.callLater(self.flush_timeout, self._flush_timed_out)
         self._check_flushed()
+
+    def _flush_timed_out(self):
+        """The buffers did not drain in time: stay on the Twisted relay."""
+        self._flush_timer = None
+        if self.state != "flushing":
+            return
+        self.log.info("{a} <-> {b}: buffers not drained in {timeout} s, relaying through "
+                      "Twisted", a=_name(self.a), b=_name(self.b), timeout=self.flush_timeout)
+        for transport in (self.a, self.b):
+            if isinstance(transport.producer, _FlushWaiter):
+                transport.unregisterProducer()
+        self.state = "ended"
+        if self.on_unsupported is not None:
+            self.on_unsupported()
+        else:
+            self.a.loseConnection()
+            self.b.loseConnection()
+
+    def _cancel_flush_timer(self):
+        """Cancel the hand-over's timeout, if pending."""
+        if self._flush_timer is not None and self._flush_timer.active():
+            self._flush_timer.cancel()
+        self._flush_timer = None
 
     def _check_flushed(self):
         """Switch to splicing when both transports have written everything."""
@@ -315,6 +349,7 @@ class SpliceRelay:
             if transport.disconnecting or transport.disconnected:
                 # Leave the ending to Twisted's path (connectionLost ends the relay).
                 self.state = "ended"
+                self._cancel_flush_timer()
                 return
         waiting = [t for t in (self.a, self.b) if not _write_buffer_empty(t)]
         if waiting:
@@ -326,6 +361,7 @@ class SpliceRelay:
 
     def _switch(self):
         """Take both sockets out of Twisted's read/write path and splice."""
+        self._cancel_flush_timer()
         for transport in (self.a, self.b):
             transport.stopReading()
             transport.stopWriting()
@@ -434,6 +470,7 @@ class SpliceRelay:
             self._end()
         elif self.state in ("new", "flushing"):
             self.state = "ended"
+            self._cancel_flush_timer()
 
     def _end(self):
         """Unregister the ends, close the pipes and let Twisted close both connections."""
@@ -477,7 +514,7 @@ class _FlushWaiter:
 
     def stopProducing(self):
         """The connection went away while flushing."""
-        self.relay.state = "ended"
+        self.relay.abort()
 
 
 def _name(transport):
