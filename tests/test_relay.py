@@ -228,3 +228,26 @@ class RelayUnitTests(SynchronousTestCase):
         self.assertTrue(b.closed)
         relay.received(b, b"ignored")
         self.assertEqual(a.sent, [])
+
+
+def test_splice_requested_on_in_memory_transports_stays_on_the_twisted_relay():
+    """
+    A factory asked to splice, on a clock that is no descriptor reactor and
+    transports without sockets, couples the transports as producers and
+    plans no hand-over.
+    """
+    clock = Clock()
+    factory = ProxyFactory(PairingPool(clock), clock, chunk_size=1000, splice=True)
+    transports = []
+    for port, key in ((1, "server:dev"), (2, "client:dev")):
+        transport = ModelTransport(port)
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(encode_handshake(key))
+        transports.append(transport)
+    server_t, client_t = transports
+    assert server_t.producer is client_t and client_t.producer is server_t
+    relay = protocol._relay
+    assert relay.splice and relay.spliced is None
+    assert [call for call in clock.getDelayedCalls()
+            if call.func == relay._begin_splice] == []

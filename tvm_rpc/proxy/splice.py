@@ -12,12 +12,13 @@ L{_SpliceEnd} per socket with C{addReader}/C{addWriter} (the reactor keeps
 one descriptor object per file descriptor, so the end of a socket serves the
 direction that reads from it and the one that writes to it).
 
-Per direction (L{_Direction}): while its pipe is empty it reads from the
+Per direction (L{_Direction}): while its pipe has room it reads from the
 source; bytes moved into the pipe are spliced on to the destination at once;
-when the destination would block, reading from the source stops and the
-direction waits until the destination is writable. That is the backpressure:
-a direction holds at most one pipe's capacity (L{PIPE_SIZE}, 1 MiB, kernel
-memory rather than the proxy's heap), beside the sockets' own buffers.
+when the destination would block, the direction waits until it is writable
+and reads from the source only until the pipe is full. That is the
+backpressure: a direction holds at most one pipe's capacity (L{PIPE_SIZE},
+1 MiB, kernel memory rather than the proxy's heap), beside the sockets' own
+buffers.
 
 End of file from a source becomes C{shutdown(SHUT_WR)} on the destination
 once the pipe is drained (half-close, as on the plain path). An error on a
@@ -231,6 +232,8 @@ class _Direction:
                     break
                 self.relay.socket_failed(self.destination, e)
                 return
+            if count == 0:
+                break
             self.pending -= count
             self.moved += count
         if self.pending:
