@@ -3,7 +3,11 @@
 Usage (from the repository root, with apache-tvm installed)::
 
     python bench/session.py [--opens 30] [--blob-mib 64] [--calls 1000]
-                            [--flight-calls 5000] [--in-flight 64] [--write-docs]
+                            [--flight-calls 5000] [--in-flight 64] [--no-pinning]
+                            [--ours-only] [--write-docs]
+
+For quick iterations on our side alone, e.g.
+``python bench/session.py --ours-only --opens 1 --blob-mib 1 --calls 3000``.
 
 For each side -- our tracker + ``twistd rpc-server`` + our client, and TVM's
 tracker + ``python -m tvm.exec.rpc_server`` + TVM's client -- it measures:
@@ -368,9 +372,15 @@ def main(argv=None):
     parser.add_argument("--no-pinning", action="store_true",
                         help="measure calls only where the scheduler puts the processes")
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--ours-only", action="store_true",
+                        help="measure only our side and print its figures (quick iterations)")
     args = parser.parse_args(argv)
     blob = os.urandom(args.blob_mib * MiB)
     ours = summarize(our_side(args, blob), len(blob))
+    if args.ours_only:
+        for name, value in ours.items():
+            print(f"{name}: {value:,.3f}")
+        return 0
     theirs = summarize(tvm_side(args, blob), len(blob))
     text = table(ours, theirs, args)
     verdicts = targets(ours, theirs)

@@ -249,3 +249,123 @@ class SessionCarrierTests(SynchronousTestCase):
         self.assertEqual(session.received, [b"early", b"more"])
         carrier.connectionLost(None)
         self.assertEqual((session.received[-1], ended), (None, [None]))
+
+
+class _Reader:
+    """A selectable reading one end of a socket pair; its C{doRead} does what the test says."""
+
+    def __init__(self, sock, on_read):
+        self.sock = sock
+        self.on_read = on_read
+        self.lost = []
+
+    def fileno(self):
+        """@return: the socket's descriptor."""
+        return self.sock.fileno()
+
+    def logPrefix(self):
+        """@return: a name for log lines."""
+        return "test reader"
+
+    def doRead(self):
+        """Hand the readable socket to the test's callable."""
+        return self.on_read(self.sock)
+
+    def connectionLost(self, reason):
+        """Remember why the reactor dropped this reader."""
+        self.lost.append(reason)
+
+
+class WorkerReactorTests(SynchronousTestCase):
+    """The session worker's lean reactor keeps Twisted's semantics (a real, uninstalled instance)."""
+
+    def setUp(self):
+        from tvm_rpc.server.reactor import WorkerReactor
+
+        self.reactor = WorkerReactor()
+        self.addCleanup(self._close)
+
+    def _close(self):
+        for reader in list(self.reactor.getReaders()):
+            self.reactor.removeReader(reader)
+        self.reactor._poller.close()
+
+    def run_reactor(self):
+        """Run the reactor until the test stops it (or 10 s pass, a failure)."""
+        timeout = self.reactor.callLater(10, self.reactor.stop)
+        self.reactor.run(installSignalHandlers=False)
+        self.assertTrue(timeout.active(), "the reactor was stopped by the safety timeout")
+        timeout.cancel()
+
+    def pair(self):
+        """@return: a connected socket pair, closed after the test."""
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        ours.setblocking(False)
+        return ours, theirs
+
+    def test_timed_calls_and_stop(self):
+        """Timed calls fire in order, also ones scheduled while idle, and stop ends run()."""
+        fired = []
+        self.reactor.callLater(0.02, fired.append, "later")
+        self.reactor.callLater(0, fired.append, "now")
+        self.reactor.callLater(0.03, self.reactor.stop)
+        self.run_reactor()
+        self.assertEqual(fired, ["now", "later"])
+
+    def test_reads_and_thread_calls(self):
+        """A plain read reaches doRead; a call from another thread runs in the loop."""
+        import threading
+
+        ours, theirs = self.pair()
+        got = []
+
+        def read(sock):
+            got.append(sock.recv(100))
+            threading.Thread(target=self.reactor.callFromThread,
+                             args=(self.reactor.stop,)).start()
+
+        self.reactor.addReader(_Reader(ours, read))
+        theirs.sendall(b"ping")
+        self.run_reactor()
+        self.assertEqual(got, [b"ping"])
+
+    def test_failing_reader_is_disconnected(self):
+        """An exception from doRead is logged and drops that reader; the loop serves the others."""
+        bad, bad_peer = self.pair()
+        good, good_peer = self.pair()
+
+        def explode(sock):
+            raise RuntimeError("boom")
+
+        def read(sock):
+            sock.recv(100)
+            self.reactor.stop()
+
+        failing = _Reader(bad, explode)
+        self.reactor.addReader(failing)
+        bad_peer.sendall(b"x")
+        self.reactor.callLater(0.05, good_peer.sendall, b"y")
+        self.reactor.addReader(_Reader(good, read))
+        self.run_reactor()
+        self.assertEqual(len(failing.lost), 1)
+        self.assertNotIn(failing, self.reactor.getReaders())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_end_of_stream_and_writes(self):
+        """A peer that leaves (a hang-up event, not a plain read) ends the reader, as in Twisted."""
+        ours, theirs = self.pair()
+        reader = _Reader(ours, lambda sock: None if sock.recv(100) else "done")
+
+        def check():
+            if reader.lost:
+                self.reactor.stop()
+            else:
+                self.reactor.callLater(0.01, check)
+
+        self.reactor.addReader(reader)
+        theirs.close()
+        self.reactor.callLater(0, check)
+        self.run_reactor()
+        self.assertEqual(len(reader.lost), 1)

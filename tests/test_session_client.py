@@ -7,6 +7,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -821,6 +822,119 @@ class RawAnswerTests(SynchronousTestCase):
         failure = self.failureResultOf(calling, amp.UnknownRemoteError)
         self.assertIn("odd", str(failure.value))
         self.assertFalse(self.transport.disconnecting)
+
+
+class _ReadingReactor:
+    """Just enough of a reactor for a real TCP transport: it says which descriptors it reads."""
+
+    def __init__(self):
+        self._reads = set()
+
+
+def _socket_transport(sock, protocol, reactor):
+    """@return: a real TCP transport on C{sock} (a socket pair's end: no addresses)."""
+    from twisted.internet import address, tcp
+
+    class PairConnection(tcp.Connection):
+        """A TCP transport whose addresses are made up (a socket pair has none)."""
+
+        def getPeer(self):
+            """@return: a stand-in address."""
+            return address.IPv4Address("TCP", "127.0.0.1", 2)
+
+        getHost = getPeer
+
+    transport = PairConnection(sock, protocol, reactor)
+    transport.connected = True
+    return transport
+
+
+class EagerReadTests(SynchronousTestCase):
+    """
+    Answers already waiting on a real socket are read right after the
+    request is written (LeanAMP.read_eagerly), within the protocol's budget.
+    The peer's answers are written before the call, so nothing depends on timing.
+    """
+
+    def setUp(self):
+        ours, self.peer = socket.socketpair()
+        self.addCleanup(self.peer.close)
+        self.addCleanup(ours.close)
+        self.reactor = _ReadingReactor()
+        self.protocol = make_client_protocol()
+        self.transport = _socket_transport(ours, self.protocol, self.reactor)
+        self.reactor._reads.add(ours.fileno())
+        self.protocol.makeConnection(self.transport)
+        self.session = RPCSession(self.protocol, Clock())
+
+    def answer(self, tag, value):
+        """Make the peer send the answer to call C{tag} (it waits in our socket)."""
+        self.peer.sendall(amp.AmpBox(_answer=b"%d" % tag, result=values.encode(value)).serialize())
+
+    def requests(self):
+        """@return: the boxes the peer received."""
+        self.peer.setblocking(False)
+        try:
+            return amp.parse(io.BytesIO(self.peer.recv(65536)))
+        except BlockingIOError:
+            return []
+
+    def test_answer_waiting_is_read_at_once(self):
+        """A call whose answer is already on the socket is answered before call() returns."""
+        self.answer(1, "early")
+        calling = self.session.call("f", 1)
+        self.assertEqual(self.successResultOf(calling), "early")
+        [request] = self.requests()
+        self.assertEqual(request[b"name"], b"f")
+
+    def test_budget(self):
+        """Past the budget, answers wait for the reactor to deliver data, which renews it."""
+        self.protocol.eager_reads = 1
+        self.protocol.dataReceived(b"")
+        self.answer(1, "one")
+        self.assertEqual(self.successResultOf(self.session.call("f")), "one")
+        self.answer(2, "two")
+        second = self.session.call("f")
+        self.assertNoResult(second)
+        self.protocol.dataReceived(self.transport.socket.recv(65536))
+        self.assertEqual(self.successResultOf(second), "two")
+        self.answer(3, "three")
+        self.assertEqual(self.successResultOf(self.session.call("f")), "three")
+
+    def test_chained_calls(self):
+        """A call made while an answer is handled is sent with the others, then read eagerly."""
+        self.answer(1, 1)
+        made = []
+
+        def next_call(result):
+            self.answer(2, result + 1)
+            made.append(self.session.call("f", result))
+            return result
+
+        self.session.call("f", 0).addCallback(next_call)
+        self.assertEqual(self.successResultOf(made[0]), 2)
+        self.assertEqual(len(self.requests()), 2)
+
+    def test_not_while_paused_or_unwatched(self):
+        """Nothing is read when the reactor is not reading the socket or the budget is zero."""
+        self.reactor._reads.clear()
+        self.answer(1, "late")
+        calling = self.session.call("f")
+        self.assertNoResult(calling)
+        self.reactor._reads.add(self.transport.fileno())
+        self.protocol.eager_reads = 0
+        self.protocol.dataReceived(b"")
+        self.assertNoResult(calling)
+        self.protocol.dataReceived(self.transport.socket.recv(65536))
+        self.assertEqual(self.successResultOf(calling), "late")
+
+    def test_end_of_stream_left_to_the_reactor(self):
+        """A peer that closed gives nothing eagerly; the call waits for connectionLost."""
+        self.peer.shutdown(socket.SHUT_WR)
+        calling = self.session.call("f")
+        self.assertNoResult(calling)
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(calling, SessionClosed)
 
 
 class HostArrayTests(SynchronousTestCase):

@@ -140,6 +140,11 @@ class SessionClientProtocol(LeanAMP):
     @ivar lost_reason: the L{Failure} outstanding calls failed with.
     """
 
+    #: Answers of sequential calls read right after the request was sent, at
+    #: most this many times before the reactor's next turn (see
+    #: L{LeanAMP.read_eagerly<tvm_rpc.protocol.ampwire.LeanAMP.read_eagerly>}).
+    eager_reads = 16
+
     def __init__(self):
         super().__init__()
         self.end_code = None
@@ -173,7 +178,12 @@ class SessionClientProtocol(LeanAMP):
         deferred = Deferred()
         self._calls[tag] = (deferred, decode)
         self.emit(box)
+        self.read_eagerly()
         return deferred
+
+    def _awaiting_answers(self):
+        """@return: whether answers to L{call_function} calls are due (for eager reads)."""
+        return bool(self._calls)
 
     def ampBoxReceived(self, box):
         """Answer the calls of L{call_function}; hand every other box to AMP."""

@@ -221,6 +221,22 @@ def idle_socket(transport):
     return None
 
 
+def _reading(transport):
+    """
+    @return: whether the reactor watches C{transport} for reading (not paused
+        by a producer). Reads the reactor's own bookkeeping (epoll and poll
+        reactors keep descriptors, the select reactor selectables); unknown
+        reactors give C{False}.
+    """
+    reads = getattr(getattr(transport, "reactor", None), "_reads", None)
+    if reads is None:
+        return False
+    try:
+        return transport.fileno() in reads or transport in reads
+    except TypeError:
+        return False
+
+
 class LeanAMP(amp.AMP):
     """
     L{amp.AMP} with a faster receive loop and corked, write-through output.
@@ -238,18 +254,35 @@ class LeanAMP(amp.AMP):
     (outstanding commands fail with L{amp.TooLong}).
     """
 
+    #: How many reads in a row may be taken straight from the socket, right
+    #: after this protocol's own writes, while L{_awaiting_answers} says
+    #: answers are due (0, the default: never); see L{read_eagerly}.
+    eager_reads = 0
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._parser = BoxParser()
         self._corked = None
         self._corked_size = 0
         self._unparsable = False
+        self._eager_left = self.eager_reads
+        self._reading_eagerly = False
 
     def dataReceived(self, data):
         """Parse and handle every complete box; write the answers once."""
         if self.innerProtocol is not None:
             self.innerProtocol.dataReceived(data)
             return
+        outermost = self._corked is None
+        if outermost:
+            # The reactor delivered these bytes: it had its turn.
+            self._eager_left = self.eager_reads
+        self._receive(data)
+        if outermost:
+            self.read_eagerly()
+
+    def _receive(self, data):
+        """Parse and handle the boxes of C{data}; write the answers once."""
         if self._unparsable:
             return
         parser = self._parser
@@ -277,6 +310,49 @@ class LeanAMP(amp.AMP):
             if outermost:
                 self._flush_cork()
                 self._corked = None
+
+    def _awaiting_answers(self):
+        """@return: whether answers to this protocol's requests are due (subclasses say)."""
+        return False
+
+    def read_eagerly(self):
+        """
+        Handle answers that are already waiting on the socket, without
+        waiting for the reactor's next turn.
+
+        When the peer answers faster than this process gets back to its
+        reactor (client and server on one CPU: sending a request runs the
+        server at once), the answer is already there when the write returns.
+        This reads it at once, up to L{eager_reads} times before the reactor
+        delivers data again, so timers and other connections still get their
+        turn. It reads only a plain TCP socket with nothing queued for
+        writing, that the reactor is reading too, and only outside the
+        handling of received data; nothing waiting (C{EAGAIN}), an error or
+        the end of the stream simply stop it: the reactor sees those itself.
+
+        Call it only after a write whose answer's handler is already
+        registered (AMP's own C{callRemote} registers after sending).
+        """
+        if self._reading_eagerly or self._corked is not None:
+            return
+        self._reading_eagerly = True
+        try:
+            while (self._eager_left > 0 and not self._unparsable and not self.paused
+                   and self.innerProtocol is None and self._awaiting_answers()):
+                transport = self.transport
+                sock = idle_socket(transport)
+                if sock is None or not _reading(transport):
+                    return
+                try:
+                    data = sock.recv(transport.bufferSize)
+                except OSError:
+                    return
+                if not data:
+                    return
+                self._eager_left -= 1
+                self._receive(data)
+        finally:
+            self._reading_eagerly = False
 
     def _peer(self):
         """@return: the peer's address as text, for log lines."""

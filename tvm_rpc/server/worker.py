@@ -5,7 +5,8 @@ the session code and the ``--init`` modules once, then waits on a Unix socket
 without ever running a reactor. When a handshake succeeds the server passes the
 connection's file descriptor to it (``SCM_RIGHTS``) with the handshake reply and
 any early bytes; the fork server forks a *session worker*, which puts itself in
-a process group of its own, installs a reactor, adopts the socket
+a process group of its own, installs a reactor (the lean
+:class:`~tvm_rpc.server.reactor.WorkerReactor`), adopts the socket
 (``reactor.adoptStreamConnection``), writes the reply, runs the session protocol
 and exits when the connection ends. Forking a warm process takes milliseconds,
 so opening a session costs about as much as a tracker round trip. The fork
@@ -254,10 +255,9 @@ def serve_session(header, fd, lifeline_fd, work_root, make_session):
 
 
 def _serve_session(header, fd, lifeline_fd, work_root, make_session):
-    from twisted.internet import default
+    from . import reactor as worker_reactor
 
-    default.install()
-    from twisted.internet import reactor
+    reactor = worker_reactor.install()
 
     log = logger("tvm_rpc.server.worker")
     probe = socket.socket(fileno=fd)
