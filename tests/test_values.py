@@ -193,3 +193,46 @@ def test_numpy_round_trip():
     assert host.shape == (3, 4) and host.dtype == "float32"
     assert (decode(encode(host)).numpy() == array).all()
     assert math.prod(host.shape) * 4 == len(host.data)
+
+
+small_call_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-20000, 20000),
+    st.floats(allow_nan=False), st.text(max_size=150))
+
+
+def _general_decode(data):
+    """Decode through the general reader only (a memoryview skips the quick path)."""
+    return decode(memoryview(data))
+
+
+@given(st.one_of(small_call_values, st.lists(small_call_values, max_size=140)))
+def test_quick_decode_round_trip(value):
+    """The common small values of calls round-trip whether or not the quick path takes them."""
+    encoded = encode(value)
+    assert decode(encoded) == value
+    quick = values._quick_decode(encoded)
+    assert quick is values._MISS or encode(quick) == encoded
+
+
+@given(st.one_of(st.binary(max_size=40),
+                 st.lists(small_call_values, max_size=5).map(encode).flatmap(
+                     lambda encoded: st.tuples(st.just(encoded), st.integers(0, len(encoded) - 1),
+                                               st.integers(0, 255)).map(
+                         lambda t: t[0][:t[1]] + bytes([t[2]]) + t[0][t[1] + 1:]))))
+def test_quick_decode_agrees_with_general_path(data):
+    """On any bytes the quick path either declines or gives what the general path gives."""
+    quick = values._quick_decode(data)
+    if quick is values._MISS:
+        return
+    general = _general_decode(data)
+    assert encode(quick) == encode(general)
+    assert decode(data) == quick or quick != quick
+
+
+def test_quick_decode_declines_bad_utf8_and_truncation():
+    """Invalid or truncated small encodings still raise CodecError (general path)."""
+    for data in (b"\x01l\x01s\x01\xff", b"\x01l\x02i\x02", b"\x01i\x80", b"\x01", b"",
+                 b"\x01l\x01f\x00\x00", b"\x01i\x02\x00"):
+        assert values._quick_decode(data) is values._MISS
+        with pytest.raises(CodecError):
+            decode(data)

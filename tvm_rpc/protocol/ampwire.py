@@ -87,6 +87,26 @@ class BoxParser:
         if box is None:
             box = {}
         key = self._key
+        if key is None:
+            # Whole key/value pairs in one step: the common case of a box
+            # that arrived complete.
+            while position + 2 <= end:
+                length = (data[position] << 8) | data[position + 1]
+                if length == 0:
+                    self._offset = position + 2
+                    self._box = None
+                    return box
+                if length > MAX_KEY_LENGTH:
+                    raise BoxError(f"AMP key length {length} exceeds {MAX_KEY_LENGTH}")
+                value_at = position + 2 + length
+                value_start = value_at + 2
+                if value_start > end:
+                    break
+                stop = value_start + ((data[value_at] << 8) | data[value_at + 1])
+                if stop > end:
+                    break
+                box[data[position + 2:value_at]] = data[value_start:stop]
+                position = stop
         while position + 2 <= end:
             length = (data[position] << 8) | data[position + 1]
             start = position + 2

@@ -489,6 +489,92 @@ def _decode_from(reader, depth, max_depth):
     raise CodecError(f"unknown value tag {bytes([tag])!r}")
 
 
+#: Longest input tried by L{_quick_decode} first.
+_QUICK_SIZE = 256
+_MISS = object()
+_unpack_double = _DOUBLE.unpack_from
+
+
+def _quick_decode(data):
+    """
+    Decode the common small values of a call (a list of, or one: small int,
+    float, None, bool, short str) without the general reader.
+
+    @param data: the whole encoding (C{bytes}).
+    @return: the value, or C{_MISS} for anything else, including every
+        invalid input (L{decode}'s general path then decodes or rejects it).
+    """
+    try:
+        if data[0] != VERSION:
+            return _MISS
+        end = len(data)
+        tag = data[1]
+        if tag == _T_LIST:
+            count = data[2]
+            if count >= 0x80:
+                return _MISS
+            position = 3
+            items = []
+            append = items.append
+            for _ in range(count):
+                tag = data[position]
+                if tag == _T_INT:
+                    number = data[position + 1]
+                    if number < 0x80:
+                        position += 2
+                    else:
+                        high = data[position + 2]
+                        if high >= 0x80:
+                            return _MISS
+                        number = (number & 0x7F) | (high << 7)
+                        position += 3
+                    append(number >> 1 if not number & 1 else -((number + 1) >> 1))
+                elif tag == _T_FLOAT:
+                    if position + 9 > end:
+                        return _MISS
+                    append(_unpack_double(data, position + 1)[0])
+                    position += 9
+                elif tag == _T_STR:
+                    length = data[position + 1]
+                    start = position + 2
+                    position = start + length
+                    if length >= 0x80 or position > end:
+                        return _MISS
+                    append(str(data[start:position], "utf-8"))
+                elif tag == _T_NONE:
+                    append(None)
+                    position += 1
+                elif tag == _T_TRUE:
+                    append(True)
+                    position += 1
+                elif tag == _T_FALSE:
+                    append(False)
+                    position += 1
+                else:
+                    return _MISS
+            return items if position == end else _MISS
+        if tag == _T_INT:
+            number = data[2]
+            if end == 3 and number < 0x80:
+                return number >> 1 if not number & 1 else -((number + 1) >> 1)
+            if end == 4 and number >= 0x80 and data[3] < 0x80:
+                number = (number & 0x7F) | (data[3] << 7)
+                return number >> 1 if not number & 1 else -((number + 1) >> 1)
+            return _MISS
+        if tag == _T_FLOAT:
+            return _unpack_double(data, 2)[0] if end == 10 else _MISS
+        if end == 2:
+            if tag == _T_NONE:
+                return None
+            if tag == _T_TRUE:
+                return True
+            if tag == _T_FALSE:
+                return False
+        return _MISS
+    except (IndexError, UnicodeDecodeError):
+        return _MISS
+
+
 def decode(data, *, max_depth=MAX_DEPTH, max_size=MAX_SIZE):
     """
     Decode one value.
@@ -501,6 +587,10 @@ def decode(data, *, max_depth=MAX_DEPTH, max_size=MAX_SIZE):
         of this version (and for nothing else).
     """
     if type(data) is bytes:
+        if len(data) <= _QUICK_SIZE and max_depth > 0 and len(data) <= max_size:
+            value = _quick_decode(data)
+            if value is not _MISS:
+                return value
         view = data
     else:
         try:

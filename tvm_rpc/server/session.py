@@ -274,6 +274,13 @@ class SessionProtocol(LeanAMP):
                 break
         else:
             result = callee(*arguments)
+        return self._answer_of(result)
+
+    def _answer_of(self, result):
+        """
+        @return: the answer for a function's return value (see L{_result}),
+            or a Deferred of it when the value is awaitable.
+        """
         if type(result) not in _PLAIN_RESULTS and inspect.isawaitable(result):
             return ensureDeferred(_awaited(result)).addCallback(self._converted)
         return self._converted(result)
@@ -302,25 +309,61 @@ class SessionProtocol(LeanAMP):
         error boxes, built directly as bytes), without its Deferred layers
         when the call completes at once.
         """
+        reply = None
         try:
             function = box.get(b"function")
             name = box.get(b"name")
             stream = box.get(b"args_stream")
-            answer = self._call(
-                None if function is None else int(function),
-                None if name is None else name.decode("utf-8"),
-                box.get(b"args"),
-                None if stream is None else int(stream),
-            )
+            args = box.get(b"args")
+            callee = None
+            if name is None and stream is None and args is not None and function is not None:
+                callee = self._callees.get(int(function))
+            if callee is None:
+                answer = self._call(
+                    None if function is None else int(function),
+                    None if name is None else name.decode("utf-8"),
+                    args,
+                    None if stream is None else int(stream),
+                )
+            else:
+                # The common call, by a handle already called, with small
+                # plain arguments and result: no helper layers, no answer dict.
+                answer = self._call_known(callee, args)
+                if type(answer) is bytes:
+                    reply, answer = ampwire.answer_box(ask, answer), None
         except BaseException:
             self._send_call_error(ask, Failure())
             return
-        if isinstance(answer, Deferred):
-            answer.addCallbacks(lambda objects: self._send_call_answer(ask, objects),
-                                lambda failure: self._send_call_error(ask, failure))
-            answer.addErrback(self.unhandledError)
+        if reply is not None:
+            self.emit(reply)
+        elif isinstance(answer, Deferred):
+            self._answer_later(ask, answer)
         else:
             self._send_call_answer(ask, answer)
+
+    def _call_known(self, callee, args):
+        """
+        Call a function already looked up with inline arguments.
+
+        @return: the encoded result (C{bytes}) when it is a scalar short
+            enough to answer inline; otherwise what L{_call} returns.
+        """
+        arguments = self._arguments(args, None)
+        for argument in arguments:
+            if type(argument) not in _SCALARS:
+                return self._answer_of(self.environment.invoke(callee, arguments))
+        result = callee(*arguments)
+        if type(result) in _SCALARS:
+            encoded = values.encode(result)
+            if len(encoded) <= commands.MAX_INLINE_VALUE:
+                return encoded
+        return self._answer_of(result)
+
+    def _answer_later(self, ask, answer):
+        """Send the answer (or error) box of a call once its Deferred fires."""
+        answer.addCallbacks(lambda objects: self._send_call_answer(ask, objects),
+                            lambda failure: self._send_call_error(ask, failure))
+        answer.addErrback(self.unhandledError)
 
     def _send_call_answer(self, ask, objects):
         """Send the answer box of a call (an error box if it cannot be encoded)."""
