@@ -236,3 +236,20 @@ def test_quick_decode_declines_bad_utf8_and_truncation():
         assert values._quick_decode(data) is values._MISS
         with pytest.raises(CodecError):
             decode(data)
+
+
+@given(st.one_of(st.integers(-0x2100, 0x2100),
+                 st.lists(st.one_of(st.integers(-0x2100, 0x2100), st.booleans()), max_size=130)))
+def test_quick_encode_matches_general_encoder(value):
+    """Small ints and lists of them encode to the general encoder's bytes."""
+    out = bytearray([values.VERSION])
+    values._encode_into(value, out, 0, values.MAX_DEPTH)
+    assert encode(value) == bytes(out)
+    assert decode(encode(value)) == value
+
+
+def test_quick_encode_respects_depth_limit():
+    """A list still counts as nesting for max_depth=0 (the quick path steps aside)."""
+    assert encode([], max_depth=0) == b"\x01l\x00"
+    with pytest.raises(CodecError):
+        encode([1], max_depth=0)

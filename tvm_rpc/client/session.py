@@ -627,15 +627,20 @@ class RPCSession:
         """
         try:
             # The common call: a looked-up function with plain arguments.
-            if type(function) is RemoteFunction and function.handle is not None:
-                for arg in args:
-                    if type(arg) not in _SCALARS:
-                        break
-                else:
-                    encoded = values.encode(list(args))
-                    if len(encoded) <= MAX_INLINE_VALUE:
-                        return self._quick_call({"function": self._own(function).handle},
-                                                encoded)
+            if type(function) is RemoteFunction:
+                handle = function.handle
+                if handle is not None:
+                    for arg in args:
+                        if type(arg) not in _SCALARS:
+                            break
+                    else:
+                        encoded = values.encode(list(args))
+                        if len(encoded) <= MAX_INLINE_VALUE:
+                            self._own(function)
+                            if self._protocol.lost or self._close_started:
+                                return fail(self._protocol.ending_error())
+                            return self._protocol.call_function(
+                                encoded, self._box_result, handle)
             target = self._ready_target(function)
             if target is not None and not self._lazy_functions(args, []):
                 encoded = values.encode([self._to_wire(arg) for arg in args])

@@ -348,6 +348,26 @@ def encode(value, *, max_depth=MAX_DEPTH):
     @raise CodecError: for an unsupported type, a dict key of another type,
         nesting deeper than C{max_depth} or an integer above L{MAX_INT_BYTES}.
     """
+    kind = type(value)
+    if kind is int:
+        if -0x2000 <= value < 0x2000:
+            number = value << 1 if value >= 0 else ((-value) << 1) - 1
+            if number < 0x80:
+                return bytes((VERSION, _T_INT, number))
+            return bytes((VERSION, _T_INT, (number & 0x7F) | 0x80, number >> 7))
+    elif kind is list and max_depth > 0 and len(value) < 0x80:
+        # Small ints only (the usual call arguments); anything else below.
+        out = bytearray((VERSION, _T_LIST, len(value)))
+        for item in value:
+            if type(item) is not int or not -0x2000 <= item < 0x2000:
+                break
+            number = item << 1 if item >= 0 else ((-item) << 1) - 1
+            if number < 0x80:
+                out += bytes((_T_INT, number))
+            else:
+                out += bytes((_T_INT, (number & 0x7F) | 0x80, number >> 7))
+        else:
+            return bytes(out)
     out = bytearray([VERSION])
     try:
         _encode_into(value, out, 0, max_depth)
