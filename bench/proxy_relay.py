@@ -3,20 +3,23 @@
 Usage (from the repository root, with apache-tvm installed)::
 
     python bench/proxy_relay.py [--size-mib 256] [--slow-mib 1024] [--tvm-slow-mib 256]
-                                [--repeat 3] [--slow-rate 100] [--write-docs]
+                                [--rounds 5] [--pairs 4] [--slow-rate 100] [--write-docs]
 
 For each path -- a direct loopback socket (the baseline), ``twistd rpc-proxy``
 with its default kernel relay (``splice(2)``), ``twistd rpc-proxy --no-splice``
 (the relay through Twisted) and TVM's ``python -m tvm.exec.rpc_proxy`` (web
 port off) -- it moves
 ``--size-mib`` MiB from the client to the server and then the same back, and
-prints the best MB/s of ``--repeat`` runs per direction, and for the proxies
-the CPU seconds their process group spent per GiB relayed; then the aggregate
-MB/s of ``--pairs`` pairs relaying at once (half of ``--size-mib`` each, client
-to server). Another row,
+prints the median MB/s per direction over ``--rounds`` rounds, each ratio
+taken within a round (every round measures every path once, in turn), and for
+the proxies the CPU seconds their process group spent per GiB relayed; then
+the aggregate MB/s of ``--pairs`` pairs relaying at once (half of
+``--size-mib`` each, client to server), also once per round. Another row,
 ``copyloop``, relays through a minimal blocking copy loop (one process per
-direction, 1 MiB buffer): a reference for what a plain relay hop costs on the
-machine. Then, with a reader
+direction, 1 MiB buffer), and ``spliceloop`` through a minimal blocking
+``splice(2)`` loop (one process per direction, 1 MiB pipe): references for
+what a bare relay hop costs on the machine, with and without copying the
+bytes through user space. Then, with a reader
 that takes at most ``--slow-rate`` MB/s while the writer sends as fast as it
 can, it samples each proxy's resident memory (the whole process group) and
 prints the peak growth over the idle proxy, and the growth left two seconds
@@ -25,6 +28,7 @@ section of ``docs/benchmarks.md`` (other sections are left alone).
 """
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
@@ -78,20 +82,35 @@ def _copy_loop(source, sink):
         sink.sendall(view[:n])
 
 
-def copy_relay_pair():
-    """
-    A pair relayed by a minimal blocking copy loop, one process per
-    direction: what a plain relay hop costs on this machine, for reference.
+def _splice_loop(source, sink):
+    """Relay one direction with a blocking splice loop through a 1 MiB pipe."""
+    import fcntl
 
-    @return: C{(client, server, process)}.
+    read_fd, write_fd = os.pipe()
+    fcntl.fcntl(write_fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), MiB)
+    while True:
+        n = os.splice(source.fileno(), write_fd, MiB)
+        if not n:
+            sink.shutdown(socket.SHUT_WR)
+            return
+        while n:
+            n -= os.splice(read_fd, sink.fileno(), n)
+
+
+def reference_relay_pair(loop=_copy_loop):
+    """
+    A pair relayed by a minimal blocking C{loop}, one process per direction:
+    what a bare relay hop costs on this machine, for reference.
+
+    @return: C{(client, server, processes)}.
     """
     import multiprocessing
 
     client, near = direct_pair()
     far, server = direct_pair()
     context = multiprocessing.get_context("fork")
-    processes = [context.Process(target=_copy_loop, args=(near, far), daemon=True),
-                 context.Process(target=_copy_loop, args=(far, near), daemon=True)]
+    processes = [context.Process(target=loop, args=(near, far), daemon=True),
+                 context.Process(target=loop, args=(far, near), daemon=True)]
     for process in processes:
         process.start()
     near.close()
@@ -169,24 +188,25 @@ def group_cpu(pid):
     return total
 
 
-def throughput(make_pair, size, repeat, pid=None):
+def one_pair(make_pair, size, pid=None):
     """
-    @return: best MB/s up and down over C{repeat} fresh pairs, and the CPU
-        seconds per GiB relayed of the process group C{pid} (L{None} without).
+    Move C{size} bytes client -> server, then the same back, through one
+    fresh pair from C{make_pair()} (C{(client, server, cleanup)}).
+
+    @return: C{(up MB/s, down MB/s, CPU seconds per GiB relayed)} where the
+        CPU is that of the process group C{pid} (L{None} without).
     """
-    up = down = 0.0
-    cpu = 0.0
-    for i in range(repeat):
-        client, server = make_pair(i)
-        try:
-            before = group_cpu(pid) if pid else 0.0
-            up = max(up, size / transfer(client, server, size) / 1e6)
-            down = max(down, size / transfer(server, client, size) / 1e6)
-            cpu += (group_cpu(pid) - before) if pid else 0.0
-        finally:
-            client.close()
-            server.close()
-    return up, down, (cpu / (2 * repeat * size / (1 << 30)) if pid else None)
+    client, server, cleanup = make_pair()
+    try:
+        before = group_cpu(pid) if pid else 0.0
+        up = size / transfer(client, server, size) / 1e6
+        down = size / transfer(server, client, size) / 1e6
+        cpu = (group_cpu(pid) - before) / (2 * size / (1 << 30)) if pid else None
+    finally:
+        client.close()
+        server.close()
+        cleanup()
+    return up, down, cpu
 
 
 def aggregate(make_pair, pairs, size, pid=None):
@@ -196,12 +216,12 @@ def aggregate(make_pair, pairs, size, pid=None):
 
     @return: C{(aggregate MB/s, CPU seconds per GiB of the process group pid)}.
     """
-    made = [make_pair(i) for i in range(pairs)]
+    made = [make_pair() for i in range(pairs)]
     try:
         before = group_cpu(pid) if pid else 0.0
         started = time.perf_counter()
         threads = [threading.Thread(target=transfer, args=(client, server, size))
-                   for client, server in made]
+                   for client, server, _ in made]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -209,9 +229,10 @@ def aggregate(make_pair, pairs, size, pid=None):
         elapsed = time.perf_counter() - started
         cpu = (group_cpu(pid) - before) / (pairs * size / (1 << 30)) if pid else None
     finally:
-        for client, server in made:
+        for client, server, cleanup in made:
             client.close()
             server.close()
+            cleanup()
     return pairs * size / elapsed / 1e6, cpu
 
 
@@ -261,6 +282,15 @@ def slow_reader_memory(port, pid, size, rate):
     return cold, idle, peak[0] - idle, group_rss(pid) - idle
 
 
+def median(values):
+    """@return: the median of C{values} (the mean of the middle two for an even count)."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mib", type=int, default=256)
@@ -269,11 +299,10 @@ def main():
     parser.add_argument("--tvm-slow-mib", type=int, default=256,
                         help="MiB carried through TVM's proxy to a slow reader")
     parser.add_argument("--slow-rate", type=float, default=100, help="slow reader MB/s")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds; each round measures every path once, in turn")
     parser.add_argument("--pairs", type=int, default=4,
                         help="pairs relaying at once in the concurrent measurement")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="alternations of ours with splice and with --no-splice")
     parser.add_argument("--write-docs", action="store_true",
                         help="write the figures into docs/benchmarks.md (## Proxy)")
     args = parser.parse_args()
@@ -281,44 +310,58 @@ def main():
     size = args.size_mib * MiB
     rate = args.slow_rate * 1e6
     print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
-          f"{args.size_mib} MiB each way, best of {args.repeat}")
+          f"{args.size_mib} MiB each way, {args.rounds} rounds")
 
-    results = {}
-    results["direct"] = throughput(lambda i: direct_pair(), size, args.repeat)
-    concurrent = {"direct": aggregate(lambda i: direct_pair(), args.pairs, size // 2)}
-    relays = []
+    def plain_pair():
+        client, server = direct_pair()
+        return client, server, lambda: None
 
-    def copy_pair(i):
-        client, server, processes = copy_relay_pair()
-        relays.extend(processes)
-        return client, server
+    def reference_pair(loop):
+        def make():
+            client, server, processes = reference_relay_pair(loop)
 
-    results["copyloop"] = throughput(copy_pair, size, args.repeat)
-    for process in relays:
-        # Each copy process also holds the other pairs' sockets (fork): stop it.
-        process.terminate()
-        process.join(10)
-    # The two relays of ours alternate, so a change in the machine's load
-    # between them shows up in both.
-    for _ in range(args.rounds):
-        for name, extra in (("ours", ()), ("plain", ("--no-splice",))):
-            with our_proxy(*extra) as (daemon, port):
-                got = throughput(lambda i: proxied_pair(port, f"k{i}"), size, args.repeat,
-                                 daemon.proc.pid)
-                many = aggregate(lambda i: proxied_pair(port, f"m{i}"), args.pairs, size // 2,
-                                 daemon.proc.pid)
-            if name not in results:
-                results[name], concurrent[name] = got, many
-            else:
-                old = results[name]
-                results[name] = (max(old[0], got[0]), max(old[1], got[1]), min(old[2], got[2]))
-                old = concurrent[name]
-                concurrent[name] = (max(old[0], many[0]), min(old[1], many[1]))
-    with tvm_proxy() as (daemon, port):
-        results["tvm"] = throughput(lambda i: proxied_pair(port, f"k{i}"), size, args.repeat,
-                                    daemon.proc.pid)
-        concurrent["tvm"] = aggregate(lambda i: proxied_pair(port, f"m{i}"), args.pairs,
-                                      size // 2, daemon.proc.pid)
+            def cleanup():
+                # Each process also holds the pair's outer sockets (fork), so
+                # it never sees end of file: stop it.
+                for process in processes:
+                    process.terminate()
+                    process.join(10)
+            return client, server, cleanup
+        return make
+
+    def through(port):
+        count = iter(range(1 << 30))
+
+        def make():
+            client, server = proxied_pair(port, f"k{next(count)}")
+            return client, server, lambda: None
+        return make
+
+    paths = ["direct", "copyloop", "spliceloop", "ours", "plain", "tvm"]
+    single = {name: [] for name in paths if name != "spliceloop" or hasattr(os, "splice")}
+    concurrent = {"direct": [], "ours": [], "plain": [], "tvm": []}
+    with contextlib.ExitStack() as stack:
+        daemons = {"ours": stack.enter_context(our_proxy()),
+                   "plain": stack.enter_context(our_proxy("--no-splice")),
+                   "tvm": stack.enter_context(tvm_proxy())}
+        makers = {"direct": plain_pair, "copyloop": reference_pair(_copy_loop),
+                  "spliceloop": reference_pair(_splice_loop)}
+        pids = {}
+        for name, (daemon, port) in daemons.items():
+            makers[name] = through(port)
+            pids[name] = daemon.proc.pid
+        # Every path is measured once per round, in turn: the machine's speed
+        # drifts (the direct baseline alone moves by half between minutes),
+        # so each path is compared with the baseline of its own round.
+        for number in range(args.rounds):
+            for name in single:
+                single[name].append(one_pair(makers[name], size, pids.get(name)))
+            for name in concurrent:
+                concurrent[name].append(aggregate(makers[name], args.pairs, size // 2,
+                                                  pids.get(name)))
+            print(f"round {number + 1}: " + ", ".join(
+                f"{name} {(up + down) / 2:.0f}" for name, ((up, down, _),) in
+                ((name, single[name][-1:]) for name in single)) + " MB/s", flush=True)
     # Memory is measured on fresh daemons, so "at start" means just started.
     with our_proxy() as (daemon, port):
         time.sleep(0.5)
@@ -330,34 +373,46 @@ def main():
         time.sleep(0.5)
         tvm_mem = slow_reader_memory(port, daemon.proc.pid, args.tvm_slow_mib * MiB, rate)
 
-    def mean_of(name):
-        return (results[name][0] + results[name][1]) / 2
+    def means(name):
+        return [(up + down) / 2 for up, down, _ in single[name]]
 
-    direct_mean = mean_of("direct")
-    tvm_mean = mean_of("tvm")
-    ours_mean = mean_of("ours")
-    plain_mean = mean_of("plain")
-    copy_mean = mean_of("copyloop")
-    table = ["| path | up MB/s | down MB/s | mean MB/s | x direct | x TVM's proxy "
-             "| proxy CPU s per GiB |", "|---|---|---|---|---|---|---|"]
+    def ratio(name, other, table=None):
+        """The median over rounds of C{name}'s MB/s over C{other}'s in the same round."""
+        if table is None:
+            return median([a / b for a, b in zip(means(name), means(other))])
+        return median([a[0] / b[0] for a, b in zip(table[name], table[other])])
+
+    references = [name for name in ("copyloop", "spliceloop") if name in single]
+    best_reference = max(references, key=lambda name: ratio(name, "direct"))
     labels = {"direct": "direct socket (baseline)",
               "copyloop": "blocking copy-loop relay (reference)",
+              "spliceloop": "blocking splice-loop relay (reference)",
               "ours": "ours (`twistd rpc-proxy`, splice, the default)",
               "plain": "ours (`twistd rpc-proxy --no-splice`)", "tvm": "TVM's `rpc_proxy`"}
-    for name in ("direct", "copyloop", "ours", "plain", "tvm"):
-        up, down, cpu = (results[name] + (None,))[:3]
-        mean = (up + down) / 2
-        table.append(f"| {labels[name]} | {up:.0f} | {down:.0f} | {mean:.0f} | "
-                     f"{mean / direct_mean:.2f} | {mean / tvm_mean:.2f} | "
-                     f"{'' if cpu is None else f'{cpu:.2f}'} |")
+    table = ["| path | up MB/s | down MB/s | mean MB/s | x direct | x TVM's proxy "
+             "| proxy CPU s per GiB |", "|---|---|---|---|---|---|---|"]
+    for name in ("direct", *references, "ours", "plain", "tvm"):
+        rows = single[name]
+        cpus = [cpu for _, _, cpu in rows if cpu is not None]
+        table.append(f"| {labels[name]} | {median([r[0] for r in rows]):.0f} | "
+                     f"{median([r[1] for r in rows]):.0f} | {median(means(name)):.0f} | "
+                     f"{ratio(name, 'direct'):.2f} | {ratio(name, 'tvm'):.2f} | "
+                     f"{f'{median(cpus):.2f}' if cpus else ''} |")
+    per_round = ["| round | " + " | ".join(single) + " |",
+                 "|---|" + "---|" * len(single)]
+    for number in range(args.rounds):
+        per_round.append(f"| {number + 1} | " + " | ".join(
+            f"{means(name)[number]:.0f}" for name in single) + " |")
+    ours_ratios = [a / b for a, b in zip(means("ours"), means("direct"))]
     many_table = ["| path | aggregate MB/s | x direct | x TVM's proxy | proxy CPU s per GiB |",
                   "|---|---|---|---|---|"]
-    for name in ("direct", "ours", "plain", "tvm"):
-        rate_mb, cpu = concurrent[name]
-        many_table.append(f"| {labels[name]} | {rate_mb:.0f} | "
-                          f"{rate_mb / concurrent['direct'][0]:.2f} | "
-                          f"{rate_mb / concurrent['tvm'][0]:.2f} | "
-                          f"{'' if cpu is None else f'{cpu:.2f}'} |")
+    for name in concurrent:
+        rows = concurrent[name]
+        cpus = [cpu for _, cpu in rows if cpu is not None]
+        many_table.append(f"| {labels[name]} | {median([r[0] for r in rows]):.0f} | "
+                          f"{ratio(name, 'direct', concurrent):.2f} | "
+                          f"{ratio(name, 'tvm', concurrent):.2f} | "
+                          f"{f'{median(cpus):.2f}' if cpus else ''} |")
     memory = ["| proxy | carried to the slow reader | RSS at start (MiB) | idle RSS after a "
               "warm-up pair (MiB) | peak growth over idle (MiB) "
               "| growth left 2 s after close (MiB) |", "|---|---|---|---|---|---|"]
@@ -373,17 +428,20 @@ def main():
     def verdict(ok):
         return "met" if ok else "NOT met"
 
+    ours_direct = ratio("ours", "direct")
     targets = [
-        f"- ours >= 0.8x the direct baseline: {ours_mean / direct_mean:.2f}x "
-        f"({verdict(ours_mean >= 0.8 * direct_mean)}; `--no-splice`: "
-        f"{plain_mean / direct_mean:.2f}x; a relay hop adds a third busy process on this "
-        f"machine: the blocking copy-loop reference reaches {copy_mean / direct_mean:.2f}x, "
-        f"ours {ours_mean / copy_mean:.2f}x of it)",
+        f"- ours >= 0.8x the direct baseline: {ours_direct:.2f}x, median of the rounds "
+        f"({verdict(ours_direct >= 0.8)}; rounds {min(ours_ratios):.2f}x to "
+        f"{max(ours_ratios):.2f}x; `--no-splice`: {ratio('plain', 'direct'):.2f}x). A relay "
+        f"hop adds a third busy process on this machine: the best bare reference relay "
+        f"({labels[best_reference]}) reaches {ratio(best_reference, 'direct'):.2f}x; ours "
+        f"relays {ratio('ours', best_reference):.2f}x what it relays, `--no-splice` "
+        f"{ratio('plain', best_reference):.2f}x",
         f"- with {args.pairs} pairs at once, ours (splice) relays "
-        f"{concurrent['ours'][0] / concurrent['plain'][0]:.2f}x what `--no-splice` relays "
-        f"and {concurrent['ours'][0] / concurrent['direct'][0]:.2f}x the direct sockets",
-        f"- ours >= 2x TVM's proxy: {ours_mean / tvm_mean:.2f}x "
-        f"({verdict(ours_mean >= 2 * tvm_mean)})",
+        f"{ratio('ours', 'plain', concurrent):.2f}x what `--no-splice` relays "
+        f"and {ratio('ours', 'direct', concurrent):.2f}x the direct sockets",
+        f"- ours >= 2x TVM's proxy: {ratio('ours', 'tvm'):.2f}x "
+        f"({verdict(ratio('ours', 'tvm') >= 2)})",
         f"- slow reader, {args.slow_mib} MiB through ours: growth {ours_growth:.1f} MiB < 32 MB "
         f"({verdict(ours_growth * MiB < 32e6)}); left after close {ours_left:.1f} MiB; "
         f"peak over the RSS at start (warm-up included) {ours_from_cold:.1f} MiB "
@@ -393,20 +451,23 @@ def main():
         f"Measured by `python bench/proxy_relay.py` at "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
         f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} at the start (a shared "
-        f"machine: figures move between runs). {args.size_mib} MiB each way through a fresh "
-        f"pair, best of {args.repeat} (ours: of {args.rounds} x {args.repeat}, the splice "
-        f"and --no-splice daemons alternating); CPU is the proxy's process group's user + "
-        f"system seconds per GiB relayed (lowest round for ours); the client and server "
-        f"are threads of the benchmark "
-        f"process using blocking sockets; TVM's proxy is started with `--web-port 0`.",
+        f"machine: figures move between runs). {args.rounds} rounds; each round moves "
+        f"{args.size_mib} MiB each way through one fresh pair of every path in turn, so every "
+        f"ratio is taken within a round (the direct baseline alone drifts by half between "
+        f"minutes) and the median over the rounds is shown; MB/s are medians too. CPU is the "
+        f"proxy's process group's user + system seconds per GiB relayed; the client and "
+        f"server are threads of the benchmark process using blocking sockets; the proxies "
+        f"run side by side, idle but for the path being measured; TVM's proxy is started "
+        f"with `--web-port 0`.",
         "", *table, "",
+        "Mean MB/s of each path, round by round:", "", *per_round, "",
         f"{args.pairs} pairs at once, {args.size_mib // 2} MiB each from client to server, "
-        f"one thread per pair (best round for ours):", "", *many_table, "",
+        f"one thread per pair, once per round (medians):", "", *many_table, "",
         f"Slow reader: the writer sends as fast as it can, the reader takes at most "
         f"{args.slow_rate:g} MB/s; RSS is the proxy's whole process group (TVM's runs in a "
-        f"child), sampled every 50 ms, on a freshly started proxy; growth is counted from the idle proxy after one 8 MiB "
-        f"warm-up pair has come and gone, 2 s later (ours gives its free heap back a "
-        f"second after a pair ends).", "", *memory, "",
+        f"child), sampled every 50 ms, on a freshly started proxy; growth is counted from "
+        f"the idle proxy after one 8 MiB warm-up pair has come and gone, 2 s later (ours "
+        f"gives its free heap back a second after a pair ends).", "", *memory, "",
         "Against issue 4's targets:", "", *targets,
     ])
     print(body)
