@@ -340,6 +340,72 @@ class WebSocketTests(SynchronousTestCase):
         self.assertNotEqual(browser.state, browser.STATE_OPEN)
         self.assertEqual(self.pool.waiting(), 0)
 
+    def raw_websocket(self):
+        """
+        @return: C{(protocol, transport)}: the ``/ws`` endpoint upgraded over a
+            StringTransport, for feeding it hand-made frames.
+        """
+        from tvm_rpc.proxy.web import ProxyWebSocketFactory
+
+        address = IPv4Address("TCP", "127.0.0.1", 40000)
+        protocol = ProxyWebSocketFactory(self.pool, self.clock, 5).buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(
+            b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:8888\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n")
+        self.assertIn(b" 101 ", transport.value())
+        transport.clear()
+        return protocol, transport
+
+    @staticmethod
+    def frame_header(length):
+        """A final binary frame's header from a client, with an all-zero mask (so the
+        payload goes as it is)."""
+        if length < 126:
+            return bytes([0x82, 0x80 | length]) + bytes(4)
+        if length < 65536:
+            return bytes([0x82, 0x80 | 126]) + length.to_bytes(2, "big") + bytes(4)
+        return bytes([0x82, 0x80 | 127]) + length.to_bytes(8, "big") + bytes(4)
+
+    def test_frame_bytes_relayed_as_they_arrive(self):
+        """A frame's payload is relayed piece by piece, before the frame is complete."""
+        ws, ws_t = self.raw_websocket()
+        handshake = encode_handshake("server:web")
+        ws.dataReceived(self.frame_header(len(handshake)) + handshake)
+        client, client_t = self.tcp()
+        client.dataReceived(encode_handshake("client:web"))
+        self.assertEqual(client_t.value(), encode_reply(RPC_CODE_SUCCESS, "server:web"))
+        client_t.clear()
+        payload = bytes(range(256)) * 4096
+        ws.dataReceived(self.frame_header(len(payload)) + payload[:1000])
+        self.assertEqual(client_t.value(), payload[:1000])
+        ws.dataReceived(payload[1000:300000])
+        self.assertEqual(client_t.value(), payload[:300000])
+        ws.dataReceived(payload[300000:])
+        self.assertEqual(client_t.value(), payload)
+        self.assertEqual(ws.state, ws.STATE_OPEN)
+
+    def test_message_larger_than_16_mib_relayed(self):
+        """No message size limit: nothing is held per message, so none is needed."""
+        ws, ws_t = self.raw_websocket()
+        handshake = encode_handshake("server:web")
+        ws.dataReceived(self.frame_header(len(handshake)) + handshake)
+        client, client_t = self.tcp()
+        client.dataReceived(encode_handshake("client:web"))
+        client_t.clear()
+        piece = b"\xab" * (1 << 20)
+        ws.dataReceived(self.frame_header(20 << 20))
+        for _ in range(20):
+            ws.dataReceived(piece)
+            self.assertFalse(ws.message_data)
+        self.assertEqual(len(client_t.value()), 20 << 20)
+        self.assertEqual(ws.state, ws.STATE_OPEN)
+        client_t.clear()
+        client.dataReceived(b"answer")
+        self.assertIn(b"answer", ws_t.value())
+
     def test_silent_websocket_dropped(self):
         browser, received, pump = self.websocket()
         self.clock.advance(5)

@@ -9,9 +9,10 @@ pausing to the underlying TCP transport, so backpressure works as on the TCP
 path.
 
 Websockets have no half-close: an end of file from the TCP partner closes the
-websocket once everything before it was sent. A message is held whole by
-autobahn before it is relayed; messages are limited to
-L{MAX_MESSAGE_SIZE} bytes.
+websocket once everything before it was sent. The bytes of a binary message
+are relayed frame piece by frame piece as they arrive, through autobahn's
+frame-level callbacks, so no message is ever held whole: a websocket pair
+has the same bound as a TCP pair, whatever its messages' sizes.
 """
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -22,8 +23,6 @@ from twisted.logger import Logger
 
 from .protocol import DEFAULT_HANDSHAKE_TIMEOUT, ProxyConnection
 
-#: The largest websocket message accepted (autobahn buffers a message whole).
-MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 #: The websocket path, as TVM's proxy serves it.
 WS_PATH = "/ws"
 
@@ -110,6 +109,7 @@ class ProxyWebSocketProtocol(WebSocketServerProtocol):
         """Start without a proxy connection (made on open)."""
         super().__init__()
         self.connection = None
+        self._relaying = False
 
     def onConnect(self, request):
         """Accept only the ``/ws`` path."""
@@ -124,17 +124,29 @@ class ProxyWebSocketProtocol(WebSocketServerProtocol):
                                           on_relay_end=factory.on_relay_end)
         self.connection.makeConnection(WebSocketTransport(self))
 
-    def onMessage(self, payload, isBinary):
-        """Relay a binary message's bytes; a text message breaks the protocol."""
-        if self.connection is None:
-            return
-        if not isBinary:
+    def onMessageBegin(self, isBinary):
+        """A message starts: a binary one is relayed, a text one breaks the protocol."""
+        super().onMessageBegin(isBinary)
+        self._relaying = isBinary and self.connection is not None
+        if self.connection is not None and not isBinary:
             self.log.warn("text message from {peer} on {path}; closing",
                           peer=self.connection.peer_name, path=WS_PATH)
             # Autobahn lets applications send 1000 or 3000-4999 only.
             self.sendClose(code=3003, reason="binary messages only")
-            return
-        self.connection.dataReceived(payload)
+
+    def onMessageFrameData(self, payload):
+        """Relay a piece of a binary message at once (autobahn's default would keep it)."""
+        if self._relaying and self.connection is not None and not self.failedByMe:
+            self.connection.dataReceived(payload)
+
+    def onMessageFrameEnd(self):
+        """Nothing was kept for the frame: nothing to assemble."""
+        self.frame_data = None
+
+    def onMessageEnd(self):
+        """Nothing was kept for the message: nothing to deliver."""
+        self._relaying = False
+        self.message_data = None
 
     def onClose(self, wasClean, code, reason):
         """End the proxy connection: leave the pool or close the partner."""
@@ -161,5 +173,6 @@ class ProxyWebSocketFactory(WebSocketServerFactory):
         self.pool = pool
         self.clock = reactor
         self.handshake_timeout = handshake_timeout
-        self.setProtocolOptions(maxMessagePayloadSize=MAX_MESSAGE_SIZE,
-                                maxFramePayloadSize=MAX_MESSAGE_SIZE)
+        # Nothing is held per message (see ProxyWebSocketProtocol), so no
+        # size limit is needed to bound memory.
+        self.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0)
