@@ -762,11 +762,61 @@ class RawAnswerTests(SynchronousTestCase):
         self.protocol = make_client_protocol()
         self.transport = StringTransport()
         self.protocol.makeConnection(self.transport)
-        self.session = RPCSession(self.protocol, Clock())
+        self.clock = Clock()
+        self.session = RPCSession(self.protocol, self.clock)
 
     def answer(self, **fields):
         """Feed the answer box to call 1."""
         self.protocol.dataReceived(amp.AmpBox(**fields).serialize())
+
+    def sent(self):
+        """@return: the boxes written since the last call, and forget them."""
+        boxes = amp.parse(io.BytesIO(self.transport.value()))
+        self.transport.clear()
+        return boxes
+
+    def test_cancelled_call_closes_its_result_stream(self):
+        """The late answer of a cancelled call carries a stream: it is closed on the server."""
+        calling = self.session.call("big")
+        calling.cancel()
+        self.failureResultOf(calling, CancelledError)
+        self.transport.clear()
+        self.answer(_answer=b"1", result_stream=b"7", result_size=b"123456")
+        [box] = self.sent()
+        self.assertEqual((box[b"_command"], box[b"stream"]), (b"StreamClose", b"7"))
+
+    def test_cancelled_call_releases_returned_handles(self):
+        """The late answer of a cancelled call carries handles: they are freed."""
+        calling = self.session.call("make")
+        calling.cancel()
+        self.failureResultOf(calling, CancelledError)
+        self.transport.clear()
+        self.answer(_answer=b"1", result=values.encode(
+            [values.Handle("function", 5), values.Handle("module", 6)]))
+        self.clock.advance(0)
+        [box] = self.sent()
+        self.assertEqual(box[b"_command"], b"Free")
+        self.assertEqual(sorted(amp.ListOf(amp.Integer()).fromString(box[b"handles"])), [5, 6])
+
+    def test_cancelled_general_call_closes_its_result_stream(self):
+        """The same through the general call path (AMP's callRemote)."""
+        calling = Deferred.fromCoroutine(self.session._call("big", []))
+        calling.cancel()
+        self.failureResultOf(calling, CancelledError)
+        self.transport.clear()
+        self.answer(_answer=b"1", result_stream=b"9", result_size=b"10")
+        [box] = self.sent()
+        self.assertEqual((box[b"_command"], box[b"stream"]), (b"StreamClose", b"9"))
+
+    def test_late_answer_that_does_not_decode_is_logged(self):
+        """A cancelled call's late answer with a bad value is logged; the session goes on."""
+        calling = self.session.call("f")
+        calling.cancel()
+        self.answer(_answer=b"1", result=b"\x01garbage")
+        self.assertEqual(len(self.flushLoggedErrors(values.CodecError)), 1)
+        again = self.session.call("f")
+        self.answer(_answer=b"2", result=values.encode(3))
+        self.assertEqual(self.successResultOf(again), 3)
 
     def test_request_box(self):
         """The request is a CallFunction box naming the callee and carrying encoded args."""

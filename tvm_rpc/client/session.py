@@ -138,6 +138,10 @@ class SessionClientProtocol(LeanAMP):
     @ivar closing: set by the client when it ends the session itself.
     @ivar lost: whether the connection is gone.
     @ivar lost_reason: the L{Failure} outstanding calls failed with.
+    @ivar orphan: called with the answer (a C{dict} as C{callRemote} gives
+        it: C{result} or C{result_stream}) of a L{call_function} call
+        cancelled before its answer came, so that what the answer made on the
+        server (a result stream, handles) is released; L{None} to drop it.
     """
 
     #: Answers of sequential calls read right after the request was sent, at
@@ -154,6 +158,7 @@ class SessionClientProtocol(LeanAMP):
         self.lost_reason = None
         self._lost_waiters = []
         self._calls = {}
+        self.orphan = None
 
     def call_function(self, args, decode, function=None, name=None):
         """
@@ -193,7 +198,10 @@ class SessionClientProtocol(LeanAMP):
             if tag is not None:
                 waiting = calls.pop(tag, None)
                 if waiting is not None:
-                    _deliver(waiting, box)
+                    if waiting[0].called:
+                        self._orphaned(box)
+                    else:
+                        _deliver(waiting, box)
                     return
             else:
                 tag = box.get(b"_error")
@@ -239,6 +247,18 @@ class SessionClientProtocol(LeanAMP):
         waiters, self._lost_waiters = self._lost_waiters, []
         for waiter in waiters:
             waiter.callback(None)
+
+    def _orphaned(self, box):
+        """The answer to a cancelled call came: hand it to L{orphan}."""
+        if self.orphan is None:
+            return
+        stream = box.get(b"result_stream")
+        answer = {"result": box.get(b"result"),
+                  "result_stream": None if stream is None else int(stream)}
+        try:
+            self.orphan(answer)
+        except Exception:
+            log.failure("cleaning up after a cancelled call's answer")
 
     def when_lost(self):
         """@return: a Deferred firing with L{None} once the connection is gone."""
@@ -429,6 +449,15 @@ class RPCSession:
 
     def __attrs_post_init__(self):
         weakref.finalize(self, _abandon, self._protocol, self._clock).atexit = False
+        # Weakly: the protocol must not keep an abandoned session alive.
+        orphan = weakref.WeakMethod(self._orphan_answer)
+
+        def clean_up(answer):
+            method = orphan()
+            if method is not None:
+                method(answer)
+
+        self._protocol.orphan = clean_up
 
     # -- state -----------------------------------------------------------
 
@@ -476,6 +505,20 @@ class RPCSession:
 
         calling.addCallbacks(arrived, failed)
         return result
+
+    def _orphan_answer(self, answer):
+        """
+        Release what the answer of a cancelled call made on the server: its
+        result stream is closed; handles in an inline result are decoded into
+        remote objects that are dropped at once, so their finalizers free them.
+        """
+        try:
+            if answer.get("result") is not None:
+                self._from_wire(values.decode(answer["result"]))
+            elif answer.get("result_stream") is not None:
+                self._close_stream(answer["result_stream"])
+        except Exception:
+            log.failure("cleaning up after a cancelled call's answer")
 
     def _close_stream(self, stream):
         """Close a stream on the server, best-effort."""
@@ -696,7 +739,7 @@ class RPCSession:
     async def _call(self, function, args):
         target = await self._target(function)
         carried = await self._encode_args(args)
-        answer = await self._call_remote(CallFunction, **target, **carried)
+        answer = await self._guarded(CallFunction, self._orphan_answer, **target, **carried)
         result = self._result(answer)
         if isinstance(result, Deferred):
             result = await result
