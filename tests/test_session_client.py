@@ -812,6 +812,7 @@ class RawAnswerTests(SynchronousTestCase):
         """A cancelled call's late answer with a bad value is logged; the session goes on."""
         calling = self.session.call("f")
         calling.cancel()
+        self.failureResultOf(calling, CancelledError)
         self.answer(_answer=b"1", result=b"\x01garbage")
         self.assertEqual(len(self.flushLoggedErrors(values.CodecError)), 1)
         again = self.session.call("f")
