@@ -29,6 +29,7 @@ section of ``docs/benchmarks.md`` (other sections are left alone).
 
 import argparse
 import contextlib
+import itertools
 import os
 import socket
 import sys
@@ -39,8 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import psutil  # noqa: E402
-
+from bench.common import tree_cpu_seconds, tree_rss  # noqa: E402
 from daemons import our_proxy, tvm_proxy  # noqa: E402
 from tvm_rpc.protocol.constants import RPC_CODE_SUCCESS  # noqa: E402
 from tvm_rpc.protocol.handshake import encode_handshake, encode_reply  # noqa: E402
@@ -171,23 +171,6 @@ def transfer(sender, receiver, total, rate=None, on_chunk=None):
     return elapsed
 
 
-def group_cpu(pid):
-    """CPU seconds (user + system) of a process and all its children."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def one_pair(make_pair, size, pid=None):
     """
     Move C{size} bytes client -> server, then the same back, through one
@@ -198,10 +181,10 @@ def one_pair(make_pair, size, pid=None):
     """
     client, server, cleanup = make_pair()
     try:
-        before = group_cpu(pid) if pid else 0.0
+        before = tree_cpu_seconds(pid) if pid else 0.0
         up = size / transfer(client, server, size) / 1e6
         down = size / transfer(server, client, size) / 1e6
-        cpu = (group_cpu(pid) - before) / (2 * size / (1 << 30)) if pid else None
+        cpu = (tree_cpu_seconds(pid) - before) / (2 * size / (1 << 30)) if pid else None
     finally:
         client.close()
         server.close()
@@ -218,7 +201,7 @@ def aggregate(make_pair, pairs, size, pid=None):
     """
     made = [make_pair() for i in range(pairs)]
     try:
-        before = group_cpu(pid) if pid else 0.0
+        before = tree_cpu_seconds(pid) if pid else 0.0
         started = time.perf_counter()
         threads = [threading.Thread(target=transfer, args=(client, server, size))
                    for client, server, _ in made]
@@ -227,7 +210,7 @@ def aggregate(make_pair, pairs, size, pid=None):
         for thread in threads:
             thread.join()
         elapsed = time.perf_counter() - started
-        cpu = (group_cpu(pid) - before) / (pairs * size / (1 << 30)) if pid else None
+        cpu = (tree_cpu_seconds(pid) - before) / (pairs * size / (1 << 30)) if pid else None
     finally:
         for client, server, cleanup in made:
             client.close()
@@ -236,34 +219,18 @@ def aggregate(make_pair, pairs, size, pid=None):
     return pairs * size / elapsed / 1e6, cpu
 
 
-def group_rss(pid):
-    """Resident memory of a process and all its children."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for process in processes:
-        try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def slow_reader_memory(port, pid, size, rate):
     """
     @return: C{(cold, idle, peak growth, growth left after close)} in bytes:
         C{cold} before any pair, C{idle} after one warm-up pair closed.
     """
-    cold = group_rss(pid)
+    cold = tree_rss(pid)
     warm_client, warm_server = proxied_pair(port, "warm")
     transfer(warm_client, warm_server, 8 * MiB)
     warm_client.close()
     warm_server.close()
     time.sleep(2.0)
-    idle = group_rss(pid)
+    idle = tree_rss(pid)
     peak = [idle]
     last = [0.0]
 
@@ -271,15 +238,15 @@ def slow_reader_memory(port, pid, size, rate):
         now = time.perf_counter()
         if now - last[0] > 0.05:
             last[0] = now
-            peak[0] = max(peak[0], group_rss(pid))
+            peak[0] = max(peak[0], tree_rss(pid))
 
     client, server = proxied_pair(port, "slow")
     transfer(client, server, size, rate=rate, on_chunk=sample)
-    peak[0] = max(peak[0], group_rss(pid))
+    peak[0] = max(peak[0], tree_rss(pid))
     client.close()
     server.close()
     time.sleep(2.0)
-    return cold, idle, peak[0] - idle, group_rss(pid) - idle
+    return cold, idle, peak[0] - idle, tree_rss(pid) - idle
 
 
 def median(values):
@@ -330,7 +297,7 @@ def main():
         return make
 
     def through(port):
-        count = iter(range(1 << 30))
+        count = itertools.count()
 
         def make():
             client, server = proxied_pair(port, f"k{next(count)}")
@@ -360,8 +327,8 @@ def main():
                 concurrent[name].append(aggregate(makers[name], args.pairs, size // 2,
                                                   pids.get(name)))
             print(f"round {number + 1}: " + ", ".join(
-                f"{name} {(up + down) / 2:.0f}" for name, ((up, down, _),) in
-                ((name, single[name][-1:]) for name in single)) + " MB/s", flush=True)
+                f"{name} {sum(single[name][-1][:2]) / 2:.0f}" for name in single) + " MB/s",
+                flush=True)
     # Memory is measured on fresh daemons, so "at start" means just started.
     with our_proxy() as (daemon, port):
         time.sleep(0.5)

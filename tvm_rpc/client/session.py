@@ -255,10 +255,7 @@ class SessionClientProtocol(LeanAMP):
         stream = box.get(b"result_stream")
         answer = {"result": box.get(b"result"),
                   "result_stream": None if stream is None else int(stream)}
-        try:
-            self.orphan(answer)
-        except Exception:
-            log.failure("cleaning up after a cancelled call's answer")
+        self.orphan(answer)
 
     def when_lost(self):
         """@return: a Deferred firing with L{None} once the connection is gone."""
