@@ -14,6 +14,7 @@ from tvm_rpc.protocol.constants import RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
 from tvm_rpc.protocol.flavour import (
     MARKER,
     TVM_CLIENT_REFUSAL,
+    TVM_PROTOCOL,
     client_key,
     reply_is_marked,
     server_key,
@@ -44,9 +45,15 @@ from tvm_rpc.server.listener import (
 class RecordingRunner:
     """Keeps every hand-off for inspection."""
 
-    def __init__(self):
+    def __init__(self, serves_tvm=False):
         self.handoffs = []
         self.sessions = []
+        self.serves_tvm = serves_tvm
+
+    def refusal(self, protocol):
+        if protocol == TVM_PROTOCOL and not self.serves_tvm:
+            return TVM_CLIENT_REFUSAL
+        return None
 
     def start(self, handoff):
         self.handoffs.append(handoff)
@@ -192,6 +199,29 @@ class HandshakeTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.runner.handoffs, [])
         self.assertEqual(self.gate.active, 0)
+
+    def test_tvm_client_handed_off_when_served(self):
+        """A runner that runs TVM's protocol gets TVM's client with its protocol named."""
+        self.runner.serves_tvm = True
+        protocol, transport = connect(self.factory)
+        protocol.dataReceived(encode_handshake("client:dev -timeout=3"))
+        self.assertEqual(transport.value(), b"")
+        [handoff] = self.runner.handoffs
+        self.assertEqual(handoff.protocol, TVM_PROTOCOL)
+        self.assertEqual(handoff.timeout, 3)
+        self.assertFalse(transport.disconnecting)
+
+    def test_refusal_discards_and_waits_for_the_peer(self):
+        """After a refusal, later bytes are discarded and the close is bounded in time."""
+        protocol, transport = connect(self.factory)
+        protocol.dataReceived(encode_handshake("client:dev"))
+        written = transport.value()
+        protocol.dataReceived(b"\x15" + b"\x00" * 40)
+        self.assertEqual(transport.value(), written)
+        self.assertEqual(self.runner.handoffs, [])
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_busy_server_queues(self):
         """A second client waits for the slot, then gets it."""

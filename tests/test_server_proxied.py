@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from tvm_rpc.protocol.constants import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
-from tvm_rpc.protocol.flavour import TVM_CLIENT_REFUSAL, client_key, server_key, tvm_exception_packet
+from tvm_rpc.protocol.flavour import TVM_CLIENT_REFUSAL, TVM_PROTOCOL, client_key, server_key, tvm_exception_packet
 from tvm_rpc.protocol.handshake import HandshakeDecoder, encode_reply
 from tvm_rpc.server.gate import SessionGate
 from tvm_rpc.server.listener import ISessionRunner
@@ -20,6 +20,9 @@ from tvm_rpc.server.proxied import ProxyLink
 class RecordingRunner:
     def __init__(self):
         self.handoffs = []
+
+    def refusal(self, protocol):
+        return TVM_CLIENT_REFUSAL if protocol == TVM_PROTOCOL else None
 
     def start(self, handoff):
         self.handoffs.append(handoff)

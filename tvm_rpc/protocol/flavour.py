@@ -3,20 +3,25 @@
 The RPC handshake is TVM's, but what follows it is not: our sessions speak AMP,
 TVM's speak its own RPC endpoint protocol. So each side marks itself with a
 key option TVM ignores (TVM's server reads only ``-timeout=``, and its client
-never parses the server key), and refuses a peer without the mark with a
-message that names the mismatch instead of hanging:
+never parses the server key):
 
 - our client appends `` -tvm_rpc=<version>`` to ``client:<matchkey>``;
 - our server appends the same option to ``server:<key>`` in its reply;
-- our server, meeting a client without the mark (a real TVM client), answers
-  the handshake and then sends one packet of TVM's own protocol, an exception
-  carrying :data:`TVM_CLIENT_REFUSAL`, which TVM's client raises as
-  ``RPCError``.
+- our server, meeting a client without the mark (a real TVM client), serves
+  it TVM's own session protocol (:mod:`tvm_rpc.server.tvm_session`); where
+  it cannot, it answers the handshake and then sends one packet of TVM's
+  own protocol, an exception naming why (:data:`TVM_CLIENT_REFUSAL`), which
+  TVM's client raises as ``RPCError``.
 """
 
 import struct
 
 from .keys import CLIENT_PREFIX, SERVER_PREFIX
+
+#: The name of our session protocol (AMP boxes), for logs and counts.
+OUR_PROTOCOL = "tvm_rpc"
+#: The name of TVM's own session protocol (its RPC endpoint's packets).
+TVM_PROTOCOL = "tvm"
 
 #: The key option that marks a tvm_rpc peer.
 MARKER_OPTION = "tvm_rpc"
@@ -25,10 +30,12 @@ MARKER_VERSION = "1"
 #: The text appended to a handshake key.
 MARKER = f" -{MARKER_OPTION}={MARKER_VERSION}"
 
-#: What a real TVM client is told when it reaches our server.
+#: What a real TVM client is told when it reaches a server that runs its
+#: sessions in-process (``--no-fork``): TVM's session protocol runs in a worker.
 TVM_CLIENT_REFUSAL = (
-    "this is a tvm_rpc server (Twisted), not Apache TVM's native RPC server: "
-    "its sessions speak the tvm_rpc protocol; connect with tvm_rpc.client.connect "
+    "this tvm_rpc server runs its sessions inside the daemon (--no-fork) and serves "
+    "only tvm_rpc's client there; Apache TVM's clients are served by session workers: "
+    "restart it without --no-fork, or connect with tvm_rpc.client.connect "
     "or tvm_rpc.client.connect_tracker(...).request(key)"
 )
 #: What our client says when it reaches one of TVM's servers.
@@ -61,6 +68,15 @@ def client_key(matchkey, timeout=None):
 def server_key(key):
     """@return: the key our server sends back on success, marked."""
     return SERVER_PREFIX + key + MARKER
+
+
+def session_protocol(options):
+    """
+    @param options: the options parsed from a client's handshake key.
+    @return: L{OUR_PROTOCOL} for a marked (tvm_rpc) client, else
+        L{TVM_PROTOCOL}.
+    """
+    return OUR_PROTOCOL if MARKER_OPTION in options else TVM_PROTOCOL
 
 
 def is_marked(options):

@@ -17,9 +17,11 @@ from ..client.connect import SessionCarrier, set_no_delay
 from ..daemon import describe_peer
 from ..protocol.constants import RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
 from ..protocol.flavour import (
+    OUR_PROTOCOL,
     TVM_CLIENT_REFUSAL,
-    is_marked,
+    TVM_PROTOCOL,
     server_key,
+    session_protocol,
     tvm_exception_packet,
 )
 from ..protocol.handshake import HandshakeDecoder, encode_reply
@@ -28,6 +30,26 @@ from .logs import logger
 
 #: Seconds a peer has to complete its handshake.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Seconds a refused client has to close its end before we close ours.
+REFUSAL_DRAIN = 5.0
+
+
+def close_cleanly(transport, clock, grace=REFUSAL_DRAIN):
+    """
+    Close after a refusal without a reset (a reset can kill the accept
+    thread of TVM's tools): stop writing, and close once the peer has closed
+    or after C{grace} seconds. The caller discards what the peer still sends.
+
+    @return: the delayed call that closes at the latest (cancel it when the
+        connection is lost).
+    """
+    lose_write = getattr(transport, "loseWriteConnection", None)
+    if lose_write is None:
+        # A transport without half-close: what was written still leaves first.
+        transport.loseConnection()
+    else:
+        lose_write()
+    return clock.callLater(grace, transport.loseConnection)
 
 
 def provides(interface):
@@ -54,6 +76,8 @@ class Handoff:
     @ivar timeout: the session timeout in seconds, or L{None}.
     @ivar peer: a printable address of the client.
     @ivar slot: the L{tvm_rpc.server.gate.Slot} to release when the session ends.
+    @ivar protocol: the session protocol the client speaks
+        (L{OUR_PROTOCOL} or L{TVM_PROTOCOL}).
     """
 
     transport: object
@@ -63,6 +87,7 @@ class Handoff:
     timeout: "float | None"
     peer: str
     slot: object
+    protocol: str = OUR_PROTOCOL
 
 
 class ISessionRunner(Interface):
@@ -73,6 +98,13 @@ class ISessionRunner(Interface):
         Run one session; release C{handoff.slot} when it ends, however it ends.
 
         @param handoff: a L{Handoff}.
+        """
+
+    def refusal(protocol):
+        """
+        @param protocol: a session protocol's name (L{OUR_PROTOCOL}, L{TVM_PROTOCOL}).
+        @return: L{None} when this runner can run such sessions, else what
+            the client is told.
         """
 
 
@@ -93,6 +125,7 @@ class HandshakeProtocol(SessionCarrier, Protocol):
         self._timer = None
         self._waiting = None
         self._handed_off = False
+        self._refused = False
         self.peer = "?"
 
     def connectionMade(self):
@@ -105,7 +138,7 @@ class HandshakeProtocol(SessionCarrier, Protocol):
 
     def dataReceived(self, data):
         """Feed the handshake, or pass bytes on once a session runs."""
-        if self.carried(data) or self._handed_off:
+        if self.carried(data) or self._handed_off or self._refused:
             return
         if self._decoder.done:
             self._decoder.feed(data)
@@ -159,31 +192,37 @@ class HandshakeProtocol(SessionCarrier, Protocol):
         if not gate.accepts(matchkey):
             self._refuse("presented {key!r}", key=matchkey)
             return
-        if not is_marked(options):
+        protocol = session_protocol(options)
+        refusal = self._listener.runner.refusal(protocol)
+        if refusal is not None:
             self.log.warn(
-                "refusing {peer}: an Apache TVM client, which cannot speak the "
-                "tvm_rpc session protocol",
+                "refusing {peer}: its {protocol} session cannot run here",
                 peer=self.peer,
+                protocol=protocol,
             )
             if gate.tracked:
                 # The tracker handed this matchkey out; offer a fresh one.
                 gate.renew()
             self.transport.write(
-                encode_reply(RPC_CODE_SUCCESS, server_key(gate.key))
-                + tvm_exception_packet(TVM_CLIENT_REFUSAL)
+                encode_reply(RPC_CODE_SUCCESS, server_key(gate.key)) + tvm_exception_packet(refusal)
             )
-            self.transport.loseConnection()
+            self._close_cleanly()
             return
         waiting = gate.claim(matchkey)
         # Hold the client's further bytes in the kernel until its session runs.
         self.transport.pauseProducing()
         self._waiting = waiting
         waiting.addCallbacks(
-            lambda slot: self._slot_granted(slot, timeout),
+            lambda slot: self._slot_granted(slot, timeout, protocol),
             lambda failure: None,
         )
 
-    def _slot_granted(self, slot, timeout):
+    def _close_cleanly(self):
+        """Refused: discard what the peer still sends while L{close_cleanly} closes."""
+        self._refused = True
+        self._timer = close_cleanly(self.transport, self._listener.clock)
+
+    def _slot_granted(self, slot, timeout, protocol=OUR_PROTOCOL):
         self._waiting = None
         self._handed_off = True
         self.transport.resumeProducing()
@@ -195,9 +234,13 @@ class HandshakeProtocol(SessionCarrier, Protocol):
             timeout=timeout,
             peer=self.peer,
             slot=slot,
+            protocol=protocol,
         )
         self.log.info(
-            "session for {peer} (timeout {timeout})", peer=self.peer, timeout=timeout
+            "{protocol} session for {peer} (timeout {timeout})",
+            protocol=protocol,
+            peer=self.peer,
+            timeout=timeout,
         )
         try:
             self._listener.runner.start(handoff)
@@ -256,6 +299,10 @@ class InProcessRunner:
     timeout_notice: object = None
     grace: float = 1.0
 
+    def refusal(self, protocol):
+        """@return: why TVM's clients cannot be served in-process; L{None} for ours."""
+        return TVM_CLIENT_REFUSAL if protocol == TVM_PROTOCOL else None
+
     def start(self, handoff):
         """Write the reply and switch the connection to a session protocol."""
         protocol = self.make_protocol()
@@ -293,6 +340,8 @@ class InProcessRunner:
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
+    "REFUSAL_DRAIN",
+    "close_cleanly",
     "HandshakeProtocol",
     "Handoff",
     "ISessionRunner",

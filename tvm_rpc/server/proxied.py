@@ -17,10 +17,10 @@ from twisted.internet.protocol import Factory, Protocol
 
 from ..client.connect import SessionCarrier, set_no_delay
 from ..protocol.constants import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
-from ..protocol.flavour import TVM_CLIENT_REFUSAL, is_marked, server_key, tvm_exception_packet
+from ..protocol.flavour import server_key, session_protocol, tvm_exception_packet
 from ..protocol.handshake import ReplyDecoder, encode_handshake
 from ..protocol.keys import parse_client_key, parse_timeout_option
-from .listener import Handoff
+from .listener import Handoff, close_cleanly
 from .logs import logger
 from .service import SessionHostService
 
@@ -50,6 +50,7 @@ class ProxiedServerProtocol(SessionCarrier, Protocol):
         self._decoder = ReplyDecoder()
         self._handed_off = False
         self._outcome = "lost"
+        self._drain = None
 
     def connectionMade(self):
         """Present our key; Nagle off, as on the server port."""
@@ -93,19 +94,21 @@ class ProxiedServerProtocol(SessionCarrier, Protocol):
             self._outcome = "again"
             self.transport.loseConnection()
             return
-        if not is_marked(options):
-            log.warn("refusing a client through {proxy}: an Apache TVM client, which cannot "
-                     "speak the tvm_rpc session protocol", proxy=proxy)
+        protocol = session_protocol(options)
+        refusal = self._link.runner.refusal(protocol)
+        if refusal is not None:
+            log.warn("refusing a client through {proxy}: its {protocol} session cannot run here",
+                     proxy=proxy, protocol=protocol)
             self._outcome = "again"
-            self.transport.write(tvm_exception_packet(TVM_CLIENT_REFUSAL))
-            self.transport.loseConnection()
+            self.transport.write(tvm_exception_packet(refusal))
+            self._drain = close_cleanly(self.transport, self._link.clock)
             return
         self._handed_off = True
         self.transport.pauseProducing()
         waiting = self._link.gate.claim(self._link.gate.key)
-        waiting.addCallback(self._start, timeout)
+        waiting.addCallback(self._start, timeout, protocol)
 
-    def _start(self, slot, timeout):
+    def _start(self, slot, timeout, protocol):
         self.transport.resumeProducing()
         handoff = Handoff(
             transport=self.transport,
@@ -115,9 +118,10 @@ class ProxiedServerProtocol(SessionCarrier, Protocol):
             timeout=timeout,
             peer=f"a client through {self._link.proxy}",
             slot=_LinkSlot(slot, self._link),
+            protocol=protocol,
         )
-        log.info("session through {proxy} (timeout {timeout})", proxy=self._link.proxy,
-                 timeout=timeout)
+        log.info("{protocol} session through {proxy} (timeout {timeout})",
+                 protocol=protocol, proxy=self._link.proxy, timeout=timeout)
         try:
             self._link.runner.start(handoff)
         except Exception:
@@ -127,6 +131,8 @@ class ProxiedServerProtocol(SessionCarrier, Protocol):
 
     def connectionLost(self, reason=None):
         """Connect again, or end the in-process session."""
+        if self._drain is not None and self._drain.active():
+            self._drain.cancel()
         self.carry_loss(reason)
         if not self._handed_off:
             self._link._connection_ended(self._outcome)

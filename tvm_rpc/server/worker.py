@@ -41,6 +41,9 @@ from twisted.internet import protocol as tprotocol
 from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
+from ..protocol.flavour import OUR_PROTOCOL, TVM_PROTOCOL
+from . import tvm_session
+from .environment import remove_work_dirs_of
 from .listener import ISessionRunner
 from .logs import logger
 
@@ -52,7 +55,9 @@ MAX_CONTROL_MESSAGE = 1 << 20
 DEFAULT_SESSION_FACTORY = "tvm_rpc.server.session:make_session_protocol"
 
 #: Exit code of a worker whose server went away.
-EXIT_SERVER_GONE = 3
+EXIT_SERVER_GONE = tvm_session.EXIT_SERVER_GONE
+#: Exit code of a worker whose client went away.
+EXIT_CLIENT_GONE = tvm_session.EXIT_CLIENT_GONE
 
 
 def load_callable(spec):
@@ -231,7 +236,7 @@ def _start_logging(silent=False):
     )
 
 
-def serve_session(header, fd, lifeline_fd, work_root, make_session):
+def serve_session(header, fd, lifeline_fd, work_root, make_session, tvm_problem=None):
     """
     Run one session in this (freshly forked) process; never returns.
 
@@ -240,10 +245,21 @@ def serve_session(header, fd, lifeline_fd, work_root, make_session):
     @param lifeline_fd: the lifeline socket.
     @param work_root: the directory under which the session works.
     @param make_session: makes the session protocol.
+    @param tvm_problem: why TVM's clients cannot be served here, or L{None}.
     """
     code = 1
     try:
-        code = _serve_session(header, fd, lifeline_fd, work_root, make_session)
+        if header.get("protocol") == TVM_PROTOCOL:
+            code = tvm_session.serve(
+                fd,
+                base64.b64decode(header["reply"]),
+                base64.b64decode(header["rest"]),
+                work_root,
+                lifeline_fd,
+                problem=tvm_problem,
+            )
+        else:
+            code = _serve_session(header, fd, lifeline_fd, work_root, make_session)
     except BaseException:
         import traceback
 
@@ -336,6 +352,7 @@ def fork_server_main(argv=None):
     if prepare is not None:
         # Import the array backend once, here, instead of in every session.
         prepare()
+    tvm_problem = tvm_session.prepare()
     # Import what a worker needs without installing a reactor: the reactor
     # must be created after the fork, in the worker.
     import twisted.internet.default  # noqa: F401
@@ -347,7 +364,7 @@ def fork_server_main(argv=None):
     os.set_blocking(wake_write, False)
     signal.set_wakeup_fd(wake_write)
     signal.signal(signal.SIGCHLD, lambda number, frame: None)
-    _report(control, {"ready": os.getpid()})
+    _report(control, {"ready": os.getpid(), "tvm": tvm_problem})
     while True:
         readable, _, _ = select.select([control, lifeline, wake_read], [], [])
         if wake_read in readable:
@@ -376,7 +393,9 @@ def fork_server_main(argv=None):
             os.close(wake_write)
             os.setpgid(0, 0)
             control.close()
-            serve_session(header, fd, lifeline.detach(), args.work_root, make_session)
+            serve_session(
+                header, fd, lifeline.detach(), args.work_root, make_session, tvm_problem
+            )
         os.close(fd)
         _report(control, {"started": pid, "id": header["id"]})
 
@@ -490,7 +509,11 @@ class WorkerPool:
     _next_id: int = attrs.field(init=False, default=0)
     _stopping: bool = attrs.field(init=False, default=False)
     sessions_started: int = attrs.field(init=False, default=0)
+    sessions_by_protocol: dict = attrs.field(
+        init=False, factory=lambda: {OUR_PROTOCOL: 0, TVM_PROTOCOL: 0}
+    )
     crashes: int = attrs.field(init=False, default=0)
+    tvm_problem: "str | None" = attrs.field(init=False, default=None)
 
     def argv(self, control_fd, lifeline_fd=4):
         """@return: the fork server's command line."""
@@ -549,6 +572,13 @@ class WorkerPool:
         reading.close()
         return server
 
+    def refusal(self, protocol):
+        """
+        @return: L{None}: workers run both session protocols (a worker without
+            TVM's runtime tells TVM's client what to install itself).
+        """
+        return None
+
     def start(self, handoff):
         """Pass the connection to the fork server, which forks its worker."""
         self.warm_up()
@@ -564,6 +594,7 @@ class WorkerPool:
             "reply": base64.b64encode(handoff.reply).decode("ascii"),
             "rest": base64.b64encode(handoff.rest).decode("ascii"),
             "peer": handoff.peer,
+            "protocol": handoff.protocol,
         }
         # The transport is left out of the reactor on purpose: closing it the
         # Twisted way would shut the socket down under the worker.
@@ -577,11 +608,26 @@ class WorkerPool:
             send_control(server.control, header, skt.fileno())
         self._sessions[session.id] = session
         self.sessions_started += 1
+        self.sessions_by_protocol[handoff.protocol] = (
+            self.sessions_by_protocol.get(handoff.protocol, 0) + 1
+        )
 
     def _report(self, server, message):
         if "ready" in message:
             server.ready = True
-            self.log.info("fork server {pid} ready", pid=message["ready"])
+            self.tvm_problem = message.get("tvm")
+            if self.tvm_problem is None:
+                self.log.info(
+                    "fork server {pid} ready: serves tvm_rpc's and Apache TVM's clients",
+                    pid=message["ready"],
+                )
+            else:
+                self.log.warn(
+                    "fork server {pid} ready: serves tvm_rpc's clients only; Apache TVM's "
+                    "clients are refused, as TVM's runtime cannot be imported ({problem})",
+                    pid=message["ready"],
+                    problem=self.tvm_problem,
+                )
         elif "started" in message:
             session = self._sessions.get(message.get("id"))
             if session is None:
@@ -624,9 +670,14 @@ class WorkerPool:
         if session.timer is not None and session.timer.active():
             session.timer.cancel()
         session.timer = None
+        # Whatever the worker started dies with it, and what it could not
+        # clean up (a kill, a crash) is removed here.
+        self._kill(session)
+        if session.pid is not None:
+            remove_work_dirs_of(self.work_root, session.pid)
         if session.timed_out:
             self._send_notice(session)
-        elif code not in (0, None) or signal_number is not None:
+        elif code not in (0, None, EXIT_CLIENT_GONE) or signal_number is not None:
             self.crashes += 1
             self.log.warn(
                 "worker {pid} for {peer} died (exit code {code}, signal {signal}); "
@@ -640,13 +691,22 @@ class WorkerPool:
             session.socket.close()
         finally:
             session.handoff.slot.release()
-        self.log.info("session for {peer} ended", peer=session.handoff.peer)
+        self.log.info(
+            "{protocol} session for {peer} ended (sessions so far: {counts})",
+            protocol=session.handoff.protocol,
+            peer=session.handoff.peer,
+            counts=", ".join(f"{n} {name}" for name, n in self.sessions_by_protocol.items()),
+        )
 
     def _send_notice(self, session):
-        if self.timeout_notice is None:
+        if session.handoff.protocol == TVM_PROTOCOL:
+            make_notice = tvm_session.timeout_notice
+        else:
+            make_notice = self.timeout_notice
+        if make_notice is None:
             return
         try:
-            notice = self.timeout_notice(session.handoff.timeout)
+            notice = make_notice(session.handoff.timeout)
             session.socket.setblocking(False)
             session.socket.send(notice)
         except Exception:

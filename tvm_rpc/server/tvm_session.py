@@ -1,0 +1,303 @@
+"""Serving Apache TVM's own clients: TVM's endpoint on the session socket, our environment.
+
+A client whose handshake key carries no tvm_rpc mark is one of TVM's
+(``tvm.rpc.connect``, ``connect_tracker(...).request``, MetaSchedule's
+``RPCRunner``). Its session speaks TVM's RPC endpoint protocol, which TVM's
+runtime implements in C++: so the session worker, which owns the socket,
+runs that endpoint on it (``rpc.ServerLoop``, TVM's own server loop; the
+GIL is released while it runs).
+
+Why the C++ loop and not TVM's event-driven server on the worker's reactor:
+the loop reads and writes the socket directly, so a TVM client sees exactly
+TVM's server (speed included: no Python on the path of a call), and writes
+are complete before the next request is read, so a worker killed at its
+timeout never leaves a reply half-written behind a notice. What the reactor
+gave the worker, a thread gives here: it watches the lifeline (the server
+died) and the client's end of the socket (the client left, even in the
+middle of a long call), and ends the worker at once.
+
+The server environment is ours, confined to the session's work directory as
+in our own protocol (:class:`~tvm_rpc.server.environment.WorkDirectory`):
+
+- ``tvm.rpc.server.workpath`` resolves and confines every path, and TVM's
+  C++ ``upload`` and ``download`` resolve their paths through it;
+- ``tvm.rpc.server.remove`` removes a file or a directory tree, and, as
+  TVM's, says nothing of a missing one; it never removes the work directory
+  itself (TVM's removes it once empty, which MetaSchedule's clean-up, asking
+  to remove ``""``, does, and the session can then store nothing more);
+- ``tvm.rpc.server.load_module`` and ``download_linked_module`` load or link
+  only files inside the work directory;
+- ``tvm.rpc.server.listdir`` (which TVM's Python server lacks and its C++
+  ``apps/cpp_rpc`` has) answers as ``apps/cpp_rpc`` does: ``"a,b,"``;
+- ``tvm.rpc.server.GetCRTMaxPacketSize`` caps a copy's packet, so tensor
+  copies reach the device in bounded pieces, and TVM's client asks for it
+  once per session instead of before every copy (it does not cache a miss);
+- every function registered with :func:`tvm_rpc.server.register_func`
+  (``--init`` modules included) is a TVM global function too.
+
+These are registered once, in the fork server (:func:`prepare`); each
+worker points them at its own session (:func:`serve`).
+"""
+
+import os
+import select
+import socket
+import threading
+import time
+
+from ..protocol.flavour import tvm_exception_packet
+from .environment import SessionEnvironment, WorkDirectory
+from .registry import GLOBAL_REGISTRY
+from .logs import logger
+
+log = logger("tvm_rpc.server.tvm_session")
+
+#: The largest packet TVM's client may send for one piece of a tensor copy.
+MAX_COPY_PACKET = 16 << 20
+
+#: Exit code of a worker whose client went away.
+EXIT_CLIENT_GONE = 4
+#: Exit code of a worker whose server went away.
+EXIT_SERVER_GONE = 3
+
+#: Seconds a refused client has to close its end before we close ours.
+REFUSAL_DRAIN = 5.0
+
+#: What TVM's client hears when the device cannot serve it.
+RUNTIME_MISSING = (
+    "this tvm_rpc server cannot serve Apache TVM's client: TVM's runtime is not "
+    "importable on the device ({reason}); install apache-tvm there "
+    "(pip install apache-tvm), or connect with tvm_rpc's client "
+    "(tvm_rpc.client.connect / connect_tracker(...).request(key))"
+)
+
+_ENVIRONMENT_FUNCTIONS = (
+    "tvm.rpc.server.workpath",
+    "tvm.rpc.server.remove",
+    "tvm.rpc.server.load_module",
+    "tvm.rpc.server.download_linked_module",
+    "tvm.rpc.server.listdir",
+    "tvm.rpc.server.GetCRTMaxPacketSize",
+)
+
+
+def timeout_notice(seconds):
+    """
+    @param seconds: the session timeout that ran out.
+    @return: the packet TVM's own server sends then: TVM's client raises
+        C{RPCSessionTimeoutError} on it.
+    """
+    return tvm_exception_packet(
+        f"RPCSessionTimeoutError: Your {float(seconds)}s session has expired, "
+        'try to increase the "session_timeout" value.'
+    )
+
+
+def refusal_packet(reason):
+    """@return: the packet telling TVM's client why it cannot be served."""
+    return tvm_exception_packet(RUNTIME_MISSING.format(reason=reason))
+
+
+class _Current:
+    """The session the registered environment functions serve (one per worker)."""
+
+    environment = None
+
+    @classmethod
+    def get(cls):
+        if cls.environment is None:
+            raise RuntimeError("no tvm_rpc session runs in this process")
+        return cls.environment
+
+
+def _workpath(path):
+    return _Current.get().workpath(path)
+
+
+def _remove(path):
+    environment = _Current.get()
+    target = environment.workpath(path)
+    if target != environment.work_dir.root and os.path.lexists(target):
+        environment.remove(path)
+
+
+def _listdir(path):
+    return "".join(name + "," for name in _Current.get().listdir(path or "."))
+
+
+def _load_module(path):
+    """Load a TVM library from the work directory (Python modules serve our protocol only)."""
+    environment = _Current.get()
+    if os.path.splitext(path)[1].lower() == ".py":
+        raise ValueError(
+            f"cannot load {path!r} for a TVM client: Python modules are served to "
+            "tvm_rpc's client only; upload a TVM-compiled library (.so, .tar)"
+        )
+    return environment.load_module(path)
+
+
+def _download_linked_module(path):
+    """
+    Link an object file or an archive of them into a shared library, as TVM's
+    server does, and return the library's bytes.
+    """
+    from tvm.support import cc, tar, utils
+
+    source = _Current.get().workpath(path)
+    if source.endswith(".o"):
+        linked = source + ".so"
+        cc.create_shared(linked, source)
+    elif source.endswith(".tar"):
+        members = utils.tempdir(custom_path=source[: -len(".tar")])
+        tar.untar(source, members.temp_dir)
+        linked = source + ".so"
+        cc.create_shared(linked, [members.relpath(name) for name in members.listdir()])
+    elif source.endswith((".so", ".dylib")):
+        linked = source
+    else:
+        raise RuntimeError(f"Do not know how to link {path}")
+    with open(linked, "rb") as f:
+        return bytearray(f.read())
+
+
+def _max_copy_packet():
+    return MAX_COPY_PACKET
+
+
+def runtime_problem():
+    """
+    @return: L{None} when TVM's runtime can serve sessions here, else why not
+        (the text of the import error).
+    """
+    try:
+        import tvm.rpc  # noqa: F401
+        import tvm.runtime  # noqa: F401
+        import tvm_ffi  # noqa: F401
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def prepare(registry=GLOBAL_REGISTRY):
+    """
+    Import TVM's runtime and register our environment and the registry's
+    functions as TVM global functions; called once in the fork server.
+
+    @return: L{None} when TVM's clients can be served, else why not.
+    """
+    problem = runtime_problem()
+    if problem is not None:
+        return problem
+    import tvm_ffi
+
+    for name, function in zip(
+        _ENVIRONMENT_FUNCTIONS,
+        (_workpath, _remove, _load_module, _download_linked_module, _listdir, _max_copy_packet),
+    ):
+        tvm_ffi.register_global_func(name, function, override=True)
+    for name in registry.names():
+        try:
+            tvm_ffi.register_global_func(name, registry.get(name), override=True)
+        except Exception as e:
+            log.warn("cannot offer {name} to TVM's clients: {problem}", name=name, problem=e)
+    return None
+
+
+def _watch(sock, lifeline_fd):
+    """
+    End the worker at once when the server or the client goes away, even in
+    the middle of a call (the main thread may be inside TVM's C++ loop).
+    """
+    poller = select.poll()
+    poller.register(lifeline_fd, select.POLLIN)
+    poller.register(sock.fileno(), select.POLLRDHUP)
+    while True:
+        for fd, _ in poller.poll():
+            os._exit(EXIT_SERVER_GONE if fd == lifeline_fd else EXIT_CLIENT_GONE)
+
+
+def _callback_loop(sock, early):
+    """
+    TVM's server loop over Python send/receive functions, for a connection
+    whose client sent session bytes along with its handshake: the C++ loop on
+    a bare descriptor could not take them.
+    """
+    from tvm.rpc import _ffi_api
+
+    pending = [bytes(early)]
+
+    def send(data):
+        return sock.send(bytes(data))
+
+    def receive(size):
+        if pending:
+            data = pending.pop()
+            if len(data) > size:
+                pending.append(data[size:])
+                data = data[:size]
+            return bytearray(data)
+        return bytearray(sock.recv(size))
+
+    _ffi_api.ServerLoop(send, receive)
+
+
+def serve(fd, reply, rest, work_root, lifeline_fd, problem=None):
+    """
+    Run one TVM session in this (freshly forked) worker.
+
+    @param fd: the session socket, its handshake read but not answered.
+    @param reply: the handshake reply, written first.
+    @param rest: session bytes the client sent along with its handshake.
+    @param work_root: where the session's work directory is made.
+    @param lifeline_fd: the lifeline socket (end of file: the server died).
+    @param problem: why TVM's runtime cannot serve here (from L{prepare}), or
+        L{None}: the client is then told so and the connection closed cleanly.
+    @return: the worker's exit code.
+    """
+    sock = socket.socket(fileno=fd)
+    # The server's reactor made the (shared) file description non-blocking;
+    # TVM's loop and the refusal below block.
+    sock.setblocking(True)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # Every answer is latency, as on our own sessions.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if problem is not None:
+        refuse(sock, reply, problem)
+        return 0
+    from tvm.rpc import _ffi_api
+
+    work_dir = WorkDirectory.create(work_root)
+    _Current.environment = SessionEnvironment(work_dir)
+    os.chdir(work_dir.root)
+    threading.Thread(target=_watch, args=(sock, lifeline_fd), daemon=True).start()
+    try:
+        sock.sendall(reply)
+        if rest:
+            _callback_loop(sock, rest)
+        else:
+            # The loop closes the descriptor when it ends.
+            _ffi_api.ServerLoop(sock.detach())
+    finally:
+        _Current.environment.close()
+        _Current.environment = None
+    return 0
+
+
+def refuse(sock, reply, problem):
+    """
+    Answer the handshake, tell TVM's client why it cannot be served, and close
+    cleanly: half-close, then read until the client closes (bounded), so the
+    close is never a reset (a reset can kill the accept thread of TVM's tools).
+    """
+    deadline = time.monotonic() + REFUSAL_DRAIN
+    try:
+        sock.sendall(reply + refusal_packet(problem))
+        sock.shutdown(socket.SHUT_WR)
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(65536):
+                break
+    except OSError:
+        pass
+    finally:
+        sock.close()
