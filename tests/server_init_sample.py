@@ -24,3 +24,21 @@ def crash(code):
 def setup():
     """Called by ``--init tests.server_init_sample:setup``."""
     CALLS.append("setup")
+
+
+@register_func("test.fail", override=True)
+def fail(text):
+    """Raise C{ValueError(text)}: a remote exception whose text the client must see."""
+    raise ValueError(text)
+
+
+@register_func("test.add", override=True)
+def add(a, b):
+    """@return: C{a + b}."""
+    return a + b
+
+
+@register_func("test.pid", override=True)
+def pid():
+    """@return: the worker's process id (to kill it in the middle of a call)."""
+    return os.getpid()

@@ -4,8 +4,9 @@
   request our server by key from our tracker, upload, load, run on device
   arrays, compare with numpy, time it; and the same through TVM's tracker.
 - Our server registers with TVM's tracker and TVM's query tool lists it.
-- A real TVM client reaching our server, and our client reaching TVM's
-  server, each get a clear error naming the mismatch.
+- A real TVM client reaching our server directly or through TVM's proxy is
+  served (the rest of that story is in ``test_interop_tvm_client.py``); our
+  client reaching TVM's server gets a clear error naming the mismatch.
 - A server that cannot import numpy, cloudpickle or TVM serves a ``.py``
   module session.
 """
@@ -19,7 +20,6 @@ import textwrap
 import pytest
 
 from tests.daemons import ROOT, Daemon, child_env, free_port, our_tracker, running, tvm_tracker, twistd
-from tvm_rpc.protocol.flavour import TVM_CLIENT_REFUSAL
 
 CLIENT_SCRIPT = str(ROOT / "tests" / "interop_client.py")
 #: Bound on each child client run, so a broken peer fails the test instead of hanging it.
@@ -58,16 +58,14 @@ def our_server(*extra, env=None):
     return daemon, port
 
 
-def test_tvm_client_refused_clearly(tvm):
-    """TVM's own client reaching our server raises an error naming the mismatch."""
+def test_tvm_client_served(tvm):
+    """TVM's own client connecting directly gets a session of TVM's protocol."""
     daemon, port = our_server("--key", "dev")
     try:
-        with pytest.raises(Exception) as caught:
-            tvm.rpc.connect("127.0.0.1", port, key="dev", session_timeout=20)
-        assert "tvm_rpc server" in str(caught.value)
-        assert "not Apache TVM's native RPC server" in str(caught.value)
-        daemon.wait_for(r"refusing 127\.0\.0\.1:\d+: an Apache TVM client")
-        assert TVM_CLIENT_REFUSAL.split(":")[0] in str(caught.value)
+        remote = tvm.rpc.connect("127.0.0.1", port, key="dev", session_timeout=20)
+        assert remote.get_function("tvm.rpc.server.workpath")("x").endswith("/x")
+        del remote
+        daemon.wait_for(r"tvm session for 127\.0\.0\.1:\d+ \(timeout 20\.0\)")
     finally:
         daemon.stop()
 
@@ -213,7 +211,7 @@ def test_server_without_optional_dependencies(tvm, tmp_path):
 
 
 def test_through_tvm_proxy(tvm):
-    """Our server behind TVM's proxy: our client gets sessions, TVM's a clear refusal."""
+    """Our server behind TVM's proxy: our client and TVM's get sessions in turn."""
     from tests.daemons import tvm_proxy
 
     with tvm_proxy() as (_, proxy_port):
@@ -225,10 +223,10 @@ def test_through_tvm_proxy(tvm):
             daemon.wait_for(r"waiting at proxy 127\.0\.0\.1:%d as behind" % proxy_port)
             assert run_client("connect", "127.0.0.1", proxy_port, "behind") == {"ok": True}
             daemon.wait_for(r"waiting at proxy", timeout=30)
-            with pytest.raises(Exception) as caught:
-                tvm.rpc.connect("127.0.0.1", proxy_port, key="behind", session_timeout=20)
-            assert "not Apache TVM's native RPC server" in str(caught.value)
-            daemon.wait_for(r"refusing a client through proxy")
+            remote = tvm.rpc.connect("127.0.0.1", proxy_port, key="behind", session_timeout=20)
+            assert remote.get_function("tvm.rpc.server.workpath")("x").endswith("/x")
+            del remote
+            daemon.wait_for(r"tvm session for a client through proxy .* ended")
             assert run_client("connect", "127.0.0.1", proxy_port, "behind") == {"ok": True}
         finally:
             daemon.stop()

@@ -15,6 +15,7 @@ from tvm_rpc.protocol.flavour import (
     MARKER,
     TVM_CLIENT_REFUSAL,
     TVM_PROTOCOL,
+    TVM_SHUTDOWN_PACKET,
     client_key,
     reply_is_marked,
     server_key,
@@ -414,10 +415,16 @@ class ClientHandshakeTests(SynchronousTestCase):
         ]
         for reply, kind, text in cases:
             protocol, transport = self.shake()
+            written = len(transport.value())
             protocol.dataReceived(reply)
             failure = self.failureResultOf(protocol.done, kind)
             self.assertIn(text, str(failure.value))
-            self.assertTrue(transport.disconnected)
+            # Closed cleanly, never reset (a reset kills TVM's accept thread).
+            self.assertTrue(transport.disconnecting)
+            self.assertFalse(getattr(transport, "aborted", False))
+            if kind is NotTvmRpcServer:
+                # TVM's session is ended as TVM's client ends it.
+                self.assertEqual(transport.value()[written:], TVM_SHUTDOWN_PACKET)
 
     def test_closed_during_handshake(self):
         """A peer that hangs up before replying gives NotAnRpcServer."""

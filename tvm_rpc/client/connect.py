@@ -14,7 +14,12 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from ..protocol.constants import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
-from ..protocol.flavour import TVM_SERVER_REFUSAL, client_key, reply_is_marked
+from ..protocol.flavour import (
+    TVM_SERVER_REFUSAL,
+    TVM_SHUTDOWN_PACKET,
+    client_key,
+    reply_is_marked,
+)
 from ..protocol.handshake import ReplyDecoder, encode_handshake
 from .tracker import tracker_endpoint
 
@@ -166,8 +171,11 @@ class ClientHandshake(SessionCarrier, Protocol):
             )
         elif not reply_is_marked(decoder.key):
             problem = NotTvmRpcServer(f"{self._address}: {TVM_SERVER_REFUSAL}")
+            # End TVM's session as TVM's client does: a reset would kill the
+            # accept thread of TVM's server.
+            self.transport.write(TVM_SHUTDOWN_PACKET)
         if problem is not None:
-            self.transport.abortConnection()
+            self.transport.loseConnection()
             self.done.errback(problem)
             return
         self.done.callback(decoder.rest)

@@ -95,6 +95,10 @@ def reply_is_marked(key):
     return MARKER.strip() in key.split()[1:]
 
 
+#: TVM's kShutdown packet: ends a session of TVM's protocol cleanly.
+TVM_SHUTDOWN_PACKET = _UINT64.pack(4) + struct.pack("<i", 1)
+
+
 def tvm_exception_packet(message):
     """
     One packet of TVM's RPC endpoint protocol that makes TVM's client raise.
