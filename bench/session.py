@@ -52,16 +52,16 @@ if str(ROOT) not in sys.path:
 from bench.common import (  # noqa: E402
     DOCS,
     MiB,
-    Daemon,
-    free_port,
+    free_servers,
     machine_description,
     machine_markdown,
+    our_rpc_server,
     our_tracker,
     percentile,
     replace_section,
-    running,
+    tvm_rpc_server,
     tvm_tracker,
-    twistd,
+    wait_summary,
 )
 
 KEY = "bench"
@@ -115,17 +115,10 @@ def tvm_side(args, blob):
 
     figures = {}
     with tvm_tracker() as (_, tracker_port):
-        port = free_port()
-        server = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
-                  "--port", str(port), "--port-end", str(port + 1),
-                  "--tracker", f"127.0.0.1:{tracker_port}", "--key", KEY]
-        with running(server, r"bind to") as daemon:
+        with tvm_rpc_server("--tracker", f"127.0.0.1:{tracker_port}", "--key", KEY) \
+                as (daemon, _):
+            wait_summary(tracker_port, lambda s: free_servers(s, KEY) >= 1, timeout=60)
             tracker = tvm.rpc.connect_tracker("127.0.0.1", tracker_port)
-            deadline = time.monotonic() + 60
-            while KEY not in tracker.summary()["queue_info"]:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("TVM's server did not register")
-                time.sleep(0.2)
             session = tracker.request(KEY)
             del session
             gc.collect()
@@ -252,32 +245,23 @@ def our_side(args, blob):
     from twisted.internet import defer, task
 
     figures = {}
-    with our_tracker() as (_, tracker_port):
-        port = free_port()
-        server = Daemon(
-            twistd(
-                "rpc-server", "--host", "127.0.0.1", "--port", str(port),
-                "--port-end", str(port + 1), "--tracker", f"127.0.0.1:{tracker_port}",
-                "--key", KEY, "--init", INIT, "--silent",
-            )
-        )
+    with our_tracker() as (_, tracker_port), \
+            our_rpc_server("--tracker", f"127.0.0.1:{tracker_port}", "--key", KEY,
+                           "--init", INIT, "--silent") as (server, _):
+        server.wait_for(r"registered bench with tracker")
+
+        def run(reactor):
+            async def go():
+                figures.update(await _our_measurements(
+                    reactor, args, blob, tracker_port, server.proc.pid))
+
+            return defer.Deferred.fromCoroutine(go())
+
         try:
-            server.wait_for(r"registered bench with tracker")
-
-            def run(reactor):
-                async def go():
-                    figures.update(await _our_measurements(
-                        reactor, args, blob, tracker_port, server.proc.pid))
-
-                return defer.Deferred.fromCoroutine(go())
-
-            try:
-                task.react(run)
-            except SystemExit as e:
-                if e.code:
-                    raise
-        finally:
-            server.stop()
+            task.react(run)
+        except SystemExit as e:
+            if e.code:
+                raise
     return figures
 
 
