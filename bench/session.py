@@ -375,10 +375,10 @@ def tvm_client(args, blob):
     if args.write_docs:
         body = "\n".join(
             [
-                f"`python bench/session.py` (defaults: {args.opens} opens, a "
-                f"{args.blob_mib} MiB blob, {args.calls:,} sequential calls, "
-                f"{args.evaluations} `time_evaluator` round trips), its second part: "
-                "TVM's own client (`tvm.rpc.connect_tracker(...).request(key)`) "
+                "`python bench/session.py`, its second part (alone: `--tvm-client-only`); "
+                f"this run: {args.opens} opens, a {args.blob_mib} MiB blob, "
+                f"{args.calls:,} sequential calls per placement, {args.evaluations} "
+                "`time_evaluator` round trips. TVM's own client (`tvm.rpc.connect_tracker(...).request(key)`) "
                 "against TVM's `rpc_server` and against our `twistd rpc-server`, both "
                 "registered with one tracker (ours) under different keys, the two "
                 "servers taking turns inside each measure. The trivial call is "
@@ -391,6 +391,12 @@ def tvm_client(args, blob):
                 "client's wall clock. The last column is what ours costs relative "
                 "to TVM's server: ours/TVM's for times, TVM's/ours for throughputs; "
                 "issue 8's target is at most 1.10 on every row.",
+                "",
+                "Most of a session open with TVM's client is the tracker's answer to "
+                "its request, whichever server is behind it: TVM's client writes a "
+                "request's length and its body in two sends, so with Nagle the body "
+                "waits for the tracker's delayed ACK of the length (about 40 ms here); "
+                "connecting to the server, its handshake and `kInitServer` take the rest.",
                 "",
                 text,
                 "",
