@@ -369,7 +369,7 @@ def tvm_client(args, blob):
                  for name, measured in figures.items()}
     labels = [label for label, _ in chosen]
     text = session_tvm_client.table(summaries, refused, args, labels)
-    verdicts = session_tvm_client.targets(summaries, refused, labels)
+    verdicts = session_tvm_client.targets(summaries, refused, labels, args.blob_mib)
     print(text)
     print("\n".join(verdicts))
     if args.write_docs:
