@@ -4,10 +4,12 @@ Every process is started in its own process group and stopped by killing that
 group, since TVM's daemons run their service in a child process.
 """
 
+import json
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -16,6 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: The tracker's framing integer and magic, as TVM sends them (kept here so
+#: this module imports nothing of ours: benchmarks run it against TVM alone).
+_INT32 = struct.Struct("<i")
+_TRACKER_MAGIC = 0x2F271
+_TRACKER_SUMMARY = 6
 
 
 def free_port(host="127.0.0.1"):
@@ -208,3 +216,71 @@ def tvm_proxy(*extra, host="127.0.0.1"):
     # Logged once the port listens and the handler runs (the bind line comes before listen()).
     with running(args, r"RPCProxy: Websock port bind to") as daemon:
         yield daemon, port
+
+
+@contextmanager
+def tvm_rpc_server(*extra, host="127.0.0.1"):
+    """
+    TVM's rpc_server on a free port (pass C{--tracker}, C{--key} in C{extra});
+    yields C{(daemon, port)} once it listens.
+    """
+    port = free_port(host)
+    args = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", host,
+            "--port", str(port), "--port-end", str(port + 1), *extra]
+    with running(args, r"bind to") as daemon:
+        yield daemon, port
+
+
+@contextmanager
+def our_rpc_server(*extra, host="127.0.0.1", env=None):
+    """
+    Our rpc-server (C{twistd -n rpc-server}) on a free port; yields
+    C{(daemon, port)} once it listens.
+    """
+    port = free_port(host)
+    args = twistd("rpc-server", "--host", host, "--port", str(port),
+                  "--port-end", str(port + 1), *extra)
+    with running(args, r"rpc-server listening on", env=env) as daemon:
+        yield daemon, port
+
+
+def _recv_exactly(sock, size):
+    """Read exactly C{size} bytes from C{sock}, or fail."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, f"connection closed after {len(data)} of {size} bytes"
+        data += chunk
+    return bytes(data)
+
+
+def tracker_summary(port, host="127.0.0.1"):
+    """Ask a tracker (ours or TVM's) for its summary over a raw socket, in TVM's framing."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(_INT32.pack(_TRACKER_MAGIC))
+        assert _recv_exactly(sock, 4) == _INT32.pack(_TRACKER_MAGIC)
+        body = json.dumps([_TRACKER_SUMMARY]).encode()
+        sock.sendall(_INT32.pack(len(body)) + body)
+        (length,) = _INT32.unpack(_recv_exactly(sock, 4))
+        code, summary = json.loads(_recv_exactly(sock, length))
+        assert code == 0
+        return summary
+
+
+def wait_summary(port, predicate, timeout=30, host="127.0.0.1"):
+    """Poll the tracker until C{predicate(summary)} holds; @return: the summary."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            summary = tracker_summary(port, host)
+            if predicate(summary):
+                return summary
+        except (OSError, AssertionError):
+            summary = None
+        assert time.monotonic() < deadline, summary
+        time.sleep(0.1)
+
+
+def free_servers(summary, key):
+    """@return: how many servers of C{key} the tracker C{summary} counts as free."""
+    return summary["queue_info"].get(key, {}).get("free", 0)

@@ -14,7 +14,16 @@ import time
 
 import psutil
 
-from daemons import Daemon, child_env, free_port, our_proxy, twistd, twistd_with_fd_limit
+from daemons import (
+    Daemon,
+    child_env,
+    free_port,
+    free_servers,
+    our_proxy,
+    twistd,
+    twistd_with_fd_limit,
+    wait_summary,
+)
 from tvm_rpc.protocol.constants import INT32, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS, RPC_MAGIC
 from tvm_rpc.protocol.handshake import encode_handshake, encode_reply
 
@@ -324,35 +333,6 @@ def test_taken_port_range_is_fatal():
             daemon.output
 
 
-def tracker_summary(port):
-    """Ask a tracker for its summary over a raw socket (TVM's framing)."""
-    import json
-
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(INT32.pack(0x2F271))
-        assert recv_exactly(sock, 4) == INT32.pack(0x2F271)
-        body = json.dumps([6]).encode()
-        sock.sendall(INT32.pack(len(body)) + body)
-        (length,) = INT32.unpack(recv_exactly(sock, 4))
-        code, summary = json.loads(recv_exactly(sock, length))
-        assert code == 0
-        return summary
-
-
-def wait_summary(port, predicate, timeout=30):
-    """Poll the tracker until C{predicate(summary)} holds; @return: the summary."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            summary = tracker_summary(port)
-            if predicate(summary):
-                return summary
-        except (OSError, AssertionError):
-            summary = None
-        assert time.monotonic() < deadline, summary
-        time.sleep(0.1)
-
-
 def test_tracker_restart_reregisters_and_leaving_server_is_withdrawn():
     """
     Tracker mode with our tracker: a server that leaves the proxy leaves the
@@ -363,19 +343,17 @@ def test_tracker_restart_reregisters_and_leaving_server_is_withdrawn():
     tracker_args = twistd("rpc-tracker", "--host", "127.0.0.1", "--port", str(tracker_port),
                           "--port-end", str(tracker_port + 1))
 
-    def free(summary, key):
-        return summary["queue_info"].get(key, {}).get("free", 0)
-
     tracker = Daemon(tracker_args, env=child_env())
     try:
         tracker.wait_for(r"rpc-tracker listening on")
         with our_proxy("--tracker", f"127.0.0.1:{tracker_port}") as (proxy, port):
             first = connect(port, "server:a")
             second = connect(port, "server:b")
-            wait_summary(tracker_port, lambda s: free(s, "a") == 1 and free(s, "b") == 1)
+            wait_summary(tracker_port,
+                         lambda s: free_servers(s, "a") == 1 and free_servers(s, "b") == 1)
             first.close()
-            summary = wait_summary(tracker_port, lambda s: free(s, "a") == 0, timeout=5)
-            assert free(summary, "b") == 1
+            summary = wait_summary(tracker_port, lambda s: free_servers(s, "a") == 0, timeout=5)
+            assert free_servers(summary, "b") == 1
             wait_summary(tracker_port, lambda s: {"key": "server:proxy[b]",
                                                   "addr": ["127.0.0.1", port]}
                          in s["server_info"], timeout=5)
@@ -385,9 +363,9 @@ def test_tracker_restart_reregisters_and_leaving_server_is_withdrawn():
             # Each link reconnects on its own backoff: wait for both.
             reported = {"key": "server:proxy[b]", "addr": ["127.0.0.1", port]}
             wait_summary(tracker_port,
-                         lambda s: free(s, "b") == 1 and reported in s["server_info"],
+                         lambda s: free_servers(s, "b") == 1 and reported in s["server_info"],
                          timeout=30)
             second.close()
-            wait_summary(tracker_port, lambda s: free(s, "b") == 0, timeout=5)
+            wait_summary(tracker_port, lambda s: free_servers(s, "b") == 0, timeout=5)
     finally:
         tracker.stop()
