@@ -81,13 +81,7 @@ def _our_server(tracker_port):
 
 SERVERS = [
     pytest.param(_tvm_server, id="tvm"),
-    pytest.param(
-        _our_server,
-        id="ours",
-        marks=pytest.mark.xfail(
-            reason="issue 8: bridge not landed", raises=AssertionError, strict=True
-        ),
-    ),
+    pytest.param(_our_server, id="ours"),
 ]
 
 
