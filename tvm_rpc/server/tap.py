@@ -33,12 +33,17 @@ class Options(ListenOptions, usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Run a TVM RPC server: it registers with a tracker by key (or serves "
-        "direct connections) and runs each session in its own worker process."
+        "direct connections) and runs each session in its own worker process. "
+        "tvm_rpc's clients get the tvm_rpc session protocol; Apache TVM's own "
+        "clients (tvm.rpc, MetaSchedule) get TVM's session protocol when TVM's "
+        "runtime is installed on the device, and a clear refusal naming what to "
+        "install when it is not (or with --no-fork)."
     )
     optFlags = [
         ["through-proxy", None, "Connect out to the proxy at --host/--port instead of listening."],
         ["silent", None, "Log only warnings and errors."],
-        ["no-fork", None, "Run sessions in the server process (for tests and platforms without fork)."],
+        ["no-fork", None, "Run sessions in the server process (for tests and platforms without fork; "
+                          "serves tvm_rpc's clients only)."],
     ]
     optParameters = listen_parameters("0.0.0.0", 9090) + [
         ["tracker", None, None, "The tracker to register with, HOST:PORT."],
