@@ -24,7 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from ..protocol.commands import GetPendingMatchkeys, Put, UpdateInfo
-from ..protocol.keys import SERVER_PREFIX
+from ..protocol.keys import SERVER_PREFIX, redact_matchkeys
 from .tracker import TrackerClientFactory
 
 #: Seconds between GET_PENDING_MATCHKEYS polls (TVM's ping period).
@@ -236,7 +236,7 @@ class TrackerRegistration(Service):
             key=key,
             tracker=self.tracker,
             port=self.port,
-            matchkey=matchkey,
+            matchkey=redact_matchkeys(matchkey),
         )
         protocol.when_closed().addBoth(self._lost, protocol)
         self._poller.start(protocol)
@@ -273,6 +273,6 @@ class TrackerRegistration(Service):
         """Offer a fresh matchkey: C{matchkey} was handed out and never used."""
         self.log.info(
             "matchkey {matchkey} was handed out but never used; offering a fresh one",
-            matchkey=matchkey,
+            matchkey=redact_matchkeys(matchkey),
         )
         self.gate.renew()

@@ -1,5 +1,6 @@
 """Device keys, matchkeys and the ``server:``/``client:`` handshake keys."""
 
+import re
 import secrets
 
 SERVER_PREFIX = "server:"
@@ -14,6 +15,23 @@ def random_matchkey(key):
     @return: the matchkey.
     """
     return f"{key}:{secrets.randbelow(10**16) / 10**16!r}"
+
+
+# The random part of a matchkey, ours and TVM's alike: ``repr`` or ``str`` of
+# a float in [0, 1).
+_RANDOM_PART = re.compile(r"(:0\.\d{2})\d+(?:e-\d+)?")
+
+
+def redact_matchkeys(text):
+    """
+    Hide the secret part of every matchkey in C{text}, for log lines: a
+    matchkey read from a log is a session someone else can take.
+
+    @param text: a matchkey, a handshake key, or any text holding them.
+    @return: the text with each matchkey's random part cut after two digits
+        (``rasp:0.12…``).
+    """
+    return _RANDOM_PART.sub("\\1\u2026", str(text))
 
 
 def split_matchkey(matchkey):

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from zope.interface import Interface
 
 from ..protocol.constants import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH
-from ..protocol.keys import CLIENT_PREFIX, SERVER_PREFIX, random_matchkey
+from ..protocol.keys import CLIENT_PREFIX, SERVER_PREFIX, random_matchkey, redact_matchkeys
 
 #: TVM's proxy lets a client or server wait this long for a partner.
 DEFAULT_TIMEOUT = 600.0
@@ -245,7 +245,7 @@ class PairingPool:
         self._offers[offer.matchkey] = offer
         self._by_peer[peer] = offer
         self.log.info("server {key!r} waits behind the proxy as {matchkey!r}", key=key,
-                      matchkey=offer.matchkey)
+                      matchkey=redact_matchkeys(offer.matchkey))
         self._tell("offered", offer)
         return "waiting"
 
@@ -253,11 +253,12 @@ class PairingPool:
         """Tracker mode: a client takes the server waiting under its matchkey."""
         offer = self._offers.pop(matchkey, None)
         if offer is None:
-            peer.refuse(RPC_CODE_MISMATCH, f"no server waits under matchkey {matchkey!r}")
+            peer.refuse(RPC_CODE_MISMATCH,
+                        f"no server waits under matchkey {redact_matchkeys(matchkey)!r}")
             return "refused"
         del self._by_peer[offer.peer]
         self.log.info("paired client with server {key!r} by matchkey {matchkey!r}",
-                      key=offer.key, matchkey=matchkey)
+                      key=offer.key, matchkey=redact_matchkeys(matchkey))
         self._tell("withdrawn", offer)
         self._pair(offer.peer, offer.handshake_key, peer, handshake_key)
         return "paired"

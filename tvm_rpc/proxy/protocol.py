@@ -16,6 +16,7 @@ from zope.interface import implementer
 from ..daemon import describe_peer
 from ..protocol.constants import INT32, RPC_CODE_SUCCESS
 from ..protocol.handshake import HandshakeDecoder, encode_reply
+from ..protocol.keys import redact_matchkeys
 from .pairing import IPeer
 from .relay import RELAY_CHUNK, IRelaySide, Relay
 
@@ -132,7 +133,8 @@ class ProxyConnection(Protocol):
         rest, self._decoder = self._decoder.rest, None
         if rest:
             self._keep_early(rest)
-        self.log.info("{peer} presented {key!r}", peer=self.peer_name, key=self.key)
+        self.log.info("{peer} presented {key!r}", peer=self.peer_name,
+                      key=redact_matchkeys(self.key))
         self._pool.arrive(self, self.key)
 
     def _keep_early(self, data):
@@ -191,7 +193,7 @@ class ProxyConnection(Protocol):
     def refuse(self, code, reason):
         """Send C{code} and close: duplicate, mismatch or a bad key."""
         self.log.info("refused {peer} ({key!r}): {reason}", peer=self.peer_name,
-                      key=self.key, reason=reason)
+                      key=redact_matchkeys(self.key), reason=reason)
         self.state = "closed"
         self.transport.write(INT32.pack(code))
         self.transport.loseConnection()

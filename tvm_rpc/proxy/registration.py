@@ -30,7 +30,7 @@ from zope.interface import implementer
 from ..client.registration import MatchkeyPoller, retry_policy
 from ..client.tracker import TrackerClientFactory
 from ..protocol.commands import Put, UpdateInfo
-from ..protocol.keys import SERVER_PREFIX
+from ..protocol.keys import SERVER_PREFIX, redact_matchkeys
 from .pairing import IOfferObserver
 
 #: Seconds between GET_PENDING_MATCHKEYS polls (TVM's proxy: 2).
@@ -258,7 +258,7 @@ class _OfferLink:
             return
         self._protocol = protocol
         owner.log.info("registered {key} behind the proxy with {tracker} as {matchkey}",
-                       key=offer.key, tracker=owner.tracker, matchkey=matchkey)
+                       key=offer.key, tracker=owner.tracker, matchkey=redact_matchkeys(matchkey))
         protocol.when_closed().addBoth(self._lost, protocol)
         self._poller.start(protocol)
 

@@ -1,0 +1,34 @@
+"""Matchkeys and their redaction in log lines (pure logic, property tests)."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tvm_rpc.protocol.keys import random_matchkey, redact_matchkeys, split_matchkey
+
+# Device keys as labs name them (a key that itself holds ``:0.123...`` would be cut too).
+keys = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyzABC_-:."), min_size=1, max_size=30)
+
+
+@given(keys)
+def test_redaction_hides_the_random_part(key):
+    """A redacted matchkey keeps its device key, never its random part."""
+    matchkey = random_matchkey(key)
+    _, secret = split_matchkey(matchkey)
+    for text in (matchkey, f"client:{matchkey} -timeout=3", f"presented '{matchkey}'"):
+        redacted = redact_matchkeys(text)
+        assert key in redacted
+        if len(secret) > 6:
+            assert secret not in redacted
+
+
+@given(st.floats(min_value=0, max_value=1, exclude_max=True))
+def test_tvm_matchkeys_redacted_too(random):
+    """TVM's matchkeys (str of a float) are cut as ours are."""
+    secret = str(random)
+    if len(secret) > 6 and "e" not in secret:
+        assert secret not in redact_matchkeys(f"rasp:{secret}")
+
+
+def test_text_without_matchkeys_unchanged():
+    for text in ("rasp", "server:rasp", "client:dev -timeout=10", "a:b:c"):
+        assert redact_matchkeys(text) == text
