@@ -8,6 +8,7 @@ registration, handshake, worker processes, timeouts, crashes and concurrency.
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -175,6 +176,93 @@ def test_timeout_kills_hung_call(tracked_server):
     again = session_via_tracker(tracker_port)
     assert again.ask("echo alive") == "alive"
     again.close()
+
+
+def wait_gone(pid, timeout=5):
+    """Wait (bounded) until process C{pid} no longer exists."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.05)
+
+
+def test_client_gone_mid_call_frees_the_device(tracked_server):
+    """A client that leaves in the middle of a call ends its worker at once."""
+    server, tracker_port, _ = tracked_server
+    session = session_via_tracker(tracker_port)
+    pid = int(session.ask("pid"))
+    session.send("hang")
+    session.close()
+    wait_gone(pid)
+    server.wait_for(r"worker %d for .* ended: the client went away" % pid)
+    again = session_via_tracker(tracker_port)
+    assert again.ask("echo alive") == "alive"
+    again.close()
+
+
+def one_server(*extra, key="solo"):
+    """Our rpc-server with the stand-in sessions on a free port; @return: C{(daemon, port)}."""
+    port = free_port()
+    server = Daemon(
+        twistd("rpc-server", "--host", "127.0.0.1", "--port", str(port), "--port-end",
+               str(port + 1), "--key", key, "--session-factory", STANDIN, *extra)
+    )
+    try:
+        server.wait_for(r"fork server \d+ ready")
+    except BaseException:
+        server.stop()
+        raise
+    return server, port
+
+
+def test_silent_client_after_handshake_dropped():
+    """A client that never sends its session's first message is dropped."""
+    server, port = one_server("--handshake-timeout", "1")
+    try:
+        silent = LineSession(port, "solo")
+        assert silent.code == RPC_CODE_SUCCESS
+        assert silent.wait_closed()
+        server.wait_for(r"ended: the client never started its session")
+        busy = LineSession(port, "solo")
+        assert busy.ask("echo alive") == "alive"
+        busy.close()
+    finally:
+        server.stop()
+
+
+def test_max_session_time_frees_a_frozen_client():
+    """--max-session-time ends a session whose client asked for no timeout."""
+    server, port = one_server("--max-session-time", "1.5")
+    try:
+        frozen = LineSession(port, "solo")
+        pid = int(frozen.ask("pid"))
+        frozen.send("hang")
+        assert frozen.wait_closed()
+        server.wait_for(r"exceeded its 1\.5s timeout; killing its worker")
+        wait_gone(pid)
+        again = LineSession(port, "solo")
+        assert again.ask("echo alive") == "alive"
+        again.close()
+    finally:
+        server.stop()
+
+
+def test_offered_to_the_tracker_once_ready():
+    """The server registers only once its fork server can fork a worker at once."""
+    with our_tracker() as (_, tracker_port):
+        server, _ = one_server("--tracker", f"127.0.0.1:{tracker_port}", key="late")
+        try:
+            server.wait_for(r"registered late with tracker")
+            lines = server.lines
+            ready = next(i for i, line in enumerate(lines) if "fork server" in line and "ready" in line)
+            registered = next(i for i, line in enumerate(lines) if "registered late" in line)
+            assert ready < registered
+        finally:
+            server.stop()
 
 
 @pytest.mark.parametrize("how", ["crash", "segv"])

@@ -376,6 +376,19 @@ class InProcessRunnerTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
+    def test_max_session_time(self):
+        """--max-session-time ends a session whose client asked for no timeout."""
+        self.factory.runner.max_session_time = 5
+        self.factory.runner.timeout_notice = lambda seconds: f"ended after {seconds:g}".encode()
+        protocol, transport = connect(self.factory)
+        protocol.dataReceived(encode_handshake(client_key("dev")))
+        transport.clear()
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertEqual(transport.value(), b"ended after 5")
+
+
 class ClientHandshakeTests(SynchronousTestCase):
     """The client side of the handshake, and both sides together."""
 

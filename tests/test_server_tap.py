@@ -158,9 +158,10 @@ class MakeServiceTests(SynchronousTestCase):
         service, reactor = self.make("--no-fork", "--through-proxy", "--key", "k",
                                      "--port", "9500", "--port-end", "9500")
         self.assertIsInstance(service, ProxiedServerService)
-        self.assertEqual([child.name for child in service], ["link"])
         service.privilegedStartService()
         service.startService()
+        # In-process sessions can start at once: the link waits at the proxy at once.
+        self.assertEqual([child.name for child in service], ["link"])
         self.assertEqual(reactor.tcpServers, [])
         self.assertEqual(reactor.tcpClients[0][:2], ("127.0.0.1", 9500))
         self.assertTrue(os.path.isdir(service.work_root))
@@ -200,3 +201,32 @@ class UnixListenTests(SynchronousTestCase):
         service = tap.makeService(options, MemoryReactorClock())
         self.assertRaises(CannotListenError, service.startService)
         service.stopService()
+
+
+class OfferWhenReadyTests(SynchronousTestCase):
+    """A server offers itself (tracker, proxy) only once a session can start at once."""
+
+    def test_registration_waits_for_the_fork_server(self):
+        from twisted.internet import defer
+
+        from tvm_rpc.server.service import SessionHostService
+
+        class Runner:
+            def __init__(self):
+                self.ready = defer.Deferred()
+
+            def when_ready(self):
+                return self.ready
+
+        from twisted.application.service import Service
+
+        runner = Runner()
+        host = SessionHostService(runner)
+        child = Service()
+        child.setName("registration")
+        host.startService()
+        host.add_when_ready(child)
+        self.assertEqual(list(host), [])
+        runner.ready.callback(None)
+        self.assertEqual(list(host), [child])
+        self.assertTrue(child.running)

@@ -171,6 +171,65 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.spawned), 2)
         self.assertFalse(later.slot.released)
 
+    def test_ready_waiters(self):
+        """when_ready waits for the fork server's ready report, then answers at once."""
+        waiting = self.pool.when_ready()
+        self.assertNoResult(waiting)
+        self.report({"ready": 1001, "tvm": None})
+        self.successResultOf(waiting)
+        self.successResultOf(self.pool.when_ready())
+        self.assertIsNone(self.pool.tvm_problem)
+
+    def test_max_session_time_caps_every_session(self):
+        """--max-session-time ends a session whose client asked for none, or for more."""
+        self.pool.max_session_time = 3
+        for asked, pid in ((None, 81), (10, 82), (2, 83)):
+            self.killed.clear()
+            handoff, _ = self.start_session(timeout=asked)
+            self.report({"started": pid, "id": self.pool._next_id})
+            limit = min(t for t in (asked, 3) if t)
+            self.reactor.advance(limit - 0.1)
+            self.assertEqual(self.killed, [])
+            self.reactor.advance(0.2)
+            self.assertEqual(self.killed, [(pid, signal.SIGKILL)])
+            self.report({"ended": pid, "code": None, "signal": 9})
+            self.assertTrue(handoff.slot.released)
+
+    def test_start_timeout_and_protocol_reach_the_worker(self):
+        """The control message carries the start timeout and the session protocol."""
+        self.pool.start_timeout = 7.5
+        server_end, client_end = socket.socketpair()
+        self.client_ends.append(client_end)
+        slot = self.successResultOf(self.gate.claim("k"))
+        self.pool.start(Handoff(FakeTCPTransport(server_end), None, b"R", b"", None, "peer",
+                                slot, protocol="tvm"))
+        _, _, control = self.fork_server()
+        header, fd = receive_control(control)
+        os.close(fd)
+        self.assertEqual((header["start_timeout"], header["protocol"]), (7.5, "tvm"))
+        self.assertEqual(self.pool.sessions_by_protocol, {"tvm_rpc": 0, "tvm": 1})
+
+    def test_end_kills_the_group_and_removes_the_work_directory(self):
+        """However a worker ends, its group is killed and its work directory removed."""
+        import tempfile
+
+        from tvm_rpc.server.watchdog import EXIT_CLIENT_GONE
+
+        root = tempfile.mkdtemp()
+        self.addCleanup(os.rmdir, root)
+        self.pool.work_root = root
+        os.mkdir(os.path.join(root, "session-91-abc"))
+        os.mkdir(os.path.join(root, "session-910-abc"))
+        self.addCleanup(os.rmdir, os.path.join(root, "session-910-abc"))
+        handoff, _ = self.start_session()
+        self.report({"started": 91, "id": 1})
+        self.report({"ended": 91, "code": EXIT_CLIENT_GONE, "signal": None})
+        self.assertEqual(self.killed, [(91, signal.SIGKILL)])
+        self.assertEqual(sorted(os.listdir(root)), ["session-910-abc"])
+        self.assertTrue(handoff.slot.released)
+        # A client that went away is not a crash.
+        self.assertEqual(self.pool.crashes, 0)
+
     def test_stop_kills_everything(self):
         self.start_session()
         self.report({"started": 9, "id": 1})
@@ -205,18 +264,9 @@ class ControlMessageTests(SynchronousTestCase):
 class SessionCarrierTests(SynchronousTestCase):
     """The worker's side of the adopted session socket."""
 
-    def test_reply_nagle_off_and_early_bytes(self):
-        """The carrier turns Nagle off, writes the reply, then hands bytes to the session."""
+    def test_early_bytes_then_data(self):
+        """The carrier hands the early bytes, then every later byte and the end to the session."""
         from twisted.internet.testing import StringTransport
-
-        class Transport(StringTransport):
-            """Records setTcpNoDelay."""
-
-            no_delay = None
-
-            def setTcpNoDelay(self, enabled):
-                """Remember the setting."""
-                self.no_delay = enabled
 
         class Session:
             """Records what the carrier hands it."""
@@ -239,16 +289,77 @@ class SessionCarrierTests(SynchronousTestCase):
 
         ended = []
         session = Session()
-        carrier = worker_module.SessionCarrier(session, b"reply", b"early", ended.append)
-        transport = Transport()
+        carrier = worker_module.SessionCarrier(session, b"early", ended.append)
+        transport = StringTransport()
         carrier.makeConnection(transport)
-        self.assertIs(transport.no_delay, True)
-        self.assertEqual(transport.value(), b"reply")
+        self.assertEqual(transport.value(), b"")
         self.assertIs(session.transport, transport)
         carrier.dataReceived(b"more")
         self.assertEqual(session.received, [b"early", b"more"])
         carrier.connectionLost(None)
         self.assertEqual((session.received[-1], ended), (None, [None]))
+
+
+class WatchdogTests(SynchronousTestCase):
+    """The worker's watchdog, on real socket pairs, with the process exit recorded."""
+
+    def setUp(self):
+        from tvm_rpc.server import watchdog
+
+        self.watchdog = watchdog
+        self.exits = []
+
+        def exit_(code):
+            self.exits.append(code)
+            raise SystemExit(code)
+
+        self.patch(watchdog.os, "_exit", exit_)
+        self.ours, self.theirs = socket.socketpair()
+        self.addCleanup(self.ours.close)
+        self.addCleanup(self.theirs.close)
+
+    def test_silent_client_never_starts(self):
+        """A client that sends nothing after the handshake ends the worker (EXIT_NO_START)."""
+        self.assertRaises(SystemExit, self.watchdog.wait_for_start, self.ours.fileno(), 0.01)
+        self.assertEqual(self.exits, [self.watchdog.EXIT_NO_START])
+
+    def test_started_client_and_no_limit(self):
+        """A first message (left unread) or no limit lets the session run."""
+        self.watchdog.wait_for_start(self.ours.fileno(), None)
+        self.theirs.sendall(b"hello")
+        self.watchdog.wait_for_start(self.ours.fileno(), 5)
+        self.assertEqual(self.exits, [])
+        self.assertEqual(self.ours.recv(10), b"hello")
+
+    def test_client_gone(self):
+        """The client's close ends the worker at once, its data left unread."""
+        lifeline, server_end = socket.socketpair()
+        self.addCleanup(lifeline.close)
+        self.addCleanup(server_end.close)
+        self.theirs.sendall(b"a request")
+        self.theirs.close()
+        self.assertRaises(
+            SystemExit, self.watchdog._watch, self.ours.fileno(), lifeline.fileno(), "/nowhere"
+        )
+        self.assertEqual(self.exits, [self.watchdog.EXIT_CLIENT_GONE])
+        self.assertEqual(self.ours.recv(20), b"a request")
+
+    def test_server_gone(self):
+        """The lifeline's end ends the worker and removes its work directories."""
+        import tempfile
+
+        root = tempfile.mkdtemp()
+        self.addCleanup(lambda: os.path.isdir(root) and os.rmdir(root))
+        mine = os.path.join(root, f"session-{os.getpid()}-x")
+        os.mkdir(mine)
+        lifeline, server_end = socket.socketpair()
+        self.addCleanup(lifeline.close)
+        server_end.close()
+        self.assertRaises(
+            SystemExit, self.watchdog._watch, self.ours.fileno(), lifeline.fileno(), root
+        )
+        self.assertEqual(self.exits, [self.watchdog.EXIT_SERVER_GONE])
+        self.assertFalse(os.path.exists(mine))
 
 
 class _Reader:

@@ -25,13 +25,23 @@ from ..protocol.flavour import (
     tvm_exception_packet,
 )
 from ..protocol.handshake import HandshakeDecoder, encode_reply
-from ..protocol.keys import parse_client_key, parse_timeout_option
+from ..protocol.keys import parse_client_key, parse_timeout_option, redact_matchkeys
 from .logs import logger
 
 #: Seconds a peer has to complete its handshake.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: Seconds a refused client has to close its end before we close ours.
 REFUSAL_DRAIN = 5.0
+
+
+def session_time(asked, cap):
+    """
+    @param asked: the session timeout the client asked for, or L{None}.
+    @param cap: the server's longest session (C{--max-session-time}), or L{None}.
+    @return: the seconds the session may run; L{None} for no limit.
+    """
+    limits = [t for t in (asked, cap) if t]
+    return min(limits) if limits else None
 
 
 def close_cleanly(transport, clock, grace=REFUSAL_DRAIN):
@@ -190,7 +200,7 @@ class HandshakeProtocol(SessionCarrier, Protocol):
             return
         gate = self._listener.gate
         if not gate.accepts(matchkey):
-            self._refuse("presented {key!r}", key=matchkey)
+            self._refuse("presented {key!r}", key=redact_matchkeys(matchkey))
             return
         protocol = session_protocol(options)
         refusal = self._listener.runner.refusal(protocol)
@@ -290,6 +300,8 @@ class InProcessRunner:
         timed out, from the timeout in seconds; L{None} sends nothing.
     @ivar grace: seconds the notice may take to leave before the connection
         is cut.
+    @ivar max_session_time: the longest a session may run, whatever its
+        client asked for (L{None}: as long as the client asks).
     """
 
     log = logger("tvm_rpc.server.listener")
@@ -298,6 +310,7 @@ class InProcessRunner:
     clock: object
     timeout_notice: object = None
     grace: float = 1.0
+    max_session_time: "float | None" = None
 
     def refusal(self, protocol):
         """@return: why TVM's clients cannot be served in-process; L{None} for ours."""
@@ -307,8 +320,9 @@ class InProcessRunner:
         """Write the reply and switch the connection to a session protocol."""
         protocol = self.make_protocol()
         timer = None
-        if handoff.timeout:
-            timer = self.clock.callLater(handoff.timeout, self._expired, handoff)
+        timeout = session_time(handoff.timeout, self.max_session_time)
+        if timeout:
+            timer = self.clock.callLater(timeout, self._expired, handoff, timeout)
         original_lost = protocol.connectionLost
 
         def lost(reason=None):
@@ -322,17 +336,17 @@ class InProcessRunner:
         handoff.transport.write(handoff.reply)
         handoff.carrier.switch_to(protocol, handoff.rest)
 
-    def _expired(self, handoff):
+    def _expired(self, handoff, timeout):
         self.log.warn(
             "session for {peer} exceeded its {timeout}s timeout; closing",
             peer=handoff.peer,
-            timeout=handoff.timeout,
+            timeout=timeout,
         )
         transport = handoff.transport
         if self.timeout_notice is None:
             transport.abortConnection()
             return
-        transport.write(self.timeout_notice(handoff.timeout))
+        transport.write(self.timeout_notice(timeout))
         transport.loseConnection()
         # A peer that does not read must not keep the connection open.
         self.clock.callLater(self.grace, transport.abortConnection)
@@ -342,6 +356,7 @@ __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "REFUSAL_DRAIN",
     "close_cleanly",
+    "session_time",
     "HandshakeProtocol",
     "Handoff",
     "ISessionRunner",

@@ -233,4 +233,8 @@ class ProxiedServerService(SessionHostService):
         super().__init__(runner, work_root, owns_work_root)
         self.link = link
         link.setName("link")
-        link.setServiceParent(self)
+
+    def startService(self):
+        """Warm the runner; wait at the proxy once a session can start at once."""
+        super().startService()
+        self.add_when_ready(self.link)

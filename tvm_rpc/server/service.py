@@ -5,6 +5,7 @@ to a proxy (L{tvm_rpc.server.proxied.ProxiedServerService})."""
 import shutil
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 
 
@@ -38,6 +39,26 @@ class SessionHostService(service.MultiService):
         if warm_up is not None:
             warm_up()
         super().startService()
+
+    def when_ready(self):
+        """
+        @return: a Deferred firing once the runner can start a session at
+            once (its fork server is up); at once for runners without one.
+        """
+        when_ready = getattr(self.runner, "when_ready", None)
+        return defer.succeed(None) if when_ready is None else when_ready()
+
+    def add_when_ready(self, child):
+        """
+        Start C{child} (a service that offers this server to clients: a
+        tracker registration, a proxy link) once the runner is ready, so the
+        first client is not kept waiting while the fork server starts.
+        """
+        def add(_):
+            if self.running and child.parent is None:
+                child.setServiceParent(self)
+
+        self.when_ready().addCallback(add)
 
     def stopService(self):
         """Stop the children, end every session, clean up."""
@@ -94,5 +115,6 @@ class RPCServerService(SessionHostService):
                 )
             self.registration = self.make_registration(self.bound_port)
             self.registration.setName("registration")
-            self.registration.setServiceParent(self)
         super().startService()
+        if self.registration is not None:
+            self.add_when_ready(self.registration)

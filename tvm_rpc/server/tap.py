@@ -51,7 +51,11 @@ class Options(ListenOptions, usage.Options):
         ["custom-addr", None, None, "The address to report to the tracker instead of the one it sees."],
         ["work-dir", None, None, "Directory for session work directories (default: a fresh temporary one)."],
         ["handshake-timeout", None, DEFAULT_HANDSHAKE_TIMEOUT,
-         "Seconds a peer has to complete its handshake.", positive_float],
+         "Seconds a peer has to complete its handshake, and then to send its "
+         "session's first message.", positive_float],
+        ["max-session-time", None, None,
+         "Seconds a session may run at most, whatever its client asked for "
+         "(default: as long as the client asks; TVM's server has no cap).", positive_float],
         ["max-sessions", None, 1,
          "Sessions run at once (TVM runs one: measurements stay exclusive).", positive_int],
         ["session-factory", None, DEFAULT_SESSION_FACTORY,
@@ -123,6 +127,7 @@ def makeService(options, reactor=None):
             lambda: make_session(work_root, clock=reactor),
             reactor,
             timeout_notice=getattr(session_module, "timeout_notice", None),
+            max_session_time=options["max-session-time"],
         )
     else:
         runner = WorkerPool(
@@ -132,6 +137,8 @@ def makeService(options, reactor=None):
             session_factory=options["session-factory"],
             timeout_notice=getattr(session_module, "timeout_notice", None),
             silent=options["silent"],
+            start_timeout=options["handshake-timeout"],
+            max_session_time=options["max-session-time"],
         )
     if options["through-proxy"]:
         gate.max_sessions = 1

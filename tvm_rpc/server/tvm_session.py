@@ -40,25 +40,19 @@ worker points them at its own session (:func:`serve`).
 """
 
 import os
-import select
 import socket
-import threading
 import time
 
 from ..protocol.flavour import tvm_exception_packet
 from .environment import SessionEnvironment, WorkDirectory
-from .registry import GLOBAL_REGISTRY
+from . import watchdog
 from .logs import logger
+from .registry import GLOBAL_REGISTRY
 
 log = logger("tvm_rpc.server.tvm_session")
 
 #: The largest packet TVM's client may send for one piece of a tensor copy.
 MAX_COPY_PACKET = 16 << 20
-
-#: Exit code of a worker whose client went away.
-EXIT_CLIENT_GONE = 4
-#: Exit code of a worker whose server went away.
-EXIT_SERVER_GONE = 3
 
 #: Seconds a refused client has to close its end before we close ours.
 REFUSAL_DRAIN = 5.0
@@ -203,19 +197,6 @@ def prepare(registry=GLOBAL_REGISTRY):
     return None
 
 
-def _watch(sock, lifeline_fd):
-    """
-    End the worker at once when the server or the client goes away, even in
-    the middle of a call (the main thread may be inside TVM's C++ loop).
-    """
-    poller = select.poll()
-    poller.register(lifeline_fd, select.POLLIN)
-    poller.register(sock.fileno(), select.POLLRDHUP)
-    while True:
-        for fd, _ in poller.poll():
-            os._exit(EXIT_SERVER_GONE if fd == lifeline_fd else EXIT_CLIENT_GONE)
-
-
 def _callback_loop(sock, early):
     """
     TVM's server loop over Python send/receive functions, for a connection
@@ -241,12 +222,11 @@ def _callback_loop(sock, early):
     _ffi_api.ServerLoop(send, receive)
 
 
-def serve(fd, reply, rest, work_root, lifeline_fd, problem=None):
+def serve(sock, rest, work_root, lifeline_fd, problem=None):
     """
     Run one TVM session in this (freshly forked) worker.
 
-    @param fd: the session socket, its handshake read but not answered.
-    @param reply: the handshake reply, written first.
+    @param sock: the session socket (blocking), its handshake answered.
     @param rest: session bytes the client sent along with its handshake.
     @param work_root: where the session's work directory is made.
     @param lifeline_fd: the lifeline socket (end of file: the server died).
@@ -254,24 +234,16 @@ def serve(fd, reply, rest, work_root, lifeline_fd, problem=None):
         L{None}: the client is then told so and the connection closed cleanly.
     @return: the worker's exit code.
     """
-    sock = socket.socket(fileno=fd)
-    # The server's reactor made the (shared) file description non-blocking;
-    # TVM's loop and the refusal below block.
-    sock.setblocking(True)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        # Every answer is latency, as on our own sessions.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if problem is not None:
-        refuse(sock, reply, problem)
+        refuse(sock, problem)
         return 0
     from tvm.rpc import _ffi_api
 
     work_dir = WorkDirectory.create(work_root)
     _Current.environment = SessionEnvironment(work_dir)
     os.chdir(work_dir.root)
-    threading.Thread(target=_watch, args=(sock, lifeline_fd), daemon=True).start()
+    watchdog.start(sock.fileno(), lifeline_fd, work_root)
     try:
-        sock.sendall(reply)
         if rest:
             _callback_loop(sock, rest)
         else:
@@ -283,15 +255,16 @@ def serve(fd, reply, rest, work_root, lifeline_fd, problem=None):
     return 0
 
 
-def refuse(sock, reply, problem):
+def refuse(sock, problem):
     """
-    Answer the handshake, tell TVM's client why it cannot be served, and close
-    cleanly: half-close, then read until the client closes (bounded), so the
-    close is never a reset (a reset can kill the accept thread of TVM's tools).
+    Tell TVM's client (its handshake answered) why it cannot be served, and
+    close cleanly: half-close, then read until the client closes (bounded), so
+    the close is never a reset (a reset can kill the accept thread of TVM's
+    tools).
     """
     deadline = time.monotonic() + REFUSAL_DRAIN
     try:
-        sock.sendall(reply + refusal_packet(problem))
+        sock.sendall(refusal_packet(problem))
         sock.shutdown(socket.SHUT_WR)
         while (left := deadline - time.monotonic()) > 0:
             sock.settimeout(left)

@@ -5,24 +5,31 @@ the session code and the ``--init`` modules once, then waits on a Unix socket
 without ever running a reactor. When a handshake succeeds the server passes the
 connection's file descriptor to it (``SCM_RIGHTS``) with the handshake reply and
 any early bytes; the fork server forks a *session worker*, which puts itself in
-a process group of its own, installs a reactor (the lean
-:class:`~tvm_rpc.server.reactor.WorkerReactor`), adopts the socket
-(``reactor.adoptStreamConnection``), writes the reply, runs the session protocol
-and exits when the connection ends. Forking a warm process takes milliseconds,
-so opening a session costs about as much as a tracker round trip. The fork
-server reports each worker's pid as it starts and its exit status as it ends.
+a process group of its own, writes the reply, gives the client a bounded time
+to send its first session message (:func:`~tvm_rpc.server.watchdog.wait_for_start`),
+and runs the session in the protocol the client speaks: ours on a reactor (the
+lean :class:`~tvm_rpc.server.reactor.WorkerReactor`, which adopts the socket),
+TVM's in TVM's own server loop (:mod:`~tvm_rpc.server.tvm_session`). It exits
+when the session ends. Forking a warm process takes milliseconds, so opening a
+session costs about as much as a tracker round trip. The fork server reports
+each worker's pid as it starts and its exit status as it ends.
 
 The server keeps its own copy of each session's descriptor, so that:
 
 - a worker that crashes (``os._exit``, a segfault) or leaks ends only its own
   session: the server hears of the exit, closes its copy and frees the slot;
-- a session that outlives its ``-timeout=N`` is killed (the worker's whole
-  process group, so children that user code started die too), the client is
-  sent the session protocol's timeout notice on the server's copy when one is
-  configured, and the connection is closed.
+- a session that outlives its ``-timeout=N`` (or the server's
+  ``--max-session-time``) is killed (the worker's whole process group, so
+  children that user code started die too), the client is sent its session
+  protocol's timeout notice on the server's copy, and the connection is
+  closed;
+- however a worker ends, the server kills what is left of its process group
+  and removes its work directory.
 
 Workers and the fork server watch a *lifeline* socket whose other end only the
-server holds: if the server dies, they end too. Run as
+server holds: if the server dies, they end too. A worker's watchdog thread
+(:mod:`~tvm_rpc.server.watchdog`) also ends it the moment its client goes away,
+even in the middle of a call. Run as
 ``python -m tvm_rpc.server.worker ...`` by :class:`WorkerPool`; never by hand.
 """
 
@@ -37,14 +44,16 @@ import struct
 import sys
 
 import attrs
+from twisted.internet import defer
 from twisted.internet import protocol as tprotocol
 from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
 from ..protocol.flavour import OUR_PROTOCOL, TVM_PROTOCOL
-from . import tvm_session
+from . import tvm_session, watchdog
+from .watchdog import EXIT_CLIENT_GONE, EXIT_NO_START, EXIT_REASONS
 from .environment import remove_work_dirs_of
-from .listener import ISessionRunner
+from .listener import ISessionRunner, session_time
 from .logs import logger
 
 _LENGTH = struct.Struct("<I")
@@ -54,10 +63,6 @@ MAX_CONTROL_MESSAGE = 1 << 20
 #: The session protocol factory used unless told otherwise.
 DEFAULT_SESSION_FACTORY = "tvm_rpc.server.session:make_session_protocol"
 
-#: Exit code of a worker whose server went away.
-EXIT_SERVER_GONE = tvm_session.EXIT_SERVER_GONE
-#: Exit code of a worker whose client went away.
-EXIT_CLIENT_GONE = tvm_session.EXIT_CLIENT_GONE
 
 
 def load_callable(spec):
@@ -137,31 +142,22 @@ def receive_control(sock):
 
 class SessionCarrier(tprotocol.Protocol):
     """
-    The worker's side of an adopted connection: write the handshake reply,
-    then hand every byte to the session protocol.
+    The worker's side of an adopted connection (its handshake answered):
+    hand every byte to the session protocol.
     """
 
-    def __init__(self, session, reply, rest, on_lost):
+    def __init__(self, session, rest, on_lost):
         """
         @param session: the session protocol.
-        @param reply: the handshake reply, written first.
         @param rest: bytes the client sent after its handshake.
         @param on_lost: called with the reason when the connection ends.
         """
         self._session = session
-        self._reply = reply
         self._rest = rest
         self._on_lost = on_lost
 
     def connectionMade(self):
-        """Reply (with Nagle off: every answer is latency), then start the session with the early bytes."""
-        no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if no_delay is not None:
-            try:
-                no_delay(True)
-            except OSError:
-                pass
-        self.transport.write(self._reply)
+        """Start the session with the early bytes."""
         self._session.makeConnection(self.transport)
         if self._rest:
             self._session.dataReceived(self._rest)
@@ -176,46 +172,6 @@ class SessionCarrier(tprotocol.Protocol):
             self._session.connectionLost(reason)
         finally:
             self._on_lost(reason)
-
-
-class _Lifeline:
-    """
-    A worker's end of the lifeline, watched by the reactor: end of file means
-    the server died. A bare reader, not an adopted connection, because Twisted
-    shuts an adopted socket down as the reactor stops, which would cut the
-    lifeline of the fork server and every other worker too.
-    """
-
-    def __init__(self, fd, on_gone):
-        self._socket = socket.socket(fileno=fd)
-        self._socket.setblocking(False)
-        self._on_gone = on_gone
-
-    def fileno(self):
-        """@return: the lifeline's descriptor, for the reactor."""
-        return self._socket.fileno()
-
-    def logPrefix(self):
-        """@return: the prefix of the reactor's log lines about this reader."""
-        return "lifeline"
-
-    def doRead(self):
-        """Read: end of file (or an error) means the server died."""
-        try:
-            data = self._socket.recv(4096)
-        except BlockingIOError:
-            return None
-        except OSError:
-            data = b""
-        if not data:
-            self._on_gone()
-            from twisted.internet.main import CONNECTION_DONE
-
-            return CONNECTION_DONE
-        return None
-
-    def connectionLost(self, reason=None):
-        """Nothing to do: the reactor is stopping or the lifeline is gone."""
 
 
 def _start_logging(silent=False):
@@ -249,17 +205,22 @@ def serve_session(header, fd, lifeline_fd, work_root, make_session, tvm_problem=
     """
     code = 1
     try:
+        rest = base64.b64decode(header["rest"])
+        sock = socket.socket(fileno=fd)
+        # The server's reactor made the (shared) file description
+        # non-blocking; the worker's own steps here block.
+        sock.setblocking(True)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Every answer is latency.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(base64.b64decode(header["reply"]))
+        if not rest:
+            watchdog.wait_for_start(fd, header.get("start_timeout"))
         if header.get("protocol") == TVM_PROTOCOL:
-            code = tvm_session.serve(
-                fd,
-                base64.b64decode(header["reply"]),
-                base64.b64decode(header["rest"]),
-                work_root,
-                lifeline_fd,
-                problem=tvm_problem,
-            )
+            code = tvm_session.serve(sock, rest, work_root, lifeline_fd, problem=tvm_problem)
         else:
-            code = _serve_session(header, fd, lifeline_fd, work_root, make_session)
+            watchdog.start(fd, lifeline_fd, work_root)
+            code = _serve_session(sock.detach(), rest, make_session, work_root)
     except BaseException:
         import traceback
 
@@ -270,44 +231,28 @@ def serve_session(header, fd, lifeline_fd, work_root, make_session, tvm_problem=
         os._exit(code)
 
 
-def _serve_session(header, fd, lifeline_fd, work_root, make_session):
+def _serve_session(fd, rest, make_session, work_root):
+    """Run a session of our protocol on the worker's reactor; @return: the exit code."""
     from . import reactor as worker_reactor
 
     reactor = worker_reactor.install()
-
-    log = logger("tvm_rpc.server.worker")
     probe = socket.socket(fileno=fd)
     family = probe.family
     probe.detach()
     session = make_session(work_root, clock=reactor)
-    outcome = {"code": 0, "ended": False}
+    ended = []
 
     def lost(reason):
-        outcome["ended"] = True
+        ended.append(reason)
         if reactor.running:
             reactor.stop()
 
-    def server_gone():
-        if outcome["ended"]:
-            return
-        log.warn("the server went away; ending the session")
-        outcome["code"] = EXIT_SERVER_GONE
-        transport.abortConnection()
-
-    carrier = SessionCarrier(
-        session,
-        base64.b64decode(header["reply"]),
-        base64.b64decode(header["rest"]),
-        lost,
-    )
-    transport = reactor.adoptStreamConnection(
-        fd, family, tprotocol.Factory.forProtocol(lambda: carrier)
-    )
+    carrier = SessionCarrier(session, rest, lost)
+    reactor.adoptStreamConnection(fd, family, tprotocol.Factory.forProtocol(lambda: carrier))
     os.close(fd)
-    reactor.addReader(_Lifeline(lifeline_fd, server_gone))
-    if not outcome["ended"]:
+    if not ended:
         reactor.run()
-    return outcome["code"]
+    return 0
 
 
 def _report(control, message):
@@ -491,6 +436,10 @@ class WorkerPool:
     @ivar executable: the Python that runs the fork server.
     @ivar env: its environment (the server's own when L{None}).
     @ivar silent: whether workers log only warnings and errors.
+    @ivar start_timeout: seconds a client has, once its handshake is
+        answered, to send its first session message (L{None}: no limit).
+    @ivar max_session_time: the longest a session may run, whatever its
+        client asked for (L{None}: as long as the client asks).
     """
 
     log = logger("tvm_rpc.server.worker")
@@ -503,6 +452,8 @@ class WorkerPool:
     executable: str = sys.executable
     env: "dict | None" = None
     silent: bool = False
+    start_timeout: "float | None" = None
+    max_session_time: "float | None" = None
     _server: object = attrs.field(init=False, default=None)
     _sessions: dict = attrs.field(init=False, factory=dict)
     _by_pid: dict = attrs.field(init=False, factory=dict)
@@ -514,6 +465,7 @@ class WorkerPool:
     )
     crashes: int = attrs.field(init=False, default=0)
     tvm_problem: "str | None" = attrs.field(init=False, default=None)
+    _ready_waiters: list = attrs.field(init=False, factory=list)
 
     def argv(self, control_fd, lifeline_fd=4):
         """@return: the fork server's command line."""
@@ -535,6 +487,17 @@ class WorkerPool:
         if self.silent:
             args.append("--silent")
         return args
+
+    def when_ready(self):
+        """
+        @return: a Deferred firing once a fork server is ready to fork
+            workers (at once if one is).
+        """
+        if self._server is not None and self._server.ready:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._ready_waiters.append(waiter)
+        return waiter
 
     def warm_up(self):
         """Start the fork server if none runs."""
@@ -595,6 +558,7 @@ class WorkerPool:
             "rest": base64.b64encode(handoff.rest).decode("ascii"),
             "peer": handoff.peer,
             "protocol": handoff.protocol,
+            "start_timeout": self.start_timeout,
         }
         # The transport is left out of the reactor on purpose: closing it the
         # Twisted way would shut the socket down under the worker.
@@ -615,6 +579,9 @@ class WorkerPool:
     def _report(self, server, message):
         if "ready" in message:
             server.ready = True
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
             self.tvm_problem = message.get("tvm")
             if self.tvm_problem is None:
                 self.log.info(
@@ -634,7 +601,7 @@ class WorkerPool:
                 return
             session.pid = message["started"]
             self._by_pid[session.pid] = session
-            timeout = session.handoff.timeout
+            timeout = self.session_time(session.handoff)
             if timeout:
                 # The session's time starts with its worker, not while the
                 # fork server is still starting up.
@@ -644,13 +611,17 @@ class WorkerPool:
             if session is not None:
                 self._finish(session, message.get("code"), message.get("signal"))
 
+    def session_time(self, handoff):
+        """@return: the seconds C{handoff}'s session may run (L{None}: no limit)."""
+        return session_time(handoff.timeout, self.max_session_time)
+
     def _expired(self, session):
         session.timer = None
         session.timed_out = True
         self.log.warn(
             "session for {peer} exceeded its {timeout}s timeout; killing its worker",
             peer=session.handoff.peer,
-            timeout=session.handoff.timeout,
+            timeout=self.session_time(session.handoff),
         )
         self._kill(session)
 
@@ -677,7 +648,15 @@ class WorkerPool:
             remove_work_dirs_of(self.work_root, session.pid)
         if session.timed_out:
             self._send_notice(session)
-        elif code not in (0, None, EXIT_CLIENT_GONE) or signal_number is not None:
+        elif code in EXIT_REASONS and signal_number is None:
+            level = self.log.warn if code == EXIT_NO_START else self.log.info
+            level(
+                "worker {pid} for {peer} ended: {reason}",
+                pid=session.pid,
+                peer=session.handoff.peer,
+                reason=EXIT_REASONS[code],
+            )
+        elif code not in (0, None) or signal_number is not None:
             self.crashes += 1
             self.log.warn(
                 "worker {pid} for {peer} died (exit code {code}, signal {signal}); "
@@ -706,7 +685,7 @@ class WorkerPool:
         if make_notice is None:
             return
         try:
-            notice = make_notice(session.handoff.timeout)
+            notice = make_notice(self.session_time(session.handoff))
             session.socket.setblocking(False)
             session.socket.send(notice)
         except Exception:

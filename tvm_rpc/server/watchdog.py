@@ -1,0 +1,88 @@
+"""The session worker's watchdog: the worker ends as soon as its session is over.
+
+A worker's main thread may be inside a long call (user code, a kernel, TVM's
+C++ server loop) when the session's reason to exist goes away. A thread that
+only waits in ``poll`` (without the GIL) watches for it and ends the process
+at once, so the device is free again within moments instead of when the call
+returns:
+
+- the client's end of the session socket closes (``POLLRDHUP``: the client
+  or its proxy went away);
+- the lifeline closes (the server died).
+
+It never reads the socket, so the session's own reader loses nothing. The
+server kills what the worker started (its process group) and removes its work
+directory once it hears of the exit; when the server is gone, the watchdog
+removes the work directory itself.
+
+Before the session runs, :func:`wait_for_start` gives the client a bounded
+time to send its first session message: a peer that completes the handshake
+and then says nothing is dropped instead of holding the device.
+"""
+
+import os
+import select
+import threading
+
+from .environment import remove_work_dirs_of
+
+#: Exit code of a worker whose server went away.
+EXIT_SERVER_GONE = 3
+#: Exit code of a worker whose client went away.
+EXIT_CLIENT_GONE = 4
+#: Exit code of a worker whose client never started its session.
+EXIT_NO_START = 5
+
+#: What each exit code says, for the server's log.
+EXIT_REASONS = {
+    EXIT_SERVER_GONE: "the server went away",
+    EXIT_CLIENT_GONE: "the client went away",
+    EXIT_NO_START: "the client never started its session",
+}
+
+
+def _watch(socket_fd, lifeline_fd, work_root):
+    poller = select.poll()
+    poller.register(lifeline_fd, select.POLLIN)
+    poller.register(socket_fd, select.POLLRDHUP)
+    while True:
+        for fd, _ in poller.poll():
+            if fd == lifeline_fd:
+                remove_work_dirs_of(work_root, os.getpid())
+                os._exit(EXIT_SERVER_GONE)
+            os._exit(EXIT_CLIENT_GONE)
+
+
+def start(socket_fd, lifeline_fd, work_root):
+    """
+    Watch the session socket and the lifeline from a daemon thread.
+
+    @param socket_fd: the session socket's descriptor (the watchdog watches
+        a duplicate of its own: the session may close or re-home the original).
+    @param lifeline_fd: the lifeline's descriptor.
+    @param work_root: where this worker made its work directory.
+    """
+    threading.Thread(
+        target=_watch,
+        args=(os.dup(socket_fd), lifeline_fd, work_root),
+        name="watchdog",
+        daemon=True,
+    ).start()
+
+
+def wait_for_start(socket_fd, timeout):
+    """
+    Wait until the client has sent something (or closed), at most C{timeout}
+    seconds; end the worker with L{EXIT_NO_START} if it has not.
+
+    Call it before anything reads the socket, so nothing can have been read
+    already.
+
+    @param timeout: seconds, or L{None} to wait without limit.
+    """
+    if timeout is None:
+        return
+    poller = select.poll()
+    poller.register(socket_fd, select.POLLIN | select.POLLRDHUP)
+    if not poller.poll(timeout * 1000):
+        os._exit(EXIT_NO_START)
