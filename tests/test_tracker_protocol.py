@@ -375,7 +375,7 @@ class FaultTests(TrackerTestCase):
         self.assertEqual(
             lease,
             {
-                "key": "k", "matchkey": "k:1", "host": "10.0.0.2", "port": 9000,
+                "key": "k", "host": "10.0.0.2", "port": 9000,
                 "client": ["10.0.0.3", client.transport.getPeer().port],
                 "user": "bob", "priority": 3, "since": 1005.0,
             },

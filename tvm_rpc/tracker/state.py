@@ -122,10 +122,13 @@ class Lease:
     since: float
 
     def to_json(self):
-        """@return: the lease as listed in SUMMARY's C{leases}."""
+        """
+        @return: the lease as listed in SUMMARY's C{leases}: who holds which
+            server, never the matchkey (anyone may ask for SUMMARY, and the
+            matchkey is what lets a client into the server).
+        """
         return {
             "key": self.key,
-            "matchkey": self.matchkey,
             "host": self.host,
             "port": self.port,
             "client": [self.client_host, self.client_port],
