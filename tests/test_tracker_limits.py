@@ -152,6 +152,17 @@ class PerAddressTests(TrackerTestCase):
         self.assertEqual(again.ask([PING]), 0)
         self.assertIn("accepting connections from 10.0.0.1 again; refused 1", logged(events))
 
+    def test_refusals_told_when_the_address_leaves(self):
+        """An address whose connections all close leaves no refusal count behind."""
+        first, second = self.peer(), self.peer()
+        self.connect("10.0.0.1").lose()
+        first.lose()
+        with capturedLogs() as events:
+            second.lose()
+        self.assertIn("all connections from 10.0.0.1 closed; refused 1", logged(events))
+        self.assertEqual(self.factory._refused, {})
+        self.assertEqual(self.factory._open, {})
+
     def test_every_close_releases(self):
         """Bad input, STOP and plain closes all give the slot back."""
         bad, plain = self.peer(), self.peer()

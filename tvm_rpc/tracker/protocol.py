@@ -389,8 +389,14 @@ class TrackerFactory(Factory):
         count = self._open.get(host, 0) - 1
         if count > 0:
             self._open[host] = count
-        else:
-            self._open.pop(host, None)
+            return
+        self._open.pop(host, None)
+        # The address left altogether: its refusals are told now, so that
+        # addresses that never come back leave nothing behind.
+        refused = self._refused.pop(host, 0)
+        if refused:
+            log.warn("all connections from {host} closed; refused {refused} meanwhile",
+                     host=host, refused=refused)
 
     def connections_from(self, host):
         """@return: how many connections from C{host} are open."""
