@@ -28,7 +28,6 @@ from ..protocol.commands import (
     parse_tracker_message,
 )
 from ..protocol.framing import FrameDecoder, encode_frame, encode_magic
-from .limits import TrackerLimits
 from .logs import logger
 from .state import ITrackerPeer
 
@@ -133,7 +132,6 @@ class TrackerProtocol(TimeoutMixin, Protocol):
         self._connection = None
         self._closing = False
         self._stopping = False
-        self._counted = False
         self._peer = "?"
         self._host = None
         self._producing = False
@@ -336,7 +334,7 @@ class TrackerFactory(Factory):
     @ivar stop_key: the key a STOP must carry.
     @ivar on_stop: called (once the STOP reply is flushed) to stop the tracker.
     @ivar keepalive: the L{KeepAlive} timers set on every accepted socket.
-    @ivar limits: the L{TrackerLimits} (the state's).
+    @ivar limits: the L{tvm_rpc.tracker.limits.TrackerLimits} (the state's).
     """
 
     noisy = False
@@ -352,7 +350,7 @@ class TrackerFactory(Factory):
 
     @property
     def limits(self):
-        """The state's L{TrackerLimits}."""
+        """The state's L{tvm_rpc.tracker.limits.TrackerLimits}."""
         return self.state.limits
 
     def buildProtocol(self, addr):
