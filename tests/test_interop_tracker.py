@@ -348,3 +348,39 @@ def test_waiter_that_disconnects_is_never_served(trackers):
         patient.close()
         if server is not None:
             server.close()
+
+
+def test_tvm_client_survives_idle_timeout_in_request_not_in_summary(tvm):
+    """
+    With ``--idle-timeout``, TVM's own client (which keeps its tracker
+    connection open between calls) after an idle close: ``request()``
+    reconnects on the socket error and succeeds; ``summary()`` does not
+    reconnect and fails. That is why the idle timeout is off by default.
+    TVM's server, which holds its registration on a silent connection, is
+    never dropped.
+    """
+    idle_line = r"closing tracker connection from 127\.0\.0\.1:\d+: idle for 1 s"
+    with our_tracker("--idle-timeout", "1") as (daemon, port):
+        with tvm_rpc_server(port, "idle") as (_, server_port):
+            wait_until(lambda: (queue(port, "idle") or {}).get("free") == 1, 30)
+            session_tracker = tvm.rpc.connect_tracker(HOST, port)
+            try:
+                before = daemon.output.count("idle for 1 s")
+                wait_until(lambda: daemon.output.count("idle for 1 s") > before, 30)
+                assert re.search(idle_line, daemon.output)
+                session = session_tracker.request("idle", priority=1)
+                try:
+                    assert session.get_function("tvm.rpc.server.workpath")("x").endswith("/x")
+                finally:
+                    del session
+                wait_until(lambda: (queue(port, "idle") or {}).get("free") == 1, 30)
+                before = daemon.output.count("idle for 1 s")
+                wait_until(lambda: daemon.output.count("idle for 1 s") > before, 30)
+                with pytest.raises(OSError):
+                    session_tracker.summary()
+            finally:
+                session_tracker.close()
+            # Only the client's two connections were idle-closed: the server's
+            # registration outlived every idle period.
+            assert daemon.output.count("idle for 1 s") == 2
+            assert queue(port, "idle") == {"free": 1, "pending": 0}

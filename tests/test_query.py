@@ -118,10 +118,17 @@ class LeasesTableTests(SynchronousTestCase):
         self.assertEqual(lines[2].split(), ["holder", "key", "priority", "since", "(UTC)",
                                             "server"])
         self.assertEqual(lines[4].split(), ["c", "a", "1.5", "1970-01-01", "00:00:00",
-                                            "h:1", "a:1"])
+                                            "h:1"])
         self.assertEqual(lines[5].split(), ["127.0.0.1:5555", "(me)", "rk", "2",
-                                            "2023-11-14", "22:13:20", "10.0.0.2:9090",
-                                            "rk:0.5"])
+                                            "2023-11-14", "22:13:20", "10.0.0.2:9090"])
+
+    def test_matchkey_never_printed(self):
+        """A matchkey from a tracker that still lists one is not shown."""
+        table = leases_table({"leases": [
+            {"key": "rk", "matchkey": "rk:0.5", "host": "10.0.0.2", "port": 9090,
+             "client": ["127.0.0.1", 5555], "user": "me", "priority": 2, "since": 0}]})
+        self.assertNotIn("rk:0.5", table)
+        self.assertIn("10.0.0.2:9090", table)
 
     def test_empty(self):
         self.assertIn("no server is held", leases_table({"leases": []}))
@@ -224,7 +231,8 @@ class QueryTests(SynchronousTestCase):
         status, out, err = self.run_query(["--leases"], peer)
         self.assertEqual(status, 0)
         self.assertIn("127.0.0.1:5555", out)
-        self.assertIn("10.0.0.2:9090 rk:0.5", out)
+        self.assertIn("10.0.0.2:9090", out)
+        self.assertNotIn("rk:0.5", out)
 
     def assert_one_line_error(self, status, out, err, reason):
         self.assertEqual(status, 1)
@@ -433,4 +441,5 @@ def test_client_and_query_tool_against_our_tracker():
     lease = next(row for row in rows if "dev" in row)
     assert lease[0].startswith("127.0.0.1:")
     assert lease[1:4] == ["(alice)", "dev", "3"]
-    assert lease[-2:] == ["127.0.0.1:9999", "dev:0.25"]
+    assert lease[-1] == "127.0.0.1:9999"
+    assert "dev:0.25" not in report["leases"]

@@ -6,6 +6,7 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from tvm_rpc.protocol.commands import Allocation, Put, Request, UpdateInfo
+from tvm_rpc.tracker.limits import TrackerLimits
 from tvm_rpc.tracker.scheduler import Offer, Scheduler, Status, Waiter
 from tvm_rpc.tracker.state import ITrackerPeer, TrackerState
 
@@ -116,15 +117,21 @@ class RecordingPeer:
         self.answers.append(result)
 
 
+#: Seconds an unused key stays listed in L{TrackerMachine}.
+KEY_IDLE = 3
+
+
 class TrackerMachine(RuleBasedStateMachine):
     """Puts, requests (with and without deadlines), cancels, UPDATE_INFO,
-    disconnects and time passing, against a simple model of TVM's rules."""
+    disconnects and time passing, against a simple model of TVM's rules, and
+    of unused keys forgotten after L{KEY_IDLE} seconds."""
 
     def __init__(self):
         """A fresh tracker state on a fake clock, and an empty model."""
         super().__init__()
         self.clock = Clock()
-        self.state = TrackerState(self.clock)
+        self.state = TrackerState(self.clock, TrackerLimits(key_idle_timeout=KEY_IDLE))
+        self.unused_since = {}
         self.peers, self.connections, self.open = [], [], []
         self.expected = []
         self.free = {k: [] for k in KEYS}
@@ -251,6 +258,24 @@ class TrackerMachine(RuleBasedStateMachine):
                     self.expected[entry[0]].append("expired")
         self.clock.advance(seconds)
 
+    def _settle_unused(self):
+        """
+        A listed key with no free server, no waiting request
+        and no lease is unused since now, unless already unused; one unused
+        for KEY_IDLE seconds is forgotten (and seen afresh when used again).
+        """
+        now = self.clock.seconds()
+        for key in KEYS:
+            used = (self.free[key] or self.waiting[key]
+                    or any(n for (_, k), n in self.leases.items() if k == key))
+            if key not in self.seen_keys or used:
+                self.unused_since.pop(key, None)
+                continue
+            since = self.unused_since.setdefault(key, now)
+            if since <= now - KEY_IDLE:
+                self.seen_keys.discard(key)
+                del self.unused_since[key]
+
     @invariant()
     def answers_match_model(self):
         """Every peer got exactly the answers the model expects, in order."""
@@ -262,6 +287,7 @@ class TrackerMachine(RuleBasedStateMachine):
     @invariant()
     def summary_consistent(self):
         """SUMMARY's counts, leases and server_info agree with the model."""
+        self._settle_unused()
         summary = self.state.summary()
         assert summary["queue_info"] == {
             key: {"free": len(self.free[key]), "pending": len(self.waiting[key])}
@@ -313,3 +339,200 @@ def test_served_requests_leave_no_cyclic_garbage():
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+class _Time:
+    """A settable clock for the scheduler."""
+
+    def __init__(self):
+        """Start at 1000 s."""
+        self.now = 1000.0
+
+    def __call__(self):
+        """@return: the current time."""
+        return self.now
+
+
+key_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.sampled_from("abcde")),
+        st.tuples(st.just("request"), st.sampled_from("abcde")),
+        st.tuples(st.just("withdraw"), st.integers(0, 200)),
+        st.tuples(st.just("remove"), st.integers(0, 200)),
+        st.tuples(st.just("hold"), st.sampled_from("abcde")),
+        st.tuples(st.just("release"), st.sampled_from("abcde")),
+        st.tuples(st.just("advance"), st.sampled_from([0.5, 1, 3, 10])),
+        st.tuples(st.just("summary"),),
+    ),
+    max_size=150,
+)
+
+
+@given(key_ops, st.sampled_from([None, 2, 4]), st.sampled_from([None, 1, 3, 5]))
+def test_unused_keys_forgotten_and_bounded(operations, idle_timeout, max_keys):
+    """
+    Against a model that scans every key: a key stays listed while a server
+    is free, a request waits or a server is held, and for C{idle_timeout}
+    seconds after; a new key beyond C{max_keys} evicts the key unused
+    longest, or is refused when every key is in use; the listed keys never
+    exceed C{max_keys}.
+    """
+    from tvm_rpc.tracker.scheduler import KeyLimitExceeded
+
+    clock = _Time()
+    scheduler = Scheduler(now=clock, idle_timeout=idle_timeout, max_keys=max_keys)
+    listed = {}      # key -> None (in use) or (since, order) once unused
+    model = {}       # key -> [free offers, waiting waiters, held]
+    order = iter(range(10**6))
+    waiters, offers = [], []
+
+    def sweep():
+        """Forget the keys unused for idle_timeout seconds or more."""
+        if idle_timeout is None:
+            return
+        for key, since in list(listed.items()):
+            if since is not None and since[0] <= clock.now - idle_timeout:
+                del listed[key], model[key]
+
+    def make_room(key):
+        """@return: whether C{key} is listed or could be added (evicting if needed)."""
+        if key in listed:
+            return True
+        sweep()
+        if max_keys is not None and len(listed) >= max_keys:
+            unused = [k for k, since in listed.items() if since is not None]
+            if not unused:
+                return False
+            oldest = min(unused, key=lambda k: listed[k][1])
+            del listed[oldest], model[oldest]
+        listed[key] = None
+        model[key] = [[], [], 0]
+        return True
+
+    def settle(key):
+        """Note whether C{key} is in use now."""
+        if key not in model:
+            return
+        free, waiting, held = model[key]
+        if free or waiting or held:
+            listed[key] = None
+        elif listed[key] is None:
+            listed[key] = (clock.now, next(order))
+
+    for op in operations:
+        kind = op[0]
+        if kind in ("put", "request"):
+            key = op[1]
+            room = make_room(key)
+            thing = Offer(key) if kind == "put" else Waiter(key)
+            call = scheduler.put if kind == "put" else scheduler.request
+            if not room:
+                try:
+                    call(thing)
+                except KeyLimitExceeded:
+                    continue
+                raise AssertionError("a key beyond max_keys was accepted")
+            got = call(thing)
+            free, waiting, _ = model[key]
+            if kind == "put":
+                offers.append(thing)
+                if waiting:
+                    best = min(waiting, key=lambda w: w._seq)
+                    waiting.remove(best)
+                    assert got is best
+                else:
+                    assert got is None
+                    free.append(thing)
+            else:
+                waiters.append(thing)
+                if free:
+                    assert got is free.pop(0)
+                else:
+                    assert got is None
+                    waiting.append(thing)
+            settle(key)
+        elif kind == "withdraw" and waiters:
+            waiter = waiters[op[1] % len(waiters)]
+            if scheduler.withdraw(waiter):
+                model[waiter.key][1].remove(waiter)
+                settle(waiter.key)
+        elif kind == "remove" and offers:
+            offer = offers[op[1] % len(offers)]
+            if scheduler.remove(offer):
+                model[offer.key][0].remove(offer)
+                settle(offer.key)
+        elif kind == "hold" and op[1] in listed:
+            scheduler.hold(op[1])
+            model[op[1]][2] += 1
+            settle(op[1])
+        elif kind == "release":
+            scheduler.release(op[1])
+            if op[1] in model and model[op[1]][2]:
+                model[op[1]][2] -= 1
+                settle(op[1])
+        elif kind == "advance":
+            clock.now += op[1]
+        elif kind == "summary":
+            sweep()
+            assert scheduler.summary() == {
+                key: {"free": len(model[key][0]), "pending": len(model[key][1])}
+                for key in listed
+            }
+        if max_keys is not None:
+            assert scheduler.keys() <= max_keys
+    sweep()
+    assert set(scheduler.summary()) == set(listed)
+
+
+def test_twenty_thousand_departed_keys_are_forgotten():
+    """20,000 keys of peers that left stay listed only for the idle period."""
+    clock = Clock()
+    state = TrackerState(clock, TrackerLimits(key_idle_timeout=60, max_keys=50_000))
+    peer = RecordingPeer()
+    for i in range(20_000):
+        connection = state.connect(peer, "10.0.0.1", i)
+        state.put(connection, Put(f"key{i}", 9000, f"key{i}:1"))
+        state.disconnect(connection)
+    queue_info = state.summary()["queue_info"]
+    assert len(queue_info) == 20_000
+    assert queue_info["key7"] == {"free": 0, "pending": 0}
+    clock.advance(59)
+    assert len(state.summary()["queue_info"]) == 20_000
+    clock.advance(1)
+    assert state.summary()["queue_info"] == {}
+    assert state.scheduler.keys() == 0
+
+
+def test_held_server_keeps_its_key():
+    """A key whose only server is handed out stays listed as long as the lease."""
+    clock = Clock()
+    state = TrackerState(clock, TrackerLimits(key_idle_timeout=10))
+    server, client = RecordingPeer(), RecordingPeer()
+    server_connection = state.connect(server, "10.0.0.1", 1)
+    client_connection = state.connect(client, "10.0.0.2", 2)
+    state.put(server_connection, Put("k", 9000, "k:1"))
+    state.request(client_connection, Request("k"))
+    clock.advance(3600)
+    assert state.summary()["queue_info"] == {"k": {"free": 0, "pending": 0}}
+    state.put(server_connection, Put("k", 9000, "k:2"))
+    state.request(client_connection, Request("k"))
+    state.disconnect(server_connection)
+    clock.advance(9)
+    assert "k" in state.summary()["queue_info"]
+    clock.advance(1)
+    assert state.summary()["queue_info"] == {}
+
+
+def test_priority_clamped_to_the_cap():
+    """A priority above the cap is queued at the cap: FIFO among those at the cap."""
+    clock = Clock()
+    state = TrackerState(clock, TrackerLimits(max_priority=100))
+    peers = [RecordingPeer() for _ in range(4)]
+    connections = [state.connect(p, f"10.0.0.{i}", i) for i, p in enumerate(peers)]
+    first = state.request(connections[0], Request("k", "", 10**6))
+    second = state.request(connections[1], Request("k", "", 100))
+    low = state.request(connections[2], Request("k", "", 99))
+    assert (first.priority, second.priority, low.priority) == (100, 100, 99)
+    for i in range(3):
+        state.put(connections[3], Put("k", 9000, f"k:{i}"))
+    assert [p.answers[0].matchkey for p in peers[:3]] == ["k:0", "k:1", "k:2"]

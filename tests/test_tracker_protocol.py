@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tvm_rpc.protocol.constants import RPC_TRACKER_MAGIC, TrackerCode
 from tvm_rpc.protocol.framing import FrameDecoder, encode_frame, encode_magic
+from tvm_rpc.tracker.limits import TrackerLimits
 from tvm_rpc.tracker.protocol import KeepAlive, TrackerFactory, describe_peer, tune_socket
 from tvm_rpc.tracker.state import TrackerState
 
@@ -100,6 +101,13 @@ class TrackerTestCase(SynchronousTestCase):
             self.state, "the-stop-key", lambda: self.stops.append(True), KeepAlive()
         )
         self._ports = iter(range(40000, 50000))
+
+    def use_limits(self, **limits):
+        """Start again with a fresh tracker whose L{TrackerLimits} are C{limits}."""
+        self.state = TrackerState(self.clock, TrackerLimits(**limits))
+        self.factory = TrackerFactory(
+            self.state, "the-stop-key", lambda: self.stops.append(True), KeepAlive()
+        )
 
     def peer(self, host="10.0.0.1"):
         """@return: a new greeted L{Peer} from C{host}."""
@@ -375,7 +383,7 @@ class FaultTests(TrackerTestCase):
         self.assertEqual(
             lease,
             {
-                "key": "k", "matchkey": "k:1", "host": "10.0.0.2", "port": 9000,
+                "key": "k", "host": "10.0.0.2", "port": 9000,
                 "client": ["10.0.0.3", client.transport.getPeer().port],
                 "user": "bob", "priority": 3, "since": 1005.0,
             },
@@ -461,7 +469,7 @@ class BadInputTests(TrackerTestCase):
 
     def test_too_many_requests_on_one_connection(self):
         """More waiting requests than allowed close the connection."""
-        self.state.max_per_connection = 3
+        self.use_limits(max_pending=3)
         greedy = self.peer("10.6.6.6")
         greedy.send(*[[REQUEST, "k", "", 1]] * 3)
         self.assertFalse(greedy.closed)
@@ -474,7 +482,7 @@ class BadInputTests(TrackerTestCase):
 
     def test_too_many_free_servers_on_one_connection(self):
         """More free servers than allowed close the connection; a re-PUT is not more."""
-        self.state.max_per_connection = 2
+        self.use_limits(max_free=2)
         server = self.peer("10.6.6.6")
         server.ask([PUT, "k", [1, "k:1"], None])
         server.ask([PUT, "k", [1, "k:2"], None])

@@ -77,6 +77,67 @@ class OptionsTests(SynchronousTestCase):
             ("127.0.0.1", 5000, 5002, "k", True, 5),
         )
 
+    def test_limit_defaults(self):
+        """Every limit has its safe default, and --help shows each one."""
+        from tvm_rpc.tracker.limits import TrackerLimits
+
+        self.assertEqual(parse().limits(), TrackerLimits())
+        self.assertEqual(
+            (TrackerLimits().max_output, TrackerLimits().max_connections_per_address,
+             TrackerLimits().idle_timeout, TrackerLimits().max_pending,
+             TrackerLimits().max_priority, TrackerLimits().max_keys,
+             TrackerLimits().key_idle_timeout),
+            (4 << 20, 256, None, 100, 1000, 10_000, 600),
+        )
+        text = " ".join(str(tap.Options()).split())
+        for option, default in (
+            ("--max-output", "4194304"), ("--max-connections-per-address", "256"),
+            ("--idle-timeout", "off"), ("--max-pending-per-connection", "100"),
+            ("--max-priority", "1000"), ("--max-keys", "10000"),
+            ("--key-idle-timeout", "600"),
+        ):
+            self.assertIn(option, text)
+            self.assertRegex(text, re.escape(option) + r"=.*?\[default: " + default + r"\]")
+
+    def test_limits_given(self):
+        """Given limits reach the TrackerLimits; 'off' turns a timeout off."""
+        limits = parse(
+            "--max-output", "1048576", "--max-connections-per-address", "9",
+            "--idle-timeout", "2.5", "--max-pending-per-connection", "3",
+            "--max-priority", "10", "--max-keys", "7", "--key-idle-timeout", "off",
+        ).limits()
+        self.assertEqual(
+            (limits.max_output, limits.max_connections_per_address, limits.idle_timeout,
+             limits.max_pending, limits.max_priority, limits.max_keys,
+             limits.key_idle_timeout),
+            (1 << 20, 9, 2.5, 3, 10.0, 7, None),
+        )
+        self.assertIsNone(parse("--idle-timeout", "0").limits().idle_timeout)
+
+    def test_limits_rejected(self):
+        """Limits out of range are usage errors."""
+        for args in (
+            ["--max-output", "1000"],
+            ["--max-output", "-1"],
+            ["--max-connections-per-address", "0"],
+            ["--idle-timeout", "-1"],
+            ["--idle-timeout", "soon"],
+            ["--max-pending-per-connection", "0"],
+            ["--max-priority", "inf"],
+            ["--max-priority", "nan"],
+            ["--max-keys", "0"],
+            ["--key-idle-timeout", "-5"],
+        ):
+            self.assertRaises(usage.UsageError, parse, *args)
+
+    def test_service_uses_the_limits(self):
+        """makeService gives the state and factory the parsed limits."""
+        top = tap.makeService(parse("--max-keys", "5", "--idle-timeout", "9"),
+                              reactor=MemoryReactorClock())
+        self.assertEqual(top.state.limits.max_keys, 5)
+        self.assertEqual(top.state.scheduler.max_keys, 5)
+        self.assertEqual(top.factory.limits.idle_timeout, 9)
+
     def test_listen_repeatable_with_backlog(self):
         """--listen repeats; our backlog is added where none is given."""
         options = parse("--listen", "tcp:0:interface=127.0.0.1",

@@ -136,9 +136,10 @@ def leases_table(summary):
 
     Each lease (a dict as our tracker lists it: C{client} ``[host, port]``,
     C{user}, C{key}, C{priority}, C{since} in seconds since the epoch, and the
-    server's C{host}, C{port} and C{matchkey}) becomes a row: who holds the
-    server (with the user name it gave), the key, the request's priority,
-    since when (UTC) and the server (address and matchkey).
+    server's C{host} and C{port}) becomes a row: who holds the server (with
+    the user name it gave), the key, the request's priority, since when (UTC)
+    and the server's address. A matchkey is never printed, even from a
+    tracker that lists one: it is what lets a client into the server.
 
     @param summary: the dict a SUMMARY returns.
     @return: the table, ending with a newline, or L{None} when the tracker
@@ -157,9 +158,6 @@ def leases_table(summary):
         server = _format_address(_field(lease, "server"))
         if not server and lease.get("host") is not None:
             server = _format_address([lease.get("host"), lease.get("port")])
-        matchkey = lease.get("matchkey")
-        if matchkey:
-            server = f"{server} {matchkey}" if server else str(matchkey)
         holder = _format_address(_field(lease, "client", "holder"))
         user = lease.get("user")
         if user:

@@ -153,7 +153,10 @@ class Put(_Command):
         key = _string(message[1], "key")
         address = message[2]
         if not isinstance(address, list) or len(address) != 2:
-            raise BadMessage(f"PUT wants [port, matchkey], got {address!r}")
+            # The shape only: the value may hold a matchkey, and this ends up in logs.
+            shape = (f"a list of {len(address)}" if isinstance(address, list)
+                     else type(address).__name__)
+            raise BadMessage(f"PUT wants [port, matchkey], got {shape}")
         custom = message[3] if len(message) == 4 else None
         if custom is not None:
             custom = _string(custom, "custom address")

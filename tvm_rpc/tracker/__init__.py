@@ -1,6 +1,7 @@
 """The RPC tracker: a TVM wire-compatible queue of devices by key.
 
-L{scheduler} and L{state} are pure (no reactor, no transports); L{protocol} is
-the thin Twisted adapter; L{listen} binds and guards the listening sockets;
-L{tap} is ``twistd rpc-tracker``.
+L{scheduler} and L{state} are pure (no reactor, no transports); L{limits}
+holds every bound the tracker enforces and its default; L{protocol} is the
+thin Twisted adapter; L{tap} is ``twistd rpc-tracker`` (the listening sockets
+are bound and guarded by L{tvm_rpc.daemon}).
 """

@@ -5,6 +5,11 @@ No Twisted, no I/O. Each key has a heap of waiting requests ordered by
 oldest first. Every operation is O(log n) or O(1) amortised: withdrawn
 requests are deleted lazily from the heap, which is rebuilt when the dead
 entries outnumber the live ones.
+
+A key nobody uses (no free server, no waiting request, no server held) is
+kept for a while, as TVM keeps it for ever, then forgotten; the number of keys
+is bounded. Unused keys wait in an ordered dict by the time they became
+unused, so forgetting costs O(1) per key forgotten.
 """
 
 import enum
@@ -74,11 +79,17 @@ class KeyQueue:
     _heap: list = attrs.field(factory=list)
     _free: OrderedDict = attrs.field(factory=OrderedDict)
     pending: int = 0
+    held: int = 0
 
     @property
     def free(self):
         """How many servers are free."""
         return len(self._free)
+
+    @property
+    def unused(self):
+        """Whether no server is free, no request waits and no server is held."""
+        return not self._free and not self.pending and not self.held
 
     def push_waiter(self, waiter):
         """Queue a request."""
@@ -118,23 +129,100 @@ class KeyQueue:
         del self._free[offer._seq]
 
 
+class KeyLimitExceeded(ValueError):
+    """A new key was needed while every one of the most keys allowed is in use."""
+
+
+def _no_time():
+    """The clock of a L{Scheduler} that is given none: time stands still."""
+    return 0.0
+
+
 @attrs.define
 class Scheduler:
     """
     Matches requests with free servers, per key.
 
-    Keys stay listed in L{summary} once seen, as in TVM's tracker.
+    Keys stay listed in L{summary} while anything uses them (a free server, a
+    waiting request, or a server held through L{hold}) and for
+    C{idle_timeout} seconds after, as in TVM's tracker (which keeps them for
+    ever); then they are forgotten. At most C{max_keys} keys are listed: a
+    new key first evicts the longest-unused key, and is refused when every
+    key is in use.
+
+    @ivar now: a callable returning the current time in seconds.
+    @ivar idle_timeout: seconds an unused key stays listed, or L{None} for
+        ever.
+    @ivar max_keys: the most keys listed at once, or L{None} for no bound.
     """
 
     _queues: dict = attrs.field(factory=dict)
     _counter: "itertools.count" = attrs.field(factory=itertools.count)
+    now: object = _no_time
+    idle_timeout: "float | None" = None
+    max_keys: "int | None" = None
+    _unused: OrderedDict = attrs.field(factory=OrderedDict, init=False)
 
     def _queue(self, key):
-        """@return: the L{KeyQueue} of C{key}, created on first sight."""
+        """
+        @return: the L{KeyQueue} of C{key}, created on first sight.
+        @raise KeyLimitExceeded: when C{key} is new and C{max_keys} keys are
+            all in use.
+        """
         queue = self._queues.get(key)
         if queue is None:
+            self.forget_unused()
+            if self.max_keys is not None and len(self._queues) >= self.max_keys:
+                if not self._unused:
+                    raise KeyLimitExceeded(f"more than {self.max_keys} keys in use")
+                oldest, _ = self._unused.popitem(last=False)
+                del self._queues[oldest]
             queue = self._queues[key] = KeyQueue()
         return queue
+
+    def _settle(self, key, queue):
+        """Note whether C{key} is now unused (since now) or in use."""
+        if queue.unused:
+            if key not in self._unused:
+                self._unused[key] = self.now()
+        elif self._unused:
+            self._unused.pop(key, None)
+
+    def forget_unused(self):
+        """
+        Forget the keys unused for C{idle_timeout} seconds or more.
+
+        @return: how many keys were forgotten.
+        """
+        if self.idle_timeout is None or not self._unused:
+            return 0
+        cutoff = self.now() - self.idle_timeout
+        unused, queues = self._unused, self._queues
+        forgotten = 0
+        while unused:
+            key, since = next(iter(unused.items()))
+            if since > cutoff:
+                break
+            del unused[key]
+            del queues[key]
+            forgotten += 1
+        return forgotten
+
+    def hold(self, key):
+        """
+        Count a server of C{key} as held (handed out, not free again yet), so
+        the key stays listed meanwhile. Each call needs one L{release}.
+        """
+        queue = self._queue(key)
+        queue.held += 1
+        self._settle(key, queue)
+
+    def release(self, key):
+        """Undo one L{hold} of C{key}."""
+        queue = self._queues.get(key)
+        if queue is not None and queue.held > 0:
+            queue.held -= 1
+            self._settle(key, queue)
 
     def put(self, offer):
         """
@@ -153,8 +241,10 @@ class Scheduler:
         if waiter is None:
             offer.status = Status.QUEUED
             queue.push_offer(offer)
+            self._settle(offer.key, queue)
             return None
         _pair(waiter, offer)
+        self._settle(offer.key, queue)
         return waiter
 
     def request(self, waiter):
@@ -173,8 +263,10 @@ class Scheduler:
         if offer is None:
             waiter.status = Status.QUEUED
             queue.push_waiter(waiter)
+            self._settle(waiter.key, queue)
             return None
         _pair(waiter, offer)
+        self._settle(waiter.key, queue)
         return offer
 
     def withdraw(self, waiter):
@@ -186,7 +278,9 @@ class Scheduler:
         if waiter.status is not Status.QUEUED:
             return False
         waiter.status = Status.WITHDRAWN
-        self._queues[waiter.key].forget_waiter()
+        queue = self._queues[waiter.key]
+        queue.forget_waiter()
+        self._settle(waiter.key, queue)
         return True
 
     def remove(self, offer):
@@ -198,7 +292,9 @@ class Scheduler:
         if offer.status is not Status.QUEUED:
             return False
         offer.status = Status.WITHDRAWN
-        self._queues[offer.key].drop_offer(offer)
+        queue = self._queues[offer.key]
+        queue.drop_offer(offer)
+        self._settle(offer.key, queue)
         return True
 
     def counts(self, key):
@@ -208,8 +304,16 @@ class Scheduler:
             return 0, 0
         return queue.free, queue.pending
 
+    def keys(self):
+        """@return: how many keys are listed."""
+        return len(self._queues)
+
     def summary(self):
-        """@return: TVM's C{queue_info}: C{{key: {"free": n, "pending": n}}}."""
+        """
+        @return: TVM's C{queue_info}: C{{key: {"free": n, "pending": n}}},
+            after forgetting the keys unused for too long.
+        """
+        self.forget_unused()
         return {
             key: {"free": queue.free, "pending": queue.pending}
             for key, queue in self._queues.items()

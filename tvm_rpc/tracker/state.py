@@ -12,20 +12,17 @@ import attrs
 from zope.interface import Interface
 
 from ..protocol.commands import Allocation, BadMessage
-from .scheduler import Offer, Scheduler, Status, Waiter
+from .limits import TrackerLimits
+from .scheduler import KeyLimitExceeded, Offer, Scheduler, Status, Waiter
 
 
 #: TVM's tracker lists in C{server_info} every connection whose info key
 #: starts with this, which includes proxies (C{server:proxy[key1,key2]}).
 SERVER_INFO_PREFIX = "server"
 
-#: The most free servers, and the most waiting requests, one connection may
-#: have at once: a bound on what one runaway peer can make the tracker hold.
-MAX_PER_CONNECTION = 10_000
-
 
 class LimitExceeded(BadMessage):
-    """A connection tried to hold more than L{MAX_PER_CONNECTION} of something."""
+    """A connection tried to hold more than its L{TrackerLimits} allow."""
 
 
 class ITrackerPeer(Interface):
@@ -122,10 +119,13 @@ class Lease:
     since: float
 
     def to_json(self):
-        """@return: the lease as listed in SUMMARY's C{leases}."""
+        """
+        @return: the lease as listed in SUMMARY's C{leases}: who holds which
+            server, never the matchkey (anyone may ask for SUMMARY, and the
+            matchkey is what lets a client into the server).
+        """
         return {
             "key": self.key,
-            "matchkey": self.matchkey,
             "host": self.host,
             "port": self.port,
             "client": [self.client_host, self.client_port],
@@ -140,17 +140,28 @@ class TrackerState:
     """
     Everything the tracker knows, and the rules of TVM's tracker protocol.
 
-    @ivar clock: an L{IReactorTime} for deadlines and lease times.
-    @ivar max_per_connection: the most free servers and the most waiting
-        requests one connection may have; L{put} and L{request} raise
-        L{LimitExceeded} beyond it.
+    @ivar clock: an L{IReactorTime} for deadlines, lease times and the age
+        of unused keys.
+    @ivar limits: the L{TrackerLimits}; L{put} and L{request} raise
+        L{LimitExceeded} beyond C{max_free}, C{max_pending} and C{max_keys},
+        and L{request} queues a priority above C{max_priority} at
+        C{max_priority}.
+    @ivar scheduler: the L{Scheduler}, built from C{clock} and C{limits}.
     """
 
     clock: object
-    scheduler: Scheduler = attrs.field(factory=Scheduler)
-    max_per_connection: int = MAX_PER_CONNECTION
+    limits: TrackerLimits = attrs.field(factory=TrackerLimits)
+    scheduler: Scheduler = attrs.field(init=False)
     _servers: dict = attrs.field(factory=dict, init=False)
     _leases: dict = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self):
+        """Build the scheduler with the key limits and this clock."""
+        self.scheduler = Scheduler(
+            now=self.clock.seconds,
+            idle_timeout=self.limits.key_idle_timeout,
+            max_keys=self.limits.max_keys,
+        )
 
     def connect(self, peer, host, port=None):
         """
@@ -179,7 +190,7 @@ class TrackerState:
             self._withdraw(pending)
         for leases in connection.leases.values():
             for lease in leases:
-                self._leases.pop(lease, None)
+                self._end_lease(lease)
         connection.leases.clear()
 
     def put(self, connection, command):
@@ -193,23 +204,29 @@ class TrackerState:
 
         @param command: a L{tvm_rpc.protocol.commands.Put}.
         """
-        if (
-            len(connection.offers) >= self.max_per_connection
-            and command.matchkey not in connection.offers
-        ):
-            raise LimitExceeded(f"more than {self.max_per_connection} free servers")
-        old = connection.offers.pop(command.matchkey, None)
-        if old is not None:
-            self.scheduler.remove(old)
-        leases = connection.leases.get(command.key)
-        if leases:
-            self._leases.pop(leases.popleft(), None)
-            if not leases:
-                del connection.leases[command.key]
+        limit = self.limits.max_free
+        if len(connection.offers) >= limit and command.matchkey not in connection.offers:
+            raise LimitExceeded(f"more than {limit} free servers")
         host = command.custom_addr if command.custom_addr is not None else connection.host
         slot = ServerSlot(connection, command.key, host, command.port, command.matchkey)
         offer = Offer(command.key, slot)
-        waiter = self.scheduler.put(offer)
+        old = connection.offers.pop(command.matchkey, None)
+        if old is not None:
+            self.scheduler.remove(old)
+        ending = None
+        leases = connection.leases.get(command.key)
+        if leases:
+            ending = leases.popleft()
+            if not leases:
+                del connection.leases[command.key]
+        try:
+            waiter = self.scheduler.put(offer)
+        except KeyLimitExceeded as e:
+            raise LimitExceeded(str(e)) from None
+        # The lease ends after the put: ending it first could leave the key
+        # unused for a moment, and a new key could then evict it.
+        if ending is not None:
+            self._end_lease(ending)
         if waiter is None:
             connection.offers[command.matchkey] = offer
         else:
@@ -221,15 +238,20 @@ class TrackerState:
         server is free, else when one is put or the deadline passes.
 
         @param command: a L{tvm_rpc.protocol.commands.Request}.
-        @return: the L{PendingRequest}.
+        @return: the L{PendingRequest}; its C{priority} is the one queued
+            (at most C{limits.max_priority}).
         """
-        if len(connection.requests) >= self.max_per_connection:
-            raise LimitExceeded(f"more than {self.max_per_connection} waiting requests")
+        limits = self.limits
+        if len(connection.requests) >= limits.max_pending:
+            raise LimitExceeded(f"more than {limits.max_pending} waiting requests")
         pending = PendingRequest(
-            command.key, command.priority, connection=connection, user=command.user,
-            since=self.clock.seconds(),
+            command.key, min(command.priority, limits.max_priority), connection=connection,
+            user=command.user, since=self.clock.seconds(),
         )
-        offer = self.scheduler.request(pending)
+        try:
+            offer = self.scheduler.request(pending)
+        except KeyLimitExceeded as e:
+            raise LimitExceeded(str(e)) from None
         if offer is not None:
             self._hand_out(pending, offer.payload)
             return pending
@@ -266,6 +288,17 @@ class TrackerState:
         else:
             self._servers.pop(connection, None)
 
+    def holds(self, connection):
+        """
+        @return: whether C{connection} holds anything: a waiting request, a
+            free or handed-out server, or a server's info (TVM's servers and
+            proxies keep their connection open, silent, between sessions).
+        """
+        return bool(
+            connection.requests or connection.offers or connection.leases
+            or connection in self._servers
+        )
+
     def pending_matchkeys(self, connection):
         """@return: this connection's matchkeys not yet handed out, in PUT order."""
         return list(connection.offers)
@@ -296,9 +329,16 @@ class TrackerState:
         )
         server.leases.setdefault(slot.key, deque()).append(lease)
         self._leases[lease] = None
+        self.scheduler.hold(slot.key)
         client.peer.answer_request(
             pending, Allocation(slot.host, slot.port, slot.matchkey)
         )
+
+    def _end_lease(self, lease):
+        """A handed-out server is free again, or gone."""
+        if lease in self._leases:
+            del self._leases[lease]
+            self.scheduler.release(lease.key)
 
     def _withdraw(self, pending):
         """Take a waiting request out of its queue. @return: whether it waited."""

@@ -11,14 +11,37 @@ from ..daemon import (
     ListenOptions,
     listen_parameters,
     listener_service,
+    positive_float,
     positive_int,
     with_backlog,
 )
+from .limits import TrackerLimits
 from .logs import logger, set_silent
 from .protocol import KeepAlive, TrackerFactory
 from .state import TrackerState
 
 log = logger("tvm_rpc.tracker")
+
+DEFAULTS = TrackerLimits()
+
+#: The smallest --max-output: below one transport buffer the bound would
+#: close peers that read normally but ask for a large SUMMARY.
+MIN_MAX_OUTPUT = 64 * 1024
+
+
+def seconds_or_off(value):
+    """
+    @return: C{value} as positive seconds, or L{None} for C{off} (or C{0}).
+    @raise ValueError: for anything else.
+    """
+    if str(value).strip().lower() in ("off", "none", "0", "0.0"):
+        return None
+    return positive_float(value)
+
+
+def _shown(seconds):
+    """@return: a default number of seconds (or L{None}) as --help shows it."""
+    return "off" if seconds is None else f"{seconds:g}"
 
 
 class Options(ListenOptions, usage.Options):
@@ -42,17 +65,59 @@ class Options(ListenOptions, usage.Options):
         ["keepalive-interval", None, 10, "Seconds between TCP keepalive probes.", positive_int],
         ["keepalive-count", None, 3, "Unanswered probes before a peer is dropped.", positive_int],
         ["backlog", None, DEFAULT_BACKLOG, "Listen backlog.", positive_int],
+        ["max-output", None, DEFAULTS.max_output,
+         "Bytes of replies a peer may leave unread beyond its socket buffers (the tracker "
+         "stops reading it meanwhile); past that the connection is closed.", positive_int],
+        ["max-connections-per-address", None, DEFAULTS.max_connections_per_address,
+         "Open connections allowed from one IP address; more are closed at once.",
+         positive_int],
+        ["idle-timeout", None, _shown(DEFAULTS.idle_timeout),
+         "Seconds a connection that holds nothing (no waiting request, no server) may "
+         "stay silent after the magic, or 'off'. Off by default: TVM's client keeps an "
+         "idle connection and its summary() does not reconnect.", seconds_or_off],
+        ["max-pending-per-connection", None, DEFAULTS.max_pending,
+         "Waiting requests allowed on one connection (TVM's and our clients keep one); "
+         "one more closes the connection.", positive_int],
+        ["max-priority", None, f"{DEFAULTS.max_priority:g}",
+         "Highest request priority: a request asking for more is queued at this one.",
+         positive_float],
+        ["max-keys", None, DEFAULTS.max_keys,
+         "Device keys listed at once; a new key evicts the longest-unused one, and is "
+         "refused (its connection closed) when all are in use.", positive_int],
+        ["key-idle-timeout", None, _shown(DEFAULTS.key_idle_timeout),
+         "Seconds a key with no server, no waiting request and no server handed out "
+         "stays listed in SUMMARY, or 'off' (TVM keeps keys for ever).", seconds_or_off],
     ]
 
     def postOptions(self):
-        """Check the port range and endpoints; pick a random stop key if none.
+        """Check the port range, endpoints and limits; pick a random stop key if none.
 
-        @raise usage.UsageError: on an empty port range or a bad endpoint.
+        @raise usage.UsageError: on an empty port range, a bad endpoint or a
+            limit out of range.
         """
         self["listen"] = [with_backlog(d, self["backlog"]) for d in self["listen"]]
         self.check_listen()
+        for name in ("idle-timeout", "key-idle-timeout", "max-priority"):
+            if isinstance(self[name], str):
+                # A default given as text (so --help shows it) still needs coercing.
+                coerce = positive_float if name == "max-priority" else seconds_or_off
+                self[name] = coerce(self[name])
+        if self["max-output"] < MIN_MAX_OUTPUT:
+            raise usage.UsageError(f"--max-output must be at least {MIN_MAX_OUTPUT} bytes")
         if self["stop-key"] is None:
             self["stop-key"] = "tracker:" + secrets.token_hex(16)
+
+    def limits(self):
+        """@return: the L{TrackerLimits} these options give."""
+        return TrackerLimits(
+            max_output=self["max-output"],
+            max_connections_per_address=self["max-connections-per-address"],
+            idle_timeout=self["idle-timeout"],
+            max_pending=self["max-pending-per-connection"],
+            max_priority=self["max-priority"],
+            max_keys=self["max-keys"],
+            key_idle_timeout=self["key-idle-timeout"],
+        )
 
 
 def makeService(options, reactor=None):
@@ -69,7 +134,7 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     set_silent(options["silent"])
-    state = TrackerState(reactor)
+    state = TrackerState(reactor, options.limits())
 
     def on_stop():
         """A correct STOP was answered: stop the reactor (and so the service)."""
