@@ -4,14 +4,15 @@ The server starts one *fork server* at start-up: a child that imports Twisted,
 the session code and the ``--init`` modules once, then waits on a Unix socket
 without ever running a reactor. When a handshake succeeds the server passes the
 connection's file descriptor to it (``SCM_RIGHTS``) with the handshake reply and
-any early bytes; the fork server forks a *session worker*, which puts itself in
-a process group of its own, writes the reply, gives the client a bounded time
+any early bytes; the fork server hands them to a *session worker* it forked
+ahead of time (a spare, in a process group of its own, waiting for its session;
+the next spare is forked at once), which writes the reply, gives the client a bounded time
 to send its first session message (:func:`~tvm_rpc.server.watchdog.wait_for_start`),
 and runs the session in the protocol the client speaks: ours on a reactor (the
 lean :class:`~tvm_rpc.server.reactor.WorkerReactor`, which adopts the socket),
 TVM's in TVM's own server loop (:mod:`~tvm_rpc.server.tvm_session`). It exits
-when the session ends. Forking a warm process takes milliseconds, so opening a
-session costs about as much as a tracker round trip. The fork server reports
+when the session ends. Forking the warm process takes milliseconds, which the
+spare keeps off a session's start. The fork server reports
 each worker's pid as it starts and its exit status as it ends.
 
 The server keeps its own copy of each session's descriptor, so that:
@@ -309,6 +310,14 @@ def fork_server_main(argv=None):
     os.set_blocking(wake_write, False)
     signal.set_wakeup_fd(wake_write)
     signal.signal(signal.SIGCHLD, lambda number, frame: None)
+
+    def serve(header, fd):
+        serve_session(header, fd, lifeline.detach(), args.work_root, make_session, tvm_problem)
+
+    def fork_spare():
+        return _Spare.fork(serve, close_in_child=(control, wake_read, wake_write))
+
+    spare = fork_spare()
     _report(control, {"ready": os.getpid(), "tvm": tvm_problem})
     while True:
         readable, _, _ = select.select([control, lifeline, wake_read], [], [])
@@ -327,6 +336,39 @@ def fork_server_main(argv=None):
             return 0
         if fd is None:
             continue
+        pid = spare.hand(header, fd)
+        if pid is None:
+            # The spare died (killed from outside); fork one for this session.
+            pid = fork_spare().hand(header, fd)
+        os.close(fd)
+        if pid is not None:
+            _report(control, {"started": pid, "id": header["id"]})
+        # The next session's worker is forked now, off its critical path.
+        spare = fork_spare()
+
+
+class _Spare:
+    """
+    A worker forked ahead of its session, waiting for it: forking the warm
+    fork server (TVM's runtime loaded) takes milliseconds, and its first steps
+    touch more pages, so a worker forked in advance starts a session in a
+    fraction of that. It gets its session's control message and socket over
+    a socket pair of its own, and ends if that closes first (the fork server
+    is gone).
+    """
+
+    def __init__(self, pid, channel):
+        self.pid = pid
+        self._channel = channel
+
+    @classmethod
+    def fork(cls, serve, close_in_child=()):
+        """
+        @param serve: runs a session in the child, from C{(header, fd)}; never returns.
+        @param close_in_child: sockets and descriptors the child must not keep.
+        @return: the L{_Spare}.
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Buffered output would otherwise be written twice, by both processes.
         sys.stdout.flush()
         sys.stderr.flush()
@@ -334,15 +376,37 @@ def fork_server_main(argv=None):
         if pid == 0:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            os.close(wake_read)
-            os.close(wake_write)
+            for item in close_in_child:
+                if isinstance(item, int):
+                    os.close(item)
+                else:
+                    item.close()
+            ours.close()
             os.setpgid(0, 0)
-            control.close()
-            serve_session(
-                header, fd, lifeline.detach(), args.work_root, make_session, tvm_problem
-            )
-        os.close(fd)
-        _report(control, {"started": pid, "id": header["id"]})
+            try:
+                header, fd = receive_control(theirs)
+            except (OSError, ValueError):
+                header = fd = None
+            theirs.close()
+            if header is None or fd is None:
+                os._exit(0)
+            serve(header, fd)
+        theirs.close()
+        return cls(pid, ours)
+
+    def hand(self, header, fd):
+        """
+        Give this spare its session.
+
+        @return: its pid, or L{None} when it is gone.
+        """
+        try:
+            send_control(self._channel, header, fd)
+        except OSError:
+            return None
+        finally:
+            self._channel.close()
+        return self.pid
 
 
 class _ForkServerProcess(tprotocol.ProcessProtocol):
