@@ -692,3 +692,61 @@ def test_any_chunking_gives_the_same_replies(messages, cuts):
     points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
     pieces = [stream[a:b] for a, b in zip(points, points[1:])]
     assert run(pieces) == run([stream])
+
+
+class QuickAckTests(TrackerTestCase):
+    """TVM's client sends a frame's length and body apart: the tracker ACKs the length at once."""
+
+    def setUp(self):
+        super().setUp()
+        import tvm_rpc.tracker.protocol as tracker_protocol
+
+        self.acked = []
+        self.patch(tracker_protocol, "quick_ack", self.acked.append)
+
+    def test_partial_frame_acknowledged_at_once(self):
+        """A length without its body is acknowledged at once; a whole frame needs nothing."""
+        peer = self.peer()
+        frame = encode_frame([TrackerCode.PING])
+        peer.protocol.dataReceived(frame[:4])
+        self.assertEqual(self.acked, [peer.transport])
+        self.assertEqual(peer.replies(), [])
+        peer.protocol.dataReceived(frame[4:])
+        self.assertEqual(peer.replies(), [TrackerCode.SUCCESS])
+        self.assertEqual(self.acked, [peer.transport])
+        peer.send([TrackerCode.PING])
+        self.assertEqual(self.acked, [peer.transport])
+
+
+
+class QuickAckSocketTests(SynchronousTestCase):
+    """quick_ack on real sockets."""
+
+    def test_quick_ack_sets_the_socket_option(self):
+        """On a real TCP socket, quick_ack switches the socket to quick ACKs."""
+        import socket
+
+        from tvm_rpc.tracker.protocol import quick_ack
+
+        if not hasattr(socket, "TCP_QUICKACK"):
+            self.skipTest("TCP_QUICKACK is Linux's")
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        client = socket.create_connection(listener.getsockname())
+        self.addCleanup(client.close)
+        server, _ = listener.accept()
+        self.addCleanup(server.close)
+        for _ in range(3):
+            # A few exchanges put the connection in delayed-ACK mode.
+            client.sendall(b"x")
+            server.recv(1)
+            server.sendall(b"y")
+            client.recv(1)
+
+        class Transport:
+            def getHandle(self):
+                return server
+
+        quick_ack(Transport())
+        self.assertEqual(server.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK), 1)
+        quick_ack(StringTransport())  # not a socket: nothing to do

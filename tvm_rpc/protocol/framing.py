@@ -53,6 +53,11 @@ class FrameDecoder:
     def __attrs_post_init__(self):
         self.greeted = not self.expect_magic
 
+    @property
+    def pending(self):
+        """The number of bytes held of a frame (or magic) not yet complete."""
+        return len(self._buffer)
+
     def feed(self, data):
         """
         Take more bytes of the stream.
