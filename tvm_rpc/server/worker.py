@@ -28,6 +28,7 @@ server holds: if the server dies, they end too. Run as
 
 import argparse
 import base64
+import functools
 import json
 import os
 import select
@@ -44,6 +45,7 @@ from zope.interface import implementer
 from ..protocol.flavour import OUR_PROTOCOL, TVM_PROTOCOL
 from . import tvm_session
 from .environment import remove_work_dirs_of
+from .limits import SessionSettings
 from .listener import ISessionRunner
 from .logs import logger
 
@@ -341,12 +343,15 @@ def fork_server_main(argv=None):
     parser.add_argument("--work-root", required=True)
     parser.add_argument("--session-factory", default=DEFAULT_SESSION_FACTORY)
     parser.add_argument("--init", action="append", default=[])
+    parser.add_argument("--session-settings", type=SessionSettings.from_json, default=None)
     parser.add_argument("--silent", action="store_true")
     args = parser.parse_args(argv)
     control = socket.socket(fileno=args.control_fd)
     lifeline = socket.socket(fileno=args.lifeline_fd)
     _start_logging(args.silent)
     module, make_session = load_callable(args.session_factory)
+    if args.session_settings is not None:
+        make_session = functools.partial(make_session, settings=args.session_settings)
     run_init(args.init)
     prepare = getattr(module, "prepare", None)
     if prepare is not None:
@@ -485,7 +490,10 @@ class WorkerPool:
         directories.
     @ivar init: ``--init`` specs imported by the fork server at start.
     @ivar session_factory: ``module:callable`` making a session protocol from
-        C{(work_root, clock=...)}.
+        C{(work_root, clock=...)}, and C{settings=...} when L{session_settings}
+        is given.
+    @ivar session_settings: the L{SessionSettings<tvm_rpc.server.limits.SessionSettings>}
+        passed to every session, or L{None} for the factory's defaults.
     @ivar timeout_notice: makes the bytes sent to a client whose session timed
         out, from the timeout in seconds; L{None} sends nothing.
     @ivar executable: the Python that runs the fork server.
@@ -499,6 +507,7 @@ class WorkerPool:
     work_root: str
     init: tuple = ()
     session_factory: str = DEFAULT_SESSION_FACTORY
+    session_settings: object = None
     timeout_notice: object = None
     executable: str = sys.executable
     env: "dict | None" = None
@@ -532,6 +541,8 @@ class WorkerPool:
         ]
         for spec in self.init:
             args += ["--init", spec]
+        if self.session_settings is not None:
+            args += ["--session-settings", self.session_settings.to_json()]
         if self.silent:
             args.append("--silent")
         return args
