@@ -37,6 +37,6 @@ class StandinSession(LineOnlyReceiver):
             self.sendLine(b"?")
 
 
-def make(work_root, registry=None, *, clock=None):
+def make(work_root, registry=None, *, clock=None, settings=None):
     """@return: a L{StandinSession}."""
     return StandinSession(work_root)

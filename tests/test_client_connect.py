@@ -60,7 +60,7 @@ class RequestTests(SynchronousTestCase):
         self.connected = []
         self.patch(connect_module, "connect", self.fake_connect)
 
-    def fake_connect(self, host, port, key, session_timeout, *, reactor):
+    def fake_connect(self, host, port, key, session_timeout, *, reactor, **options):
         self.connected.append((port, key, session_timeout))
         outcome = self.outcomes.pop(0) if self.outcomes else None
         if isinstance(outcome, Exception):
@@ -110,7 +110,7 @@ class RequestAndRunTests(SynchronousTestCase):
         self.sessions = []
         self.patch(connect_module, "connect", self.fake_connect)
 
-    def fake_connect(self, host, port, key, session_timeout, *, reactor):
+    def fake_connect(self, host, port, key, session_timeout, *, reactor, **options):
         self.sessions.append(FakeSession(port))
         return defer.succeed(self.sessions[-1])
 
@@ -267,3 +267,52 @@ class SessionCarrierTests(SynchronousTestCase):
         set_no_delay(Refusing())
         set_no_delay(object())
         self.assertEqual(tcp.calls, [True])
+
+
+class DyingServerEndpoint:
+    """
+    A server that completes the handshake as ours does, then dies before it
+    answers the session's Hello (a worker lost between handshake and session
+    start).
+    """
+
+    def __init__(self):
+        self.protocols = []
+
+    def connect(self, factory):
+        from twisted.internet.testing import StringTransport
+
+        from tvm_rpc.protocol.constants import RPC_CODE_SUCCESS
+        from tvm_rpc.protocol.flavour import server_key
+        from tvm_rpc.protocol.handshake import encode_reply
+
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(encode_reply(RPC_CODE_SUCCESS, server_key("dev")))
+        self.protocols.append(protocol)
+        return defer.succeed(protocol)
+
+    def die(self):
+        """The server's end goes away."""
+        from twisted.internet.error import ConnectionDone
+
+        self.protocols[-1].connectionLost(Failure(ConnectionDone()))
+
+
+class LostBeforeSessionStartTests(SynchronousTestCase):
+    """request() retries a server lost between the handshake and the session's start."""
+
+    def test_retried_like_any_failed_attempt(self):
+        from tvm_rpc.client.session import SessionClosed
+
+        tracker = FakeTracker()
+        endpoint = DyingServerEndpoint()
+        self.patch(connect_module, "server_endpoint", lambda *args, **kwargs: endpoint)
+        requesting = request(tracker, "dev", max_retry=3)
+        for attempt in range(3):
+            self.assertNoResult(requesting)
+            self.assertEqual(len(tracker.asked), attempt + 1)
+            endpoint.die()
+        failure = self.failureResultOf(requesting, RequestFailed)
+        self.assertIn("after 3 attempts", str(failure.value))
+        self.assertIsInstance(failure.value.__context__, SessionClosed)

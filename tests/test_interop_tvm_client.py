@@ -314,3 +314,17 @@ def test_our_client_refusal_leaves_tvm_server_serving(tvm):
             assert report["ok"] is False and report["error_type"] == "NotTvmRpcServer", report
         remote = tvm.rpc.connect("127.0.0.1", port, key="dev", session_timeout=30)
         assert remote.get_function("tvm.rpc.server.workpath")("x").endswith("x")
+
+
+def test_operator_limits_hold_for_tvm_clients(tvm, dense_relu):
+    """--max-work-dir-bytes and --no-code-upload apply to TVM's clients too."""
+    daemon, port = our_server("--key", "locked", "--no-code-upload",
+                              "--max-work-dir-bytes", "100K", *INIT)
+    try:
+        report = tvm_client("limits", "direct", "127.0.0.1", port, "locked", dense_relu)
+        assert report["ok"] is True, report
+        assert "work directory would exceed its limit" in report["upload"]["message"], report
+        assert "--no-code-upload" in report["load"]["message"], report
+        assert report["add"] == 3
+    finally:
+        daemon.stop()

@@ -50,6 +50,7 @@ from tvm_rpc.client.session import (
 from tvm_rpc.protocol import commands, values
 from tvm_rpc.protocol.commands import RemoteError
 from tvm_rpc.server.environment import SessionEnvironment
+from tvm_rpc.server.limits import SessionSettings
 from tvm_rpc.server.registry import Registry
 from tvm_rpc.server.session import SessionProtocol, timeout_notice
 
@@ -84,6 +85,10 @@ class SessionTestBase(SynchronousTestCase):
     """A client RPCSession connected in memory to a real SessionProtocol."""
 
     timer_instants = ()
+    #: The server's session settings.
+    settings = SessionSettings()
+    #: Keyword arguments for start_session (client options).
+    session_options = {}
 
     def setUp(self):
         self.root = tempfile.mkdtemp()
@@ -101,7 +106,7 @@ class SessionTestBase(SynchronousTestCase):
         self.registry.register("big", lambda n: b"z" * n)
         self.clock = Clock()
         environment = SessionEnvironment.create(
-            self.root, self.registry, backend_name="numpy",
+            self.root, self.registry, backend_name="numpy", settings=self.settings,
             **({"timer": FakeTimer(self.timer_instants)} if self.timer_instants else {}),
         )
         self.client, self.server, self.pump = connectedServerAndClient(
@@ -118,7 +123,7 @@ class SessionTestBase(SynchronousTestCase):
             return receive(box)
 
         self.server.ampBoxReceived = spy
-        opening = start_session(self.client, clock=self.clock)
+        opening = start_session(self.client, clock=self.clock, **self.session_options)
         self.pump.flush()
         self.session = self.successResultOf(opening)
 
@@ -185,10 +190,16 @@ class HelloFailureTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
 
     def test_peer_closes(self):
-        """The peer closes instead of answering: mismatch."""
+        """
+        The peer closes instead of answering: a mismatch that is also a lost
+        session (the server may have died after the handshake), so
+        request() tries another server.
+        """
         self.protocol.connectionLost(Failure(ConnectionDone()))
         failure = self.failureResultOf(self.opening, ProtocolMismatch)
-        self.assertIn("closed the connection", str(failure.value))
+        self.assertIsInstance(failure.value, SessionClosed)
+        self.assertIsInstance(failure.value, session_module.SessionLostAtStart)
+        self.assertIn("lost before the answer", str(failure.value))
 
     def test_cancel(self):
         """Cancelling the opening closes the connection."""
@@ -258,15 +269,20 @@ class FunctionTests(SessionTestBase):
         self.assertEqual(len(self.environment.streams), 0)
 
     def test_remote_error_and_still_usable(self):
-        """A remote exception arrives as RemoteError with type and traceback; the session goes on."""
+        """
+        A remote exception arrives as RemoteError with its type and message,
+        without the server's traceback (the server's default); the session
+        goes on.
+        """
         failing = self.session.call("boom")
         self.pump.flush()
         self.assertFalse(self.client.lost)
         failure = self.failureResultOf(failing, RemoteError)
         self.assertEqual(failure.value.type_name, "ZeroDivisionError")
+        self.assertEqual(failure.value.short_type_name, "ZeroDivisionError")
         self.assertIn("division by zero", failure.value.message)
-        self.assertIn("Traceback", failure.value.traceback_text)
-        self.assertIn("ZeroDivisionError", failure.value.traceback_text)
+        self.assertEqual(failure.value.traceback_text, "")
+        self.assertNotIn(self.root, str(failure.value))
         self.assertEqual(self.resolve(self.session.call("add", 1, 1)), 2)
 
     def test_unknown_function(self):
@@ -551,10 +567,10 @@ class ModuleTests(SessionTestBase):
         self.assertEqual(self.count(commands.ModuleGetFunction), 1)
 
     def test_module_error(self):
-        """An exception in module code names its type."""
+        """An exception in module code names its type (no traceback by default)."""
         failure = self.failure(self.module["fail"]("why"), RemoteError)
         self.assertEqual(failure.value.type_name, "KeyError")
-        self.assertIn("mod.py", failure.value.traceback_text)
+        self.assertEqual(failure.value.traceback_text, "")
 
 
 class DeviceTests(SessionTestBase):

@@ -14,6 +14,8 @@ Usage: ``python tests/tvm_client.py MODE ARGS...``; prints one JSON object
 - ``pid-hang VIA HOST PORT KEY SECONDS``: print the worker's pid
   (``test.pid``), then call ``test.hang(SECONDS)``.
 - ``ping VIA HOST PORT KEY``: open a session, call ``test.add(20, 22)``, close.
+- ``limits VIA HOST PORT KEY LIBRARY``: upload 200 KiB, then upload LIBRARY and
+  load it (for a server with a small work directory and ``--no-code-upload``).
 """
 
 import json
@@ -107,7 +109,24 @@ def ping(via, host, port, key):
     return {"ok": True, "add": result, "seconds": time.monotonic() - started}
 
 
-MODES = {"story": story, "hang": hang, "pid-hang": pid_hang, "ping": ping}
+def limits(via, host, port, key, library):
+    """Upload past the work directory's limit, then load an uploaded library."""
+    remote = session(via, host, port, key, timeout=60)
+    report = {"ok": True}
+    try:
+        remote.upload(bytearray(200 * 1024), "big.bin")
+    except Exception as e:
+        report["upload"] = failure(e)
+    remote.upload(library)
+    try:
+        remote.load_module(library.rsplit("/", 1)[-1])
+    except Exception as e:
+        report["load"] = failure(e)
+    report["add"] = remote.get_function("test.add")(1, 2)
+    return report
+
+
+MODES = {"story": story, "hang": hang, "pid-hang": pid_hang, "ping": ping, "limits": limits}
 
 if __name__ == "__main__":
     try:
@@ -115,3 +134,4 @@ if __name__ == "__main__":
     except Exception as e:
         report = failure(e)
     print(json.dumps(report), flush=True)
+

@@ -21,6 +21,7 @@ from ..protocol.flavour import (
     reply_is_marked,
 )
 from ..protocol.handshake import ReplyDecoder, encode_handshake
+from .session import DEFAULT_MAX_RESULT_SIZE
 from .tracker import tracker_endpoint
 
 log = Logger()
@@ -192,7 +193,7 @@ class ClientHandshake(SessionCarrier, Protocol):
         self.carry_loss(reason)
 
 
-async def _start_session(handshake, rest, reactor):
+async def _start_session(handshake, rest, reactor, max_result_size):
     """
     Switch a handshaken connection to the session protocol.
 
@@ -202,11 +203,12 @@ async def _start_session(handshake, rest, reactor):
 
     protocol = make_client_protocol()
     handshake.switch_to(protocol, rest)
-    return await start_session(protocol, clock=reactor)
+    return await start_session(protocol, clock=reactor, max_result_size=max_result_size)
 
 
 def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=None,
-            handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT):
+            handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
+            max_result_size=DEFAULT_MAX_RESULT_SIZE):
     """
     Open a session on a server (directly, or through a proxy by key).
 
@@ -222,9 +224,13 @@ def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=Non
     @param handshake_timeout: seconds allowed to connect and be answered, or
         L{None} for no limit. Through a proxy the answer waits until a server
         with the key is there: raise it (or pass L{None}) to wait longer.
+    @param max_result_size: the longest encoded result of one call the
+        session accepts (see L{RPCSession.max_result_size}).
     @return: a Deferred firing with an L{RPCSession}; it errbacks with
         L{KeyMismatch}, L{DuplicateKey}, L{NotTvmRpcServer} or
-        L{NotAnRpcServer} when refused, or the connection error.
+        L{NotAnRpcServer} when refused, with L{SessionLostAtStart} when the
+        connection is lost between the handshake and the session's start,
+        or the connection error.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -250,12 +256,14 @@ def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=Non
                 )
             attempt.addTimeout(handshake_timeout, reactor, onTimeoutCancel=expired)
         rest = await attempt
-        return await _start_session(handshake, rest, reactor)
+        return await _start_session(handshake, rest, reactor, max_result_size)
 
     return defer.Deferred.fromCoroutine(run())
 
 
-#: Failures worth another server: the connection or handshake broke.
+#: Failures worth another server: the connection or handshake broke (a
+#: connection lost before the session started, L{SessionLostAtStart}, is a
+#: L{error.ConnectionClosed}).
 RETRYABLE = (
     error.ConnectError,
     error.ConnectionClosed,
@@ -265,7 +273,8 @@ RETRYABLE = (
 )
 
 
-def request(tracker, key, priority=1, session_timeout=0, max_retry=5, timeout=None):
+def request(tracker, key, priority=1, session_timeout=0, max_retry=5, timeout=None, *,
+            max_result_size=DEFAULT_MAX_RESULT_SIZE):
     """
     Obtain a server for C{key} from a tracker and open a session on it.
 
@@ -275,9 +284,11 @@ def request(tracker, key, priority=1, session_timeout=0, max_retry=5, timeout=No
     @param session_timeout: seconds after which the server ends the session.
     @param max_retry: attempts (allocation plus connection) before giving up.
     @param timeout: seconds each wait in the tracker's queue may take, or L{None}.
+    @param max_result_size: see L{connect}.
     @return: a Deferred firing with an L{RPCSession}; cancelling it withdraws
         the request. It errbacks with L{RequestFailed} after C{max_retry}
-        failed connections, and with the tracker's error (for instance
+        failed attempts (a connection, handshake or session start that
+        failed), and with the tracker's error (for instance
         L{tvm_rpc.client.tracker.AllocationTimeout}) at once.
     """
     reactor = tracker.reactor
@@ -289,7 +300,7 @@ def request(tracker, key, priority=1, session_timeout=0, max_retry=5, timeout=No
             try:
                 return await connect(
                     allocation.host, allocation.port, allocation.matchkey,
-                    session_timeout, reactor=reactor,
+                    session_timeout, reactor=reactor, max_result_size=max_result_size,
                 )
             except RETRYABLE as e:
                 last = e
@@ -306,7 +317,8 @@ def request(tracker, key, priority=1, session_timeout=0, max_retry=5, timeout=No
     return defer.Deferred.fromCoroutine(run())
 
 
-def request_and_run(tracker, key, func, priority=1, session_timeout=0, max_retry=2):
+def request_and_run(tracker, key, func, priority=1, session_timeout=0, max_retry=2, *,
+                    max_result_size=DEFAULT_MAX_RESULT_SIZE):
     """
     Run C{func(session)} on a server for C{key}, on another server when the
     one obtained drops out.
@@ -326,7 +338,8 @@ def request_and_run(tracker, key, func, priority=1, session_timeout=0, max_retry
         last = None
         for attempt in range(max(1, max_retry)):
             session = await request(
-                tracker, key, priority=priority, session_timeout=session_timeout
+                tracker, key, priority=priority, session_timeout=session_timeout,
+                max_result_size=max_result_size,
             )
             started = reactor.seconds()
             try:

@@ -37,8 +37,13 @@ whatever the total size; cancelling the Deferred of a transfer stops it and
 closes the stream on the server (a partial upload is deleted there).
 
 Remote exceptions arrive as :class:`~tvm_rpc.protocol.commands.RemoteError`
-failures (``type_name``, ``message``, ``traceback_text``); the session stays
-usable afterwards.
+failures (``type_name``, ``message``, and ``traceback_text``, empty unless
+the server sends tracebacks); the session stays usable afterwards.
+
+A call's result longer than ``max_result_size`` (default
+:data:`DEFAULT_MAX_RESULT_SIZE`) fails with
+:class:`~tvm_rpc.protocol.streams.ResultTooLarge` before any of it is read,
+so a server cannot make the client allocate what it announces.
 """
 
 import math
@@ -81,8 +86,8 @@ from ..protocol.commands import (
     StreamClose,
     TimeEvaluator,
 )
-from ..protocol.streams import chunked, file_chunks, read_stream, receive_value, send_value
-from ..protocol.streams import write_stream
+from ..protocol.streams import chunked, file_chunks, open_temporary, read_stream
+from ..protocol.streams import receive_value, send_value, write_stream
 from ..protocol.values import ArrayRef, Handle, HostArray
 from .remote import (
     Device,
@@ -104,6 +109,12 @@ CLOSE_TIMEOUT = 5.0
 FREE_BATCH = 4000
 #: Largest window accepted from a server (it bounds our memory per transfer).
 MAX_WINDOW = 64
+#: Longest encoded result of one call accepted by default (256 MiB). A result
+#: is held whole (its chunks, then joined, then decoded), while arrays and
+#: modules come back as handles and files through download(): a bigger
+#: result is almost surely a mistake or a hostile server. Raise it per
+#: session with C{max_result_size}.
+DEFAULT_MAX_RESULT_SIZE = 256 << 20
 #: Value types that cross the wire as they are (no remote objects inside).
 _SCALARS = frozenset((type(None), bool, int, float, str, bytes))
 
@@ -122,6 +133,15 @@ class SessionTimeout(SessionClosed):
 
 class ProtocolMismatch(Exception):
     """The peer does not speak the tvm_rpc session protocol (or not this version)."""
+
+
+class SessionLostAtStart(ProtocolMismatch, SessionClosed):
+    """
+    The connection was lost after the handshake, before the session's Hello
+    was answered: the server died in between (or the peer is not a session
+    server). A L{SessionClosed}, so callers that retry lost connections
+    (C{request()}) try another server.
+    """
 
 
 class SessionClientProtocol(LeanAMP):
@@ -298,7 +318,8 @@ def make_client_protocol():
     return SessionClientProtocol()
 
 
-def start_session(protocol, *, clock=None, hello_timeout=HELLO_TIMEOUT):
+def start_session(protocol, *, clock=None, hello_timeout=HELLO_TIMEOUT,
+                  max_result_size=DEFAULT_MAX_RESULT_SIZE):
     """
     Open a session on a connected L{SessionClientProtocol}.
 
@@ -306,16 +327,21 @@ def start_session(protocol, *, clock=None, hello_timeout=HELLO_TIMEOUT):
     @param clock: the reactor (an L{IReactorTime}) that bounds the Hello and
         schedules handle releases; the global reactor when L{None}.
     @param hello_timeout: seconds the server may take to answer Hello.
+    @param max_result_size: the longest encoded result of a call accepted
+        (see L{RPCSession.max_result_size}).
     @return: a Deferred of an L{RPCSession}; it fails with
-        L{ProtocolMismatch} (and the connection is closed) when the peer
-        answers something else, closes, or stays silent.
+        L{SessionLostAtStart} when the connection is lost before the answer
+        (the server died, or is not a session server), and with
+        L{ProtocolMismatch} (the connection is then closed) when the peer
+        answers something else or stays silent.
     """
     if clock is None:
         from twisted.internet import reactor as clock
-    return Deferred.fromCoroutine(_start_session(protocol, clock, hello_timeout))
+    return Deferred.fromCoroutine(
+        _start_session(protocol, clock, hello_timeout, max_result_size))
 
 
-async def _start_session(protocol, clock, hello_timeout):
+async def _start_session(protocol, clock, hello_timeout, max_result_size):
     asking = protocol.callRemote(
         Hello,
         protocol=SESSION_PROTOCOL,
@@ -332,9 +358,10 @@ async def _start_session(protocol, clock, hello_timeout):
         protocol.transport.loseConnection()
         raise ProtocolMismatch(f"the server refused the session: {e.message}") from e
     except ConnectionClosed as e:
-        raise ProtocolMismatch(
-            "the peer closed the connection instead of answering the tvm_rpc "
-            "session Hello: it is not a tvm_rpc session server"
+        raise SessionLostAtStart(
+            "the connection was lost before the answer to the tvm_rpc session "
+            f"Hello ({e}): the server went away, or the peer is not a tvm_rpc "
+            "session server"
         ) from e
     except TimeoutError as e:
         protocol.transport.loseConnection()
@@ -357,11 +384,12 @@ async def _start_session(protocol, clock, hello_timeout):
         chunk_size=max(1, min(answer["chunk_size"], CHUNK_SIZE)),
         window=max(1, min(answer["window"], MAX_WINDOW)),
         server_implementation=answer["implementation"],
+        max_result_size=max_result_size,
     )
 
 
 def open_session(carrier, rest=b"", *, reactor=None, session_timeout=0, address=None,
-                 hello_timeout=HELLO_TIMEOUT):
+                 hello_timeout=HELLO_TIMEOUT, max_result_size=DEFAULT_MAX_RESULT_SIZE):
     """
     Switch a handshaken connection to the session protocol and open the
     session (what L{tvm_rpc.client.connect.connect} calls).
@@ -374,11 +402,13 @@ def open_session(carrier, rest=b"", *, reactor=None, session_timeout=0, address=
     @param session_timeout: the session timeout the handshake asked for
         (kept as L{RPCSession.session_timeout}, for information).
     @param address: C{host:port} of the server, for messages.
+    @param max_result_size: see L{start_session}.
     @return: a Deferred of an L{RPCSession} (see L{start_session}).
     """
     protocol = make_client_protocol()
     carrier.switch_to(protocol, rest)
-    opening = start_session(protocol, clock=reactor, hello_timeout=hello_timeout)
+    opening = start_session(protocol, clock=reactor, hello_timeout=hello_timeout,
+                            max_result_size=max_result_size)
 
     def describe(session):
         session.address = address
@@ -431,6 +461,10 @@ class RPCSession:
     @ivar server_implementation: what the server says it is.
     @ivar address: C{host:port} of the server when known, else L{None}.
     @ivar session_timeout: the session timeout asked for at the handshake.
+    @ivar max_result_size: the longest encoded result of a call accepted; a
+        call whose answer announces more fails with
+        L{ResultTooLarge<tvm_rpc.protocol.streams.ResultTooLarge>} without
+        reading it (the session stays usable).
     """
 
     _protocol: SessionClientProtocol
@@ -440,6 +474,7 @@ class RPCSession:
     server_implementation: str = ""
     address: "str | None" = None
     session_timeout: float = 0
+    max_result_size: int = DEFAULT_MAX_RESULT_SIZE
     _to_free: list = attrs.field(factory=list, init=False)
     _free_call: object = attrs.field(default=None, init=False)
     _close_started: bool = attrs.field(default=False, init=False)
@@ -730,8 +765,10 @@ class RPCSession:
         """@return: the decoded result of a call answer (a Deferred when streamed)."""
         if answer.get("result") is not None:
             return self._from_wire(values.decode(answer["result"]))
-        receiving = receive_value(self._call_remote, answer, window=self.window)
-        return receiving.addCallback(lambda encoded: self._from_wire(values.decode(encoded)))
+        receiving = receive_value(self._call_remote, answer, window=self.window,
+                                  max_size=self.max_result_size)
+        return receiving.addCallback(lambda encoded: self._from_wire(
+            values.decode(encoded, max_size=max(self.max_result_size, values.MAX_SIZE))))
 
     async def _call(self, function, args):
         target = await self._target(function)
@@ -810,11 +847,10 @@ class RPCSession:
             await read_stream(self._call_remote, stream, size, parts.append,
                               window=self.window, chunk_size=self.chunk_size)
             return b"".join(parts)
-        local_path = os.fspath(local_path)
-        directory, name = os.path.split(os.path.abspath(local_path))
-        temporary = os.path.join(directory, f".{name}.{os.getpid()}.{id(answer)}.part")
+        local_path = os.path.abspath(os.fspath(local_path))
+        temporary, sink = open_temporary(local_path)
         try:
-            with open(temporary, "wb") as sink:
+            with sink:
                 received = await read_stream(
                     self._call_remote, stream, size, sink.write,
                     window=self.window, chunk_size=self.chunk_size,
@@ -1086,11 +1122,13 @@ class RPCSession:
 
 
 __all__ = [
+    "DEFAULT_MAX_RESULT_SIZE",
     "ProtocolMismatch",
     "RPCSession",
     "RemoteError",
     "SessionClientProtocol",
     "SessionClosed",
+    "SessionLostAtStart",
     "SessionTimeout",
     "make_client_protocol",
     "open_session",

@@ -387,7 +387,7 @@ class TrackerSession:
             self._requests.discard(connection)
             connection.close()
 
-    def request(self, key, priority=1, session_timeout=0, max_retry=5, timeout=None):
+    def request(self, key, priority=1, session_timeout=0, max_retry=5, timeout=None, **options):
         """
         Obtain a server for C{key} and open a session on it (TVM's C{request}).
 
@@ -396,24 +396,30 @@ class TrackerSession:
         @param session_timeout: seconds after which the server ends the session.
         @param max_retry: attempts before giving up.
         @param timeout: seconds each wait in the queue may take, or L{None}.
+        @param options: session options (C{max_result_size}), see
+            L{tvm_rpc.client.connect.connect}.
         @return: a Deferred firing with an L{RPCSession}; cancelling it
             withdraws the request. See L{tvm_rpc.client.connect.request}.
         """
         from .connect import request
 
-        return request(self, key, priority, session_timeout, max_retry, timeout)
+        return request(self, key, priority, session_timeout, max_retry, timeout, **options)
 
-    def request_and_run(self, key, func, priority=1, session_timeout=0, max_retry=2):
+    def request_and_run(self, key, func, priority=1, session_timeout=0, max_retry=2,
+                        **options):
         """
         Run C{func(session)} on a server for C{key}, retrying on another server
         when the one obtained drops out; the session is always closed.
 
+        @param options: session options (C{max_result_size}), see
+            L{tvm_rpc.client.connect.connect}.
         @return: a Deferred firing with what C{func}'s Deferred gives. See
             L{tvm_rpc.client.connect.request_and_run}.
         """
         from .connect import request_and_run
 
-        return request_and_run(self, key, func, priority, session_timeout, max_retry)
+        return request_and_run(self, key, func, priority, session_timeout, max_retry,
+                               **options)
 
     def close(self):
         """

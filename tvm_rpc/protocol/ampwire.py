@@ -51,6 +51,10 @@ class BoxError(ValueError):
     """Bytes that are not AMP boxes (a key longer than AMP allows)."""
 
 
+class BoxTooLarge(BoxError):
+    """A box longer than the receiver accepts (finished or still arriving)."""
+
+
 @attrs.define
 class BoxParser:
     """
@@ -59,18 +63,30 @@ class BoxParser:
 
     Boxes are plain C{dict}s of C{bytes} keys to C{bytes} values, in the
     order the keys arrived (an empty box, just the terminator, is a box).
+
+    @ivar max_box_size: when not L{None}, the most bytes one box may take on
+        the wire. It is checked whenever a box is still incomplete after the
+        bytes received so far, so what is held for one box never exceeds it
+        by more than one read; boxes that arrive whole cost nothing more.
     """
 
+    max_box_size: "int | None" = None
     _data: bytes = b""
     _offset: int = 0
     _box: "dict | None" = None
     _key: "bytes | None" = None
+    # Stream offsets (bytes fed before _data, and where the box being
+    # received began), kept only to measure an incomplete box.
+    _base: int = 0
+    _box_start: int = 0
 
     def feed(self, data):
         """Add received bytes."""
         if self._offset >= len(self._data):
+            self._base += len(self._data)
             self._data = bytes(data)
         else:
+            self._base += self._offset
             self._data = self._data[self._offset:] + data
         self._offset = 0
 
@@ -79,13 +95,17 @@ class BoxParser:
         @return: the next complete box, or L{None} until more bytes arrive.
         @raise BoxError: for a key length above L{MAX_KEY_LENGTH} (the bytes
             cannot be AMP; the parser is unusable afterwards).
+        @raise BoxTooLarge: for an incomplete box already longer than
+            L{max_box_size} (the parser is unusable afterwards).
         """
         data = self._data
         position = self._offset
         end = len(data)
         box = self._box
-        if box is None:
+        fresh = box is None
+        if fresh:
             box = {}
+            box_at = position
         key = self._key
         if key is None:
             # Whole key/value pairs in one step: the common case of a box
@@ -131,6 +151,15 @@ class BoxParser:
         self._offset = position
         self._box = box
         self._key = key
+        if self.max_box_size is not None:
+            if fresh:
+                self._box_start = self._base + box_at
+            held = self._base + end - self._box_start
+            if held > self.max_box_size:
+                raise BoxTooLarge(
+                    f"an AMP box of more than {self.max_box_size} bytes ({held} received "
+                    "and not finished)"
+                )
         return None
 
 
@@ -271,7 +300,8 @@ class LeanAMP(amp.AMP):
     C{pauseProducing} between boxes, like AMP's.
 
     A key length above AMP's limit closes the connection, as AMP does
-    (outstanding commands fail with L{amp.TooLong}).
+    (outstanding commands fail with L{amp.TooLong}); so does a box above
+    the parser's C{max_box_size}, when one is set (see L{refuse_boxes}).
     """
 
     #: How many reads in a row may be taken straight from the socket, right
@@ -317,11 +347,9 @@ class LeanAMP(amp.AMP):
                 try:
                     box = parser.next_box()
                 except BoxError as e:
-                    log.warn("closing {peer}: its bytes are not AMP boxes ({why})",
-                             peer=self._peer(), why=str(e))
                     self._unparsable = True
                     self._keyLengthLimitExceeded = True
-                    self.transport.loseConnection()
+                    self.refuse_boxes(e)
                     return
                 if box is None:
                     return
@@ -330,6 +358,18 @@ class LeanAMP(amp.AMP):
             if outermost:
                 self._flush_cork()
                 self._corked = None
+
+    def refuse_boxes(self, error):
+        """
+        Bytes that this protocol will not parse arrived (not AMP, or a box
+        above the parser's C{max_box_size}): log it and close the connection.
+        Subclasses may tell the peer first.
+
+        @param error: the L{BoxError}.
+        """
+        log.warn("closing {peer}: its bytes are not AMP boxes we accept ({why})",
+                 peer=self._peer(), why=str(error))
+        self.transport.loseConnection()
 
     def _awaiting_answers(self):
         """@return: whether answers to this protocol's requests are due (subclasses say)."""

@@ -427,8 +427,10 @@ Big values and bulk data: streams
 
 Errors
     Every exception raised on the server reaches the client as
-    :class:`RemoteError` carrying the remote exception's type name, message
-    and traceback text. The session stays usable after an error.
+    :class:`RemoteError` carrying the remote exception's type name and
+    message, and its traceback text only when the server's operator asked
+    for it (``--send-tracebacks``; the traceback shows the server's code and
+    paths). The session stays usable after an error.
 
 Closing
     :class:`Goodbye` asks the server to end the session (it answers, then
@@ -477,7 +479,8 @@ class RemoteError(Exception):
     @ivar type_name: the remote exception's qualified type name
         (e.g. ``"builtins.PermissionError"``).
     @ivar message: C{str(exception)} on the remote end.
-    @ivar traceback_text: the remote traceback, formatted.
+    @ivar traceback_text: the remote traceback, formatted; C{""} when the
+        server does not send tracebacks (its default).
 
     On the wire the three parts travel as one JSON description (AMP carries
     only a description string). AMP rebuilds the exception by calling
@@ -546,27 +549,34 @@ class RemoteError(Exception):
         return f"RemoteError({self.type_name!r}, {self.message!r})"
 
 
-def as_remote_error(failure):
+def as_remote_error(failure, tracebacks=False):
     """
     An errback for responders: any failure becomes a L{RemoteError} with the
-    exception's type name, message and traceback text (so AMP sends it as a
-    declared error and the session stays usable).
+    exception's type name and message (so AMP sends it as a declared error
+    and the session stays usable).
 
     @param failure: a L{twisted.python.failure.Failure}.
+    @param tracebacks: whether the error carries the formatted traceback too;
+        off by default, as it shows the peer the server's code and paths.
     @return: a Failure wrapping the L{RemoteError}.
     """
     if failure.check(RemoteError):
         return failure
-    return Failure(
-        RemoteError.from_exception(failure.value, failure.getTraceback(elideFrameworkCode=True))
-    )
+    text = failure.getTraceback(elideFrameworkCode=True) if tracebacks else ""
+    return Failure(RemoteError.from_exception(failure.value, text))
+
+
+def _tracebacks(args):
+    """@return: whether the responder's protocol (C{args[0]}) sends tracebacks."""
+    return bool(args) and getattr(args[0], "send_tracebacks", False) is True
 
 
 def remote_errors(function):
     """
     Decorate a responder so that every exception it raises (or its Deferred
-    fails with) reaches the peer as a L{RemoteError}. Apply it below
-    C{@Command.responder}::
+    fails with) reaches the peer as a L{RemoteError}, with its traceback
+    only when the responder's protocol has a true C{send_tracebacks}
+    attribute. Apply it below C{@Command.responder}::
 
         @CallFunction.responder
         @remote_errors
@@ -583,9 +593,9 @@ def remote_errors(function):
         try:
             result = function(*args, **kwargs)
         except BaseException:
-            return fail(as_remote_error(Failure()))
+            return fail(as_remote_error(Failure(), _tracebacks(args)))
         if isinstance(result, Deferred):
-            return result.addErrback(as_remote_error)
+            return result.addErrback(as_remote_error, _tracebacks(args))
         return succeed(result)
 
     return responder
@@ -998,7 +1008,8 @@ class SessionEnded(amp.Command):
     Sent by the server (no answer expected) just before it closes a session
     it ends itself: ``code`` is ``"timeout"`` when the session outlived the
     client's ``-timeout=N`` (the worker was killed), ``"shutdown"`` when the
-    server stops. The client should fail every outstanding call with an
+    server stops, ``"limit"`` when the client passed one of the server's
+    limits (a box too large). The client should fail every outstanding call with an
     error saying so. Built as raw bytes by L{session_ended_box} because the
     worker that ran the session may already be dead.
     """
@@ -1009,7 +1020,7 @@ class SessionEnded(amp.Command):
 
 def session_ended_box(code, reason):
     """
-    @param code: C{"timeout"} or C{"shutdown"}.
+    @param code: C{"timeout"}, C{"shutdown"} or C{"limit"}.
     @param reason: a sentence for the user.
     @return: the serialized AMP box of a L{SessionEnded} command.
     """

@@ -50,6 +50,40 @@ class StreamError(Exception):
     """A stream that does not exist, a chunk too large, a size mismatch."""
 
 
+class ResultTooLarge(StreamError):
+    """A result longer than the receiver accepts."""
+
+
+class TooManyStreams(StreamError):
+    """A stream opened beyond the most a session may hold open at once."""
+
+
+#: Ids that make temporary names unique within this process.
+_temporary_ids = itertools.count(1)
+
+
+def open_temporary(path):
+    """
+    Create a hidden temporary file beside C{path}, to be renamed over it.
+
+    The name is short and does not contain C{path}'s own name, so any name
+    the file system accepts (up to C{NAME_MAX}, 255 bytes) can be written
+    this way; it is created exclusively, so it never clobbers a file.
+
+    @param path: the final path.
+    @return: C{(temporary path, file open for binary writing)}.
+    @raise OSError: when no file can be created there.
+    """
+    directory = os.path.dirname(path)
+    for _ in range(100):
+        temporary = os.path.join(directory, f".part-{os.getpid()}-{next(_temporary_ids)}")
+        try:
+            return temporary, open(temporary, "xb")
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path!r}")
+
+
 class ISink(Interface):
     """Where the chunks of a write stream go."""
 
@@ -134,29 +168,32 @@ class BytesSink:
 class FileSink:
     """
     Write a stream to a file, atomically: chunks go to a hidden temporary
-    file beside C{path}, renamed over C{path} at L{finish}; a cancelled
-    stream leaves nothing behind.
+    file beside C{path} (see L{open_temporary}), renamed over C{path} at
+    L{finish}; a cancelled stream leaves nothing behind.
 
     @ivar path: the final path (already confined by the caller).
     @ivar expected: when not L{None}, the exact size required at L{finish}.
+    @ivar charge: when not L{None}, called with C{(nbytes, path)} before
+        each chunk is written; it raises to refuse the chunk (a quota).
     """
 
     path: str
     expected: "int | None" = None
+    charge: object = None
     _file: object = None
     _temporary: str = ""
     _size: int = 0
 
     def __attrs_post_init__(self):
         """Open the temporary file."""
-        directory, name = os.path.split(self.path)
-        self._temporary = os.path.join(directory, f".{name}.{os.getpid()}.{id(self)}.part")
-        self._file = open(self._temporary, "wb")
+        self._temporary, self._file = open_temporary(self.path)
 
     def write(self, data):
         """Write C{data} to the temporary file."""
         if self.expected is not None and self._size + len(data) > self.expected:
             raise StreamError(f"upload exceeds its announced {self.expected} bytes")
+        if self.charge is not None:
+            self.charge(len(data), self.path)
         self._file.write(data)
         self._size += len(data)
 
@@ -241,22 +278,47 @@ class StreamTable:
     @ivar chunk_size: the largest chunk accepted or served.
     @ivar next_id: a callable returning fresh ids (shared with the session's
         handle table, so ids never collide).
+    @ivar max_streams: the most streams open (or finished and not yet
+        consumed) at once, or L{None} for no limit.
     """
 
     chunk_size: int = CHUNK_SIZE
     next_id: object = attrs.field(factory=lambda: itertools.count(1).__next__)
+    max_streams: "int | None" = None
     _sinks: dict = attrs.field(factory=dict)
     _sources: dict = attrs.field(factory=dict)
     finished_values: dict = attrs.field(factory=dict)
 
+    def _check_room(self, release):
+        """
+        @param release: cancels or closes the sink or source being opened.
+        @raise TooManyStreams: at the limit (after calling C{release}).
+        """
+        if self.max_streams is not None and len(self) >= self.max_streams:
+            release()
+            raise TooManyStreams(
+                f"too many open streams in this session (the server's limit is "
+                f"{self.max_streams}): finish or close some before opening more"
+            )
+
     def open_sink(self, sink):
-        """@param sink: an L{ISink}. @return: its new stream id."""
+        """
+        @param sink: an L{ISink}.
+        @return: its new stream id.
+        @raise TooManyStreams: at the limit (the sink is cancelled).
+        """
+        self._check_room(sink.cancel)
         stream = self.next_id()
         self._sinks[stream] = sink
         return stream
 
     def open_source(self, source):
-        """@param source: an L{ISource}. @return: its new stream id."""
+        """
+        @param source: an L{ISource}.
+        @return: its new stream id.
+        @raise TooManyStreams: at the limit (the source is closed).
+        """
+        self._check_room(source.close)
         stream = self.next_id()
         self._sources[stream] = source
         return stream
@@ -515,29 +577,38 @@ def send_value(call_remote, encoded, *, window=WINDOW):
     return ensureDeferred(_send_value(call_remote, encoded, window))
 
 
-async def _receive_value(call_remote, response, window):
+async def _receive_value(call_remote, response, window, max_size):
     """The body of L{receive_value}."""
     if response.get("result") is not None:
         return response["result"]
     stream = response.get("result_stream")
     if stream is None:
         raise StreamError("answer carries neither result nor result_stream")
+    size = response["result_size"]
+    if max_size is not None and not 0 <= size <= max_size:
+        # Released without waiting: the refusal does not depend on the peer.
+        ensureDeferred(_close_quietly(call_remote, stream))
+        raise ResultTooLarge(
+            f"the server announced a result of {size} bytes, above this client's "
+            f"limit of {max_size} bytes (max_result_size): refused without reading it"
+        )
     parts = []
-    await _read_stream(
-        call_remote, stream, response["result_size"], parts.append, window, CHUNK_SIZE, True
-    )
+    await _read_stream(call_remote, stream, size, parts.append, window, CHUNK_SIZE, True)
     return b"".join(parts)
 
 
-def receive_value(call_remote, response, *, window=WINDOW):
+def receive_value(call_remote, response, *, window=WINDOW, max_size=None):
     """
     Get the encoded result of a call answer, reading its stream if it has one.
 
     @param response: the answer of L{CallFunction<tvm_rpc.protocol.commands.CallFunction>}.
+    @param max_size: the longest streamed result accepted, or L{None} for
+        any; a longer one is refused before a byte of it is read.
     @return: a Deferred of the encoded bytes (decode with
-        L{tvm_rpc.protocol.values.decode}).
+        L{tvm_rpc.protocol.values.decode}); it fails with L{ResultTooLarge}
+        for a result above C{max_size} (its stream is closed).
     """
-    return ensureDeferred(_receive_value(call_remote, response, window))
+    return ensureDeferred(_receive_value(call_remote, response, window, max_size))
 
 
 __all__ = [
@@ -547,10 +618,13 @@ __all__ = [
     "FileSource",
     "ISink",
     "ISource",
+    "ResultTooLarge",
     "StreamError",
     "StreamTable",
+    "TooManyStreams",
     "chunked",
     "file_chunks",
+    "open_temporary",
     "read_stream",
     "receive_value",
     "send_value",

@@ -17,7 +17,11 @@ A :class:`SessionEnvironment` is what a session protocol serves. It owns:
   :class:`PythonArray` (a bytearray with a shape and a dtype). The server
   needs none of numpy, cloudpickle or TVM;
 - devices by TVM's numbering; ``cpu`` always exists, others only through
-  TVM's runtime.
+  TVM's runtime. A device type TVM does not number is refused with
+  :class:`DeviceError` before TVM's runtime sees it (it would crash);
+- the operator's limits (:class:`~tvm_rpc.server.limits.SessionSettings`):
+  open streams, bytes uploads put in the work directory, and whether
+  uploaded modules may be loaded at all (:meth:`SessionEnvironment.check_code_upload`).
 
 It is plain synchronous Python: no reactor, no transport.
 """
@@ -50,6 +54,7 @@ from ..protocol.streams import (
     StreamTable,
 )
 from ..protocol.values import ArrayRef, Device, Handle, HostArray
+from .limits import SessionSettings, WorkDirQuota
 from .registry import GLOBAL_REGISTRY, NoSuchFunction
 
 log = Logger()
@@ -69,6 +74,30 @@ class TVMRuntimeMissing(RuntimeError):
 
 class HandleError(LookupError):
     """A handle id that is unknown, freed, or of another kind."""
+
+
+class CodeUploadRefused(PermissionError):
+    """A module uploaded in the session, on a server that runs only its own functions."""
+
+
+_VALID_DEVICE_TYPES = ", ".join(f"{name}={number}" for name, number in values.DEVICE_TYPES.items())
+
+
+def check_device(device):
+    """
+    Refuse a device type TVM does not number, before TVM's runtime sees it
+    (its runtime crashes the process on an unknown device type).
+
+    @param device: a L{Device}.
+    @return: C{device}.
+    @raise DeviceError: for an unknown device type, naming the valid ones.
+    """
+    if device.device_type not in values.DEVICE_NAMES:
+        raise DeviceError(
+            f"unknown device type {device.device_type}: valid device types are "
+            f"{_VALID_DEVICE_TYPES}"
+        )
+    return device
 
 
 _SEPARATORS = re.compile(r"[\\/]+")
@@ -314,7 +343,11 @@ class TVMBackend(PythonBackend):
         self._runtime = tvm.runtime
 
     def device(self, device):
-        """@return: TVM's device object for C{device}."""
+        """
+        @return: TVM's device object for C{device}.
+        @raise DeviceError: for a device type TVM does not number.
+        """
+        check_device(device)
         return self._runtime.device(device.device_type, device.index)
 
     def exists(self, device):
@@ -515,24 +548,30 @@ class SessionEnvironment:
     @ivar registry: the global functions (L{GLOBAL_REGISTRY} by default).
     @ivar backend_name: the array backend preference (see L{select_backend}).
     @ivar timer: the clock L{time_evaluator} measures with (seconds).
+    @ivar settings: the operator's L{SessionSettings} (stream and work
+        directory limits, code upload).
     """
 
     work_dir: WorkDirectory
     registry: object = GLOBAL_REGISTRY
     backend_name: str = "auto"
     timer: object = time.perf_counter
+    settings: SessionSettings = attrs.field(factory=SessionSettings)
     _objects: dict = attrs.field(factory=dict)
     _ids: object = attrs.field(factory=lambda: itertools.count(1))
     streams: StreamTable = attrs.field(default=None)
     _backend: object = None
     _builtins: object = None
     _origins: dict = attrs.field(factory=dict)
+    _quota: object = None
     closed: bool = False
 
     def __attrs_post_init__(self):
-        """Share the id counter with the stream table."""
+        """Share the id counter with the stream table; apply the limits."""
         if self.streams is None:
-            self.streams = StreamTable(next_id=self.new_id)
+            self.streams = StreamTable(next_id=self.new_id,
+                                       max_streams=self.settings.max_streams)
+        self._quota = WorkDirQuota(self.work_dir.root, self.settings.max_work_dir_bytes)
 
     @classmethod
     def create(cls, work_root=None, registry=None, **kwargs):
@@ -682,7 +721,7 @@ class SessionEnvironment:
             self.backend.fill(array, value.data)
             return array
         if isinstance(value, Device):
-            return self.backend.device(value)
+            return self.backend.device(check_device(value))
         if isinstance(value, list):
             return [self.from_wire(item, depth + 1) for item in value]
         if isinstance(value, tuple):
@@ -779,8 +818,14 @@ class SessionEnvironment:
         return self.work_dir.resolve(path)
 
     def upload(self, path, data):
-        """C{tvm.rpc.server.upload}: write C{data} to C{path} (parents made)."""
+        """
+        C{tvm.rpc.server.upload}: write C{data} to C{path} (parents made).
+
+        @raise WorkDirFull: when the work directory would pass its byte limit.
+        """
         target = self._file_target(path)
+        self._quota.measure()
+        self._quota.charge(len(data), path)
         with open(target, "wb") as f:
             f.write(data)
 
@@ -812,10 +857,20 @@ class SessionEnvironment:
         return sorted(os.listdir(self.work_dir.resolve(path)))
 
     def open_upload(self, path, size=None):
-        """@return: a stream id for a streamed upload to C{path}."""
+        """
+        @return: a stream id for a streamed upload to C{path}.
+        @raise WorkDirFull: when the announced size would take the work
+            directory past its byte limit (an upload of unknown size fails
+            at the chunk that would).
+        """
         if size is not None and size < 0:
             raise StreamError(f"negative upload size {size}")
-        return self.streams.open_sink(FileSink(self._file_target(path), size))
+        target = self._file_target(path)
+        self._quota.measure()
+        if size is None:
+            return self.streams.open_sink(FileSink(target, charge=self._quota.charge))
+        self._quota.charge(size, path)
+        return self.streams.open_sink(FileSink(target, size))
 
     def open_download(self, path):
         """@return: C{(stream id, size)} for a streamed download of C{path}."""
@@ -834,15 +889,31 @@ class SessionEnvironment:
 
     # -- modules ---------------------------------------------------------
 
+    def check_code_upload(self, path):
+        """
+        Refuse to load or link a module uploaded in the session when the
+        server runs only its own functions (C{--no-code-upload}).
+
+        @param path: the module's path, for the message.
+        @raise CodeUploadRefused: unless the settings allow code upload.
+        """
+        if not self.settings.code_upload:
+            raise CodeUploadRefused(
+                f"refused to load {path!r}: this server does not run uploaded code "
+                "(--no-code-upload); only its registered functions and --init modules run"
+            )
+
     def load_module(self, path):
         """
         C{tvm.rpc.server.load_module}: load a ``.py`` file or a TVM library.
 
         @return: the module object (a L{PythonModule} or a TVM module).
+        @raise CodeUploadRefused: when the server does not run uploaded code.
         @raise TVMRuntimeMissing: for a TVM library when TVM's runtime is not
             installed on this device.
         @raise ValueError: for another kind of file.
         """
+        self.check_code_upload(path)
         target = self.work_dir.resolve(path)
         if not os.path.isfile(target):
             raise FileNotFoundError(f"no file {path!r} in the work directory")
@@ -866,7 +937,11 @@ class SessionEnvironment:
     # -- devices and arrays ----------------------------------------------
 
     def device_exists(self, device):
-        """@return: whether C{device} (a L{Device}) exists here."""
+        """
+        @return: whether C{device} (a L{Device}) exists here.
+        @raise DeviceError: for a device type TVM does not number.
+        """
+        check_device(device)
         if device.device_type == values.DEVICE_TYPES["cpu"]:
             return True
         if self.backend.name != "tvm":
@@ -875,7 +950,7 @@ class SessionEnvironment:
 
     def device_sync(self, device):
         """Wait until C{device} has finished its queued work."""
-        self.backend.sync(device)
+        self.backend.sync(check_device(device))
 
     def empty(self, shape, dtype, device):
         """
@@ -886,7 +961,7 @@ class SessionEnvironment:
         """
         shape = tuple(shape)
         nbytes = values.array_nbytes(shape, dtype)
-        array = self.backend.empty(shape, dtype, device)
+        array = self.backend.empty(shape, dtype, check_device(device))
         return self.add(array), nbytes
 
     def array_ref(self, handle):
@@ -937,6 +1012,7 @@ class SessionEnvironment:
                 f"time_evaluator needs number >= 1, repeat >= 1, min_repeat_ms >= 0; got "
                 f"{number}, {repeat}, {min_repeat_ms}"
             )
+        check_device(device)
         call_args = [self.from_wire(arg) for arg in args]
         if origin is not None and self.backend.name == "tvm":
             module, name = origin

@@ -6,10 +6,15 @@
 
 For the server's plumbing (listener, handshake, worker process):
 
-- :func:`make_session_protocol` ``(work_root, registry=None, *, clock=None)``
-  returns a fresh protocol for one session. Its work directory is created
-  under ``work_root`` on ``connectionMade`` and removed, with every handle
-  and stream, on ``connectionLost``.
+- :func:`make_session_protocol` ``(work_root, registry=None, *, clock=None,
+  settings=None)`` returns a fresh protocol for one session. Its work
+  directory is created under ``work_root`` on ``connectionMade`` and
+  removed, with every handle and stream, on ``connectionLost``. ``settings``
+  (a :class:`~tvm_rpc.server.limits.SessionSettings`) carries the
+  operator's limits: a box above ``max_box_bytes`` ends the session with a
+  :class:`~tvm_rpc.protocol.commands.SessionEnded` notice (``code="limit"``)
+  naming the limit; streams and work directory bytes are bounded by the
+  environment; remote errors carry tracebacks only with ``send_tracebacks``.
 - The protocol can start in the middle of a byte stream: after the handshake,
   call ``makeConnection(transport)`` and then ``dataReceived(rest)`` with the
   bytes that arrived after the handshake; nothing is lost.
@@ -35,7 +40,8 @@ session, so blocking is acceptable) but always return Deferreds, so the
 design can move calls to threads. A function may also return a Deferred or
 be a coroutine function: its call is answered when it completes, and other
 calls proceed meanwhile. Any exception becomes a
-:class:`~tvm_rpc.protocol.commands.RemoteError` and the session stays usable.
+:class:`~tvm_rpc.protocol.commands.RemoteError` (type name and message; the
+traceback only with ``send_tracebacks``) and the session stays usable.
 """
 
 import inspect
@@ -52,6 +58,7 @@ from ..protocol import ampwire, commands, values
 from ..protocol.ampwire import LeanAMP
 from ..protocol.commands import remote_errors
 from .environment import PythonModule, SessionEnvironment, select_backend
+from .limits import SessionSettings
 
 log = Logger()
 
@@ -97,10 +104,13 @@ class SessionProtocol(LeanAMP):
     its transport (AMP's parser pauses and resumes).
 
     @ivar environment: the L{SessionEnvironment}, from C{connectionMade} on.
+    @ivar settings: the operator's L{SessionSettings}.
+    @ivar send_tracebacks: whether remote errors carry tracebacks (read by
+        L{remote_errors<tvm_rpc.protocol.commands.remote_errors>}).
     """
 
     def __init__(self, work_root=None, registry=None, *, clock=None, backend="auto",
-                 environment=None):
+                 environment=None, settings=None):
         """
         @param work_root: where the session's work directory is created (the
             system's temporary directory when L{None}).
@@ -110,8 +120,15 @@ class SessionProtocol(LeanAMP):
         @param backend: the array backend preference.
         @param environment: a ready L{SessionEnvironment} (tests); one is
             created on C{connectionMade} otherwise.
+        @param settings: a L{SessionSettings}; the environment's when one is
+            given, else the defaults, when L{None}.
         """
         super().__init__()
+        if settings is None:
+            settings = SessionSettings() if environment is None else environment.settings
+        self.settings = settings
+        self.send_tracebacks = settings.send_tracebacks
+        self._parser.max_box_size = settings.max_box_bytes
         self._work_root = work_root
         self._registry = registry
         self._clock = clock
@@ -139,7 +156,8 @@ class SessionProtocol(LeanAMP):
         if self.environment is None:
             try:
                 self.environment = SessionEnvironment.create(
-                    self._work_root, self._registry, backend_name=self._backend
+                    self._work_root, self._registry, backend_name=self._backend,
+                    settings=self.settings,
                 )
             except OSError:
                 log.failure("cannot create a work directory under {root} for {peer}; "
@@ -183,6 +201,19 @@ class SessionProtocol(LeanAMP):
             log.failure("protocol violation from {peer}; closing the session", peer=self.peer)
             self._refused = True
             self.transport.loseConnection()
+
+    def refuse_boxes(self, error):
+        """Tell a peer whose box is over the limit why its session ends, then close."""
+        if isinstance(error, ampwire.BoxTooLarge):
+            log.warn("ending the session of {peer}: {why} (--max-box-bytes)",
+                     peer=self.peer, why=str(error))
+            self.emit(commands.session_ended_box(
+                "limit",
+                f"the server ended the session: the client sent {error} "
+                "(the server's --max-box-bytes)",
+            ))
+            self._flush_cork()
+        super().refuse_boxes(error)
 
     def connectionLost(self, reason):
         """Drop every handle and stream and remove the work directory."""
@@ -382,7 +413,7 @@ class SessionProtocol(LeanAMP):
 
     def _send_call_error(self, ask, failure):
         """Send the error box of a call: its failure as a RemoteError."""
-        error = commands.as_remote_error(failure).value
+        error = commands.as_remote_error(failure, self.send_tracebacks).value
         self.emit(ampwire.error_box(
             ask, _REMOTE_ERROR_CODE, str(error).encode("utf-8", "replace")))
 
@@ -514,7 +545,8 @@ class SessionProtocol(LeanAMP):
         return {}
 
 
-def make_session_protocol(work_root=None, registry=None, *, clock=None, backend="auto"):
+def make_session_protocol(work_root=None, registry=None, *, clock=None, backend="auto",
+                          settings=None):
     """
     Make the protocol for one session; see the module docstring.
 
@@ -522,6 +554,7 @@ def make_session_protocol(work_root=None, registry=None, *, clock=None, backend=
     @param registry: the global functions (the process-wide registry when L{None}).
     @param clock: an L{IReactorTime} (the global reactor when L{None}).
     @param backend: the array backend preference (see L{prepare}).
+    @param settings: the operator's L{SessionSettings} (defaults when L{None}).
     @return: a L{SessionProtocol} (an L{IProtocol}).
     """
-    return SessionProtocol(work_root, registry, clock=clock, backend=backend)
+    return SessionProtocol(work_root, registry, clock=clock, backend=backend, settings=settings)

@@ -16,6 +16,13 @@ from ..daemon import (
     positive_int,
 )
 from .gate import SessionGate
+from .limits import (
+    DEFAULT_MAX_BOX_BYTES,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_MAX_WORK_DIR_BYTES,
+    SessionSettings,
+    parse_bytes,
+)
 from .listener import DEFAULT_HANDSHAKE_TIMEOUT, InProcessRunner, ListenerFactory
 from .logs import set_silent
 from .proxied import ProxiedServerService, ProxyLink
@@ -44,6 +51,10 @@ class Options(ListenOptions, usage.Options):
         ["silent", None, "Log only warnings and errors."],
         ["no-fork", None, "Run sessions in the server process (for tests and platforms without fork; "
                           "serves tvm_rpc's clients only)."],
+        ["send-tracebacks", None, "Send the server's traceback with each remote error (off: "
+                                  "clients get the error's type and message only)."],
+        ["no-code-upload", None, "Refuse to load modules uploaded in a session (.py, .so, .tar): "
+                                 "only --init modules and registered functions run."],
     ]
     optParameters = listen_parameters("0.0.0.0", 9090) + [
         ["tracker", None, None, "The tracker to register with, HOST:PORT."],
@@ -59,7 +70,16 @@ class Options(ListenOptions, usage.Options):
         ["max-sessions", None, 1,
          "Sessions run at once (TVM runs one: measurements stay exclusive).", positive_int],
         ["session-factory", None, DEFAULT_SESSION_FACTORY,
-         "MODULE:CALLABLE making a session protocol from (work_root, clock=...)."],
+         "MODULE:CALLABLE making a session protocol from (work_root, clock=..., settings=...)."],
+        ["max-box-bytes", None, DEFAULT_MAX_BOX_BYTES,
+         "Largest message (AMP box) a session accepts; a client that sends a larger one "
+         "is told so and disconnected (bytes, or with K/M/G).", parse_bytes],
+        ["max-streams", None, DEFAULT_MAX_STREAMS,
+         "Streams (uploads, downloads, array copies, long values) a session may hold "
+         "open at once; opening one more fails.", positive_int],
+        ["max-work-dir-bytes", None, DEFAULT_MAX_WORK_DIR_BYTES,
+         "Bytes uploads may put in a session's work directory; an upload that would "
+         "pass it fails (bytes, or with K/M/G).", parse_bytes],
     ]
 
     def __init__(self):
@@ -93,6 +113,17 @@ class Options(ListenOptions, usage.Options):
         for spec in self["init"]:
             if not spec.partition(":")[0]:
                 raise usage.UsageError(f"bad --init {spec!r}: want MODULE[:CALLABLE]")
+        try:
+            self["session-settings"] = SessionSettings(
+                max_box_bytes=self["max-box-bytes"],
+                max_streams=self["max-streams"],
+                max_work_dir_bytes=self["max-work-dir-bytes"],
+                send_tracebacks=bool(self["send-tracebacks"]),
+                code_upload=not self["no-code-upload"],
+            )
+        except ValueError as e:
+            option = str(e).split(" ", 1)[0].replace("_", "-")
+            raise usage.UsageError(f"--{option}: {e}") from None
 
 
 def makeService(options, reactor=None):
@@ -111,6 +142,7 @@ def makeService(options, reactor=None):
     set_silent(options["silent"])
     run_init(options["init"])
     session_module, make_session = load_callable(options["session-factory"])
+    settings = options["session-settings"]
     work_root = options["work-dir"]
     owns_work_root = work_root is None
     if work_root is None:
@@ -124,7 +156,7 @@ def makeService(options, reactor=None):
     )
     if options["no-fork"]:
         runner = InProcessRunner(
-            lambda: make_session(work_root, clock=reactor),
+            lambda: make_session(work_root, clock=reactor, settings=settings),
             reactor,
             timeout_notice=getattr(session_module, "timeout_notice", None),
             max_session_time=options["max-session-time"],
@@ -135,6 +167,7 @@ def makeService(options, reactor=None):
             work_root,
             init=tuple(options["init"]),
             session_factory=options["session-factory"],
+            session_settings=settings,
             timeout_notice=getattr(session_module, "timeout_notice", None),
             silent=options["silent"],
             start_timeout=options["handshake-timeout"],

@@ -20,7 +20,9 @@ The server environment is ours, confined to the session's work directory as
 in our own protocol (:class:`~tvm_rpc.server.environment.WorkDirectory`):
 
 - ``tvm.rpc.server.workpath`` resolves and confines every path, and TVM's
-  C++ ``upload`` and ``download`` resolve their paths through it;
+  C++ ``download`` resolves its paths through it;
+- ``tvm.rpc.server.upload`` is ours, so the work directory's byte limit
+  (``--max-work-dir-bytes``) holds for TVM's clients too;
 - ``tvm.rpc.server.remove`` removes a file or a directory tree, and, as
   TVM's, says nothing of a missing one; it never removes the work directory
   itself (TVM's removes it once empty, which MetaSchedule's clean-up, asking
@@ -45,6 +47,7 @@ import time
 
 from ..protocol.flavour import tvm_exception_packet
 from .environment import SessionEnvironment, WorkDirectory
+from .limits import SessionSettings
 from . import watchdog
 from .logs import logger
 from .registry import GLOBAL_REGISTRY
@@ -65,14 +68,6 @@ RUNTIME_MISSING = (
     "(tvm_rpc.client.connect / connect_tracker(...).request(key))"
 )
 
-_ENVIRONMENT_FUNCTIONS = (
-    "tvm.rpc.server.workpath",
-    "tvm.rpc.server.remove",
-    "tvm.rpc.server.load_module",
-    "tvm.rpc.server.download_linked_module",
-    "tvm.rpc.server.listdir",
-    "tvm.rpc.server.GetCRTMaxPacketSize",
-)
 
 
 def timeout_notice(seconds):
@@ -108,6 +103,10 @@ def _workpath(path):
     return _Current.get().workpath(path)
 
 
+def _upload(path, data):
+    _Current.get().upload(path, data)
+
+
 def _remove(path):
     environment = _Current.get()
     target = environment.workpath(path)
@@ -137,7 +136,9 @@ def _download_linked_module(path):
     """
     from tvm.support import cc, tar, utils
 
-    source = _Current.get().workpath(path)
+    environment = _Current.get()
+    environment.check_code_upload(path)
+    source = environment.workpath(path)
     if source.endswith(".o"):
         linked = source + ".so"
         cc.create_shared(linked, source)
@@ -184,10 +185,16 @@ def prepare(registry=GLOBAL_REGISTRY):
         return problem
     import tvm_ffi
 
-    for name, function in zip(
-        _ENVIRONMENT_FUNCTIONS,
-        (_workpath, _remove, _load_module, _download_linked_module, _listdir, _max_copy_packet),
-    ):
+    environment_functions = {
+        "tvm.rpc.server.workpath": _workpath,
+        "tvm.rpc.server.upload": _upload,
+        "tvm.rpc.server.remove": _remove,
+        "tvm.rpc.server.load_module": _load_module,
+        "tvm.rpc.server.download_linked_module": _download_linked_module,
+        "tvm.rpc.server.listdir": _listdir,
+        "tvm.rpc.server.GetCRTMaxPacketSize": _max_copy_packet,
+    }
+    for name, function in environment_functions.items():
         tvm_ffi.register_global_func(name, function, override=True)
     for name in registry.names():
         try:
@@ -222,7 +229,7 @@ def _callback_loop(sock, early):
     _ffi_api.ServerLoop(send, receive)
 
 
-def serve(sock, rest, work_root, lifeline_fd, problem=None):
+def serve(sock, rest, work_root, lifeline_fd, problem=None, settings=None):
     """
     Run one TVM session in this (freshly forked) worker.
 
@@ -232,6 +239,8 @@ def serve(sock, rest, work_root, lifeline_fd, problem=None):
     @param lifeline_fd: the lifeline socket (end of file: the server died).
     @param problem: why TVM's runtime cannot serve here (from L{prepare}), or
         L{None}: the client is then told so and the connection closed cleanly.
+    @param settings: the operator's L{SessionSettings} (C{--no-code-upload}
+        applies to TVM's clients too), or L{None} for the defaults.
     @return: the worker's exit code.
     """
     if problem is not None:
@@ -240,7 +249,7 @@ def serve(sock, rest, work_root, lifeline_fd, problem=None):
     from tvm.rpc import _ffi_api
 
     work_dir = WorkDirectory.create(work_root)
-    _Current.environment = SessionEnvironment(work_dir)
+    _Current.environment = SessionEnvironment(work_dir, settings=settings or SessionSettings())
     os.chdir(work_dir.root)
     watchdog.start(sock.fileno(), lifeline_fd, work_root)
     try:

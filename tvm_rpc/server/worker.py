@@ -36,6 +36,7 @@ even in the middle of a call. Run as
 
 import argparse
 import base64
+import functools
 import json
 import os
 import select
@@ -54,6 +55,7 @@ from ..protocol.flavour import OUR_PROTOCOL, TVM_PROTOCOL
 from . import tvm_session, watchdog
 from .watchdog import EXIT_CLIENT_GONE, EXIT_NO_START, EXIT_REASONS
 from .environment import remove_work_dirs_of
+from .limits import SessionSettings
 from .listener import ISessionRunner, session_time
 from .logs import logger
 
@@ -193,7 +195,8 @@ def _start_logging(silent=False):
     )
 
 
-def serve_session(header, fd, lifeline_fd, work_root, make_session, tvm_problem=None):
+def serve_session(header, fd, lifeline_fd, work_root, make_session, tvm_problem=None,
+                  settings=None):
     """
     Run one session in this (freshly forked) process; never returns.
 
@@ -203,6 +206,7 @@ def serve_session(header, fd, lifeline_fd, work_root, make_session, tvm_problem=
     @param work_root: the directory under which the session works.
     @param make_session: makes the session protocol.
     @param tvm_problem: why TVM's clients cannot be served here, or L{None}.
+    @param settings: the operator's L{SessionSettings}, or L{None} for the defaults.
     """
     code = 1
     try:
@@ -218,7 +222,9 @@ def serve_session(header, fd, lifeline_fd, work_root, make_session, tvm_problem=
         if not rest:
             watchdog.wait_for_start(fd, header.get("start_timeout"))
         if header.get("protocol") == TVM_PROTOCOL:
-            code = tvm_session.serve(sock, rest, work_root, lifeline_fd, problem=tvm_problem)
+            code = tvm_session.serve(
+                sock, rest, work_root, lifeline_fd, problem=tvm_problem, settings=settings
+            )
         else:
             watchdog.start(fd, lifeline_fd, work_root)
             code = _serve_session(sock.detach(), rest, make_session, work_root)
@@ -287,12 +293,15 @@ def fork_server_main(argv=None):
     parser.add_argument("--work-root", required=True)
     parser.add_argument("--session-factory", default=DEFAULT_SESSION_FACTORY)
     parser.add_argument("--init", action="append", default=[])
+    parser.add_argument("--session-settings", type=SessionSettings.from_json, default=None)
     parser.add_argument("--silent", action="store_true")
     args = parser.parse_args(argv)
     control = socket.socket(fileno=args.control_fd)
     lifeline = socket.socket(fileno=args.lifeline_fd)
     _start_logging(args.silent)
     module, make_session = load_callable(args.session_factory)
+    if args.session_settings is not None:
+        make_session = functools.partial(make_session, settings=args.session_settings)
     run_init(args.init)
     prepare = getattr(module, "prepare", None)
     if prepare is not None:
@@ -312,7 +321,10 @@ def fork_server_main(argv=None):
     signal.signal(signal.SIGCHLD, lambda number, frame: None)
 
     def serve(header, fd):
-        serve_session(header, fd, lifeline.detach(), args.work_root, make_session, tvm_problem)
+        serve_session(
+            header, fd, lifeline.detach(), args.work_root, make_session, tvm_problem,
+            args.session_settings,
+        )
 
     def fork_spare():
         return _Spare.fork(serve, close_in_child=(control, wake_read, wake_write))
@@ -494,7 +506,10 @@ class WorkerPool:
         directories.
     @ivar init: ``--init`` specs imported by the fork server at start.
     @ivar session_factory: ``module:callable`` making a session protocol from
-        C{(work_root, clock=...)}.
+        C{(work_root, clock=...)}, and C{settings=...} when L{session_settings}
+        is given.
+    @ivar session_settings: the L{SessionSettings<tvm_rpc.server.limits.SessionSettings>}
+        passed to every session, or L{None} for the factory's defaults.
     @ivar timeout_notice: makes the bytes sent to a client whose session timed
         out, from the timeout in seconds; L{None} sends nothing.
     @ivar executable: the Python that runs the fork server.
@@ -512,6 +527,7 @@ class WorkerPool:
     work_root: str
     init: tuple = ()
     session_factory: str = DEFAULT_SESSION_FACTORY
+    session_settings: object = None
     timeout_notice: object = None
     executable: str = sys.executable
     env: "dict | None" = None
@@ -548,6 +564,8 @@ class WorkerPool:
         ]
         for spec in self.init:
             args += ["--init", spec]
+        if self.session_settings is not None:
+            args += ["--session-settings", self.session_settings.to_json()]
         if self.silent:
             args.append("--silent")
         return args
