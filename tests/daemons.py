@@ -244,7 +244,7 @@ def our_rpc_server(*extra, host="127.0.0.1", env=None):
         yield daemon, port
 
 
-def _recv_exactly(sock, size):
+def recv_exactly(sock, size):
     """Read exactly C{size} bytes from C{sock}, or fail."""
     data = bytearray()
     while len(data) < size:
@@ -258,11 +258,11 @@ def tracker_summary(port, host="127.0.0.1"):
     """Ask a tracker (ours or TVM's) for its summary over a raw socket, in TVM's framing."""
     with socket.create_connection((host, port), timeout=10) as sock:
         sock.sendall(_INT32.pack(_TRACKER_MAGIC))
-        assert _recv_exactly(sock, 4) == _INT32.pack(_TRACKER_MAGIC)
+        assert recv_exactly(sock, 4) == _INT32.pack(_TRACKER_MAGIC)
         body = json.dumps([_TRACKER_SUMMARY]).encode()
         sock.sendall(_INT32.pack(len(body)) + body)
-        (length,) = _INT32.unpack(_recv_exactly(sock, 4))
-        code, summary = json.loads(_recv_exactly(sock, length))
+        (length,) = _INT32.unpack(recv_exactly(sock, 4))
+        code, summary = json.loads(recv_exactly(sock, length))
         assert code == 0
         return summary
 

@@ -5,6 +5,8 @@ Usage: ``python tests/interop_client.py MODE ARGS...``; prints one JSON object.
 - ``connect HOST PORT KEY``: open a session directly and report how it went.
 - ``pymodule HOST PORT KEY SOURCE``: upload a ``.py`` module, load it, call it.
 - ``hang HOST PORT KEY TIMEOUT``: call ``test.hang`` in a session with a timeout.
+- ``load HOST PORT KEY FILE``: print the worker's pid and work path, then
+  upload FILE and load it as a module.
 - ``many TRACKER_HOST TRACKER_PORT KEY COUNT``: COUNT sessions at once from one
   reactor, each asking its work path.
 - ``retry TRACKER_HOST TRACKER_PORT KEY``: ``request_and_run`` whose first
@@ -111,6 +113,20 @@ async def hang_mode(reactor, host, port, key, timeout):
     return {"ok": True}
 
 
+async def load_mode(reactor, host, port, key, path):
+    """Print the worker's pid, then upload C{path} and load it (it may never load)."""
+    from tvm_rpc.client.connect import connect
+
+    session = await connect(host, int(port), key, reactor=reactor)
+    workpath = await session.get_function("tvm.rpc.server.workpath")
+    pid_of = await session.get_function("test.pid")
+    sys.stdout.write(json.dumps({"pid": await pid_of(), "workpath": await workpath("")}) + "\n")
+    sys.stdout.flush()
+    await session.upload(path)
+    await session.load_module(path.rsplit("/", 1)[-1])
+    return {"ok": True}
+
+
 async def many_mode(reactor, tracker_host, tracker_port, key, count):
     from tvm_rpc.client import connect_tracker
 
@@ -162,6 +178,7 @@ def main(reactor, mode, *args):
         "story": story_mode,
         "pymodule": pymodule_mode,
         "hang": hang_mode,
+        "load": load_mode,
     }
 
     async def run():

@@ -34,6 +34,7 @@ from tests.daemons import (
     free_port,
     our_proxy,
     our_tracker,
+    recv_exactly,
     running,
     tvm_proxy,
     tvm_tracker,
@@ -181,9 +182,9 @@ def test_garbage_after_handshake(tracked_server):
     with socket.create_connection((host, port), timeout=30) as sock:
         key = f"client:{matchkey}".encode()
         sock.sendall(struct.pack("<ii", RPC_MAGIC, len(key)) + key)
-        code, length = struct.unpack("<ii", _read(sock, 8))
+        code, length = struct.unpack("<ii", recv_exactly(sock, 8))
         assert code == RPC_CODE_SUCCESS
-        _read(sock, length)
+        recv_exactly(sock, length)
         # A packet of 12 bytes whose value has an unknown type index.
         sock.sendall(struct.pack("<QiiI", 12, 3, 1, 99) + os.urandom(64))
         received = b""
@@ -197,26 +198,17 @@ def test_garbage_after_handshake(tracked_server):
     back_in_pool(server, tracker_port)
 
 
-def _read(sock, n):
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, "closed early"
-        data += chunk
-    return data
-
-
 def _grant(tracker_port):
     """Ask our tracker for C{tvmdev} as TVM's client does; @return: C{(host, port, matchkey)}."""
     from tvm_rpc.protocol.constants import RPC_TRACKER_MAGIC
 
     with socket.create_connection(("127.0.0.1", tracker_port), timeout=30) as sock:
         sock.sendall(struct.pack("<i", RPC_TRACKER_MAGIC))
-        _read(sock, 4)
+        recv_exactly(sock, 4)
         body = json.dumps([4, "tvmdev", "test", 0]).encode()
         sock.sendall(struct.pack("<i", len(body)) + body)
-        (length,) = struct.unpack("<i", _read(sock, 4))
-        code, (host, port, matchkey) = json.loads(_read(sock, length))
+        (length,) = struct.unpack("<i", recv_exactly(sock, 4))
+        code, (host, port, matchkey) = json.loads(recv_exactly(sock, length))
         assert code == 0
         return host, port, matchkey
 
@@ -326,5 +318,41 @@ def test_operator_limits_hold_for_tvm_clients(tvm, dense_relu):
         assert "work directory would exceed its limit" in report["upload"]["message"], report
         assert "--no-code-upload" in report["load"]["message"], report
         assert report["add"] == 3
+    finally:
+        daemon.stop()
+
+
+def test_fifo_tar_abandoned(tvm, tmp_path):
+    """A .tar with a FIFO member hangs its load for ever; the client leaving frees the device."""
+    import tarfile
+
+    fifo = tmp_path / "pipe.o"
+    os.mkfifo(fifo)
+    archive = tmp_path / "fifo.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(fifo, arcname="pipe.o")
+    daemon, port = our_server("--key", "fifo", *INIT)
+    try:
+        client = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "interop_client.py"), "load", "127.0.0.1",
+             str(port), "fifo", str(archive)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=child_env(), cwd=str(ROOT),
+        )
+        try:
+            started = json.loads(client.stdout.readline())
+            worker = started["pid"]
+            # The load is under way (its linker blocks on the FIFO) once the archive is in.
+            wait_until(lambda: os.path.exists(os.path.join(started["workpath"], "fifo.tar")),
+                       what="the upload")
+            assert not gone(worker)
+            client.kill()
+            client.wait(30)
+        finally:
+            client.kill()
+            client.wait(30)
+        wait_until(lambda: gone(worker), timeout=5, what="the worker's end")
+        wait_until(lambda: not os.path.exists(started["workpath"]), timeout=5,
+                   what="the work directory's removal")
+        assert run_client("connect", "127.0.0.1", port, "fifo") == {"ok": True}
     finally:
         daemon.stop()

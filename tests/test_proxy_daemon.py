@@ -20,6 +20,7 @@ from daemons import (
     free_port,
     free_servers,
     our_proxy,
+    recv_exactly,
     twistd,
     twistd_with_fd_limit,
     wait_summary,
@@ -28,16 +29,6 @@ from tvm_rpc.protocol.constants import INT32, RPC_CODE_MISMATCH, RPC_CODE_SUCCES
 from tvm_rpc.protocol.handshake import encode_handshake, encode_reply
 
 MiB = 1024 * 1024
-
-
-def recv_exactly(sock, size):
-    """Read exactly C{size} bytes or fail."""
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        assert chunk, f"connection closed after {len(data)} of {size} bytes"
-        data += chunk
-    return bytes(data)
 
 
 def recv_all(sock):

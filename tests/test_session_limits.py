@@ -580,3 +580,52 @@ def test_unknown_device_type_does_not_kill_a_real_worker():
             assert "unknown device type 999" in message and "cpu=1" in message, out
         assert out["after"] == []
         assert "died" not in daemon.output
+
+
+class IdleTimeoutTests(SynchronousTestCase):
+    """--idle-timeout: a session with no call for that long is ended, and its client told why."""
+
+    def connect(self, idle_timeout):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root, True)
+        clock = Clock()
+        client, server, pump = connectedServerAndClient(
+            lambda: SessionProtocol(root, Registry(), clock=clock, backend="numpy",
+                                    settings=SessionSettings(idle_timeout=idle_timeout)),
+            make_client_protocol, clock=clock)
+        opening = start_session(client, clock=clock)
+        pump.flush()
+        return clock, pump, client, self.successResultOf(opening)
+
+    def test_idle_session_ended(self):
+        clock, pump, client, session = self.connect(5)
+        clock.advance(4)
+        names = session.call("tvm_rpc.server.list_functions")
+        pump.flush()
+        self.successResultOf(names)
+        # Counted again from the last message: 4 s more are not 5 s of silence.
+        clock.advance(4)
+        pump.flush()
+        self.assertFalse(session.closed)
+        clock.advance(1.1)
+        pump.flush()
+        self.assertEqual(client.end_code, "idle")
+        failure = self.failureResultOf(session.call("tvm_rpc.server.list_functions"))
+        self.assertIn("--idle-timeout", str(failure.value))
+        self.assertTrue(session.closed)
+
+    def test_off_by_default(self):
+        clock, pump, client, session = self.connect(None)
+        clock.advance(86400)
+        pump.flush()
+        self.assertFalse(session.closed)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_option(self):
+        from tvm_rpc.server.tap import Options
+
+        options = Options()
+        options.parseOptions(["--idle-timeout", "90"])
+        self.assertEqual(options["session-settings"].idle_timeout, 90)
+        self.assertIsNone(SessionSettings().idle_timeout)
+        self.assertRaises(ValueError, SessionSettings, idle_timeout=0)

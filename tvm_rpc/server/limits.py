@@ -59,6 +59,13 @@ def _flag(instance, attribute, value):
         raise ValueError(f"{attribute.name} must be true or false, not {value!r}")
 
 
+def _positive_or_none(instance, attribute, value):
+    """An attrs validator: C{value} must be L{None} or a number above 0."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not value > 0):
+        raise ValueError(f"{attribute.name} must be a positive number of seconds, not {value!r}")
+
+
 def _at_least_one_chunk(instance, attribute, value):
     """An attrs validator: a box limit must carry a whole stream chunk."""
     _positive(instance, attribute, value)
@@ -85,6 +92,9 @@ class SessionSettings:
     @ivar code_upload: whether modules uploaded in the session (``.py``,
         ``.so``, ``.tar``, ...) may be loaded; when L{False}, only functions
         from ``--init`` modules and the registry run.
+    @ivar idle_timeout: seconds a session of our protocol may stay without
+        a message from its client once its last answer left (L{None}: no
+        limit, a user at a notebook may think for an hour).
     """
 
     max_box_bytes: int = attrs.field(default=DEFAULT_MAX_BOX_BYTES,
@@ -94,6 +104,7 @@ class SessionSettings:
                                           validator=_positive)
     send_tracebacks: bool = attrs.field(default=False, validator=_flag)
     code_upload: bool = attrs.field(default=True, validator=_flag)
+    idle_timeout: "float | None" = attrs.field(default=None, validator=_positive_or_none)
 
     def to_json(self):
         """@return: the settings as one line of JSON (for the fork server's command line)."""

@@ -137,6 +137,7 @@ class SessionProtocol(LeanAMP):
         self._first_bytes = True
         self._refused = False
         self._callees = {}
+        self._idle = None
         self.peer = "?"
 
     def _reactor(self):
@@ -168,6 +169,8 @@ class SessionProtocol(LeanAMP):
                 return
         log.info("session from {peer} in {work_dir}", peer=self.peer,
                  work_dir=self.environment.work_dir.root)
+        if self.settings.idle_timeout:
+            self._idle = self._reactor().callLater(self.settings.idle_timeout, self._idled)
         try:
             # AMP's parser is a push producer: pausing it stops both reading
             # from the socket and handling requests already received.
@@ -201,6 +204,23 @@ class SessionProtocol(LeanAMP):
             log.failure("protocol violation from {peer}; closing the session", peer=self.peer)
             self._refused = True
             self.transport.loseConnection()
+        if self._idle is not None and self._idle.active():
+            # Counted from here: calls run in this call, so a long call is not idleness.
+            self._idle.reset(self.settings.idle_timeout)
+
+    def _idled(self):
+        """No message for the idle timeout: tell the client, end the session."""
+        self._idle = None
+        timeout = self.settings.idle_timeout
+        log.warn("ending the session of {peer}: idle for {timeout:g} s (--idle-timeout)",
+                 peer=self.peer, timeout=timeout)
+        self._refused = True
+        self.emit(commands.session_ended_box(
+            "idle",
+            f"the server ended the session: no call for {timeout:g} s (the server's --idle-timeout)",
+        ))
+        self._flush_cork()
+        self.transport.loseConnection()
 
     def refuse_boxes(self, error):
         """Tell a peer whose box is over the limit why its session ends, then close."""
@@ -217,6 +237,9 @@ class SessionProtocol(LeanAMP):
 
     def connectionLost(self, reason):
         """Drop every handle and stream and remove the work directory."""
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
         if self.environment is not None:
             handles = len(self.environment)
             self.environment.close()

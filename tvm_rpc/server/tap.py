@@ -77,6 +77,9 @@ class Options(ListenOptions, usage.Options):
         ["max-streams", None, DEFAULT_MAX_STREAMS,
          "Streams (uploads, downloads, array copies, long values) a session may hold "
          "open at once; opening one more fails.", positive_int],
+        ["idle-timeout", None, None,
+         "Seconds a tvm_rpc session may stay silent between calls before the server "
+         "ends it (default: no limit; TVM's sessions are not covered).", positive_float],
         ["max-work-dir-bytes", None, DEFAULT_MAX_WORK_DIR_BYTES,
          "Bytes uploads may put in a session's work directory; an upload that would "
          "pass it fails (bytes, or with K/M/G).", parse_bytes],
@@ -120,6 +123,7 @@ class Options(ListenOptions, usage.Options):
                 max_work_dir_bytes=self["max-work-dir-bytes"],
                 send_tracebacks=bool(self["send-tracebacks"]),
                 code_upload=not self["no-code-upload"],
+                idle_timeout=self["idle-timeout"],
             )
         except ValueError as e:
             option = str(e).split(" ", 1)[0].replace("_", "-")

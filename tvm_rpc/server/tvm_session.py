@@ -48,6 +48,7 @@ import time
 from ..protocol.flavour import tvm_exception_packet
 from .environment import SessionEnvironment, WorkDirectory
 from .limits import SessionSettings
+from .listener import REFUSAL_DRAIN
 from . import watchdog
 from .logs import logger
 from .registry import GLOBAL_REGISTRY
@@ -57,9 +58,6 @@ log = logger("tvm_rpc.server.tvm_session")
 #: The largest packet TVM's client may send for one piece of a tensor copy.
 MAX_COPY_PACKET = 16 << 20
 
-#: Seconds a refused client has to close its end before we close ours.
-REFUSAL_DRAIN = 5.0
-
 #: What TVM's client hears when the device cannot serve it.
 RUNTIME_MISSING = (
     "this tvm_rpc server cannot serve Apache TVM's client: TVM's runtime is not "
@@ -67,7 +65,6 @@ RUNTIME_MISSING = (
     "(pip install apache-tvm), or connect with tvm_rpc's client "
     "(tvm_rpc.client.connect / connect_tracker(...).request(key))"
 )
-
 
 
 def timeout_notice(seconds):
