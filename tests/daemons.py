@@ -130,6 +130,23 @@ def running(args, ready, timeout=60, env=None, cwd=None):
         daemon.stop()
 
 
+def wait_until(predicate, timeout=30, what="condition"):
+    """Wait (polling, bounded) until C{predicate()} is true; fail after C{timeout} seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
+        time.sleep(0.1)
+
+
+def gone(pid):
+    """@return: whether process C{pid} no longer exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def twistd(*args):
     """The command line of C{twistd -n}, logging to stdout, with no pid file."""
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",

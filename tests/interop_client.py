@@ -7,6 +7,7 @@ Usage: ``python tests/interop_client.py MODE ARGS...``; prints one JSON object.
 - ``hang HOST PORT KEY TIMEOUT``: call ``test.hang`` in a session with a timeout.
 - ``load HOST PORT KEY FILE``: print the worker's pid and work path, then
   upload FILE and load it as a module.
+- ``upload HOST PORT KEY NAME``: upload bytes under NAME, list, download.
 - ``many TRACKER_HOST TRACKER_PORT KEY COUNT``: COUNT sessions at once from one
   reactor, each asking its work path.
 - ``retry TRACKER_HOST TRACKER_PORT KEY``: ``request_and_run`` whose first
@@ -127,6 +128,19 @@ async def load_mode(reactor, host, port, key, path):
     return {"ok": True}
 
 
+async def upload_mode(reactor, host, port, key, name):
+    """Upload bytes under C{name}, list and read them back."""
+    from tvm_rpc.client.connect import connect
+
+    session = await connect(host, int(port), key, reactor=reactor)
+    data = bytes(range(256)) * 64
+    await session.upload(data, name)
+    listed = await session.listdir(".")
+    back = await session.download(name)
+    await session.close()
+    return {"ok": True, "listed": name in listed, "same": bytes(back) == data}
+
+
 async def many_mode(reactor, tracker_host, tracker_port, key, count):
     from tvm_rpc.client import connect_tracker
 
@@ -179,6 +193,7 @@ def main(reactor, mode, *args):
         "pymodule": pymodule_mode,
         "hang": hang_mode,
         "load": load_mode,
+        "upload": upload_mode,
     }
 
     async def run():

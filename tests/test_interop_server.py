@@ -19,7 +19,18 @@ import textwrap
 
 import pytest
 
-from tests.daemons import ROOT, Daemon, child_env, free_port, our_tracker, running, tvm_tracker, twistd
+from tests.daemons import (
+    ROOT,
+    Daemon,
+    child_env,
+    free_port,
+    gone,
+    our_tracker,
+    running,
+    tvm_tracker,
+    twistd,
+    wait_until,
+)
 
 CLIENT_SCRIPT = str(ROOT / "tests" / "interop_client.py")
 #: Bound on each child client run, so a broken peer fails the test instead of hanging it.
@@ -255,3 +266,50 @@ def test_refusal_packet_is_tvms(tvm):
     finally:
         ours.close()
         theirs.close()
+
+
+def test_fifo_tar_abandoned(tvm, tmp_path):
+    """A .tar with a FIFO member hangs its load for ever; the client leaving frees the device."""
+    import tarfile
+
+    fifo = tmp_path / "pipe.o"
+    os.mkfifo(fifo)
+    archive = tmp_path / "fifo.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(fifo, arcname="pipe.o")
+    daemon, port = our_server("--key", "fifo", "--init", "tests.server_init_sample")
+    try:
+        client = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "interop_client.py"), "load", "127.0.0.1",
+             str(port), "fifo", str(archive)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=child_env(), cwd=str(ROOT),
+        )
+        try:
+            started = json.loads(client.stdout.readline())
+            worker = started["pid"]
+            # The load is under way (its linker blocks on the FIFO) once the archive is in.
+            wait_until(lambda: os.path.exists(os.path.join(started["workpath"], "fifo.tar")),
+                       what="the upload")
+            assert not gone(worker)
+            client.kill()
+            client.wait(30)
+        finally:
+            client.kill()
+            client.wait(30)
+        wait_until(lambda: gone(worker), timeout=5, what="the worker's end")
+        wait_until(lambda: not os.path.exists(started["workpath"]), timeout=5,
+                   what="the work directory's removal")
+        assert run_client("connect", "127.0.0.1", port, "fifo") == {"ok": True}
+    finally:
+        daemon.stop()
+
+
+def test_longest_file_name_uploads():
+    """A file name of NAME_MAX (255) bytes uploads to a real server (its temporary name fits too)."""
+    daemon, port = our_server("--key", "names")
+    try:
+        name = "n" * 251 + ".bin"
+        assert run_client("upload", "127.0.0.1", port, "names", name) == {
+            "ok": True, "listed": True, "same": True}
+    finally:
+        daemon.stop()

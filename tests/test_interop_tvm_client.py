@@ -32,6 +32,7 @@ from tests.daemons import (
     Daemon,
     child_env,
     free_port,
+    gone,
     our_proxy,
     our_tracker,
     recv_exactly,
@@ -39,6 +40,7 @@ from tests.daemons import (
     tvm_proxy,
     tvm_tracker,
     twistd,
+    wait_until,
 )
 from tests.test_interop_server import BLOCKER, dense_relu, our_server, run_client  # noqa: F401
 from tvm_rpc.protocol.constants import RPC_CODE_SUCCESS, RPC_MAGIC
@@ -83,13 +85,6 @@ def free_servers(tracker_port, key):
 
     summary = tvm.rpc.connect_tracker("127.0.0.1", tracker_port).summary()
     return summary["queue_info"].get(key, {}).get("free", 0)
-
-
-def wait_until(predicate, timeout=30, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -225,14 +220,6 @@ def start_pid_hang(tracker_port):
     return client, json.loads(line)["pid"]
 
 
-def gone(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 def test_client_killed_mid_call(tracked_server):
     """The worker ends as soon as its client is gone, even in the middle of a call."""
     server, tracker_port = tracked_server
@@ -321,38 +308,3 @@ def test_operator_limits_hold_for_tvm_clients(tvm, dense_relu):
     finally:
         daemon.stop()
 
-
-def test_fifo_tar_abandoned(tvm, tmp_path):
-    """A .tar with a FIFO member hangs its load for ever; the client leaving frees the device."""
-    import tarfile
-
-    fifo = tmp_path / "pipe.o"
-    os.mkfifo(fifo)
-    archive = tmp_path / "fifo.tar"
-    with tarfile.open(archive, "w") as tar:
-        tar.add(fifo, arcname="pipe.o")
-    daemon, port = our_server("--key", "fifo", *INIT)
-    try:
-        client = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "interop_client.py"), "load", "127.0.0.1",
-             str(port), "fifo", str(archive)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=child_env(), cwd=str(ROOT),
-        )
-        try:
-            started = json.loads(client.stdout.readline())
-            worker = started["pid"]
-            # The load is under way (its linker blocks on the FIFO) once the archive is in.
-            wait_until(lambda: os.path.exists(os.path.join(started["workpath"], "fifo.tar")),
-                       what="the upload")
-            assert not gone(worker)
-            client.kill()
-            client.wait(30)
-        finally:
-            client.kill()
-            client.wait(30)
-        wait_until(lambda: gone(worker), timeout=5, what="the worker's end")
-        wait_until(lambda: not os.path.exists(started["workpath"]), timeout=5,
-                   what="the work directory's removal")
-        assert run_client("connect", "127.0.0.1", port, "fifo") == {"ok": True}
-    finally:
-        daemon.stop()

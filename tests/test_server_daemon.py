@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.daemons import Daemon, free_port, our_tracker, twistd
+from tests.daemons import Daemon, free_port, gone, our_tracker, twistd, wait_until
 from tvm_rpc.protocol.constants import RPC_CODE_MISMATCH, RPC_CODE_SUCCESS, TrackerCode
 from tvm_rpc.protocol.flavour import client_key, reply_is_marked
 from tvm_rpc.protocol.framing import FrameDecoder, encode_frame, encode_magic
@@ -180,14 +180,7 @@ def test_timeout_kills_hung_call(tracked_server):
 
 def wait_gone(pid, timeout=5):
     """Wait (bounded) until process C{pid} no longer exists."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        assert time.monotonic() < deadline, f"process {pid} still runs"
-        time.sleep(0.05)
+    wait_until(lambda: gone(pid), timeout, what=f"the end of process {pid}")
 
 
 def test_client_gone_mid_call_frees_the_device(tracked_server):
