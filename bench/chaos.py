@@ -59,6 +59,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -210,6 +211,16 @@ class Managed:
             lines = list(daemon.lines)[offset if index == first else 0:]
             count += sum(1 for line in lines if text in line)
         return count
+
+    def full_matchkeys(self):
+        """
+        @return: the output lines (of every process it ran) that show a
+            matchkey in full (more than the two digits of its random part
+            that log lines may keep).
+        """
+        pattern = re.compile(rf"{re.escape(KEY)}:0\.\d{{3,}}")
+        return [line for daemon in self.outputs for line in list(daemon.lines)
+                if pattern.search(line)]
 
     def survivors(self):
         """@return: pids of killed process trees that still run."""
@@ -369,29 +380,33 @@ class Lab:
             time.sleep(0.2)
         self.reregistered.append((restarted.name, now() - ready, waiting))
 
-    def kill_worker(self, server):
+    def kill_worker(self, server, within=5.0):
         """
         SIGKILL the worker serving a session on C{server} (a process of its
-        tree with an established TCP connection: the spare worker has none).
+        tree with an established TCP connection: the spare worker has none),
+        waiting up to C{within} s for a session to be running.
 
         @return: whether one was killed.
         """
-        try:
-            tree = psutil.Process(server.daemon.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return False
-        for process in tree:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
             try:
-                if any(c.status == psutil.CONN_ESTABLISHED
-                       for c in process.net_connections(kind="tcp")):
-                    process.kill()
-                    self.events.append((now(), "kill", f"{server.name}/worker"))
-                    return True
+                tree = psutil.Process(server.daemon.proc.pid).children(recursive=True)
             except psutil.NoSuchProcess:
-                continue
+                return False
+            for process in tree:
+                try:
+                    if any(c.status == psutil.CONN_ESTABLISHED
+                           for c in process.net_connections(kind="tcp")):
+                        process.kill()
+                        self.events.append((now(), "kill", f"{server.name}/worker"))
+                        return True
+                except psutil.NoSuchProcess:
+                    continue
+            time.sleep(0.02)
         return False
 
-    def chaos(self, started, seconds, rng, stop):
+    def chaos(self, started, seconds, rng, stop, worker_share=0.25):
         """
         The chaos thread: server kills at random (each restarted by a thread
         of its own, so kills do not wait for restarts), now and then a worker
@@ -408,7 +423,7 @@ class Lab:
             else:
                 victim = rng.choice(victims)
                 busy = victim.role != "tvm" and victim.alive and victim.down_since is None
-                if busy and rng.random() < 0.25:
+                if busy and rng.random() < worker_share:
                     self.kill_worker(victim)
                 elif victim.alive and victim.down_since is None:
                     victim.down_since = now()
@@ -453,7 +468,7 @@ class Sampler:
 
 
 def snapshot(lab, label):
-    """Record C{label} (``start`` or ``end``) RSS and descriptors of each daemon's current instance."""
+    """Record C{label} (``start`` or ``end``) RSS, descriptors, processes of each daemon now."""
     for daemon in lab.daemons:
         figures = daemon.sample()
         if figures is not None:
@@ -694,31 +709,41 @@ def classify(records, lab):
     """
     Put each failed cycle in a class: its restart window, a server kill, or unexplained.
 
-    @return: a dict class -> Counter of error names, and the list of unexplained records.
+    @return: a dict class -> Counter of error names, a dict class -> (first,
+        last) time a cycle of it ended, and the list of unexplained records.
     """
     kills = [when for when, what, name in lab.events
              if what == "kill" and name not in ("tracker", "proxy")]
     classes = defaultdict(Counter)
+    spans = {}
     unexplained = []
     for record in records:
         if record["outcome"] not in ("failed", "hung"):
             continue
         error = record.get("error") or "hung"
         if record["outcome"] == "hung":
-            classes["hung"][error] += 1
-            continue
-        start, end = record["start"], record["end"]
-        window = next((name for name, low, high in lab.windows if low <= end <= high), None)
-        base = error.split("(", 1)[0].replace("tvm:", "")
-        if window:
-            classes[f"in the {window} restart window"][error] += 1
-        elif base in CONNECTION_ERRORS and any(
-                start - KILL_SLACK <= when <= end + KILL_SLACK for when in kills):
-            classes["server killed during the cycle"][error] += 1
+            name = "hung"
         else:
-            classes["unexplained"][error] += 1
+            name = _failure_class(record, error, lab, kills)
+        classes[name][error] += 1
+        low, high = spans.get(name, (record["end"], record["end"]))
+        spans[name] = (min(low, record["end"]), max(high, record["end"]))
+        if name == "unexplained":
             unexplained.append(record)
-    return classes, unexplained
+    return classes, spans, unexplained
+
+
+def _failure_class(record, error, lab, kills):
+    """@return: the class of one failed cycle (see L{classify})."""
+    start, end = record["start"], record["end"]
+    window = next((name for name, low, high in lab.windows if low <= end <= high), None)
+    if window:
+        return f"in the {window} restart window"
+    base = error.split("(", 1)[0].replace("tvm:", "")
+    if base in CONNECTION_ERRORS and any(
+            start - KILL_SLACK <= when <= end + KILL_SLACK for when in kills):
+        return "server killed during the cycle"
+    return "unexplained"
 
 
 # --- report ---
@@ -764,8 +789,8 @@ def daemon_rows(lab):
     return rows, flags
 
 
-def report(lab, records, classes, unexplained, settle_figures, tvm_loops, log_counts,
-           options, machine, started, orphans):
+def report(lab, records, classes, spans, unexplained, settle_figures, tvm_loops,
+           log_counts, options, machine, started, orphans):
     """@return: the Markdown body of the ``Chaos`` section, and whether every target was met."""
     by_client = defaultdict(Counter)
     for record in records:
@@ -810,40 +835,51 @@ def report(lab, records, classes, unexplained, settle_figures, tvm_loops, log_co
         total = sum(counts.values())
         lines.append(f"| {'ours' if client == 'ours' else 'TVM'} | {total} | {counts['ok']} | "
                      f"{counts['expected']} | {counts['failed']} | {counts['hung']} |")
+    killed = ", ".join(f"{name} x{count}" for name, count in sorted(kills.items()))
+    windows = "; ".join(f"{name} {low - started:.1f}-{high - started:.1f} s"
+                        for name, low, high in lab.windows)
+    back = "; ".join(f"{role} median {statistics.median(times):.1f} s, max {max(times):.1f} s"
+                     for role, times in sorted(downtimes.items()))
+    again = "; ".join(
+        f"after the {name} restart, every peer within {seconds:.1f} s" if not waiting
+        else f"after the {name} restart, still waiting after {seconds:.0f} s: "
+             f"{', '.join(waiting)}"
+        for name, seconds, waiting in lab.reregistered)
     lines += [
         "",
-        f"Chaos: {sum(kills.values())} kills ({', '.join(f'{n} x{c}' for n, c in sorted(kills.items()))}). "
-        f"Restart windows run from the kill to {WINDOW_AFTER:g} s after the daemon is back: " +
-        "; ".join(f"{name} {low - started:.1f}-{high - started:.1f} s" for name, low, high
-                  in lab.windows) + ". " +
-        "Back after a kill (from SIGKILL to the restarted daemon's ready line: registered "
-        "with the tracker, waiting at the proxy, or listening for TVM's): " + "; ".join(
-            f"{role} median {statistics.median(times):.1f} s, max {max(times):.1f} s"
-            for role, times in sorted(downtimes.items())) + ". "
-        "Registered again (logs): " + "; ".join(
-            f"after the {name} restart, every peer within {seconds:.1f} s"
-            if not waiting else f"after the {name} restart, still waiting after "
-            f"{seconds:.0f} s: {', '.join(waiting)}" for name, seconds, waiting in lab.reregistered)
-        + ".",
+        f"Chaos: {sum(kills.values())} kills ({killed}; `/worker`: the worker serving a "
+        f"session, not the server). Restart windows run from the kill to {WINDOW_AFTER:g} s "
+        f"after the daemon is back: {windows}. Back after a kill (from SIGKILL to the "
+        f"restarted daemon's ready line: registered with the tracker, waiting at the proxy, "
+        f"or listening for TVM's): {back}. Registered again (logs): {again}.",
         "",
         "Failures by class and error (a failure is put in a window when it ended inside one; "
-        f"\"server killed\" when a connection-type error ended a cycle during which (±{KILL_SLACK:g} s) "
-        "a server was killed):",
+        "\"server killed\" when a connection-type error ended a cycle during which "
+        f"(±{KILL_SLACK:g} s) a server or worker was killed):",
         "",
-        "| class | failures | by error |",
-        "|---|---|---|",
+        "| class | failures | ended between (s into the run) | by error |",
+        "|---|---|---|---|",
     ]
     for name in sorted(classes):
         counter = classes[name]
-        lines.append(f"| {name} | {sum(counter.values())} | "
+        low, high = spans[name]
+        lines.append(f"| {name} | {sum(counter.values())} | {low - started:.1f}-"
+                     f"{high - started:.1f} | "
                      + ", ".join(f"`{e}` {c}" for e, c in counter.most_common()) + " |")
     if not classes:
-        lines.append("| (none) | 0 | |")
+        lines.append("| (none) | 0 | | |")
     if log_counts:
         lines += ["", "Our client's warnings during the run: " + "; ".join(
             f"{text} x{count}" for text, count in log_counts.most_common(5)) + "."]
     if tvm_loops.replaced:
         lines += ["", f"TVM's client loops replaced after a hang: {tvm_loops.replaced}."]
+    exposed = {daemon.name: daemon.full_matchkeys() for daemon in lab.daemons
+               if daemon.role != "tvm"}
+    exposed = {name: found for name, found in exposed.items() if found}
+    if exposed:
+        lines += ["", "Matchkeys logged in full (robustness.md: never): " + "; ".join(
+            f"{name} {len(found)} lines, e.g. `{found[0].split(' ', 1)[-1][:160]}`"
+            for name, found in exposed.items()) + "."]
     leaked = "none" if not problems else "; ".join(problems)
     lines += [
         "",
@@ -886,6 +922,9 @@ def parse_args(argv):
                         help="our servers registered with the tracker (6; 2 are controls)")
     parser.add_argument("--proxied", type=int, default=3,
                         help="our servers behind the proxy (3; 1 is a control)")
+    parser.add_argument("--worker-kills", type=float, default=0.25,
+                        help="share of the chaos's picks of one of our servers that kill "
+                             "the worker serving a session instead of the server (0.25)")
     parser.add_argument("--seed", type=int, default=None, help="the chaos's random seed")
     parser.add_argument("--write-docs", action="store_true",
                         help="write the figures into docs/benchmarks.md (## Chaos)")
@@ -944,7 +983,8 @@ def main(argv=None):
         with Sampler(lab):
             started = now()
             chaos = threading.Thread(target=lab.chaos,
-                                     args=(started, options.seconds, rng, stop_chaos),
+                                     args=(started, options.seconds, rng, stop_chaos,
+                                           options.worker_kills),
                                      daemon=True)
             chaos.start()
             tvm_loops.go(options.seconds)
@@ -961,10 +1001,10 @@ def main(argv=None):
             time.sleep(2.0)
             snapshot(lab, "end")
         orphans = [f"{d.name}: {pid}" for d in lab.daemons for pid in d.survivors()]
-        classes, unexplained = classify(records, lab)
-        body, met, unexplained = report(lab, records, classes, unexplained, settle_figures,
-                                        tvm_loops, log_counter.counts, options, machine,
-                                        started, orphans)
+        classes, spans, unexplained = classify(records, lab)
+        body, met, unexplained = report(lab, records, classes, spans, unexplained,
+                                        settle_figures, tvm_loops, log_counter.counts,
+                                        options, machine, started, orphans)
     finally:
         stop_chaos.set()
         tvm_loops.stop()
