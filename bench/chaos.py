@@ -2,8 +2,9 @@
 
 Usage (from the repository root, with apache-tvm installed)::
 
-    python bench/chaos.py [--seconds 120] [--loops 32] [--tvm-loops 4] [--direct 6]
-                          [--proxied 3] [--seed N] [--write-docs]
+    python bench/chaos.py [--seconds 120] [--warmup 5] [--loops 32] [--tvm-loops 4]
+                          [--direct 6] [--proxied 3] [--worker-kills 0.25] [--seed N]
+                          [--write-docs] [--json FILE]
 
 On loopback it starts our tracker (``twistd rpc-tracker``), our proxy in
 tracker mode (``twistd rpc-proxy --tracker ... --web-port 0``) and, all under
@@ -36,7 +37,9 @@ After a warm-up (loops without chaos), the loops stop, the daemons settle
 and their process trees' RSS and descriptors are taken ("start"). Then, for
 ``--seconds``, the loops run while a chaos thread kills (SIGKILL, the whole
 process group) a random server other than the controls every 2-6 s and
-restarts it on the same port 0.3-2 s later; once, at 35 % of the run, it
+restarts it on the same port 0.3-2 s later (or, for ``--worker-kills`` of the
+picks of one of our servers, kills the worker serving a session on it
+instead); once, at 35 % of the run, it
 kills the tracker and restarts it on its port 1 s later, and once, at 65 %, the
 proxy. Everyone registers again by themselves: the script checks the logs
 (each live server of ours logs ``registered`` again, the proxy reports itself
@@ -288,6 +291,7 @@ class Lab:
         self.reregistered = []
         self.restart_failures = []
         self.downtimes = []
+        self.worker_kills_tried = 0
 
     @property
     def daemons(self):
@@ -337,6 +341,10 @@ class Lab:
     def restart_core(self, managed):
         """Restart the tracker or the proxy, open its window, and check re-registration."""
         marks = {daemon.name: daemon.position() for daemon in self.daemons}
+        # Peers being restarted register anyway once they are up: only those
+        # up at the restart (and not killed since) are watched.
+        marks["up"] = {server.name: len(server.instances) for server in self.live_servers()
+                       if server.down_since is None}
         killed, ready = self.restart(managed, 1.0)
         self.windows.append((managed.name, killed, ready + WINDOW_AFTER))
         threading.Thread(target=self._watch_reregistration, args=(managed, marks, ready),
@@ -352,7 +360,8 @@ class Lab:
         """
         def pending():
             waiting = []
-            live = self.live_servers()
+            live = [s for s in self.live_servers()
+                    if marks["up"].get(s.name) == len(s.instances)]
             proxied = [s for s in live if s.role == "proxied"]
             if restarted is self.tracker:
                 if self.proxy.lines_after("reported server:proxy", marks["proxy"]) < 1:
@@ -424,6 +433,7 @@ class Lab:
                 victim = rng.choice(victims)
                 busy = victim.role != "tvm" and victim.alive and victim.down_since is None
                 if busy and rng.random() < worker_share:
+                    self.worker_kills_tried += 1
                     self.kill_worker(victim)
                 elif victim.alive and victim.down_since is None:
                     victim.down_since = now()
@@ -848,7 +858,8 @@ def report(lab, records, classes, spans, unexplained, settle_figures, tvm_loops,
     lines += [
         "",
         f"Chaos: {sum(kills.values())} kills ({killed}; `/worker`: the worker serving a "
-        f"session, not the server). Restart windows run from the kill to {WINDOW_AFTER:g} s "
+        f"session, not the server; {lab.worker_kills_tried} worker kills tried, each waiting "
+        f"up to 5 s for a session to run). Restart windows run from the kill to {WINDOW_AFTER:g} s "
         f"after the daemon is back: {windows}. Back after a kill (from SIGKILL to the "
         f"restarted daemon's ready line: registered with the tracker, waiting at the proxy, "
         f"or listening for TVM's): {back}. Registered again (logs): {again}.",
@@ -892,6 +903,10 @@ def report(lab, records, classes, spans, unexplained, settle_figures, tvm_loops,
         "daemon's end is a fresh process, so only those never restarted are compared:",
         "",
         *rows,
+        "",
+        "RSS sums the processes of a tree, so pages a session's worker shares with the fork "
+        "server it was forked from count twice: a server's peak (about +98 MiB) is one "
+        "session's worker alive, not growth.",
     ]
     if lab.restart_failures:
         lines += ["", "Restarts that failed first: " + "; ".join(
@@ -936,7 +951,7 @@ def parse_args(argv):
     for word in words:
         if word == "--json":
             next(words, None)
-        elif not word.startswith("--json=") and word != "--write-docs":
+        elif not word.startswith("--json="):
             shown.append(word)
     options.command_line = " ".join(shown)
     if options.seed is None:
