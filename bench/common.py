@@ -38,7 +38,8 @@ from tests.daemons import (  # noqa: E402  (needs the repository root on sys.pat
 __all__ = [
     "Daemon", "child_env", "free_port", "our_tracker", "running", "tvm_tracker", "twistd",
     "free_servers", "our_rpc_server", "tvm_rpc_server", "wait_summary",
-    "ROOT", "DOCS", "MiB", "raise_fd_limit", "tree_rss", "tree_cpu_seconds", "TreeSampler",
+    "ROOT", "DOCS", "MiB", "raise_fd_limit", "tree_rss", "tree_fds", "tree_cpu_seconds",
+    "TreeSampler",
     "self_cpu_seconds", "percentile", "latency_stats", "fmt_ms", "machine_description",
     "machine_markdown", "replace_section",
 ]
@@ -78,6 +79,17 @@ def tree_rss(pid):
         try:
             total += proc.memory_info().rss
         except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def tree_fds(pid):
+    """@return: the open file descriptors of C{pid} and its descendants, summed."""
+    total = 0
+    for proc in _tree(pid):
+        try:
+            total += proc.num_fds()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return total
 
