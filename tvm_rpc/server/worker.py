@@ -54,7 +54,7 @@ from zope.interface import implementer
 from ..protocol.flavour import OUR_PROTOCOL, TVM_PROTOCOL
 from . import tvm_session, watchdog
 from .watchdog import EXIT_CLIENT_GONE, EXIT_NO_START, EXIT_REASONS
-from .environment import remove_work_dirs_of
+from .workdir import remove_work_dirs_of
 from .limits import SessionSettings
 from .listener import ISessionRunner, session_time
 from .logs import logger
