@@ -42,7 +42,7 @@ from tvm_rpc.server.limits import (
 )
 from tvm_rpc.server.registry import Registry
 from tvm_rpc.server.session import SessionProtocol
-from tvm_rpc.server.worker import WorkerPool
+from tvm_rpc.server.pool import WorkerPool
 from tvm_rpc.server.workdir import FileSink
 
 NAME_MAX = 255

@@ -1,8 +1,13 @@
-"""Modules a session loads: ``.py`` files, and TVM-compiled libraries through TVM's runtime.
+"""Modules: those the server names at start, and those a session loads.
 
-:func:`load_module` loads a file of the work directory by its suffix: a
-``.py`` file becomes a :class:`PythonModule` (its public functions are
-callable), a TVM library (``.so``, ``.tar``, ...) a ``tvm.runtime.Module``
+At start the server imports the ``--init`` modules (:func:`run_init`) and
+its session factory (``--session-factory``, :data:`DEFAULT_SESSION_FACTORY`
+unless told otherwise) by ``module[:callable]`` specs (:func:`load_callable`):
+in the fork server, or in the server itself when sessions run in process.
+
+In a session, :func:`load_module` loads a file of the work directory by its
+suffix: a ``.py`` file becomes a :class:`PythonModule` (its public functions
+are callable), a TVM library (``.so``, ``.tar``, ...) a ``tvm.runtime.Module``
 when TVM's runtime is installed on the device, and
 :class:`~tvm_rpc.server.errors.TVMRuntimeMissing` otherwise.
 :func:`is_module` and :func:`module_function` treat both kinds alike.
@@ -127,3 +132,37 @@ def module_function(module, name, query_imports=False):
         return module.get_function(name, query_imports)
     except (AttributeError, RuntimeError) as e:
         raise NoSuchFunction(f"module has no function {name!r}: {e}") from None
+
+
+#: The session protocol factory used unless told otherwise.
+DEFAULT_SESSION_FACTORY = "tvm_rpc.server.session:make_session_protocol"
+
+
+def load_callable(spec):
+    """
+    Import ``module[:callable]``.
+
+    @param spec: ``package.module`` or ``package.module:name``.
+    @return: C{(module, callable_or_None)}.
+    @raise ImportError: when the module or name cannot be found.
+    """
+    module_name, _, name = spec.partition(":")
+    module = importlib.import_module(module_name)
+    if not name:
+        return module, None
+    try:
+        return module, getattr(module, name)
+    except AttributeError:
+        raise ImportError(f"{module_name} has no attribute {name!r}") from None
+
+
+def run_init(specs):
+    """
+    Import each ``--init`` module and call its callable when one is named.
+
+    @param specs: ``module[:callable]`` strings.
+    """
+    for spec in specs:
+        _, function = load_callable(spec)
+        if function is not None:
+            function()
