@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tvm_rpc.client.registration import TrackerRegistration
 from tvm_rpc.server import tap
 from tvm_rpc.server.listener import InProcessRunner
-from tvm_rpc.server.worker import WorkerPool
+from tvm_rpc.server.pool import WorkerPool
 
 STANDIN = "tests.standin_session:make"
 

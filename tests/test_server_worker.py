@@ -14,10 +14,12 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from tvm_rpc.server import pool as pool_module
 from tvm_rpc.server import worker as worker_module
+from tvm_rpc.server.control import receive_control, send_control
 from tvm_rpc.server.gate import SessionGate
 from tvm_rpc.server.listener import Handoff
-from tvm_rpc.server.worker import WorkerPool, receive_control
+from tvm_rpc.server.pool import WorkerPool
 
 
 class FakeProcessTransport:
@@ -68,7 +70,7 @@ class WorkerPoolTests(SynchronousTestCase):
     def setUp(self):
         self.reactor = ProcessReactor()
         self.killed = []
-        self.patch(worker_module.os, "killpg", lambda pid, sig: self.killed.append((pid, sig)))
+        self.patch(pool_module.os, "killpg", lambda pid, sig: self.killed.append((pid, sig)))
         self.pool = WorkerPool(
             self.reactor, "/work-root", init=("mod:fn",), session_factory="a.b:c",
             timeout_notice=lambda seconds: f"timeout {seconds:g}".encode(),
@@ -250,7 +252,7 @@ class ControlMessageTests(SynchronousTestCase):
         self.addCleanup(child.close)
         sent = [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]
         for index, fd in enumerate(sent):
-            worker_module.send_control(parent, {"id": index, "pad": "x" * 3000 * index}, fd)
+            send_control(parent, {"id": index, "pad": "x" * 3000 * index}, fd)
             os.close(fd)
         for index in range(3):
             header, fd = receive_control(child)

@@ -15,19 +15,11 @@ from tvm_rpc.protocol import values
 from tvm_rpc.protocol.streams import StreamError
 from tvm_rpc.protocol.values import ArrayRef, Device, Handle, HostArray
 from tvm_rpc.server import register_func
-from tvm_rpc.server.environment import (
-    DeviceError,
-    HandleError,
-    NumpyBackend,
-    PathEscapeError,
-    PythonArray,
-    PythonBackend,
-    PythonModule,
-    SessionEnvironment,
-    TVMRuntimeMissing,
-    WorkDirectory,
-    select_backend,
-)
+from tvm_rpc.server.backends import NumpyBackend, PythonArray, PythonBackend, select_backend
+from tvm_rpc.server.environment import SessionEnvironment
+from tvm_rpc.server.errors import DeviceError, HandleError, PathEscapeError, TVMRuntimeMissing
+from tvm_rpc.server.modules import PythonModule
+from tvm_rpc.server.workdir import WorkDirectory
 from tvm_rpc.server.registry import GLOBAL_REGISTRY, NoSuchFunction, Registry
 
 
@@ -139,7 +131,7 @@ def test_escapes_refused(root):
 
 def test_remove_work_dirs_of(root):
     """A dead worker's work directories are found by pid and removed; others stay."""
-    from tvm_rpc.server.environment import remove_work_dirs_of
+    from tvm_rpc.server.workdir import remove_work_dirs_of
 
     mine = WorkDirectory.create(root)
     assert os.path.basename(mine.root).startswith(f"session-{os.getpid()}-")
@@ -519,3 +511,28 @@ class HandleMachine(RuleBasedStateMachine):
 
 TestHandles = HandleMachine.TestCase
 TestHandles.settings = settings(max_examples=30, stateful_step_count=20, deadline=None)
+
+
+@pytest.mark.parametrize("name", ["python", "numpy", "tvm"])
+def test_backends_provide_the_interface(name):
+    """Every array backend that imports here provides IArrayBackend."""
+    from zope.interface.verify import verifyObject
+
+    from tvm_rpc.server.backends import IArrayBackend
+
+    try:
+        backend = select_backend(name)
+    except ImportError:
+        pytest.skip(f"the {name} backend does not import here")
+    assert verifyObject(IArrayBackend, backend)
+
+
+def test_errors_keep_their_wire_names():
+    """The session's errors reach clients under the names they always had (a remote
+    error's type name is the exception's module and qualified name)."""
+    from tvm_rpc.server import errors
+
+    for kind in (errors.PathEscapeError, errors.DeviceError, errors.TVMRuntimeMissing,
+                 errors.HandleError, errors.CodeUploadRefused):
+        assert f"{kind.__module__}.{kind.__qualname__}" == (
+            f"tvm_rpc.server.environment.{kind.__name__}")

@@ -24,15 +24,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.daemons import child_env, our_rpc_server
 from tests.test_session_client import SessionTestBase
 from tvm_rpc.client.session import make_client_protocol, start_session
+from tvm_rpc.localfiles import open_temporary
 from tvm_rpc.protocol import ampwire, commands, values
-from tvm_rpc.protocol.streams import FileSink, ResultTooLarge, open_temporary
+from tvm_rpc.protocol.streams import ResultTooLarge
 from tvm_rpc.server import tap
-from tvm_rpc.server.environment import (
-    CodeUploadRefused,
-    DeviceError,
-    SessionEnvironment,
-    check_device,
-)
+from tvm_rpc.server.backends import check_device
+from tvm_rpc.server.environment import SessionEnvironment
+from tvm_rpc.server.errors import CodeUploadRefused, DeviceError
 from tvm_rpc.server.limits import (
     DEFAULT_MAX_BOX_BYTES,
     DEFAULT_MAX_STREAMS,
@@ -44,7 +42,8 @@ from tvm_rpc.server.limits import (
 )
 from tvm_rpc.server.registry import Registry
 from tvm_rpc.server.session import SessionProtocol
-from tvm_rpc.server.worker import WorkerPool
+from tvm_rpc.server.pool import WorkerPool
+from tvm_rpc.server.workdir import FileSink
 
 NAME_MAX = 255
 

@@ -17,8 +17,6 @@ from tvm_rpc.protocol import commands
 from tvm_rpc.protocol.streams import (
     BytesSink,
     BytesSource,
-    FileSink,
-    FileSource,
     ISink,
     StreamError,
     StreamTable,
@@ -29,6 +27,7 @@ from tvm_rpc.protocol.streams import (
     send_value,
     write_stream,
 )
+from tvm_rpc.server.workdir import FileSink, FileSource
 
 
 class StreamServer(amp.AMP):

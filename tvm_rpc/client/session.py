@@ -86,7 +86,8 @@ from ..protocol.commands import (
     StreamClose,
     TimeEvaluator,
 )
-from ..protocol.streams import chunked, file_chunks, open_temporary, read_stream
+from ..localfiles import open_temporary
+from ..protocol.streams import chunked, file_chunks, read_stream
 from ..protocol.streams import receive_value, send_value, write_stream
 from ..protocol.values import ArrayRef, Handle, HostArray
 from .remote import (

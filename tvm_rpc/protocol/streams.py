@@ -14,6 +14,9 @@ travels in one AMP box. The receiving end of a transfer keeps a
 
 Either kind is cancelled or released by
 :class:`~tvm_rpc.protocol.commands.StreamClose`.
+This module does no I/O: the sinks and sources here hold bytes in memory;
+those over files are the server's (:mod:`tvm_rpc.server.workdir`), those
+over arrays too (:mod:`tvm_rpc.server.array_streams`).
 
 The other end drives transfers with :func:`write_stream` and
 :func:`read_stream`. Each keeps at most ``window`` commands outstanding and
@@ -25,7 +28,6 @@ stops it and closes the stream on the other end.
 """
 
 import itertools
-import os
 
 import attrs
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -56,32 +58,6 @@ class ResultTooLarge(StreamError):
 
 class TooManyStreams(StreamError):
     """A stream opened beyond the most a session may hold open at once."""
-
-
-#: Ids that make temporary names unique within this process.
-_temporary_ids = itertools.count(1)
-
-
-def open_temporary(path):
-    """
-    Create a hidden temporary file beside C{path}, to be renamed over it.
-
-    The name is short and does not contain C{path}'s own name, so any name
-    the file system accepts (up to C{NAME_MAX}, 255 bytes) can be written
-    this way; it is created exclusively, so it never clobbers a file.
-
-    @param path: the final path.
-    @return: C{(temporary path, file open for binary writing)}.
-    @raise OSError: when no file can be created there.
-    """
-    directory = os.path.dirname(path)
-    for _ in range(100):
-        temporary = os.path.join(directory, f".part-{os.getpid()}-{next(_temporary_ids)}")
-        try:
-            return temporary, open(temporary, "xb")
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name beside {path!r}")
 
 
 class ISink(Interface):
@@ -163,59 +139,6 @@ class BytesSink:
         return bytes(self._buffer)
 
 
-@implementer(ISink)
-@attrs.define(eq=False)
-class FileSink:
-    """
-    Write a stream to a file, atomically: chunks go to a hidden temporary
-    file beside C{path} (see L{open_temporary}), renamed over C{path} at
-    L{finish}; a cancelled stream leaves nothing behind.
-
-    @ivar path: the final path (already confined by the caller).
-    @ivar expected: when not L{None}, the exact size required at L{finish}.
-    @ivar charge: when not L{None}, called with C{(nbytes, path)} before
-        each chunk is written; it raises to refuse the chunk (a quota).
-    """
-
-    path: str
-    expected: "int | None" = None
-    charge: object = None
-    _file: object = None
-    _temporary: str = ""
-    _size: int = 0
-
-    def __attrs_post_init__(self):
-        """Open the temporary file."""
-        self._temporary, self._file = open_temporary(self.path)
-
-    def write(self, data):
-        """Write C{data} to the temporary file."""
-        if self.expected is not None and self._size + len(data) > self.expected:
-            raise StreamError(f"upload exceeds its announced {self.expected} bytes")
-        if self.charge is not None:
-            self.charge(len(data), self.path)
-        self._file.write(data)
-        self._size += len(data)
-
-    def finish(self):
-        """Move the file into place. @return: its size."""
-        if self.expected is not None and self._size != self.expected:
-            self.cancel()
-            raise StreamError(f"upload ended after {self._size} of {self.expected} bytes")
-        self._file.close()
-        os.replace(self._temporary, self.path)
-        return self._size
-
-    def cancel(self):
-        """Delete the temporary file."""
-        if not self._file.closed:
-            self._file.close()
-        try:
-            os.unlink(self._temporary)
-        except FileNotFoundError:
-            pass
-
-
 @implementer(ISource)
 @attrs.define(eq=False)
 class BytesSource:
@@ -240,36 +163,6 @@ class BytesSource:
         self._data = memoryview(b"")
 
 
-@implementer(ISource)
-@attrs.define(eq=False)
-class FileSource:
-    """Serve chunks of a file by offset (opened at once, so the size is fixed)."""
-
-    path: str
-    _descriptor: int = -1
-    size: int = 0
-
-    def __attrs_post_init__(self):
-        """Open the file and note its size."""
-        self._descriptor = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        self.size = os.fstat(self._descriptor).st_size
-
-    def read(self, offset, length):
-        """@return: up to C{length} bytes at C{offset}."""
-        if self._descriptor < 0:
-            raise StreamError("stream closed")
-        if hasattr(os, "pread"):
-            return os.pread(self._descriptor, length, offset)
-        os.lseek(self._descriptor, offset, os.SEEK_SET)
-        return os.read(self._descriptor, length)
-
-    def close(self):
-        """Close the file."""
-        if self._descriptor >= 0:
-            os.close(self._descriptor)
-            self._descriptor = -1
-
-
 @attrs.define(eq=False)
 class StreamTable:
     """
@@ -289,9 +182,14 @@ class StreamTable:
     _sources: dict = attrs.field(factory=dict)
     finished_values: dict = attrs.field(factory=dict)
 
-    def _check_room(self, release):
+    def _open(self, streams, end, release):
         """
-        @param release: cancels or closes the sink or source being opened.
+        Give a sink or a source a fresh stream id.
+
+        @param streams: where it is kept (the sinks or the sources).
+        @param end: the sink or source.
+        @param release: cancels or closes it.
+        @return: its new stream id.
         @raise TooManyStreams: at the limit (after calling C{release}).
         """
         if self.max_streams is not None and len(self) >= self.max_streams:
@@ -300,6 +198,9 @@ class StreamTable:
                 f"too many open streams in this session (the server's limit is "
                 f"{self.max_streams}): finish or close some before opening more"
             )
+        stream = self.next_id()
+        streams[stream] = end
+        return stream
 
     def open_sink(self, sink):
         """
@@ -307,10 +208,7 @@ class StreamTable:
         @return: its new stream id.
         @raise TooManyStreams: at the limit (the sink is cancelled).
         """
-        self._check_room(sink.cancel)
-        stream = self.next_id()
-        self._sinks[stream] = sink
-        return stream
+        return self._open(self._sinks, sink, sink.cancel)
 
     def open_source(self, source):
         """
@@ -318,10 +216,7 @@ class StreamTable:
         @return: its new stream id.
         @raise TooManyStreams: at the limit (the source is closed).
         """
-        self._check_room(source.close)
-        stream = self.next_id()
-        self._sources[stream] = source
-        return stream
+        return self._open(self._sources, source, source.close)
 
     def _sink(self, stream):
         """@return: the sink of an open write stream. @raise StreamError: when there is none."""
@@ -614,8 +509,6 @@ def receive_value(call_remote, response, *, window=WINDOW, max_size=None):
 __all__ = [
     "BytesSink",
     "BytesSource",
-    "FileSink",
-    "FileSource",
     "ISink",
     "ISource",
     "ResultTooLarge",
@@ -624,7 +517,6 @@ __all__ = [
     "TooManyStreams",
     "chunked",
     "file_chunks",
-    "open_temporary",
     "read_stream",
     "receive_value",
     "send_value",

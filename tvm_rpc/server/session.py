@@ -24,7 +24,7 @@ For the server's plumbing (listener, handshake, worker process):
   whose session was ended for outliving its ``-timeout=N``.
 - A worker that dies (crash, timeout kill) cannot remove its work directory:
   work directories are named ``session-<pid>-*``, and
-  :func:`~tvm_rpc.server.environment.remove_work_dirs_of` ``(work_root, pid)``
+  :func:`~tvm_rpc.server.workdir.remove_work_dirs_of` ``(work_root, pid)``
   removes a dead worker's.
 - The protocol registers itself as a streaming producer on its transport:
   while answers wait to be sent (the transport's buffer is full) it stops
@@ -57,8 +57,10 @@ from .. import __version__
 from ..protocol import ampwire, commands, values
 from ..protocol.ampwire import LeanAMP
 from ..protocol.commands import remote_errors
-from .environment import PythonModule, SessionEnvironment, select_backend
+from .backends import select_backend
+from .environment import SessionEnvironment
 from .limits import SessionSettings
+from .modules import PythonModule
 
 log = Logger()
 
@@ -267,7 +269,7 @@ class SessionProtocol(LeanAMP):
         if args is not None and args_stream is not None:
             raise ValueError("give the arguments inline or by stream, not both")
         if args_stream is not None:
-            args = self.environment.streams.take_finished(args_stream)
+            args = self.environment.take_value(args_stream)
         if args is None:
             return []
         decoded = values.decode(args)
@@ -523,7 +525,7 @@ class SessionProtocol(LeanAMP):
     @remote_errors
     def stream_write(self, stream, data):
         """Consume a chunk; answer once it is consumed."""
-        result = self.environment.streams.write(stream, data)
+        result = self.environment.stream_write(stream, data)
         if isinstance(result, Deferred):
             return result.addCallback(lambda _: {})
         return {}
@@ -532,19 +534,19 @@ class SessionProtocol(LeanAMP):
     @remote_errors
     def stream_finish(self, stream):
         """End a write stream."""
-        return {"size": self.environment.streams.finish(stream)}
+        return {"size": self.environment.stream_finish(stream)}
 
     @commands.StreamRead.responder
     @remote_errors
     def stream_read(self, stream, offset, length):
         """Serve a chunk of a read stream."""
-        return {"data": self.environment.streams.read(stream, offset, length)}
+        return {"data": self.environment.stream_read(stream, offset, length)}
 
     @commands.StreamClose.responder
     @remote_errors
     def stream_close(self, stream):
         """Cancel or release a stream."""
-        self.environment.streams.close(stream)
+        self.environment.stream_close(stream)
         return {}
 
     @commands.TimeEvaluator.responder

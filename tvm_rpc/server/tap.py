@@ -25,9 +25,10 @@ from .limits import (
 )
 from .listener import DEFAULT_HANDSHAKE_TIMEOUT, InProcessRunner, ListenerFactory
 from .logs import set_silent
+from .modules import DEFAULT_SESSION_FACTORY, load_callable, run_init
+from .pool import WorkerPool
 from .proxied import ProxiedServerService, ProxyLink
 from .service import RPCServerService
-from .worker import DEFAULT_SESSION_FACTORY, WorkerPool, load_callable, run_init
 
 
 class Options(ListenOptions, usage.Options):

@@ -17,7 +17,7 @@ died) and the client's end of the socket (the client left, even in the
 middle of a long call), and ends the worker at once.
 
 The server environment is ours, confined to the session's work directory as
-in our own protocol (:class:`~tvm_rpc.server.environment.WorkDirectory`):
+in our own protocol (:class:`~tvm_rpc.server.workdir.WorkDirectory`):
 
 - ``tvm.rpc.server.workpath`` resolves and confines every path, and TVM's
   C++ ``download`` resolves its paths through it;
@@ -46,12 +46,13 @@ import socket
 import time
 
 from ..protocol.flavour import tvm_exception_packet
-from .environment import SessionEnvironment, WorkDirectory
+from .environment import SessionEnvironment
 from .limits import SessionSettings
 from .listener import REFUSAL_DRAIN
 from . import watchdog
 from .logs import logger
 from .registry import GLOBAL_REGISTRY
+from .workdir import WorkDirectory
 
 log = logger("tvm_rpc.server.tvm_session")
 

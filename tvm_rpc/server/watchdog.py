@@ -24,7 +24,7 @@ import _thread
 import os
 import select
 
-from .environment import remove_work_dirs_of
+from .workdir import remove_work_dirs_of
 
 #: Exit code of a worker whose server went away.
 EXIT_SERVER_GONE = 3

@@ -1,0 +1,43 @@
+"""The errors a session's environment raises, under the names clients see.
+
+A failed call reaches the client as a
+:class:`~tvm_rpc.protocol.commands.RemoteError` whose ``type_name`` is the
+exception's qualified name, and clients match on it
+(``"tvm_rpc.server.environment.PathEscapeError"``). These errors were born in
+``tvm_rpc.server.environment``; the modules that raise them now sit beside it
+(work directory, array backends, module loading), so each keeps that name on
+the wire through its ``__module__``, whichever module raises it.
+"""
+
+#: The module name every session error carries on the wire.
+WIRE_MODULE = "tvm_rpc.server.environment"
+
+
+class PathEscapeError(PermissionError):
+    """A path that would leave the session's work directory."""
+
+    __module__ = WIRE_MODULE
+
+
+class DeviceError(RuntimeError):
+    """A device that does not exist, or that this server cannot drive."""
+
+    __module__ = WIRE_MODULE
+
+
+class TVMRuntimeMissing(RuntimeError):
+    """A TVM-compiled library was loaded on a device without TVM's runtime."""
+
+    __module__ = WIRE_MODULE
+
+
+class HandleError(LookupError):
+    """A handle id that is unknown, freed, or of another kind."""
+
+    __module__ = WIRE_MODULE
+
+
+class CodeUploadRefused(PermissionError):
+    """A module uploaded in the session, on a server that runs only its own functions."""
+
+    __module__ = WIRE_MODULE

@@ -1,0 +1,168 @@
+"""Modules: those the server names at start, and those a session loads.
+
+At start the server imports the ``--init`` modules (:func:`run_init`) and
+its session factory (``--session-factory``, :data:`DEFAULT_SESSION_FACTORY`
+unless told otherwise) by ``module[:callable]`` specs (:func:`load_callable`):
+in the fork server, or in the server itself when sessions run in process.
+
+In a session, :func:`load_module` loads a file of the work directory by its
+suffix: a ``.py`` file becomes a :class:`PythonModule` (its public functions
+are callable), a TVM library (``.so``, ``.tar``, ...) a ``tvm.runtime.Module``
+when TVM's runtime is installed on the device, and
+:class:`~tvm_rpc.server.errors.TVMRuntimeMissing` otherwise.
+:func:`is_module` and :func:`module_function` treat both kinds alike.
+"""
+
+import importlib.util
+import itertools
+import os
+import sys
+import types
+
+import attrs
+
+from .errors import TVMRuntimeMissing
+from .registry import NoSuchFunction
+
+_module_counter = itertools.count(1)
+
+
+@attrs.define(eq=False)
+class PythonModule:
+    """
+    A ``.py`` file loaded in a session: its public functions are callable.
+
+    @ivar path: the file it was loaded from.
+    @ivar module: the Python module object.
+    """
+
+    path: str
+    module: types.ModuleType
+
+    @classmethod
+    def load(cls, path):
+        """
+        Execute a ``.py`` file as a fresh module (a unique name, so two
+        sessions or two loads never share state).
+
+        @raise Exception: whatever the module raises while executing.
+        """
+        name = f"tvm_rpc_session_module_{next(_module_counter)}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        return cls(path, module)
+
+    def function_names(self):
+        """@return: the names of the public functions, sorted."""
+        return sorted(
+            name
+            for name, value in vars(self.module).items()
+            if not name.startswith("_") and callable(value) and not isinstance(value, type)
+        )
+
+    def get_function(self, name, query_imports=False):
+        """
+        @return: the public callable C{name}.
+        @raise NoSuchFunction: when the module has none.
+        """
+        function = None if name.startswith("_") else getattr(self.module, name, None)
+        if function is None or not callable(function):
+            raise NoSuchFunction(f"module {os.path.basename(self.path)} has no function {name!r}")
+        return function
+
+    def unload(self):
+        """Forget the module."""
+        sys.modules.pop(self.module.__name__, None)
+
+
+_TVM_LIBRARY_SUFFIXES = (".so", ".tar", ".dylib", ".dll", ".o")
+
+
+def load_module(target, path):
+    """
+    Load a ``.py`` file or a TVM library.
+
+    @param target: the file, already confined to the work directory.
+    @param path: the path the client named, for messages.
+    @return: the module object (a L{PythonModule} or a TVM module).
+    @raise TVMRuntimeMissing: for a TVM library when TVM's runtime is not
+        installed on this device.
+    @raise ValueError: for another kind of file.
+    """
+    suffix = os.path.splitext(target)[1].lower()
+    if suffix == ".py":
+        return PythonModule.load(target)
+    if suffix in _TVM_LIBRARY_SUFFIXES:
+        try:
+            import tvm.runtime
+        except ImportError as e:
+            raise TVMRuntimeMissing(
+                f"cannot load {path!r}: TVM's runtime is not installed on this device "
+                f"({e}); install apache-tvm on the device, or load a .py module"
+            ) from None
+        return tvm.runtime.load_module(target)
+    raise ValueError(
+        f"cannot load {path!r}: unsupported module type {suffix or '(none)'!r} "
+        f"(use .py, or a TVM library: {', '.join(_TVM_LIBRARY_SUFFIXES)})"
+    )
+
+
+def is_module(value):
+    """@return: whether C{value} is a Python or TVM module."""
+    if isinstance(value, PythonModule):
+        return True
+    runtime = sys.modules.get("tvm.runtime")
+    return runtime is not None and isinstance(value, runtime.Module)
+
+
+def module_function(module, name, query_imports=False):
+    """
+    @return: the function C{name} of a loaded module.
+    @raise NoSuchFunction: when the module has none.
+    """
+    if isinstance(module, PythonModule):
+        return module.get_function(name)
+    try:
+        return module.get_function(name, query_imports)
+    except (AttributeError, RuntimeError) as e:
+        raise NoSuchFunction(f"module has no function {name!r}: {e}") from None
+
+
+#: The session protocol factory used unless told otherwise.
+DEFAULT_SESSION_FACTORY = "tvm_rpc.server.session:make_session_protocol"
+
+
+def load_callable(spec):
+    """
+    Import ``module[:callable]``.
+
+    @param spec: ``package.module`` or ``package.module:name``.
+    @return: C{(module, callable_or_None)}.
+    @raise ImportError: when the module or name cannot be found.
+    """
+    module_name, _, name = spec.partition(":")
+    module = importlib.import_module(module_name)
+    if not name:
+        return module, None
+    try:
+        return module, getattr(module, name)
+    except AttributeError:
+        raise ImportError(f"{module_name} has no attribute {name!r}") from None
+
+
+def run_init(specs):
+    """
+    Import each ``--init`` module and call its callable when one is named.
+
+    @param specs: ``module[:callable]`` strings.
+    """
+    for spec in specs:
+        _, function = load_callable(spec)
+        if function is not None:
+            function()

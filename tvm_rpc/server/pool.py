@@ -1,0 +1,433 @@
+"""Session worker processes, the server's side: the pool that hands sessions to them.
+
+A :class:`WorkerPool` runs each session in its own worker process, forked
+from a warm fork server (the child side: :mod:`~tvm_rpc.server.worker`) that
+the pool starts as ``python -m tvm_rpc.server.worker`` and hands each
+session's socket to (:mod:`~tvm_rpc.server.control`). The fork server reports
+when it is ready, and each worker's pid as it starts and its exit status as
+it ends; the pool reads those reports (:class:`_ControlReader`) and relays
+the output of the fork server and its workers to the server's log.
+
+The server keeps its own copy of each session's descriptor, so that:
+
+- a worker that crashes (``os._exit``, a segfault) or leaks ends only its own
+  session: the server hears of the exit, closes its copy and frees the slot;
+- a session that outlives its ``-timeout=N`` (or the server's
+  ``--max-session-time``) is killed (the worker's whole process group, so
+  children that user code started die too), the client is sent its session
+  protocol's timeout notice on the server's copy, and the connection is
+  closed;
+- however a worker ends, the server kills what is left of its process group
+  and removes its work directory.
+"""
+
+import base64
+import json
+import os
+import signal
+import socket
+import sys
+
+import attrs
+from twisted.internet import defer
+from twisted.internet import protocol as tprotocol
+from twisted.protocols.basic import LineOnlyReceiver
+from zope.interface import implementer
+
+from ..protocol.flavour import OUR_PROTOCOL, TVM_PROTOCOL
+from . import tvm_session
+from .control import send_control
+from .listener import ISessionRunner, session_time
+from .logs import logger
+from .modules import DEFAULT_SESSION_FACTORY
+from .watchdog import EXIT_NO_START, EXIT_REASONS
+from .workdir import remove_work_dirs_of
+
+#: The log namespace of the pool's lines (that of the module it came from,
+#: which operators' log filters name).
+LOG_NAMESPACE = "tvm_rpc.server.worker"
+
+
+class _ForkServerProcess(tprotocol.ProcessProtocol):
+    """The server's view of the fork server process: relays its output lines."""
+
+    log = logger(LOG_NAMESPACE)
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.server = None
+        self.pid = None
+        self.ended = None
+        self._partial = {1: b"", 2: b""}
+
+    def connectionMade(self):
+        """Remember the pid; the fork server reads nothing on stdin."""
+        self.pid = self.transport.pid
+        self.transport.closeStdin()
+
+    def childDataReceived(self, fd, data):
+        """Relay the fork server's and its workers' output, a line at a time."""
+        buffered = self._partial.get(fd, b"") + data
+        *lines, self._partial[fd] = buffered.split(b"\n")
+        for line in lines:
+            self.log.info("worker: {line}", line=line.decode("utf-8", "replace"))
+
+    def processEnded(self, reason):
+        """Tell the pool: the sessions of this fork server can no longer be followed."""
+        self.ended = reason
+        self.pool._fork_server_ended(self, reason)
+
+
+class _ControlReader(LineOnlyReceiver):
+    """Reads the fork server's reports (one JSON object a line)."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 65536
+
+    def __init__(self, pool, server):
+        self.pool = pool
+        self.server = server
+
+    def lineReceived(self, line):
+        """Pass one report to the pool; an unreadable line is ignored."""
+        try:
+            message = json.loads(line)
+        except ValueError:
+            return
+        self.pool._report(self.server, message)
+
+
+@attrs.define(eq=False)
+class _Session:
+    """A session handed to the fork server: the server's socket copy and timer."""
+
+    id: int
+    handoff: object
+    socket: object
+    server: object
+    pid: "int | None" = None
+    timer: object = None
+    timed_out: bool = False
+
+
+@attrs.define(eq=False)
+class _ForkServer:
+    """The server's handles on one fork server."""
+
+    process: object
+    control: object
+    lifeline: object
+    reader: object = None
+    ready: bool = False
+
+
+@implementer(ISessionRunner)
+@attrs.define(eq=False)
+class WorkerPool:
+    """
+    Runs each session in its own worker process, forked from a warm fork server.
+
+    @ivar reactor: provides L{IReactorProcess}, L{IReactorSocket} and
+        L{IReactorTime}.
+    @ivar work_root: the directory under which sessions make their work
+        directories.
+    @ivar init: ``--init`` specs imported by the fork server at start.
+    @ivar session_factory: ``module:callable`` making a session protocol from
+        C{(work_root, clock=...)}, and C{settings=...} when L{session_settings}
+        is given.
+    @ivar session_settings: the L{SessionSettings<tvm_rpc.server.limits.SessionSettings>}
+        passed to every session, or L{None} for the factory's defaults.
+    @ivar timeout_notice: makes the bytes sent to a client whose session timed
+        out, from the timeout in seconds; L{None} sends nothing.
+    @ivar executable: the Python that runs the fork server.
+    @ivar env: its environment (the server's own when L{None}).
+    @ivar silent: whether workers log only warnings and errors.
+    @ivar start_timeout: seconds a client has, once its handshake is
+        answered, to send its first session message (L{None}: no limit).
+    @ivar max_session_time: the longest a session may run, whatever its
+        client asked for (L{None}: as long as the client asks).
+    """
+
+    log = logger(LOG_NAMESPACE)
+
+    reactor: object
+    work_root: str
+    init: tuple = ()
+    session_factory: str = DEFAULT_SESSION_FACTORY
+    session_settings: object = None
+    timeout_notice: object = None
+    executable: str = sys.executable
+    env: "dict | None" = None
+    silent: bool = False
+    start_timeout: "float | None" = None
+    max_session_time: "float | None" = None
+    _server: object = attrs.field(init=False, default=None)
+    _sessions: dict = attrs.field(init=False, factory=dict)
+    _by_pid: dict = attrs.field(init=False, factory=dict)
+    _next_id: int = attrs.field(init=False, default=0)
+    _stopping: bool = attrs.field(init=False, default=False)
+    sessions_started: int = attrs.field(init=False, default=0)
+    sessions_by_protocol: dict = attrs.field(
+        init=False, factory=lambda: {OUR_PROTOCOL: 0, TVM_PROTOCOL: 0}
+    )
+    crashes: int = attrs.field(init=False, default=0)
+    tvm_problem: "str | None" = attrs.field(init=False, default=None)
+    _ready_waiters: list = attrs.field(init=False, factory=list)
+
+    def argv(self, control_fd, lifeline_fd=4):
+        """@return: the fork server's command line."""
+        args = [
+            self.executable,
+            "-m",
+            "tvm_rpc.server.worker",
+            "--control-fd",
+            str(control_fd),
+            "--lifeline-fd",
+            str(lifeline_fd),
+            "--work-root",
+            self.work_root,
+            "--session-factory",
+            self.session_factory,
+        ]
+        for spec in self.init:
+            args += ["--init", spec]
+        if self.session_settings is not None:
+            args += ["--session-settings", self.session_settings.to_json()]
+        if self.silent:
+            args.append("--silent")
+        return args
+
+    def when_ready(self):
+        """
+        @return: a Deferred firing once a fork server is ready to fork
+            workers (at once if one is).
+        """
+        if self._server is not None and self._server.ready:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._ready_waiters.append(waiter)
+        return waiter
+
+    def warm_up(self):
+        """Start the fork server if none runs."""
+        if self._server is None and not self._stopping:
+            self._server = self._spawn()
+
+    def _spawn(self):
+        control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        lifeline, child_lifeline = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        process = _ForkServerProcess(self)
+        try:
+            self.reactor.spawnProcess(
+                process,
+                self.executable,
+                self.argv(3, 4),
+                env=dict(os.environ) if self.env is None else self.env,
+                childFDs={
+                    0: "w",
+                    1: "r",
+                    2: "r",
+                    3: child_control.fileno(),
+                    4: child_lifeline.fileno(),
+                },
+            )
+        finally:
+            child_control.close()
+            child_lifeline.close()
+        server = _ForkServer(process, control, lifeline)
+        process.server = server
+        server.reader = _ControlReader(self, server)
+        reading = control.dup()
+        self.reactor.adoptStreamConnection(
+            reading.fileno(), socket.AF_UNIX, tprotocol.Factory.forProtocol(lambda: server.reader)
+        )
+        reading.close()
+        return server
+
+    def refusal(self, protocol):
+        """
+        @return: L{None}: workers run both session protocols (a worker without
+            TVM's runtime tells TVM's client what to install itself).
+        """
+        return None
+
+    def start(self, handoff):
+        """Pass the connection to the fork server, which forks its worker."""
+        self.warm_up()
+        server = self._server
+        transport = handoff.transport
+        transport.stopReading()
+        transport.stopWriting()
+        skt = transport.getHandle()
+        self._next_id += 1
+        session = _Session(self._next_id, handoff, skt, server)
+        header = {
+            "id": session.id,
+            "reply": base64.b64encode(handoff.reply).decode("ascii"),
+            "rest": base64.b64encode(handoff.rest).decode("ascii"),
+            "peer": handoff.peer,
+            "protocol": handoff.protocol,
+            "start_timeout": self.start_timeout,
+        }
+        # The transport is left out of the reactor on purpose: closing it the
+        # Twisted way would shut the socket down under the worker.
+        try:
+            send_control(server.control, header, skt.fileno())
+        except OSError:
+            self.log.warn("the fork server is gone; starting another")
+            self._server = None
+            self.warm_up()
+            server = session.server = self._server
+            send_control(server.control, header, skt.fileno())
+        self._sessions[session.id] = session
+        self.sessions_started += 1
+        self.sessions_by_protocol[handoff.protocol] = (
+            self.sessions_by_protocol.get(handoff.protocol, 0) + 1
+        )
+
+    def _report(self, server, message):
+        if "ready" in message:
+            server.ready = True
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+            self.tvm_problem = message.get("tvm")
+            if self.tvm_problem is None:
+                self.log.info(
+                    "fork server {pid} ready: serves tvm_rpc's and Apache TVM's clients",
+                    pid=message["ready"],
+                )
+            else:
+                self.log.warn(
+                    "fork server {pid} ready: serves tvm_rpc's clients only; Apache TVM's "
+                    "clients are refused, as TVM's runtime cannot be imported ({problem})",
+                    pid=message["ready"],
+                    problem=self.tvm_problem,
+                )
+        elif "started" in message:
+            session = self._sessions.get(message.get("id"))
+            if session is None:
+                return
+            session.pid = message["started"]
+            self._by_pid[session.pid] = session
+            timeout = self.session_time(session.handoff)
+            if timeout:
+                # The session's time starts with its worker, not while the
+                # fork server is still starting up.
+                session.timer = self.reactor.callLater(timeout, self._expired, session)
+        elif "ended" in message:
+            session = self._by_pid.pop(message["ended"], None)
+            if session is not None:
+                self._finish(session, message.get("code"), message.get("signal"))
+
+    def session_time(self, handoff):
+        """@return: the seconds C{handoff}'s session may run (L{None}: no limit)."""
+        return session_time(handoff.timeout, self.max_session_time)
+
+    def _expired(self, session):
+        session.timer = None
+        session.timed_out = True
+        self.log.warn(
+            "session for {peer} exceeded its {timeout}s timeout; killing its worker",
+            peer=session.handoff.peer,
+            timeout=self.session_time(session.handoff),
+        )
+        self._kill(session)
+
+    def _kill(self, session):
+        if session.pid is None:
+            return
+        try:
+            os.killpg(session.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(session.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _finish(self, session, code, signal_number):
+        self._sessions.pop(session.id, None)
+        if session.timer is not None and session.timer.active():
+            session.timer.cancel()
+        session.timer = None
+        # Whatever the worker started dies with it, and what it could not
+        # clean up (a kill, a crash) is removed here.
+        self._kill(session)
+        if session.pid is not None:
+            remove_work_dirs_of(self.work_root, session.pid)
+        if session.timed_out:
+            self._send_notice(session)
+        elif code in EXIT_REASONS and signal_number is None:
+            level = self.log.warn if code == EXIT_NO_START else self.log.info
+            level(
+                "worker {pid} for {peer} ended: {reason}",
+                pid=session.pid,
+                peer=session.handoff.peer,
+                reason=EXIT_REASONS[code],
+            )
+        elif code not in (0, None) or signal_number is not None:
+            self.crashes += 1
+            self.log.warn(
+                "worker {pid} for {peer} died (exit code {code}, signal {signal}); "
+                "the server goes on",
+                pid=session.pid,
+                peer=session.handoff.peer,
+                code=code,
+                signal=signal_number,
+            )
+        try:
+            session.socket.close()
+        finally:
+            session.handoff.slot.release()
+        self.log.info(
+            "{protocol} session for {peer} ended (sessions so far: {counts})",
+            protocol=session.handoff.protocol,
+            peer=session.handoff.peer,
+            counts=", ".join(f"{n} {name}" for name, n in self.sessions_by_protocol.items()),
+        )
+
+    def _send_notice(self, session):
+        if session.handoff.protocol == TVM_PROTOCOL:
+            make_notice = tvm_session.timeout_notice
+        else:
+            make_notice = self.timeout_notice
+        if make_notice is None:
+            return
+        try:
+            notice = make_notice(self.session_time(session.handoff))
+            session.socket.setblocking(False)
+            session.socket.send(notice)
+        except Exception:
+            self.log.failure(
+                "could not tell {peer} its session timed out", peer=session.handoff.peer
+            )
+
+    def _fork_server_ended(self, process, reason):
+        server = process.server
+        if self._server is server:
+            self._server = None
+        if not self._stopping:
+            self.log.warn("fork server ended: {reason}", reason=reason.getErrorMessage())
+        # Without the fork server nobody reports these workers' ends: end them.
+        for session in list(self._sessions.values()):
+            if session.server is server:
+                self._kill(session)
+                self._by_pid.pop(session.pid, None)
+                self._finish(session, None, signal.SIGKILL)
+        for sock in (getattr(server, "control", None), getattr(server, "lifeline", None)):
+            if sock is not None:
+                sock.close()
+
+    def stop(self):
+        """Kill every worker and the fork server."""
+        self._stopping = True
+        for session in list(self._sessions.values()):
+            self._kill(session)
+        server = self._server
+        if server is not None:
+            server.lifeline.close()
+            server.control.close()
+            try:
+                server.process.transport.signalProcess("KILL")
+            except Exception:
+                pass
