@@ -416,22 +416,23 @@ class ListenerServiceFactoryTests(SynchronousTestCase):
 
 
 class DescribePeerTests(SynchronousTestCase):
-    """L{daemon.describe_peer}."""
+    """L{tvm_rpc.transport.peer_label}."""
 
     def test_peers(self):
         """TCP peers as host:port, UNIX peers by their address, no peer as given."""
+        from tvm_rpc.transport import peer_label
         from twisted.internet.address import IPv4Address, UNIXAddress
         from twisted.internet.testing import StringTransport
 
         self.assertEqual(
-            daemon.describe_peer(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5))),
+            peer_label(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5))),
             "10.0.0.1:5")
         unix = StringTransport(peerAddress=UNIXAddress(b"/tmp/x.sock"))
-        self.assertEqual(daemon.describe_peer(unix), str(UNIXAddress(b"/tmp/x.sock")))
+        self.assertEqual(peer_label(unix), str(UNIXAddress(b"/tmp/x.sock")))
 
         class Gone:
             def getPeer(self):
                 raise OSError("closed")
 
-        self.assertEqual(daemon.describe_peer(Gone()), "unknown peer")
-        self.assertEqual(daemon.describe_peer(Gone(), unknown="?"), "?")
+        self.assertEqual(peer_label(Gone()), "unknown peer")
+        self.assertEqual(peer_label(Gone(), unknown="?"), "?")

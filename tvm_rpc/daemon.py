@@ -15,7 +15,6 @@ It is not sans-IO (that is ``tvm_rpc.protocol``'s job): it holds what every
   for.
 - Listening sockets that survive running out of file descriptors
   (L{GuardedTCPPort}, L{GuardedListenReactor}).
-- L{describe_peer}: a connection's peer for log lines.
 - L{ListenerService}: bind the first free port of ``[port, port-end)`` or
   every ``--listen`` endpoint; a failed bind is fatal; once bound it logs
   ``<name> listening on <host>:<port>``. L{listener_service} builds one from
@@ -407,23 +406,6 @@ class GuardedListenReactor:
         p = GuardedUNIXPort(address, factory, backlog, mode, self._reactor, wantPID)
         p.startListening()
         return p
-
-
-def describe_peer(transport, unknown="unknown peer"):
-    """
-    @param transport: a connected transport.
-    @param unknown: the text when the transport cannot name its peer.
-    @return: C{host:port} of the peer, for log lines; the address's own text
-        when it has no host (a UNIX socket).
-    """
-    try:
-        peer = transport.getPeer()
-    except Exception:
-        return unknown
-    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
-    if host is None:
-        return str(peer)
-    return f"{host}:{port}"
 
 
 # Binding: the first free port of a range, or every endpoint

@@ -18,8 +18,9 @@ from ..daemon import (
     port_number,
     positive_float,
 )
+from ..transport import PEER_HANDSHAKE_TIMEOUT
 from .pairing import DEFAULT_TIMEOUT, PairingPool
-from .protocol import DEFAULT_HANDSHAKE_TIMEOUT, ProxyFactory
+from .protocol import ProxyFactory
 from .relay import RELAY_CHUNK
 from .tuning import AllocatorTuning
 
@@ -53,7 +54,7 @@ class Options(ListenOptions, usage.Options):
          positive_float],
         ["timeout-server", None, DEFAULT_TIMEOUT,
          "Seconds a server waits for its client (plain mode).", positive_float],
-        ["handshake-timeout", None, DEFAULT_HANDSHAKE_TIMEOUT,
+        ["handshake-timeout", None, PEER_HANDSHAKE_TIMEOUT,
          "Seconds a new connection has to send its handshake.", positive_float],
         ["relay-buffer", None, RELAY_CHUNK,
          "Bytes per read and outgoing buffer limit per connection.", _buffer_size],

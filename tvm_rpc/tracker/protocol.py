@@ -7,9 +7,7 @@ counted, and past C{max_output} bytes the connection is closed.
 """
 
 import hmac
-import socket
 
-import attrs
 from zope.interface import implementer
 
 from twisted.internet.interfaces import IPushProducer
@@ -28,103 +26,11 @@ from ..protocol.commands import (
     parse_tracker_message,
 )
 from ..protocol.framing import FrameDecoder, encode_frame, encode_magic
+from ..transport import KeepAlive, peer_host_port, quick_ack, tune_tcp
 from .logs import logger
 from .state import ITrackerPeer
 
 log = logger("tvm_rpc.tracker")
-
-
-@attrs.frozen
-class KeepAlive:
-    """
-    Per-socket TCP keepalive timers, so a dead peer is noticed in about
-    C{idle + interval * count} seconds.
-
-    @ivar idle: seconds of silence before the first probe.
-    @ivar interval: seconds between probes.
-    @ivar count: unanswered probes before the kernel drops the connection.
-    """
-
-    idle: int = 30
-    interval: int = 10
-    count: int = 3
-
-
-def _socket_of(transport):
-    """@return: the socket under C{transport} (looking through TLS), or L{None}."""
-    for _ in range(4):
-        if transport is None:
-            return None
-        get_handle = getattr(transport, "getHandle", None)
-        if get_handle is not None:
-            try:
-                handle = get_handle()
-            except Exception:
-                handle = None
-            if isinstance(handle, socket.socket):
-                return handle
-        transport = getattr(transport, "transport", None)
-    return None
-
-
-def tune_socket(transport, keepalive):
-    """
-    Set TCP_NODELAY and TCP keepalive with C{keepalive}'s timers on the
-    socket of C{transport}, when it is a TCP socket.
-
-    @return: whether the socket was tuned.
-    """
-    sock = _socket_of(transport)
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return False
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for name, value in (
-            ("TCP_KEEPIDLE", keepalive.idle),
-            ("TCP_KEEPINTVL", keepalive.interval),
-            ("TCP_KEEPCNT", keepalive.count),
-        ):
-            option = getattr(socket, name, None)
-            if option is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, option, value)
-    except OSError as e:
-        log.warn("could not tune socket: {error}", error=e)
-        return False
-    return True
-
-
-def quick_ack(transport):
-    """
-    Acknowledge what was received at once instead of after the delayed-ACK
-    timer, on a TCP socket. TVM's clients write a frame's length and its body
-    in two sends without TCP_NODELAY, so Nagle holds the body until the length
-    is acknowledged: without this, every request from TVM's client waits
-    about 40 ms for our delayed ACK.
-    """
-    option = getattr(socket, "TCP_QUICKACK", None)
-    sock = _socket_of(transport)
-    if option is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, option, 1)
-    except OSError:
-        pass
-
-
-def describe_peer(address):
-    """
-    @return: C{(host, port)} of a peer address; port is L{None} for non-IP
-        peers. An IPv4 peer of a dual-stack listener (C{::ffff:a.b.c.d}) is
-        given as plain IPv4, the address its clients can reach it on.
-    """
-    host = getattr(address, "host", None)
-    if host is not None:
-        if host.lower().startswith("::ffff:") and host.count(".") == 3:
-            host = host[len("::ffff:"):]
-        return host, getattr(address, "port", None)
-    name = getattr(address, "name", None)
-    return (name.decode("utf-8", "replace") if isinstance(name, bytes) else (name or "localhost")), None
 
 
 @implementer(ITrackerPeer, IPushProducer)
@@ -159,7 +65,7 @@ class TrackerProtocol(TimeoutMixin, Protocol):
 
     def connectionMade(self):
         """Admit the peer (or refuse it), tune the socket and register the connection."""
-        host, port = describe_peer(self.transport.getPeer())
+        host, port = peer_host_port(self.transport.getPeer())
         self._peer = f"{host}:{port}" if port is not None else host
         if port is not None:
             if not self.factory.admit(host):
@@ -167,7 +73,7 @@ class TrackerProtocol(TimeoutMixin, Protocol):
                 self.transport.loseConnection()
                 return
             self._host = host
-        tune_socket(self.transport, self.factory.keepalive)
+        tune_tcp(self.transport, self.factory.keepalive)
         self.transport.registerProducer(self, True)
         self._producing = True
         self._connection = self.factory.state.connect(self, host, port)

@@ -15,9 +15,10 @@ from ..daemon import (
     positive_int,
     with_backlog,
 )
+from ..transport import KeepAlive
 from .limits import TrackerLimits
 from .logs import logger, set_silent
-from .protocol import KeepAlive, TrackerFactory
+from .protocol import TrackerFactory
 from .state import TrackerState
 
 log = logger("tvm_rpc.tracker")
