@@ -751,3 +751,13 @@ class QuickAckSocketTests(SynchronousTestCase):
         quick_ack(Transport())
         self.assertEqual(server.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK), 1)
         quick_ack(StringTransport())  # not a socket: nothing to do
+
+
+class ResponderTableTests(SynchronousTestCase):
+    """The tracker answers every command of the vocabulary."""
+
+    def test_every_command_has_a_responder(self):
+        from tvm_rpc.protocol.commands import TRACKER_COMMANDS
+        from tvm_rpc.tracker.protocol import RESPONDERS
+
+        self.assertEqual(set(RESPONDERS), set(TRACKER_COMMANDS.values()))

@@ -137,36 +137,50 @@ class TrackerProtocol(TimeoutMixin, Protocol):
 
     def _dispatch(self, command):
         """Carry out one parsed command. @raise BadMessage: to close this connection."""
-        state = self.factory.state
-        connection = self._connection
-        if isinstance(command, Request):
-            pending = state.request(connection, command)
-            if pending.priority != command.priority and not self._clamp_logged:
-                self._clamp_logged = True
-                log.info("queueing requests from {peer} asking for priority {asked:g} at "
-                         "{priority:g}, the highest allowed", peer=self._peer,
-                         asked=command.priority, priority=pending.priority)
-        elif isinstance(command, Put):
-            state.put(connection, command)
-            self._reply(Put.encode_result(None))
-        elif isinstance(command, Ping):
-            self._reply(Ping.encode_result(None))
-        elif isinstance(command, Summary):
-            self._reply(Summary.encode_result(state.summary()))
-        elif isinstance(command, UpdateInfo):
-            state.update_info(connection, command)
-            self._reply(UpdateInfo.encode_result(None))
-        elif isinstance(command, GetPendingMatchkeys):
-            self._reply(GetPendingMatchkeys.encode_result(state.pending_matchkeys(connection)))
-        elif isinstance(command, Stop):
-            accepted = self.factory.check_stop_key(command.stop_key)
-            self._reply(Stop.encode_result(accepted))
-            if accepted:
-                log.info("stop requested by {peer}", peer=self._peer)
-                self._stopping = True
-                self._close()
-            else:
-                log.warn("wrong stop key from {peer}", peer=self._peer)
+        RESPONDERS[type(command)](self, command)
+
+    def _on_request(self, command):
+        """REQUEST: queue it; the answer comes through L{answer_request}."""
+        pending = self.factory.state.request(self._connection, command)
+        if pending.priority != command.priority and not self._clamp_logged:
+            self._clamp_logged = True
+            log.info("queueing requests from {peer} asking for priority {asked:g} at "
+                     "{priority:g}, the highest allowed", peer=self._peer,
+                     asked=command.priority, priority=pending.priority)
+
+    def _on_put(self, command):
+        """PUT: offer a free server."""
+        self.factory.state.put(self._connection, command)
+        self._reply(Put.encode_result(None))
+
+    def _on_ping(self, command):
+        """PING: answer at once."""
+        self._reply(Ping.encode_result(None))
+
+    def _on_summary(self, command):
+        """SUMMARY: the queues and the servers."""
+        self._reply(Summary.encode_result(self.factory.state.summary()))
+
+    def _on_update_info(self, command):
+        """UPDATE_INFO: keep what the peer says about itself."""
+        self.factory.state.update_info(self._connection, command)
+        self._reply(UpdateInfo.encode_result(None))
+
+    def _on_get_pending_matchkeys(self, command):
+        """GET_PENDING_MATCHKEYS: this connection's matchkeys not handed out yet."""
+        self._reply(GetPendingMatchkeys.encode_result(
+            self.factory.state.pending_matchkeys(self._connection)))
+
+    def _on_stop(self, command):
+        """STOP: stop the tracker when the stop key is right."""
+        accepted = self.factory.check_stop_key(command.stop_key)
+        self._reply(Stop.encode_result(accepted))
+        if accepted:
+            log.info("stop requested by {peer}", peer=self._peer)
+            self._stopping = True
+            self._close()
+        else:
+            log.warn("wrong stop key from {peer}", peer=self._peer)
 
     def answer_request(self, pending, result):
         """Send the answer of a REQUEST (see L{ITrackerPeer})."""
@@ -250,6 +264,18 @@ class TrackerProtocol(TimeoutMixin, Protocol):
         if self._stopping:
             self._stopping = False
             self.factory.on_stop()
+
+
+#: The responder of each tracker command, by the command's class.
+RESPONDERS = {
+    Request: TrackerProtocol._on_request,
+    Put: TrackerProtocol._on_put,
+    Ping: TrackerProtocol._on_ping,
+    Summary: TrackerProtocol._on_summary,
+    UpdateInfo: TrackerProtocol._on_update_info,
+    GetPendingMatchkeys: TrackerProtocol._on_get_pending_matchkeys,
+    Stop: TrackerProtocol._on_stop,
+}
 
 
 class TrackerFactory(Factory):
