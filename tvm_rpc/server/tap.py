@@ -7,10 +7,10 @@ from twisted.python import usage
 
 from ..client.registration import TrackerRegistration
 from ..client.tracker import tracker_endpoint
-from ..daemon import (
+from ..daemon.listening import listener_service
+from ..daemon.options import (
     ListenOptions,
     listen_parameters,
-    listener_service,
     parse_address,
     positive_float,
     positive_int,

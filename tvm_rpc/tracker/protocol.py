@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import TimeoutMixin
 
+from ..daemon.logs import logger
 from ..protocol.commands import (
     BadMessage,
     GetPendingMatchkeys,
@@ -27,7 +28,6 @@ from ..protocol.commands import (
 )
 from ..protocol.framing import FrameDecoder, encode_frame, encode_magic
 from ..transport import KeepAlive, peer_host_port, quick_ack, tune_tcp
-from .logs import logger
 from .state import ITrackerPeer
 
 log = logger("tvm_rpc.tracker")
