@@ -6,6 +6,7 @@ the L{Relay}. The same class serves websocket peers through a transport shim
 (see L{tvm_rpc.proxy.web}).
 """
 
+import attrs
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -217,25 +218,25 @@ class ProxyConnection(TimeoutMixin, Protocol):
         self.state = "closed"
 
 
+@attrs.define(eq=False)
 class ProxyFactory(Factory):
-    """Builds a L{ProxyConnection} for each accepted connection."""
+    """
+    Builds a L{ProxyConnection} for each accepted connection.
 
-    def __init__(self, pool, clock, handshake_timeout=PEER_HANDSHAKE_TIMEOUT,
-                 chunk_size=RELAY_CHUNK, on_relay_end=None, splice=False):
-        """
-        @param pool: the shared L{PairingPool}.
-        @param clock: an L{IReactorTime}.
-        @param handshake_timeout: seconds allowed for a handshake.
-        @param chunk_size: see L{ProxyConnection}.
-        @param on_relay_end: see L{ProxyConnection}.
-        @param splice: see L{ProxyConnection}.
-        """
-        self.splice = splice
-        self.pool = pool
-        self.clock = clock
-        self.handshake_timeout = handshake_timeout
-        self.chunk_size = chunk_size
-        self.on_relay_end = on_relay_end
+    @ivar pool: the shared L{PairingPool}.
+    @ivar clock: an L{IReactorTime}.
+    @ivar handshake_timeout: seconds allowed for a handshake.
+    @ivar chunk_size: see L{ProxyConnection}.
+    @ivar on_relay_end: see L{ProxyConnection}.
+    @ivar splice: see L{ProxyConnection}.
+    """
+
+    pool: object
+    clock: object
+    handshake_timeout: float = PEER_HANDSHAKE_TIMEOUT
+    chunk_size: int = RELAY_CHUNK
+    on_relay_end: object = None
+    splice: bool = False
 
     def buildProtocol(self, addr):
         """@return: a new L{ProxyConnection}."""

@@ -32,6 +32,20 @@ from .logs import logger
 REFUSAL_DRAIN = 5.0
 
 
+def read_client_key(text):
+    """
+    Read what a client presented in its handshake.
+
+    @param text: ``client:<matchkey>`` with its options.
+    @return: C{(matchkey, timeout, protocol)}: the matchkey, the session
+        timeout it asks for (seconds or L{None}) and the session protocol it
+        speaks (L{OUR_PROTOCOL} or L{TVM_PROTOCOL}).
+    @raise ValueError: when C{text} is not a client key or its timeout is bad.
+    """
+    matchkey, options = parse_client_key(text)
+    return matchkey, parse_timeout_option(options), session_protocol(options)
+
+
 def session_time(asked, cap):
     """
     @param asked: the session timeout the client asked for, or L{None}.
@@ -190,8 +204,7 @@ class HandshakeProtocol(SwitchingCarrier, TimeoutMixin, Protocol):
             self.transport.abortConnection()
             return
         try:
-            matchkey, options = parse_client_key(decoder.key)
-            timeout = parse_timeout_option(options)
+            matchkey, timeout, protocol = read_client_key(decoder.key)
         except ValueError as e:
             self._refuse("{problem}", problem=str(e))
             return
@@ -199,7 +212,6 @@ class HandshakeProtocol(SwitchingCarrier, TimeoutMixin, Protocol):
         if not gate.accepts(matchkey):
             self._refuse("presented {key!r}", key=redact_matchkeys(matchkey))
             return
-        protocol = session_protocol(options)
         refusal = self._listener.runner.refusal(protocol)
         if refusal is not None:
             self.log.warn(
@@ -352,6 +364,7 @@ class InProcessRunner:
 __all__ = [
     "REFUSAL_DRAIN",
     "close_cleanly",
+    "read_client_key",
     "session_time",
     "HandshakeProtocol",
     "Handoff",

@@ -16,11 +16,10 @@ from twisted.application.service import Service
 from twisted.internet.protocol import Factory, Protocol
 
 from ..protocol.constants import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
-from ..protocol.flavour import server_key, session_protocol, tvm_exception_packet
+from ..protocol.flavour import server_key, tvm_exception_packet
 from ..protocol.handshake import ReplyDecoder, encode_handshake
-from ..protocol.keys import parse_client_key, parse_timeout_option
 from ..transport import SwitchingCarrier, set_no_delay
-from .listener import Handoff, close_cleanly
+from .listener import Handoff, close_cleanly, read_client_key
 from .logs import logger
 from .service import SessionHostService
 
@@ -87,14 +86,12 @@ class ProxiedServerProtocol(SwitchingCarrier, Protocol):
             self.transport.loseConnection()
             return
         try:
-            _, options = parse_client_key(decoder.key)
-            timeout = parse_timeout_option(options)
+            _, timeout, protocol = read_client_key(decoder.key)
         except ValueError as e:
             log.warn("bad client key from {proxy}: {problem}", proxy=proxy, problem=str(e))
             self._outcome = "again"
             self.transport.loseConnection()
             return
-        protocol = session_protocol(options)
         refusal = self._link.runner.refusal(protocol)
         if refusal is not None:
             log.warn("refusing a client through {proxy}: its {protocol} session cannot run here",
