@@ -21,7 +21,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..protocol.commands import (
-    Allocation,
     BadMessage,
     Ping,
     Request,
@@ -32,12 +31,10 @@ from ..protocol.framing import FrameDecoder, encode_frame, encode_magic
 from ..transport import client_endpoint, peer_label, set_no_delay
 
 __all__ = [
-    "Allocation",
     "AllocationTimeout",
     "NotATracker",
     "TrackerClientFactory",
     "TrackerClientProtocol",
-    "TrackerError",
     "TrackerSession",
     "connect_tracker",
     "text_summary",
@@ -336,7 +333,7 @@ class TrackerSession:
             tracker (ours answers FAIL when it expires; TVM's ignores it) and
             enforced here as well.
         @param user: who asks (shown by the tracker).
-        @return: a Deferred firing with an L{Allocation}; it errbacks with
+        @return: a Deferred firing with an L{tvm_rpc.protocol.commands.Allocation}; it errbacks with
             L{TrackerError} when the tracker refuses, L{AllocationTimeout}
             when C{timeout} expires. Cancelling it withdraws the request by
             closing its connection.
