@@ -224,7 +224,7 @@ class RecordingSession:
         self.lost.append(reason)
 
 
-class SessionCarrierTests(SynchronousTestCase):
+class SwitchingCarrierTests(SynchronousTestCase):
     """The handshake-then-session carrier shared by the client and the server."""
 
     def test_carries_after_switch(self):
@@ -250,7 +250,7 @@ class SessionCarrierTests(SynchronousTestCase):
 
     def test_set_no_delay(self):
         """Nagle goes off where the transport has the switch; others are left alone."""
-        from tvm_rpc.client.connect import set_no_delay
+        from tvm_rpc.transport import set_no_delay
 
         class TCPish:
             calls = []
@@ -316,3 +316,25 @@ class LostBeforeSessionStartTests(SynchronousTestCase):
         failure = self.failureResultOf(requesting, RequestFailed)
         self.assertIn("after 3 attempts", str(failure.value))
         self.assertIsInstance(failure.value.__context__, SessionClosed)
+
+
+class ConnectDescribesSessionTests(SynchronousTestCase):
+    """connect() gives its session the address and the session timeout, as request() does."""
+
+    def test_address_and_session_timeout(self):
+        from twisted.protocols import amp
+
+        from tvm_rpc.client.connect import connect
+        from tvm_rpc.protocol import commands
+
+        endpoint = DyingServerEndpoint()
+        opening = connect("h", 1, "k", session_timeout=7, reactor=Clock(), endpoint=endpoint)
+        self.assertNoResult(opening)
+        answer = amp.AmpBox(
+            _answer=b"1", protocol=commands.SESSION_PROTOCOL.encode(),
+            version=str(commands.SESSION_VERSION).encode(), implementation=b"test",
+            chunk_size=b"1000", window=b"4", max_inline_value=b"1000",
+        ).serialize()
+        endpoint.protocols[-1].dataReceived(answer)
+        session = self.successResultOf(opening)
+        self.assertEqual((session.address, session.session_timeout), ("h:1", 7))

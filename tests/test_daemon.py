@@ -18,8 +18,12 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from tvm_rpc import daemon
-from tvm_rpc.daemon import GuardedTCPPort, ListenerService
+from tvm_rpc.daemon import listening as daemon_listening
+from tvm_rpc.daemon import logs as daemon_logs
+from tvm_rpc.daemon import options as daemon_options
+from tvm_rpc.daemon import ports as daemon_ports
+from tvm_rpc.daemon.listening import ListenerService
+from tvm_rpc.daemon.ports import GuardedTCPPort
 
 
 class BusyReactor(MemoryReactorClock):
@@ -47,47 +51,47 @@ class CoercerTests(SynchronousTestCase):
 
     def test_port_number(self):
         """0..65535 are ports; anything else is a ValueError."""
-        self.assertEqual([daemon.port_number(v) for v in ("0", "9190", 65535)], [0, 9190, 65535])
+        self.assertEqual([daemon_options.port_number(v) for v in ("0", "9190", 65535)], [0, 9190, 65535])
         for bad in ("-1", "65536", "x", "1.5"):
-            self.assertRaises(ValueError, daemon.port_number, bad)
+            self.assertRaises(ValueError, daemon_options.port_number, bad)
 
     def test_positive_int(self):
         """Only integers above zero."""
-        self.assertEqual(daemon.positive_int("3"), 3)
+        self.assertEqual(daemon_options.positive_int("3"), 3)
         for bad in ("0", "-2", "x"):
-            self.assertRaises(ValueError, daemon.positive_int, bad)
+            self.assertRaises(ValueError, daemon_options.positive_int, bad)
 
     def test_positive_float(self):
         """Only finite numbers above zero."""
-        self.assertEqual(daemon.positive_float("0.5"), 0.5)
+        self.assertEqual(daemon_options.positive_float("0.5"), 0.5)
         for bad in ("0", "-1", "inf", "nan", "x"):
-            self.assertRaises(ValueError, daemon.positive_float, bad)
+            self.assertRaises(ValueError, daemon_options.positive_float, bad)
 
     def test_parse_address(self):
         """C{HOST:PORT}, IPv6 in brackets or bare before the last colon."""
-        self.assertEqual(daemon.parse_address("127.0.0.1:9190"), ("127.0.0.1", 9190))
-        self.assertEqual(daemon.parse_address("tracker.lab:1"), ("tracker.lab", 1))
-        self.assertEqual(daemon.parse_address("[::1]:9190"), ("::1", 9190))
-        self.assertEqual(daemon.parse_address("::1:9190"), ("::1", 9190))
+        self.assertEqual(daemon_options.parse_address("127.0.0.1:9190"), ("127.0.0.1", 9190))
+        self.assertEqual(daemon_options.parse_address("tracker.lab:1"), ("tracker.lab", 1))
+        self.assertEqual(daemon_options.parse_address("[::1]:9190"), ("::1", 9190))
+        self.assertEqual(daemon_options.parse_address("::1:9190"), ("::1", 9190))
         for bad in ("nohost", ":9190", "h:notaport", "h:70000", "[]:1", ""):
             with self.assertRaises(ValueError) as raised:
-                daemon.parse_address(bad, "--tracker")
+                daemon_options.parse_address(bad, "--tracker")
             self.assertIn("--tracker must be HOST:PORT", str(raised.exception))
 
     def test_with_backlog(self):
         """C{backlog=} is added to stream endpoints that lack one, and only there."""
-        self.assertEqual(daemon.with_backlog("tcp:0", 7), "tcp:0:backlog=7")
-        self.assertEqual(daemon.with_backlog("TCP6:0", 7), "TCP6:0:backlog=7")
-        self.assertEqual(daemon.with_backlog("unix:/x", 7), "unix:/x:backlog=7")
-        self.assertEqual(daemon.with_backlog("tcp:0:backlog=3", 7), "tcp:0:backlog=3")
-        self.assertEqual(daemon.with_backlog("systemd:domain=INET:index=0", 7),
+        self.assertEqual(daemon_listening.with_backlog("tcp:0", 7), "tcp:0:backlog=7")
+        self.assertEqual(daemon_listening.with_backlog("TCP6:0", 7), "TCP6:0:backlog=7")
+        self.assertEqual(daemon_listening.with_backlog("unix:/x", 7), "unix:/x:backlog=7")
+        self.assertEqual(daemon_listening.with_backlog("tcp:0:backlog=3", 7), "tcp:0:backlog=3")
+        self.assertEqual(daemon_listening.with_backlog("systemd:domain=INET:index=0", 7),
                          "systemd:domain=INET:index=0")
 
 
-class ExampleOptions(daemon.ListenOptions, usage.Options):
+class ExampleOptions(daemon_options.ListenOptions, usage.Options):
     """A daemon's options built from the shared parts."""
 
-    optParameters = daemon.listen_parameters("10.0.0.1", 5000, 5010)
+    optParameters = daemon_options.listen_parameters("10.0.0.1", 5000, 5010)
 
     def postOptions(self):
         """Check the listening flags."""
@@ -95,7 +99,7 @@ class ExampleOptions(daemon.ListenOptions, usage.Options):
 
 
 class ListenOptionsTests(SynchronousTestCase):
-    """L{daemon.ListenOptions} and L{daemon.listen_parameters}."""
+    """L{daemon_options.ListenOptions} and L{daemon_options.listen_parameters}."""
 
     def parse(self, *args):
         """@return: L{ExampleOptions} parsed from C{args}."""
@@ -138,28 +142,27 @@ class SilentTests(SynchronousTestCase):
     def test_silent(self):
         """Silent drops info lines of filtered loggers, keeps warnings and the
         unfiltered lines; switching back lets info through again."""
-        self.addCleanup(daemon.set_silent, False)
-        log = daemon.logger("tvm_rpc.test")
-        loud = daemon.unfiltered_logger("tvm_rpc.test")
-        daemon.set_silent(True)
+        self.addCleanup(daemon_logs.set_silent, False)
+        log = daemon_logs.logger("tvm_rpc.test")
+        loud = daemon_logs.unfiltered_logger("tvm_rpc.test")
+        daemon_logs.set_silent(True)
         with capturedLogs() as events:
             log.info("quiet {n}", n=1)
             log.warn("loud {n}", n=2)
             loud.info("announced {n}", n=3)
         self.assertEqual([formatEvent(e) for e in events], ["loud 2", "announced 3"])
-        daemon.set_silent(False)
+        daemon_logs.set_silent(False)
         with capturedLogs() as events:
             log.info("quiet {n}", n=4)
         self.assertEqual([formatEvent(e) for e in events], ["quiet 4"])
 
     def test_daemon_logs_modules_share_the_switch(self):
-        """The tracker's and the server's C{logs} modules are this switch."""
+        """The server's C{logs} module is this switch (the tracker imports it directly)."""
         from tvm_rpc.server import logs as server_logs
-        from tvm_rpc.tracker import logs as tracker_logs
 
-        for module in (server_logs, tracker_logs):
-            self.assertIs(module.set_silent, daemon.set_silent)
-            self.assertIs(module.logger, daemon.logger)
+        for module in (server_logs,):
+            self.assertIs(module.set_silent, daemon_logs.set_silent)
+            self.assertIs(module.logger, daemon_logs.logger)
 
 
 class FakeEndpoint:
@@ -308,13 +311,13 @@ class GuardedPortTests(SynchronousTestCase):
 
 
 class ListenerServiceFactoryTests(SynchronousTestCase):
-    """L{daemon.listener_service} from a daemon's listening options."""
+    """L{daemon_listening.listener_service} from a daemon's listening options."""
 
     def start(self, reactor, **kwargs):
         """@return: the started listener and the log lines of its start."""
         options = dict(host="127.0.0.1", port=9300, port_end=9303)
         options.update(kwargs)
-        listener = daemon.listener_service(reactor, Factory(), "rpc-test", **options)
+        listener = daemon_listening.listener_service(reactor, Factory(), "rpc-test", **options)
         with capturedLogs() as events:
             listener.privilegedStartService()
             listener.startService()
@@ -326,7 +329,7 @@ class ListenerServiceFactoryTests(SynchronousTestCase):
         reactor = BusyReactor(busy={9300, 9301})
         listener, lines = self.start(reactor)
         self.assertEqual([(p[0], p[2], p[3]) for p in reactor.tcpServers],
-                         [(9302, daemon.DEFAULT_BACKLOG, "127.0.0.1")])
+                         [(9302, daemon_listening.DEFAULT_BACKLOG, "127.0.0.1")])
         self.assertEqual(listener.port_number(), 9302)
         self.assertEqual(len([line for line in lines if "listening on" in line]), 1)
         self.assertTrue(any(re.fullmatch(r"rpc-test listening on [\d.]+:9302", line)
@@ -335,7 +338,7 @@ class ListenerServiceFactoryTests(SynchronousTestCase):
     def test_none_free(self):
         """No free port in the range is fatal, and says which range."""
         reactor = BusyReactor(busy={9300, 9301})
-        listener = daemon.listener_service(reactor, Factory(), "rpc-test", host="127.0.0.1",
+        listener = daemon_listening.listener_service(reactor, Factory(), "rpc-test", host="127.0.0.1",
                                            port=9300, port_end=9302)
         with self.assertRaises(CannotListenError) as raised:
             listener.privilegedStartService()
@@ -343,14 +346,14 @@ class ListenerServiceFactoryTests(SynchronousTestCase):
 
     def test_empty_range_fatal(self):
         """An empty range is fatal too (not an IndexError)."""
-        listener = daemon.listener_service(MemoryReactorClock(), Factory(), "rpc-test",
+        listener = daemon_listening.listener_service(MemoryReactorClock(), Factory(), "rpc-test",
                                            host="127.0.0.1", port=9300, port_end=9300)
         self.assertRaises(CannotListenError, listener.privilegedStartService)
 
     def test_other_error_fatal(self):
         """A bind failure other than 'in use' is fatal at once."""
         reactor = BusyReactor(refused={9300})
-        listener = daemon.listener_service(reactor, Factory(), "rpc-test", host="127.0.0.1",
+        listener = daemon_listening.listener_service(reactor, Factory(), "rpc-test", host="127.0.0.1",
                                            port=9300, port_end=9303)
         self.assertRaises(CannotListenError, listener.privilegedStartService)
         self.assertEqual(reactor.tcpServers, [])
@@ -373,7 +376,7 @@ class ListenerServiceFactoryTests(SynchronousTestCase):
     def test_endpoint_in_use_fatal(self):
         """An --listen endpoint whose address is in use is fatal (no skipping)."""
         reactor = BusyReactor(busy={9401})
-        listener = daemon.listener_service(
+        listener = daemon_listening.listener_service(
             reactor, Factory(), "rpc-test", host="127.0.0.1", port=9300, port_end=9303,
             listen=["tcp:9400", "tcp:9401"])
         self.assertRaises(CannotListenError, listener.privilegedStartService)
@@ -388,7 +391,7 @@ class ListenerServiceFactoryTests(SynchronousTestCase):
     def test_bind_once_and_stop(self):
         """Both start hooks bind once; stopping closes every port and allows a restart."""
         reactor = MemoryReactorClock()
-        listener = daemon.listener_service(reactor, Factory(), "rpc-test", host="127.0.0.1",
+        listener = daemon_listening.listener_service(reactor, Factory(), "rpc-test", host="127.0.0.1",
                                            port=9300, port_end=9303)
         parent = MultiService()
         listener.setServiceParent(parent)
@@ -407,7 +410,7 @@ class ListenerServiceFactoryTests(SynchronousTestCase):
     def test_unguarded_on_memory_reactor(self):
         """Reactors without file descriptors get the listen calls unchanged."""
         reactor = MemoryReactorClock()
-        guarded = daemon.GuardedListenReactor(reactor)
+        guarded = daemon_ports.GuardedListenReactor(reactor)
         port = guarded.listenTCP(1, Factory(), 9, "127.0.0.1")
         (listened,) = reactor.tcpServers
         self.assertEqual((listened[0], listened[2], listened[3]), (1, 9, "127.0.0.1"))
@@ -416,22 +419,23 @@ class ListenerServiceFactoryTests(SynchronousTestCase):
 
 
 class DescribePeerTests(SynchronousTestCase):
-    """L{daemon.describe_peer}."""
+    """L{tvm_rpc.transport.peer_label}."""
 
     def test_peers(self):
         """TCP peers as host:port, UNIX peers by their address, no peer as given."""
+        from tvm_rpc.transport import peer_label
         from twisted.internet.address import IPv4Address, UNIXAddress
         from twisted.internet.testing import StringTransport
 
         self.assertEqual(
-            daemon.describe_peer(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5))),
+            peer_label(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5))),
             "10.0.0.1:5")
         unix = StringTransport(peerAddress=UNIXAddress(b"/tmp/x.sock"))
-        self.assertEqual(daemon.describe_peer(unix), str(UNIXAddress(b"/tmp/x.sock")))
+        self.assertEqual(peer_label(unix), str(UNIXAddress(b"/tmp/x.sock")))
 
         class Gone:
             def getPeer(self):
                 raise OSError("closed")
 
-        self.assertEqual(daemon.describe_peer(Gone()), "unknown peer")
-        self.assertEqual(daemon.describe_peer(Gone(), unknown="?"), "?")
+        self.assertEqual(peer_label(Gone()), "unknown peer")
+        self.assertEqual(peer_label(Gone(), unknown="?"), "?")

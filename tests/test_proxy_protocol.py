@@ -235,12 +235,13 @@ class ProxyConnectionTests(SynchronousTestCase):
 
 
 class TuneSocketTests(SynchronousTestCase):
-    """L{tune_socket} on a real TCP socket (no reactor involved)."""
+    """L{tune_tcp} on a real TCP socket (no reactor involved)."""
 
     def test_nodelay_and_keepalive(self):
         import socket
 
-        from tvm_rpc.proxy.protocol import KEEPALIVE, tune_socket
+        from tvm_rpc.proxy.protocol import PROXY_KEEPALIVE
+        from tvm_rpc.transport import tune_tcp
 
         with socket.socket() as listener:
             listener.bind(("127.0.0.1", 0))
@@ -251,13 +252,13 @@ class TuneSocketTests(SynchronousTestCase):
                     def getHandle(self):
                         return sock
 
-                tune_socket(Handle())
+                tune_tcp(Handle(), PROXY_KEEPALIVE)
                 self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
                 self.assertTrue(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
                 if hasattr(socket, "TCP_KEEPIDLE"):
                     self.assertEqual(
-                        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), KEEPALIVE[0])
-        tune_socket(StringTransport())
+                        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), PROXY_KEEPALIVE.idle)
+        tune_tcp(StringTransport(), PROXY_KEEPALIVE)
 
 
 class WebSocketTests(SynchronousTestCase):

@@ -19,8 +19,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from tvm_rpc.protocol.constants import RPC_TRACKER_MAGIC, TrackerCode
 from tvm_rpc.protocol.framing import FrameDecoder, encode_frame, encode_magic
 from tvm_rpc.tracker.limits import TrackerLimits
-from tvm_rpc.tracker.protocol import KeepAlive, TrackerFactory, describe_peer, tune_socket
+from tvm_rpc.tracker.protocol import TrackerFactory
 from tvm_rpc.tracker.state import TrackerState
+from tvm_rpc.transport import KeepAlive, peer_host_port, tune_tcp
 
 PUT, REQUEST, PING, STOP, UPDATE_INFO, SUMMARY, PENDING = (
     TrackerCode.PUT, TrackerCode.REQUEST, TrackerCode.PING, TrackerCode.STOP,
@@ -563,20 +564,20 @@ class AddressTests(SynchronousTestCase):
         from twisted.internet.address import IPv6Address
 
         self.assertEqual(
-            describe_peer(IPv6Address("TCP", "::ffff:10.1.2.3", 5)), ("10.1.2.3", 5)
+            peer_host_port(IPv6Address("TCP", "::ffff:10.1.2.3", 5)), ("10.1.2.3", 5)
         )
-        self.assertEqual(describe_peer(IPv6Address("TCP", "fe80::1", 5)), ("fe80::1", 5))
+        self.assertEqual(peer_host_port(IPv6Address("TCP", "fe80::1", 5)), ("fe80::1", 5))
 
     def test_unix_peer(self):
         """A UNIX peer is described by its path, without a port."""
-        self.assertEqual(describe_peer(UNIXAddress(b"/tmp/x.sock")), ("/tmp/x.sock", None))
+        self.assertEqual(peer_host_port(UNIXAddress(b"/tmp/x.sock")), ("/tmp/x.sock", None))
 
     def test_tune_string_transport(self):
         """Transports without a TCP socket are left alone."""
-        self.assertFalse(tune_socket(StringTransport(), KeepAlive()))
+        self.assertFalse(tune_tcp(StringTransport(), KeepAlive()))
 
     def test_tune_real_socket(self):
-        """tune_socket sets the options on a real socket."""
+        """tune_tcp sets the options on a real socket."""
         import socket
 
         class Handle:
@@ -590,7 +591,7 @@ class AddressTests(SynchronousTestCase):
                 return self.sock
 
         with socket.socket() as sock:
-            self.assertTrue(tune_socket(Handle(sock), KeepAlive(7, 3, 2)))
+            self.assertTrue(tune_tcp(Handle(sock), KeepAlive(7, 3, 2)))
             self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
             self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
             if hasattr(socket, "TCP_KEEPIDLE"):
@@ -726,7 +727,7 @@ class QuickAckSocketTests(SynchronousTestCase):
         """On a real TCP socket, quick_ack switches the socket to quick ACKs."""
         import socket
 
-        from tvm_rpc.tracker.protocol import quick_ack
+        from tvm_rpc.transport import quick_ack
 
         if not hasattr(socket, "TCP_QUICKACK"):
             self.skipTest("TCP_QUICKACK is Linux's")
@@ -750,3 +751,13 @@ class QuickAckSocketTests(SynchronousTestCase):
         quick_ack(Transport())
         self.assertEqual(server.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK), 1)
         quick_ack(StringTransport())  # not a socket: nothing to do
+
+
+class ResponderTableTests(SynchronousTestCase):
+    """The tracker answers every command of the vocabulary."""
+
+    def test_every_command_has_a_responder(self):
+        from tvm_rpc.protocol.commands import TRACKER_COMMANDS
+        from tvm_rpc.tracker.protocol import RESPONDERS
+
+        self.assertEqual(set(RESPONDERS), set(TRACKER_COMMANDS.values()))

@@ -30,7 +30,7 @@ from tests.daemons import (
     twistd,
     twistd_with_fd_limit,
 )
-from tvm_rpc.daemon import ListenerService
+from tvm_rpc.daemon.listening import ListenerService
 from tvm_rpc.protocol.constants import RPC_TRACKER_MAGIC
 from tvm_rpc.tracker import tap
 
@@ -211,7 +211,7 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_silent(self):
         """--silent drops the tracker's info lines and keeps warnings."""
-        from tvm_rpc.tracker.logs import logger, set_silent
+        from tvm_rpc.daemon.logs import logger, set_silent
 
         self.addCleanup(set_silent, False)
         log = logger("tvm_rpc.tracker.test")

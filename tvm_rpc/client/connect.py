@@ -12,6 +12,7 @@ from twisted.internet import defer, error
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 
 from ..protocol.constants import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
 from ..protocol.flavour import (
@@ -21,13 +22,13 @@ from ..protocol.flavour import (
     reply_is_marked,
 )
 from ..protocol.handshake import ReplyDecoder, encode_handshake
-from .session import DEFAULT_MAX_RESULT_SIZE
-from .tracker import tracker_endpoint
+from ..transport import SwitchingCarrier, client_endpoint, set_no_delay
+from .session import DEFAULT_MAX_RESULT_SIZE, open_session
 
 log = Logger()
 
-#: Seconds allowed to connect and receive the handshake reply.
-DEFAULT_HANDSHAKE_TIMEOUT = 30.0
+#: Seconds L{connect} allows to connect and receive the handshake reply.
+CONNECT_TIMEOUT = 30.0
 
 
 class HandshakeError(Exception):
@@ -54,91 +55,82 @@ class RequestFailed(Exception):
     """No session could be opened on any server the tracker offered."""
 
 
-def server_endpoint(reactor, host, port, timeout=DEFAULT_HANDSHAKE_TIMEOUT):
+def server_endpoint(reactor, host, port, timeout=CONNECT_TIMEOUT):
     """
-    @return: an L{IStreamClientEndpoint} reaching C{host}:C{port} (IP literals
-        without a resolver, names through L{HostnameEndpoint}), as
-        L{tracker_endpoint} makes them, with the handshake's timeout.
+    @return: an L{IStreamClientEndpoint} reaching C{host}:C{port} (see
+        L{tvm_rpc.transport.client_endpoint}), with the handshake's timeout.
     """
-    return tracker_endpoint(reactor, host, port, timeout)
+    return client_endpoint(reactor, host, port, timeout)
 
 
-def set_no_delay(transport):
-    """
-    Switch Nagle off on C{transport}: handshakes and sessions are
-    request/response, so every delayed small write is latency. Streams that
-    are not TCP (UNIX sockets, test transports) are left alone.
-    """
-    no_delay = getattr(transport, "setTcpNoDelay", None)
-    if no_delay is not None:
-        try:
-            no_delay(True)
-        except OSError:
-            pass
-
-
-class SessionCarrier:
-    """
-    Mixin for the protocol that does one side of the RPC handshake and then
-    carries a session protocol over the same transport: once L{switch_to}
-    ran, every byte and the connection's loss go to the session.
-
-    The client's L{ClientHandshake}, the server port's handshake and the
-    server's link to a proxy all use it.
-    """
-
-    _session = None
-
-    def switch_to(self, protocol, rest=b""):
-        """
-        Hand the connection to a session protocol.
-
-        @param protocol: a fresh protocol; it is connected to this transport
-            and given C{rest}, then every later byte.
-        @param rest: bytes already received after the handshake.
-        """
-        self._session = protocol
-        protocol.makeConnection(self.transport)
-        if rest:
-            protocol.dataReceived(rest)
-
-    def carried(self, data):
-        """
-        Pass C{data} to the session, if one was switched to.
-
-        @return: whether it was (then the handshake has nothing to do with it).
-        """
-        if self._session is None:
-            return False
-        self._session.dataReceived(data)
-        return True
-
-    def carry_loss(self, reason):
-        """Tell the session, if any, that the connection is gone."""
-        if self._session is not None:
-            self._session.connectionLost(reason)
-
-
-class ClientHandshake(SessionCarrier, Protocol):
+class ClientHandshake(SwitchingCarrier, TimeoutMixin, Protocol):
     """
     The connecting side of the RPC handshake, then a carrier for the session.
 
+    Its timer (a L{TimeoutMixin} on C{clock}) bounds connecting and the
+    answer together: it starts with L{shake}.
+
     @ivar done: fires with the bytes received after the reply once the server
         accepted us; errbacks with a L{HandshakeError} (the connection is then
-        closed) or the connection's loss.
+        closed), the connection error or the connection's loss. Cancelling it
+        gives up the connection.
     """
 
-    def __init__(self, key, session_timeout, address):
+    def __init__(self, key, session_timeout, address, clock=None, timeout=None):
         """
         @param key: the key or matchkey to present (without ``client:``).
         @param session_timeout: seconds, or 0/L{None} for none.
         @param address: C{host:port}, for messages.
+        @param clock: an L{IReactorTime} for the timer; needed with C{timeout}.
+        @param timeout: seconds L{shake} may take, or L{None} for no limit.
         """
         self._key = key
         self._session_timeout = session_timeout
         self._address = address
+        self._timeout = timeout
+        if clock is not None:
+            self.callLater = clock.callLater
+        self._connecting = None
         self._decoder = ReplyDecoder()
-        self.done = defer.Deferred(lambda d: self.transport and self.transport.abortConnection())
+        self.done = defer.Deferred(self._give_up)
+
+    def shake(self, endpoint):
+        """
+        Connect through C{endpoint} and do the handshake, within the timeout.
+
+        @return: L{done}.
+        """
+        self.setTimeout(self._timeout)
+        self._connecting = connectProtocol(endpoint, self)
+        self._connecting.addErrback(self._fail)
+        return self.done
+
+    def _give_up(self, done):
+        """C{done} was cancelled: stop connecting, or drop the connection."""
+        self.setTimeout(None)
+        if self.transport is not None:
+            self.transport.abortConnection()
+        elif self._connecting is not None:
+            self._connecting.cancel()
+
+    def _fail(self, problem):
+        """Fail L{done} (once) with C{problem}."""
+        self.setTimeout(None)
+        if not self.done.called:
+            self.done.errback(problem)
+
+    def timeoutConnection(self):
+        """Connecting and the answer took longer than the timeout."""
+        self._fail(NotAnRpcServer(
+            f"{self._address} did not answer the RPC handshake within {self._timeout:g} s "
+            f"(a busy server answers once its session ends, a proxy once a "
+            f"server with the key arrives: pass a larger handshake_timeout "
+            f"to wait longer)"
+        ))
+        if self.transport is not None:
+            self.transport.abortConnection()
+        elif self._connecting is not None:
+            self._connecting.cancel()
 
     def connectionMade(self):
         """Send the handshake in one write, with Nagle off."""
@@ -177,37 +169,24 @@ class ClientHandshake(SessionCarrier, Protocol):
             self.transport.write(TVM_SHUTDOWN_PACKET)
         if problem is not None:
             self.transport.loseConnection()
-            self.done.errback(problem)
+            self._fail(problem)
             return
+        self.setTimeout(None)
         self.done.callback(decoder.rest)
 
     def connectionLost(self, reason=None):
         """Fail the handshake, or tell the session."""
-        if not self.done.called:
-            self.done.errback(
-                NotAnRpcServer(
-                    f"{self._address} closed the connection during the handshake "
-                    f"({reason.getErrorMessage() if reason else 'closed'})"
-                )
+        self._fail(
+            NotAnRpcServer(
+                f"{self._address} closed the connection during the handshake "
+                f"({reason.getErrorMessage() if reason else 'closed'})"
             )
+        )
         self.carry_loss(reason)
 
 
-async def _start_session(handshake, rest, reactor, max_result_size):
-    """
-    Switch a handshaken connection to the session protocol.
-
-    @return: the L{RPCSession} once the session's opening exchange is done.
-    """
-    from .session import make_client_protocol, start_session
-
-    protocol = make_client_protocol()
-    handshake.switch_to(protocol, rest)
-    return await start_session(protocol, clock=reactor, max_result_size=max_result_size)
-
-
 def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=None,
-            handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
+            handshake_timeout=CONNECT_TIMEOUT,
             max_result_size=DEFAULT_MAX_RESULT_SIZE):
     """
     Open a session on a server (directly, or through a proxy by key).
@@ -226,8 +205,9 @@ def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=Non
         with the key is there: raise it (or pass L{None}) to wait longer.
     @param max_result_size: the longest encoded result of one call the
         session accepts (see L{RPCSession.max_result_size}).
-    @return: a Deferred firing with an L{RPCSession}; it errbacks with
-        L{KeyMismatch}, L{DuplicateKey}, L{NotTvmRpcServer} or
+    @return: a Deferred firing with an L{RPCSession} whose C{address} is
+        C{host:port} and whose C{session_timeout} is the one asked for; it
+        errbacks with L{KeyMismatch}, L{DuplicateKey}, L{NotTvmRpcServer} or
         L{NotAnRpcServer} when refused, with L{SessionLostAtStart} when the
         connection is lost between the handshake and the session's start,
         or the connection error.
@@ -239,24 +219,12 @@ def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=Non
         endpoint = server_endpoint(reactor, host, port, handshake_timeout)
 
     async def run():
-        handshake = ClientHandshake(key, session_timeout, address)
-
-        async def shake():
-            await connectProtocol(endpoint, handshake)
-            return await handshake.done
-
-        attempt = defer.Deferred.fromCoroutine(shake())
-        if handshake_timeout is not None:
-            def expired(result, seconds):
-                raise NotAnRpcServer(
-                    f"{address} did not answer the RPC handshake within {seconds:g} s "
-                    f"(a busy server answers once its session ends, a proxy once a "
-                    f"server with the key arrives: pass a larger handshake_timeout "
-                    f"to wait longer)"
-                )
-            attempt.addTimeout(handshake_timeout, reactor, onTimeoutCancel=expired)
-        rest = await attempt
-        return await _start_session(handshake, rest, reactor, max_result_size)
+        handshake = ClientHandshake(key, session_timeout, address, reactor, handshake_timeout)
+        rest = await handshake.shake(endpoint)
+        return await open_session(
+            handshake, rest, reactor=reactor, session_timeout=session_timeout,
+            address=address, max_result_size=max_result_size,
+        )
 
     return defer.Deferred.fromCoroutine(run())
 

@@ -22,6 +22,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
 
 from ..protocol.commands import GetPendingMatchkeys, Put, UpdateInfo
 from ..protocol.keys import SERVER_PREFIX, redact_matchkeys
@@ -33,13 +34,23 @@ POLL_PERIOD = 2.0
 UNMATCHED_TIMEOUT = 4.0
 
 
-def retry_policy(max_delay):
+def tracker_client_service(endpoint, clock, max_delay, prepare):
     """
+    @param endpoint: reaches the tracker.
+    @param clock: an L{IReactorTime} for the backoff.
     @param max_delay: the longest wait between attempts, in seconds.
-    @return: the reconnection backoff of every tracker link (the server's
-        and the proxy's): from 0.5 s, growing 1.5 times per failure.
+    @param prepare: called with each new L{TrackerClientProtocol}.
+    @return: a L{ClientService} that keeps a tracker connection up, with the
+        reconnection backoff of every tracker link (the server's and the
+        proxy's): from 0.5 s, growing 1.5 times per failure.
     """
-    return backoffPolicy(initialDelay=0.5, maxDelay=max_delay, factor=1.5)
+    return ClientService(
+        endpoint,
+        TrackerClientFactory(),
+        retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=max_delay, factor=1.5),
+        clock=clock,
+        prepareConnection=prepare,
+    )
 
 
 @attrs.define(eq=False)
@@ -49,8 +60,7 @@ class MatchkeyPoller:
     C{GET_PENDING_MATCHKEYS} every C{poll_period} seconds, and a matchkey the
     tracker handed out (it is no longer pending) that nobody used for more
     than C{unmatched_timeout} seconds is reported as stale, to be replaced.
-    The server's L{TrackerRegistration} and the proxy's per-server links
-    (L{tvm_rpc.proxy.registration}) both poll with it.
+    Every L{TrackerLink} polls with it.
 
     @ivar clock: an L{IReactorTime}.
     @ivar poll_period: seconds between polls.
@@ -117,10 +127,234 @@ class MatchkeyPoller:
             self.stale(asked)
 
 
+class IRegisteredOffer(Interface):
+    """
+    One key offered to a tracker, as a L{TrackerLink} keeps it registered:
+    the server's own (L{TrackerRegistration}) or one server waiting behind
+    a proxy (L{tvm_rpc.proxy.registration}).
+
+    @ivar label: names the offer in log lines (C{"dev"}).
+    """
+
+    label = Attribute("names the offer in log lines")
+
+    def update_info():
+        """@return: the C{UPDATE_INFO} dict sent on every new connection."""
+
+    def offer_on_connect(connection):
+        """
+        A new connection is about to PUT: the tracker forgot (or may have
+        handed out) any matchkey offered before it.
+
+        @param connection: how many connections were made so far, this one
+            included.
+        @return: the matchkey to PUT on it, or L{None} for none yet.
+        """
+
+    def current_matchkey():
+        """@return: the matchkey on offer now, or L{None}."""
+
+    def put(matchkey):
+        """@return: the L{Put} command that offers C{matchkey}."""
+
+    def renew_stale(matchkey):
+        """Offer a fresh matchkey: C{matchkey} was handed out and never used."""
+
+
+@attrs.define(eq=False)
+class TrackerLink:
+    """
+    One tracker connection that keeps one offer registered, kept up by a
+    L{ClientService} with backoff.
+
+    On every connection it sends C{UPDATE_INFO}, then C{PUT}s the offer's
+    matchkey (if any), then polls with a L{MatchkeyPoller} and renews a
+    matchkey handed out and never used. L{put_current} PUTs the offer's
+    matchkey again after it changed. Closing the link (L{stop}) withdraws
+    the PUT: trackers forget a connection's servers when it closes.
+
+    @ivar endpoint: reaches the tracker.
+    @ivar clock: an L{IReactorTime} for polls and backoff.
+    @ivar offer: the L{IRegisteredOffer}.
+    @ivar log: the owner's L{Logger}.
+    @ivar tracker: a printable name of the tracker, for log lines.
+    @ivar poll_period: seconds between polls.
+    @ivar unmatched_timeout: seconds before an unused matchkey is replaced.
+    @ivar max_delay: the longest wait between reconnection attempts.
+    @ivar warn_on_loss: whether a lost connection is logged as a warning.
+    @ivar registrations: how many connections completed their registration.
+    """
+
+    endpoint: object
+    clock: object
+    offer: object
+    log: Logger
+    tracker: str = "tracker"
+    poll_period: float = POLL_PERIOD
+    unmatched_timeout: float = UNMATCHED_TIMEOUT
+    max_delay: float = 5.0
+    warn_on_loss: bool = True
+    registrations: int = attrs.field(init=False, default=0)
+    protocol: object = attrs.field(init=False, default=None)
+    _service: object = attrs.field(init=False, default=None)
+    _poller: MatchkeyPoller = attrs.field(init=False, default=None)
+    _connections: int = attrs.field(init=False, default=0)
+    _registered: list = attrs.field(init=False, factory=list)
+
+    def __attrs_post_init__(self):
+        """Poll as configured."""
+        self._poller = MatchkeyPoller(
+            self.clock,
+            self.poll_period,
+            self.unmatched_timeout,
+            current=self.offer.current_matchkey,
+            stale=self.offer.renew_stale,
+            failed=self._call_failed,
+        )
+
+    def start(self):
+        """Start connecting to the tracker."""
+        self._service = tracker_client_service(
+            self.endpoint, self.clock, self.max_delay, self._prepare)
+        self._service.startService()
+
+    def stop(self):
+        """
+        Stop polling and close the connection (which withdraws the PUT).
+
+        @return: a Deferred that fires once it is closed.
+        """
+        self._poller.stop()
+        self.protocol = None
+        service, self._service = self._service, None
+        if service is None:
+            return defer.succeed(None)
+        return service.stopService()
+
+    def when_registered(self):
+        """
+        @return: a Deferred firing with the tracker protocol at the next
+            completed registration (at once if registered now).
+        """
+        if self.protocol is not None:
+            return defer.succeed(self.protocol)
+        waiter = defer.Deferred()
+        self._registered.append(waiter)
+        return waiter
+
+    def put_current(self):
+        """PUT the offer's current matchkey (it changed), if registered."""
+        self._poller.reset()
+        protocol = self.protocol
+        matchkey = self.offer.current_matchkey()
+        if protocol is None or matchkey is None:
+            return
+        put = protocol.call(self.offer.put(matchkey))
+        put.addErrback(self._call_failed, "PUT", protocol)
+
+    def _prepare(self, protocol):
+        # Registration runs beside the connection rather than as its
+        # preparation: ClientService keeps a connection whose preparation
+        # failed open, and then cannot handle its loss. A failed registration
+        # closes the connection instead, and ClientService reconnects.
+        registering = defer.Deferred.fromCoroutine(self._register(protocol))
+        registering.addErrback(self._registration_failed, protocol)
+
+    def _registration_failed(self, failure, protocol):
+        if self._service is not None:
+            self.log.failure(
+                "registering with {tracker} failed; reconnecting", failure, tracker=self.tracker
+            )
+        transport = getattr(protocol, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
+    async def _register(self, protocol):
+        await protocol.ready
+        self._connections += 1
+        await protocol.call(UpdateInfo(self.offer.update_info()))
+        matchkey = self.offer.offer_on_connect(self._connections)
+        if matchkey is not None:
+            await protocol.call(self.offer.put(matchkey))
+        if self._service is None:
+            protocol.transport.loseConnection()
+            return
+        self.protocol = protocol
+        self.registrations += 1
+        self.log.info(
+            "registered {what} with {tracker} (matchkey {matchkey})",
+            what=self.offer.label,
+            tracker=self.tracker,
+            matchkey=redact_matchkeys(matchkey),
+        )
+        protocol.when_closed().addBoth(self._lost, protocol)
+        self._poller.start(protocol)
+        waiters, self._registered = self._registered, []
+        for waiter in waiters:
+            waiter.callback(protocol)
+
+    def _lost(self, reason, protocol):
+        if self.protocol is protocol:
+            self.protocol = None
+            self._poller.stop()
+            if self.warn_on_loss and self._service is not None:
+                self.log.warn("lost {tracker}; reconnecting", tracker=self.tracker)
+
+    def _call_failed(self, failure, what, protocol):
+        self.log.failure(
+            "{what} to {tracker} failed; reconnecting", failure, what=what, tracker=self.tracker
+        )
+        if protocol is self.protocol and protocol.transport is not None:
+            protocol.transport.abortConnection()
+
+
+@implementer(IRegisteredOffer)
+@attrs.define(eq=False)
+class _GateOffer:
+    """A server's own offer: its key, and the matchkey its session gate offers."""
+
+    registration: "TrackerRegistration"
+
+    @property
+    def label(self):
+        """The server's key."""
+        return self.registration.gate.key
+
+    def update_info(self):
+        """@return: C{server:<key>} at the server's address."""
+        registration = self.registration
+        return {"key": SERVER_PREFIX + registration.gate.key,
+                "addr": [registration.custom_addr, registration.port]}
+
+    def offer_on_connect(self, connection):
+        """@return: a fresh offer: the tracker forgot the old matchkey with the old connection."""
+        gate = self.registration.gate
+        if gate.offered is not None:
+            gate.offered = None
+        return gate.current_offer()
+
+    def current_matchkey(self):
+        """@return: the gate's offered matchkey."""
+        return self.registration.gate.offered
+
+    def put(self, matchkey):
+        """@return: the PUT of C{matchkey} at the server's port and address."""
+        registration = self.registration
+        return Put(registration.gate.key, registration.port, matchkey, registration.custom_addr)
+
+    def renew_stale(self, matchkey):
+        """Have the gate offer a fresh matchkey."""
+        self.registration.log.info(
+            "matchkey {matchkey} was handed out but never used; offering a fresh one",
+            matchkey=redact_matchkeys(matchkey),
+        )
+        self.registration.gate.renew()
+
+
 @attrs.define(eq=False)
 class TrackerRegistration(Service):
     """
-    Keeps one server registered with one tracker.
+    Keeps one server registered with one tracker (a L{TrackerLink}).
 
     @ivar endpoint: reaches the tracker.
     @ivar gate: decides the matchkey on offer; its C{offer_changed} hook is
@@ -146,133 +380,41 @@ class TrackerRegistration(Service):
     unmatched_timeout: float = UNMATCHED_TIMEOUT
     max_delay: float = 5.0
     tracker: str = "tracker"
-    registrations: int = attrs.field(init=False, default=0)
-    _client: object = attrs.field(init=False, default=None)
-    _protocol: object = attrs.field(init=False, default=None)
-    _poller: MatchkeyPoller = attrs.field(init=False, default=None)
-    _registered: list = attrs.field(init=False, factory=list)
+    _link: TrackerLink = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self):
-        """Initialise the L{Service} part and the poller."""
+        """Initialise the L{Service} part and the link."""
         Service.__init__(self)
-        self._poller = MatchkeyPoller(
-            self.clock,
-            self.poll_period,
-            self.unmatched_timeout,
-            current=lambda: self.gate.offered,
-            stale=self._stale,
-            failed=self._call_failed,
+        self._link = TrackerLink(
+            self.endpoint, self.clock, _GateOffer(self), self.log, self.tracker,
+            self.poll_period, self.unmatched_timeout, self.max_delay,
         )
+
+    @property
+    def registrations(self):
+        """How many connections completed their registration."""
+        return self._link.registrations
+
+    @property
+    def _protocol(self):
+        """The registered tracker connection, or L{None}."""
+        return self._link.protocol
 
     def startService(self):
         """Start connecting to the tracker."""
         Service.startService(self)
-        self.gate.offer_changed = self._offer_changed
-        self._client = ClientService(
-            self.endpoint,
-            TrackerClientFactory(),
-            retryPolicy=retry_policy(self.max_delay),
-            clock=self.clock,
-            prepareConnection=self._prepare,
-        )
-        self._client.startService()
+        self.gate.offer_changed = self._link.put_current
+        self._link.start()
 
     def stopService(self):
         """Stop polling and close the tracker connection (which withdraws the PUT)."""
         Service.stopService(self)
-        self._poller.stop()
         self.gate.offer_changed = None
-        self._protocol = None
-        client, self._client = self._client, None
-        if client is None:
-            return defer.succeed(None)
-        return client.stopService()
+        return self._link.stop()
 
     def when_registered(self):
         """
         @return: a Deferred firing with the tracker protocol at the next
             completed registration (at once if registered now).
         """
-        if self._protocol is not None:
-            return defer.succeed(self._protocol)
-        waiter = defer.Deferred()
-        self._registered.append(waiter)
-        return waiter
-
-    def _prepare(self, protocol):
-        # Registration runs beside the connection rather than as its
-        # preparation: ClientService keeps a connection whose preparation
-        # failed open, and then cannot handle its loss. A failed registration
-        # closes the connection instead, and ClientService reconnects.
-        registering = defer.Deferred.fromCoroutine(self._register(protocol))
-        registering.addErrback(self._registration_failed, protocol)
-
-    def _registration_failed(self, failure, protocol):
-        self.log.failure(
-            "registering with {tracker} failed; reconnecting", failure, tracker=self.tracker
-        )
-        transport = getattr(protocol, "transport", None)
-        if transport is not None:
-            transport.abortConnection()
-
-    async def _register(self, protocol):
-        await protocol.ready
-        key = self.gate.key
-        await protocol.call(
-            UpdateInfo({"key": SERVER_PREFIX + key, "addr": [self.custom_addr, self.port]})
-        )
-        if self.gate.offered is not None:
-            # The tracker forgot the old matchkey with the old connection.
-            self.gate.offered = None
-        matchkey = self.gate.current_offer()
-        if matchkey is not None:
-            await protocol.call(Put(key, self.port, matchkey, self.custom_addr))
-        if not self.running:
-            return
-        self._protocol = protocol
-        self.registrations += 1
-        self.log.info(
-            "registered {key} with {tracker} (port {port}, matchkey {matchkey})",
-            key=key,
-            tracker=self.tracker,
-            port=self.port,
-            matchkey=redact_matchkeys(matchkey),
-        )
-        protocol.when_closed().addBoth(self._lost, protocol)
-        self._poller.start(protocol)
-        waiters, self._registered = self._registered, []
-        for waiter in waiters:
-            waiter.callback(protocol)
-
-    def _lost(self, reason, protocol):
-        if self._protocol is protocol:
-            self._protocol = None
-            self._poller.stop()
-            if self.running:
-                self.log.warn(
-                    "lost {tracker}; reconnecting", tracker=self.tracker
-                )
-
-    def _offer_changed(self):
-        self._poller.reset()
-        protocol = self._protocol
-        matchkey = self.gate.offered
-        if protocol is None or matchkey is None:
-            return
-        put = protocol.call(Put(self.gate.key, self.port, matchkey, self.custom_addr))
-        put.addErrback(self._call_failed, "PUT", protocol)
-
-    def _call_failed(self, failure, what, protocol):
-        self.log.failure(
-            "{what} to {tracker} failed; reconnecting", failure, what=what, tracker=self.tracker
-        )
-        if protocol is self._protocol and protocol.transport is not None:
-            protocol.transport.abortConnection()
-
-    def _stale(self, matchkey):
-        """Offer a fresh matchkey: C{matchkey} was handed out and never used."""
-        self.log.info(
-            "matchkey {matchkey} was handed out but never used; offering a fresh one",
-            matchkey=redact_matchkeys(matchkey),
-        )
-        self.gate.renew()
+        return self._link.when_registered()

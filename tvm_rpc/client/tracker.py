@@ -11,23 +11,16 @@ connection of its own, because a REQUEST may be answered long after replies to
 later commands, so only one REQUEST may be outstanding per connection.
 """
 
-import ipaddress
 from collections import deque
 
 import attrs
 from twisted.internet import defer, error
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    connectProtocol,
-)
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..protocol.commands import (
-    Allocation,
     BadMessage,
     Ping,
     Request,
@@ -35,14 +28,13 @@ from ..protocol.commands import (
     TrackerError,
 )
 from ..protocol.framing import FrameDecoder, encode_frame, encode_magic
+from ..transport import client_endpoint, peer_label, set_no_delay
 
 __all__ = [
-    "Allocation",
     "AllocationTimeout",
     "NotATracker",
     "TrackerClientFactory",
     "TrackerClientProtocol",
-    "TrackerError",
     "TrackerSession",
     "connect_tracker",
     "text_summary",
@@ -100,16 +92,8 @@ class TrackerClientProtocol(Protocol):
 
     def connectionMade(self):
         """Send the magic and switch off Nagle: every command is one small write."""
-        peer = self.transport.getPeer()
-        self._peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            try:
-                set_no_delay(True)
-            except Exception:
-                # Not every stream is TCP (unix sockets, wrapped transports):
-                # without the option the connection still works.
-                pass
+        self._peer = peer_label(self.transport, unknown="tracker")
+        set_no_delay(self.transport)
         self.transport.write(encode_magic())
 
     def call(self, command):
@@ -261,20 +245,10 @@ class TrackerClientFactory(Factory):
 
 def tracker_endpoint(reactor, host, port, timeout=DEFAULT_CONNECT_TIMEOUT):
     """
-    An endpoint reaching a tracker by host name or address.
-
-    IP literals get a plain TCP endpoint (no resolver needed); names go through
-    L{HostnameEndpoint}.
-
-    @return: an L{IStreamClientEndpoint}.
+    @return: an L{IStreamClientEndpoint} reaching a tracker by host name or
+        address (see L{tvm_rpc.transport.client_endpoint}).
     """
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
-    if address.version == 6:
-        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
-    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    return client_endpoint(reactor, host, port, timeout)
 
 
 async def _open(reactor, endpoint, address, timeout):
@@ -359,7 +333,7 @@ class TrackerSession:
             tracker (ours answers FAIL when it expires; TVM's ignores it) and
             enforced here as well.
         @param user: who asks (shown by the tracker).
-        @return: a Deferred firing with an L{Allocation}; it errbacks with
+        @return: a Deferred firing with an L{tvm_rpc.protocol.commands.Allocation}; it errbacks with
             L{TrackerError} when the tracker refuses, L{AllocationTimeout}
             when C{timeout} expires. Cancelling it withdraws the request by
             closing its connection.

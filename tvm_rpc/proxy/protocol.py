@@ -6,55 +6,27 @@ the L{Relay}. The same class serves websocket peers through a transport shim
 (see L{tvm_rpc.proxy.web}).
 """
 
-import socket
-
+import attrs
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from ..daemon import describe_peer
 from ..protocol.constants import INT32, RPC_CODE_SUCCESS
 from ..protocol.handshake import HandshakeDecoder, encode_reply
 from ..protocol.keys import redact_matchkeys
+from ..transport import PEER_HANDSHAKE_TIMEOUT, KeepAlive, peer_label, tune_tcp
 from .pairing import IPeer
 from .relay import RELAY_CHUNK, IRelaySide, Relay
 
-#: Seconds a new connection has to complete its handshake.
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-
-
-#: TCP keepalive: seconds idle before probing, seconds between probes, probes
-#: unanswered before a silent dead peer is dropped (from a pool or a pair).
-KEEPALIVE = (60, 10, 3)
-
-
-def tune_socket(transport):
-    """
-    Switch Nagle off (the relay forwards what it gets at once; delaying small
-    writes would add round trips to every RPC) and turn TCP keepalive on, so a
-    peer that vanished without a FIN is noticed. Transports without a socket
-    (tests, websockets) are left alone.
-    """
-    get_handle = getattr(transport, "getHandle", None)
-    sock = get_handle() if get_handle is not None else None
-    if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
-        return
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for name, value in zip(("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"), KEEPALIVE):
-            if hasattr(socket, name):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-    except OSError:
-        # A socket that refuses an option still relays correctly.
-        pass
+#: TCP keepalive of every proxy connection: a silent dead peer is dropped
+#: from a pool or a pair after about a minute and a half.
+PROXY_KEEPALIVE = KeepAlive(idle=60, interval=10, count=3)
 
 
 @implementer(IHalfCloseableProtocol, IPeer, IRelaySide)
-class ProxyConnection(Protocol):
+class ProxyConnection(TimeoutMixin, Protocol):
     """
     One connection to the proxy, client or server.
 
@@ -63,12 +35,14 @@ class ProxyConnection(Protocol):
     pauses), C{"paired"} (accepted, relay being set up), C{"relaying"} and
     C{"closed"}.
 
+    The handshake timer is a L{TimeoutMixin} on C{clock}.
+
     @ivar key: the key the peer presented, once known.
     """
 
     log = Logger()
 
-    def __init__(self, pool, clock, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
+    def __init__(self, pool, clock, handshake_timeout=PEER_HANDSHAKE_TIMEOUT,
                  chunk_size=RELAY_CHUNK, on_relay_end=None, splice=False):
         """
         @param pool: the L{PairingPool} to join after the handshake.
@@ -84,10 +58,10 @@ class ProxyConnection(Protocol):
         self._on_relay_end = on_relay_end
         self._pool = pool
         self._clock = clock
+        self.callLater = clock.callLater
         self._handshake_timeout = handshake_timeout
         self._chunk_size = chunk_size
         self._decoder = HandshakeDecoder()
-        self._timer = None
         self._early = []
         self._early_size = 0
         self._paused = False
@@ -100,14 +74,14 @@ class ProxyConnection(Protocol):
 
     def connectionMade(self):
         """Start the handshake clock and size the transport's buffers."""
-        self.peer_name = describe_peer(self.transport)
-        tune_socket(self.transport)
+        self.peer_name = peer_label(self.transport)
+        tune_tcp(self.transport, PROXY_KEEPALIVE)
         if hasattr(self.transport, "bufferSize"):
             self.transport.bufferSize = self._chunk_size
         if hasattr(self.transport, "SEND_LIMIT"):
             # One send(2) per relayed chunk instead of several of Twisted's default 128 KiB.
             self.transport.SEND_LIMIT = max(self.transport.SEND_LIMIT, self._chunk_size)
-        self._timer = self._clock.callLater(self._handshake_timeout, self._handshake_expired)
+        self.setTimeout(self._handshake_timeout)
 
     def dataReceived(self, data):
         """Route bytes by state: handshake decoder, early buffer or relay."""
@@ -122,7 +96,7 @@ class ProxyConnection(Protocol):
         """Feed the handshake decoder; refuse, or join the pool once the key is read."""
         if not self._decoder.feed(data):
             return
-        self._cancel_timer()
+        self.setTimeout(None)
         if self._decoder.error is not None:
             self.log.warn("refused handshake from {peer}: {reason}", peer=self.peer_name,
                           reason=self._decoder.error)
@@ -145,19 +119,12 @@ class ProxyConnection(Protocol):
             self._paused = True
             self.transport.pauseProducing()
 
-    def _handshake_expired(self):
+    def timeoutConnection(self):
         """The handshake took too long: drop the connection."""
-        self._timer = None
         if self.state == "handshake":
             self.log.warn("dropped {peer}: no handshake within {timeout} s",
                           peer=self.peer_name, timeout=self._handshake_timeout)
             self._close_now()
-
-    def _cancel_timer(self):
-        """Cancel the handshake timer, if it is still pending."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
 
     def _close_now(self):
         """Close without a reply (a refused handshake)."""
@@ -243,7 +210,7 @@ class ProxyConnection(Protocol):
 
     def connectionLost(self, reason):
         """Leave the pool or end the relay; cancel the handshake timer."""
-        self._cancel_timer()
+        self.setTimeout(None)
         self._early = []
         self._pool.leave(self)
         if self._relay is not None:
@@ -251,25 +218,25 @@ class ProxyConnection(Protocol):
         self.state = "closed"
 
 
+@attrs.define(eq=False)
 class ProxyFactory(Factory):
-    """Builds a L{ProxyConnection} for each accepted connection."""
+    """
+    Builds a L{ProxyConnection} for each accepted connection.
 
-    def __init__(self, pool, clock, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
-                 chunk_size=RELAY_CHUNK, on_relay_end=None, splice=False):
-        """
-        @param pool: the shared L{PairingPool}.
-        @param clock: an L{IReactorTime}.
-        @param handshake_timeout: seconds allowed for a handshake.
-        @param chunk_size: see L{ProxyConnection}.
-        @param on_relay_end: see L{ProxyConnection}.
-        @param splice: see L{ProxyConnection}.
-        """
-        self.splice = splice
-        self.pool = pool
-        self.clock = clock
-        self.handshake_timeout = handshake_timeout
-        self.chunk_size = chunk_size
-        self.on_relay_end = on_relay_end
+    @ivar pool: the shared L{PairingPool}.
+    @ivar clock: an L{IReactorTime}.
+    @ivar handshake_timeout: seconds allowed for a handshake.
+    @ivar chunk_size: see L{ProxyConnection}.
+    @ivar on_relay_end: see L{ProxyConnection}.
+    @ivar splice: see L{ProxyConnection}.
+    """
+
+    pool: object
+    clock: object
+    handshake_timeout: float = PEER_HANDSHAKE_TIMEOUT
+    chunk_size: int = RELAY_CHUNK
+    on_relay_end: object = None
+    splice: bool = False
 
     def buildProtocol(self, addr):
         """@return: a new L{ProxyConnection}."""

@@ -3,7 +3,7 @@
 TVM's tracker protocol has no command that withdraws one PUT: a tracker drops
 a connection's free servers only when that connection closes. So that a
 server leaving the proxy leaves the tracker at once, every waiting server
-gets a tracker connection of its own (an L{_OfferLink}) that says
+gets a tracker connection of its own (a L{TrackerLink} of a L{_WaitingServer}) that says
 ``UPDATE_INFO {"key": "proxy-entry:<key>", ...}`` (an info key not starting
 with ``server``, so trackers do not list it as a server), PUTs the server's
 matchkey, polls GET_PENDING_MATCHKEYS and renews a matchkey that was handed
@@ -21,16 +21,14 @@ may have been handed out before the restart).
 """
 
 import attrs
-from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..client.registration import MatchkeyPoller, retry_policy
-from ..client.tracker import TrackerClientFactory
+from ..client.registration import IRegisteredOffer, TrackerLink, tracker_client_service
 from ..protocol.commands import Put, UpdateInfo
-from ..protocol.keys import SERVER_PREFIX, redact_matchkeys
+from ..protocol.keys import SERVER_PREFIX
 from .pairing import IOfferObserver
 
 #: Seconds between GET_PENDING_MATCHKEYS polls (TVM's proxy: 2).
@@ -103,10 +101,8 @@ class ProxyRegistration(Service):
     def startService(self):
         """Connect the proxy's own link and one link per waiting server."""
         Service.startService(self)
-        self._summary = ClientService(
-            self.endpoint, TrackerClientFactory(), retryPolicy=retry_policy(self.max_delay),
-            clock=self.clock, prepareConnection=self._announce,
-        )
+        self._summary = tracker_client_service(
+            self.endpoint, self.clock, self.max_delay, self._announce)
         self._summary.startService()
         for offer in self.pool.offers():
             self.offered(offer)
@@ -132,7 +128,10 @@ class ProxyRegistration(Service):
         """A server waits: open its link and report the proxy's keys."""
         if not self.running or offer in self._links:
             return
-        link = self._links[offer] = _OfferLink(self, offer)
+        link = self._links[offer] = TrackerLink(
+            self.endpoint, self.clock, _WaitingServer(self, offer), self.log, self.tracker,
+            self.poll_period, self.unmatched_timeout, self.max_delay, warn_on_loss=False,
+        )
         link.start()
         self._report()
 
@@ -195,90 +194,42 @@ def _abort_on_failure(failure, protocol, what, tracker):
         protocol.transport.abortConnection()
 
 
+@implementer(IRegisteredOffer)
 @attrs.define(eq=False)
-class _OfferLink:
-    """One waiting server's own tracker connection."""
+class _WaitingServer:
+    """The offer of one server waiting behind the proxy: its key, its matchkey in the pool."""
 
     owner: ProxyRegistration
     offer: object
-    _service: object = attrs.field(init=False, default=None)
-    _protocol: object = attrs.field(init=False, default=None)
-    _poller: MatchkeyPoller = attrs.field(init=False, default=None)
-    _connections: int = attrs.field(init=False, default=0)
 
-    def __attrs_post_init__(self):
-        """Poll as the owner says."""
-        owner = self.owner
-        self._poller = MatchkeyPoller(
-            owner.clock,
-            owner.poll_period,
-            owner.unmatched_timeout,
-            current=lambda: self.offer.matchkey,
-            stale=self._stale,
-            failed=lambda failure, what, protocol: _abort_on_failure(
-                failure, protocol, what, owner.tracker),
-        )
+    @property
+    def label(self):
+        """The server's key, behind the proxy."""
+        return f"{self.offer.key} behind the proxy"
 
-    def start(self):
-        """Start connecting to the tracker."""
-        owner = self.owner
-        self._service = ClientService(
-            owner.endpoint, TrackerClientFactory(), retryPolicy=retry_policy(owner.max_delay),
-            clock=owner.clock, prepareConnection=self._register,
-        )
-        self._service.startService()
+    def update_info(self):
+        """@return: C{proxy-entry:<key>} (not listed as a server) at the proxy's port."""
+        return {"key": ENTRY_PREFIX + self.offer.key, "addr": [None, self.owner.get_port()]}
 
-    def stop(self):
-        """Close the link; the tracker forgets the server's matchkey."""
-        self._poller.stop()
-        self._protocol = None
-        service, self._service = self._service, None
-        if service is None:
-            return defer.succeed(None)
-        return service.stopService()
+    def offer_on_connect(self, connection):
+        """
+        @return: the server's matchkey; renewed first on a later connection,
+            as the old one may have been handed out before the tracker went away.
+        """
+        if connection > 1:
+            self.owner.pool.renew(self.offer)
+        return self.offer.matchkey
 
-    def _register(self, protocol):
-        """C{prepareConnection} of a server's link."""
-        return _prepared(protocol, self._register_on(protocol))
+    def current_matchkey(self):
+        """@return: the server's matchkey in the pool."""
+        return self.offer.matchkey
 
-    async def _register_on(self, protocol):
-        """UPDATE_INFO and PUT the server on a fresh connection, then poll."""
-        await protocol.ready
-        owner, offer = self.owner, self.offer
-        self._connections += 1
-        if self._connections > 1:
-            # The old matchkey may have been handed out before the tracker went away.
-            owner.pool.renew(offer)
-        await protocol.call(UpdateInfo(
-            {"key": ENTRY_PREFIX + offer.key, "addr": [None, owner.get_port()]}))
-        matchkey = offer.matchkey
-        await protocol.call(Put(offer.key, owner.get_port(), matchkey, None))
-        if self._service is None:
-            protocol.transport.loseConnection()
-            return
-        self._protocol = protocol
-        owner.log.info("registered {key} behind the proxy with {tracker} as {matchkey}",
-                       key=offer.key, tracker=owner.tracker, matchkey=redact_matchkeys(matchkey))
-        protocol.when_closed().addBoth(self._lost, protocol)
-        self._poller.start(protocol)
+    def put(self, matchkey):
+        """@return: the PUT of C{matchkey} at the proxy's port."""
+        return Put(self.offer.key, self.owner.get_port(), matchkey, None)
 
-    def put_current(self):
-        """PUT the offer's current matchkey (after a renewal)."""
-        protocol = self._protocol
-        if protocol is None:
-            return
-        self._poller.reset()
-        put = protocol.call(Put(self.offer.key, self.owner.get_port(), self.offer.matchkey, None))
-        put.addErrback(_abort_on_failure, protocol, "PUT", self.owner.tracker)
-
-    def _lost(self, _, protocol):
-        """The link closed; stop polling until it is registered again."""
-        if self._protocol is protocol:
-            self._protocol = None
-            self._poller.stop()
-
-    def _stale(self, matchkey):
-        """Renew a matchkey handed out and never used (the server keeps its key)."""
+    def renew_stale(self, matchkey):
+        """Renew the matchkey in the pool (the server keeps its key)."""
         self.owner.log.info(
             "matchkey {matchkey} of {key} was handed out but never used; renewing",
             matchkey=matchkey, key=self.offer.key)

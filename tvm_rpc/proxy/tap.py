@@ -9,17 +9,17 @@ The flags are TVM's ``python -m tvm.exec.rpc_proxy`` flags (``--host``,
 from twisted.application import service
 from twisted.python import usage
 
-from ..daemon import (
+from ..daemon.listening import endpoint_kind, listener_service
+from ..daemon.options import (
     ListenOptions,
-    endpoint_kind,
     listen_parameters,
-    listener_service,
     parse_address,
     port_number,
     positive_float,
 )
+from ..transport import PEER_HANDSHAKE_TIMEOUT
 from .pairing import DEFAULT_TIMEOUT, PairingPool
-from .protocol import DEFAULT_HANDSHAKE_TIMEOUT, ProxyFactory
+from .protocol import ProxyFactory
 from .relay import RELAY_CHUNK
 from .tuning import AllocatorTuning
 
@@ -53,7 +53,7 @@ class Options(ListenOptions, usage.Options):
          positive_float],
         ["timeout-server", None, DEFAULT_TIMEOUT,
          "Seconds a server waits for its client (plain mode).", positive_float],
-        ["handshake-timeout", None, DEFAULT_HANDSHAKE_TIMEOUT,
+        ["handshake-timeout", None, PEER_HANDSHAKE_TIMEOUT,
          "Seconds a new connection has to send its handshake.", positive_float],
         ["relay-buffer", None, RELAY_CHUNK,
          "Bytes per read and outgoing buffer limit per connection.", _buffer_size],
@@ -87,7 +87,7 @@ def makeService(options, reactor=None):
     @param reactor: the reactor to use; the global one when L{None}.
     @return: a L{service.MultiService} whose children are the allocator
         tuning (L{tvm_rpc.proxy.tuning}), the RPC listener (a
-        L{tvm_rpc.daemon.ListenerService}, as is the websocket one),
+        L{tvm_rpc.daemon.listening.ListenerService}, as is the websocket one),
         the websocket listener (when C{--web-port} is not 0) and the tracker
         registration (with C{--tracker}). It carries C{pool} and C{listener}
         attributes.

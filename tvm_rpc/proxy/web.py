@@ -21,7 +21,8 @@ from twisted.python.failure import Failure
 from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 
-from .protocol import DEFAULT_HANDSHAKE_TIMEOUT, ProxyConnection
+from ..transport import PEER_HANDSHAKE_TIMEOUT
+from .protocol import ProxyConnection
 
 #: The websocket path, as TVM's proxy serves it.
 WS_PATH = "/ws"
@@ -160,7 +161,7 @@ class ProxyWebSocketFactory(WebSocketServerFactory):
 
     protocol = ProxyWebSocketProtocol
 
-    def __init__(self, pool, reactor, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
+    def __init__(self, pool, reactor, handshake_timeout=PEER_HANDSHAKE_TIMEOUT,
                  on_relay_end=None):
         """
         @param pool: the proxy's L{PairingPool}.

@@ -11,10 +11,9 @@ or the in-process runner below (``--no-fork``).
 
 import attrs
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.policies import TimeoutMixin
 from zope.interface import Interface, implementer
 
-from ..client.connect import SessionCarrier, set_no_delay
-from ..daemon import describe_peer
 from ..protocol.constants import RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
 from ..protocol.flavour import (
     OUR_PROTOCOL,
@@ -26,12 +25,25 @@ from ..protocol.flavour import (
 )
 from ..protocol.handshake import HandshakeDecoder, encode_reply
 from ..protocol.keys import parse_client_key, parse_timeout_option, redact_matchkeys
+from ..transport import PEER_HANDSHAKE_TIMEOUT, SwitchingCarrier, peer_label, set_no_delay
 from .logs import logger
 
-#: Seconds a peer has to complete its handshake.
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: Seconds a refused client has to close its end before we close ours.
 REFUSAL_DRAIN = 5.0
+
+
+def read_client_key(text):
+    """
+    Read what a client presented in its handshake.
+
+    @param text: ``client:<matchkey>`` with its options.
+    @return: C{(matchkey, timeout, protocol)}: the matchkey, the session
+        timeout it asks for (seconds or L{None}) and the session protocol it
+        speaks (L{OUR_PROTOCOL} or L{TVM_PROTOCOL}).
+    @raise ValueError: when C{text} is not a client key or its timeout is bad.
+    """
+    matchkey, options = parse_client_key(text)
+    return matchkey, parse_timeout_option(options), session_protocol(options)
 
 
 def session_time(asked, cap):
@@ -118,9 +130,11 @@ class ISessionRunner(Interface):
         """
 
 
-class HandshakeProtocol(SessionCarrier, Protocol):
+class HandshakeProtocol(SwitchingCarrier, TimeoutMixin, Protocol):
     """
     One connection to the server port: handshake, wait for a slot, hand off.
+
+    The handshake timer is a L{TimeoutMixin} on the listener's clock.
 
     After an in-process hand-off it keeps forwarding bytes and the connection
     loss to the session protocol it switched to.
@@ -131,8 +145,9 @@ class HandshakeProtocol(SessionCarrier, Protocol):
     def __init__(self, listener):
         """@param listener: the L{ListenerFactory} that built this protocol."""
         self._listener = listener
+        self.callLater = listener.clock.callLater
         self._decoder = HandshakeDecoder()
-        self._timer = None
+        self._drain = None
         self._waiting = None
         self._handed_off = False
         self._refused = False
@@ -140,11 +155,9 @@ class HandshakeProtocol(SessionCarrier, Protocol):
 
     def connectionMade(self):
         """Switch Nagle off (sessions are request/response) and start the handshake timer."""
-        self.peer = describe_peer(self.transport, unknown="?")
+        self.peer = peer_label(self.transport, unknown="?")
         set_no_delay(self.transport)
-        self._timer = self._listener.clock.callLater(
-            self._listener.handshake_timeout, self._handshake_expired
-        )
+        self.setTimeout(self._listener.handshake_timeout)
 
     def dataReceived(self, data):
         """Feed the handshake, or pass bytes on once a session runs."""
@@ -154,24 +167,22 @@ class HandshakeProtocol(SessionCarrier, Protocol):
             self._decoder.feed(data)
             return
         if self._decoder.feed(data):
-            self._cancel_timer()
+            self.setTimeout(None)
             self._handshake_done()
 
     def connectionLost(self, reason=None):
         """Give up a place in line, or tell the session."""
-        self._cancel_timer()
+        self.setTimeout(None)
+        if self._drain is not None and self._drain.active():
+            self._drain.cancel()
+        self._drain = None
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
             waiting.cancel()
         self.carry_loss(reason)
 
-    def _cancel_timer(self):
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _handshake_expired(self):
-        self._timer = None
+    def timeoutConnection(self):
+        """No handshake within the handshake timeout: drop the peer."""
         self.log.warn(
             "dropping {peer}: no handshake within {timeout}s",
             peer=self.peer,
@@ -193,8 +204,7 @@ class HandshakeProtocol(SessionCarrier, Protocol):
             self.transport.abortConnection()
             return
         try:
-            matchkey, options = parse_client_key(decoder.key)
-            timeout = parse_timeout_option(options)
+            matchkey, timeout, protocol = read_client_key(decoder.key)
         except ValueError as e:
             self._refuse("{problem}", problem=str(e))
             return
@@ -202,7 +212,6 @@ class HandshakeProtocol(SessionCarrier, Protocol):
         if not gate.accepts(matchkey):
             self._refuse("presented {key!r}", key=redact_matchkeys(matchkey))
             return
-        protocol = session_protocol(options)
         refusal = self._listener.runner.refusal(protocol)
         if refusal is not None:
             self.log.warn(
@@ -230,7 +239,7 @@ class HandshakeProtocol(SessionCarrier, Protocol):
     def _close_cleanly(self):
         """Refused: discard what the peer still sends while L{close_cleanly} closes."""
         self._refused = True
-        self._timer = close_cleanly(self.transport, self._listener.clock)
+        self._drain = close_cleanly(self.transport, self._listener.clock)
 
     def _slot_granted(self, slot, timeout, protocol=OUR_PROTOCOL):
         self._waiting = None
@@ -276,7 +285,7 @@ class ListenerFactory(Factory):
     gate: object
     runner: object = attrs.field(validator=provides(ISessionRunner))
     clock: object
-    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    handshake_timeout: float = PEER_HANDSHAKE_TIMEOUT
 
     def buildProtocol(self, addr):
         """@return: a L{HandshakeProtocol}."""
@@ -353,9 +362,9 @@ class InProcessRunner:
 
 
 __all__ = [
-    "DEFAULT_HANDSHAKE_TIMEOUT",
     "REFUSAL_DRAIN",
     "close_cleanly",
+    "read_client_key",
     "session_time",
     "HandshakeProtocol",
     "Handoff",

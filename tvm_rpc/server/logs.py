@@ -1,6 +1,6 @@
 """The server's loggers: the daemons' shared ``--silent`` switch
-(L{tvm_rpc.daemon}), under the names the server's modules import."""
+(L{tvm_rpc.daemon.logs}), under the names the server's modules import."""
 
-from ..daemon import logger, set_silent, unfiltered_logger
+from ..daemon.logs import logger, set_silent, unfiltered_logger
 
 __all__ = ["logger", "set_silent", "unfiltered_logger"]

@@ -15,12 +15,11 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.protocol import Factory, Protocol
 
-from ..client.connect import SessionCarrier, set_no_delay
 from ..protocol.constants import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
-from ..protocol.flavour import server_key, session_protocol, tvm_exception_packet
+from ..protocol.flavour import server_key, tvm_exception_packet
 from ..protocol.handshake import ReplyDecoder, encode_handshake
-from ..protocol.keys import parse_client_key, parse_timeout_option
-from .listener import Handoff, close_cleanly
+from ..transport import SwitchingCarrier, set_no_delay
+from .listener import Handoff, close_cleanly, read_client_key
 from .logs import logger
 from .service import SessionHostService
 
@@ -41,7 +40,7 @@ class _LinkSlot:
             self._link._session_ended()
 
 
-class ProxiedServerProtocol(SessionCarrier, Protocol):
+class ProxiedServerProtocol(SwitchingCarrier, Protocol):
     """One connection to the proxy: handshake, wait for a client, hand off."""
 
     def __init__(self, link):
@@ -87,14 +86,12 @@ class ProxiedServerProtocol(SessionCarrier, Protocol):
             self.transport.loseConnection()
             return
         try:
-            _, options = parse_client_key(decoder.key)
-            timeout = parse_timeout_option(options)
+            _, timeout, protocol = read_client_key(decoder.key)
         except ValueError as e:
             log.warn("bad client key from {proxy}: {problem}", proxy=proxy, problem=str(e))
             self._outcome = "again"
             self.transport.loseConnection()
             return
-        protocol = session_protocol(options)
         refusal = self._link.runner.refusal(protocol)
         if refusal is not None:
             log.warn("refusing a client through {proxy}: its {protocol} session cannot run here",

@@ -84,7 +84,7 @@ class RPCServerService(SessionHostService):
     def __init__(self, listener, factory, *, make_registration=None, runner=None,
                  work_root=None, owns_work_root=False):
         """
-        @param listener: the L{tvm_rpc.daemon.ListenerService} of the server port.
+        @param listener: the L{tvm_rpc.daemon.listening.ListenerService} of the server port.
         @param factory: the L{tvm_rpc.server.listener.ListenerFactory}.
         @param make_registration: called with the bound port, returns the
             registration service to run as a child; L{None} without a tracker.

@@ -7,14 +7,15 @@ from twisted.python import usage
 
 from ..client.registration import TrackerRegistration
 from ..client.tracker import tracker_endpoint
-from ..daemon import (
+from ..daemon.listening import listener_service
+from ..daemon.options import (
     ListenOptions,
     listen_parameters,
-    listener_service,
     parse_address,
     positive_float,
     positive_int,
 )
+from ..transport import PEER_HANDSHAKE_TIMEOUT
 from .gate import SessionGate
 from .limits import (
     DEFAULT_MAX_BOX_BYTES,
@@ -23,7 +24,7 @@ from .limits import (
     SessionSettings,
     parse_bytes,
 )
-from .listener import DEFAULT_HANDSHAKE_TIMEOUT, InProcessRunner, ListenerFactory
+from .listener import InProcessRunner, ListenerFactory
 from .logs import set_silent
 from .modules import DEFAULT_SESSION_FACTORY, load_callable, run_init
 from .pool import WorkerPool
@@ -62,7 +63,7 @@ class Options(ListenOptions, usage.Options):
         ["key", None, "", "The device key clients ask for."],
         ["custom-addr", None, None, "The address to report to the tracker instead of the one it sees."],
         ["work-dir", None, None, "Directory for session work directories (default: a fresh temporary one)."],
-        ["handshake-timeout", None, DEFAULT_HANDSHAKE_TIMEOUT,
+        ["handshake-timeout", None, PEER_HANDSHAKE_TIMEOUT,
          "Seconds a peer has to complete its handshake, and then to send its "
          "session's first message.", positive_float],
         ["max-session-time", None, None,

@@ -7,15 +7,14 @@ counted, and past C{max_output} bytes the connection is closed.
 """
 
 import hmac
-import socket
 
-import attrs
 from zope.interface import implementer
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import TimeoutMixin
 
+from ..daemon.logs import logger
 from ..protocol.commands import (
     BadMessage,
     GetPendingMatchkeys,
@@ -28,103 +27,10 @@ from ..protocol.commands import (
     parse_tracker_message,
 )
 from ..protocol.framing import FrameDecoder, encode_frame, encode_magic
-from .logs import logger
+from ..transport import KeepAlive, peer_host_port, quick_ack, tune_tcp
 from .state import ITrackerPeer
 
 log = logger("tvm_rpc.tracker")
-
-
-@attrs.frozen
-class KeepAlive:
-    """
-    Per-socket TCP keepalive timers, so a dead peer is noticed in about
-    C{idle + interval * count} seconds.
-
-    @ivar idle: seconds of silence before the first probe.
-    @ivar interval: seconds between probes.
-    @ivar count: unanswered probes before the kernel drops the connection.
-    """
-
-    idle: int = 30
-    interval: int = 10
-    count: int = 3
-
-
-def _socket_of(transport):
-    """@return: the socket under C{transport} (looking through TLS), or L{None}."""
-    for _ in range(4):
-        if transport is None:
-            return None
-        get_handle = getattr(transport, "getHandle", None)
-        if get_handle is not None:
-            try:
-                handle = get_handle()
-            except Exception:
-                handle = None
-            if isinstance(handle, socket.socket):
-                return handle
-        transport = getattr(transport, "transport", None)
-    return None
-
-
-def tune_socket(transport, keepalive):
-    """
-    Set TCP_NODELAY and TCP keepalive with C{keepalive}'s timers on the
-    socket of C{transport}, when it is a TCP socket.
-
-    @return: whether the socket was tuned.
-    """
-    sock = _socket_of(transport)
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return False
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for name, value in (
-            ("TCP_KEEPIDLE", keepalive.idle),
-            ("TCP_KEEPINTVL", keepalive.interval),
-            ("TCP_KEEPCNT", keepalive.count),
-        ):
-            option = getattr(socket, name, None)
-            if option is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, option, value)
-    except OSError as e:
-        log.warn("could not tune socket: {error}", error=e)
-        return False
-    return True
-
-
-def quick_ack(transport):
-    """
-    Acknowledge what was received at once instead of after the delayed-ACK
-    timer, on a TCP socket. TVM's clients write a frame's length and its body
-    in two sends without TCP_NODELAY, so Nagle holds the body until the length
-    is acknowledged: without this, every request from TVM's client waits
-    about 40 ms for our delayed ACK.
-    """
-    option = getattr(socket, "TCP_QUICKACK", None)
-    sock = _socket_of(transport)
-    if option is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, option, 1)
-    except OSError:
-        pass
-
-
-def describe_peer(address):
-    """
-    @return: C{(host, port)} of a peer address; port is L{None} for non-IP
-        peers. An IPv4 peer of a dual-stack listener (C{::ffff:a.b.c.d}) is
-        given as plain IPv4, the address its clients can reach it on.
-    """
-    host = getattr(address, "host", None)
-    if host is not None:
-        if host.lower().startswith("::ffff:") and host.count(".") == 3:
-            host = host[len("::ffff:"):]
-        return host, getattr(address, "port", None)
-    name = getattr(address, "name", None)
-    return (name.decode("utf-8", "replace") if isinstance(name, bytes) else (name or "localhost")), None
 
 
 @implementer(ITrackerPeer, IPushProducer)
@@ -159,7 +65,7 @@ class TrackerProtocol(TimeoutMixin, Protocol):
 
     def connectionMade(self):
         """Admit the peer (or refuse it), tune the socket and register the connection."""
-        host, port = describe_peer(self.transport.getPeer())
+        host, port = peer_host_port(self.transport.getPeer())
         self._peer = f"{host}:{port}" if port is not None else host
         if port is not None:
             if not self.factory.admit(host):
@@ -167,7 +73,7 @@ class TrackerProtocol(TimeoutMixin, Protocol):
                 self.transport.loseConnection()
                 return
             self._host = host
-        tune_socket(self.transport, self.factory.keepalive)
+        tune_tcp(self.transport, self.factory.keepalive)
         self.transport.registerProducer(self, True)
         self._producing = True
         self._connection = self.factory.state.connect(self, host, port)
@@ -231,36 +137,50 @@ class TrackerProtocol(TimeoutMixin, Protocol):
 
     def _dispatch(self, command):
         """Carry out one parsed command. @raise BadMessage: to close this connection."""
-        state = self.factory.state
-        connection = self._connection
-        if isinstance(command, Request):
-            pending = state.request(connection, command)
-            if pending.priority != command.priority and not self._clamp_logged:
-                self._clamp_logged = True
-                log.info("queueing requests from {peer} asking for priority {asked:g} at "
-                         "{priority:g}, the highest allowed", peer=self._peer,
-                         asked=command.priority, priority=pending.priority)
-        elif isinstance(command, Put):
-            state.put(connection, command)
-            self._reply(Put.encode_result(None))
-        elif isinstance(command, Ping):
-            self._reply(Ping.encode_result(None))
-        elif isinstance(command, Summary):
-            self._reply(Summary.encode_result(state.summary()))
-        elif isinstance(command, UpdateInfo):
-            state.update_info(connection, command)
-            self._reply(UpdateInfo.encode_result(None))
-        elif isinstance(command, GetPendingMatchkeys):
-            self._reply(GetPendingMatchkeys.encode_result(state.pending_matchkeys(connection)))
-        elif isinstance(command, Stop):
-            accepted = self.factory.check_stop_key(command.stop_key)
-            self._reply(Stop.encode_result(accepted))
-            if accepted:
-                log.info("stop requested by {peer}", peer=self._peer)
-                self._stopping = True
-                self._close()
-            else:
-                log.warn("wrong stop key from {peer}", peer=self._peer)
+        RESPONDERS[type(command)](self, command)
+
+    def _on_request(self, command):
+        """REQUEST: queue it; the answer comes through L{answer_request}."""
+        pending = self.factory.state.request(self._connection, command)
+        if pending.priority != command.priority and not self._clamp_logged:
+            self._clamp_logged = True
+            log.info("queueing requests from {peer} asking for priority {asked:g} at "
+                     "{priority:g}, the highest allowed", peer=self._peer,
+                     asked=command.priority, priority=pending.priority)
+
+    def _on_put(self, command):
+        """PUT: offer a free server."""
+        self.factory.state.put(self._connection, command)
+        self._reply(Put.encode_result(None))
+
+    def _on_ping(self, command):
+        """PING: answer at once."""
+        self._reply(Ping.encode_result(None))
+
+    def _on_summary(self, command):
+        """SUMMARY: the queues and the servers."""
+        self._reply(Summary.encode_result(self.factory.state.summary()))
+
+    def _on_update_info(self, command):
+        """UPDATE_INFO: keep what the peer says about itself."""
+        self.factory.state.update_info(self._connection, command)
+        self._reply(UpdateInfo.encode_result(None))
+
+    def _on_get_pending_matchkeys(self, command):
+        """GET_PENDING_MATCHKEYS: this connection's matchkeys not handed out yet."""
+        self._reply(GetPendingMatchkeys.encode_result(
+            self.factory.state.pending_matchkeys(self._connection)))
+
+    def _on_stop(self, command):
+        """STOP: stop the tracker when the stop key is right."""
+        accepted = self.factory.check_stop_key(command.stop_key)
+        self._reply(Stop.encode_result(accepted))
+        if accepted:
+            log.info("stop requested by {peer}", peer=self._peer)
+            self._stopping = True
+            self._close()
+        else:
+            log.warn("wrong stop key from {peer}", peer=self._peer)
 
     def answer_request(self, pending, result):
         """Send the answer of a REQUEST (see L{ITrackerPeer})."""
@@ -344,6 +264,18 @@ class TrackerProtocol(TimeoutMixin, Protocol):
         if self._stopping:
             self._stopping = False
             self.factory.on_stop()
+
+
+#: The responder of each tracker command, by the command's class.
+RESPONDERS = {
+    Request: TrackerProtocol._on_request,
+    Put: TrackerProtocol._on_put,
+    Ping: TrackerProtocol._on_ping,
+    Summary: TrackerProtocol._on_summary,
+    UpdateInfo: TrackerProtocol._on_update_info,
+    GetPendingMatchkeys: TrackerProtocol._on_get_pending_matchkeys,
+    Stop: TrackerProtocol._on_stop,
+}
 
 
 class TrackerFactory(Factory):

@@ -6,18 +6,12 @@ from twisted.application import service
 from twisted.internet.error import ReactorNotRunning
 from twisted.python import usage
 
-from ..daemon import (
-    DEFAULT_BACKLOG,
-    ListenOptions,
-    listen_parameters,
-    listener_service,
-    positive_float,
-    positive_int,
-    with_backlog,
-)
+from ..daemon.listening import DEFAULT_BACKLOG, listener_service, with_backlog
+from ..daemon.logs import logger, set_silent
+from ..daemon.options import ListenOptions, listen_parameters, positive_float, positive_int
+from ..transport import KeepAlive
 from .limits import TrackerLimits
-from .logs import logger, set_silent
-from .protocol import KeepAlive, TrackerFactory
+from .protocol import TrackerFactory
 from .state import TrackerState
 
 log = logger("tvm_rpc.tracker")
@@ -127,7 +121,7 @@ def makeService(options, reactor=None):
     @param options: parsed L{Options}.
     @param reactor: the reactor to use; the global one when L{None}.
     @return: a L{service.MultiService} whose child C{"listener"} (a
-        L{tvm_rpc.daemon.ListenerService}) listens on the first free port of
+        L{tvm_rpc.daemon.listening.ListenerService}) listens on the first free port of
         the range or on every C{--listen} endpoint; it carries C{state} (the
         L{TrackerState}) and C{factory} attributes.
     """

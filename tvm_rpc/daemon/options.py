@@ -1,0 +1,110 @@
+"""The command-line options the three daemons share.
+
+- Option coercers (L{port_number}, L{positive_int}, L{positive_float}) and
+  the ``HOST:PORT`` parser L{parse_address}.
+- L{ListenOptions}: the ``--host/--port/--port-end/--listen`` flags (TVM's
+  plus Twisted endpoint strings) and their validation; L{listen_parameters}
+  gives the rows of the first three with a daemon's defaults.
+"""
+
+from twisted.internet import endpoints
+from twisted.python import usage
+
+
+def port_number(value):
+    """@return: C{value} as a port number. @raise ValueError: if it is not one."""
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"{value} is not a port number")
+    return number
+
+
+def positive_int(value):
+    """@return: C{value} as a positive int. @raise ValueError: if it is not one."""
+    number = int(value)
+    if number <= 0:
+        raise ValueError(f"{value} is not a positive integer")
+    return number
+
+
+def positive_float(value):
+    """
+    @return: C{value} as a positive, finite float (seconds, mostly).
+    @raise ValueError: if it is not one.
+    """
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise ValueError(f"{value} is not a positive number")
+    return number
+
+
+def parse_address(text, what="address"):
+    """
+    Parse ``HOST:PORT``; an IPv6 literal is given as ``[v6]:PORT`` (or bare
+    before the last colon).
+
+    @param text: the address.
+    @param what: what it is (such as ``--tracker``), for the error message.
+    @return: C{(host, port)}.
+    @raise ValueError: when C{text} is not of that form.
+    """
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host:
+        raise ValueError(f"{what} must be HOST:PORT, not {text!r}")
+    try:
+        return host, port_number(port)
+    except ValueError:
+        raise ValueError(f"{what} must be HOST:PORT, not {text!r}") from None
+
+
+def listen_parameters(host, port, port_end=9199, host_help="Address to listen on."):
+    """
+    The C{optParameters} rows of TVM's listening flags, with a daemon's defaults.
+
+    @param host: the default of ``--host``.
+    @param port: the default of ``--port``.
+    @param port_end: the default of ``--port-end`` (exclusive).
+    @param host_help: the help text of ``--host``.
+    @return: rows for L{usage.Options.optParameters}.
+    """
+    return [
+        ["host", None, host, host_help],
+        ["port", None, port, "First port to try.", port_number],
+        ["port-end", None, port_end, "End of the port range (exclusive).", port_number],
+    ]
+
+
+class ListenOptions:
+    """
+    Mixin for a daemon's L{usage.Options} (put it first among the bases):
+    the repeatable ``--listen ENDPOINT`` and the checks of the listening flags.
+    The ``--host/--port/--port-end`` rows come from L{listen_parameters}.
+    """
+
+    def __init__(self):
+        """Start with no C{--listen} endpoint."""
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description):
+        """Listen on a Twisted endpoint string, e.g. tcp:9090:interface=127.0.0.1
+        (repeatable; replaces --host/--port/--port-end)."""
+        self["listen"].append(description)
+
+    def check_listen(self, port_range=True):
+        """
+        Check the port range and every ``--listen`` endpoint string.
+
+        @param port_range: whether ``--port/--port-end`` must be a range
+            (not when the daemon connects out instead of listening).
+        @raise usage.UsageError: on an empty port range or a bad endpoint.
+        """
+        if port_range and self["port-end"] <= self["port"]:
+            raise usage.UsageError("--port-end must be greater than --port")
+        for description in self["listen"]:
+            try:
+                endpoints.serverFromString(None, description)
+            except Exception as e:
+                raise usage.UsageError(f"bad --listen {description!r}: {e}")

@@ -1,6 +1,0 @@
-"""The tracker's loggers: the daemons' shared ``--silent`` switch
-(L{tvm_rpc.daemon}), under the names the tracker's modules import."""
-
-from ..daemon import logger, set_silent, unfiltered_logger
-
-__all__ = ["logger", "set_silent", "unfiltered_logger"]
