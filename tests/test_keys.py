@@ -32,3 +32,30 @@ def test_tvm_matchkeys_redacted_too(random):
 def test_text_without_matchkeys_unchanged():
     for text in ("rasp", "server:rasp", "client:dev -timeout=10", "a:b:c"):
         assert redact_matchkeys(text) == text
+
+
+def test_proxy_stale_renewal_logs_no_matchkey():
+    """The proxy's log line for a renewed, never-used matchkey hides its secret part."""
+    from twisted.logger import Logger, capturedLogs, formatEvent
+
+    from tvm_rpc.proxy.registration import _WaitingServer
+
+    class Offer:
+        key = "board"
+
+    class Pool:
+        renewed = []
+
+        def renew(self, offer):
+            self.renewed.append(offer)
+
+    class Owner:
+        log = Logger()
+        pool = Pool()
+
+    matchkey = random_matchkey("board")
+    with capturedLogs() as events:
+        _WaitingServer(Owner(), Offer()).renew_stale(matchkey)
+    text = " ".join(formatEvent(event) for event in events)
+    assert "board" in text and split_matchkey(matchkey)[1] not in text
+    assert Pool.renewed

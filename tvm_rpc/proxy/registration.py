@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from ..client.registration import IRegisteredOffer, TrackerLink, tracker_client_service
 from ..protocol.commands import Put, UpdateInfo
-from ..protocol.keys import SERVER_PREFIX
+from ..protocol.keys import SERVER_PREFIX, redact_matchkeys
 from .pairing import IOfferObserver
 
 #: Seconds between GET_PENDING_MATCHKEYS polls (TVM's proxy: 2).
@@ -232,5 +232,5 @@ class _WaitingServer:
         """Renew the matchkey in the pool (the server keeps its key)."""
         self.owner.log.info(
             "matchkey {matchkey} of {key} was handed out but never used; renewing",
-            matchkey=matchkey, key=self.offer.key)
+            matchkey=redact_matchkeys(matchkey), key=self.offer.key)
         self.owner.pool.renew(self.offer)
