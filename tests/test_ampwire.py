@@ -1,4 +1,4 @@
-"""The lean AMP wire helpers: parser, box builders, corked and write-through output."""
+"""The lean AMP wire helpers: parser, serializer, corked and write-through output."""
 
 import socket
 
@@ -85,30 +85,6 @@ class BuilderTests(SynchronousTestCase):
         self.assertRaises(BoxError, ampwire.serialize, [(b"k" * 256, b"")])
         self.assertRaises(BoxError, ampwire.serialize, [(b"", b"")])
         self.assertRaises(BoxError, ampwire.serialize, [(b"k", b"v" * 0x10000)])
-
-    @given(st.integers(1, 2**40), st.binary(max_size=2000),
-           st.one_of(st.none(), st.integers(0, 2**31)),
-           st.one_of(st.none(), st.text(max_size=40)))
-    def test_call_box(self, counter, args, function, name):
-        """call_box() writes what callRemote(CallFunction, ...) writes."""
-        tag = b"%x" % counter
-        expected = commands.CallFunction.makeArguments(
-            {"args": args, "function": function, "name": name}, None)
-        expected[b"_command"] = b"CallFunction"
-        expected[b"_ask"] = tag
-        encoded_name = None if name is None else name.encode("utf-8")
-        self.assertEqual(ampwire.call_box(tag, args, function, encoded_name),
-                         expected.serialize())
-
-    def test_answer_and_error_boxes(self):
-        """answer_box() and error_box() match AMP's answer and error boxes."""
-        self.assertEqual(ampwire.answer_box(b"7", b"\x01i\x02"),
-                         amp.AmpBox(_answer=b"7", result=b"\x01i\x02").serialize())
-        self.assertEqual(
-            ampwire.error_box(b"7", b"REMOTE_ERROR", b"{}"),
-            amp.AmpBox(_error=b"7", _error_code=b"REMOTE_ERROR",
-                       _error_description=b"{}").serialize())
-        self.assertRaises(BoxError, ampwire.answer_box, b"7", b"x" * 0x10000)
 
 
 class CountingTransport(StringTransport):

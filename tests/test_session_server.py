@@ -345,9 +345,18 @@ class StartTests(SynchronousTestCase):
         from twisted.internet.defer import Deferred, fail
 
         class Generic(SessionProtocol):
-            """The same protocol with AMP's dispatch for every command."""
+            """
+            The same protocol with AMP's dispatch for every command: AMP
+            decodes the arguments and encodes the answer or error itself.
+            """
 
             ampBoxReceived = amp.AMP.ampBoxReceived
+
+            @commands.CallFunction.responder
+            @commands.remote_errors
+            def call_function(self, function=None, name=None, args=None, args_stream=None):
+                """Call a function through AMP's dispatch."""
+                return self._call(function, name, args, args_stream)
 
         registry = Registry()
         registry.register("add", lambda a, b: a + b)

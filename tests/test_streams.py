@@ -270,34 +270,6 @@ class BlobTests(SynchronousTestCase):
         self.assertEqual(parsed["data"], data[1000:150_000])
 
 
-optional_ints = st.none() | st.integers(-(2**70), 2**70)
-
-
-@given(optional_ints, st.none() | st.text(), st.none() | st.binary(max_size=100), optional_ints)
-def test_call_function_fast_paths_match_amp(function, name, args, args_stream):
-    """CallFunction's hand-written (de)serializers agree with AMP's generic ones."""
-    objects = {"function": function, "name": name, "args": args, "args_stream": args_stream}
-    generic = amp._objectsToStrings(dict(objects), commands.CallFunction.arguments,
-                                    amp.AmpBox(), None)
-    fast = commands.CallFunction.makeArguments(dict(objects), None)
-    assert dict(fast) == dict(generic)
-    assert commands.CallFunction.parseArguments(fast, None) == amp._stringsToObjects(
-        generic, commands.CallFunction.arguments, None)
-    response = {"result": args, "result_stream": function, "result_size": args_stream}
-    generic = amp._objectsToStrings(dict(response), commands.CallFunction.response,
-                                    amp.AmpBox(), None)
-    fast = commands.CallFunction.makeResponse(dict(response), None)
-    assert dict(fast) == dict(generic)
-    assert commands.CallFunction.parseResponse(fast, None) == amp._stringsToObjects(
-        generic, commands.CallFunction.response, None)
-
-
-def test_call_function_refuses_unknown_arguments():
-    """An unknown keyword is refused as AMP refuses it."""
-    with pytest.raises(amp.InvalidSignature):
-        commands.CallFunction.makeArguments({"bogus": 1}, None)
-
-
 class StreamTableTests(SynchronousTestCase):
     """The table's checks, without a connection."""
 

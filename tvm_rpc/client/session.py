@@ -54,12 +54,11 @@ import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
 from twisted.internet.error import ConnectionClosed, ConnectionLost
 from twisted.logger import Logger
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 import tvm_rpc
 
-from ..protocol import ampwire, values
+from ..protocol import calls, values
 from ..protocol.ampwire import LeanAMP
 from ..protocol.commands import (
     CHUNK_SIZE,
@@ -67,7 +66,6 @@ from ..protocol.commands import (
     SESSION_PROTOCOL,
     SESSION_VERSION,
     WINDOW,
-    CallFunction,
     DeviceExists,
     DeviceSync,
     Empty,
@@ -148,9 +146,9 @@ class SessionClientProtocol(LeanAMP):
     """
     The client side of the session protocol (an AMP conversation).
 
-    Remote calls with inline arguments take L{call_function}: the request
-    box is built as bytes and the answer is read from the raw box, one
-    Deferred per call (the wire format is the one C{callRemote} uses).
+    Remote calls take L{call_function}: the request box is built as bytes
+    and the answer is read from the raw box by L{tvm_rpc.protocol.calls},
+    one Deferred per call (the wire format is the one C{callRemote} uses).
 
     @ivar end_code: the code of the server's L{SessionEnded} notice
         (C{"timeout"}, C{"shutdown"}), or L{None}.
@@ -180,16 +178,19 @@ class SessionClientProtocol(LeanAMP):
         self._calls = {}
         self.orphan = None
 
-    def call_function(self, args, decode, function=None, name=None):
+    def call_function(self, args, decode, function=None, name=None, args_stream=None):
         """
-        Send a L{CallFunction} box with inline arguments.
+        Send a L{CallFunction} box.
 
         @param args: the encoded argument list (at most
-            L{MAX_INLINE_VALUE<tvm_rpc.protocol.commands.MAX_INLINE_VALUE>} bytes).
+            L{MAX_INLINE_VALUE<tvm_rpc.protocol.commands.MAX_INLINE_VALUE>}
+            bytes), or L{None} when they travel by stream.
         @param decode: called with the answer box (a C{dict}); its result
             (or the result of the Deferred it returns) is the call's result.
         @param function: the callee's handle id, or L{None}.
         @param name: the callee's global name (C{str}), or L{None}.
+        @param args_stream: the id of a finished value stream holding the
+            encoded arguments, or L{None}.
         @return: a Deferred of the result; it fails with L{RemoteError}
             (or AMP's C{UnknownRemoteError} for an undeclared error code)
             when the server answers an error, and with the session's
@@ -198,8 +199,8 @@ class SessionClientProtocol(LeanAMP):
         if self._failAllReason is not None:
             return fail(self._failAllReason)
         tag = self._nextTag()
-        box = ampwire.call_box(
-            tag, args, function, None if name is None else name.encode("utf-8"))
+        box = calls.request_box(
+            tag, args, function, None if name is None else name.encode("utf-8"), args_stream)
         deferred = Deferred()
         self._calls[tag] = (deferred, decode)
         self.emit(box)
@@ -272,10 +273,7 @@ class SessionClientProtocol(LeanAMP):
         """The answer to a cancelled call came: hand it to L{orphan}."""
         if self.orphan is None:
             return
-        stream = box.get(b"result_stream")
-        answer = {"result": box.get(b"result"),
-                  "result_stream": None if stream is None else int(stream)}
-        self.orphan(answer)
+        self.orphan(calls.parse_answer(box))
 
     def when_lost(self):
         """@return: a Deferred firing with L{None} once the connection is gone."""
@@ -304,13 +302,8 @@ def _deliver(waiting, box):
 
 def _deliver_error(deferred, box):
     """Fail a call's Deferred with the error of an AMP error box, as C{callRemote} would."""
-    if deferred.called:
-        return
-    code = box.get(b"_error_code")
-    description = box.get(b"_error_description", b"").decode("utf-8", "replace")
-    kind = CallFunction.reverseErrors.get(code)
-    error = amp.UnknownRemoteError(description) if kind is None else kind(description)
-    deferred.errback(Failure(error))
+    if not deferred.called:
+        deferred.errback(Failure(calls.error_of(box)))
 
 
 def make_client_protocol():
@@ -720,34 +713,28 @@ class RPCSession:
             if target is not None and not self._lazy_functions(args, []):
                 encoded = values.encode([self._to_wire(arg) for arg in args])
                 if len(encoded) <= MAX_INLINE_VALUE:
-                    return self._quick_call(target, encoded)
+                    return self._send_call(encoded, self._box_result, **target)
         except Exception:
             return fail()
         return Deferred.fromCoroutine(self._call(function, args))
 
-    def _quick_call(self, target, encoded):
+    def _send_call(self, args, decode, function=None, name=None, args_stream=None):
         """
-        L{CallFunction} with inline arguments: the common case, one box each
-        way, built and read as bytes by the protocol's
-        L{SessionClientProtocol.call_function} (AMP's typed argument
-        machinery costs more than the rest of a small call), to the same
-        wire format.
+        Send a L{CallFunction} (see L{SessionClientProtocol.call_function}),
+        or fail with L{SessionClosed} once the session is over.
 
-        @return: a Deferred of the decoded result.
+        @return: a Deferred of what C{decode} makes of the answer box.
         """
-        if self.closed:
+        if self._protocol.lost or self._close_started:
             return fail(self._protocol.ending_error())
-        return self._protocol.call_function(
-            encoded, self._box_result, target.get("function"), target.get("name"))
+        return self._protocol.call_function(args, decode, function, name, args_stream)
 
     def _box_result(self, box):
-        """@return: the decoded result of a raw L{CallFunction} answer box."""
-        result = box.get(b"result")
+        """@return: the decoded result of a L{CallFunction} answer box (a Deferred when streamed)."""
+        result = calls.inline_result(box)
         if result is not None:
             return self._from_wire(values.decode(result))
-        answer = {"result": None, "result_stream": int(box[b"result_stream"]),
-                  "result_size": int(box[b"result_size"])}
-        return self._result(answer)
+        return self._result(calls.parse_answer(box))
 
     def _ready_target(self, function):
         """
@@ -773,7 +760,8 @@ class RPCSession:
     async def _call(self, function, args):
         target = await self._target(function)
         carried = await self._encode_args(args)
-        answer = await self._guarded(CallFunction, self._orphan_answer, **target, **carried)
+        answer = await self._send_call(carried.get("args"), calls.parse_answer, **target,
+                                       args_stream=carried.get("args_stream"))
         result = self._result(answer)
         if isinstance(result, Deferred):
             result = await result

@@ -11,9 +11,8 @@ module keeps the wire format byte for byte and makes it cheaper:
   resuming inside a box that arrives in pieces (only the unfinished key or
   value is kept as bytes, as AMP's parser does).
 - :func:`serialize` writes a box from ``(key, value)`` pairs exactly as
-  :meth:`twisted.protocols.amp.AmpBox.serialize` does (keys sorted);
-  :func:`call_box`, :func:`answer_box` and :func:`error_box` build the boxes
-  of a remote call and its answer.
+  :meth:`twisted.protocols.amp.AmpBox.serialize` does (keys sorted); the
+  boxes of a remote call are built by :mod:`tvm_rpc.protocol.calls`.
 - :class:`LeanAMP` is an :class:`~twisted.protocols.amp.AMP` whose receive
   loop uses the parser and whose writes are *corked* while received data is
   handled: the answers to every box of one read leave in one write. A write
@@ -178,64 +177,6 @@ def serialize(pairs):
         parts += (_LENGTH.pack(len(key)), key, _LENGTH.pack(len(value)), value)
     parts.append(b"\x00\x00")
     return b"".join(parts)
-
-
-_pack = _LENGTH.pack
-_ASK = b"\x00\x04_ask"
-_COMMAND_CALL = b"\x00\x08_command\x00\x0cCallFunction"
-_ARGS = b"\x00\x04args"
-_FUNCTION = b"\x00\x08function"
-_NAME = b"\x00\x04name"
-_ANSWER = b"\x00\x07_answer"
-_RESULT = b"\x00\x06result"
-_END = b"\x00\x00"
-
-
-def call_box(tag, args, function=None, name=None):
-    """
-    The CallFunction request box, as C{callRemote(CallFunction, ...)} writes it.
-
-    @param tag: the C{_ask} tag (bytes).
-    @param args: the encoded argument list (at most L{MAX_VALUE_LENGTH} bytes).
-    @param function: the callee's handle id, or L{None}.
-    @param name: the callee's global name as UTF-8 bytes, or L{None}.
-    @return: the box's bytes.
-    @raise BoxError: for a value too long for AMP.
-    """
-    if len(args) > MAX_VALUE_LENGTH or len(tag) > MAX_VALUE_LENGTH:
-        raise BoxError("CallFunction value too long for one AMP box")
-    parts = [_ASK, _pack(len(tag)), tag, _COMMAND_CALL, _ARGS, _pack(len(args)), args]
-    if function is not None:
-        number = b"%d" % function
-        parts += (_FUNCTION, _pack(len(number)), number)
-    if name is not None:
-        if len(name) > MAX_VALUE_LENGTH:
-            raise BoxError("function name too long for one AMP box")
-        parts += (_NAME, _pack(len(name)), name)
-    parts.append(_END)
-    return b"".join(parts)
-
-
-def answer_box(tag, result):
-    """
-    @param tag: the C{_ask} tag of the request.
-    @param result: the encoded result (at most L{MAX_VALUE_LENGTH} bytes).
-    @return: the bytes of the answer box C{{_answer: tag, result: result}}.
-    """
-    if len(result) > MAX_VALUE_LENGTH or len(tag) > MAX_VALUE_LENGTH:
-        raise BoxError("answer value too long for one AMP box")
-    return b"".join((_ANSWER, _pack(len(tag)), tag, _RESULT, _pack(len(result)), result, _END))
-
-
-def error_box(tag, code, description):
-    """
-    @param tag: the C{_ask} tag of the request.
-    @param code: the error code (bytes).
-    @param description: the description (bytes, at most L{MAX_VALUE_LENGTH}).
-    @return: the bytes of AMP's error answer box.
-    """
-    return serialize(
-        [(b"_error", tag), (b"_error_code", code), (b"_error_description", description)])
 
 
 def idle_socket(transport):

@@ -702,6 +702,9 @@ class CallFunction(amp.Command):
     The response holds the encoded result inline in ``result``, or, when it
     is longer than L{MAX_INLINE_VALUE}, a read stream ``result_stream`` of
     ``result_size`` bytes that the client reads and then closes.
+
+    Both ends build and read these boxes with L{tvm_rpc.protocol.calls}
+    (byte for byte what AMP writes for this schema).
     """
 
     arguments = [
@@ -716,76 +719,6 @@ class CallFunction(amp.Command):
         (b"result_size", amp.Integer(optional=True)),
     ]
     errors = _ERRORS
-
-    # The four (de)serializers below do exactly what AMP's generic ones do
-    # for the schemas above (a test checks they agree); hand-written because
-    # this command is on the path of every remote call.
-
-    _argument_names = frozenset(("function", "name", "args", "args_stream"))
-
-    def __init__(self, **kw):
-        """Keep the arguments (all are optional, so none can be missing)."""
-        self.structured = kw
-
-    @classmethod
-    def makeArguments(cls, objects, proto):
-        """Encode the arguments (as AMP would, faster)."""
-        unknown = set(objects) - cls._argument_names
-        if unknown:
-            raise amp.InvalidSignature(f"{sorted(unknown)[0]} is not a valid argument")
-        box = cls.commandType()
-        _put_int(box, b"function", objects.get("function"))
-        name = objects.get("name")
-        if name is not None:
-            box[b"name"] = name.encode("utf-8")
-        args = objects.get("args")
-        if args is not None:
-            box[b"args"] = args
-        _put_int(box, b"args_stream", objects.get("args_stream"))
-        return box
-
-    @classmethod
-    def parseArguments(cls, box, protocol):
-        """Decode the arguments (as AMP would, faster)."""
-        name = box.get(b"name")
-        return {
-            "function": _get_int(box, b"function"),
-            "name": None if name is None else name.decode("utf-8"),
-            "args": box.get(b"args"),
-            "args_stream": _get_int(box, b"args_stream"),
-        }
-
-    @classmethod
-    def makeResponse(cls, objects, proto):
-        """Encode the answer (as AMP would, faster)."""
-        box = cls.responseType()
-        result = objects.get("result")
-        if result is not None:
-            box[b"result"] = result
-        _put_int(box, b"result_stream", objects.get("result_stream"))
-        _put_int(box, b"result_size", objects.get("result_size"))
-        return box
-
-    @classmethod
-    def parseResponse(cls, box, protocol):
-        """Decode the answer (as AMP would, faster)."""
-        return {
-            "result": box.get(b"result"),
-            "result_stream": _get_int(box, b"result_stream"),
-            "result_size": _get_int(box, b"result_size"),
-        }
-
-
-def _put_int(box, key, value):
-    """Store an optional AMP Integer."""
-    if value is not None:
-        box[key] = str(int(value)).encode("ascii")
-
-
-def _get_int(box, key):
-    """Read an optional AMP Integer."""
-    value = box.get(key)
-    return None if value is None else int(value)
 
 
 class Free(amp.Command):

@@ -54,7 +54,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import __version__
-from ..protocol import ampwire, commands, values
+from ..protocol import ampwire, calls, commands, values
 from ..protocol.ampwire import LeanAMP
 from ..protocol.commands import remote_errors
 from .environment import PythonModule, SessionEnvironment, select_backend
@@ -94,7 +94,6 @@ _PLAIN_RESULTS = frozenset((type(None), bool, int, float, str, bytes, list, tupl
 #: Values the environment passes through unchanged in both directions
 #: (C{from_wire} for arguments, C{to_wire} for results).
 _SCALARS = frozenset((type(None), bool, int, float, str, bytes))
-_REMOTE_ERROR_CODE = commands.CallFunction.errors[commands.RemoteError]
 
 
 @implementer(IPushProducer)
@@ -307,12 +306,6 @@ class SessionProtocol(LeanAMP):
         """Give a handle to a global function."""
         return {"function": self.environment.add(self.environment.lookup(name))}
 
-    @commands.CallFunction.responder
-    @remote_errors
-    def call_function(self, function=None, name=None, args=None, args_stream=None):
-        """Call a function (AMP's dispatch; calls normally take L{_call_fast})."""
-        return self._call(function, name, args, args_stream)
-
     def _call(self, function=None, name=None, args=None, args_stream=None):
         """
         Call a function with decoded arguments.
@@ -347,44 +340,39 @@ class SessionProtocol(LeanAMP):
 
     def ampBoxReceived(self, box):
         """
-        Serve L{CallFunction<tvm_rpc.protocol.commands.CallFunction>} on a
-        short path (the command of every remote call); everything else goes
+        Serve L{CallFunction<tvm_rpc.protocol.commands.CallFunction>} (the
+        command of every remote call) with L{_call_box}; everything else goes
         through AMP's dispatch.
         """
         ask = box.get(b"_ask")
-        if ask is not None and box.get(b"_command") == b"CallFunction":
-            self._call_fast(box, ask)
+        if box.get(b"_command") == b"CallFunction":
+            self._call_box(box, ask)
         else:
             super().ampBoxReceived(box)
 
-    def _call_fast(self, box, ask):
+    def _call_box(self, box, ask):
         """
-        Answer a CallFunction box as AMP's dispatch would (same answer and
-        error boxes, built directly as bytes), without its Deferred layers
-        when the call completes at once.
+        Answer a CallFunction box with the answer and error boxes of
+        L{tvm_rpc.protocol.calls} (what AMP would send for the command),
+        without Deferred layers when the call completes at once.
+
+        @param box: the received box.
+        @param ask: its C{_ask} tag, or L{None} when no answer is wanted.
         """
         reply = None
         try:
-            function = box.get(b"function")
-            name = box.get(b"name")
-            stream = box.get(b"args_stream")
-            args = box.get(b"args")
+            function, name, args, args_stream = calls.parse_request(box)
             callee = None
-            if name is None and stream is None and args is not None and function is not None:
-                callee = self._callees.get(int(function))
+            if name is None and args_stream is None and args is not None and function is not None:
+                callee = self._callees.get(function)
             if callee is None:
-                answer = self._call(
-                    None if function is None else int(function),
-                    None if name is None else name.decode("utf-8"),
-                    args,
-                    None if stream is None else int(stream),
-                )
+                answer = self._call(function, name, args, args_stream)
             else:
                 # The common call, by a handle already called, with small
                 # plain arguments and result: no helper layers, no answer dict.
                 answer = self._call_known(callee, args)
-                if type(answer) is bytes:
-                    reply, answer = ampwire.answer_box(ask, answer), None
+                if type(answer) is bytes and ask is not None:
+                    reply, answer = calls.answer_box(ask, answer), None
         except BaseException:
             self._send_call_error(ask, Failure())
             return
@@ -419,26 +407,38 @@ class SessionProtocol(LeanAMP):
                             lambda failure: self._send_call_error(ask, failure))
         answer.addErrback(self.unhandledError)
 
-    def _send_call_answer(self, ask, objects):
-        """Send the answer box of a call (an error box if it cannot be encoded)."""
+    def _send_call_answer(self, ask, answer):
+        """
+        Send the answer box of a call (an error box if it cannot be encoded).
+
+        @param answer: the answer's C{result}, or C{result_stream} and
+            C{result_size} (see L{_result}).
+        """
+        if ask is None:
+            return
         try:
-            result = objects.get("result")
-            if result is not None and len(objects) == 1:
-                reply = ampwire.answer_box(ask, result)
+            result = answer.get("result")
+            if result is not None:
+                reply = calls.answer_box(ask, result)
             else:
-                box = commands.CallFunction.makeResponse(objects, self)
-                box[b"_answer"] = ask
-                reply = box.serialize()
+                reply = calls.streamed_answer_box(
+                    ask, answer["result_stream"], answer["result_size"])
         except BaseException:
             self._send_call_error(ask, Failure())
             return
         self.emit(reply)
 
     def _send_call_error(self, ask, failure):
-        """Send the error box of a call: its failure as a RemoteError."""
+        """
+        Send the error box of a call: its failure as a RemoteError. Without
+        an C{_ask} tag there is no one to tell: the failure is unhandled, as
+        in AMP's dispatch (logged, and the connection closed).
+        """
+        if ask is None:
+            self.unhandledError(commands.as_remote_error(failure, self.send_tracebacks))
+            return
         error = commands.as_remote_error(failure, self.send_tracebacks).value
-        self.emit(ampwire.error_box(
-            ask, _REMOTE_ERROR_CODE, str(error).encode("utf-8", "replace")))
+        self.emit(calls.error_box(ask, error))
 
     @commands.Free.responder
     @remote_errors
