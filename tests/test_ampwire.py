@@ -12,7 +12,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tvm_rpc.protocol import ampwire, commands
+from tvm_rpc.protocol import ampwire
 from tvm_rpc.protocol.ampwire import BoxError, BoxParser, LeanAMP
 
 keys = st.binary(min_size=1, max_size=255)

@@ -10,7 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tvm_rpc.client.connect import KeyMismatch, RequestFailed, request, request_and_run
 from tvm_rpc.client.session import SessionTimeout
-from tvm_rpc.protocol.commands import Allocation, RemoteError
+from tvm_rpc.protocol.remote_error import RemoteError
+from tvm_rpc.protocol.tracker_commands import Allocation
 
 # The package exports the function connect(), which hides the module of the
 # same name as an attribute; the module itself is what these tests patch.

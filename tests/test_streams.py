@@ -4,7 +4,6 @@ import os
 import shutil
 import tempfile
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
@@ -13,7 +12,7 @@ from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from tvm_rpc.protocol import commands
+from tvm_rpc.protocol import remote_error, session_commands
 from tvm_rpc.protocol.streams import (
     BytesSink,
     BytesSource,
@@ -40,8 +39,8 @@ class StreamServer(amp.AMP):
         self.table = StreamTable()
         self.writes_received = 0
 
-    @commands.StreamWrite.responder
-    @commands.remote_errors
+    @session_commands.StreamWrite.responder
+    @remote_error.remote_errors
     def stream_write(self, stream, data):
         """Pass a chunk to the table; answer once it is consumed."""
         self.writes_received += 1
@@ -50,27 +49,27 @@ class StreamServer(amp.AMP):
             return result.addCallback(lambda _: {})
         return {}
 
-    @commands.StreamFinish.responder
-    @commands.remote_errors
+    @session_commands.StreamFinish.responder
+    @remote_error.remote_errors
     def stream_finish(self, stream):
         """End a write stream."""
         return {"size": self.table.finish(stream)}
 
-    @commands.StreamRead.responder
-    @commands.remote_errors
+    @session_commands.StreamRead.responder
+    @remote_error.remote_errors
     def stream_read(self, stream, offset, length):
         """Serve a chunk of a read stream."""
         return {"data": self.table.read(stream, offset, length)}
 
-    @commands.StreamClose.responder
-    @commands.remote_errors
+    @session_commands.StreamClose.responder
+    @remote_error.remote_errors
     def stream_close(self, stream):
         """Close a stream."""
         self.table.close(stream)
         return {}
 
-    @commands.OpenValue.responder
-    @commands.remote_errors
+    @session_commands.OpenValue.responder
+    @remote_error.remote_errors
     def open_value(self, size):
         """Open a value stream of the announced size."""
         return {"stream": self.table.open_sink(BytesSink(size, size))}
@@ -187,15 +186,15 @@ class StreamTransferTests(SynchronousTestCase):
         """Writing or reading an unknown stream is a RemoteError; closing is harmless."""
         server, client, pump = connect()
         failures = []
-        client.callRemote(commands.StreamWrite, stream=99, data=b"x").addErrback(failures.append)
-        client.callRemote(commands.StreamRead, stream=99, offset=0, length=1).addErrback(
+        client.callRemote(session_commands.StreamWrite, stream=99, data=b"x").addErrback(failures.append)
+        client.callRemote(session_commands.StreamRead, stream=99, offset=0, length=1).addErrback(
             failures.append
         )
-        d3 = client.callRemote(commands.StreamClose, stream=99)
+        d3 = client.callRemote(session_commands.StreamClose, stream=99)
         pump.flush()
         self.assertEqual(len(failures), 2)
         for failure in failures:
-            error = failure.trap(commands.RemoteError) and failure.value
+            error = failure.trap(remote_error.RemoteError) and failure.value
             self.assertEqual(error.type_name, "tvm_rpc.protocol.streams.StreamError")
             self.assertIn("99", error.message)
             # No send_tracebacks on this protocol: type and message only.
@@ -208,11 +207,11 @@ class StreamTransferTests(SynchronousTestCase):
         stream = server.table.open_sink(BytesSink(2500))
         d = write_stream(client.callRemote, stream, chunked(b"z" * 5000, 1000), window=4)
         pump.flush()
-        error = self.failureResultOf(d, commands.RemoteError).value
+        error = self.failureResultOf(d, remote_error.RemoteError).value
         self.assertIn("exceeds", error.message)
         self.assertNotIn(stream, server.table)
         self.assertFalse(client.transport.disconnecting)
-        d = client.callRemote(commands.StreamClose, stream=stream)
+        d = client.callRemote(session_commands.StreamClose, stream=stream)
         pump.flush()
         self.assertEqual(self.successResultOf(d), {})
 
@@ -222,7 +221,7 @@ class StreamTransferTests(SynchronousTestCase):
         d = send_value(client.callRemote, b"short")
         pump.flush()
         self.assertEqual(self.successResultOf(d), {"args": b"short"})
-        long_value = os.urandom(commands.MAX_INLINE_VALUE * 3 + 5)
+        long_value = os.urandom(session_commands.MAX_INLINE_VALUE * 3 + 5)
         d = send_value(client.callRemote, long_value)
         pump.flush()
         stream = self.successResultOf(d)["args_stream"]
@@ -246,18 +245,18 @@ class BlobTests(SynchronousTestCase):
 
     def round_trip(self, data):
         """Serialize a StreamWrite box and parse it back; @return: (box bytes, parsed data)."""
-        box = commands.StreamWrite.makeArguments({"stream": 1, "data": data}, None)
+        box = session_commands.StreamWrite.makeArguments({"stream": 1, "data": data}, None)
         for key, value in box.items():
             self.assertLessEqual(len(value), 0xFFFF, key)
             self.assertLessEqual(len(key), 255)
         wire = box.serialize()
-        parsed = commands.StreamWrite.parseArguments(amp.AmpBox(box), None)
+        parsed = session_commands.StreamWrite.parseArguments(amp.AmpBox(box), None)
         return wire, parsed
 
     def test_boundaries(self):
         """Lengths around the 65,535-byte value limit, and a full chunk, round-trip."""
         for length in (0, 1, 0xFFFE, 0xFFFF, 0x10000, 2 * 0xFFFF, 2 * 0xFFFF + 1,
-                       commands.CHUNK_SIZE):
+                       session_commands.CHUNK_SIZE):
             data = os.urandom(length)
             _, parsed = self.round_trip(data)
             self.assertEqual(parsed["data"], data, length)

@@ -23,7 +23,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from ..protocol.commands import GetPendingMatchkeys, Put, UpdateInfo
+from ..protocol.tracker_commands import GetPendingMatchkeys, Put, UpdateInfo
 from ..protocol.keys import SERVER_PREFIX, redact_matchkeys
 from .tracker import TrackerClientFactory
 

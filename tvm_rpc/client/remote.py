@@ -487,7 +487,7 @@ class RemoteModule:
         @param name: the function's name in the module.
         @param query_imports: also search the module's imports (TVM modules).
         @return: a Deferred of a L{RemoteFunction}; fails with
-            L{RemoteError<tvm_rpc.protocol.commands.RemoteError>} when the
+            L{RemoteError<tvm_rpc.protocol.remote_error.RemoteError>} when the
             module has no such function.
         """
         return Deferred.fromCoroutine(self._get_function(name, query_imports))

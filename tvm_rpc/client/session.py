@@ -2,15 +2,15 @@
 
 After the RPC handshake (see :mod:`tvm_rpc.client.connect`) the bytes of the
 connection belong to the session protocol of
-:mod:`tvm_rpc.protocol.commands`. This module speaks its client side:
+:mod:`tvm_rpc.protocol.session_commands`. This module speaks its client side:
 
 - :class:`SessionClientProtocol` (made by :func:`make_client_protocol`) is
   the :class:`~twisted.protocols.amp.AMP` protocol. It turns the server's
-  :class:`~tvm_rpc.protocol.commands.SessionEnded` notice and the loss of the
+  :class:`~tvm_rpc.protocol.session_commands.SessionEnded` notice and the loss of the
   connection into :class:`SessionTimeout` / :class:`SessionClosed` failures
   for every call still outstanding.
 - :func:`start_session` performs the opening
-  :class:`~tvm_rpc.protocol.commands.Hello` exchange (bounded in time, so a
+  :class:`~tvm_rpc.protocol.session_commands.Hello` exchange (bounded in time, so a
   peer that is not a tvm_rpc session server gives :class:`ProtocolMismatch`
   instead of a hang) and returns a Deferred of an :class:`RPCSession`.
 - :class:`RPCSession` is the user's API, with TVM's names: functions, files,
@@ -36,7 +36,7 @@ array copies) moves in chunks of at most ``chunk_size`` bytes with at most
 whatever the total size; cancelling the Deferred of a transfer stops it and
 closes the stream on the server (a partial upload is deleted there).
 
-Remote exceptions arrive as :class:`~tvm_rpc.protocol.commands.RemoteError`
+Remote exceptions arrive as :class:`~tvm_rpc.protocol.remote_error.RemoteError`
 failures (``type_name``, ``message``, and ``traceback_text``, empty unless
 the server sends tracebacks); the session stays usable afterwards.
 
@@ -60,7 +60,8 @@ import tvm_rpc
 
 from ..protocol import calls, values
 from ..protocol.ampwire import LeanAMP
-from ..protocol.commands import (
+from ..protocol.remote_error import RemoteError
+from ..protocol.session_commands import (
     CHUNK_SIZE,
     MAX_INLINE_VALUE,
     SESSION_PROTOCOL,
@@ -79,7 +80,6 @@ from ..protocol.commands import (
     OpenArrayWrite,
     OpenDownload,
     OpenUpload,
-    RemoteError,
     SessionEnded,
     StreamClose,
     TimeEvaluator,
@@ -183,7 +183,7 @@ class SessionClientProtocol(LeanAMP):
         Send a L{CallFunction} box.
 
         @param args: the encoded argument list (at most
-            L{MAX_INLINE_VALUE<tvm_rpc.protocol.commands.MAX_INLINE_VALUE>}
+            L{MAX_INLINE_VALUE<tvm_rpc.protocol.session_commands.MAX_INLINE_VALUE>}
             bytes), or L{None} when they travel by stream.
         @param decode: called with the answer box (a C{dict}); its result
             (or the result of the Deferred it returns) is the call's result.

@@ -26,7 +26,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..protocol.commands import (
+from ..protocol.tracker_commands import (
     Allocation,
     BadMessage,
     Ping,
@@ -121,7 +121,7 @@ class TrackerClientProtocol(Protocol):
         a connection whose magic arrives together with a frame).
 
         @param command: an instance of a command of
-            L{tvm_rpc.protocol.commands}.
+            L{tvm_rpc.protocol.tracker_commands}.
         @return: a Deferred firing with C{type(command).decode_result(reply)};
             it errbacks with L{TrackerError} on a FAIL reply, L{BadMessage}
             when the reply breaks the protocol (the connection is then closed),

@@ -1,7 +1,7 @@
 """AMP boxes on the wire, for the hot path of a session: parse fast, write once.
 
 Session commands are real :mod:`twisted.protocols.amp` boxes (see
-:mod:`tvm_rpc.protocol.commands`). AMP's own receiver handles one length
+:mod:`tvm_rpc.protocol.session_commands`). AMP's own receiver handles one length
 prefixed string per method call and every box it sends is written on its
 own; on the path of every remote call those costs are most of a call. This
 module keeps the wire format byte for byte and makes it cheaper:

@@ -2,7 +2,7 @@
 A remote call on the wire: the one encoder and decoder of C{CallFunction}.
 
 Every remote call of a session is a C{CallFunction} command (declared, with
-its schema, in L{tvm_rpc.protocol.commands}) and its answer. Both ends build
+its schema, in L{tvm_rpc.protocol.session_commands}) and its answer. Both ends build
 and read those boxes here, as bytes, and nowhere else: AMP's typed argument
 machinery would cost more than the rest of a small call. The bytes are the
 ones AMP writes for the command's schema (keys sorted, integers in decimal,
@@ -18,7 +18,8 @@ import struct
 from twisted.protocols import amp
 
 from .ampwire import MAX_VALUE_LENGTH, BoxError, serialize
-from .commands import CallFunction, RemoteError
+from .remote_error import RemoteError
+from .session_commands import CallFunction
 
 #: The error code of a L{RemoteError} answer.
 REMOTE_ERROR_CODE = CallFunction.errors[RemoteError]

@@ -32,7 +32,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
-from .commands import (
+from .session_commands import (
     CHUNK_SIZE,
     MAX_INLINE_VALUE,
     WINDOW,

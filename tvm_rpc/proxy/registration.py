@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from ..client.registration import MatchkeyPoller, retry_policy
 from ..client.tracker import TrackerClientFactory
-from ..protocol.commands import Put, UpdateInfo
+from ..protocol.tracker_commands import Put, UpdateInfo
 from ..protocol.keys import SERVER_PREFIX, redact_matchkeys
 from .pairing import IOfferObserver
 

@@ -1,7 +1,7 @@
 """The AMP responder protocol that serves one session.
 
 :class:`SessionProtocol` answers the session commands of
-:mod:`tvm_rpc.protocol.commands` from a
+:mod:`tvm_rpc.protocol.session_commands` from a
 :class:`~tvm_rpc.server.environment.SessionEnvironment`.
 
 For the server's plumbing (listener, handshake, worker process):
@@ -12,7 +12,7 @@ For the server's plumbing (listener, handshake, worker process):
   removed, with every handle and stream, on ``connectionLost``. ``settings``
   (a :class:`~tvm_rpc.server.limits.SessionSettings`) carries the
   operator's limits: a box above ``max_box_bytes`` ends the session with a
-  :class:`~tvm_rpc.protocol.commands.SessionEnded` notice (``code="limit"``)
+  :class:`~tvm_rpc.protocol.session_commands.SessionEnded` notice (``code="limit"``)
   naming the limit; streams and work directory bytes are bounded by the
   environment; remote errors carry tracebacks only with ``send_tracebacks``.
 - The protocol can start in the middle of a byte stream: after the handshake,
@@ -40,7 +40,7 @@ session, so blocking is acceptable) but always return Deferreds, so the
 design can move calls to threads. A function may also return a Deferred or
 be a coroutine function: its call is answered when it completes, and other
 calls proceed meanwhile. Any exception becomes a
-:class:`~tvm_rpc.protocol.commands.RemoteError` (type name and message; the
+:class:`~tvm_rpc.protocol.remote_error.RemoteError` (type name and message; the
 traceback only with ``send_tracebacks``) and the session stays usable.
 """
 
@@ -54,9 +54,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import __version__
-from ..protocol import ampwire, calls, commands, values
+from ..protocol import ampwire, calls, remote_error, session_commands, values
 from ..protocol.ampwire import LeanAMP
-from ..protocol.commands import remote_errors
+from ..protocol.remote_error import remote_errors
 from .environment import PythonModule, SessionEnvironment, select_backend
 from .limits import SessionSettings
 
@@ -81,10 +81,10 @@ def prepare(backend="auto"):
 def timeout_notice(seconds):
     """
     @param seconds: the session timeout that ran out.
-    @return: the bytes of a L{SessionEnded<tvm_rpc.protocol.commands.SessionEnded>}
+    @return: the bytes of a L{SessionEnded<tvm_rpc.protocol.session_commands.SessionEnded>}
         box telling the client its session timed out.
     """
-    return commands.session_ended_box(
+    return session_commands.session_ended_box(
         "timeout", f"the session timed out after {seconds:g} s and was ended by the server"
     )
 
@@ -105,7 +105,7 @@ class SessionProtocol(LeanAMP):
     @ivar environment: the L{SessionEnvironment}, from C{connectionMade} on.
     @ivar settings: the operator's L{SessionSettings}.
     @ivar send_tracebacks: whether remote errors carry tracebacks (read by
-        L{remote_errors<tvm_rpc.protocol.commands.remote_errors>}).
+        L{remote_errors<tvm_rpc.protocol.remote_error.remote_errors>}).
     """
 
     def __init__(self, work_root=None, registry=None, *, clock=None, backend="auto",
@@ -214,7 +214,7 @@ class SessionProtocol(LeanAMP):
         log.warn("ending the session of {peer}: idle for {timeout:g} s (--idle-timeout)",
                  peer=self.peer, timeout=timeout)
         self._refused = True
-        self.emit(commands.session_ended_box(
+        self.emit(session_commands.session_ended_box(
             "idle",
             f"the server ended the session: no call for {timeout:g} s (the server's --idle-timeout)",
         ))
@@ -226,7 +226,7 @@ class SessionProtocol(LeanAMP):
         if isinstance(error, ampwire.BoxTooLarge):
             log.warn("ending the session of {peer}: {why} (--max-box-bytes)",
                      peer=self.peer, why=str(error))
-            self.emit(commands.session_ended_box(
+            self.emit(session_commands.session_ended_box(
                 "limit",
                 f"the server ended the session: the client sent {error} "
                 "(the server's --max-box-bytes)",
@@ -277,30 +277,30 @@ class SessionProtocol(LeanAMP):
     def _result(self, value):
         """@return: the answer of a call: the encoded result inline, or a read stream of it."""
         encoded = values.encode(value)
-        if len(encoded) <= commands.MAX_INLINE_VALUE:
+        if len(encoded) <= session_commands.MAX_INLINE_VALUE:
             return {"result": encoded}
         return {"result_stream": self.environment.open_result(encoded),
                 "result_size": len(encoded)}
 
     # -- responders ------------------------------------------------------
 
-    @commands.Hello.responder
+    @session_commands.Hello.responder
     @remote_errors
     def hello(self, protocol, version, implementation=None):
         """Identify ourselves (the client checks protocol and version)."""
-        if protocol != commands.SESSION_PROTOCOL or version != commands.SESSION_VERSION:
+        if protocol != session_commands.SESSION_PROTOCOL or version != session_commands.SESSION_VERSION:
             log.warn("{peer} says hello with {protocol!r} version {version}",
                      peer=self.peer, protocol=protocol, version=version)
         return {
-            "protocol": commands.SESSION_PROTOCOL,
-            "version": commands.SESSION_VERSION,
+            "protocol": session_commands.SESSION_PROTOCOL,
+            "version": session_commands.SESSION_VERSION,
             "implementation": f"tvm_rpc {__version__} (pid {os.getpid()})",
-            "chunk_size": commands.CHUNK_SIZE,
-            "window": commands.WINDOW,
-            "max_inline_value": commands.MAX_INLINE_VALUE,
+            "chunk_size": session_commands.CHUNK_SIZE,
+            "window": session_commands.WINDOW,
+            "max_inline_value": session_commands.MAX_INLINE_VALUE,
         }
 
-    @commands.GetFunction.responder
+    @session_commands.GetFunction.responder
     @remote_errors
     def get_function(self, name):
         """Give a handle to a global function."""
@@ -340,7 +340,7 @@ class SessionProtocol(LeanAMP):
 
     def ampBoxReceived(self, box):
         """
-        Serve L{CallFunction<tvm_rpc.protocol.commands.CallFunction>} (the
+        Serve L{CallFunction<tvm_rpc.protocol.session_commands.CallFunction>} (the
         command of every remote call) with L{_call_box}; everything else goes
         through AMP's dispatch.
         """
@@ -397,7 +397,7 @@ class SessionProtocol(LeanAMP):
         result = callee(*arguments)
         if type(result) in _SCALARS:
             encoded = values.encode(result)
-            if len(encoded) <= commands.MAX_INLINE_VALUE:
+            if len(encoded) <= session_commands.MAX_INLINE_VALUE:
                 return encoded
         return self._answer_of(result)
 
@@ -435,12 +435,12 @@ class SessionProtocol(LeanAMP):
         in AMP's dispatch (logged, and the connection closed).
         """
         if ask is None:
-            self.unhandledError(commands.as_remote_error(failure, self.send_tracebacks))
+            self.unhandledError(remote_error.as_remote_error(failure, self.send_tracebacks))
             return
-        error = commands.as_remote_error(failure, self.send_tracebacks).value
+        error = remote_error.as_remote_error(failure, self.send_tracebacks).value
         self.emit(calls.error_box(ask, error))
 
-    @commands.Free.responder
+    @session_commands.Free.responder
     @remote_errors
     def free(self, handles):
         """Drop handles."""
@@ -449,7 +449,7 @@ class SessionProtocol(LeanAMP):
         self.environment.free(handles)
         return {}
 
-    @commands.LoadModule.responder
+    @session_commands.LoadModule.responder
     @remote_errors
     def load_module(self, path):
         """Load a module from the work directory."""
@@ -457,7 +457,7 @@ class SessionProtocol(LeanAMP):
         kind = "python" if isinstance(module, PythonModule) else "tvm"
         return {"module": self.environment.add(module), "kind": kind}
 
-    @commands.ModuleGetFunction.responder
+    @session_commands.ModuleGetFunction.responder
     @remote_errors
     def module_get_function(self, module, name, query_imports=False):
         """Give a handle to a module's function."""
@@ -465,61 +465,61 @@ class SessionProtocol(LeanAMP):
         return {"function": self.environment.add_module_function(loaded, name,
                                                                  bool(query_imports))}
 
-    @commands.DeviceExists.responder
+    @session_commands.DeviceExists.responder
     @remote_errors
     def device_exists(self, device_type, device_id):
         """Whether a device exists here."""
         device = values.Device(device_type, device_id)
         return {"exists": self.environment.device_exists(device), "name": device.name}
 
-    @commands.DeviceSync.responder
+    @session_commands.DeviceSync.responder
     @remote_errors
     def device_sync(self, device_type, device_id):
         """Wait for a device."""
         self.environment.device_sync(values.Device(device_type, device_id))
         return {}
 
-    @commands.Empty.responder
+    @session_commands.Empty.responder
     @remote_errors
     def empty(self, shape, dtype, device_type, device_id):
         """Allocate an array."""
         handle, nbytes = self.environment.empty(shape, dtype, values.Device(device_type, device_id))
         return {"array": handle, "nbytes": nbytes}
 
-    @commands.OpenArrayWrite.responder
+    @session_commands.OpenArrayWrite.responder
     @remote_errors
     def open_array_write(self, array):
         """Open a stream filling an array."""
         stream, size = self.environment.open_array_write(array)
         return {"stream": stream, "size": size}
 
-    @commands.OpenArrayRead.responder
+    @session_commands.OpenArrayRead.responder
     @remote_errors
     def open_array_read(self, array):
         """Open a stream reading an array."""
         stream, ref = self.environment.open_array_read(array)
         return {"stream": stream, "size": ref.nbytes, "shape": list(ref.shape), "dtype": ref.dtype}
 
-    @commands.OpenUpload.responder
+    @session_commands.OpenUpload.responder
     @remote_errors
     def open_upload(self, path, size=None):
         """Open a stream writing a file."""
         return {"stream": self.environment.open_upload(path, size)}
 
-    @commands.OpenDownload.responder
+    @session_commands.OpenDownload.responder
     @remote_errors
     def open_download(self, path):
         """Open a stream reading a file."""
         stream, size = self.environment.open_download(path)
         return {"stream": stream, "size": size}
 
-    @commands.OpenValue.responder
+    @session_commands.OpenValue.responder
     @remote_errors
     def open_value(self, size):
         """Open a stream collecting a long encoded value."""
         return {"stream": self.environment.open_value(size)}
 
-    @commands.StreamWrite.responder
+    @session_commands.StreamWrite.responder
     @remote_errors
     def stream_write(self, stream, data):
         """Consume a chunk; answer once it is consumed."""
@@ -528,26 +528,26 @@ class SessionProtocol(LeanAMP):
             return result.addCallback(lambda _: {})
         return {}
 
-    @commands.StreamFinish.responder
+    @session_commands.StreamFinish.responder
     @remote_errors
     def stream_finish(self, stream):
         """End a write stream."""
         return {"size": self.environment.streams.finish(stream)}
 
-    @commands.StreamRead.responder
+    @session_commands.StreamRead.responder
     @remote_errors
     def stream_read(self, stream, offset, length):
         """Serve a chunk of a read stream."""
         return {"data": self.environment.streams.read(stream, offset, length)}
 
-    @commands.StreamClose.responder
+    @session_commands.StreamClose.responder
     @remote_errors
     def stream_close(self, stream):
         """Cancel or release a stream."""
         self.environment.streams.close(stream)
         return {}
 
-    @commands.TimeEvaluator.responder
+    @session_commands.TimeEvaluator.responder
     @remote_errors
     def time_evaluator(self, device_type, device_id, number, repeat, min_repeat_ms,
                        function=None, name=None, args=None, args_stream=None):
@@ -560,7 +560,7 @@ class SessionProtocol(LeanAMP):
         )
         return {"results": results}
 
-    @commands.Goodbye.responder
+    @session_commands.Goodbye.responder
     @remote_errors
     def goodbye(self):
         """Answer, then end the session."""

@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import TimeoutMixin
 
-from ..protocol.commands import (
+from ..protocol.tracker_commands import (
     BadMessage,
     GetPendingMatchkeys,
     Ping,
