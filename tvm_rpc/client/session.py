@@ -1,23 +1,23 @@
 """The client end of a session: an AMP protocol and the Deferred API on it.
 
-After the RPC handshake (see :mod:`tvm_rpc.client.connect`) the bytes of the
+After the RPC handshake (see L{tvm_rpc.client.connect}) the bytes of the
 connection belong to the session protocol of
-:mod:`tvm_rpc.protocol.session_commands`. This module speaks its client side:
+L{tvm_rpc.protocol.session_commands}. This module speaks its client side:
 
-- :class:`SessionClientProtocol` (made by :func:`make_client_protocol`) is
-  the :class:`~twisted.protocols.amp.AMP` protocol. It turns the server's
-  :class:`~tvm_rpc.protocol.session_commands.SessionEnded` notice and the loss of the
-  connection into :class:`SessionTimeout` / :class:`SessionClosed` failures
+- L{SessionClientProtocol} (made by L{make_client_protocol}) is
+  the L{AMP<twisted.protocols.amp.AMP>} protocol. It turns the server's
+  L{SessionEnded<tvm_rpc.protocol.session_commands.SessionEnded>} notice and the loss of the
+  connection into L{SessionTimeout} / L{SessionClosed} failures
   for every call still outstanding.
-- :func:`start_session` performs the opening
-  :class:`~tvm_rpc.protocol.session_commands.Hello` exchange (bounded in time, so a
-  peer that is not a tvm_rpc session server gives :class:`ProtocolMismatch`
-  instead of a hang) and returns a Deferred of an :class:`RPCSession`.
-- :class:`RPCSession` is the user's API, with TVM's names: functions, files,
-  modules, devices, arrays, ``time_evaluator``, ``close()`` and
-  ``async with``.
+- L{start_session} performs the opening
+  L{Hello<tvm_rpc.protocol.session_commands.Hello>} exchange (bounded in time, so a
+  peer that is not a tvm_rpc session server gives L{ProtocolMismatch}
+  instead of a hang) and returns a Deferred of an L{RPCSession}.
+- L{RPCSession} is the user's API, with TVM's names: functions, files,
+  modules, devices, arrays, C{time_evaluator}, C{close()} and
+  C{async with}.
 
-Handing a connection over after the handshake (what ``connect()`` does)::
+Handing a connection over after the handshake (what C{connect()} does)::
 
     protocol = make_client_protocol()
     protocol.makeConnection(transport)   # the handshaken TCP transport
@@ -29,20 +29,20 @@ Handing a connection over after the handshake (what ``connect()`` does)::
 
 Everything is asynchronous and single-threaded: many calls may be in flight
 on one session, and many sessions may share one reactor. Every method that
-talks to the server returns a :class:`~twisted.internet.defer.Deferred`, so
-callers may ``await`` it or add callbacks. Bulk data (uploads, downloads,
-array copies) moves in chunks of at most ``chunk_size`` bytes with at most
-``window`` chunks in flight per transfer (60 KiB x 16 = 960 KiB by default),
+talks to the server returns a L{Deferred<twisted.internet.defer.Deferred>}, so
+callers may C{await} it or add callbacks. Bulk data (uploads, downloads,
+array copies) moves in chunks of at most C{chunk_size} bytes with at most
+C{window} chunks in flight per transfer (60 KiB x 16 = 960 KiB by default),
 whatever the total size; cancelling the Deferred of a transfer stops it and
 closes the stream on the server (a partial upload is deleted there).
 
-Remote exceptions arrive as :class:`~tvm_rpc.protocol.remote_error.RemoteError`
-failures (``type_name``, ``message``, and ``traceback_text``, empty unless
+Remote exceptions arrive as L{RemoteError<tvm_rpc.protocol.remote_error.RemoteError>}
+failures (C{type_name}, C{message}, and C{traceback_text}, empty unless
 the server sends tracebacks); the session stays usable afterwards.
 
-A call's result longer than ``max_result_size`` (default
-:data:`DEFAULT_MAX_RESULT_SIZE`) fails with
-:class:`~tvm_rpc.protocol.streams.ResultTooLarge` before any of it is read,
+A call's result longer than C{max_result_size} (default
+L{DEFAULT_MAX_RESULT_SIZE}) fails with
+L{ResultTooLarge<tvm_rpc.protocol.streams.ResultTooLarge>} before any of it is read,
 so a server cannot make the client allocate what it announces.
 """
 
@@ -126,7 +126,7 @@ class SessionClosed(ConnectionLost):
 
 
 class SessionTimeout(SessionClosed):
-    """The server ended the session because its ``-timeout`` ran out."""
+    """The server ended the session because its C{-timeout} ran out."""
 
 
 class ProtocolMismatch(Exception):
@@ -866,8 +866,8 @@ class RPCSession:
 
     def load_module(self, path):
         """
-        Load a module from the work directory: a ``.py`` file, or a TVM
-        library (``.so``, ``.tar``) when the server has TVM's runtime.
+        Load a module from the work directory: a C{.py} file, or a TVM
+        library (C{.so}, C{.tar}) when the server has TVM's runtime.
 
         @return: a Deferred of a L{RemoteModule}.
         """

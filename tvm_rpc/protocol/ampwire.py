@@ -1,24 +1,24 @@
 """AMP boxes on the wire, for the hot path of a session: parse fast, write once.
 
-Session commands are real :mod:`twisted.protocols.amp` boxes (see
-:mod:`tvm_rpc.protocol.session_commands`). AMP's own receiver handles one length
+Session commands are real L{twisted.protocols.amp} boxes (see
+L{tvm_rpc.protocol.session_commands}). AMP's own receiver handles one length
 prefixed string per method call and every box it sends is written on its
 own; on the path of every remote call those costs are most of a call. This
 module keeps the wire format byte for byte and makes it cheaper:
 
-- :class:`BoxParser` (sans-IO) turns received bytes into boxes (plain
-  ``dict``s of ``bytes`` to ``bytes``), one box per :meth:`BoxParser.next_box`,
+- L{BoxParser} (sans-IO) turns received bytes into boxes (plain
+  C{dict}s of C{bytes} to C{bytes}), one box per L{BoxParser.next_box},
   resuming inside a box that arrives in pieces (only the unfinished key or
   value is kept as bytes, as AMP's parser does).
-- :func:`serialize` writes a box from ``(key, value)`` pairs exactly as
-  :meth:`twisted.protocols.amp.AmpBox.serialize` does (keys sorted); the
-  boxes of a remote call are built by :mod:`tvm_rpc.protocol.calls`.
-- :class:`LeanAMP` is an :class:`~twisted.protocols.amp.AMP` whose receive
+- L{serialize} writes a box from C{(key, value)} pairs exactly as
+  L{twisted.protocols.amp.AmpBox.serialize} does (keys sorted); the
+  boxes of a remote call are built by L{tvm_rpc.protocol.calls}.
+- L{LeanAMP} is an L{AMP<twisted.protocols.amp.AMP>} whose receive
   loop uses the parser and whose writes are *corked* while received data is
   handled: the answers to every box of one read leave in one write. A write
-  of up to :data:`WRITE_THROUGH_LIMIT` bytes also goes straight to the
+  of up to L{WRITE_THROUGH_LIMIT} bytes also goes straight to the
   socket when the TCP transport has nothing buffered (see
-  :func:`idle_socket`), instead of waiting for the reactor's next turn;
+  L{idle_socket}), instead of waiting for the reactor's next turn;
   anything that cannot be sent at once goes to the transport as
   usual, so ordering, flow control and producers are unchanged.
 """

@@ -1,30 +1,30 @@
 """The AMP responder protocol that serves one session.
 
-:class:`SessionProtocol` answers the session commands of
-:mod:`tvm_rpc.protocol.session_commands` from a
-:class:`~tvm_rpc.server.environment.SessionEnvironment`.
+L{SessionProtocol} answers the session commands of
+L{tvm_rpc.protocol.session_commands} from a
+L{SessionEnvironment<tvm_rpc.server.environment.SessionEnvironment>}.
 
 For the server's plumbing (listener, handshake, worker process):
 
-- :func:`make_session_protocol` ``(work_root, registry=None, *, clock=None,
-  settings=None)`` returns a fresh protocol for one session. Its work
-  directory is created under ``work_root`` on ``connectionMade`` and
-  removed, with every handle and stream, on ``connectionLost``. ``settings``
-  (a :class:`~tvm_rpc.server.limits.SessionSettings`) carries the
-  operator's limits: a box above ``max_box_bytes`` ends the session with a
-  :class:`~tvm_rpc.protocol.session_commands.SessionEnded` notice (``code="limit"``)
+- L{make_session_protocol} C{(work_root, registry=None, *, clock=None,
+  settings=None)} returns a fresh protocol for one session. Its work
+  directory is created under C{work_root} on C{connectionMade} and
+  removed, with every handle and stream, on C{connectionLost}. C{settings}
+  (a L{SessionSettings<tvm_rpc.server.limits.SessionSettings>}) carries the
+  operator's limits: a box above C{max_box_bytes} ends the session with a
+  L{SessionEnded<tvm_rpc.protocol.session_commands.SessionEnded>} notice (C{code="limit"})
   naming the limit; streams and work directory bytes are bounded by the
-  environment; remote errors carry tracebacks only with ``send_tracebacks``.
+  environment; remote errors carry tracebacks only with C{send_tracebacks}.
 - The protocol can start in the middle of a byte stream: after the handshake,
-  call ``makeConnection(transport)`` and then ``dataReceived(rest)`` with the
+  call C{makeConnection(transport)} and then C{dataReceived(rest)} with the
   bytes that arrived after the handshake; nothing is lost.
-- :func:`prepare` imports the array backend (TVM's runtime takes ~1-2 s to
+- L{prepare} imports the array backend (TVM's runtime takes ~1-2 s to
   import): call it in a warm worker before the session arrives.
-- :func:`timeout_notice` ``(seconds)`` gives the bytes to send to a client
-  whose session was ended for outliving its ``-timeout=N``.
+- L{timeout_notice} C{(seconds)} gives the bytes to send to a client
+  whose session was ended for outliving its C{-timeout=N}.
 - A worker that dies (crash, timeout kill) cannot remove its work directory:
-  work directories are named ``session-<pid>-*``, and
-  :func:`~tvm_rpc.server.environment.remove_work_dirs_of` ``(work_root, pid)``
+  work directories are named C{session-<pid>-*}, and
+  L{remove_work_dirs_of<tvm_rpc.server.environment.remove_work_dirs_of>} C{(work_root, pid)}
   removes a dead worker's.
 - The protocol registers itself as a streaming producer on its transport:
   while answers wait to be sent (the transport's buffer is full) it stops
@@ -40,8 +40,8 @@ session, so blocking is acceptable) but always return Deferreds, so the
 design can move calls to threads. A function may also return a Deferred or
 be a coroutine function: its call is answered when it completes, and other
 calls proceed meanwhile. Any exception becomes a
-:class:`~tvm_rpc.protocol.remote_error.RemoteError` (type name and message; the
-traceback only with ``send_tracebacks``) and the session stays usable.
+L{RemoteError<tvm_rpc.protocol.remote_error.RemoteError>} (type name and message; the
+traceback only with C{send_tracebacks}) and the session stays usable.
 """
 
 import inspect
