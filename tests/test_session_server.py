@@ -353,7 +353,6 @@ class StartTests(SynchronousTestCase):
             ampBoxReceived = amp.AMP.ampBoxReceived
 
             @session_commands.CallFunction.responder
-            @remote_error.remote_errors
             def call_function(self, function=None, name=None, args=None, args_stream=None):
                 """Call a function through AMP's dispatch."""
                 return self._call(function, name, args, args_stream)

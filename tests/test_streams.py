@@ -30,7 +30,7 @@ from tvm_rpc.protocol.streams import (
 )
 
 
-class StreamServer(amp.AMP):
+class StreamServer(remote_error.RemoteErrorLocator, amp.AMP):
     """A minimal AMP peer that serves a L{StreamTable} (the session server does more)."""
 
     def __init__(self):
@@ -40,7 +40,6 @@ class StreamServer(amp.AMP):
         self.writes_received = 0
 
     @session_commands.StreamWrite.responder
-    @remote_error.remote_errors
     def stream_write(self, stream, data):
         """Pass a chunk to the table; answer once it is consumed."""
         self.writes_received += 1
@@ -50,26 +49,22 @@ class StreamServer(amp.AMP):
         return {}
 
     @session_commands.StreamFinish.responder
-    @remote_error.remote_errors
     def stream_finish(self, stream):
         """End a write stream."""
         return {"size": self.table.finish(stream)}
 
     @session_commands.StreamRead.responder
-    @remote_error.remote_errors
     def stream_read(self, stream, offset, length):
         """Serve a chunk of a read stream."""
         return {"data": self.table.read(stream, offset, length)}
 
     @session_commands.StreamClose.responder
-    @remote_error.remote_errors
     def stream_close(self, stream):
         """Close a stream."""
         self.table.close(stream)
         return {}
 
     @session_commands.OpenValue.responder
-    @remote_error.remote_errors
     def open_value(self, size):
         """Open a value stream of the announced size."""
         return {"stream": self.table.open_sink(BytesSink(size, size))}

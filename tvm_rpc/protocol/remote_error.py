@@ -6,10 +6,9 @@ L{RemoteError} (a declared AMP error, code L{REMOTE_ERROR_CODE}), so the
 session stays usable after it.
 """
 
-import functools
 import json
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 #: The AMP error code of a L{RemoteError}.
@@ -111,36 +110,51 @@ def as_remote_error(failure, tracebacks=False):
     return Failure(RemoteError.from_exception(failure.value, text))
 
 
-def _tracebacks(args):
-    """@return: whether the responder's protocol (C{args[0]}) sends tracebacks."""
-    return bool(args) and getattr(args[0], "send_tracebacks", False) is True
-
-
-def remote_errors(function):
+class RemoteErrorLocator:
     """
-    Decorate a responder so that every exception it raises (or its Deferred
-    fails with) reaches the peer as a L{RemoteError}, with its traceback
-    only when the responder's protocol has a true C{send_tracebacks}
-    attribute. Apply it below C{@Command.responder}::
+    Mix into an L{amp.AMP} subclass (before it) so that every failure of
+    one of its responders reaches the peer as a L{RemoteError}: the
+    exception's type name and message, and its traceback only when the
+    protocol's C{send_tracebacks} is C{True}. The session stays usable.
 
-        @CallFunction.responder
-        @remote_errors
-        def call_function(self, ...): ...
+    Errors are wrapped once, around each responder that
+    L{locateResponder} finds, so responders raise whatever they raise. A
+    box whose arguments do not parse and an answer that cannot be
+    serialized stay AMP's own errors (an unknown error that closes the
+    connection), as before the responder runs.
 
-    @return: a function returning a Deferred.
+    @ivar send_tracebacks: whether remote errors carry tracebacks; off by
+        default, as they show the peer the server's code and paths.
     """
 
-    @functools.wraps(function)
-    def responder(*args, **kwargs):
-        # A plain try/except rather than maybeDeferred: this sits on the path
-        # of every call, and AMP wraps the answer in a Deferred anyway.
-        """Call the responder; its failures become L{RemoteError}s."""
-        try:
-            result = function(*args, **kwargs)
-        except BaseException:
-            return fail(as_remote_error(Failure(), _tracebacks(args)))
-        if isinstance(result, Deferred):
-            return result.addErrback(as_remote_error, _tracebacks(args))
-        return succeed(result)
+    send_tracebacks = False
 
-    return responder
+    def locateResponder(self, name):
+        """
+        @param name: the command's name (C{bytes}).
+        @return: AMP's responder for it, its failures turned into
+            L{RemoteError}s; or L{None} when there is none.
+        """
+        responder = super().locateResponder(name)
+        if responder is None:
+            return None
+
+        def respond(box):
+            """Answer C{box}; the responder's failures become L{RemoteError}s."""
+            return responder(box).addErrback(self._remote_error)
+
+        return respond
+
+    def _remote_error(self, failure):
+        """
+        @param failure: the failure of a responder, after AMP's check for
+            declared errors.
+        @return: the failure AMP sends as a declared L{RemoteError}.
+        """
+        if failure.check(amp.RemoteAmpError):
+            if failure.value.errorCode == REMOTE_ERROR_CODE:
+                return failure
+        elif failure.check(amp.BadLocalReturn):
+            return failure
+        error = as_remote_error(failure, self.send_tracebacks is True)
+        return Failure(amp.RemoteAmpError(REMOTE_ERROR_CODE, str(error.value), local=error))

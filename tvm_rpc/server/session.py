@@ -54,9 +54,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import __version__
-from ..protocol import ampwire, calls, remote_error, session_commands, values
+from ..protocol import ampwire, calls, session_commands, values
 from ..protocol.ampwire import LeanAMP
-from ..protocol.remote_error import remote_errors
+from ..protocol.remote_error import RemoteErrorLocator, as_remote_error
 from .environment import PythonModule, SessionEnvironment, select_backend
 from .limits import SessionSettings
 
@@ -97,7 +97,7 @@ _SCALARS = frozenset((type(None), bool, int, float, str, bytes))
 
 
 @implementer(IPushProducer)
-class SessionProtocol(LeanAMP):
+class SessionProtocol(RemoteErrorLocator, LeanAMP):
     """
     Serve one session over AMP. It is also the push producer registered on
     its transport (AMP's parser pauses and resumes).
@@ -105,7 +105,8 @@ class SessionProtocol(LeanAMP):
     @ivar environment: the L{SessionEnvironment}, from C{connectionMade} on.
     @ivar settings: the operator's L{SessionSettings}.
     @ivar send_tracebacks: whether remote errors carry tracebacks (read by
-        L{remote_errors<tvm_rpc.protocol.remote_error.remote_errors>}).
+        L{RemoteErrorLocator<tvm_rpc.protocol.remote_error.RemoteErrorLocator>},
+        which wraps every responder's errors once).
     """
 
     def __init__(self, work_root=None, registry=None, *, clock=None, backend="auto",
@@ -285,7 +286,6 @@ class SessionProtocol(LeanAMP):
     # -- responders ------------------------------------------------------
 
     @session_commands.Hello.responder
-    @remote_errors
     def hello(self, protocol, version, implementation=None):
         """Identify ourselves (the client checks protocol and version)."""
         if protocol != session_commands.SESSION_PROTOCOL or version != session_commands.SESSION_VERSION:
@@ -301,7 +301,6 @@ class SessionProtocol(LeanAMP):
         }
 
     @session_commands.GetFunction.responder
-    @remote_errors
     def get_function(self, name):
         """Give a handle to a global function."""
         return {"function": self.environment.add(self.environment.lookup(name))}
@@ -435,13 +434,12 @@ class SessionProtocol(LeanAMP):
         in AMP's dispatch (logged, and the connection closed).
         """
         if ask is None:
-            self.unhandledError(remote_error.as_remote_error(failure, self.send_tracebacks))
+            self.unhandledError(as_remote_error(failure, self.send_tracebacks))
             return
-        error = remote_error.as_remote_error(failure, self.send_tracebacks).value
+        error = as_remote_error(failure, self.send_tracebacks).value
         self.emit(calls.error_box(ask, error))
 
     @session_commands.Free.responder
-    @remote_errors
     def free(self, handles):
         """Drop handles."""
         for handle in handles:
@@ -450,7 +448,6 @@ class SessionProtocol(LeanAMP):
         return {}
 
     @session_commands.LoadModule.responder
-    @remote_errors
     def load_module(self, path):
         """Load a module from the work directory."""
         module = self.environment.load_module(path)
@@ -458,7 +455,6 @@ class SessionProtocol(LeanAMP):
         return {"module": self.environment.add(module), "kind": kind}
 
     @session_commands.ModuleGetFunction.responder
-    @remote_errors
     def module_get_function(self, module, name, query_imports=False):
         """Give a handle to a module's function."""
         loaded = self.environment.get(module, "module")
@@ -466,61 +462,52 @@ class SessionProtocol(LeanAMP):
                                                                  bool(query_imports))}
 
     @session_commands.DeviceExists.responder
-    @remote_errors
     def device_exists(self, device_type, device_id):
         """Whether a device exists here."""
         device = values.Device(device_type, device_id)
         return {"exists": self.environment.device_exists(device), "name": device.name}
 
     @session_commands.DeviceSync.responder
-    @remote_errors
     def device_sync(self, device_type, device_id):
         """Wait for a device."""
         self.environment.device_sync(values.Device(device_type, device_id))
         return {}
 
     @session_commands.Empty.responder
-    @remote_errors
     def empty(self, shape, dtype, device_type, device_id):
         """Allocate an array."""
         handle, nbytes = self.environment.empty(shape, dtype, values.Device(device_type, device_id))
         return {"array": handle, "nbytes": nbytes}
 
     @session_commands.OpenArrayWrite.responder
-    @remote_errors
     def open_array_write(self, array):
         """Open a stream filling an array."""
         stream, size = self.environment.open_array_write(array)
         return {"stream": stream, "size": size}
 
     @session_commands.OpenArrayRead.responder
-    @remote_errors
     def open_array_read(self, array):
         """Open a stream reading an array."""
         stream, ref = self.environment.open_array_read(array)
         return {"stream": stream, "size": ref.nbytes, "shape": list(ref.shape), "dtype": ref.dtype}
 
     @session_commands.OpenUpload.responder
-    @remote_errors
     def open_upload(self, path, size=None):
         """Open a stream writing a file."""
         return {"stream": self.environment.open_upload(path, size)}
 
     @session_commands.OpenDownload.responder
-    @remote_errors
     def open_download(self, path):
         """Open a stream reading a file."""
         stream, size = self.environment.open_download(path)
         return {"stream": stream, "size": size}
 
     @session_commands.OpenValue.responder
-    @remote_errors
     def open_value(self, size):
         """Open a stream collecting a long encoded value."""
         return {"stream": self.environment.open_value(size)}
 
     @session_commands.StreamWrite.responder
-    @remote_errors
     def stream_write(self, stream, data):
         """Consume a chunk; answer once it is consumed."""
         result = self.environment.streams.write(stream, data)
@@ -529,26 +516,22 @@ class SessionProtocol(LeanAMP):
         return {}
 
     @session_commands.StreamFinish.responder
-    @remote_errors
     def stream_finish(self, stream):
         """End a write stream."""
         return {"size": self.environment.streams.finish(stream)}
 
     @session_commands.StreamRead.responder
-    @remote_errors
     def stream_read(self, stream, offset, length):
         """Serve a chunk of a read stream."""
         return {"data": self.environment.streams.read(stream, offset, length)}
 
     @session_commands.StreamClose.responder
-    @remote_errors
     def stream_close(self, stream):
         """Cancel or release a stream."""
         self.environment.streams.close(stream)
         return {}
 
     @session_commands.TimeEvaluator.responder
-    @remote_errors
     def time_evaluator(self, device_type, device_id, number, repeat, min_repeat_ms,
                        function=None, name=None, args=None, args_stream=None):
         """Time a function on the device."""
@@ -561,7 +544,6 @@ class SessionProtocol(LeanAMP):
         return {"results": results}
 
     @session_commands.Goodbye.responder
-    @remote_errors
     def goodbye(self):
         """Answer, then end the session."""
         self._reactor().callLater(0, self.transport.loseConnection)
