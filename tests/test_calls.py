@@ -6,8 +6,10 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
-from tvm_rpc.protocol import calls, remote_error, session_commands
+from tvm_rpc.protocol import calls
 from tvm_rpc.protocol.ampwire import BoxError
+from tvm_rpc.protocol.remote_error import RemoteError
+from tvm_rpc.protocol.session_commands import CallFunction
 
 tags = st.integers(1, 2**40).map(lambda counter: b"%x" % counter)
 optional_ints = st.none() | st.integers(-(2**70), 2**70)
@@ -35,7 +37,7 @@ class RequestTests(SynchronousTestCase):
     def test_request_box(self, tag, args, function, name, args_stream):
         """request_box() writes what callRemote(CallFunction, ...) writes."""
         objects = {"args": args, "function": function, "name": name, "args_stream": args_stream}
-        expected = amp_box(session_commands.CallFunction.makeArguments(objects, None),
+        expected = amp_box(CallFunction.makeArguments(objects, None),
                            _command=b"CallFunction", _ask=tag)
         encoded_name = None if name is None else name.encode("utf-8")
         self.assertEqual(calls.request_box(tag, args, function, encoded_name, args_stream),
@@ -45,9 +47,9 @@ class RequestTests(SynchronousTestCase):
     def test_parse_request(self, tag, args, function, name, args_stream):
         """parse_request() reads what AMP's parseArguments reads."""
         objects = {"args": args, "function": function, "name": name, "args_stream": args_stream}
-        box = parsed(amp_box(session_commands.CallFunction.makeArguments(objects, None),
+        box = parsed(amp_box(CallFunction.makeArguments(objects, None),
                              _command=b"CallFunction", _ask=tag))
-        expected = session_commands.CallFunction.parseArguments(amp.AmpBox(box), None)
+        expected = CallFunction.parseArguments(amp.AmpBox(box), None)
         self.assertEqual(
             calls.parse_request(box),
             (expected["function"], expected["name"], expected["args"], expected["args_stream"]))
@@ -56,13 +58,14 @@ class RequestTests(SynchronousTestCase):
         """Values too long for one AMP value are refused before anything is sent."""
         self.assertRaises(BoxError, calls.request_box, b"1", b"x" * 0x10000)
         self.assertRaises(BoxError, calls.request_box, b"1", b"", None, b"n" * 0x10000)
-        self.assertEqual(len(parsed(calls.request_box(b"1", b"x" * 0xFFFF))[b"args"]), 0xFFFF)
+        longest = parsed(calls.request_box(b"1", b"x" * 0xFFFF))
+        self.assertEqual(len(longest[b"args"]), 0xFFFF)
 
     def test_bad_integer(self):
         """An integer that does not parse is a ValueError, as for AMP."""
         box = {b"_command": b"CallFunction", b"function": b"not a number"}
         self.assertRaises(ValueError, calls.parse_request, box)
-        self.assertRaises(ValueError, session_commands.CallFunction.parseArguments, box, None)
+        self.assertRaises(ValueError, CallFunction.parseArguments, box, None)
 
 
 class AnswerTests(SynchronousTestCase):
@@ -71,7 +74,7 @@ class AnswerTests(SynchronousTestCase):
     @given(tags, st.binary(max_size=2000))
     def test_answer_box(self, tag, result):
         """answer_box() writes what AMP's dispatch writes for an inline result."""
-        expected = amp_box(session_commands.CallFunction.makeResponse({"result": result}, None),
+        expected = amp_box(CallFunction.makeResponse({"result": result}, None),
                            _answer=tag)
         self.assertEqual(calls.answer_box(tag, result), expected)
 
@@ -79,15 +82,15 @@ class AnswerTests(SynchronousTestCase):
     def test_streamed_answer_box(self, tag, result_stream, result_size):
         """streamed_answer_box() writes what AMP's dispatch writes for a streamed result."""
         objects = {"result_stream": result_stream, "result_size": result_size}
-        expected = amp_box(session_commands.CallFunction.makeResponse(objects, None), _answer=tag)
+        expected = amp_box(CallFunction.makeResponse(objects, None), _answer=tag)
         self.assertEqual(calls.streamed_answer_box(tag, result_stream, result_size), expected)
 
     @given(tags, optional_bytes, optional_ints, optional_ints)
     def test_parse_answer(self, tag, result, result_stream, result_size):
         """parse_answer() reads what AMP's parseResponse reads."""
         objects = {"result": result, "result_stream": result_stream, "result_size": result_size}
-        box = parsed(amp_box(session_commands.CallFunction.makeResponse(objects, None), _answer=tag))
-        expected = session_commands.CallFunction.parseResponse(amp.AmpBox(box), None)
+        box = parsed(amp_box(CallFunction.makeResponse(objects, None), _answer=tag))
+        expected = CallFunction.parseResponse(amp.AmpBox(box), None)
         self.assertEqual(calls.parse_answer(box), expected)
 
     def test_answer_limits(self):
@@ -101,7 +104,7 @@ class Raising(amp.AMP):
 
     error = None
 
-    @session_commands.CallFunction.responder
+    @CallFunction.responder
     def call_function(self, function=None, name=None, args=None, args_stream=None):
         """Raise the error set on the class."""
         raise self.error
@@ -113,7 +116,7 @@ class ErrorTests(SynchronousTestCase):
     @given(tags, st.text(max_size=50), st.text(max_size=200), st.text(max_size=200))
     def test_error_box(self, tag, type_name, message, traceback_text):
         """error_box() writes what AMP's dispatch writes for a declared RemoteError."""
-        error = remote_error.RemoteError(type_name, message, traceback_text)
+        error = RemoteError(type_name, message, traceback_text)
         peer = Raising()
         peer.error = error
         transport = StringTransport()
@@ -126,14 +129,14 @@ class ErrorTests(SynchronousTestCase):
         peer = amp.AMP()
         peer.makeConnection(StringTransport())
         failures = []
-        peer.callRemote(session_commands.CallFunction, name="f").addErrback(failures.append)
+        peer.callRemote(CallFunction, name="f").addErrback(failures.append)
         peer.dataReceived(amp.AmpBox(box, _error=b"1").serialize())
         [failure] = failures
         return failure.value
 
     def test_error_of_remote_error(self):
         """A REMOTE_ERROR answer becomes the RemoteError callRemote gives."""
-        error = remote_error.RemoteError("builtins.KeyError", "'x'", "Traceback ...")
+        error = RemoteError("builtins.KeyError", "'x'", "Traceback ...")
         box = parsed(calls.error_box(b"1", error))
         expected = self.error_from_call_remote(box)
         got = calls.error_of(box)

@@ -7,7 +7,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tvm_rpc.protocol import calls
 from tvm_rpc.protocol.remote_error import REMOTE_ERROR_CODE, RemoteError, RemoteErrorLocator
-from tvm_rpc.protocol.session_commands import Free, GetFunction, LoadModule, OpenDownload, OpenValue
+from tvm_rpc.protocol.session_commands import (
+    Free,
+    GetFunction,
+    LoadModule,
+    OpenDownload,
+    OpenValue,
+)
 
 
 class Failing(RemoteErrorLocator, amp.AMP):
@@ -69,7 +75,8 @@ class RemoteErrorLocatorTests(SynchronousTestCase):
     def test_failed_later(self):
         """A Deferred that fails gives the same kind of box."""
         written, _ = answer_to(amp.AmpBox(_command=b"OpenDownload", _ask=b"2", path=b"x"))
-        self.assertEqual(written, error_box(b"2", RemoteError("PermissionError", "no access to x", "")))
+        error = RemoteError("PermissionError", "no access to x", "")
+        self.assertEqual(written, error_box(b"2", error))
 
     def test_remote_error_passed_on(self):
         """A RemoteError raised by a responder is sent as it is."""

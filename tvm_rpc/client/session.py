@@ -730,7 +730,7 @@ class RPCSession:
         return self._protocol.call_function(args, decode, function, name, args_stream)
 
     def _box_result(self, box):
-        """@return: the decoded result of a L{CallFunction} answer box (a Deferred when streamed)."""
+        """@return: the decoded result of a call's answer box (a Deferred when streamed)."""
         result = calls.inline_result(box)
         if result is not None:
             return self._from_wire(values.decode(result))

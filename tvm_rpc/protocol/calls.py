@@ -18,11 +18,8 @@ import struct
 from twisted.protocols import amp
 
 from .ampwire import MAX_VALUE_LENGTH, BoxError, serialize
-from .remote_error import RemoteError
+from .remote_error import REMOTE_ERROR_CODE
 from .session_commands import CallFunction
-
-#: The error code of a L{RemoteError} answer.
-REMOTE_ERROR_CODE = CallFunction.errors[RemoteError]
 
 _pack = struct.Struct("!H").pack
 _ASK = b"\x00\x04_ask"
@@ -158,7 +155,7 @@ def error_box(tag, error):
     The error answer of a call, as AMP writes a declared error.
 
     @param tag: the C{_ask} tag of the request.
-    @param error: the L{RemoteError}.
+    @param error: the L{RemoteError<tvm_rpc.protocol.remote_error.RemoteError>}.
     @return: the box's bytes.
     """
     return serialize([
@@ -174,8 +171,9 @@ def error_of(box):
     fails with it.
 
     @param box: the received error box.
-    @return: a L{RemoteError}, or an L{amp.UnknownRemoteError} for an error
-        code C{CallFunction} does not declare.
+    @return: a L{RemoteError<tvm_rpc.protocol.remote_error.RemoteError>},
+        or an L{amp.UnknownRemoteError} for an error code C{CallFunction}
+        does not declare.
     """
     code = box.get(b"_error_code")
     description = box.get(b"_error_description", b"").decode("utf-8", "replace")

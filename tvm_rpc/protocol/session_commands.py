@@ -153,10 +153,16 @@ class Blob(amp.Argument):
         objects[name.decode("ascii")] = pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
-_ERRORS = {RemoteError: REMOTE_ERROR_CODE}
+class SessionCommand(amp.Command):
+    """
+    A command of the session protocol: every failure on the answering end
+    arrives as a declared L{RemoteError}.
+    """
+
+    errors = {RemoteError: REMOTE_ERROR_CODE}
 
 
-class Hello(amp.Command):
+class Hello(SessionCommand):
     """
     Identify both ends; the first command of every session.
 
@@ -179,10 +185,9 @@ class Hello(amp.Command):
         (b"window", amp.Integer()),
         (b"max_inline_value", amp.Integer()),
     ]
-    errors = _ERRORS
 
 
-class GetFunction(amp.Command):
+class GetFunction(SessionCommand):
     """
     Look up a global function (registry or built-in) by name.
 
@@ -192,10 +197,9 @@ class GetFunction(amp.Command):
 
     arguments = [(b"name", amp.Unicode())]
     response = [(b"function", amp.Integer())]
-    errors = _ERRORS
 
 
-class CallFunction(amp.Command):
+class CallFunction(SessionCommand):
     """
     Call a function and answer its result.
 
@@ -224,18 +228,16 @@ class CallFunction(amp.Command):
         (b"result_stream", amp.Integer(optional=True)),
         (b"result_size", amp.Integer(optional=True)),
     ]
-    errors = _ERRORS
 
 
-class Free(amp.Command):
+class Free(SessionCommand):
     """Drop handles (functions, modules, arrays, streams); unknown ids are ignored."""
 
     arguments = [(b"handles", amp.ListOf(amp.Integer()))]
     response = []
-    errors = _ERRORS
 
 
-class LoadModule(amp.Command):
+class LoadModule(SessionCommand):
     """
     Load a module from a path in the session's work directory.
 
@@ -248,10 +250,9 @@ class LoadModule(amp.Command):
 
     arguments = [(b"path", amp.Unicode())]
     response = [(b"module", amp.Integer()), (b"kind", amp.Unicode())]
-    errors = _ERRORS
 
 
-class ModuleGetFunction(amp.Command):
+class ModuleGetFunction(SessionCommand):
     """
     Get a function of a loaded module by name.
 
@@ -265,10 +266,9 @@ class ModuleGetFunction(amp.Command):
         (b"query_imports", amp.Boolean(optional=True)),
     ]
     response = [(b"function", amp.Integer())]
-    errors = _ERRORS
 
 
-class DeviceExists(amp.Command):
+class DeviceExists(SessionCommand):
     """
     Whether a device exists on the server, by TVM's numbering
     (cpu=1, cuda=2, cuda_host=3, opencl=4, vulkan=7, metal=8, ...).
@@ -277,18 +277,16 @@ class DeviceExists(amp.Command):
 
     arguments = [(b"device_type", amp.Integer()), (b"device_id", amp.Integer())]
     response = [(b"exists", amp.Boolean()), (b"name", amp.Unicode())]
-    errors = _ERRORS
 
 
-class DeviceSync(amp.Command):
+class DeviceSync(SessionCommand):
     """Wait until all work queued on a device has finished."""
 
     arguments = [(b"device_type", amp.Integer()), (b"device_id", amp.Integer())]
     response = []
-    errors = _ERRORS
 
 
-class Empty(amp.Command):
+class Empty(SessionCommand):
     """
     Allocate an uninitialised array on a device.
 
@@ -302,10 +300,9 @@ class Empty(amp.Command):
         (b"device_id", amp.Integer()),
     ]
     response = [(b"array", amp.Integer()), (b"nbytes", amp.Integer())]
-    errors = _ERRORS
 
 
-class OpenArrayWrite(amp.Command):
+class OpenArrayWrite(SessionCommand):
     """
     Open a write stream that fills an array from host bytes (C order).
 
@@ -315,10 +312,9 @@ class OpenArrayWrite(amp.Command):
 
     arguments = [(b"array", amp.Integer())]
     response = [(b"stream", amp.Integer()), (b"size", amp.Integer())]
-    errors = _ERRORS
 
 
-class OpenArrayRead(amp.Command):
+class OpenArrayRead(SessionCommand):
     """
     Open a read stream over an array's bytes (C order), for copying to host.
 
@@ -332,10 +328,9 @@ class OpenArrayRead(amp.Command):
         (b"shape", amp.ListOf(amp.Integer())),
         (b"dtype", amp.Unicode()),
     ]
-    errors = _ERRORS
 
 
-class OpenUpload(amp.Command):
+class OpenUpload(SessionCommand):
     """
     Open a write stream into a file of the work directory (created or
     truncated; parent directories are created). C{size}, when given, is
@@ -344,26 +339,23 @@ class OpenUpload(amp.Command):
 
     arguments = [(b"path", amp.Unicode()), (b"size", amp.Integer(optional=True))]
     response = [(b"stream", amp.Integer())]
-    errors = _ERRORS
 
 
-class OpenDownload(amp.Command):
+class OpenDownload(SessionCommand):
     """Open a read stream over a file of the work directory; answers its size."""
 
     arguments = [(b"path", amp.Unicode())]
     response = [(b"stream", amp.Integer()), (b"size", amp.Integer())]
-    errors = _ERRORS
 
 
-class OpenValue(amp.Command):
+class OpenValue(SessionCommand):
     """Open a write stream that collects an encoded value too long to inline."""
 
     arguments = [(b"size", amp.Integer())]
     response = [(b"stream", amp.Integer())]
-    errors = _ERRORS
 
 
-class StreamWrite(amp.Command):
+class StreamWrite(SessionCommand):
     """
     Append a chunk (at most L{CHUNK_SIZE} bytes) to a write stream.
 
@@ -373,18 +365,16 @@ class StreamWrite(amp.Command):
 
     arguments = [(b"stream", amp.Integer()), (b"data", Blob())]
     response = []
-    errors = _ERRORS
 
 
-class StreamFinish(amp.Command):
+class StreamFinish(SessionCommand):
     """End a write stream; answers the number of bytes it received."""
 
     arguments = [(b"stream", amp.Integer())]
     response = [(b"size", amp.Integer())]
-    errors = _ERRORS
 
 
-class StreamRead(amp.Command):
+class StreamRead(SessionCommand):
     """
     Read up to C{length} (at most L{CHUNK_SIZE}) bytes at C{offset} of a
     read stream; an empty answer means the end.
@@ -396,18 +386,16 @@ class StreamRead(amp.Command):
         (b"length", amp.Integer()),
     ]
     response = [(b"data", Blob())]
-    errors = _ERRORS
 
 
-class StreamClose(amp.Command):
+class StreamClose(SessionCommand):
     """Cancel a write stream (partial data discarded) or release a read stream; idempotent."""
 
     arguments = [(b"stream", amp.Integer())]
     response = []
-    errors = _ERRORS
 
 
-class TimeEvaluator(amp.Command):
+class TimeEvaluator(SessionCommand):
     """
     Time a function on the device, excluding the network.
 
@@ -431,15 +419,13 @@ class TimeEvaluator(amp.Command):
         (b"min_repeat_ms", amp.Float()),
     ]
     response = [(b"results", amp.ListOf(amp.Float()))]
-    errors = _ERRORS
 
 
-class Goodbye(amp.Command):
+class Goodbye(SessionCommand):
     """End the session: the server answers, drops everything and closes."""
 
     arguments = []
     response = []
-    errors = _ERRORS
 
 
 class SessionEnded(amp.Command):

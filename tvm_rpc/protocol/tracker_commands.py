@@ -66,7 +66,10 @@ def _expect_success(value):
 
 
 class _Command:
-    """Shared behaviour: the argument count check and the plain 0 reply."""
+    """
+    Shared behaviour: the argument count check, the plain 0 reply, and the
+    message of a command without arguments (C{[code]}).
+    """
 
     code: ClassVar[TrackerCode]
     arity: ClassVar[tuple] = (1, 1)
@@ -79,6 +82,20 @@ class _Command:
                 f"{cls.code.name} takes {low - 1} to {high - 1} arguments, "
                 f"got {len(message) - 1}"
             )
+
+    def to_message(self):
+        """@return: the command as a JSON value (a list that starts with its code)."""
+        return [int(self.code)]
+
+    @classmethod
+    def from_message(cls, message):
+        """
+        @param message: a decoded frame whose first element is C{cls.code}.
+        @return: the command.
+        @raise BadMessage: when the message does not fit the command.
+        """
+        cls.check_arity(message)
+        return cls()
 
     @staticmethod
     def encode_result(result):
@@ -96,14 +113,6 @@ class Ping(_Command):
     """Liveness check: C{[PING]} -> C{0}."""
 
     code: ClassVar = TrackerCode.PING
-
-    def to_message(self):
-        return [int(self.code)]
-
-    @classmethod
-    def from_message(cls, message):
-        cls.check_arity(message)
-        return cls()
 
 
 @attrs.frozen
@@ -280,14 +289,6 @@ class Summary(_Command):
 
     code: ClassVar = TrackerCode.SUMMARY
 
-    def to_message(self):
-        return [int(self.code)]
-
-    @classmethod
-    def from_message(cls, message):
-        cls.check_arity(message)
-        return cls()
-
     @staticmethod
     def encode_result(result):
         return [int(TrackerCode.SUCCESS), result]
@@ -309,14 +310,6 @@ class GetPendingMatchkeys(_Command):
     """This connection's matchkeys not yet handed out: C{[7]} -> C{[matchkey, ...]}."""
 
     code: ClassVar = TrackerCode.GET_PENDING_MATCHKEYS
-
-    def to_message(self):
-        return [int(self.code)]
-
-    @classmethod
-    def from_message(cls, message):
-        cls.check_arity(message)
-        return cls()
 
     @staticmethod
     def encode_result(result):

@@ -288,7 +288,8 @@ class SessionProtocol(RemoteErrorLocator, LeanAMP):
     @session_commands.Hello.responder
     def hello(self, protocol, version, implementation=None):
         """Identify ourselves (the client checks protocol and version)."""
-        if protocol != session_commands.SESSION_PROTOCOL or version != session_commands.SESSION_VERSION:
+        if (protocol != session_commands.SESSION_PROTOCOL
+                or version != session_commands.SESSION_VERSION):
             log.warn("{peer} says hello with {protocol!r} version {version}",
                      peer=self.peer, protocol=protocol, version=version)
         return {
