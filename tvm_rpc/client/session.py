@@ -438,6 +438,36 @@ def _ignore(failure):
 
 
 
+def _convert_items(value, convert):
+    """
+    @param value: any value.
+    @param convert: applied to each item of a container.
+    @return: a list, tuple or dict C{value} with C{convert} applied to its
+        items (the keys of a dict kept); L{None} for anything else.
+    """
+    if isinstance(value, list):
+        return [convert(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(convert(item) for item in value)
+    if isinstance(value, dict):
+        return {key: convert(item) for key, item in value.items()}
+    return None
+
+
+def _device_shortcut(dev_type, what):
+    """
+    @param dev_type: TVM's device name.
+    @param what: the device's name for the docstring.
+    @return: a method C{session.<name>(index=0)} giving that device of the session.
+    """
+
+    def shortcut(self, index=0):
+        return self.device(dev_type, index)
+
+    shortcut.__doc__ = f"@return: the remote {what} device C{{index}}."
+    return shortcut
+
+
 @attrs.define(eq=False)
 class RPCSession:
     """
@@ -613,12 +643,9 @@ class RPCSession:
             return Handle("module", self._own(value).handle)
         if isinstance(value, Device):
             return self._own(value).to_wire()
-        if isinstance(value, list):
-            return [self._to_wire(item) for item in value]
-        if isinstance(value, tuple):
-            return tuple(self._to_wire(item) for item in value)
-        if isinstance(value, dict):
-            return {key: self._to_wire(item) for key, item in value.items()}
+        items = _convert_items(value, self._to_wire)
+        if items is not None:
+            return items
         module = type(value).__module__
         if module == "numpy" and type(value).__name__ == "ndarray":
             return host_array(value)
@@ -644,13 +671,8 @@ class RPCSession:
                 return value.numpy()
             except (ImportError, values.CodecError, TypeError):
                 return value
-        if isinstance(value, list):
-            return [self._from_wire(item) for item in value]
-        if isinstance(value, tuple):
-            return tuple(self._from_wire(item) for item in value)
-        if isinstance(value, dict):
-            return {key: self._from_wire(item) for key, item in value.items()}
-        return value
+        items = _convert_items(value, self._from_wire)
+        return value if items is None else items
 
     async def _encode_args(self, args):
         """@return: the keyword arguments carrying C{args} (inline or streamed)."""
@@ -893,37 +915,14 @@ class RPCSession:
         """@return: the remote C{cpu(index)}."""
         return self.device("cpu", index)
 
-    def cuda(self, index=0):
-        """@return: the remote C{cuda(index)}."""
-        return self.device("cuda", index)
-
-    def cl(self, index=0):
-        """@return: the remote OpenCL device C{index}."""
-        return self.device("opencl", index)
-
-    def vulkan(self, index=0):
-        """@return: the remote Vulkan device C{index}."""
-        return self.device("vulkan", index)
-
-    def metal(self, index=0):
-        """@return: the remote Metal device C{index}."""
-        return self.device("metal", index)
-
-    def rocm(self, index=0):
-        """@return: the remote ROCm device C{index}."""
-        return self.device("rocm", index)
-
-    def ext_dev(self, index=0):
-        """@return: the remote extension device C{index}."""
-        return self.device("ext_dev", index)
-
-    def hexagon(self, index=0):
-        """@return: the remote Hexagon device C{index}."""
-        return self.device("hexagon", index)
-
-    def webgpu(self, index=0):
-        """@return: the remote WebGPU device C{index}."""
-        return self.device("webgpu", index)
+    cuda = _device_shortcut("cuda", "CUDA")
+    cl = _device_shortcut("opencl", "OpenCL")
+    vulkan = _device_shortcut("vulkan", "Vulkan")
+    metal = _device_shortcut("metal", "Metal")
+    rocm = _device_shortcut("rocm", "ROCm")
+    ext_dev = _device_shortcut("ext_dev", "extension")
+    hexagon = _device_shortcut("hexagon", "Hexagon")
+    webgpu = _device_shortcut("webgpu", "WebGPU")
 
     def _device(self, device):
         """Normalise a device argument (None means cpu(0))."""

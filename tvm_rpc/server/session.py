@@ -483,8 +483,7 @@ class SessionProtocol(RemoteErrorLocator, LeanAMP):
     @session_commands.OpenArrayWrite.responder
     def open_array_write(self, array):
         """Open a stream filling an array."""
-        stream, size = self.environment.open_array_write(array)
-        return {"stream": stream, "size": size}
+        return _stream_and_size(self.environment.open_array_write(array))
 
     @session_commands.OpenArrayRead.responder
     def open_array_read(self, array):
@@ -500,8 +499,7 @@ class SessionProtocol(RemoteErrorLocator, LeanAMP):
     @session_commands.OpenDownload.responder
     def open_download(self, path):
         """Open a stream reading a file."""
-        stream, size = self.environment.open_download(path)
-        return {"stream": stream, "size": size}
+        return _stream_and_size(self.environment.open_download(path))
 
     @session_commands.OpenValue.responder
     def open_value(self, size):
@@ -549,6 +547,12 @@ class SessionProtocol(RemoteErrorLocator, LeanAMP):
         """Answer, then end the session."""
         self._reactor().callLater(0, self.transport.loseConnection)
         return {}
+
+
+def _stream_and_size(opened):
+    """@return: the answer of a command that opened a stream: its id and size."""
+    stream, size = opened
+    return {"stream": stream, "size": size}
 
 
 def make_session_protocol(work_root=None, registry=None, *, clock=None, backend="auto",
