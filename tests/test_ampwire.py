@@ -12,8 +12,10 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from tvm_rpc import lean_amp
+from tvm_rpc.lean_amp import LeanAMP
 from tvm_rpc.protocol import ampwire
-from tvm_rpc.protocol.ampwire import BoxError, BoxParser, LeanAMP
+from tvm_rpc.protocol.ampwire import BoxError, BoxParser
 
 keys = st.binary(min_size=1, max_size=255)
 small_values = st.binary(max_size=300)
@@ -247,11 +249,11 @@ class WriteThroughTests(SynchronousTestCase):
 
     def test_idle_socket(self):
         """An idle transport gives its socket; a busy or closing one, or another kind, does not."""
-        self.assertIs(ampwire.idle_socket(self.transport), self.ours)
-        self.assertIsNone(ampwire.idle_socket(StringTransport()))
-        self.assertIsNone(ampwire.idle_socket(None))
+        self.assertIs(lean_amp.idle_socket(self.transport), self.ours)
+        self.assertIsNone(lean_amp.idle_socket(StringTransport()))
+        self.assertIsNone(lean_amp.idle_socket(None))
         self.transport.write(b"queued")
-        self.assertIsNone(ampwire.idle_socket(self.transport))
+        self.assertIsNone(lean_amp.idle_socket(self.transport))
 
     def test_sent_without_the_reactor(self):
         """A box written outside a read is on the wire before the reactor runs."""
@@ -270,7 +272,7 @@ class WriteThroughTests(SynchronousTestCase):
     def test_partial_send_queues_the_rest(self):
         """What the socket does not take at once is queued in the transport, in order."""
         self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        big = bytes(range(256)) * (ampwire.WRITE_THROUGH_LIMIT // 256)
+        big = bytes(range(256)) * (lean_amp.WRITE_THROUGH_LIMIT // 256)
         self.protocol.emit(big)
         self.assertGreater(self.transport._tempDataLen, 0)
         self.assertLess(self.transport._tempDataLen, len(big))
@@ -283,7 +285,7 @@ class WriteThroughTests(SynchronousTestCase):
 
     def test_bulk_goes_through_the_transport(self):
         """A write above WRITE_THROUGH_LIMIT is queued in the transport whole."""
-        bulk = b"b" * (ampwire.WRITE_THROUGH_LIMIT + 1)
+        bulk = b"b" * (lean_amp.WRITE_THROUGH_LIMIT + 1)
         self.protocol.emit(bulk)
         self.assertEqual(self.transport._tempDataLen, len(bulk))
         got = b""

@@ -58,8 +58,8 @@ from twisted.python.failure import Failure
 
 import tvm_rpc
 
+from ..lean_amp import LeanAMP
 from ..protocol import calls, values
-from ..protocol.ampwire import LeanAMP
 from ..protocol.remote_error import RemoteError
 from ..protocol.session_commands import (
     CHUNK_SIZE,
@@ -164,7 +164,7 @@ class SessionClientProtocol(LeanAMP):
 
     #: Answers of sequential calls read right after the request was sent, at
     #: most this many times before the reactor's next turn (see
-    #: L{LeanAMP.read_eagerly<tvm_rpc.protocol.ampwire.LeanAMP.read_eagerly>}).
+    #: L{LeanAMP.read_eagerly<tvm_rpc.lean_amp.LeanAMP.read_eagerly>}).
     eager_reads = 16
 
     def __init__(self):

@@ -54,8 +54,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import __version__
+from ..lean_amp import LeanAMP
 from ..protocol import ampwire, calls, session_commands, values
-from ..protocol.ampwire import LeanAMP
 from ..protocol.remote_error import RemoteErrorLocator, as_remote_error
 from .environment import PythonModule, SessionEnvironment, select_backend
 from .limits import SessionSettings
