@@ -54,6 +54,22 @@ class RequestTests(SynchronousTestCase):
             calls.parse_request(box),
             (expected["function"], expected["name"], expected["args"], expected["args_stream"]))
 
+    @given(tags, optional_bytes, optional_ints, optional_names, optional_ints, st.booleans())
+    def test_handle_call(self, tag, args, function, name, args_stream, asked):
+        """handle_call() reads a handle and inline arguments exactly when nothing else is there."""
+        objects = {"args": args, "function": function, "name": name, "args_stream": args_stream}
+        box = amp.AmpBox(CallFunction.makeArguments(objects, None), _command=b"CallFunction")
+        if asked:
+            box[b"_ask"] = tag
+        box = parsed(box.serialize())
+        common = (asked and args is not None and function is not None
+                  and name is None and args_stream is None)
+        if common:
+            self.assertEqual(calls.handle_call(box), (function, args))
+            self.assertEqual(calls.parse_request(box), (function, None, args, None))
+        else:
+            self.assertIsNone(calls.handle_call(box))
+
     def test_request_limits(self):
         """Values too long for one AMP value are refused before anything is sent."""
         self.assertRaises(BoxError, calls.request_box, b"1", b"x" * 0x10000)

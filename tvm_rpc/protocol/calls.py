@@ -90,6 +90,25 @@ def parse_request(box):
     return function, name, get(b"args"), stream
 
 
+def handle_call(box):
+    """
+    Read the common request fast: a handle called with inline arguments.
+
+    @param box: a received C{CallFunction} request box.
+    @return: C{(function, args)} when the box holds exactly C{_ask},
+        C{_command}, C{function} and C{args} (what L{parse_request} would
+        give, with no name and no stream); L{None} for any other request
+        (read it with L{parse_request}).
+    @raise ValueError: for a handle that does not parse.
+    """
+    if len(box) == 4:
+        function = box.get(b"function")
+        args = box.get(b"args")
+        if function is not None and args is not None and b"_ask" in box:
+            return int(function), args
+    return None
+
+
 def answer_box(tag, result):
     """
     The answer box of a call whose encoded result is inline, as AMP writes

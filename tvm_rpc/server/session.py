@@ -270,10 +270,7 @@ class SessionProtocol(RemoteErrorLocator, LeanAMP):
             args = self.environment.streams.take_finished(args_stream)
         if args is None:
             return []
-        decoded = values.decode(args)
-        if not isinstance(decoded, (list, tuple)):
-            raise TypeError(f"call arguments must be a list, not {type(decoded).__name__}")
-        return decoded
+        return _argument_list(args)
 
     def _result(self, value):
         """@return: the answer of a call: the encoded result inline, or a read stream of it."""
@@ -340,38 +337,28 @@ class SessionProtocol(RemoteErrorLocator, LeanAMP):
 
     def ampBoxReceived(self, box):
         """
-        Serve L{CallFunction<tvm_rpc.protocol.session_commands.CallFunction>} (the
-        command of every remote call) with L{_call_box}; everything else goes
-        through AMP's dispatch.
+        Serve L{CallFunction<tvm_rpc.protocol.session_commands.CallFunction>},
+        the command of every remote call, here: read the box and answer it
+        with the boxes of L{tvm_rpc.protocol.calls} (what AMP would send for
+        the command), without Deferred layers when the call completes at
+        once (and in this one frame: it is the hot path). Everything else
+        goes through AMP's dispatch.
         """
-        ask = box.get(b"_ask")
-        if box.get(b"_command") == b"CallFunction":
-            self._call_box(box, ask)
-        else:
+        if box.get(b"_command") != b"CallFunction":
             super().ampBoxReceived(box)
-
-    def _call_box(self, box, ask):
-        """
-        Answer a CallFunction box with the answer and error boxes of
-        L{tvm_rpc.protocol.calls} (what AMP would send for the command),
-        without Deferred layers when the call completes at once.
-
-        @param box: the received box.
-        @param ask: its C{_ask} tag, or L{None} when no answer is wanted.
-        """
+            return
+        ask = box.get(b"_ask")
         reply = None
         try:
-            function, name, args, args_stream = calls.parse_request(box)
-            callee = None
-            if name is None and args_stream is None and args is not None and function is not None:
-                callee = self._callees.get(function)
+            known = calls.handle_call(box)
+            callee = None if known is None else self._callees.get(known[0])
             if callee is None:
-                answer = self._call(function, name, args, args_stream)
+                answer = self._call(*calls.parse_request(box))
             else:
                 # The common call, by a handle already called, with small
                 # plain arguments and result: no helper layers, no answer dict.
-                answer = self._call_known(callee, args)
-                if type(answer) is bytes and ask is not None:
+                answer = self._call_known(callee, known[1])
+                if type(answer) is bytes:
                     reply, answer = calls.answer_box(ask, answer), None
         except BaseException:
             self._send_call_error(ask, Failure())
@@ -390,7 +377,7 @@ class SessionProtocol(RemoteErrorLocator, LeanAMP):
         @return: the encoded result (C{bytes}) when it is a scalar short
             enough to answer inline; otherwise what L{_call} returns.
         """
-        arguments = self._arguments(args, None)
+        arguments = _argument_list(args)
         for argument in arguments:
             if type(argument) not in _SCALARS:
                 return self._answer_of(self.environment.invoke(callee, arguments))
@@ -547,6 +534,18 @@ class SessionProtocol(RemoteErrorLocator, LeanAMP):
         """Answer, then end the session."""
         self._reactor().callLater(0, self.transport.loseConnection)
         return {}
+
+
+def _argument_list(encoded):
+    """
+    @param encoded: a call's encoded arguments.
+    @return: the decoded argument list (a list or tuple).
+    @raise TypeError: when the value is not a list.
+    """
+    decoded = values.decode(encoded)
+    if not isinstance(decoded, (list, tuple)):
+        raise TypeError(f"call arguments must be a list, not {type(decoded).__name__}")
+    return decoded
 
 
 def _stream_and_size(opened):
