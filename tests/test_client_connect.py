@@ -10,7 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tvm_rpc.client.connect import KeyMismatch, RequestFailed, request, request_and_run
 from tvm_rpc.client.session import SessionTimeout
-from tvm_rpc.protocol.commands import Allocation, RemoteError
+from tvm_rpc.protocol.remote_error import RemoteError
+from tvm_rpc.protocol.tracker_commands import Allocation
 
 # The package exports the function connect(), which hides the module of the
 # same name as an attribute; the module itself is what these tests patch.
@@ -325,14 +326,14 @@ class ConnectDescribesSessionTests(SynchronousTestCase):
         from twisted.protocols import amp
 
         from tvm_rpc.client.connect import connect
-        from tvm_rpc.protocol import commands
+        from tvm_rpc.protocol import session_commands
 
         endpoint = DyingServerEndpoint()
         opening = connect("h", 1, "k", session_timeout=7, reactor=Clock(), endpoint=endpoint)
         self.assertNoResult(opening)
         answer = amp.AmpBox(
-            _answer=b"1", protocol=commands.SESSION_PROTOCOL.encode(),
-            version=str(commands.SESSION_VERSION).encode(), implementation=b"test",
+            _answer=b"1", protocol=session_commands.SESSION_PROTOCOL.encode(),
+            version=str(session_commands.SESSION_VERSION).encode(), implementation=b"test",
             chunk_size=b"1000", window=b"4", max_inline_value=b"1000",
         ).serialize()
         endpoint.protocols[-1].dataReceived(answer)

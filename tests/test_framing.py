@@ -5,7 +5,7 @@ import struct
 
 from hypothesis import assume, given, strategies as st
 
-from tvm_rpc.protocol.commands import (
+from tvm_rpc.protocol.tracker_commands import (
     Allocation,
     BadMessage,
     GetPendingMatchkeys,

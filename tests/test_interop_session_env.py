@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.protocols import amp
 from twisted.test.iosim import connectedServerAndClient
 
-from tvm_rpc.protocol import commands, values
+from tvm_rpc.protocol import session_commands, values
 from tvm_rpc.protocol.streams import chunked, read_stream, write_stream
 from tvm_rpc.protocol.values import ArrayRef, Device, Handle
 from tvm_rpc.server.environment import SessionEnvironment
@@ -135,35 +135,35 @@ def test_session_runs_tvm_library(tvm, library):
         return results[0]
 
     try:
-        stream = call(commands.OpenUpload, path="vector_add.so", size=len(library))["stream"]
+        stream = call(session_commands.OpenUpload, path="vector_add.so", size=len(library))["stream"]
         finish(write_stream(client.callRemote, stream, chunked(library)))
-        module = call(commands.LoadModule, path="vector_add.so")
+        module = call(session_commands.LoadModule, path="vector_add.so")
         assert module["kind"] == "tvm"
-        function = call(commands.ModuleGetFunction, module=module["module"],
+        function = call(session_commands.ModuleGetFunction, module=module["module"],
                         name="vector_add")["function"]
-        arrays = [call(commands.Empty, shape=[N], dtype="float32", device_type=1,
+        arrays = [call(session_commands.Empty, shape=[N], dtype="float32", device_type=1,
                        device_id=0)["array"] for _ in range(3)]
         x = numpy.arange(N, dtype="float32")
         y = numpy.full(N, 0.5, dtype="float32")
         for array, host in zip(arrays, (x, y)):
-            stream = call(commands.OpenArrayWrite, array=array)["stream"]
+            stream = call(session_commands.OpenArrayWrite, array=array)["stream"]
             finish(write_stream(client.callRemote, stream, chunked(host.tobytes())))
         refs = [ArrayRef(array, (N,), "float32", Device(1, 0)) for array in arrays]
-        answer = call(commands.CallFunction, function=function, args=values.encode(refs))
+        answer = call(session_commands.CallFunction, function=function, args=values.encode(refs))
         assert values.decode(answer["result"]) is None
-        answer = call(commands.OpenArrayRead, array=arrays[2])
+        answer = call(session_commands.OpenArrayRead, array=arrays[2])
         parts = []
         finish(read_stream(client.callRemote, answer["stream"], answer["size"], parts.append))
         numpy.testing.assert_array_equal(numpy.frombuffer(b"".join(parts), dtype="float32"), x + y)
-        timings = call(commands.TimeEvaluator, function=function, args=values.encode(refs),
+        timings = call(session_commands.TimeEvaluator, function=function, args=values.encode(refs),
                        device_type=1, device_id=0, number=5, repeat=2, min_repeat_ms=1.0)
         assert len(timings["results"]) == 2 and all(t > 0 for t in timings["results"])
         missing = []
-        client.callRemote(commands.ModuleGetFunction, module=module["module"],
+        client.callRemote(session_commands.ModuleGetFunction, module=module["module"],
                           name="nope").addErrback(missing.append)
         pump.flush()
         assert missing and missing[0].value.short_type_name == "NoSuchFunction"
-        exists = call(commands.DeviceExists, device_type=2, device_id=0)
+        exists = call(session_commands.DeviceExists, device_type=2, device_id=0)
         assert exists["name"] == "cuda" and exists["exists"] in (True, False)
     finally:
         server.transport.loseConnection()

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from daemons import child_env, free_port, our_tracker
 from tvm_rpc.client.tracker import text_summary
-from tvm_rpc.protocol.commands import Summary
+from tvm_rpc.protocol.tracker_commands import Summary
 from tvm_rpc.protocol.constants import INT32
 from tvm_rpc.protocol.framing import FrameDecoder, encode_frame, encode_magic
 from tvm_rpc.query import leases_table, parse_args, query
@@ -378,7 +378,7 @@ OUR_TRACKER_SCRIPT = """
 import json, subprocess, sys
 from twisted.internet import defer, task
 from tvm_rpc.client import TrackerError, connect_tracker
-from tvm_rpc.protocol.commands import Put, UpdateInfo
+from tvm_rpc.protocol.tracker_commands import Put, UpdateInfo
 
 async def pending(session):
     return (await session.summary())["queue_info"]["dev"]["pending"]

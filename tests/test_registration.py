@@ -10,7 +10,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from tvm_rpc.client.registration import TrackerRegistration
-from tvm_rpc.protocol.commands import TrackerError
+from tvm_rpc.protocol.tracker_commands import TrackerError
 from tvm_rpc.protocol.constants import TrackerCode
 from tvm_rpc.protocol.framing import FrameDecoder, encode_frame, encode_magic
 from tvm_rpc.server.gate import SessionGate

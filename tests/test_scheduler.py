@@ -5,7 +5,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from tvm_rpc.protocol.commands import Allocation, Put, Request, UpdateInfo
+from tvm_rpc.protocol.tracker_commands import Allocation, Put, Request, UpdateInfo
 from tvm_rpc.tracker.limits import TrackerLimits
 from tvm_rpc.tracker.scheduler import Offer, Scheduler, Status, Waiter
 from tvm_rpc.tracker.state import ITrackerPeer, TrackerState

@@ -47,8 +47,8 @@ from tvm_rpc.client.session import (
     open_session,
     start_session,
 )
-from tvm_rpc.protocol import commands, values
-from tvm_rpc.protocol.commands import RemoteError
+from tvm_rpc.protocol import session_commands, values
+from tvm_rpc.protocol.remote_error import RemoteError
 from tvm_rpc.server.environment import SessionEnvironment
 from tvm_rpc.server.limits import SessionSettings
 from tvm_rpc.server.registry import Registry
@@ -153,11 +153,11 @@ class OpeningTests(SessionTestBase):
     def test_session_opened(self):
         """start_session gives an RPCSession with the server's transfer parameters."""
         self.assertIsInstance(self.session, RPCSession)
-        self.assertEqual(self.session.chunk_size, commands.CHUNK_SIZE)
-        self.assertEqual(self.session.window, commands.WINDOW)
+        self.assertEqual(self.session.chunk_size, session_commands.CHUNK_SIZE)
+        self.assertEqual(self.session.window, session_commands.WINDOW)
         self.assertIn("tvm_rpc", self.session.server_implementation)
         self.assertFalse(self.session.closed)
-        self.assertEqual(self.count(commands.Hello), 1)
+        self.assertEqual(self.count(session_commands.Hello), 1)
 
 
 class HelloFailureTests(SynchronousTestCase):
@@ -223,8 +223,8 @@ class CarrierTests(SynchronousTestCase):
                     protocol.dataReceived(rest)
 
         answer = amp.AmpBox(
-            _answer=b"1", protocol=commands.SESSION_PROTOCOL.encode(),
-            version=str(commands.SESSION_VERSION).encode(), implementation=b"test",
+            _answer=b"1", protocol=session_commands.SESSION_PROTOCOL.encode(),
+            version=str(session_commands.SESSION_VERSION).encode(), implementation=b"test",
             chunk_size=b"1000", window=b"4", max_inline_value=b"1000",
         ).serialize()
         opening = open_session(Carrier(), b"", reactor=Clock(), session_timeout=7,
@@ -257,15 +257,15 @@ class FunctionTests(SessionTestBase):
         """Arguments and results beyond the inline limit travel through streams."""
         blob = bytes(range(256)) * 1000
         self.assertEqual(self.resolve(self.session.call("echo", blob)), [blob])
-        self.assertEqual(self.count(commands.OpenValue), 1)
-        self.assertGreater(self.count(commands.StreamRead), 0)
+        self.assertEqual(self.count(session_commands.OpenValue), 1)
+        self.assertGreater(self.count(session_commands.StreamRead), 0)
 
     def test_small_call_large_result(self):
         """A result beyond the inline limit is read from its stream and released."""
         big = self.resolve(self.session.get_function("big"))
         self.assertEqual(self.resolve(big(300_000)), b"z" * 300_000)
-        self.assertEqual(self.count(commands.OpenValue), 0)
-        self.assertGreater(self.count(commands.StreamRead), 0)
+        self.assertEqual(self.count(session_commands.OpenValue), 0)
+        self.assertGreater(self.count(session_commands.StreamRead), 0)
         self.assertEqual(len(self.environment.streams), 0)
 
     def test_remote_error_and_still_usable(self):
@@ -315,7 +315,7 @@ class FunctionTests(SessionTestBase):
         del function
         gc.collect()
         self.pump.flush()
-        self.assertEqual(self.count(commands.Free), 1)
+        self.assertEqual(self.count(session_commands.Free), 1)
         self.assertEqual(len(self.environment), handles - 1)
 
     def test_releases_batched(self):
@@ -326,7 +326,7 @@ class FunctionTests(SessionTestBase):
         del functions
         gc.collect()
         self.pump.flush()
-        self.assertEqual(self.count(commands.Free), 3)
+        self.assertEqual(self.count(session_commands.Free), 3)
         self.assertEqual(len(self.environment), handles - 7)
 
     def test_close_releases(self):
@@ -339,7 +339,7 @@ class FunctionTests(SessionTestBase):
         self.failureResultOf(function(1, 2), ValueError)
         self.pump.flush()
         self.assertEqual(len(self.environment), handles - 1)
-        self.assertEqual(self.count(commands.Free), 1)
+        self.assertEqual(self.count(session_commands.Free), 1)
 
     def test_foreign_handle_refused(self):
         """A handle of another session is refused locally."""
@@ -482,7 +482,7 @@ class FileTests(SessionTestBase):
         self.failure(uploading, CancelledError)
         self.assertEqual(os.listdir(self.environment.work_dir.root), [])
         self.assertEqual(len(self.environment.streams), 0)
-        self.assertLess(self.count(commands.StreamWrite),
+        self.assertLess(self.count(session_commands.StreamWrite),
                         math.ceil(self.SIZE / self.session.chunk_size))
         self.assertEqual(self.resolve(self.session.call("add", 2, 2)), 4)
 
@@ -548,7 +548,7 @@ class ModuleTests(SessionTestBase):
         calls = [lazy(i) for i in range(5)]
         self.pump.flush()
         self.assertEqual([self.successResultOf(call) for call in calls], [0, 2, 4, 6, 8])
-        self.assertEqual(self.count(commands.ModuleGetFunction), 1)
+        self.assertEqual(self.count(session_commands.ModuleGetFunction), 1)
         self.assertIsNotNone(lazy.handle)
 
     def test_lazy_lookup_failure_then_retry(self):
@@ -556,7 +556,7 @@ class ModuleTests(SessionTestBase):
         missing = self.module["absent"]
         self.failure(missing(1), RemoteError)
         self.failure(missing(1), RemoteError)
-        self.assertEqual(self.count(commands.ModuleGetFunction), 2)
+        self.assertEqual(self.count(session_commands.ModuleGetFunction), 2)
 
     def test_module_time_evaluator(self):
         """A module's function is timed by name (looked up lazily)."""
@@ -564,7 +564,7 @@ class ModuleTests(SessionTestBase):
         result = self.resolve(evaluator(4))
         self.assertEqual(len(result.results), 2)
         self.assertGreaterEqual(result.min, 0)
-        self.assertEqual(self.count(commands.ModuleGetFunction), 1)
+        self.assertEqual(self.count(session_commands.ModuleGetFunction), 1)
 
     def test_module_error(self):
         """An exception in module code names its type (no traceback by default)."""
@@ -621,9 +621,9 @@ class ArrayTests(SessionTestBase):
         """An array of several chunks round-trips byte-exact."""
         host = numpy.random.default_rng(1).standard_normal((512, 700)).astype("float64")
         remote_array = self.resolve(self.session.array(host))
-        self.assertEqual(self.count(commands.StreamWrite),
+        self.assertEqual(self.count(session_commands.StreamWrite),
                          math.ceil(host.nbytes / self.session.chunk_size))
-        self.assertGreater(self.count(commands.StreamWrite), 1)
+        self.assertGreater(self.count(session_commands.StreamWrite), 1)
         numpy.testing.assert_array_equal(self.resolve(remote_array.numpy()), host)
         self.assertEqual(len(self.environment.streams), 0)
 
@@ -709,7 +709,7 @@ class ClosingTests(SessionTestBase):
         self.resolve(closing)
         self.assertTrue(self.client.lost)
         self.assertTrue(self.environment.closed)
-        self.assertEqual(self.count(commands.Goodbye), 1)
+        self.assertEqual(self.count(session_commands.Goodbye), 1)
         self.failureResultOf(self.session.call("add", 1, 2), SessionClosed)
         self.successResultOf(self.session.close())
 

@@ -25,7 +25,7 @@ from tests.daemons import child_env, our_rpc_server
 from tests.test_session_client import SessionTestBase
 from tvm_rpc.client.session import make_client_protocol, start_session
 from tvm_rpc.localfiles import open_temporary
-from tvm_rpc.protocol import ampwire, commands, values
+from tvm_rpc.protocol import ampwire, remote_error, session_commands, values
 from tvm_rpc.protocol.streams import ResultTooLarge
 from tvm_rpc.server import tap
 from tvm_rpc.server.backends import check_device
@@ -55,7 +55,7 @@ class NoticeClient(amp.AMP):
         super().__init__()
         self.notices = []
 
-    @commands.SessionEnded.responder
+    @session_commands.SessionEnded.responder
     def session_ended(self, code, reason):
         self.notices.append((code, reason))
         return {}
@@ -95,11 +95,11 @@ class ServerTestBase(SynchronousTestCase):
         self.client.callRemote(command, **kwargs).addErrback(failures.append)
         self.pump.flush()
         self.assertEqual(len(failures), 1)
-        return failures[0].trap(commands.RemoteError) and failures[0].value
+        return failures[0].trap(remote_error.RemoteError) and failures[0].value
 
     def still_usable(self):
         """The session answers a call and its connection is open."""
-        answer = self.call(commands.CallFunction, name="add", args=values.encode([2, 3]))
+        answer = self.call(session_commands.CallFunction, name="add", args=values.encode([2, 3]))
         self.assertEqual(values.decode(answer["result"]), 5)
         self.assertFalse(self.client.transport.disconnecting)
 
@@ -107,20 +107,20 @@ class ServerTestBase(SynchronousTestCase):
         """Upload C{data} by stream; @return: the RemoteError, or None on success."""
         announced = len(data) if size == "exact" else size
         failures = []
-        opened = self.client.callRemote(commands.OpenUpload, path=path, size=announced)
+        opened = self.client.callRemote(session_commands.OpenUpload, path=path, size=announced)
         opened.addErrback(failures.append)
         self.pump.flush()
         if failures:
-            return failures[0].trap(commands.RemoteError) and failures[0].value
+            return failures[0].trap(remote_error.RemoteError) and failures[0].value
         stream = self.successResultOf(opened)["stream"]
-        for start in range(0, len(data), commands.CHUNK_SIZE):
-            writing = self.client.callRemote(commands.StreamWrite, stream=stream,
-                                             data=data[start:start + commands.CHUNK_SIZE])
+        for start in range(0, len(data), session_commands.CHUNK_SIZE):
+            writing = self.client.callRemote(session_commands.StreamWrite, stream=stream,
+                                             data=data[start:start + session_commands.CHUNK_SIZE])
             writing.addErrback(failures.append)
             self.pump.flush()
             if failures:
-                return failures[0].trap(commands.RemoteError) and failures[0].value
-        self.call(commands.StreamFinish, stream=stream)
+                return failures[0].trap(remote_error.RemoteError) and failures[0].value
+        self.call(session_commands.StreamFinish, stream=stream)
         return None
 
     def work_files(self):
@@ -134,10 +134,10 @@ class DeviceValidationTests(ServerTestBase):
     def test_unknown_device_type_is_a_clear_error(self):
         """Every device command refuses type 999 naming the valid types; the session goes on."""
         for command, kwargs in [
-            (commands.DeviceExists, {}),
-            (commands.DeviceSync, {}),
-            (commands.Empty, {"shape": [2], "dtype": "float32"}),
-            (commands.TimeEvaluator, {"name": "add", "args": values.encode([1, 2]),
+            (session_commands.DeviceExists, {}),
+            (session_commands.DeviceSync, {}),
+            (session_commands.Empty, {"shape": [2], "dtype": "float32"}),
+            (session_commands.TimeEvaluator, {"name": "add", "args": values.encode([1, 2]),
                                       "number": 1, "repeat": 1, "min_repeat_ms": 0.0}),
         ]:
             error = self.remote_error(command, device_type=999, device_id=0, **kwargs)
@@ -149,15 +149,15 @@ class DeviceValidationTests(ServerTestBase):
 
     def test_device_argument_of_a_call(self):
         """A device passed as a call argument is checked before it becomes a device object."""
-        error = self.remote_error(commands.CallFunction, name="add",
+        error = self.remote_error(session_commands.CallFunction, name="add",
                                   args=values.encode([values.Device(999, 0), 1]))
         self.assertEqual(error.short_type_name, "DeviceError")
         self.still_usable()
 
     def test_known_types_pass(self):
         """cpu works; a known type this server lacks is 'not available', not 'unknown'."""
-        self.assertTrue(self.call(commands.DeviceExists, device_type=1, device_id=0)["exists"])
-        self.assertFalse(self.call(commands.DeviceExists, device_type=2, device_id=0)["exists"])
+        self.assertTrue(self.call(session_commands.DeviceExists, device_type=1, device_id=0)["exists"])
+        self.assertFalse(self.call(session_commands.DeviceExists, device_type=2, device_id=0)["exists"])
 
     @given(st.integers(min_value=0, max_value=(1 << 31) - 1))
     def test_check_device(self, device_type):
@@ -195,7 +195,7 @@ class BoxLimitTests(ServerTestBase):
 
     def test_chunks_within_the_limit(self):
         """Full stream chunks still pass at the smallest allowed limit."""
-        self.assertIsNone(self.upload("blob", os.urandom(2 * commands.CHUNK_SIZE + 5)))
+        self.assertIsNone(self.upload("blob", os.urandom(2 * session_commands.CHUNK_SIZE + 5)))
         self.assertEqual(self.work_files(), ["blob"])
 
 
@@ -263,17 +263,17 @@ class StreamLimitTests(ServerTestBase):
     settings = SessionSettings(max_streams=2)
 
     def test_too_many_streams(self):
-        first = self.call(commands.OpenUpload, path="a", size=None)["stream"]
-        self.call(commands.OpenUpload, path="b", size=None)
-        error = self.remote_error(commands.OpenUpload, path="c", size=None)
+        first = self.call(session_commands.OpenUpload, path="a", size=None)["stream"]
+        self.call(session_commands.OpenUpload, path="b", size=None)
+        error = self.remote_error(session_commands.OpenUpload, path="c", size=None)
         self.assertEqual(error.short_type_name, "TooManyStreams")
         self.assertIn("limit is 2", error.message)
-        error = self.remote_error(commands.OpenValue, size=10)
+        error = self.remote_error(session_commands.OpenValue, size=10)
         self.assertEqual(error.short_type_name, "TooManyStreams")
         # The refused upload left no temporary file behind.
         self.assertEqual(len(self.work_files()), 2)
-        self.call(commands.StreamClose, stream=first)
-        self.call(commands.OpenUpload, path="c", size=None)
+        self.call(session_commands.StreamClose, stream=first)
+        self.call(session_commands.OpenUpload, path="c", size=None)
         self.still_usable()
 
 
@@ -290,7 +290,7 @@ class WorkDirLimitTests(ServerTestBase):
         self.assertIn("--max-work-dir-bytes", error.message)
         self.assertEqual(self.work_files(), ["a"])
         # Room comes back when files go.
-        self.call(commands.CallFunction, name="tvm.rpc.server.remove", args=values.encode(["a"]))
+        self.call(session_commands.CallFunction, name="tvm.rpc.server.remove", args=values.encode(["a"]))
         self.assertIsNone(self.upload("b", b"y" * 600))
         self.still_usable()
 
@@ -305,7 +305,7 @@ class WorkDirLimitTests(ServerTestBase):
         """tvm.rpc.server.upload counts too (and files written by code are measured)."""
         with open(os.path.join(self.server.environment.work_dir.root, "made"), "wb") as f:
             f.write(b"m" * 500)
-        error = self.remote_error(commands.CallFunction, name="tvm.rpc.server.upload",
+        error = self.remote_error(session_commands.CallFunction, name="tvm.rpc.server.upload",
                                   args=values.encode(["a", b"x" * 600]))
         self.assertEqual(error.short_type_name, "WorkDirFull")
         self.assertEqual(self.work_files(), ["made"])
@@ -318,7 +318,7 @@ class LongNameTests(ServerTestBase):
         name = "n" * NAME_MAX
         self.assertIsNone(self.upload(name, b"data" * 1000))
         self.assertEqual(self.work_files(), [name])
-        answer = self.call(commands.OpenDownload, path=name)
+        answer = self.call(session_commands.OpenDownload, path=name)
         self.assertEqual(answer["size"], 4000)
 
     @given(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"),
@@ -348,25 +348,25 @@ class TracebackTests(ServerTestBase):
     settings = SessionSettings(send_tracebacks=True)
 
     def test_tracebacks_when_asked(self):
-        for command, kwargs in [(commands.CallFunction, {"name": "boom", "args": values.encode([])}),
-                                (commands.GetFunction, {"name": "nothing"})]:
+        for command, kwargs in [(session_commands.CallFunction, {"name": "boom", "args": values.encode([])}),
+                                (session_commands.GetFunction, {"name": "nothing"})]:
             error = self.remote_error(command, **kwargs)
             self.assertIn("Traceback", error.traceback_text)
         self.assertIn("<lambda>", self.remote_error(
-            commands.CallFunction, name="boom", args=values.encode([])).traceback_text)
+            session_commands.CallFunction, name="boom", args=values.encode([])).traceback_text)
 
 
 class DefaultTracebackTests(ServerTestBase):
     """By default an error carries its type and message, never the server's paths."""
 
     def test_no_tracebacks(self):
-        for command, kwargs in [(commands.CallFunction, {"name": "boom", "args": values.encode([])}),
-                                (commands.GetFunction, {"name": "nothing"}),
-                                (commands.OpenDownload, {"path": "missing"})]:
+        for command, kwargs in [(session_commands.CallFunction, {"name": "boom", "args": values.encode([])}),
+                                (session_commands.GetFunction, {"name": "nothing"}),
+                                (session_commands.OpenDownload, {"path": "missing"})]:
             error = self.remote_error(command, **kwargs)
             self.assertEqual(error.traceback_text, "")
             self.assertTrue(error.type_name)
-            self.assertNotIn(os.path.dirname(commands.__file__), str(error))
+            self.assertNotIn(os.path.dirname(session_commands.__file__), str(error))
 
 
 class NoCodeUploadTests(ServerTestBase):
@@ -378,10 +378,10 @@ class NoCodeUploadTests(ServerTestBase):
         self.assertIsNone(self.upload("mod.py", b"def f():\n    return 1\n"))
         self.assertIsNone(self.upload("lib.so", b"\x7fELF"))
         for path in ("mod.py", "lib.so", "lib.tar"):
-            error = self.remote_error(commands.LoadModule, path=path)
+            error = self.remote_error(session_commands.LoadModule, path=path)
             self.assertEqual(error.short_type_name, "CodeUploadRefused")
             self.assertIn("--no-code-upload", error.message)
-        error = self.remote_error(commands.CallFunction, name="tvm.rpc.server.load_module",
+        error = self.remote_error(session_commands.CallFunction, name="tvm.rpc.server.load_module",
                                   args=values.encode(["mod.py"]))
         self.assertEqual(error.short_type_name, "CodeUploadRefused")
         self.still_usable()
@@ -406,7 +406,7 @@ class ResultLimitTests(SessionTestBase):
         failure = self.failure(self.session.call("big", 200_000), ResultTooLarge)
         self.assertIn("100000", str(failure.value))
         self.assertIn("max_result_size", str(failure.value))
-        self.assertEqual(self.count(commands.StreamRead), 0)
+        self.assertEqual(self.count(session_commands.StreamRead), 0)
         # The refused result's stream was released on the server.
         self.assertEqual(len(self.environment.streams), 0)
         self.assertEqual(self.resolve(self.session.call("big", 90_000)), b"z" * 90_000)
@@ -435,8 +435,8 @@ class HostileAnswerTests(SynchronousTestCase):
         clock = Clock()
         opening = start_session(protocol, clock=clock)
         protocol.dataReceived(amp.AmpBox(
-            _answer=b"1", protocol=commands.SESSION_PROTOCOL.encode(),
-            version=str(commands.SESSION_VERSION).encode(), implementation=b"evil",
+            _answer=b"1", protocol=session_commands.SESSION_PROTOCOL.encode(),
+            version=str(session_commands.SESSION_VERSION).encode(), implementation=b"evil",
             chunk_size=b"524288", window=b"4", max_inline_value=b"61440").serialize())
         session = self.successResultOf(opening)
         transport.clear()

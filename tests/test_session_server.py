@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
-from tvm_rpc.protocol import commands, values
+from tvm_rpc.protocol import remote_error, session_commands, values
 from tvm_rpc.protocol.streams import chunked, read_stream, receive_value, send_value, write_stream
 from tvm_rpc.protocol.values import ArrayRef, Device, HostArray
 from tvm_rpc.server.registry import Registry
@@ -66,7 +66,7 @@ class SessionTests(SynchronousTestCase):
         self.client.callRemote(command, **kwargs).addErrback(failures.append)
         self.pump.flush()
         self.assertEqual(len(failures), 1)
-        return failures[0].trap(commands.RemoteError) and failures[0].value
+        return failures[0].trap(remote_error.RemoteError) and failures[0].value
 
     def run_deferred(self, d):
         """Pump until C{d} fires; @return: its result."""
@@ -75,36 +75,36 @@ class SessionTests(SynchronousTestCase):
 
     def invoke(self, name=None, *args, function=None):
         """Call a function with encoded args; @return: the decoded result."""
-        answer = self.call(commands.CallFunction, name=name, function=function,
+        answer = self.call(session_commands.CallFunction, name=name, function=function,
                            args=values.encode(list(args)))
         return values.decode(self.run_deferred(receive_value(self.client.callRemote, answer)))
 
     def test_hello(self):
         """Hello names the protocol, version and transfer parameters."""
-        answer = self.call(commands.Hello, protocol=commands.SESSION_PROTOCOL,
-                           version=commands.SESSION_VERSION)
+        answer = self.call(session_commands.Hello, protocol=session_commands.SESSION_PROTOCOL,
+                           version=session_commands.SESSION_VERSION)
         self.assertEqual(answer["protocol"], "tvm_rpc-session")
-        self.assertEqual(answer["version"], commands.SESSION_VERSION)
-        self.assertEqual(answer["chunk_size"], commands.CHUNK_SIZE)
+        self.assertEqual(answer["version"], session_commands.SESSION_VERSION)
+        self.assertEqual(answer["chunk_size"], session_commands.CHUNK_SIZE)
         self.assertIn("tvm_rpc", answer["implementation"])
 
     def test_calls_by_name_and_handle(self):
         """Functions are called by global name or by handle."""
         self.assertEqual(self.invoke("add", 2, 40), 42)
-        handle = self.call(commands.GetFunction, name="echo")["function"]
+        handle = self.call(session_commands.GetFunction, name="echo")["function"]
         self.assertEqual(self.invoke(None, None, 1.5, "s", b"b", {"k": [1]}, function=handle),
                          [None, 1.5, "s", b"b", {"k": [1]}])
         self.assertEqual(self.invoke("tvm_rpc.server.list_functions")[:0], [])
 
     def test_freed_function_handle(self):
         """A function handle that was called, then freed, is unknown afterwards."""
-        handle = self.call(commands.GetFunction, name="add")["function"]
+        handle = self.call(session_commands.GetFunction, name="add")["function"]
         self.assertEqual(self.invoke(None, 1, 2, function=handle), 3)
-        self.call(commands.Free, handles=[handle])
-        error = self.remote_error(commands.CallFunction, function=handle,
+        self.call(session_commands.Free, handles=[handle])
+        error = self.remote_error(session_commands.CallFunction, function=handle,
                                   args=values.encode([1, 2]))
         self.assertEqual(error.short_type_name, "HandleError")
-        other = self.call(commands.GetFunction, name="add")["function"]
+        other = self.call(session_commands.GetFunction, name="add")["function"]
         self.assertNotEqual(other, handle)
         self.assertEqual(self.invoke(None, 5, 6, function=other), 11)
 
@@ -113,18 +113,18 @@ class SessionTests(SynchronousTestCase):
         An exception arrives with its type name and message (no traceback:
         the server's default); the session goes on.
         """
-        error = self.remote_error(commands.CallFunction, name="boom", args=values.encode([]))
+        error = self.remote_error(session_commands.CallFunction, name="boom", args=values.encode([]))
         self.assertEqual(error.type_name, "ZeroDivisionError")
         self.assertIn("division by zero", error.message)
         self.assertEqual(error.traceback_text, "")
-        error = self.remote_error(commands.GetFunction, name="nothing")
+        error = self.remote_error(session_commands.GetFunction, name="nothing")
         self.assertEqual(error.short_type_name, "NoSuchFunction")
-        error = self.remote_error(commands.CallFunction, name="add", args=b"\x01garbage")
+        error = self.remote_error(session_commands.CallFunction, name="add", args=b"\x01garbage")
         self.assertEqual(error.short_type_name, "CodecError")
-        error = self.remote_error(commands.CallFunction, name="add", function=1,
+        error = self.remote_error(session_commands.CallFunction, name="add", function=1,
                                   args=values.encode([]))
         self.assertIn("exactly one", error.message)
-        error = self.remote_error(commands.CallFunction, function=999, args=values.encode([]))
+        error = self.remote_error(session_commands.CallFunction, function=999, args=values.encode([]))
         self.assertEqual(error.short_type_name, "HandleError")
         self.assertEqual(self.invoke("add", 1, 1), 2)
         self.assertFalse(self.client.transport.disconnecting)
@@ -133,7 +133,7 @@ class SessionTests(SynchronousTestCase):
         """Many calls sent before any answer all get their own answers."""
         results = {}
         for i in range(200):
-            self.client.callRemote(commands.CallFunction, name="add",
+            self.client.callRemote(session_commands.CallFunction, name="add",
                                    args=values.encode([i, i])).addCallback(
                 lambda answer, i=i: results.__setitem__(i, values.decode(answer["result"])))
         self.pump.flush()
@@ -153,8 +153,8 @@ class SessionTests(SynchronousTestCase):
 
         self.registry.register("coroutine", coroutine)
         results = []
-        self.client.callRemote(commands.CallFunction, name="later").addCallback(results.append)
-        self.client.callRemote(commands.CallFunction, name="coroutine",
+        self.client.callRemote(session_commands.CallFunction, name="later").addCallback(results.append)
+        self.client.callRemote(session_commands.CallFunction, name="coroutine",
                                args=values.encode([1])).addCallback(results.append)
         self.assertEqual(self.invoke("add", 1, 2), 3)
         self.assertEqual(results, [])
@@ -165,7 +165,7 @@ class SessionTests(SynchronousTestCase):
         failing = Deferred()
         self.registry.register("fails", lambda: failing)
         errors = []
-        self.client.callRemote(commands.CallFunction, name="fails").addErrback(errors.append)
+        self.client.callRemote(session_commands.CallFunction, name="fails").addErrback(errors.append)
         self.pump.flush()
         failing.errback(OSError("late failure"))
         self.pump.flush()
@@ -176,7 +176,7 @@ class SessionTests(SynchronousTestCase):
         payload = os.urandom(300_000)
         extra = self.run_deferred(send_value(self.client.callRemote, values.encode([payload])))
         self.assertIn("args_stream", extra)
-        answer = self.call(commands.CallFunction, name="echo", **extra)
+        answer = self.call(session_commands.CallFunction, name="echo", **extra)
         self.assertIsNotNone(answer["result_stream"])
         result = values.decode(self.run_deferred(receive_value(self.client.callRemote, answer)))
         self.assertEqual(result, [payload])
@@ -186,19 +186,19 @@ class SessionTests(SynchronousTestCase):
     def test_upload_download_streamed(self):
         """A file streams up and down byte-exact; escapes are refused by name."""
         data = os.urandom(1_000_003)
-        stream = self.call(commands.OpenUpload, path="d/blob.bin", size=len(data))["stream"]
+        stream = self.call(session_commands.OpenUpload, path="d/blob.bin", size=len(data))["stream"]
         size = self.run_deferred(write_stream(self.client.callRemote, stream, chunked(data)))
         self.assertEqual(size, len(data))
         self.assertEqual(self.invoke("tvm.rpc.server.listdir", "d"), ["blob.bin"])
-        answer = self.call(commands.OpenDownload, path="d/blob.bin")
+        answer = self.call(session_commands.OpenDownload, path="d/blob.bin")
         parts = []
         self.run_deferred(read_stream(self.client.callRemote, answer["stream"], answer["size"],
                                       parts.append))
         self.assertEqual(b"".join(parts), data)
-        error = self.remote_error(commands.OpenUpload, path="../escape")
+        error = self.remote_error(session_commands.OpenUpload, path="../escape")
         self.assertEqual(error.type_name, "tvm_rpc.server.environment.PathEscapeError")
         self.assertIn("'../escape'", error.message)
-        error = self.remote_error(commands.OpenDownload, path="/etc/hostname")
+        error = self.remote_error(session_commands.OpenDownload, path="/etc/hostname")
         self.assertIn("absolute", error.message)
         self.invoke("tvm.rpc.server.upload", "small.txt", b"hi")
         self.assertEqual(self.invoke("tvm.rpc.server.download", "small.txt"), b"hi")
@@ -206,33 +206,33 @@ class SessionTests(SynchronousTestCase):
 
     def test_cancelled_upload_leaves_nothing(self):
         """Cancelling an upload removes the partial file on the server."""
-        stream = self.call(commands.OpenUpload, path="c.bin")["stream"]
-        self.client.callRemote(commands.StreamWrite, stream=stream, data=b"x" * 100)
-        self.call(commands.StreamClose, stream=stream)
+        stream = self.call(session_commands.OpenUpload, path="c.bin")["stream"]
+        self.client.callRemote(session_commands.StreamWrite, stream=stream, data=b"x" * 100)
+        self.call(session_commands.StreamClose, stream=stream)
         self.assertEqual(self.invoke("tvm.rpc.server.listdir"), [])
 
     def test_arrays_and_modules(self):
         """Allocate, fill, run a module function on the handle, read back."""
         import numpy
 
-        answer = self.call(commands.Empty, shape=[2, 3], dtype="float32", device_type=1,
+        answer = self.call(session_commands.Empty, shape=[2, 3], dtype="float32", device_type=1,
                            device_id=0)
         array = answer["array"]
         self.assertEqual(answer["nbytes"], 24)
         host = numpy.arange(6, dtype="float32").reshape(2, 3)
-        stream = self.call(commands.OpenArrayWrite, array=array)
+        stream = self.call(session_commands.OpenArrayWrite, array=array)
         self.run_deferred(write_stream(self.client.callRemote, stream["stream"],
                                        chunked(host.tobytes(), 7)))
         self.invoke("tvm.rpc.server.upload", "m.py", MODULE)
-        module = self.call(commands.LoadModule, path="m.py")
+        module = self.call(session_commands.LoadModule, path="m.py")
         self.assertEqual(module["kind"], "python")
-        double = self.call(commands.ModuleGetFunction, module=module["module"],
+        double = self.call(session_commands.ModuleGetFunction, module=module["module"],
                            name="double")["function"]
         ref = self.invoke(None, ArrayRef(array, (2, 3), "float32", Device(1, 0)),
                           function=double)
         self.assertIsInstance(ref, ArrayRef)
         self.assertEqual((ref.shape, ref.dtype, ref.device), ((2, 3), "float32", Device(1, 0)))
-        answer = self.call(commands.OpenArrayRead, array=array)
+        answer = self.call(session_commands.OpenArrayRead, array=array)
         self.assertEqual((answer["shape"], answer["dtype"]), ([2, 3], "float32"))
         parts = []
         self.run_deferred(read_stream(self.client.callRemote, answer["stream"], answer["size"],
@@ -240,32 +240,32 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(b"".join(parts), (host * 2).tobytes())
         inline = self.invoke(None, HostArray.from_numpy(host), function=double)
         self.assertIsInstance(inline, ArrayRef)
-        fail = self.call(commands.ModuleGetFunction, module=module["module"], name="fail")
-        error = self.remote_error(commands.CallFunction, function=fail["function"],
+        fail = self.call(session_commands.ModuleGetFunction, module=module["module"], name="fail")
+        error = self.remote_error(session_commands.CallFunction, function=fail["function"],
                                   args=values.encode(["why"]))
         self.assertEqual((error.type_name, error.message), ("KeyError", "'why'"))
-        self.call(commands.Free, handles=[array, module["module"], 12345])
-        error = self.remote_error(commands.OpenArrayRead, array=array)
+        self.call(session_commands.Free, handles=[array, module["module"], 12345])
+        error = self.remote_error(session_commands.OpenArrayRead, array=array)
         self.assertEqual(error.short_type_name, "HandleError")
 
     def test_devices(self):
         """cpu exists; cuda does not on a numpy backend; allocation there fails clearly."""
-        self.assertEqual(self.call(commands.DeviceExists, device_type=1, device_id=0),
+        self.assertEqual(self.call(session_commands.DeviceExists, device_type=1, device_id=0),
                          {"exists": True, "name": "cpu"})
-        self.assertEqual(self.call(commands.DeviceExists, device_type=2, device_id=0),
+        self.assertEqual(self.call(session_commands.DeviceExists, device_type=2, device_id=0),
                          {"exists": False, "name": "cuda"})
-        self.call(commands.DeviceSync, device_type=1, device_id=0)
-        error = self.remote_error(commands.Empty, shape=[1], dtype="float32", device_type=2,
+        self.call(session_commands.DeviceSync, device_type=1, device_id=0)
+        error = self.remote_error(session_commands.Empty, shape=[1], dtype="float32", device_type=2,
                                   device_id=0)
         self.assertEqual(error.short_type_name, "DeviceError")
 
     def test_time_evaluator(self):
         """time_evaluator answers one positive mean per repeat."""
-        answer = self.call(commands.TimeEvaluator, name="add", args=values.encode([1, 2]),
+        answer = self.call(session_commands.TimeEvaluator, name="add", args=values.encode([1, 2]),
                            device_type=1, device_id=0, number=5, repeat=3, min_repeat_ms=0.0)
         self.assertEqual(len(answer["results"]), 3)
         self.assertTrue(all(r >= 0 for r in answer["results"]))
-        error = self.remote_error(commands.TimeEvaluator, name="add", args=values.encode([1, 2]),
+        error = self.remote_error(session_commands.TimeEvaluator, name="add", args=values.encode([1, 2]),
                                   device_type=1, device_id=0, number=0, repeat=1,
                                   min_repeat_ms=0.0)
         self.assertEqual(error.short_type_name, "ValueError")
@@ -274,7 +274,7 @@ class SessionTests(SynchronousTestCase):
         """Goodbye answers, closes, and the work directory goes away."""
         work = self.server.environment.work_dir.root
         self.assertTrue(os.path.isdir(work))
-        self.call(commands.Goodbye)
+        self.call(session_commands.Goodbye)
         self.clock.advance(0)
         self.pump.flush()
         self.assertTrue(self.server.environment.closed)
@@ -282,9 +282,9 @@ class SessionTests(SynchronousTestCase):
 
     def test_chunk_too_large(self):
         """A StreamWrite above the chunk limit is refused (and the stream dropped)."""
-        stream = self.call(commands.OpenValue, size=100_000)["stream"]
-        error = self.remote_error(commands.StreamWrite, stream=stream,
-                                  data=b"x" * (commands.CHUNK_SIZE + 1))
+        stream = self.call(session_commands.OpenValue, size=100_000)["stream"]
+        error = self.remote_error(session_commands.StreamWrite, stream=stream,
+                                  data=b"x" * (session_commands.CHUNK_SIZE + 1))
         self.assertIn("exceeds", error.message)
 
 
@@ -345,9 +345,17 @@ class StartTests(SynchronousTestCase):
         from twisted.internet.defer import Deferred, fail
 
         class Generic(SessionProtocol):
-            """The same protocol with AMP's dispatch for every command."""
+            """
+            The same protocol with AMP's dispatch for every command: AMP
+            decodes the arguments and encodes the answer or error itself.
+            """
 
             ampBoxReceived = amp.AMP.ampBoxReceived
+
+            @session_commands.CallFunction.responder
+            def call_function(self, function=None, name=None, args=None, args_stream=None):
+                """Call a function through AMP's dispatch."""
+                return self._call(function, name, args, args_stream)
 
         registry = Registry()
         registry.register("add", lambda a, b: a + b)
@@ -376,7 +384,7 @@ class StartTests(SynchronousTestCase):
             transport = StringTransport()
             protocol.makeConnection(transport)
             for tag, call in enumerate(calls):
-                box = commands.CallFunction.makeArguments(call, None)
+                box = session_commands.CallFunction.makeArguments(call, None)
                 box[b"_command"] = b"CallFunction"
                 box[b"_ask"] = b"%d" % tag
                 protocol.dataReceived(box.serialize())
@@ -384,7 +392,7 @@ class StartTests(SynchronousTestCase):
             for reply in amp.parseString(transport.value()):
                 reply = dict(reply)
                 if b"_error_description" in reply:
-                    error = commands.RemoteError(reply.pop(b"_error_description").decode())
+                    error = remote_error.RemoteError(reply.pop(b"_error_description").decode())
                     reply["error"] = (error.type_name, error.message)
                 replies.append(reply)
             outputs.append(replies)
@@ -478,7 +486,7 @@ class StartTests(SynchronousTestCase):
         class Client(amp.AMP):
             """A client that only handles SessionEnded."""
 
-            @commands.SessionEnded.responder
+            @session_commands.SessionEnded.responder
             def ended(self, code, reason):
                 """Record the notice."""
                 received.append((code, reason))
@@ -512,7 +520,7 @@ NO_OPTIONAL_DEPENDENCIES = textwrap.dedent('''
     from twisted.internet.task import Clock
     from twisted.protocols import amp
     from twisted.test.iosim import connectedServerAndClient
-    from tvm_rpc.protocol import commands, values
+    from tvm_rpc.protocol import session_commands, values
     from tvm_rpc.protocol.streams import chunked, read_stream, write_stream
     from tvm_rpc.server.session import SessionProtocol, prepare
 
@@ -535,22 +543,22 @@ NO_OPTIONAL_DEPENDENCIES = textwrap.dedent('''
 
     source = "def total(array):\\n    view = memoryview(array.data).cast('i')\\n" \\
              "    return sum(view)\\n"
-    call(commands.CallFunction, name="tvm.rpc.server.upload",
+    call(session_commands.CallFunction, name="tvm.rpc.server.upload",
          args=values.encode(["m.py", source.encode()]))
-    module = call(commands.LoadModule, path="m.py")["module"]
-    total = call(commands.ModuleGetFunction, module=module, name="total")["function"]
-    array = call(commands.Empty, shape=[4], dtype="int32", device_type=1, device_id=0)["array"]
-    stream = call(commands.OpenArrayWrite, array=array)["stream"]
+    module = call(session_commands.LoadModule, path="m.py")["module"]
+    total = call(session_commands.ModuleGetFunction, module=module, name="total")["function"]
+    array = call(session_commands.Empty, shape=[4], dtype="int32", device_type=1, device_id=0)["array"]
+    stream = call(session_commands.OpenArrayWrite, array=array)["stream"]
     data = b"".join(i.to_bytes(4, "little") for i in (1, 2, 3, 4))
     finish(write_stream(client.callRemote, stream, chunked(data)))
     ref = values.ArrayRef(array, (4,), "int32")
-    answer = call(commands.CallFunction, function=total, args=values.encode([ref]))
+    answer = call(session_commands.CallFunction, function=total, args=values.encode([ref]))
     out["total"] = values.decode(answer["result"])
-    cuda = call(commands.DeviceExists, device_type=2, device_id=0)
+    cuda = call(session_commands.DeviceExists, device_type=2, device_id=0)
     out["cuda"] = cuda["exists"]
-    call(commands.CallFunction, name="tvm.rpc.server.upload",
+    call(session_commands.CallFunction, name="tvm.rpc.server.upload",
          args=values.encode(["lib.so", b"x"]))
-    error = call(commands.LoadModule, path="lib.so")
+    error = call(session_commands.LoadModule, path="lib.so")
     out["so_error"] = error.value.message
     out["loaded"] = sorted(n for n in sys.modules if n.split(".")[0] in BLOCKED)
     print(json.dumps(out))
@@ -582,7 +590,7 @@ ROUND_TRIP = textwrap.dedent('''
     import hashlib, json, os, resource, shutil, sys, tempfile
     from twisted.internet import defer, endpoints, protocol, reactor
     from twisted.protocols import amp
-    from tvm_rpc.protocol import commands
+    from tvm_rpc.protocol import session_commands
     from tvm_rpc.protocol.streams import read_stream, write_stream
     from tvm_rpc.server.session import make_session_protocol
 
@@ -601,7 +609,7 @@ ROUND_TRIP = textwrap.dedent('''
         counter = 0
         while sent < SIZE:
             counter += 1
-            piece = (counter.to_bytes(8, "little") + block)[:min(commands.CHUNK_SIZE, SIZE - sent)]
+            piece = (counter.to_bytes(8, "little") + block)[:min(session_commands.CHUNK_SIZE, SIZE - sent)]
             digest.update(piece)
             sent += len(piece)
             yield piece
@@ -615,7 +623,7 @@ ROUND_TRIP = textwrap.dedent('''
         base = rss_kib()
         peak = [base]
         sent_digest = hashlib.sha256()
-        stream = (await client.callRemote(commands.OpenUpload, path="big.bin", size=SIZE))["stream"]
+        stream = (await client.callRemote(session_commands.OpenUpload, path="big.bin", size=SIZE))["stream"]
 
         def watched(iterator):
             for i, piece in enumerate(iterator):
@@ -624,7 +632,7 @@ ROUND_TRIP = textwrap.dedent('''
                 yield piece
 
         await write_stream(client.callRemote, stream, watched(chunks(sent_digest)))
-        answer = await client.callRemote(commands.OpenDownload, path="big.bin")
+        answer = await client.callRemote(session_commands.OpenDownload, path="big.bin")
         got_digest = hashlib.sha256()
         count = [0]
 
@@ -635,7 +643,7 @@ ROUND_TRIP = textwrap.dedent('''
                 peak[0] = max(peak[0], rss_kib())
 
         size = await read_stream(client.callRemote, answer["stream"], answer["size"], consume)
-        await client.callRemote(commands.Goodbye)
+        await client.callRemote(session_commands.Goodbye)
         port.stopListening()
         return {"size": size, "same": sent_digest.hexdigest() == got_digest.hexdigest(),
                 "growth_kib": peak[0] - base, "left": os.listdir(root)}
@@ -739,13 +747,13 @@ class FloodTests(SynchronousTestCase):
         self.addCleanup(sock.close)
         buffered = [b""]
         size = 64 * 1024 * 1024
-        answer = self.ask(sock, buffered, commands.Empty, b"1", shape=[size], dtype="uint8",
+        answer = self.ask(sock, buffered, session_commands.Empty, b"1", shape=[size], dtype="uint8",
                           device_type=1, device_id=0)
         self.assertEqual(int(answer[b"nbytes"]), size)
-        stream = self.ask(sock, buffered, commands.OpenArrayRead, b"2",
+        stream = self.ask(sock, buffered, session_commands.OpenArrayRead, b"2",
                           array=int(answer[b"array"]))[b"stream"]
         before = _rss_kib(server.pid)
-        chunk = commands.CHUNK_SIZE
+        chunk = session_commands.CHUNK_SIZE
         flood = b"".join(
             amp.AmpBox(_command=b"StreamRead", _ask=b"r%d" % i, stream=stream,
                        offset=b"%d" % (i * chunk), length=b"%d" % chunk).serialize()

@@ -4,7 +4,6 @@ import os
 import shutil
 import tempfile
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
@@ -13,7 +12,7 @@ from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from tvm_rpc.protocol import commands
+from tvm_rpc.protocol import remote_error, session_commands
 from tvm_rpc.protocol.streams import (
     BytesSink,
     BytesSource,
@@ -30,7 +29,7 @@ from tvm_rpc.protocol.streams import (
 from tvm_rpc.server.workdir import FileSink, FileSource
 
 
-class StreamServer(amp.AMP):
+class StreamServer(remote_error.RemoteErrorLocator, amp.AMP):
     """A minimal AMP peer that serves a L{StreamTable} (the session server does more)."""
 
     def __init__(self):
@@ -39,8 +38,7 @@ class StreamServer(amp.AMP):
         self.table = StreamTable()
         self.writes_received = 0
 
-    @commands.StreamWrite.responder
-    @commands.remote_errors
+    @session_commands.StreamWrite.responder
     def stream_write(self, stream, data):
         """Pass a chunk to the table; answer once it is consumed."""
         self.writes_received += 1
@@ -49,27 +47,23 @@ class StreamServer(amp.AMP):
             return result.addCallback(lambda _: {})
         return {}
 
-    @commands.StreamFinish.responder
-    @commands.remote_errors
+    @session_commands.StreamFinish.responder
     def stream_finish(self, stream):
         """End a write stream."""
         return {"size": self.table.finish(stream)}
 
-    @commands.StreamRead.responder
-    @commands.remote_errors
+    @session_commands.StreamRead.responder
     def stream_read(self, stream, offset, length):
         """Serve a chunk of a read stream."""
         return {"data": self.table.read(stream, offset, length)}
 
-    @commands.StreamClose.responder
-    @commands.remote_errors
+    @session_commands.StreamClose.responder
     def stream_close(self, stream):
         """Close a stream."""
         self.table.close(stream)
         return {}
 
-    @commands.OpenValue.responder
-    @commands.remote_errors
+    @session_commands.OpenValue.responder
     def open_value(self, size):
         """Open a value stream of the announced size."""
         return {"stream": self.table.open_sink(BytesSink(size, size))}
@@ -186,15 +180,15 @@ class StreamTransferTests(SynchronousTestCase):
         """Writing or reading an unknown stream is a RemoteError; closing is harmless."""
         server, client, pump = connect()
         failures = []
-        client.callRemote(commands.StreamWrite, stream=99, data=b"x").addErrback(failures.append)
-        client.callRemote(commands.StreamRead, stream=99, offset=0, length=1).addErrback(
+        client.callRemote(session_commands.StreamWrite, stream=99, data=b"x").addErrback(failures.append)
+        client.callRemote(session_commands.StreamRead, stream=99, offset=0, length=1).addErrback(
             failures.append
         )
-        d3 = client.callRemote(commands.StreamClose, stream=99)
+        d3 = client.callRemote(session_commands.StreamClose, stream=99)
         pump.flush()
         self.assertEqual(len(failures), 2)
         for failure in failures:
-            error = failure.trap(commands.RemoteError) and failure.value
+            error = failure.trap(remote_error.RemoteError) and failure.value
             self.assertEqual(error.type_name, "tvm_rpc.protocol.streams.StreamError")
             self.assertIn("99", error.message)
             # No send_tracebacks on this protocol: type and message only.
@@ -207,11 +201,11 @@ class StreamTransferTests(SynchronousTestCase):
         stream = server.table.open_sink(BytesSink(2500))
         d = write_stream(client.callRemote, stream, chunked(b"z" * 5000, 1000), window=4)
         pump.flush()
-        error = self.failureResultOf(d, commands.RemoteError).value
+        error = self.failureResultOf(d, remote_error.RemoteError).value
         self.assertIn("exceeds", error.message)
         self.assertNotIn(stream, server.table)
         self.assertFalse(client.transport.disconnecting)
-        d = client.callRemote(commands.StreamClose, stream=stream)
+        d = client.callRemote(session_commands.StreamClose, stream=stream)
         pump.flush()
         self.assertEqual(self.successResultOf(d), {})
 
@@ -221,7 +215,7 @@ class StreamTransferTests(SynchronousTestCase):
         d = send_value(client.callRemote, b"short")
         pump.flush()
         self.assertEqual(self.successResultOf(d), {"args": b"short"})
-        long_value = os.urandom(commands.MAX_INLINE_VALUE * 3 + 5)
+        long_value = os.urandom(session_commands.MAX_INLINE_VALUE * 3 + 5)
         d = send_value(client.callRemote, long_value)
         pump.flush()
         stream = self.successResultOf(d)["args_stream"]
@@ -245,18 +239,18 @@ class BlobTests(SynchronousTestCase):
 
     def round_trip(self, data):
         """Serialize a StreamWrite box and parse it back; @return: (box bytes, parsed data)."""
-        box = commands.StreamWrite.makeArguments({"stream": 1, "data": data}, None)
+        box = session_commands.StreamWrite.makeArguments({"stream": 1, "data": data}, None)
         for key, value in box.items():
             self.assertLessEqual(len(value), 0xFFFF, key)
             self.assertLessEqual(len(key), 255)
         wire = box.serialize()
-        parsed = commands.StreamWrite.parseArguments(amp.AmpBox(box), None)
+        parsed = session_commands.StreamWrite.parseArguments(amp.AmpBox(box), None)
         return wire, parsed
 
     def test_boundaries(self):
         """Lengths around the 65,535-byte value limit, and a full chunk, round-trip."""
         for length in (0, 1, 0xFFFE, 0xFFFF, 0x10000, 2 * 0xFFFF, 2 * 0xFFFF + 1,
-                       commands.CHUNK_SIZE):
+                       session_commands.CHUNK_SIZE):
             data = os.urandom(length)
             _, parsed = self.round_trip(data)
             self.assertEqual(parsed["data"], data, length)
@@ -267,34 +261,6 @@ class BlobTests(SynchronousTestCase):
         data = os.urandom(200_000)
         _, parsed = self.round_trip(memoryview(data)[1000:150_000])
         self.assertEqual(parsed["data"], data[1000:150_000])
-
-
-optional_ints = st.none() | st.integers(-(2**70), 2**70)
-
-
-@given(optional_ints, st.none() | st.text(), st.none() | st.binary(max_size=100), optional_ints)
-def test_call_function_fast_paths_match_amp(function, name, args, args_stream):
-    """CallFunction's hand-written (de)serializers agree with AMP's generic ones."""
-    objects = {"function": function, "name": name, "args": args, "args_stream": args_stream}
-    generic = amp._objectsToStrings(dict(objects), commands.CallFunction.arguments,
-                                    amp.AmpBox(), None)
-    fast = commands.CallFunction.makeArguments(dict(objects), None)
-    assert dict(fast) == dict(generic)
-    assert commands.CallFunction.parseArguments(fast, None) == amp._stringsToObjects(
-        generic, commands.CallFunction.arguments, None)
-    response = {"result": args, "result_stream": function, "result_size": args_stream}
-    generic = amp._objectsToStrings(dict(response), commands.CallFunction.response,
-                                    amp.AmpBox(), None)
-    fast = commands.CallFunction.makeResponse(dict(response), None)
-    assert dict(fast) == dict(generic)
-    assert commands.CallFunction.parseResponse(fast, None) == amp._stringsToObjects(
-        generic, commands.CallFunction.response, None)
-
-
-def test_call_function_refuses_unknown_arguments():
-    """An unknown keyword is refused as AMP refuses it."""
-    with pytest.raises(amp.InvalidSignature):
-        commands.CallFunction.makeArguments({"bogus": 1}, None)
 
 
 class StreamTableTests(SynchronousTestCase):

@@ -23,7 +23,7 @@ from tvm_rpc.client import (
     connect_tracker,
 )
 from tvm_rpc.client.tracker import AllocationTimeout, NotATracker, tracker_endpoint
-from tvm_rpc.protocol.commands import (
+from tvm_rpc.protocol.tracker_commands import (
     BadMessage,
     GetPendingMatchkeys,
     Ping,

@@ -757,7 +757,7 @@ class ResponderTableTests(SynchronousTestCase):
     """The tracker answers every command of the vocabulary."""
 
     def test_every_command_has_a_responder(self):
-        from tvm_rpc.protocol.commands import TRACKER_COMMANDS
+        from tvm_rpc.protocol.tracker_commands import TRACKER_COMMANDS
         from tvm_rpc.tracker.protocol import RESPONDERS
 
         self.assertEqual(set(RESPONDERS), set(TRACKER_COMMANDS.values()))

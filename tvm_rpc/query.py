@@ -19,7 +19,7 @@ from twisted.internet import defer, error
 from twisted.python.failure import Failure
 
 from .client.tracker import NotATracker, connect_tracker, text_summary
-from .protocol.commands import BadMessage, TrackerError
+from .protocol.tracker_commands import BadMessage, TrackerError
 
 #: Where to look when neither options nor the environment say.
 DEFAULT_HOST = "127.0.0.1"

@@ -1,6 +1,6 @@
 """The Deferred-based client: tracker sessions now, RPC sessions on top of them."""
 
-from ..protocol.commands import Allocation, TrackerError
+from ..protocol.tracker_commands import Allocation, TrackerError
 from .tracker import (
     TrackerClientFactory,
     TrackerClientProtocol,

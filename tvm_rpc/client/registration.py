@@ -24,7 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
-from ..protocol.commands import GetPendingMatchkeys, Put, UpdateInfo
+from ..protocol.tracker_commands import GetPendingMatchkeys, Put, UpdateInfo
 from ..protocol.keys import SERVER_PREFIX, redact_matchkeys
 from .tracker import TrackerClientFactory
 

@@ -1,24 +1,24 @@
 """Client-side proxies for the things a session holds on the device.
 
 Each object here stands for something that lives on the server of one
-:class:`~tvm_rpc.client.session.RPCSession`:
+L{RPCSession<tvm_rpc.client.session.RPCSession>}:
 
-- :class:`RemoteFunction`: a function handle; calling it returns a Deferred
+- L{RemoteFunction}: a function handle; calling it returns a Deferred
   of the result;
-- :class:`RemoteModule`: a loaded module (a ``.py`` file or a TVM library);
-- :class:`RemoteArray`: an array in device memory, filled from and read back
+- L{RemoteModule}: a loaded module (a C{.py} file or a TVM library);
+- L{RemoteArray}: an array in device memory, filled from and read back
   to the host in chunks;
-- :class:`Device`: a device by TVM's numbering, bound to the session.
+- L{Device}: a device by TVM's numbering, bound to the session.
 
-:class:`TimeEvaluatorResult` holds the timings of a ``time_evaluator`` run.
+L{TimeEvaluatorResult} holds the timings of a C{time_evaluator} run.
 
-Handles are released on the server (the ``Free`` command) when the object is
-closed with ``close()`` or garbage-collected, best-effort; everything a
+Handles are released on the server (the C{Free} command) when the object is
+closed with C{close()} or garbage-collected, best-effort; everything a
 session holds is released when the session ends anyway.
 
-The host-side array helpers (:func:`host_array`) accept numpy arrays when
-numpy is installed, and otherwise ``bytes``/``bytearray``/``memoryview``,
-:class:`array.array` and (nested) lists of numbers with a dtype, so the
+The host-side array helpers (L{host_array}) accept numpy arrays when
+numpy is installed, and otherwise C{bytes}/C{bytearray}/C{memoryview},
+L{array.array} and (nested) lists of numbers with a dtype, so the
 client works without numpy.
 """
 
@@ -461,7 +461,7 @@ class RemoteFunction:
 @attrs.define(eq=False)
 class RemoteModule:
     """
-    A module loaded on the server (``.py`` or a TVM library).
+    A module loaded on the server (C{.py} or a TVM library).
 
     C{module.get_function(name)} returns a Deferred of a L{RemoteFunction};
     C{module[name]} returns a lazy L{RemoteFunction} at once (looked up on its
@@ -487,7 +487,7 @@ class RemoteModule:
         @param name: the function's name in the module.
         @param query_imports: also search the module's imports (TVM modules).
         @return: a Deferred of a L{RemoteFunction}; fails with
-            L{RemoteError<tvm_rpc.protocol.commands.RemoteError>} when the
+            L{RemoteError<tvm_rpc.protocol.remote_error.RemoteError>} when the
             module has no such function.
         """
         return Deferred.fromCoroutine(self._get_function(name, query_imports))

@@ -1,23 +1,23 @@
 """The client end of a session: an AMP protocol and the Deferred API on it.
 
-After the RPC handshake (see :mod:`tvm_rpc.client.connect`) the bytes of the
+After the RPC handshake (see L{tvm_rpc.client.connect}) the bytes of the
 connection belong to the session protocol of
-:mod:`tvm_rpc.protocol.commands`. This module speaks its client side:
+L{tvm_rpc.protocol.session_commands}. This module speaks its client side:
 
-- :class:`SessionClientProtocol` (made by :func:`make_client_protocol`) is
-  the :class:`~twisted.protocols.amp.AMP` protocol. It turns the server's
-  :class:`~tvm_rpc.protocol.commands.SessionEnded` notice and the loss of the
-  connection into :class:`SessionTimeout` / :class:`SessionClosed` failures
+- L{SessionClientProtocol} (made by L{make_client_protocol}) is
+  the L{AMP<twisted.protocols.amp.AMP>} protocol. It turns the server's
+  L{SessionEnded<tvm_rpc.protocol.session_commands.SessionEnded>} notice and the loss of the
+  connection into L{SessionTimeout} / L{SessionClosed} failures
   for every call still outstanding.
-- :func:`start_session` performs the opening
-  :class:`~tvm_rpc.protocol.commands.Hello` exchange (bounded in time, so a
-  peer that is not a tvm_rpc session server gives :class:`ProtocolMismatch`
-  instead of a hang) and returns a Deferred of an :class:`RPCSession`.
-- :class:`RPCSession` is the user's API, with TVM's names: functions, files,
-  modules, devices, arrays, ``time_evaluator``, ``close()`` and
-  ``async with``.
+- L{start_session} performs the opening
+  L{Hello<tvm_rpc.protocol.session_commands.Hello>} exchange (bounded in time, so a
+  peer that is not a tvm_rpc session server gives L{ProtocolMismatch}
+  instead of a hang) and returns a Deferred of an L{RPCSession}.
+- L{RPCSession} is the user's API, with TVM's names: functions, files,
+  modules, devices, arrays, C{time_evaluator}, C{close()} and
+  C{async with}.
 
-Handing a connection over after the handshake (what ``connect()`` does)::
+Handing a connection over after the handshake (what C{connect()} does)::
 
     protocol = make_client_protocol()
     protocol.makeConnection(transport)   # the handshaken TCP transport
@@ -29,20 +29,20 @@ Handing a connection over after the handshake (what ``connect()`` does)::
 
 Everything is asynchronous and single-threaded: many calls may be in flight
 on one session, and many sessions may share one reactor. Every method that
-talks to the server returns a :class:`~twisted.internet.defer.Deferred`, so
-callers may ``await`` it or add callbacks. Bulk data (uploads, downloads,
-array copies) moves in chunks of at most ``chunk_size`` bytes with at most
-``window`` chunks in flight per transfer (60 KiB x 16 = 960 KiB by default),
+talks to the server returns a L{Deferred<twisted.internet.defer.Deferred>}, so
+callers may C{await} it or add callbacks. Bulk data (uploads, downloads,
+array copies) moves in chunks of at most C{chunk_size} bytes with at most
+C{window} chunks in flight per transfer (60 KiB x 16 = 960 KiB by default),
 whatever the total size; cancelling the Deferred of a transfer stops it and
 closes the stream on the server (a partial upload is deleted there).
 
-Remote exceptions arrive as :class:`~tvm_rpc.protocol.commands.RemoteError`
-failures (``type_name``, ``message``, and ``traceback_text``, empty unless
+Remote exceptions arrive as L{RemoteError<tvm_rpc.protocol.remote_error.RemoteError>}
+failures (C{type_name}, C{message}, and C{traceback_text}, empty unless
 the server sends tracebacks); the session stays usable afterwards.
 
-A call's result longer than ``max_result_size`` (default
-:data:`DEFAULT_MAX_RESULT_SIZE`) fails with
-:class:`~tvm_rpc.protocol.streams.ResultTooLarge` before any of it is read,
+A call's result longer than C{max_result_size} (default
+L{DEFAULT_MAX_RESULT_SIZE}) fails with
+L{ResultTooLarge<tvm_rpc.protocol.streams.ResultTooLarge>} before any of it is read,
 so a server cannot make the client allocate what it announces.
 """
 
@@ -54,20 +54,19 @@ import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
 from twisted.internet.error import ConnectionClosed, ConnectionLost
 from twisted.logger import Logger
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 import tvm_rpc
 
-from ..protocol import ampwire, values
-from ..protocol.ampwire import LeanAMP
-from ..protocol.commands import (
+from ..lean_amp import LeanAMP
+from ..protocol import calls, values
+from ..protocol.remote_error import RemoteError
+from ..protocol.session_commands import (
     CHUNK_SIZE,
     MAX_INLINE_VALUE,
     SESSION_PROTOCOL,
     SESSION_VERSION,
     WINDOW,
-    CallFunction,
     DeviceExists,
     DeviceSync,
     Empty,
@@ -81,7 +80,6 @@ from ..protocol.commands import (
     OpenArrayWrite,
     OpenDownload,
     OpenUpload,
-    RemoteError,
     SessionEnded,
     StreamClose,
     TimeEvaluator,
@@ -129,7 +127,7 @@ class SessionClosed(ConnectionLost):
 
 
 class SessionTimeout(SessionClosed):
-    """The server ended the session because its ``-timeout`` ran out."""
+    """The server ended the session because its C{-timeout} ran out."""
 
 
 class ProtocolMismatch(Exception):
@@ -149,9 +147,9 @@ class SessionClientProtocol(LeanAMP):
     """
     The client side of the session protocol (an AMP conversation).
 
-    Remote calls with inline arguments take L{call_function}: the request
-    box is built as bytes and the answer is read from the raw box, one
-    Deferred per call (the wire format is the one C{callRemote} uses).
+    Remote calls take L{call_function}: the request box is built as bytes
+    and the answer is read from the raw box by L{tvm_rpc.protocol.calls},
+    one Deferred per call (the wire format is the one C{callRemote} uses).
 
     @ivar end_code: the code of the server's L{SessionEnded} notice
         (C{"timeout"}, C{"shutdown"}), or L{None}.
@@ -167,7 +165,7 @@ class SessionClientProtocol(LeanAMP):
 
     #: Answers of sequential calls read right after the request was sent, at
     #: most this many times before the reactor's next turn (see
-    #: L{LeanAMP.read_eagerly<tvm_rpc.protocol.ampwire.LeanAMP.read_eagerly>}).
+    #: L{LeanAMP.read_eagerly<tvm_rpc.lean_amp.LeanAMP.read_eagerly>}).
     eager_reads = 16
 
     def __init__(self):
@@ -181,16 +179,19 @@ class SessionClientProtocol(LeanAMP):
         self._calls = {}
         self.orphan = None
 
-    def call_function(self, args, decode, function=None, name=None):
+    def call_function(self, args, decode, function=None, name=None, args_stream=None):
         """
-        Send a L{CallFunction} box with inline arguments.
+        Send a L{CallFunction} box.
 
         @param args: the encoded argument list (at most
-            L{MAX_INLINE_VALUE<tvm_rpc.protocol.commands.MAX_INLINE_VALUE>} bytes).
+            L{MAX_INLINE_VALUE<tvm_rpc.protocol.session_commands.MAX_INLINE_VALUE>}
+            bytes), or L{None} when they travel by stream.
         @param decode: called with the answer box (a C{dict}); its result
             (or the result of the Deferred it returns) is the call's result.
         @param function: the callee's handle id, or L{None}.
         @param name: the callee's global name (C{str}), or L{None}.
+        @param args_stream: the id of a finished value stream holding the
+            encoded arguments, or L{None}.
         @return: a Deferred of the result; it fails with L{RemoteError}
             (or AMP's C{UnknownRemoteError} for an undeclared error code)
             when the server answers an error, and with the session's
@@ -199,8 +200,8 @@ class SessionClientProtocol(LeanAMP):
         if self._failAllReason is not None:
             return fail(self._failAllReason)
         tag = self._nextTag()
-        box = ampwire.call_box(
-            tag, args, function, None if name is None else name.encode("utf-8"))
+        box = calls.request_box(
+            tag, args, function, None if name is None else name.encode("utf-8"), args_stream)
         deferred = Deferred()
         self._calls[tag] = (deferred, decode)
         self.emit(box)
@@ -273,10 +274,7 @@ class SessionClientProtocol(LeanAMP):
         """The answer to a cancelled call came: hand it to L{orphan}."""
         if self.orphan is None:
             return
-        stream = box.get(b"result_stream")
-        answer = {"result": box.get(b"result"),
-                  "result_stream": None if stream is None else int(stream)}
-        self.orphan(answer)
+        self.orphan(calls.parse_answer(box))
 
     def when_lost(self):
         """@return: a Deferred firing with L{None} once the connection is gone."""
@@ -305,13 +303,8 @@ def _deliver(waiting, box):
 
 def _deliver_error(deferred, box):
     """Fail a call's Deferred with the error of an AMP error box, as C{callRemote} would."""
-    if deferred.called:
-        return
-    code = box.get(b"_error_code")
-    description = box.get(b"_error_description", b"").decode("utf-8", "replace")
-    kind = CallFunction.reverseErrors.get(code)
-    error = amp.UnknownRemoteError(description) if kind is None else kind(description)
-    deferred.errback(Failure(error))
+    if not deferred.called:
+        deferred.errback(Failure(calls.error_of(box)))
 
 
 def make_client_protocol():
@@ -444,6 +437,36 @@ def _ignore(failure):
     """Errback for best-effort commands: their failure is of no interest."""
     return None
 
+
+
+def _convert_items(value, convert):
+    """
+    @param value: any value.
+    @param convert: applied to each item of a container.
+    @return: a list, tuple or dict C{value} with C{convert} applied to its
+        items (the keys of a dict kept); L{None} for anything else.
+    """
+    if isinstance(value, list):
+        return [convert(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(convert(item) for item in value)
+    if isinstance(value, dict):
+        return {key: convert(item) for key, item in value.items()}
+    return None
+
+
+def _device_shortcut(dev_type, what):
+    """
+    @param dev_type: TVM's device name.
+    @param what: the device's name for the docstring.
+    @return: a method C{session.<name>(index=0)} giving that device of the session.
+    """
+
+    def shortcut(self, index=0):
+        return self.device(dev_type, index)
+
+    shortcut.__doc__ = f"@return: the remote {what} device C{{index}}."
+    return shortcut
 
 
 @attrs.define(eq=False)
@@ -621,12 +644,9 @@ class RPCSession:
             return Handle("module", self._own(value).handle)
         if isinstance(value, Device):
             return self._own(value).to_wire()
-        if isinstance(value, list):
-            return [self._to_wire(item) for item in value]
-        if isinstance(value, tuple):
-            return tuple(self._to_wire(item) for item in value)
-        if isinstance(value, dict):
-            return {key: self._to_wire(item) for key, item in value.items()}
+        items = _convert_items(value, self._to_wire)
+        if items is not None:
+            return items
         module = type(value).__module__
         if module == "numpy" and type(value).__name__ == "ndarray":
             return host_array(value)
@@ -652,13 +672,8 @@ class RPCSession:
                 return value.numpy()
             except (ImportError, values.CodecError, TypeError):
                 return value
-        if isinstance(value, list):
-            return [self._from_wire(item) for item in value]
-        if isinstance(value, tuple):
-            return tuple(self._from_wire(item) for item in value)
-        if isinstance(value, dict):
-            return {key: self._from_wire(item) for key, item in value.items()}
-        return value
+        items = _convert_items(value, self._from_wire)
+        return value if items is None else items
 
     async def _encode_args(self, args):
         """@return: the keyword arguments carrying C{args} (inline or streamed)."""
@@ -721,34 +736,28 @@ class RPCSession:
             if target is not None and not self._lazy_functions(args, []):
                 encoded = values.encode([self._to_wire(arg) for arg in args])
                 if len(encoded) <= MAX_INLINE_VALUE:
-                    return self._quick_call(target, encoded)
+                    return self._send_call(encoded, self._box_result, **target)
         except Exception:
             return fail()
         return Deferred.fromCoroutine(self._call(function, args))
 
-    def _quick_call(self, target, encoded):
+    def _send_call(self, args, decode, function=None, name=None, args_stream=None):
         """
-        L{CallFunction} with inline arguments: the common case, one box each
-        way, built and read as bytes by the protocol's
-        L{SessionClientProtocol.call_function} (AMP's typed argument
-        machinery costs more than the rest of a small call), to the same
-        wire format.
+        Send a L{CallFunction} (see L{SessionClientProtocol.call_function}),
+        or fail with L{SessionClosed} once the session is over.
 
-        @return: a Deferred of the decoded result.
+        @return: a Deferred of what C{decode} makes of the answer box.
         """
-        if self.closed:
+        if self._protocol.lost or self._close_started:
             return fail(self._protocol.ending_error())
-        return self._protocol.call_function(
-            encoded, self._box_result, target.get("function"), target.get("name"))
+        return self._protocol.call_function(args, decode, function, name, args_stream)
 
     def _box_result(self, box):
-        """@return: the decoded result of a raw L{CallFunction} answer box."""
-        result = box.get(b"result")
+        """@return: the decoded result of a call's answer box (a Deferred when streamed)."""
+        result = calls.inline_result(box)
         if result is not None:
             return self._from_wire(values.decode(result))
-        answer = {"result": None, "result_stream": int(box[b"result_stream"]),
-                  "result_size": int(box[b"result_size"])}
-        return self._result(answer)
+        return self._result(calls.parse_answer(box))
 
     def _ready_target(self, function):
         """
@@ -774,7 +783,8 @@ class RPCSession:
     async def _call(self, function, args):
         target = await self._target(function)
         carried = await self._encode_args(args)
-        answer = await self._guarded(CallFunction, self._orphan_answer, **target, **carried)
+        answer = await self._send_call(carried.get("args"), calls.parse_answer, **target,
+                                       args_stream=carried.get("args_stream"))
         result = self._result(answer)
         if isinstance(result, Deferred):
             result = await result
@@ -879,8 +889,8 @@ class RPCSession:
 
     def load_module(self, path):
         """
-        Load a module from the work directory: a ``.py`` file, or a TVM
-        library (``.so``, ``.tar``) when the server has TVM's runtime.
+        Load a module from the work directory: a C{.py} file, or a TVM
+        library (C{.so}, C{.tar}) when the server has TVM's runtime.
 
         @return: a Deferred of a L{RemoteModule}.
         """
@@ -906,37 +916,14 @@ class RPCSession:
         """@return: the remote C{cpu(index)}."""
         return self.device("cpu", index)
 
-    def cuda(self, index=0):
-        """@return: the remote C{cuda(index)}."""
-        return self.device("cuda", index)
-
-    def cl(self, index=0):
-        """@return: the remote OpenCL device C{index}."""
-        return self.device("opencl", index)
-
-    def vulkan(self, index=0):
-        """@return: the remote Vulkan device C{index}."""
-        return self.device("vulkan", index)
-
-    def metal(self, index=0):
-        """@return: the remote Metal device C{index}."""
-        return self.device("metal", index)
-
-    def rocm(self, index=0):
-        """@return: the remote ROCm device C{index}."""
-        return self.device("rocm", index)
-
-    def ext_dev(self, index=0):
-        """@return: the remote extension device C{index}."""
-        return self.device("ext_dev", index)
-
-    def hexagon(self, index=0):
-        """@return: the remote Hexagon device C{index}."""
-        return self.device("hexagon", index)
-
-    def webgpu(self, index=0):
-        """@return: the remote WebGPU device C{index}."""
-        return self.device("webgpu", index)
+    cuda = _device_shortcut("cuda", "CUDA")
+    cl = _device_shortcut("opencl", "OpenCL")
+    vulkan = _device_shortcut("vulkan", "Vulkan")
+    metal = _device_shortcut("metal", "Metal")
+    rocm = _device_shortcut("rocm", "ROCm")
+    ext_dev = _device_shortcut("ext_dev", "extension")
+    hexagon = _device_shortcut("hexagon", "Hexagon")
+    webgpu = _device_shortcut("webgpu", "WebGPU")
 
     def _device(self, device):
         """Normalise a device argument (None means cpu(0))."""

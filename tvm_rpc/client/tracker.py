@@ -20,7 +20,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..protocol.commands import (
+from ..protocol.tracker_commands import (
     BadMessage,
     Ping,
     Request,
@@ -105,7 +105,7 @@ class TrackerClientProtocol(Protocol):
         a connection whose magic arrives together with a frame).
 
         @param command: an instance of a command of
-            L{tvm_rpc.protocol.commands}.
+            L{tvm_rpc.protocol.tracker_commands}.
         @return: a Deferred firing with C{type(command).decode_result(reply)};
             it errbacks with L{TrackerError} on a FAIL reply, L{BadMessage}
             when the reply breaks the protocol (the connection is then closed),
@@ -333,7 +333,7 @@ class TrackerSession:
             tracker (ours answers FAIL when it expires; TVM's ignores it) and
             enforced here as well.
         @param user: who asks (shown by the tracker).
-        @return: a Deferred firing with an L{tvm_rpc.protocol.commands.Allocation}; it errbacks with
+        @return: a Deferred firing with an L{tvm_rpc.protocol.tracker_commands.Allocation}; it errbacks with
             L{TrackerError} when the tracker refuses, L{AllocationTimeout}
             when C{timeout} expires. Cancelling it withdraws the request by
             closing its connection.

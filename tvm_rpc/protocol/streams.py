@@ -6,14 +6,14 @@ travels in one AMP box. The receiving end of a transfer keeps a
 
 - a *write stream* wraps an :class:`ISink` (a file being uploaded, an array
   being filled, a long value being collected); the peer pushes chunks with
-  :class:`~tvm_rpc.protocol.commands.StreamWrite` and ends with
-  :class:`~tvm_rpc.protocol.commands.StreamFinish`;
+  :class:`~tvm_rpc.protocol.session_commands.StreamWrite` and ends with
+  :class:`~tvm_rpc.protocol.session_commands.StreamFinish`;
 - a *read stream* wraps an :class:`ISource` (a file being downloaded, an
   array being copied to host, a long result); the peer pulls chunks by offset
-  with :class:`~tvm_rpc.protocol.commands.StreamRead`.
+  with :class:`~tvm_rpc.protocol.session_commands.StreamRead`.
 
 Either kind is cancelled or released by
-:class:`~tvm_rpc.protocol.commands.StreamClose`.
+:class:`~tvm_rpc.protocol.session_commands.StreamClose`.
 This module does no I/O: the sinks and sources here hold bytes in memory;
 those over files are the server's (:mod:`tvm_rpc.server.workdir`), those
 over arrays too (:mod:`tvm_rpc.server.array_streams`).
@@ -34,7 +34,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
-from .commands import (
+from .session_commands import (
     CHUNK_SIZE,
     MAX_INLINE_VALUE,
     WINDOW,
@@ -465,8 +465,8 @@ def send_value(call_remote, encoded, *, window=WINDOW):
 
     @param encoded: the bytes from L{tvm_rpc.protocol.values.encode}.
     @return: a Deferred of the keyword arguments to add to
-        L{CallFunction<tvm_rpc.protocol.commands.CallFunction>} or
-        L{TimeEvaluator<tvm_rpc.protocol.commands.TimeEvaluator>}
+        L{CallFunction<tvm_rpc.protocol.session_commands.CallFunction>} or
+        L{TimeEvaluator<tvm_rpc.protocol.session_commands.TimeEvaluator>}
         (C{{"args": ...}} or C{{"args_stream": ...}}).
     """
     return ensureDeferred(_send_value(call_remote, encoded, window))
@@ -496,7 +496,7 @@ def receive_value(call_remote, response, *, window=WINDOW, max_size=None):
     """
     Get the encoded result of a call answer, reading its stream if it has one.
 
-    @param response: the answer of L{CallFunction<tvm_rpc.protocol.commands.CallFunction>}.
+    @param response: the answer of L{CallFunction<tvm_rpc.protocol.session_commands.CallFunction>}.
     @param max_size: the longest streamed result accepted, or L{None} for
         any; a longer one is refused before a byte of it is read.
     @return: a Deferred of the encoded bytes (decode with

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..client.registration import IRegisteredOffer, TrackerLink, tracker_client_service
-from ..protocol.commands import Put, UpdateInfo
+from ..protocol.tracker_commands import Put, UpdateInfo
 from ..protocol.keys import SERVER_PREFIX, redact_matchkeys
 from .pairing import IOfferObserver
 

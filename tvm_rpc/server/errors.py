@@ -1,7 +1,7 @@
 """The errors a session's environment raises, under the names clients see.
 
 A failed call reaches the client as a
-:class:`~tvm_rpc.protocol.commands.RemoteError` whose ``type_name`` is the
+:class:`~tvm_rpc.protocol.remote_error.RemoteError` whose ``type_name`` is the
 exception's qualified name, and clients match on it
 (``"tvm_rpc.server.environment.PathEscapeError"``). These errors were born in
 ``tvm_rpc.server.environment``; the modules that raise them now sit beside it

@@ -23,7 +23,7 @@ import re
 
 import attrs
 
-from ..protocol.commands import CHUNK_SIZE
+from ..protocol.session_commands import CHUNK_SIZE
 
 #: Default largest AMP box a session accepts (a stream chunk is 512 KiB).
 DEFAULT_MAX_BOX_BYTES = 1 << 20

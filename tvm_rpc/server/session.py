@@ -1,30 +1,30 @@
 """The AMP responder protocol that serves one session.
 
-:class:`SessionProtocol` answers the session commands of
-:mod:`tvm_rpc.protocol.commands` from a
-:class:`~tvm_rpc.server.environment.SessionEnvironment`.
+L{SessionProtocol} answers the session commands of
+L{tvm_rpc.protocol.session_commands} from a
+L{SessionEnvironment<tvm_rpc.server.environment.SessionEnvironment>}.
 
 For the server's plumbing (listener, handshake, worker process):
 
-- :func:`make_session_protocol` ``(work_root, registry=None, *, clock=None,
-  settings=None)`` returns a fresh protocol for one session. Its work
-  directory is created under ``work_root`` on ``connectionMade`` and
-  removed, with every handle and stream, on ``connectionLost``. ``settings``
-  (a :class:`~tvm_rpc.server.limits.SessionSettings`) carries the
-  operator's limits: a box above ``max_box_bytes`` ends the session with a
-  :class:`~tvm_rpc.protocol.commands.SessionEnded` notice (``code="limit"``)
+- L{make_session_protocol} C{(work_root, registry=None, *, clock=None,
+  settings=None)} returns a fresh protocol for one session. Its work
+  directory is created under C{work_root} on C{connectionMade} and
+  removed, with every handle and stream, on C{connectionLost}. C{settings}
+  (a L{SessionSettings<tvm_rpc.server.limits.SessionSettings>}) carries the
+  operator's limits: a box above C{max_box_bytes} ends the session with a
+  L{SessionEnded<tvm_rpc.protocol.session_commands.SessionEnded>} notice (C{code="limit"})
   naming the limit; streams and work directory bytes are bounded by the
-  environment; remote errors carry tracebacks only with ``send_tracebacks``.
+  environment; remote errors carry tracebacks only with C{send_tracebacks}.
 - The protocol can start in the middle of a byte stream: after the handshake,
-  call ``makeConnection(transport)`` and then ``dataReceived(rest)`` with the
+  call C{makeConnection(transport)} and then C{dataReceived(rest)} with the
   bytes that arrived after the handshake; nothing is lost.
-- :func:`prepare` imports the array backend (TVM's runtime takes ~1-2 s to
+- L{prepare} imports the array backend (TVM's runtime takes ~1-2 s to
   import): call it in a warm worker before the session arrives.
-- :func:`timeout_notice` ``(seconds)`` gives the bytes to send to a client
-  whose session was ended for outliving its ``-timeout=N``.
+- L{timeout_notice} C{(seconds)} gives the bytes to send to a client
+  whose session was ended for outliving its C{-timeout=N}.
 - A worker that dies (crash, timeout kill) cannot remove its work directory:
-  work directories are named ``session-<pid>-*``, and
-  :func:`~tvm_rpc.server.workdir.remove_work_dirs_of` ``(work_root, pid)``
+  work directories are named C{session-<pid>-*}, and
+  L{remove_work_dirs_of<tvm_rpc.server.workdir.remove_work_dirs_of>} C{(work_root, pid)}
   removes a dead worker's.
 - The protocol registers itself as a streaming producer on its transport:
   while answers wait to be sent (the transport's buffer is full) it stops
@@ -36,38 +36,32 @@ For the server's plumbing (listener, handshake, worker process):
   logged as a protocol mismatch and disconnected at once.
 
 Responders run user functions synchronously (the worker process is per
-session, so blocking is acceptable) but always return Deferreds, so the
-design can move calls to threads. A function may also return a Deferred or
-be a coroutine function: its call is answered when it completes, and other
-calls proceed meanwhile. Any exception becomes a
-:class:`~tvm_rpc.protocol.commands.RemoteError` (type name and message; the
-traceback only with ``send_tracebacks``) and the session stays usable.
+session, so blocking is acceptable). Calls are served by
+L{CallResponder<tvm_rpc.server.call_responder.CallResponder>}: a function
+may also return a Deferred or be a coroutine function; its call is answered
+when it completes, and other calls proceed meanwhile. Any exception becomes a
+L{RemoteError<tvm_rpc.protocol.remote_error.RemoteError>} (type name and message; the
+traceback only with C{send_tracebacks}) and the session stays usable.
 """
 
-import inspect
 import os
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import __version__
-from ..protocol import ampwire, commands, values
-from ..protocol.ampwire import LeanAMP
-from ..protocol.commands import remote_errors
+from ..lean_amp import LeanAMP
+from ..protocol import ampwire, session_commands, values
+from ..protocol.remote_error import RemoteErrorLocator
 from .backends import select_backend
+from .call_responder import CallResponder
 from .environment import SessionEnvironment
 from .limits import SessionSettings
 from .modules import PythonModule
 
 log = Logger()
-
-
-async def _awaited(awaitable):
-    """@return: the result of C{awaitable} (so L{ensureDeferred} takes any awaitable)."""
-    return await awaitable
 
 
 def prepare(backend="auto"):
@@ -83,24 +77,16 @@ def prepare(backend="auto"):
 def timeout_notice(seconds):
     """
     @param seconds: the session timeout that ran out.
-    @return: the bytes of a L{SessionEnded<tvm_rpc.protocol.commands.SessionEnded>}
+    @return: the bytes of a L{SessionEnded<tvm_rpc.protocol.session_commands.SessionEnded>}
         box telling the client its session timed out.
     """
-    return commands.session_ended_box(
+    return session_commands.session_ended_box(
         "timeout", f"the session timed out after {seconds:g} s and was ended by the server"
     )
 
 
-#: Result types that are never awaitable (checked before L{inspect.isawaitable}).
-_PLAIN_RESULTS = frozenset((type(None), bool, int, float, str, bytes, list, tuple, dict))
-#: Values the environment passes through unchanged in both directions
-#: (C{from_wire} for arguments, C{to_wire} for results).
-_SCALARS = frozenset((type(None), bool, int, float, str, bytes))
-_REMOTE_ERROR_CODE = commands.CallFunction.errors[commands.RemoteError]
-
-
 @implementer(IPushProducer)
-class SessionProtocol(LeanAMP):
+class SessionProtocol(CallResponder, RemoteErrorLocator, LeanAMP):
     """
     Serve one session over AMP. It is also the push producer registered on
     its transport (AMP's parser pauses and resumes).
@@ -108,7 +94,8 @@ class SessionProtocol(LeanAMP):
     @ivar environment: the L{SessionEnvironment}, from C{connectionMade} on.
     @ivar settings: the operator's L{SessionSettings}.
     @ivar send_tracebacks: whether remote errors carry tracebacks (read by
-        L{remote_errors<tvm_rpc.protocol.commands.remote_errors>}).
+        L{RemoteErrorLocator<tvm_rpc.protocol.remote_error.RemoteErrorLocator>},
+        which wraps every responder's errors once).
     """
 
     def __init__(self, work_root=None, registry=None, *, clock=None, backend="auto",
@@ -217,7 +204,7 @@ class SessionProtocol(LeanAMP):
         log.warn("ending the session of {peer}: idle for {timeout:g} s (--idle-timeout)",
                  peer=self.peer, timeout=timeout)
         self._refused = True
-        self.emit(commands.session_ended_box(
+        self.emit(session_commands.session_ended_box(
             "idle",
             f"the server ended the session: no call for {timeout:g} s (the server's --idle-timeout)",
         ))
@@ -229,7 +216,7 @@ class SessionProtocol(LeanAMP):
         if isinstance(error, ampwire.BoxTooLarge):
             log.warn("ending the session of {peer}: {why} (--max-box-bytes)",
                      peer=self.peer, why=str(error))
-            self.emit(commands.session_ended_box(
+            self.emit(session_commands.session_ended_box(
                 "limit",
                 f"the server ended the session: the client sent {error} "
                 "(the server's --max-box-bytes)",
@@ -249,201 +236,30 @@ class SessionProtocol(LeanAMP):
                      peer=self.peer, handles=handles)
         super().connectionLost(reason)
 
-    # -- helpers ---------------------------------------------------------
-
-    def _callee(self, function, name):
-        """@return: the function named by handle or by name. @raise ValueError: unless exactly one is given."""
-        if (function is None) == (name is None):
-            raise ValueError("name the function by exactly one of 'function' or 'name'")
-        if function is not None:
-            # Handles are never reused and only Free drops them (see free()),
-            # so a function found once stays valid until then.
-            callee = self._callees.get(function)
-            if callee is None:
-                callee = self._callees[function] = self.environment.get(function, "function")
-            return callee
-        return self.environment.lookup(name)
-
-    def _arguments(self, args, args_stream):
-        """@return: the decoded argument list, inline or from a finished value stream."""
-        if args is not None and args_stream is not None:
-            raise ValueError("give the arguments inline or by stream, not both")
-        if args_stream is not None:
-            args = self.environment.take_value(args_stream)
-        if args is None:
-            return []
-        decoded = values.decode(args)
-        if not isinstance(decoded, (list, tuple)):
-            raise TypeError(f"call arguments must be a list, not {type(decoded).__name__}")
-        return decoded
-
-    def _result(self, value):
-        """@return: the answer of a call: the encoded result inline, or a read stream of it."""
-        encoded = values.encode(value)
-        if len(encoded) <= commands.MAX_INLINE_VALUE:
-            return {"result": encoded}
-        return {"result_stream": self.environment.open_result(encoded),
-                "result_size": len(encoded)}
-
     # -- responders ------------------------------------------------------
 
-    @commands.Hello.responder
-    @remote_errors
+    @session_commands.Hello.responder
     def hello(self, protocol, version, implementation=None):
         """Identify ourselves (the client checks protocol and version)."""
-        if protocol != commands.SESSION_PROTOCOL or version != commands.SESSION_VERSION:
+        if (protocol != session_commands.SESSION_PROTOCOL
+                or version != session_commands.SESSION_VERSION):
             log.warn("{peer} says hello with {protocol!r} version {version}",
                      peer=self.peer, protocol=protocol, version=version)
         return {
-            "protocol": commands.SESSION_PROTOCOL,
-            "version": commands.SESSION_VERSION,
+            "protocol": session_commands.SESSION_PROTOCOL,
+            "version": session_commands.SESSION_VERSION,
             "implementation": f"tvm_rpc {__version__} (pid {os.getpid()})",
-            "chunk_size": commands.CHUNK_SIZE,
-            "window": commands.WINDOW,
-            "max_inline_value": commands.MAX_INLINE_VALUE,
+            "chunk_size": session_commands.CHUNK_SIZE,
+            "window": session_commands.WINDOW,
+            "max_inline_value": session_commands.MAX_INLINE_VALUE,
         }
 
-    @commands.GetFunction.responder
-    @remote_errors
+    @session_commands.GetFunction.responder
     def get_function(self, name):
         """Give a handle to a global function."""
         return {"function": self.environment.add(self.environment.lookup(name))}
 
-    @commands.CallFunction.responder
-    @remote_errors
-    def call_function(self, function=None, name=None, args=None, args_stream=None):
-        """Call a function (AMP's dispatch; calls normally take L{_call_fast})."""
-        return self._call(function, name, args, args_stream)
-
-    def _call(self, function=None, name=None, args=None, args_stream=None):
-        """
-        Call a function with decoded arguments.
-
-        @return: the answer (see L{_result}), or a Deferred of it when the
-            function returns an awaitable.
-        """
-        callee = self._callee(function, name)
-        arguments = self._arguments(args, args_stream)
-        for argument in arguments:
-            if type(argument) not in _SCALARS:
-                result = self.environment.invoke(callee, arguments)
-                break
-        else:
-            result = callee(*arguments)
-        return self._answer_of(result)
-
-    def _answer_of(self, result):
-        """
-        @return: the answer for a function's return value (see L{_result}),
-            or a Deferred of it when the value is awaitable.
-        """
-        if type(result) not in _PLAIN_RESULTS and inspect.isawaitable(result):
-            return ensureDeferred(_awaited(result)).addCallback(self._converted)
-        return self._converted(result)
-
-    def _converted(self, result):
-        """@return: the answer for a function's result."""
-        if type(result) not in _SCALARS:
-            result = self.environment.to_wire(result)
-        return self._result(result)
-
-    def ampBoxReceived(self, box):
-        """
-        Serve L{CallFunction<tvm_rpc.protocol.commands.CallFunction>} on a
-        short path (the command of every remote call); everything else goes
-        through AMP's dispatch.
-        """
-        ask = box.get(b"_ask")
-        if ask is not None and box.get(b"_command") == b"CallFunction":
-            self._call_fast(box, ask)
-        else:
-            super().ampBoxReceived(box)
-
-    def _call_fast(self, box, ask):
-        """
-        Answer a CallFunction box as AMP's dispatch would (same answer and
-        error boxes, built directly as bytes), without its Deferred layers
-        when the call completes at once.
-        """
-        reply = None
-        try:
-            function = box.get(b"function")
-            name = box.get(b"name")
-            stream = box.get(b"args_stream")
-            args = box.get(b"args")
-            callee = None
-            if name is None and stream is None and args is not None and function is not None:
-                callee = self._callees.get(int(function))
-            if callee is None:
-                answer = self._call(
-                    None if function is None else int(function),
-                    None if name is None else name.decode("utf-8"),
-                    args,
-                    None if stream is None else int(stream),
-                )
-            else:
-                # The common call, by a handle already called, with small
-                # plain arguments and result: no helper layers, no answer dict.
-                answer = self._call_known(callee, args)
-                if type(answer) is bytes:
-                    reply, answer = ampwire.answer_box(ask, answer), None
-        except BaseException:
-            self._send_call_error(ask, Failure())
-            return
-        if reply is not None:
-            self.emit(reply)
-        elif isinstance(answer, Deferred):
-            self._answer_later(ask, answer)
-        else:
-            self._send_call_answer(ask, answer)
-
-    def _call_known(self, callee, args):
-        """
-        Call a function already looked up with inline arguments.
-
-        @return: the encoded result (C{bytes}) when it is a scalar short
-            enough to answer inline; otherwise what L{_call} returns.
-        """
-        arguments = self._arguments(args, None)
-        for argument in arguments:
-            if type(argument) not in _SCALARS:
-                return self._answer_of(self.environment.invoke(callee, arguments))
-        result = callee(*arguments)
-        if type(result) in _SCALARS:
-            encoded = values.encode(result)
-            if len(encoded) <= commands.MAX_INLINE_VALUE:
-                return encoded
-        return self._answer_of(result)
-
-    def _answer_later(self, ask, answer):
-        """Send the answer (or error) box of a call once its Deferred fires."""
-        answer.addCallbacks(lambda objects: self._send_call_answer(ask, objects),
-                            lambda failure: self._send_call_error(ask, failure))
-        answer.addErrback(self.unhandledError)
-
-    def _send_call_answer(self, ask, objects):
-        """Send the answer box of a call (an error box if it cannot be encoded)."""
-        try:
-            result = objects.get("result")
-            if result is not None and len(objects) == 1:
-                reply = ampwire.answer_box(ask, result)
-            else:
-                box = commands.CallFunction.makeResponse(objects, self)
-                box[b"_answer"] = ask
-                reply = box.serialize()
-        except BaseException:
-            self._send_call_error(ask, Failure())
-            return
-        self.emit(reply)
-
-    def _send_call_error(self, ask, failure):
-        """Send the error box of a call: its failure as a RemoteError."""
-        error = commands.as_remote_error(failure, self.send_tracebacks).value
-        self.emit(ampwire.error_box(
-            ask, _REMOTE_ERROR_CODE, str(error).encode("utf-8", "replace")))
-
-    @commands.Free.responder
-    @remote_errors
+    @session_commands.Free.responder
     def free(self, handles):
         """Drop handles."""
         for handle in handles:
@@ -451,78 +267,65 @@ class SessionProtocol(LeanAMP):
         self.environment.free(handles)
         return {}
 
-    @commands.LoadModule.responder
-    @remote_errors
+    @session_commands.LoadModule.responder
     def load_module(self, path):
         """Load a module from the work directory."""
         module = self.environment.load_module(path)
         kind = "python" if isinstance(module, PythonModule) else "tvm"
         return {"module": self.environment.add(module), "kind": kind}
 
-    @commands.ModuleGetFunction.responder
-    @remote_errors
+    @session_commands.ModuleGetFunction.responder
     def module_get_function(self, module, name, query_imports=False):
         """Give a handle to a module's function."""
         loaded = self.environment.get(module, "module")
         return {"function": self.environment.add_module_function(loaded, name,
                                                                  bool(query_imports))}
 
-    @commands.DeviceExists.responder
-    @remote_errors
+    @session_commands.DeviceExists.responder
     def device_exists(self, device_type, device_id):
         """Whether a device exists here."""
         device = values.Device(device_type, device_id)
         return {"exists": self.environment.device_exists(device), "name": device.name}
 
-    @commands.DeviceSync.responder
-    @remote_errors
+    @session_commands.DeviceSync.responder
     def device_sync(self, device_type, device_id):
         """Wait for a device."""
         self.environment.device_sync(values.Device(device_type, device_id))
         return {}
 
-    @commands.Empty.responder
-    @remote_errors
+    @session_commands.Empty.responder
     def empty(self, shape, dtype, device_type, device_id):
         """Allocate an array."""
         handle, nbytes = self.environment.empty(shape, dtype, values.Device(device_type, device_id))
         return {"array": handle, "nbytes": nbytes}
 
-    @commands.OpenArrayWrite.responder
-    @remote_errors
+    @session_commands.OpenArrayWrite.responder
     def open_array_write(self, array):
         """Open a stream filling an array."""
-        stream, size = self.environment.open_array_write(array)
-        return {"stream": stream, "size": size}
+        return _stream_and_size(self.environment.open_array_write(array))
 
-    @commands.OpenArrayRead.responder
-    @remote_errors
+    @session_commands.OpenArrayRead.responder
     def open_array_read(self, array):
         """Open a stream reading an array."""
         stream, ref = self.environment.open_array_read(array)
         return {"stream": stream, "size": ref.nbytes, "shape": list(ref.shape), "dtype": ref.dtype}
 
-    @commands.OpenUpload.responder
-    @remote_errors
+    @session_commands.OpenUpload.responder
     def open_upload(self, path, size=None):
         """Open a stream writing a file."""
         return {"stream": self.environment.open_upload(path, size)}
 
-    @commands.OpenDownload.responder
-    @remote_errors
+    @session_commands.OpenDownload.responder
     def open_download(self, path):
         """Open a stream reading a file."""
-        stream, size = self.environment.open_download(path)
-        return {"stream": stream, "size": size}
+        return _stream_and_size(self.environment.open_download(path))
 
-    @commands.OpenValue.responder
-    @remote_errors
+    @session_commands.OpenValue.responder
     def open_value(self, size):
         """Open a stream collecting a long encoded value."""
         return {"stream": self.environment.open_value(size)}
 
-    @commands.StreamWrite.responder
-    @remote_errors
+    @session_commands.StreamWrite.responder
     def stream_write(self, stream, data):
         """Consume a chunk; answer once it is consumed."""
         result = self.environment.stream_write(stream, data)
@@ -530,27 +333,23 @@ class SessionProtocol(LeanAMP):
             return result.addCallback(lambda _: {})
         return {}
 
-    @commands.StreamFinish.responder
-    @remote_errors
+    @session_commands.StreamFinish.responder
     def stream_finish(self, stream):
         """End a write stream."""
         return {"size": self.environment.stream_finish(stream)}
 
-    @commands.StreamRead.responder
-    @remote_errors
+    @session_commands.StreamRead.responder
     def stream_read(self, stream, offset, length):
         """Serve a chunk of a read stream."""
         return {"data": self.environment.stream_read(stream, offset, length)}
 
-    @commands.StreamClose.responder
-    @remote_errors
+    @session_commands.StreamClose.responder
     def stream_close(self, stream):
         """Cancel or release a stream."""
         self.environment.stream_close(stream)
         return {}
 
-    @commands.TimeEvaluator.responder
-    @remote_errors
+    @session_commands.TimeEvaluator.responder
     def time_evaluator(self, device_type, device_id, number, repeat, min_repeat_ms,
                        function=None, name=None, args=None, args_stream=None):
         """Time a function on the device."""
@@ -562,12 +361,17 @@ class SessionProtocol(LeanAMP):
         )
         return {"results": results}
 
-    @commands.Goodbye.responder
-    @remote_errors
+    @session_commands.Goodbye.responder
     def goodbye(self):
         """Answer, then end the session."""
         self._reactor().callLater(0, self.transport.loseConnection)
         return {}
+
+
+def _stream_and_size(opened):
+    """@return: the answer of a command that opened a stream: its id and size."""
+    stream, size = opened
+    return {"stream": stream, "size": size}
 
 
 def make_session_protocol(work_root=None, registry=None, *, clock=None, backend="auto",

@@ -15,7 +15,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import TimeoutMixin
 
 from ..daemon.logs import logger
-from ..protocol.commands import (
+from ..protocol.tracker_commands import (
     BadMessage,
     GetPendingMatchkeys,
     Ping,

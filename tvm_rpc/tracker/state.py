@@ -11,7 +11,7 @@ from collections import OrderedDict, deque
 import attrs
 from zope.interface import Interface
 
-from ..protocol.commands import Allocation, BadMessage
+from ..protocol.tracker_commands import Allocation, BadMessage
 from .limits import TrackerLimits
 from .scheduler import KeyLimitExceeded, Offer, Scheduler, Status, Waiter
 
@@ -202,7 +202,7 @@ class TrackerState:
         free replaces it. A PUT ends the oldest lease of this connection for
         the same key: the server is free again.
 
-        @param command: a L{tvm_rpc.protocol.commands.Put}.
+        @param command: a L{tvm_rpc.protocol.tracker_commands.Put}.
         """
         limit = self.limits.max_free
         if len(connection.offers) >= limit and command.matchkey not in connection.offers:
@@ -237,7 +237,7 @@ class TrackerState:
         Ask for a server (REQUEST); the answer goes to the peer, at once if a
         server is free, else when one is put or the deadline passes.
 
-        @param command: a L{tvm_rpc.protocol.commands.Request}.
+        @param command: a L{tvm_rpc.protocol.tracker_commands.Request}.
         @return: the L{PendingRequest}; its C{priority} is the one queued
             (at most C{limits.max_priority}).
         """
@@ -275,7 +275,7 @@ class TrackerState:
         Merge what a peer says about itself (UPDATE_INFO), as TVM does: a null
         host in C{addr} becomes the peer's address.
 
-        @param command: a L{tvm_rpc.protocol.commands.UpdateInfo}.
+        @param command: a L{tvm_rpc.protocol.tracker_commands.UpdateInfo}.
         """
         info = dict(command.info)
         addr = info.get("addr")
