@@ -189,13 +189,29 @@ def cpu_while_knocking(pid, port, seconds=2.0, hello=b""):
     return cpu_seconds(pid) - before
 
 
+def listen_any(host):
+    """@return: the C{--listen} endpoint of port 0 (the system picks a free one) on C{host}."""
+    if ":" in host:
+        return "tcp6:0:interface=" + host.replace(":", "\\:")
+    return f"tcp:0:interface={host}"
+
+
+@contextmanager
+def announced(name, args, env=None):
+    """
+    Run our daemon C{name} listening on port 0 and read the port it announces
+    (no race for a port picked in advance); yields C{(daemon, port)}.
+    """
+    with running(args, rf"{name} listening on \S+:\d+", env=env) as daemon:
+        port = int(daemon.wait_for(rf"{name} listening on \S+:(\d+)").group(1))
+        yield daemon, port
+
+
 @contextmanager
 def our_tracker(*extra, host="127.0.0.1"):
-    """Our tracker on a free port; yields C{(daemon, port)}."""
-    port = free_port(host)
-    args = twistd("rpc-tracker", "--host", host, "--port", str(port),
-                  "--port-end", str(port + 1), *extra)
-    with running(args, r"rpc-tracker listening on") as daemon:
+    """Our tracker on a port the system picks; yields C{(daemon, port)}."""
+    with announced("rpc-tracker", twistd("rpc-tracker", "--listen", listen_any(host), *extra)) \
+            as (daemon, port):
         yield daemon, port
 
 
@@ -212,15 +228,14 @@ def tvm_tracker(host="127.0.0.1"):
 @contextmanager
 def our_proxy(*extra, host="127.0.0.1", env=None):
     """
-    Our proxy on a free port, websocket off unless C{--web-port} is in
-    C{extra}; yields C{(daemon, port)}.
+    Our proxy on a port the system picks, websocket off unless C{--web-port}
+    is in C{extra}; yields C{(daemon, port)}.
     """
-    port = free_port(host)
-    args = twistd("rpc-proxy", "--host", host, "--port", str(port),
-                  "--port-end", str(port + 1))
+    # --host still names the interface of the websocket port, when there is one.
+    args = twistd("rpc-proxy", "--host", host, "--listen", listen_any(host))
     if "--web-port" not in extra:
         args += ["--web-port", "0"]
-    with running(args + list(extra), r"rpc-proxy listening on", env=env) as daemon:
+    with announced("rpc-proxy", args + list(extra), env=env) as (daemon, port):
         yield daemon, port
 
 
@@ -251,13 +266,11 @@ def tvm_rpc_server(*extra, host="127.0.0.1"):
 @contextmanager
 def our_rpc_server(*extra, host="127.0.0.1", env=None):
     """
-    Our rpc-server (C{twistd -n rpc-server}) on a free port; yields
-    C{(daemon, port)} once it listens.
+    Our rpc-server (C{twistd -n rpc-server}) on a port the system picks;
+    yields C{(daemon, port)} once it listens.
     """
-    port = free_port(host)
-    args = twistd("rpc-server", "--host", host, "--port", str(port),
-                  "--port-end", str(port + 1), *extra)
-    with running(args, r"rpc-server listening on", env=env) as daemon:
+    args = twistd("rpc-server", "--listen", listen_any(host), *extra)
+    with announced("rpc-server", args, env=env) as (daemon, port):
         yield daemon, port
 
 

@@ -25,6 +25,7 @@ from tests.daemons import (
     child_env,
     free_port,
     gone,
+    listen_any,
     our_tracker,
     running,
     tvm_tracker,
@@ -52,17 +53,10 @@ def run_client(*args, env=None):
 
 
 def our_server(*extra, env=None):
-    """@return: a started L{Daemon} of our rpc-server on a free port, and the port."""
-    port = free_port()
-    daemon = Daemon(
-        twistd(
-            "rpc-server", "--host", "127.0.0.1", "--port", str(port),
-            "--port-end", str(port + 1), *extra,
-        ),
-        env=env,
-    )
+    """@return: a started L{Daemon} of our rpc-server on a port the system picks, and the port."""
+    daemon = Daemon(twistd("rpc-server", "--listen", listen_any("127.0.0.1"), *extra), env=env)
     try:
-        daemon.wait_for(r"rpc-server listening on", timeout=60)
+        port = int(daemon.wait_for(r"rpc-server listening on \S+:(\d+)", timeout=60).group(1))
     except BaseException:
         daemon.stop()
         raise
