@@ -293,7 +293,7 @@ class SpliceRelayTests(SynchronousTestCase):
                 self.assertLessEqual(direction.pending, direction.capacity)
                 self.assertLessEqual(direction.capacity, splice_module.PIPE_SIZE)
             for protocol in proxy.protocols:
-                self.assertTrue(splice_module._write_buffer_empty(protocol.transport))
+                self.assertTrue(splice_module.write_buffer_empty(protocol.transport))
             server.reading = True
             received = 0
             expected = total
