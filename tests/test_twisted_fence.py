@@ -8,22 +8,21 @@ optimisation served -- a session call, a write, a relay, the worker's
 reactor -- still works through it.
 """
 
-import os
 import socket
 
 import pytest
 from twisted.internet import abstract, epollreactor, tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactor
 from twisted.logger import capturedLogs
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.test_ampwire import EchoProtocol, PairConnection
+from tests import test_ampwire
+from tests.test_ampwire import PairConnection
 from tests.test_session_client import SessionTestBase
-from tests.test_splice_relay import MiB, Proxy
+from tests.test_splice_relay import Proxy, assert_relays_through_twisted
 from tvm_rpc import lean_amp, twisted_fence
 from tvm_rpc.lean_amp import LeanAMP
 from tvm_rpc.proxy import splice as splice_module
@@ -108,14 +107,7 @@ class PublicWriteTests(SynchronousTestCase):
 
     def setUp(self):
         self.patch(lean_amp, "idle_socket", twisted_fence._no_idle_socket)
-        self.ours, self.peer = socket.socketpair()
-        self.addCleanup(self.peer.close)
-        self.reactor = MemoryReactor()
-        self.protocol = EchoProtocol()
-        self.transport = PairConnection(self.ours, self.protocol, self.reactor)
-        self.transport.connected = True
-        self.addCleanup(self.transport.connectionLost, Failure(ConnectionDone()))
-        self.protocol.makeConnection(self.transport)
+        test_ampwire.WriteThroughTests.setUp(self)
 
     def test_written_on_the_reactors_turn(self):
         """The bytes wait in the transport for the reactor, then leave in order."""
@@ -186,19 +178,19 @@ class PublicRelayTests(SynchronousTestCase):
     def test_relay(self):
         """The pair is never spliced, and relays byte-exact through Twisted."""
         self.patch(splice_module, "write_buffer_empty", None)
-        proxy = Proxy()
-        try:
-            server, client = proxy.pair()
-            self.assertFalse(splice_module.can_splice(proxy.reactor,
-                                                      proxy.protocols[0].transport))
-            data = os.urandom(MiB)
-            client.queue(data)
-            client.shutdown_after = True
-            proxy.pump(lambda: server.eof, "end of file at the server")
-            self.assertEqual(bytes(server.received), data)
-            self.assertIsNone(proxy.relay().spliced)
-        finally:
-            proxy.close()
+        reactor = epollreactor.EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        self.addCleanup(reactor.waker.connectionLost, None)
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        theirs = socket.create_connection(listener.getsockname())
+        self.addCleanup(theirs.close)
+        ours, _ = listener.accept()
+        transport = PairConnection(ours, Protocol(), reactor)
+        transport.connected = True
+        self.addCleanup(transport.connectionLost, Failure(ConnectionDone()))
+        self.assertFalse(splice_module.can_splice(reactor, transport))
+        assert_relays_through_twisted(self, Proxy())
 
 
 class PublicReactorTests(SynchronousTestCase):
