@@ -4,6 +4,7 @@ import socket
 
 from hypothesis import given
 from hypothesis import strategies as st
+import pytest
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -16,6 +17,9 @@ from tvm_rpc import lean_amp
 from tvm_rpc.lean_amp import LeanAMP
 from tvm_rpc.protocol import ampwire
 from tvm_rpc.protocol.ampwire import BoxError, BoxParser
+
+pytestmark = pytest.mark.unit
+
 
 keys = st.binary(min_size=1, max_size=255)
 small_values = st.binary(max_size=300)

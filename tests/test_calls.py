@@ -2,6 +2,7 @@
 
 from hypothesis import given
 from hypothesis import strategies as st
+import pytest
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
@@ -10,6 +11,9 @@ from tvm_rpc.protocol import calls
 from tvm_rpc.protocol.ampwire import BoxError
 from tvm_rpc.protocol.remote_error import RemoteError
 from tvm_rpc.protocol.session_commands import CallFunction
+
+pytestmark = pytest.mark.unit
+
 
 tags = st.integers(1, 2**40).map(lambda counter: b"%x" % counter)
 optional_ints = st.none() | st.integers(-(2**70), 2**70)

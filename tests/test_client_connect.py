@@ -2,6 +2,7 @@
 
 import importlib
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -15,6 +16,9 @@ from tvm_rpc.protocol.tracker_commands import Allocation
 
 # The package exports the function connect(), which hides the module of the
 # same name as an attribute; the module itself is what these tests patch.
+pytestmark = pytest.mark.unit
+
+
 connect_module = importlib.import_module("tvm_rpc.client.connect")
 
 class FakeTracker:

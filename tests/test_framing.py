@@ -4,6 +4,7 @@ import json
 import struct
 
 from hypothesis import assume, given, strategies as st
+import pytest
 
 from tvm_rpc.protocol.tracker_commands import (
     Allocation,
@@ -20,6 +21,9 @@ from tvm_rpc.protocol.tracker_commands import (
 )
 from tvm_rpc.protocol.constants import MAX_TRACKER_FRAME, RPC_TRACKER_MAGIC
 from tvm_rpc.protocol.framing import FrameDecoder, encode_frame, encode_magic
+
+pytestmark = pytest.mark.unit
+
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**40), 2**40)

@@ -2,10 +2,14 @@
 
 from hypothesis import given
 from hypothesis import strategies as st
+import pytest
 
 from tvm_rpc.protocol.keys import random_matchkey, redact_matchkeys, split_matchkey
 
 # Device keys as labs name them (a key that itself holds ``:0.123...`` would be cut too).
+pytestmark = pytest.mark.unit
+
+
 keys = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyzABC_-:."), min_size=1, max_size=30)
 
 

@@ -2,6 +2,7 @@
 
 import itertools
 
+import pytest
 import attrs
 from hypothesis import given, strategies as st
 from twisted.internet.task import Clock
@@ -17,6 +18,9 @@ from tvm_rpc.proxy.pairing import (
     Role,
     parse_proxy_key,
 )
+
+
+pytestmark = pytest.mark.unit
 
 
 @implementer(IPeer)

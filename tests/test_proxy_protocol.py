@@ -1,5 +1,6 @@
 """The proxy's connection adapter: handshakes, refusals, timeouts, pairing, closing."""
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.task import Clock
@@ -20,6 +21,9 @@ from tvm_rpc.protocol.handshake import MAX_KEY_LENGTH, encode_handshake, encode_
 from tvm_rpc.proxy.pairing import IPeer, PairingPool
 from tvm_rpc.proxy.protocol import ProxyFactory
 from tvm_rpc.proxy.relay import IRelaySide
+
+
+pytestmark = pytest.mark.unit
 
 
 class HalfCloseTransport(StringTransport):

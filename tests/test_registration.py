@@ -2,6 +2,7 @@
 
 import itertools
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
@@ -14,6 +15,9 @@ from tvm_rpc.protocol.tracker_commands import TrackerError
 from tvm_rpc.protocol.constants import TrackerCode
 from tvm_rpc.protocol.framing import FrameDecoder, encode_frame, encode_magic
 from tvm_rpc.server.gate import SessionGate
+
+
+pytestmark = pytest.mark.unit
 
 
 class FakeTracker(Protocol):

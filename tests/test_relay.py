@@ -8,6 +8,7 @@ one read per direction.
 """
 
 from hypothesis import given, settings, strategies as st
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -17,6 +18,9 @@ from tvm_rpc.protocol.handshake import encode_handshake, encode_reply
 from tvm_rpc.proxy.pairing import PairingPool
 from tvm_rpc.proxy.protocol import ProxyFactory
 from tvm_rpc.proxy.relay import Relay
+
+
+pytestmark = pytest.mark.unit
 
 
 class ModelTransport:

@@ -1,5 +1,6 @@
 """Responders' errors reach the peer as RemoteError boxes, wrapped once by RemoteErrorLocator."""
 
+import pytest
 from twisted.internet.defer import fail
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
@@ -14,6 +15,9 @@ from tvm_rpc.protocol.session_commands import (
     OpenDownload,
     OpenValue,
 )
+
+
+pytestmark = pytest.mark.unit
 
 
 class Failing(RemoteErrorLocator, amp.AMP):

@@ -2,6 +2,7 @@
 
 from hypothesis import given, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+import pytest
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
@@ -9,6 +10,9 @@ from tvm_rpc.protocol.tracker_commands import Allocation, Put, Request, UpdateIn
 from tvm_rpc.tracker.limits import TrackerLimits
 from tvm_rpc.tracker.scheduler import Offer, Scheduler, Status, Waiter
 from tvm_rpc.tracker.state import ITrackerPeer, TrackerState
+
+pytestmark = pytest.mark.unit
+
 
 KEYS = ["a", "b:c"]
 

@@ -1,5 +1,6 @@
 """``--through-proxy``: the link to the proxy, in memory."""
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -14,6 +15,9 @@ from tvm_rpc.protocol.handshake import HandshakeDecoder, encode_reply
 from tvm_rpc.server.gate import SessionGate
 from tvm_rpc.server.listener import ISessionRunner
 from tvm_rpc.server.proxied import ProxyLink
+
+
+pytestmark = pytest.mark.unit
 
 
 @implementer(ISessionRunner)

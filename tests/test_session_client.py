@@ -16,6 +16,7 @@ import textwrap
 import numpy
 from hypothesis import given
 from hypothesis import strategies as st
+import pytest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
@@ -53,6 +54,9 @@ from tvm_rpc.server.environment import SessionEnvironment
 from tvm_rpc.server.limits import SessionSettings
 from tvm_rpc.server.registry import Registry
 from tvm_rpc.server.session import SessionProtocol, timeout_notice
+
+pytestmark = pytest.mark.unit
+
 
 MODULE = b'''
 def double(x):

@@ -23,6 +23,9 @@ from tvm_rpc.server.workdir import WorkDirectory
 from tvm_rpc.server.registry import GLOBAL_REGISTRY, NoSuchFunction, Registry
 
 
+pytestmark = pytest.mark.unit
+
+
 @pytest.fixture
 def root():
     """A temporary root for work directories, removed afterwards."""

@@ -8,6 +8,7 @@ import sys
 import tempfile
 import textwrap
 
+import pytest
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -32,6 +33,7 @@ def fail(message):
 '''
 
 
+@pytest.mark.unit
 class SessionTests(SynchronousTestCase):
     """Every command through AMP boxes, in memory."""
 
@@ -288,6 +290,7 @@ class SessionTests(SynchronousTestCase):
         self.assertIn("exceeds", error.message)
 
 
+@pytest.mark.unit
 class StartTests(SynchronousTestCase):
     """How the plumbing starts a session, and bad peers."""
 

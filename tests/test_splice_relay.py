@@ -293,7 +293,7 @@ class SpliceRelayTests(SynchronousTestCase):
                 self.assertLessEqual(direction.pending, direction.capacity)
                 self.assertLessEqual(direction.capacity, splice_module.PIPE_SIZE)
             for protocol in proxy.protocols:
-                self.assertTrue(splice_module._write_buffer_empty(protocol.transport))
+                self.assertTrue(splice_module.write_buffer_empty(protocol.transport))
             server.reading = True
             received = 0
             expected = total
@@ -372,17 +372,21 @@ class SpliceRelayTests(SynchronousTestCase):
 
     def test_no_splice_relays_through_twisted(self):
         """With C{splice=False} the pair never leaves Twisted's read path."""
-        proxy = Proxy(splice=False)
-        try:
-            server, client = proxy.pair()
-            data = os.urandom(MiB)
-            client.queue(data)
-            client.shutdown_after = True
-            proxy.pump(lambda: server.eof, "end of file at the server")
-            self.assertEqual(bytes(server.received), data)
-            self.assertIsNone(proxy.relay().spliced)
-        finally:
-            proxy.close()
+        assert_relays_through_twisted(self, Proxy(splice=False))
+
+
+def assert_relays_through_twisted(test, proxy):
+    """A pair on C{proxy} is relayed byte-exact without being spliced; C{proxy} is closed."""
+    try:
+        server, client = proxy.pair()
+        data = os.urandom(MiB)
+        client.queue(data)
+        client.shutdown_after = True
+        proxy.pump(lambda: server.eof, "end of file at the server")
+        test.assertEqual(bytes(server.received), data)
+        test.assertIsNone(proxy.relay().spliced)
+    finally:
+        proxy.close()
 
 
 def _stopped_reading(proxy):

@@ -6,6 +6,7 @@ import tempfile
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import pytest
 from twisted.internet.defer import Deferred
 from twisted.protocols import amp
 from twisted.test.iosim import connectedServerAndClient
@@ -27,6 +28,9 @@ from tvm_rpc.protocol.streams import (
     write_stream,
 )
 from tvm_rpc.server.workdir import FileSink, FileSource
+
+
+pytestmark = pytest.mark.unit
 
 
 class StreamServer(remote_error.RemoteErrorLocator, amp.AMP):

@@ -2,6 +2,7 @@
 
 from hypothesis import given
 from hypothesis import strategies as st
+import pytest
 from twisted.internet import defer, error
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -34,6 +35,9 @@ from tvm_rpc.protocol.tracker_commands import (
 )
 from tvm_rpc.protocol.constants import INT32
 from tvm_rpc.protocol.framing import FrameDecoder, encode_frame, encode_magic
+
+pytestmark = pytest.mark.unit
+
 
 MAGIC = encode_magic()
 

@@ -3,6 +3,7 @@ transports and a fake clock: back-pressure and the output bound, the
 per-address connection cap, the idle timeout, the priority cap, and log lines
 that never carry a matchkey (``docs/robustness.md``)."""
 
+import pytest
 from twisted.internet.address import UNIXAddress
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
@@ -22,6 +23,9 @@ from tvm_rpc.tracker.limits import TrackerLimits
 from tvm_rpc.tracker.state import TrackerState
 
 #: The bytes of SUMMARY's reply on an idle tracker.
+pytestmark = pytest.mark.unit
+
+
 IDLE_SUMMARY = len(encode_frame([0, {"queue_info": {}, "server_info": [], "leases": []}]))
 
 

@@ -5,6 +5,7 @@ connection that sent it."""
 import struct
 
 from hypothesis import given, strategies as st
+import pytest
 
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.protocol import Protocol
@@ -27,6 +28,9 @@ PUT, REQUEST, PING, STOP, UPDATE_INFO, SUMMARY, PENDING = (
     TrackerCode.PUT, TrackerCode.REQUEST, TrackerCode.PING, TrackerCode.STOP,
     TrackerCode.UPDATE_INFO, TrackerCode.SUMMARY, TrackerCode.GET_PENDING_MATCHKEYS,
 )
+
+
+pytestmark = pytest.mark.unit
 
 
 class CountingTransport(StringTransport):

@@ -18,6 +18,9 @@ from tvm_rpc.protocol.values import (
     encode,
 )
 
+pytestmark = pytest.mark.unit
+
+
 devices = st.builds(Device, st.integers(1, 16), st.integers(0, 8))
 dtypes = st.sampled_from(["float32", "float64", "int8", "uint8", "int16", "int64", "bool", "float16"])
 shapes = st.lists(st.integers(0, 4), max_size=3).map(tuple)

@@ -5,17 +5,23 @@ Its receive loop uses L{tvm_rpc.protocol.ampwire.BoxParser}, and its writes
 are I{corked} while received data is handled: the answers to every box of
 one read leave in one write. A write of up to L{WRITE_THROUGH_LIMIT} bytes
 also goes straight to the socket when the TCP transport has nothing
-buffered (see L{idle_socket}), instead of waiting for the reactor's next
-turn; anything that cannot be sent at once goes to the transport as usual,
+buffered (see L{tvm_rpc.twisted_fence.idle_socket}), instead of waiting for
+the reactor's next turn; anything that cannot be sent at once goes to the transport as usual,
 so ordering, flow control and producers are unchanged. Both ends of a
 session (L{tvm_rpc.client.session}, L{tvm_rpc.server.session}) speak it.
 """
 
-from twisted.internet import tcp
 from twisted.logger import Logger
 from twisted.protocols import amp
 
 from .protocol.ampwire import BoxError, BoxParser
+from .twisted_fence import (
+    amp_switching,
+    idle_socket,
+    mark_box_too_long,
+    next_tag,
+    reactor_reading,
+)
 
 log = Logger()
 
@@ -26,54 +32,6 @@ CORK_LIMIT = 64 * 1024
 #: gain nothing from it and go through the transport, which sends them in
 #: slices without copying what the socket did not take.
 WRITE_THROUGH_LIMIT = 64 * 1024
-
-
-def idle_socket(transport):
-    """
-    The socket of a plain TCP transport that has nothing waiting to be
-    written, or L{None}.
-
-    Bytes sent on that socket directly leave in the order they are written,
-    exactly as if the transport had sent them, but without waiting for the
-    reactor's next turn. This reads the write buffer of Twisted's
-    C{FileDescriptor}; any other transport (TLS, in-memory, a transport that
-    is closing or has bytes queued) gives L{None}, and the caller writes
-    through the transport as usual.
-
-    @param transport: a transport, or L{None}.
-    """
-    if not isinstance(transport, tcp.Connection):
-        return None
-    try:
-        if (
-            transport.connected
-            and not transport.disconnecting
-            and not transport.TLS
-            and not transport._writeDisconnecting
-            and not transport._writeDisconnected
-            and not transport._tempDataLen
-            and transport.offset == len(transport.dataBuffer)
-        ):
-            return transport.socket
-    except AttributeError:
-        return None
-    return None
-
-
-def _reading(transport):
-    """
-    @return: whether the reactor watches C{transport} for reading (not paused
-        by a producer). Reads the reactor's own bookkeeping (epoll and poll
-        reactors keep descriptors, the select reactor selectables); unknown
-        reactors give C{False}.
-    """
-    reads = getattr(getattr(transport, "reactor", None), "_reads", None)
-    if reads is None:
-        return False
-    try:
-        return transport.fileno() in reads or transport in reads
-    except TypeError:
-        return False
 
 
 class LeanAMP(amp.AMP):
@@ -98,6 +56,15 @@ class LeanAMP(amp.AMP):
     #: after this protocol's own writes, while L{_awaiting_answers} says
     #: answers are due (0, the default: never); see L{read_eagerly}.
     eager_reads = 0
+
+    #: C{next_tag()}: a new C{_ask} tag for a box this protocol builds itself
+    #: (AMP's own counter, so the tags of C{callRemote} never collide).
+    next_tag = next_tag
+
+    #: The L{Failure} this protocol stopped receiving boxes with (the
+    #: connection's end), which outstanding commands failed with; L{None}
+    #: while boxes are received.
+    stopped_reason = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -138,7 +105,7 @@ class LeanAMP(amp.AMP):
                     box = parser.next_box()
                 except BoxError as e:
                     self._unparsable = True
-                    self._keyLengthLimitExceeded = True
+                    mark_box_too_long(self)
                     self.refuse_boxes(e)
                     return
                 if box is None:
@@ -191,7 +158,7 @@ class LeanAMP(amp.AMP):
                    and self.innerProtocol is None and self._awaiting_answers()):
                 transport = self.transport
                 sock = idle_socket(transport)
-                if sock is None or not _reading(transport):
+                if sock is None or not reactor_reading(transport):
                     return
                 try:
                     data = sock.recv(transport.bufferSize)
@@ -211,13 +178,18 @@ class LeanAMP(amp.AMP):
         except Exception:
             return "?"
 
+    def stopReceivingBoxes(self, reason):
+        """Remember why boxes stopped (see L{stopped_reason}); AMP fails its commands."""
+        self.stopped_reason = reason
+        super().stopReceivingBoxes(reason)
+
     def ampBoxReceived(self, box):
         """Hand a box to AMP's dispatch (answers, errors, commands)."""
         super().ampBoxReceived(amp.AmpBox(box))
 
     def sendBox(self, box):
         """Send an L{amp.AmpBox} through L{emit} (AMP's checks first)."""
-        if self._locked or self._startingTLSBuffer is not None:
+        if amp_switching(self):
             return super().sendBox(box)
         if self.transport is None:
             raise amp.ConnectionLost()

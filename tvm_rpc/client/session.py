@@ -197,9 +197,9 @@ class SessionClientProtocol(LeanAMP):
             when the server answers an error, and with the session's
             ending error when the connection goes.
         """
-        if self._failAllReason is not None:
-            return fail(self._failAllReason)
-        tag = self._nextTag()
+        if self.stopped_reason is not None:
+            return fail(self.stopped_reason)
+        tag = self.next_tag()
         box = calls.request_box(
             tag, args, function, None if name is None else name.encode("utf-8"), args_stream)
         deferred = Deferred()

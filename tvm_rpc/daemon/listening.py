@@ -132,21 +132,21 @@ class ListenerService(service.Service):
             for endpoint in self.candidates:
                 self._announce(self._listen(endpoint))
             return
-        last = None
+        first = last = None
         for endpoint in self.candidates:
             try:
                 port = self._listen(endpoint)
             except CannotListenError as error:
                 if not in_use(error):
                     raise
+                first = first or error
                 last = error
                 continue
             self._announce(port)
             return
-        first, final = self.candidates[0], self.candidates[-1]
         raise CannotListenError(
-            getattr(first, "_interface", None),
-            f"{getattr(first, '_port', '?')}..{getattr(final, '_port', '?')}",
+            first.interface,
+            f"{first.port}..{last.port}",
             f"no free port among {len(self.candidates)} candidates (last: {last})",
         )
 

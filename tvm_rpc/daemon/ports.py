@@ -13,10 +13,11 @@ import errno
 import os
 import socket
 
-from twisted.internet import tcp
+from twisted.internet import address, tcp
 from twisted.internet.error import CannotListenError
 from twisted.internet.posixbase import PosixReactorBase
 
+from ..twisted_fence import label_tls_port
 from .logs import logger
 
 try:
@@ -100,7 +101,7 @@ class _GuardedAccept:
         if isinstance(addr, tuple) and len(addr) == 4:
             host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
             addr = (host[0],) + tuple(addr[1:])
-        protocol = self.factory.buildProtocol(self._buildAddr(addr))
+        protocol = self.factory.buildProtocol(self.peer_address(addr))
         if protocol is None:
             skt.close()
             return
@@ -108,6 +109,10 @@ class _GuardedAccept:
         self.sessionno = session + 1
         transport = self.transport(skt, protocol, addr, self, session, self.reactor)
         protocol.makeConnection(transport)
+
+    def peer_address(self, addr):
+        """@return: the L{IAddress} of an accepted connection's peer (C{accept}'s C{addr})."""
+        raise NotImplementedError()
 
     def _exhausted(self, code):
         """Out of descriptors: shed the backlog, pause, log once per episode."""
@@ -165,11 +170,21 @@ class _GuardedAccept:
 class GuardedTCPPort(_GuardedAccept, tcp.Port):
     """A TCP listening port that does not spin when descriptors run out."""
 
+    def peer_address(self, addr):
+        """@return: the L{IPv4Address} or L{IPv6Address} of C{addr}, as L{tcp.Port} builds it."""
+        if len(addr) == 4:
+            return address.IPv6Address("TCP", *addr)
+        return address.IPv4Address("TCP", *addr)
+
 
 if unix is not None:
 
     class GuardedUNIXPort(_GuardedAccept, unix.Port):
         """A UNIX listening port that does not spin when descriptors run out."""
+
+        def peer_address(self, addr):
+            """@return: the L{UNIXAddress} of C{addr}, as L{unix.Port} builds it."""
+            return address.UNIXAddress(addr)
 
 
 class GuardedListenReactor:
@@ -207,7 +222,7 @@ class GuardedListenReactor:
         p = self.listenTCP(
             port, TLSMemoryBIOFactory(contextFactory, False, factory), backlog, interface
         )
-        p._type = "TLS"
+        label_tls_port(p)
         return p
 
     def listenUNIX(self, address, factory, backlog=50, mode=0o666, wantPID=0):

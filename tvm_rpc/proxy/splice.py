@@ -42,6 +42,8 @@ from twisted.internet.interfaces import IReactorFDSet, IReadWriteDescriptor, ISS
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..twisted_fence import write_buffer_empty
+
 #: Capacity asked for each direction's pipe: the most a direction holds in the
 #: proxy (kernel pipe buffers), beside the two sockets' own buffers.
 PIPE_SIZE = 1024 * 1024
@@ -74,8 +76,11 @@ def can_splice(reactor, transport):
     @param transport: one side's transport.
     @return: whether C{transport} is a plain TCP connection (no TLS, no
         websocket shim) on a reactor whose descriptors can be swapped, on a
-        platform with C{os.splice}.
+        platform with C{os.splice}, under a Twisted whose write buffers the
+        hand-over can see (L{tvm_rpc.twisted_fence.write_buffer_empty}).
     """
+    if write_buffer_empty is None:
+        return False
     if not splice_available() or not IReactorFDSet.providedBy(reactor):
         return False
     if not isinstance(transport, tcp.Connection) or ISSLTransport.providedBy(transport):
@@ -104,16 +109,6 @@ def open_pipe(size=PIPE_SIZE):
     except OSError:
         capacity = 65536
     return read_fd, write_fd, capacity
-
-
-def _write_buffer_empty(transport):
-    """
-    @return: whether a Twisted TCP transport has written everything it was given.
-
-    Reads L{twisted.internet.abstract.FileDescriptor}'s buffer fields: there is
-    no public query, and only L{tcp.Connection} instances get here.
-    """
-    return len(transport.dataBuffer) - transport.offset == 0 and not transport._tempDataLen
 
 
 @implementer(IReadWriteDescriptor)
@@ -354,7 +349,7 @@ class SpliceRelay:
                 self.state = "ended"
                 self._cancel_flush_timer()
                 return
-        waiting = [t for t in (self.a, self.b) if not _write_buffer_empty(t)]
+        waiting = [t for t in (self.a, self.b) if not write_buffer_empty(t)]
         if waiting:
             transport = waiting[0]
             if transport.producer is None:
@@ -511,7 +506,7 @@ class _FlushWaiter:
 
     def resumeProducing(self):
         """The transport wrote its buffer (or this was just registered): check again."""
-        if _write_buffer_empty(self.transport) or self.transport.disconnecting:
+        if write_buffer_empty(self.transport) or self.transport.disconnecting:
             self.transport.unregisterProducer()
             self.relay._check_flushed()
 

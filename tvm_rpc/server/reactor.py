@@ -19,78 +19,44 @@ and a shorter loop:
   selectable, as Twisted does; one escaping the loop itself is logged and the
   loop goes on.
 
+The loop reads the epoll reactor's private state, so it lives behind
+L{tvm_rpc.twisted_fence} (L{lean_main_loop<tvm_rpc.twisted_fence.lean_main_loop>},
+L{lean_do_poll<tvm_rpc.twisted_fence.lean_do_poll>}); when the installed
+Twisted does not pass the fence's probe, L{worker_reactor_class} is Twisted's
+own C{EPollReactor}.
+
 Install it with :func:`install` before anything imports
 ``twisted.internet.reactor`` (the worker does so right after its fork).
 """
 
-import errno
-
 from twisted.internet import epollreactor
-from twisted.logger import Logger
 
-log = Logger()
+from .. import twisted_fence
 
 
 class WorkerReactor(epollreactor.EPollReactor):
     """An L{EPollReactor} whose main loop skips work it does not need; see the module."""
 
-    def _idle(self):
-        """@return: whether no timed call, thread call or stop needs the bookkeeping."""
-        return not (
-            self.threadCallQueue
-            or self._newTimedCalls
-            or self._pendingTimedCalls
-            or self._justStopped
-        )
+    mainLoop = twisted_fence.lean_main_loop
+    doPoll = doIteration = twisted_fence.lean_do_poll
 
-    def mainLoop(self):
-        """Run until stopped: timed-call bookkeeping only when needed, then poll."""
-        while self._started:
-            try:
-                while self._started:
-                    if self._idle():
-                        self.doPoll(None if self.running else 0)
-                    else:
-                        self.runUntilCurrent()
-                        timeout = self.timeout()
-                        self.doPoll(timeout if self.running else 0)
-            except BaseException:
-                # As Twisted's own loop does: log, and keep serving.
-                log.failure("Unexpected error in main loop")
-        log.info("Main loop terminated.")
 
-    def doPoll(self, timeout):
-        """Wait for events and dispatch them; plain reads take the short path."""
-        if timeout is None:
-            timeout = -1
-        try:
-            events = self._poller.poll(timeout, len(self._selectables))
-        except OSError as err:
-            if err.errno == errno.EINTR:
-                return
-            raise
-        selectables = self._selectables
-        for fd, event in events:
-            selectable = selectables.get(fd)
-            if selectable is None:
-                continue
-            if event == self._POLL_IN:
-                try:
-                    why = selectable.doRead()
-                except BaseException as e:
-                    log.failure("error reading from {selectable}", selectable=selectable)
-                    why = e
-                if why:
-                    self._disconnectSelectable(selectable, why, True)
-            else:
-                self._doReadOrWrite(selectable, fd, event)
-
-    doIteration = doPoll
+def worker_reactor_class(lean=None):
+    """
+    @param lean: whether to use the lean loop; L{None} for the fence's
+        verdict on the installed Twisted (L{twisted_fence.lean_reactor_ok}).
+    @return: L{WorkerReactor}, or Twisted's C{EPollReactor} when the lean
+        loop is off.
+    """
+    if lean is None:
+        lean = twisted_fence.lean_reactor_ok
+    return WorkerReactor if lean else epollreactor.EPollReactor
 
 
 def install():
     """
-    Install a L{WorkerReactor} as the global reactor.
+    Install the session worker's reactor (see L{worker_reactor_class}) as
+    the global reactor.
 
     @return: the reactor.
     @raise twisted.internet.error.ReactorAlreadyInstalledError: when a
@@ -98,6 +64,6 @@ def install():
     """
     from twisted.internet.main import installReactor
 
-    reactor = WorkerReactor()
+    reactor = worker_reactor_class()()
     installReactor(reactor)
     return reactor
