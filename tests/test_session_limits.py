@@ -23,7 +23,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.daemons import child_env, our_rpc_server
 from tests.test_session_client import SessionTestBase
-from tvm_rpc.client.session import make_client_protocol, start_session
+from tvm_rpc.client.amp_protocol import make_client_protocol
+from tvm_rpc.client.session import start_session
 from tvm_rpc.localfiles import open_temporary
 from tvm_rpc.protocol import ampwire, remote_error, session_commands, values
 from tvm_rpc.protocol.streams import ResultTooLarge
@@ -416,7 +417,8 @@ class ResultLimitTests(SessionTestBase):
         """Sessions get a default bound unless told otherwise."""
         import attrs
 
-        from tvm_rpc.client.session import DEFAULT_MAX_RESULT_SIZE, RPCSession
+        from tvm_rpc.client.amp_engine import DEFAULT_MAX_RESULT_SIZE
+        from tvm_rpc.client.rpc_session import RPCSession
 
         self.assertEqual(attrs.fields(RPCSession).max_result_size.default,
                          DEFAULT_MAX_RESULT_SIZE)
