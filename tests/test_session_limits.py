@@ -151,7 +151,7 @@ class DeviceValidationTests(ServerTestBase):
     def test_device_argument_of_a_call(self):
         """A device passed as a call argument is checked before it becomes a device object."""
         error = self.remote_error(session_commands.CallFunction, name="add",
-                                  args=values.encode([values.Device(999, 0), 1]))
+                                  args=values.encode([values.DLDevice(999, 0), 1]))
         self.assertEqual(error.short_type_name, "DeviceError")
         self.still_usable()
 
@@ -163,7 +163,7 @@ class DeviceValidationTests(ServerTestBase):
     @given(st.integers(min_value=0, max_value=(1 << 31) - 1))
     def test_check_device(self, device_type):
         """check_device passes exactly TVM's numbered types."""
-        device = values.Device(device_type, 0)
+        device = values.DLDevice(device_type, 0)
         if device_type in values.DEVICE_NAMES:
             self.assertIs(check_device(device), device)
         else:

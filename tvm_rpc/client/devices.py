@@ -4,7 +4,7 @@ Devices of a session: TVM's device names and numbers, and L{Device}.
 L{resolve_device_type} reads TVM's device names (with its older aliases,
 L{DEVICE_ALIASES}) and numbers. L{Device} is a device of the remote end bound
 to its session, what users pass wherever a device is expected; on the wire it
-travels as a L{Device<tvm_rpc.protocol.values.Device>}.
+travels as a L{DLDevice<tvm_rpc.protocol.values.DLDevice>}.
 L{SessionDevices} gives a session its C{device()}, C{cpu()}, C{cuda()}, ...
 """
 
@@ -78,8 +78,8 @@ class Device:
         return values.DEVICE_NAMES.get(self.device_type, f"device{self.device_type}")
 
     def to_wire(self):
-        """@return: the L{tvm_rpc.protocol.values.Device} the codec carries."""
-        return values.Device(self.device_type, self.index)
+        """@return: the L{tvm_rpc.protocol.values.DLDevice} the codec carries."""
+        return values.DLDevice(self.device_type, self.index)
 
     def exists(self):
         """@return: a Deferred firing with whether the device exists on the server."""
@@ -155,7 +155,7 @@ class SessionDevices:
             return self.cpu(0)
         if isinstance(device, Device):
             return self._own(device)
-        if isinstance(device, values.Device):
+        if isinstance(device, values.DLDevice):
             return Device(self, device.device_type, device.index)
         return self.device(device)
 

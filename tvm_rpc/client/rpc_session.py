@@ -184,7 +184,7 @@ class RPCSession(SessionDevices):
         if isinstance(value, ArrayRef):
             return RemoteArray(self, value.id, value.shape, value.dtype,
                                self._device(value.device))
-        if isinstance(value, values.Device):
+        if isinstance(value, values.DLDevice):
             return self._device(value)
         if isinstance(value, HostArray):
             try:
