@@ -24,14 +24,15 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
-from tvm_rpc.client import host_arrays
-from tvm_rpc.client import amp_engine
+from tvm_rpc.client import amp_engine, host_arrays
 from tvm_rpc.client.amp_engine import AMPEngine
+from tvm_rpc.client.amp_protocol import make_client_protocol
 from tvm_rpc.client.devices import Device
+from tvm_rpc.client.engine import ISessionEngine
 from tvm_rpc.client.host_arrays import host_array, unpack
 from tvm_rpc.client.remote import RemoteArray, RemoteFunction, RemoteModule, TimeEvaluatorResult
-from tvm_rpc.client.amp_protocol import make_client_protocol
 from tvm_rpc.client.rpc_session import CLOSE_TIMEOUT, RPCSession
 from tvm_rpc.client.session import HELLO_TIMEOUT, open_session, start_session
 from tvm_rpc.client.session_errors import (
@@ -151,6 +152,13 @@ class OpeningTests(SessionTestBase):
         self.assertIn("tvm_rpc", self.session.server_implementation)
         self.assertFalse(self.session.closed)
         self.assertEqual(self.count(session_commands.Hello), 1)
+
+    def test_engine(self):
+        """The session runs on an AMPEngine, which provides the whole ISessionEngine."""
+        engine = self.session._engine
+        self.assertIsInstance(engine, AMPEngine)
+        self.assertTrue(verifyObject(ISessionEngine, engine))
+        self.assertEqual(self.session.protocol_name, "tvm_rpc")
 
 
 class HelloFailureTests(SynchronousTestCase):

@@ -417,7 +417,7 @@ class ResultLimitTests(SessionTestBase):
         """Sessions get a default bound unless told otherwise."""
         import attrs
 
-        from tvm_rpc.client.amp_engine import DEFAULT_MAX_RESULT_SIZE
+        from tvm_rpc.client.engine import DEFAULT_MAX_RESULT_SIZE
         from tvm_rpc.client.rpc_session import RPCSession
 
         self.assertEqual(attrs.fields(RPCSession).max_result_size.default,

@@ -35,19 +35,13 @@ from ..protocol.session_commands import (
 from ..protocol.streams import receive_value, send_value
 from ..protocol.values import ArrayRef, Handle
 from .amp_protocol import SessionClientProtocol
-from .engine import ISessionEngine
+from .engine import DEFAULT_MAX_RESULT_SIZE, ISessionEngine
 from .transfers import StreamTransfers
 
 log = Logger()
 
 #: Most handle ids released by one Free command (keeps the box under 64 KiB).
 FREE_BATCH = 4000
-#: Longest encoded result of one call accepted by default (256 MiB). A result
-#: is held whole (its chunks, then joined, then decoded), while arrays and
-#: modules come back as handles and files through download(): a bigger
-#: result is almost surely a mistake or a hostile server. Raise it per
-#: session with C{max_result_size}.
-DEFAULT_MAX_RESULT_SIZE = 256 << 20
 
 
 def _detached(calling):
@@ -127,10 +121,6 @@ class AMPEngine(StreamTransfers):
         self.chunk_size = chunk_size
         self.window = window
         self.max_result_size = max_result_size
-
-    def ending_error(self):
-        """@return: the L{SessionClosed} that says why the session is over."""
-        return self._protocol.ending_error()
 
     def when_closed(self):
         """@return: a Deferred firing with L{None} once the connection is gone."""
@@ -345,4 +335,4 @@ class AMPEngine(StreamTransfers):
         return self._protocol.when_lost()
 
 
-__all__ = ["DEFAULT_MAX_RESULT_SIZE", "FREE_BATCH", "AMPEngine"]
+__all__ = ["FREE_BATCH", "AMPEngine"]

@@ -23,7 +23,7 @@ from ..protocol.flavour import (
 )
 from ..protocol.handshake import ReplyDecoder, encode_handshake
 from ..transport import SwitchingCarrier, client_endpoint, set_no_delay
-from .amp_engine import DEFAULT_MAX_RESULT_SIZE
+from .engine import DEFAULT_MAX_RESULT_SIZE
 from .session import open_session
 from .session_errors import SessionTimeout
 

@@ -11,7 +11,8 @@ L{HostArray<tvm_rpc.protocol.values.HostArray>}). An engine speaks one
 session protocol on one connection: L{AMPEngine<tvm_rpc.client.amp_engine.AMPEngine>}
 speaks ours. Every method that talks to the server returns a
 L{Deferred<twisted.internet.defer.Deferred>}; once the session is over they
-fail with the engine's L{ending_error}.
+fail with a L{SessionClosed<tvm_rpc.client.session_errors.SessionClosed>}
+saying why.
 
 A command that makes something on the server (a handle, a stream) and is
 cancelled before its answer still awaits the answer and releases what it
@@ -19,6 +20,13 @@ made, so cancelling never leaks on the server.
 """
 
 from zope.interface import Attribute, Interface
+
+#: Longest encoded result of one call accepted by default (256 MiB). A result
+#: is held whole (its chunks, then joined, then decoded), while arrays and
+#: modules come back as handles and files through download(): a bigger
+#: result is almost surely a mistake or a hostile server. Raise it per
+#: session with C{max_result_size}.
+DEFAULT_MAX_RESULT_SIZE = 256 << 20
 
 
 class ISessionEngine(Interface):
@@ -36,10 +44,6 @@ class ISessionEngine(Interface):
         C{chunk_size} bytes with at most C{window} chunks in flight, and a
         call's result longer than C{max_result_size} bytes is refused unread.
         """
-
-    def ending_error():
-        """@return: the L{SessionClosed<tvm_rpc.client.session_errors.SessionClosed>}
-        (or subclass) that says why the session is over."""
 
     def when_closed():
         """@return: a Deferred firing with L{None} once the connection is gone."""
@@ -123,4 +127,4 @@ class ISessionEngine(Interface):
         """
 
 
-__all__ = ["ISessionEngine"]
+__all__ = ["DEFAULT_MAX_RESULT_SIZE", "ISessionEngine"]

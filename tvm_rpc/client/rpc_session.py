@@ -26,8 +26,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from ..protocol import values
 from ..protocol.session_commands import CHUNK_SIZE, WINDOW
 from ..protocol.values import ArrayRef, Handle, HostArray
-from .amp_engine import DEFAULT_MAX_RESULT_SIZE
-from .engine import ISessionEngine
+from .engine import DEFAULT_MAX_RESULT_SIZE, ISessionEngine
 from .devices import Device, SessionDevices
 from .host_arrays import host_array
 from .remote import RemoteArray, RemoteFunction, RemoteModule, TimeEvaluatorResult

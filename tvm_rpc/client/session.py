@@ -25,7 +25,7 @@ Bulk data (uploads, downloads, array copies) then moves in chunks of at most
 the C{chunk_size} and C{window} the server's Hello announces (bounded by
 L{CHUNK_SIZE<tvm_rpc.protocol.session_commands.CHUNK_SIZE>} and
 L{MAX_WINDOW}). A call's result longer than C{max_result_size} (default
-L{DEFAULT_MAX_RESULT_SIZE<tvm_rpc.client.amp_engine.DEFAULT_MAX_RESULT_SIZE>})
+L{DEFAULT_MAX_RESULT_SIZE<tvm_rpc.client.engine.DEFAULT_MAX_RESULT_SIZE>})
 fails with L{ResultTooLarge<tvm_rpc.protocol.streams.ResultTooLarge>} before
 any of it is read, so a server cannot make the client allocate what it
 announces.
@@ -38,7 +38,8 @@ import tvm_rpc
 
 from ..protocol.remote_error import RemoteError
 from ..protocol.session_commands import CHUNK_SIZE, SESSION_PROTOCOL, SESSION_VERSION, Hello
-from .amp_engine import DEFAULT_MAX_RESULT_SIZE, AMPEngine
+from .amp_engine import AMPEngine
+from .engine import DEFAULT_MAX_RESULT_SIZE
 from .amp_protocol import make_client_protocol
 from .rpc_session import RPCSession
 from .session_errors import ProtocolMismatch, SessionLostAtStart
