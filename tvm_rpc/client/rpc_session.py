@@ -26,8 +26,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from ..protocol import values
 from ..protocol.session_commands import CHUNK_SIZE, WINDOW
 from ..protocol.values import ArrayRef, Handle, HostArray
-from .engine import DEFAULT_MAX_RESULT_SIZE, ISessionEngine
 from .devices import Device, SessionDevices
+from .engine import DEFAULT_MAX_RESULT_SIZE, ISessionEngine
 from .host_arrays import host_array
 from .remote import RemoteArray, RemoteFunction, RemoteModule, TimeEvaluatorResult
 
@@ -37,10 +37,18 @@ CLOSE_TIMEOUT = 5.0
 _SCALARS = frozenset((type(None), bool, int, float, str, bytes))
 
 
+#: The session's attributes that are its engine's transfer parameters.
+_TRANSFER_PARAMETERS = ("chunk_size", "window", "max_result_size")
+
+
 def _reconfigure(session, attribute, value):
-    """Tell the engine that a transfer parameter of the session changed (attrs runs
-    this on assignment after C{__init__})."""
-    settings = {name: getattr(session, name) for name in ("chunk_size", "window", "max_result_size")}
+    """
+    Tell the engine that a transfer parameter of the session changed (attrs
+    runs this on assignment after C{__init__}).
+
+    @return: C{value}, the attribute's new value.
+    """
+    settings = {name: getattr(session, name) for name in _TRANSFER_PARAMETERS}
     settings[attribute.name] = value
     session._engine.configure(**settings)
     return value

@@ -28,7 +28,8 @@ class StreamTransfers:
     def upload(self, data, target):
         """
         Send a local file (read as it is sent) or bytes to C{target} on the
-        server, in chunks (see L{ISessionEngine.upload<tvm_rpc.client.engine.ISessionEngine.upload>}).
+        server, in chunks (see
+        L{ISessionEngine.upload<tvm_rpc.client.engine.ISessionEngine.upload>}).
         """
         return Deferred.fromCoroutine(self._upload(data, target))
 
