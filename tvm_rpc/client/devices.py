@@ -125,6 +125,8 @@ class SessionDevices:
     belongs to it.
     """
 
+    __slots__ = ()
+
     def device(self, dev_type, index=0):
         """
         @param dev_type: a name (C{"cpu"}, C{"cuda"}, C{"cl"}, C{"cuda:1"},

@@ -25,6 +25,8 @@ class StreamTransfers:
     and C{_close_stream(stream)}.
     """
 
+    __slots__ = ()
+
     def upload(self, data, target):
         """
         Send a local file (read as it is sent) or bytes to C{target} on the
