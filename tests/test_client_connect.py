@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tvm_rpc.client.connect import KeyMismatch, RequestFailed, request, request_and_run
-from tvm_rpc.client.session import SessionTimeout
+from tvm_rpc.client.session_errors import SessionTimeout
 from tvm_rpc.protocol.remote_error import RemoteError
 from tvm_rpc.protocol.tracker_commands import Allocation
 
@@ -308,7 +308,7 @@ class LostBeforeSessionStartTests(SynchronousTestCase):
     """request() retries a server lost between the handshake and the session's start."""
 
     def test_retried_like_any_failed_attempt(self):
-        from tvm_rpc.client.session import SessionClosed
+        from tvm_rpc.client.session_errors import SessionClosed
 
         tracker = FakeTracker()
         endpoint = DyingServerEndpoint()

@@ -11,7 +11,7 @@ from twisted.test.iosim import connectedServerAndClient
 
 from tvm_rpc.protocol import session_commands, values
 from tvm_rpc.protocol.streams import chunked, read_stream, write_stream
-from tvm_rpc.protocol.values import ArrayRef, Device, Handle
+from tvm_rpc.protocol.values import ArrayRef, DLDevice, Handle
 from tvm_rpc.server.environment import SessionEnvironment
 from tvm_rpc.server.registry import Registry
 from tvm_rpc.server.session import SessionProtocol
@@ -47,7 +47,7 @@ def test_environment_runs_tvm_library(tvm, library):
         module = env.to_wire(env.load_module("lib/vector_add.so"))
         assert isinstance(module, Handle) and module.kind == "module"
         function = env.module_function(env.get(module.id, "module"), "vector_add")
-        cpu = Device(1, 0)
+        cpu = DLDevice(1, 0)
         handles = [env.empty((N,), "float32", cpu)[0] for _ in range(3)]
         x = numpy.random.default_rng(0).random(N, dtype="float32")
         y = numpy.random.default_rng(1).random(N, dtype="float32")
@@ -148,7 +148,7 @@ def test_session_runs_tvm_library(tvm, library):
         for array, host in zip(arrays, (x, y)):
             stream = call(session_commands.OpenArrayWrite, array=array)["stream"]
             finish(write_stream(client.callRemote, stream, chunked(host.tobytes())))
-        refs = [ArrayRef(array, (N,), "float32", Device(1, 0)) for array in arrays]
+        refs = [ArrayRef(array, (N,), "float32", DLDevice(1, 0)) for array in arrays]
         answer = call(session_commands.CallFunction, function=function, args=values.encode(refs))
         assert values.decode(answer["result"]) is None
         answer = call(session_commands.OpenArrayRead, array=arrays[2])

@@ -25,28 +25,22 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
-from tvm_rpc.client import remote
-from tvm_rpc.client import session as session_module
-from tvm_rpc.client.remote import (
-    Device,
-    RemoteArray,
-    RemoteFunction,
-    RemoteModule,
-    TimeEvaluatorResult,
-    host_array,
-    unpack,
-)
-from tvm_rpc.client.session import (
-    CLOSE_TIMEOUT,
-    HELLO_TIMEOUT,
+from tvm_rpc.client import amp_engine, host_arrays
+from tvm_rpc.client.amp_engine import AMPEngine
+from tvm_rpc.client.amp_protocol import make_client_protocol
+from tvm_rpc.client.devices import Device
+from tvm_rpc.client.engine import ISessionEngine
+from tvm_rpc.client.host_arrays import host_array, unpack
+from tvm_rpc.client.remote import RemoteArray, RemoteFunction, RemoteModule, TimeEvaluatorResult
+from tvm_rpc.client.rpc_session import CLOSE_TIMEOUT, RPCSession
+from tvm_rpc.client.session import HELLO_TIMEOUT, open_session, start_session
+from tvm_rpc.client.session_errors import (
     ProtocolMismatch,
-    RPCSession,
     SessionClosed,
+    SessionLostAtStart,
     SessionTimeout,
-    make_client_protocol,
-    open_session,
-    start_session,
 )
 from tvm_rpc.protocol import session_commands, values
 from tvm_rpc.protocol.remote_error import RemoteError
@@ -163,6 +157,13 @@ class OpeningTests(SessionTestBase):
         self.assertFalse(self.session.closed)
         self.assertEqual(self.count(session_commands.Hello), 1)
 
+    def test_engine(self):
+        """The session runs on an AMPEngine, which provides the whole ISessionEngine."""
+        engine = self.session._engine
+        self.assertIsInstance(engine, AMPEngine)
+        self.assertTrue(verifyObject(ISessionEngine, engine))
+        self.assertEqual(self.session.protocol_name, "tvm_rpc")
+
 
 class HelloFailureTests(SynchronousTestCase):
     """A peer that is not a tvm_rpc session server gives ProtocolMismatch, never a hang."""
@@ -202,7 +203,7 @@ class HelloFailureTests(SynchronousTestCase):
         self.protocol.connectionLost(Failure(ConnectionDone()))
         failure = self.failureResultOf(self.opening, ProtocolMismatch)
         self.assertIsInstance(failure.value, SessionClosed)
-        self.assertIsInstance(failure.value, session_module.SessionLostAtStart)
+        self.assertIsInstance(failure.value, SessionLostAtStart)
         self.assertIn("lost before the answer", str(failure.value))
 
     def test_cancel(self):
@@ -324,7 +325,7 @@ class FunctionTests(SessionTestBase):
 
     def test_releases_batched(self):
         """Handles dropped together go out in Free commands of at most FREE_BATCH ids."""
-        self.patch(session_module, "FREE_BATCH", 3)
+        self.patch(amp_engine, "FREE_BATCH", 3)
         functions = [self.resolve(self.session.get_function("add")) for _ in range(7)]
         handles = len(self.environment)
         del functions
@@ -347,7 +348,7 @@ class FunctionTests(SessionTestBase):
 
     def test_foreign_handle_refused(self):
         """A handle of another session is refused locally."""
-        other = RPCSession(make_client_protocol(), self.clock)
+        other = RPCSession(AMPEngine(make_client_protocol(), self.clock))
         stranger = RemoteFunction(other, "x", handle=99)
         failure = self.failure(self.session.call("apply", stranger, 1), ValueError)
         self.assertIn("another session", str(failure.value))
@@ -766,7 +767,7 @@ class SessionEndedTests(SynchronousTestCase):
         """Outstanding calls fail with SessionTimeout carrying the server's sentence."""
         protocol = make_client_protocol()
         protocol.makeConnection(StringTransport())
-        session = RPCSession(protocol, Clock())
+        session = RPCSession(AMPEngine(protocol, Clock()))
         calling = session.call("slow")
         protocol.dataReceived(timeout_notice(5))
         protocol.connectionLost(Failure(ConnectionDone()))
@@ -783,7 +784,7 @@ class RawAnswerTests(SynchronousTestCase):
         self.transport = StringTransport()
         self.protocol.makeConnection(self.transport)
         self.clock = Clock()
-        self.session = RPCSession(self.protocol, self.clock)
+        self.session = RPCSession(AMPEngine(self.protocol, self.clock))
 
     def answer(self, **fields):
         """Feed the answer box to call 1."""
@@ -936,7 +937,7 @@ class EagerReadTests(SynchronousTestCase):
         self.transport = _socket_transport(ours, self.protocol, self.reactor)
         self.reactor._reads.add(ours.fileno())
         self.protocol.makeConnection(self.transport)
-        self.session = RPCSession(self.protocol, Clock())
+        self.session = RPCSession(AMPEngine(self.protocol, Clock()))
 
     def answer(self, tag, value):
         """Make the peer send the answer to call C{tag} (it waits in our socket)."""
@@ -1013,7 +1014,7 @@ class HostArrayTests(SynchronousTestCase):
 
     def without_numpy(self):
         """Make the helpers behave as if numpy were not installed."""
-        self.patch(remote, "_numpy", lambda: None)
+        self.patch(host_arrays, "_numpy", lambda: None)
 
     def test_fallback_lists(self):
         """Nested lists pack as numpy would, with numpy's default dtypes."""
@@ -1062,7 +1063,7 @@ class HostArrayTests(SynchronousTestCase):
         try:
             fallback = host_array(items, dtype)
         finally:
-            self.patch(remote, "_numpy", lambda: numpy)
+            self.patch(host_arrays, "_numpy", lambda: numpy)
         self.assertEqual(fallback.data, numpy_bytes)
         self.assertEqual(unpack(fallback.data, fallback.shape, dtype), items)
 
@@ -1088,7 +1089,8 @@ WITHOUT_NUMPY = textwrap.dedent('''
     sys.modules["numpy"] = None  # the client and the server run without numpy
     from twisted.internet.task import Clock
     from twisted.test.iosim import connectedServerAndClient
-    from tvm_rpc.client.session import make_client_protocol, start_session
+    from tvm_rpc.client.amp_protocol import make_client_protocol
+    from tvm_rpc.client.session import start_session
     from tvm_rpc.server.registry import Registry
     from tvm_rpc.server.session import SessionProtocol
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tvm_rpc.protocol import values
 from tvm_rpc.protocol.streams import StreamError
-from tvm_rpc.protocol.values import ArrayRef, Device, Handle, HostArray
+from tvm_rpc.protocol.values import ArrayRef, DLDevice, Handle, HostArray
 from tvm_rpc.server import register_func
 from tvm_rpc.server.backends import NumpyBackend, PythonArray, PythonBackend, select_backend
 from tvm_rpc.server.environment import SessionEnvironment
@@ -279,7 +279,7 @@ def test_module_errors(env, monkeypatch):
 
 def test_arrays(env):
     """Arrays are allocated, filled by stream, passed by handle and read back."""
-    handle, nbytes = env.empty((2, 3), "float32", Device(1, 0))
+    handle, nbytes = env.empty((2, 3), "float32", DLDevice(1, 0))
     assert nbytes == 24
     data = values.HostArray((6,), "float32", bytes(range(24))).data
     stream, size = env.open_array_write(handle)
@@ -288,7 +288,7 @@ def test_arrays(env):
     env.streams.write(stream, data[10:])
     assert env.streams.finish(stream) == 24
     stream, ref = env.open_array_read(handle)
-    assert ref == ArrayRef(handle, (2, 3), "float32", Device(1, 0))
+    assert ref == ArrayRef(handle, (2, 3), "float32", DLDevice(1, 0))
     assert env.streams.read(stream, 0, 100) == data
     too_long = env.open_array_write(handle)[0]
     with pytest.raises(StreamError):
@@ -313,7 +313,7 @@ def test_calls_convert_values(env):
         __import__("numpy").arange(4, dtype="float32") * 2).data
     again = env.call(env.get(scale.id, "function"), [result, 0.5])
     assert env.get(again.id, "array") is env.get(result.id, "array")
-    assert env.call(lambda d: d, [Device(1, 0)]) == Device(1, 0)
+    assert env.call(lambda d: d, [DLDevice(1, 0)]) == DLDevice(1, 0)
     assert env.call(lambda: {"k": [1, (2, b"x")]}, []) == {"k": [1, (2, b"x")]}
     assert env.call(lambda: range(3), []) == [0, 1, 2]
     assert env.call(lambda: types.MappingProxyType({"a": 1}), []) == {"a": 1}
@@ -322,7 +322,7 @@ def test_calls_convert_values(env):
     with pytest.raises(TypeError, match="must be a list"):
         env.call(lambda: 1, "abc")
     with pytest.raises(DeviceError):
-        env.call(lambda d: d, [Device(2, 0)])
+        env.call(lambda d: d, [DLDevice(2, 0)])
 
 
 def test_numpy_results():
@@ -341,23 +341,23 @@ def test_numpy_results():
 
 def test_devices(env):
     """cpu always exists; others need TVM's runtime."""
-    assert env.device_exists(Device(1, 0))
-    assert not env.device_exists(Device(2, 0))
-    env.device_sync(Device(1, 0))
+    assert env.device_exists(DLDevice(1, 0))
+    assert not env.device_exists(DLDevice(2, 0))
+    env.device_sync(DLDevice(1, 0))
     with pytest.raises(DeviceError, match="only cpu"):
-        env.empty((1,), "float32", Device(2, 0))
+        env.empty((1,), "float32", DLDevice(2, 0))
     with pytest.raises(values.CodecError):
-        env.empty((1,), "complex64", Device(1, 0))
+        env.empty((1,), "complex64", DLDevice(1, 0))
 
 
 def test_python_backend_directly():
     """The pure-Python backend holds bytes with a shape and a dtype."""
     backend = PythonBackend()
-    array = backend.empty((2, 2), "int16", Device(1, 0))
+    array = backend.empty((2, 2), "int16", DLDevice(1, 0))
     assert isinstance(array, PythonArray) and array.nbytes == 8
     backend.fill(array, b"12345678")
     assert bytes(backend.host_bytes(array)) == b"12345678"
-    assert backend.describe(array) == ((2, 2), "int16", Device(1, 0))
+    assert backend.describe(array) == ((2, 2), "int16", DLDevice(1, 0))
     assert not backend.is_array(b"x")
 
 
@@ -392,16 +392,16 @@ def test_time_evaluator(env):
         calls.append(cost)
         timer.now += cost
 
-    results = env.time_evaluator(work, Device(1, 0), 3, 2, 0, [0.001])
+    results = env.time_evaluator(work, DLDevice(1, 0), 3, 2, 0, [0.001])
     assert results == pytest.approx([0.001, 0.001])
     assert len(calls) == 1 + 3 * 2
     calls.clear()
-    results = env.time_evaluator(work, Device(1, 0), 1, 1, 10, [0.001])
+    results = env.time_evaluator(work, DLDevice(1, 0), 1, 1, 10, [0.001])
     assert results == pytest.approx([0.001])
     assert len(calls) > 10
     for bad in ((0, 1, 0), (1, 0, 0), (1, 1, -1)):
         with pytest.raises(ValueError):
-            env.time_evaluator(work, Device(1, 0), *bad, [0.001])
+            env.time_evaluator(work, DLDevice(1, 0), *bad, [0.001])
 
 
 def test_registry():
@@ -469,7 +469,7 @@ class HandleMachine(RuleBasedStateMachine):
     @rule(size=st.integers(0, 16))
     def add_array(self, size):
         """An array handle."""
-        handle, nbytes = self.env.empty((size,), "uint8", Device(1, 0))
+        handle, nbytes = self.env.empty((size,), "uint8", DLDevice(1, 0))
         assert nbytes == size
         self._issue(handle, "array")
 

@@ -23,7 +23,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.daemons import child_env, our_rpc_server
 from tests.test_session_client import SessionTestBase
-from tvm_rpc.client.session import make_client_protocol, start_session
+from tvm_rpc.client.amp_protocol import make_client_protocol
+from tvm_rpc.client.session import start_session
 from tvm_rpc.localfiles import open_temporary
 from tvm_rpc.protocol import ampwire, remote_error, session_commands, values
 from tvm_rpc.protocol.streams import ResultTooLarge
@@ -150,7 +151,7 @@ class DeviceValidationTests(ServerTestBase):
     def test_device_argument_of_a_call(self):
         """A device passed as a call argument is checked before it becomes a device object."""
         error = self.remote_error(session_commands.CallFunction, name="add",
-                                  args=values.encode([values.Device(999, 0), 1]))
+                                  args=values.encode([values.DLDevice(999, 0), 1]))
         self.assertEqual(error.short_type_name, "DeviceError")
         self.still_usable()
 
@@ -162,7 +163,7 @@ class DeviceValidationTests(ServerTestBase):
     @given(st.integers(min_value=0, max_value=(1 << 31) - 1))
     def test_check_device(self, device_type):
         """check_device passes exactly TVM's numbered types."""
-        device = values.Device(device_type, 0)
+        device = values.DLDevice(device_type, 0)
         if device_type in values.DEVICE_NAMES:
             self.assertIs(check_device(device), device)
         else:
@@ -416,7 +417,8 @@ class ResultLimitTests(SessionTestBase):
         """Sessions get a default bound unless told otherwise."""
         import attrs
 
-        from tvm_rpc.client.session import DEFAULT_MAX_RESULT_SIZE, RPCSession
+        from tvm_rpc.client.engine import DEFAULT_MAX_RESULT_SIZE
+        from tvm_rpc.client.rpc_session import RPCSession
 
         self.assertEqual(attrs.fields(RPCSession).max_result_size.default,
                          DEFAULT_MAX_RESULT_SIZE)

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tvm_rpc.protocol import remote_error, session_commands, values
 from tvm_rpc.protocol.streams import chunked, read_stream, receive_value, send_value, write_stream
-from tvm_rpc.protocol.values import ArrayRef, Device, HostArray
+from tvm_rpc.protocol.values import ArrayRef, DLDevice, HostArray
 from tvm_rpc.server.registry import Registry
 from tvm_rpc.server.session import SessionProtocol, make_session_protocol, timeout_notice
 
@@ -230,10 +230,10 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(module["kind"], "python")
         double = self.call(session_commands.ModuleGetFunction, module=module["module"],
                            name="double")["function"]
-        ref = self.invoke(None, ArrayRef(array, (2, 3), "float32", Device(1, 0)),
+        ref = self.invoke(None, ArrayRef(array, (2, 3), "float32", DLDevice(1, 0)),
                           function=double)
         self.assertIsInstance(ref, ArrayRef)
-        self.assertEqual((ref.shape, ref.dtype, ref.device), ((2, 3), "float32", Device(1, 0)))
+        self.assertEqual((ref.shape, ref.dtype, ref.device), ((2, 3), "float32", DLDevice(1, 0)))
         answer = self.call(session_commands.OpenArrayRead, array=array)
         self.assertEqual((answer["shape"], answer["dtype"]), ([2, 3], "float32"))
         parts = []

@@ -11,7 +11,7 @@ from tvm_rpc.protocol import values
 from tvm_rpc.protocol.values import (
     ArrayRef,
     CodecError,
-    Device,
+    DLDevice,
     Handle,
     HostArray,
     decode,
@@ -21,7 +21,7 @@ from tvm_rpc.protocol.values import (
 pytestmark = pytest.mark.unit
 
 
-devices = st.builds(Device, st.integers(1, 16), st.integers(0, 8))
+devices = st.builds(DLDevice, st.integers(1, 16), st.integers(0, 8))
 dtypes = st.sampled_from(["float32", "float64", "int8", "uint8", "int16", "int64", "bool", "float16"])
 shapes = st.lists(st.integers(0, 4), max_size=3).map(tuple)
 
@@ -180,11 +180,11 @@ def test_dtype_itemsize():
 
 def test_devices():
     """Devices use TVM's numbering."""
-    assert Device.named("cpu") == Device(1, 0)
-    assert Device.named("cuda", 1) == Device(2, 1)
-    assert str(Device(4, 2)) == "opencl(2)"
+    assert DLDevice.named("cpu") == DLDevice(1, 0)
+    assert DLDevice.named("cuda", 1) == DLDevice(2, 1)
+    assert str(DLDevice(4, 2)) == "opencl(2)"
     with pytest.raises(CodecError):
-        Device.named("abacus")
+        DLDevice.named("abacus")
 
 
 def test_numpy_round_trip():

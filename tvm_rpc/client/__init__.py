@@ -7,8 +7,11 @@ from .tracker import (
     TrackerSession,
     connect_tracker,
 )
-from .remote import Device, RemoteArray, RemoteFunction, RemoteModule, TimeEvaluatorResult
-from .session import ProtocolMismatch, RemoteError, RPCSession, SessionClosed, SessionTimeout
+from .devices import Device
+from .remote import RemoteArray, RemoteFunction, RemoteModule, TimeEvaluatorResult
+from ..protocol.remote_error import RemoteError
+from .rpc_session import RPCSession
+from .session_errors import ProtocolMismatch, SessionClosed, SessionTimeout
 
 __all__ = [
     "Allocation",

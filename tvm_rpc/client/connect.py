@@ -3,7 +3,7 @@
 :func:`connect` opens a TCP connection to a server (or a proxy), performs TVM's
 RPC handshake marked as ours (see :mod:`tvm_rpc.protocol.flavour`), then
 switches the connection to the session protocol and returns the
-:class:`~tvm_rpc.client.session.RPCSession`. :func:`request` first obtains a
+:class:`~tvm_rpc.client.rpc_session.RPCSession`. :func:`request` first obtains a
 server from a tracker; :func:`request_and_run` runs a function on a session and
 retries on another server when the one it got drops out. All return Deferreds.
 """
@@ -23,7 +23,9 @@ from ..protocol.flavour import (
 )
 from ..protocol.handshake import ReplyDecoder, encode_handshake
 from ..transport import SwitchingCarrier, client_endpoint, set_no_delay
-from .session import DEFAULT_MAX_RESULT_SIZE, open_session
+from .engine import DEFAULT_MAX_RESULT_SIZE
+from .session import open_session
+from .session_errors import SessionTimeout
 
 log = Logger()
 
@@ -298,8 +300,6 @@ def request_and_run(tracker, key, func, priority=1, session_timeout=0, max_retry
         once (a remote error is not retried), and with L{RequestFailed} when
         every attempt lost its server.
     """
-    from .session import SessionTimeout
-
     reactor = tracker.reactor
 
     async def run():

@@ -1,32 +1,26 @@
 """Client-side proxies for the things a session holds on the device.
 
 Each object here stands for something that lives on the server of one
-L{RPCSession<tvm_rpc.client.session.RPCSession>}:
+L{RPCSession<tvm_rpc.client.rpc_session.RPCSession>}:
 
 - L{RemoteFunction}: a function handle; calling it returns a Deferred
   of the result;
 - L{RemoteModule}: a loaded module (a C{.py} file or a TVM library);
 - L{RemoteArray}: an array in device memory, filled from and read back
-  to the host in chunks;
-- L{Device}: a device by TVM's numbering, bound to the session.
+  to the host in chunks.
 
-L{TimeEvaluatorResult} holds the timings of a C{time_evaluator} run.
+L{TimeEvaluatorResult} holds the timings of a C{time_evaluator} run. Devices
+are L{tvm_rpc.client.devices}'; host data is described by
+L{host_array<tvm_rpc.client.host_arrays.host_array>} and read back by
+L{unpack<tvm_rpc.client.host_arrays.unpack>} (both importable from here too,
+as documented).
 
 Handles are released on the server (the C{Free} command) when the object is
 closed with C{close()} or garbage-collected, best-effort; everything a
 session holds is released when the session ends anyway.
-
-The host-side array helpers (L{host_array}) accept numpy arrays when
-numpy is installed, and otherwise C{bytes}/C{bytearray}/C{memoryview},
-L{array.array} and (nested) lists of numbers with a dtype, so the
-client works without numpy.
 """
 
-import array as _array
-import math
 import statistics
-import struct
-import sys
 import weakref
 
 import attrs
@@ -34,127 +28,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from ..protocol import values
-from ..protocol.values import CodecError, HostArray, dtype_itemsize
-
-#: TVM's device names, including its older aliases, to device type numbers.
-DEVICE_ALIASES = {
-    **values.DEVICE_TYPES,
-    "llvm": 1,
-    "stackvm": 1,
-    "c": 1,
-    "gpu": 2,
-    "nvptx": 2,
-    "cl": 4,
-    "mtl": 8,
-    "mps": 8,
-    "wgpu": 15,
-}
-
-#: struct format letters (little-endian) of the dtypes packable without numpy.
-_STRUCT_FORMATS = {
-    "bool": "?",
-    "int8": "b",
-    "uint8": "B",
-    "int16": "h",
-    "uint16": "H",
-    "int32": "i",
-    "uint32": "I",
-    "int64": "q",
-    "uint64": "Q",
-    "float16": "e",
-    "float32": "f",
-    "float64": "d",
-}
-
-#: dtype of each array.array type code, by item size where C types vary.
-_TYPECODE_KINDS = {
-    "b": "int", "B": "uint", "h": "int", "H": "uint", "i": "int", "I": "uint",
-    "l": "int", "L": "uint", "q": "int", "Q": "uint", "f": "float", "d": "float",
-}
-
-
-def _numpy():
-    """@return: the numpy module, or L{None} when it is not installed."""
-    try:
-        import numpy
-    except ImportError:
-        return None
-    return numpy
-
-
-def resolve_device_type(dev_type):
-    """
-    @param dev_type: TVM's device type number, or a name (C{"cpu"},
-        C{"cuda"}, C{"cl"}, ...), optionally with an index (C{"cuda:1"}).
-    @return: C{(device_type, index or None)}.
-    @raise ValueError: for an unknown name or a bad number.
-    """
-    if isinstance(dev_type, bool):
-        raise ValueError(f"bad device type {dev_type!r}")
-    if isinstance(dev_type, int):
-        if not 0 < dev_type < 1 << 31:
-            raise ValueError(f"bad device type number {dev_type}")
-        return dev_type, None
-    if isinstance(dev_type, str):
-        name, _, index = dev_type.strip().partition(":")
-        if name not in DEVICE_ALIASES:
-            raise ValueError(
-                f"unknown device type {dev_type!r}; known: {', '.join(sorted(DEVICE_ALIASES))}"
-            )
-        if index:
-            try:
-                return DEVICE_ALIASES[name], int(index)
-            except ValueError:
-                raise ValueError(f"bad device index in {dev_type!r}") from None
-        return DEVICE_ALIASES[name], None
-    raise ValueError(f"a device type is a name or a number, not {type(dev_type).__name__}")
-
-
-@attrs.frozen(eq=False)
-class Device:
-    """
-    A device of the remote end, by TVM's numbering (cpu=1, cuda=2, ...).
-
-    Pass it wherever a device is expected (C{empty}, C{array},
-    C{time_evaluator}, function arguments).
-
-    @ivar session: the L{RPCSession<tvm_rpc.client.session.RPCSession>}.
-    @ivar device_type: TVM's device type number.
-    @ivar index: the device index.
-    """
-
-    session: object = attrs.field(repr=False)
-    device_type: int
-    index: int = 0
-
-    @property
-    def name(self):
-        """TVM's name of the device type (C{"cpu"}, C{"cuda"}, ...)."""
-        return values.DEVICE_NAMES.get(self.device_type, f"device{self.device_type}")
-
-    def to_wire(self):
-        """@return: the L{tvm_rpc.protocol.values.Device} the codec carries."""
-        return values.Device(self.device_type, self.index)
-
-    def exists(self):
-        """@return: a Deferred firing with whether the device exists on the server."""
-        return self.session._device_exists(self)
-
-    def sync(self):
-        """@return: a Deferred firing once the device finished its queued work."""
-        return self.session._device_sync(self)
-
-    def __eq__(self, other):
-        if isinstance(other, Device):
-            return (other.session, other.device_type, other.index) == (
-                self.session, self.device_type, self.index)
-        return NotImplemented
-
-    def __hash__(self):
-        return hash((id(self.session), self.device_type, self.index))
-
-    def __str__(self):
-        return f"remote {self.name}({self.index})"
+from ..protocol.values import HostArray
+from .devices import Device
+from .host_arrays import host_array, unpack
 
 
 @attrs.frozen
@@ -206,157 +82,6 @@ class TimeEvaluatorResult:
             f"{self.mean * 1000:^12.4f} {self.median * 1000:^12.4f} "
             f"{self.max * 1000:^12.4f} {self.min * 1000:^12.4f} {self.std * 1000:^12.4f}"
         )
-
-
-# -- host arrays ---------------------------------------------------------
-
-
-def _nested_shape(value):
-    """@return: the shape of a rectangular nesting of lists/tuples of numbers."""
-    shape = []
-    while isinstance(value, (list, tuple)):
-        shape.append(len(value))
-        if not value:
-            break
-        value = value[0]
-    return tuple(shape)
-
-
-def _flatten(value, shape, depth=0):
-    """Yield the numbers of a nested list, checking it is rectangular."""
-    if depth == len(shape):
-        if isinstance(value, (list, tuple)):
-            raise ValueError("ragged nested list: cannot make an array of it")
-        yield value
-        return
-    if not isinstance(value, (list, tuple)) or len(value) != shape[depth]:
-        raise ValueError("ragged nested list: cannot make an array of it")
-    for item in value:
-        yield from _flatten(item, shape, depth + 1)
-
-
-def _infer_dtype(items):
-    """Pick a dtype for plain Python numbers as numpy would (bool, int64, float64)."""
-    if items and all(isinstance(item, bool) for item in items):
-        return "bool"
-    if all(isinstance(item, int) for item in items):
-        return "int64"
-    return "float64"
-
-
-def _pack(items, dtype):
-    """@return: the little-endian C-order bytes of C{items} as C{dtype}."""
-    code = _STRUCT_FORMATS.get(dtype)
-    if code is None:
-        raise ValueError(
-            f"dtype {dtype!r} needs numpy (or pass raw bytes); without numpy the client "
-            f"packs {', '.join(_STRUCT_FORMATS)}"
-        )
-    try:
-        return struct.pack(f"<{len(items)}{code}", *items)
-    except struct.error as e:
-        raise ValueError(f"cannot pack values as {dtype}: {e}") from None
-
-
-def unpack(data, shape, dtype):
-    """
-    Turn C-order little-endian bytes into nested lists of Python numbers
-    (no numpy needed).
-
-    @raise ValueError: for a dtype struct cannot unpack or a size mismatch.
-    """
-    code = _STRUCT_FORMATS.get(dtype)
-    if code is None:
-        raise ValueError(f"cannot unpack dtype {dtype!r} without numpy")
-    count = math.prod(shape)
-    if len(data) != count * dtype_itemsize(dtype):
-        raise ValueError(f"{len(data)} bytes do not hold {shape} {dtype}")
-    flat = list(struct.unpack(f"<{count}{code}", data))
-    for dim in reversed(shape[1:]):
-        flat = [flat[start:start + dim] for start in range(0, len(flat), dim)]
-    if not shape:
-        return flat[0]
-    return flat
-
-
-def host_array(source, dtype=None, shape=None):
-    """
-    Describe host data as an array: shape, dtype and raw C-order
-    little-endian bytes.
-
-    @param source: a numpy array (or anything numpy turns into one, when
-        numpy is installed); a L{HostArray}; C{bytes}/C{bytearray}/
-        C{memoryview} (C{dtype} defaults to C{"uint8"}); an
-        L{array.array}; a number or a (nested) list of numbers (C{dtype}
-        defaults to numpy's choice: bool, int64 or float64).
-    @param dtype: TVM's dtype string to convert to, or L{None} to keep the
-        source's.
-    @param shape: for flat sources (bytes, array.array), the shape to give
-        the data; its size must match.
-    @return: a L{HostArray}.
-    @raise ValueError: when the data does not fit the dtype or shape.
-    """
-    numpy = _numpy()
-    if isinstance(source, HostArray):
-        if dtype is not None and dtype != source.dtype:
-            raise ValueError(f"cannot convert a raw {source.dtype} array to {dtype}")
-        return source if shape is None else HostArray(shape, source.dtype, source.data)
-    if numpy is not None and isinstance(source, numpy.ndarray):
-        array = source if dtype is None else source.astype(dtype, copy=False)
-        if shape is not None:
-            array = array.reshape(shape)
-        if array.dtype.byteorder == ">" or (
-            array.dtype.byteorder == "=" and sys.byteorder == "big"
-        ):
-            array = array.astype(array.dtype.newbyteorder("<"))
-        array = numpy.ascontiguousarray(array)
-        return HostArray(array.shape, str(array.dtype), array.tobytes())
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        dtype = dtype or "uint8"
-        itemsize = dtype_itemsize(dtype)
-        if len(data) % itemsize:
-            raise ValueError(f"{len(data)} bytes are not a whole number of {dtype} items")
-        return _shaped(data, dtype, shape, len(data) // itemsize)
-    if isinstance(source, _array.array):
-        kind = _TYPECODE_KINDS.get(source.typecode)
-        if kind is None:
-            raise ValueError(f"array.array type code {source.typecode!r} is not numeric")
-        own = f"{kind}{source.itemsize * 8}"
-        if dtype is not None and dtype != own:
-            return host_array(source.tolist(), dtype, shape)
-        if sys.byteorder == "big":
-            source = _array.array(source.typecode, source)
-            source.byteswap()
-        return _shaped(source.tobytes(), own, shape, len(source))
-    if numpy is not None:
-        try:
-            array = numpy.asarray(source, dtype=dtype)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"cannot make an array of {type(source).__name__}: {e}") from None
-        if array.dtype == object:
-            raise ValueError(f"cannot make an array of {type(source).__name__}")
-        return host_array(array, None, shape)
-    if isinstance(source, (int, float, list, tuple)):
-        nested_shape = _nested_shape(source)
-        items = list(_flatten(source, nested_shape))
-        for item in items:
-            if not isinstance(item, (int, float)):
-                raise ValueError(f"cannot make an array of {type(item).__name__}")
-        dtype = dtype or _infer_dtype(items)
-        data = _pack(items, dtype)
-        return _shaped(data, dtype, shape or nested_shape, len(items))
-    raise ValueError(f"cannot make an array of {type(source).__name__}")
-
-
-def _shaped(data, dtype, shape, count):
-    shape = (count,) if shape is None else tuple(shape)
-    if math.prod(shape) != count:
-        raise ValueError(f"{count} items do not fit shape {shape}")
-    try:
-        return HostArray(shape, dtype, data)
-    except CodecError as e:
-        raise ValueError(str(e)) from None
 
 
 # -- handles -------------------------------------------------------------
@@ -593,13 +318,10 @@ class RemoteArray:
 
 
 __all__ = [
-    "DEVICE_ALIASES",
-    "Device",
     "RemoteArray",
     "RemoteFunction",
     "RemoteModule",
     "TimeEvaluatorResult",
     "host_array",
-    "resolve_device_type",
     "unpack",
 ]

@@ -27,7 +27,7 @@ Values
     L{ArrayRef<tvm_rpc.protocol.values.ArrayRef>}, small host arrays inline as
     L{HostArray<tvm_rpc.protocol.values.HostArray>} (the server turns them into
     arrays before the call) and devices as
-    L{Device<tvm_rpc.protocol.values.Device>}.
+    L{DLDevice<tvm_rpc.protocol.values.DLDevice>}.
 
 Calls
     L{GetFunction} turns a global name into a function handle;

@@ -9,7 +9,7 @@ into a value. Supported values:
 - :class:`HostArray` (a small array inline: shape, dtype, raw C-order bytes);
 - :class:`ArrayRef` (an array that lives on the server, by handle id);
 - :class:`Handle` (a remote function or module, by id);
-- :class:`Device` (TVM's ``(device_type, index)``).
+- :class:`DLDevice` (TVM's ``(device_type, index)``).
 
 Layout: one version byte (:data:`VERSION`) then one value. Each value is a
 one-byte tag followed by its body; lengths and counts are unsigned LEB128
@@ -107,9 +107,11 @@ DEVICE_NAMES = {number: name for name, number in DEVICE_TYPES.items()}
 
 
 @attrs.frozen
-class Device:
+class DLDevice:
     """
-    A device by TVM's numbering: C{Device(1, 0)} is C{cpu(0)}.
+    A device by TVM's numbering, as the wire carries it (DLPack's
+    C{DLDevice}): C{DLDevice(1, 0)} is C{cpu(0)}. The client's user-facing
+    device, bound to a session, is L{tvm_rpc.client.devices.Device}.
 
     @ivar device_type: TVM's device type number (see L{DEVICE_TYPES}).
     @ivar index: the device index.
@@ -160,13 +162,13 @@ class ArrayRef:
     @ivar id: the handle id.
     @ivar shape: the shape (a tuple of ints).
     @ivar dtype: TVM's dtype string.
-    @ivar device: the L{Device} holding it.
+    @ivar device: the L{DLDevice} holding it.
     """
 
     id: int = attrs.field(converter=_small_number)
     shape: tuple = attrs.field(converter=_shape)
     dtype: str
-    device: Device = attrs.field(factory=lambda: Device(1, 0))
+    device: DLDevice = attrs.field(factory=lambda: DLDevice(1, 0))
 
     def __attrs_post_init__(self):
         """Check the dtype. @raise CodecError: for an unknown one."""
@@ -310,7 +312,7 @@ def _encode_into(value, out, depth, max_depth):
         out += _HANDLE
         _encode_text(value.kind, out)
         _varint(value.id, out)
-    elif isinstance(value, Device):
+    elif isinstance(value, DLDevice):
         out += _DEVICE
         _varint(value.device_type, out)
         _varint(value.index, out)
@@ -490,12 +492,12 @@ def _decode_from(reader, depth, max_depth):
             raise CodecError(f"unknown handle kind {kind!r}")
         return Handle(kind, reader.small())
     if tag == _T_DEVICE:
-        return Device(reader.small(), reader.small())
+        return DLDevice(reader.small(), reader.small())
     if tag == _T_ARRAY_REF:
         handle = reader.small()
         shape = reader.shape()
         dtype = reader.text()
-        device = Device(reader.small(), reader.small())
+        device = DLDevice(reader.small(), reader.small())
         return ArrayRef(handle, shape, dtype, device)
     if tag == _T_HOST_ARRAY:
         shape = reader.shape()

@@ -17,7 +17,7 @@ import attrs
 from zope.interface import Attribute, Interface, implementer
 
 from ..protocol import values
-from ..protocol.values import Device
+from ..protocol.values import DLDevice
 from .errors import DeviceError
 
 
@@ -28,19 +28,19 @@ class IArrayBackend(Interface):
 
     def device(device):
         """
-        @param device: a L{Device}.
+        @param device: a L{DLDevice}.
         @return: the device object functions receive.
         @raise DeviceError: for a device this backend cannot drive.
         """
 
     def exists(device):
-        """@return: whether the L{Device} C{device} exists."""
+        """@return: whether the L{DLDevice} C{device} exists."""
 
     def sync(device):
         """Wait until C{device} has finished its queued work."""
 
     def to_wire_device(device):
-        """@return: the L{Device} of a device object, or L{None} if it is not one."""
+        """@return: the L{DLDevice} of a device object, or L{None} if it is not one."""
 
     def is_array(value):
         """@return: whether C{value} is an array of this backend."""
@@ -52,7 +52,7 @@ class IArrayBackend(Interface):
         """
 
     def describe(array):
-        """@return: C{(shape, dtype, Device)} of an array."""
+        """@return: C{(shape, dtype, DLDevice)} of an array."""
 
     def host_bytes(array):
         """@return: the array's bytes in C order (a bytes-like, possibly a view)."""
@@ -84,7 +84,7 @@ def check_device(device):
     Refuse a device type TVM does not number, before TVM's runtime sees it
     (its runtime crashes the process on an unknown device type).
 
-    @param device: a L{Device}.
+    @param device: a L{DLDevice}.
     @return: C{device}.
     @raise DeviceError: for an unknown device type, naming the valid ones.
     """
@@ -109,7 +109,7 @@ class PythonArray:
     shape: tuple
     dtype: str
     data: bytearray
-    device: Device = attrs.field(factory=lambda: Device(1, 0))
+    device: DLDevice = attrs.field(factory=lambda: DLDevice(1, 0))
 
     @property
     def nbytes(self):
@@ -124,7 +124,7 @@ class PythonBackend:
     name = "python"
 
     def device(self, device):
-        """@param device: a L{Device}. @return: the device object functions receive."""
+        """@param device: a L{DLDevice}. @return: the device object functions receive."""
         self._check(device)
         return device
 
@@ -145,8 +145,8 @@ class PythonBackend:
         self._check(device)
 
     def to_wire_device(self, device):
-        """@return: the L{Device} of a device object, or L{None} if it is not one."""
-        return device if isinstance(device, Device) else None
+        """@return: the L{DLDevice} of a device object, or L{None} if it is not one."""
+        return device if isinstance(device, DLDevice) else None
 
     def is_array(self, value):
         """@return: whether C{value} is an array of this backend."""
@@ -158,7 +158,7 @@ class PythonBackend:
         return PythonArray(tuple(shape), dtype, bytearray(values.array_nbytes(shape, dtype)), device)
 
     def describe(self, array):
-        """@return: C{(shape, dtype, Device)}."""
+        """@return: C{(shape, dtype, DLDevice)}."""
         return array.shape, array.dtype, array.device
 
     def host_bytes(self, array):
@@ -220,8 +220,8 @@ class NumpyBackend(PythonBackend):
         return self._numpy.zeros(tuple(shape), dtype=self._dtype(dtype))
 
     def describe(self, array):
-        """@return: C{(shape, dtype, Device)}."""
-        return tuple(array.shape), str(array.dtype), Device(1, 0)
+        """@return: C{(shape, dtype, DLDevice)}."""
+        return tuple(array.shape), str(array.dtype), DLDevice(1, 0)
 
     def _bytes_view(self, array):
         """@return: a byte view of a C-contiguous array (no copy)."""
@@ -283,9 +283,9 @@ class TVMBackend(PythonBackend):
         self._existing(device).sync()
 
     def to_wire_device(self, device):
-        """@return: the L{Device} of a TVM device object, or L{None}."""
+        """@return: the L{DLDevice} of a TVM device object, or L{None}."""
         if isinstance(device, self._runtime.Device):
-            return Device(device.dlpack_device_type(), device.index)
+            return DLDevice(device.dlpack_device_type(), device.index)
         return None
 
     def is_array(self, value):
@@ -298,7 +298,7 @@ class TVMBackend(PythonBackend):
         return self._runtime.empty(tuple(shape), dtype, self._existing(device))
 
     def describe(self, array):
-        """@return: C{(shape, dtype, Device)}."""
+        """@return: C{(shape, dtype, DLDevice)}."""
         return tuple(array.shape), str(array.dtype), self.to_wire_device(array.device)
 
     def _host_view(self, array):

@@ -34,7 +34,7 @@ import attrs
 
 from ..protocol import values
 from ..protocol.streams import BytesSink, BytesSource, StreamError, StreamTable
-from ..protocol.values import ArrayRef, Device, Handle, HostArray
+from ..protocol.values import ArrayRef, DLDevice, Handle, HostArray
 from . import modules, timing
 from .array_streams import ArraySink, PiecewiseArraySource
 from .backends import check_device, select_backend
@@ -226,10 +226,10 @@ class SessionEnvironment:
         if isinstance(value, ArrayRef):
             return self.get(value.id, "array")
         if isinstance(value, HostArray):
-            array = self.backend.empty(value.shape, value.dtype, Device(1, 0))
+            array = self.backend.empty(value.shape, value.dtype, DLDevice(1, 0))
             self.backend.fill(array, value.data)
             return array
-        if isinstance(value, Device):
+        if isinstance(value, DLDevice):
             return self.backend.device(check_device(value))
         if isinstance(value, list):
             return [self.from_wire(item, depth + 1) for item in value]
@@ -255,7 +255,7 @@ class SessionEnvironment:
             return value
         if isinstance(value, (bytearray, memoryview)):
             return bytes(value)
-        if isinstance(value, (Device, HostArray, ArrayRef, Handle)):
+        if isinstance(value, (DLDevice, HostArray, ArrayRef, Handle)):
             return value
         # Plain containers first: only other objects need the array backend
         # (which may import TVM's runtime) to be told apart.
@@ -427,7 +427,7 @@ class SessionEnvironment:
 
     def device_exists(self, device):
         """
-        @return: whether C{device} (a L{Device}) exists here.
+        @return: whether C{device} (a L{DLDevice}) exists here.
         @raise DeviceError: for a device type TVM does not number.
         """
         check_device(device)

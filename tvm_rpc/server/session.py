@@ -284,19 +284,19 @@ class SessionProtocol(CallResponder, RemoteErrorLocator, LeanAMP):
     @session_commands.DeviceExists.responder
     def device_exists(self, device_type, device_id):
         """Whether a device exists here."""
-        device = values.Device(device_type, device_id)
+        device = values.DLDevice(device_type, device_id)
         return {"exists": self.environment.device_exists(device), "name": device.name}
 
     @session_commands.DeviceSync.responder
     def device_sync(self, device_type, device_id):
         """Wait for a device."""
-        self.environment.device_sync(values.Device(device_type, device_id))
+        self.environment.device_sync(values.DLDevice(device_type, device_id))
         return {}
 
     @session_commands.Empty.responder
     def empty(self, shape, dtype, device_type, device_id):
         """Allocate an array."""
-        handle, nbytes = self.environment.empty(shape, dtype, values.Device(device_type, device_id))
+        handle, nbytes = self.environment.empty(shape, dtype, values.DLDevice(device_type, device_id))
         return {"array": handle, "nbytes": nbytes}
 
     @session_commands.OpenArrayWrite.responder
@@ -356,7 +356,7 @@ class SessionProtocol(CallResponder, RemoteErrorLocator, LeanAMP):
         callee = self._callee(function, name)
         arguments = self._arguments(args, args_stream)
         results = self.environment.time_evaluator(
-            callee, values.Device(device_type, device_id), number, repeat, min_repeat_ms,
+            callee, values.DLDevice(device_type, device_id), number, repeat, min_repeat_ms,
             arguments, origin=None if function is None else self.environment.origin(function),
         )
         return {"results": results}

@@ -31,7 +31,7 @@ def time_evaluator(function, call_args, device, number, repeat, min_repeat_ms, *
     run is redone.
 
     @param call_args: the arguments, as the function receives them.
-    @param device: a L{Device<tvm_rpc.protocol.values.Device>} the backend
+    @param device: a L{DLDevice<tvm_rpc.protocol.values.DLDevice>} the backend
         accepts (see L{check_device<tvm_rpc.server.backends.check_device>}).
     @param backend: the session's
         L{IArrayBackend<tvm_rpc.server.backends.IArrayBackend>}.
