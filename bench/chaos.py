@@ -87,6 +87,7 @@ from bench.common import (  # noqa: E402
     machine_description,
     machine_markdown,
     replace_section,
+    shown_command_line,
     tree_fds,
     tree_rss,
     twistd,
@@ -947,13 +948,7 @@ def parse_args(argv):
     options = parser.parse_args(argv)
     if options.direct < 3 or options.proxied < 2:
         parser.error("at least 3 direct and 2 proxied servers (controls are never killed)")
-    shown, words = [], iter(argv if argv is not None else sys.argv[1:])
-    for word in words:
-        if word == "--json":
-            next(words, None)
-        elif not word.startswith("--json="):
-            shown.append(word)
-    options.command_line = " ".join(shown)
+    options.command_line = shown_command_line(argv)
     if options.seed is None:
         options.seed = random.randrange(1 << 30)
     return options

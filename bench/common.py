@@ -41,7 +41,7 @@ __all__ = [
     "ROOT", "DOCS", "MiB", "raise_fd_limit", "tree_rss", "tree_fds", "tree_cpu_seconds",
     "TreeSampler",
     "self_cpu_seconds", "percentile", "latency_stats", "fmt_ms", "machine_description",
-    "machine_markdown", "replace_section",
+    "machine_markdown", "replace_section", "shown_command_line",
 ]
 
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -284,4 +284,18 @@ def replace_section(path, heading, body):
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text, encoding="utf-8")
+
+
+def shown_command_line(argv=None):
+    """
+    @return: the benchmark's arguments as they go into the docs, without
+        C{--json FILE} (a local path says nothing about how figures were made).
+    """
+    shown, words = [], iter(argv if argv is not None else sys.argv[1:])
+    for word in words:
+        if word == "--json":
+            next(words, None)
+        elif not word.startswith("--json="):
+            shown.append(word)
+    return " ".join(shown)
 

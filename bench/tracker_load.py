@@ -60,6 +60,7 @@ from common import (  # noqa: E402  (the line above makes bench/ importable)
     raise_fd_limit,
     replace_section,
     self_cpu_seconds,
+    shown_command_line,
     tree_cpu_seconds,
     tvm_tracker,
 )
@@ -775,15 +776,7 @@ def parse_args(argv):
     for name, value in defaults.items():
         if getattr(options, name) is None:
             setattr(options, name, value)
-    shown = []
-    words = iter(argv if argv is not None else sys.argv[1:])
-    for word in words:
-        # The JSON file is a local path: it says nothing about how figures were made.
-        if word == "--json":
-            next(words, None)
-        elif not word.startswith("--json="):
-            shown.append(word)
-    options.command_line = " ".join(shown)
+    options.command_line = shown_command_line(argv)
     options.trackers = [t.strip() for t in options.trackers.split(",") if t.strip()]
     unknown = set(options.trackers) - set(TRACKERS)
     if unknown:
