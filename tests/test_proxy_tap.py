@@ -180,6 +180,30 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual([(c[0], c[1]) for c in reactor.tcpClients], [("127.0.0.1", 9190)])
 
 
+class WithoutAutobahnTests(SynchronousTestCase):
+    """autobahn is the [web] extra: a proxy without it serves everything but the websocket."""
+
+    def setUp(self):
+        real = tap.importlib.util.find_spec
+        self.patch(tap.importlib.util, "find_spec",
+                   lambda name, *a: None if name == "autobahn" else real(name, *a))
+
+    def test_default_web_port_skipped_with_a_warning(self):
+        from twisted.logger import capturedLogs, formatEvent
+
+        options = parse("--port", "9300", "--port-end", "9302")
+        self.assertEqual(options["web-port"], 8888)
+        with capturedLogs() as events:
+            top = tap.makeService(options, MemoryReactorClock())
+        self.assertEqual([s.name for s in top], ["allocator", "rpc"])
+        self.assertIn("pip install 'tvm_rpc[web]'", " ".join(formatEvent(e) for e in events))
+
+    def test_explicit_web_port_refused_clearly(self):
+        error = self.assertRaises(usage.UsageError, parse, "--web-port", "8888")
+        self.assertIn("pip install 'tvm_rpc[web]'", str(error))
+        self.assertEqual(parse("--web-port", "0")["web-port"], 0)
+
+
 @attrs.define(eq=False)
 class FakeTracker:
     """

@@ -6,7 +6,10 @@ The flags are TVM's ``python -m tvm.exec.rpc_proxy`` flags (``--host``,
 ``--timeout-server``, ``--handshake-timeout`` and ``--relay-buffer``.
 """
 
+import importlib.util
+
 from twisted.application import service
+from twisted.logger import Logger
 from twisted.python import usage
 
 from ..daemon.listening import endpoint_kind, listener_service
@@ -22,6 +25,11 @@ from .pairing import DEFAULT_TIMEOUT, PairingPool
 from .protocol import ProxyFactory
 from .relay import RELAY_CHUNK
 from .tuning import AllocatorTuning
+
+log = Logger()
+
+#: TVM's default websocket port.
+WEB_PORT = 8888
 
 
 def _buffer_size(value):
@@ -45,7 +53,8 @@ class Options(ListenOptions, usage.Options):
     optParameters = listen_parameters(
         "127.0.0.1", 9090, host_help="Address to listen on (also for --web-port)."
     ) + [
-        ["web-port", None, 8888, "Websocket port serving /ws on --host; 0 turns it off.",
+        ["web-port", None, None, "Websocket port serving /ws on --host; 0 turns it off "
+         "(default: 8888, as TVM's, when autobahn is installed: pip install 'tvm_rpc[web]').",
          port_number],
         ["tracker", None, None, "Register the servers behind the proxy with this tracker "
          "(HOST:PORT)."],
@@ -64,8 +73,17 @@ class Options(ListenOptions, usage.Options):
     ]
 
     def postOptions(self):
-        """Check the port range, the endpoint strings and the tracker address."""
+        """Check the port range, the endpoint strings, the websocket port and the tracker address."""
         self.check_listen()
+        has_websocket = importlib.util.find_spec("autobahn") is not None
+        self["web-port-implicit"] = self["web-port"] is None
+        if self["web-port"] is None:
+            self["web-port"] = WEB_PORT
+        elif self["web-port"] and not has_websocket:
+            raise usage.UsageError(
+                "--web-port needs autobahn, which is not installed: "
+                "pip install 'tvm_rpc[web]', or --web-port 0"
+            )
         if self["tracker"] is not None:
             try:
                 self["tracker-address"] = parse_address(self["tracker"], "--tracker")
@@ -113,7 +131,10 @@ def makeService(options, reactor=None):
     )
     listener.setName("rpc")
     listener.setServiceParent(top)
-    if options["web-port"]:
+    if options["web-port"] and options.get("web-port-implicit") and \
+            importlib.util.find_spec("autobahn") is None:
+        log.warn("no websocket port: autobahn is not installed (pip install 'tvm_rpc[web]')")
+    elif options["web-port"]:
         from .web import ProxyWebSocketFactory
 
         web_factory = ProxyWebSocketFactory(pool, reactor, options["handshake-timeout"],
