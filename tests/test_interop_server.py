@@ -161,10 +161,10 @@ def test_story_via_tvm_tracker(dense_relu):
 
 BLOCKER = textwrap.dedent(
     '''
-    """Make numpy, cloudpickle and TVM impossible to import in this process."""
+    """Make numpy, cloudpickle, TVM and autobahn impossible to import in this process."""
     import sys
 
-    BLOCKED = ("numpy", "cloudpickle", "tvm", "tvm_ffi")
+    BLOCKED = ("numpy", "cloudpickle", "tvm", "tvm_ffi", "autobahn", "cryptography")
 
 
     class Blocker:
@@ -194,7 +194,7 @@ PLAIN_MODULE = textwrap.dedent(
 
 
 def test_server_without_optional_dependencies(tvm, tmp_path):
-    """With numpy, cloudpickle and TVM unimportable, the server serves a .py module."""
+    """With numpy, cloudpickle, TVM and autobahn unimportable, the server serves a .py module."""
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(BLOCKER)
