@@ -275,11 +275,16 @@ def our_rpc_server(*extra, host="127.0.0.1", env=None):
 
 
 def recv_exactly(sock, size):
-    """Read exactly C{size} bytes from C{sock}, or fail."""
+    """
+    Read exactly C{size} bytes from C{sock}.
+
+    @raise ConnectionError: when the peer closes first.
+    """
     data = bytearray()
     while len(data) < size:
         chunk = sock.recv(size - len(data))
-        assert chunk, f"connection closed after {len(data)} of {size} bytes"
+        if not chunk:
+            raise ConnectionError(f"connection closed after {len(data)} of {size} bytes")
         data += chunk
     return bytes(data)
 

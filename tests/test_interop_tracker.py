@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tests.daemons import child_env, free_port, our_tracker, running, tvm_tracker
+from tests.daemons import child_env, free_port, our_tracker, recv_exactly, running, tvm_tracker
 from tvm_rpc.protocol.constants import INT32, RPC_TRACKER_MAGIC, TrackerCode
 
 pytestmark = pytest.mark.timeout(120)
@@ -38,19 +38,8 @@ class RawTrackerPeer:
         """Connect to the tracker on C{port} and exchange the magic."""
         self.sock = socket.create_connection((HOST, port), timeout=timeout)
         self.sock.sendall(INT32.pack(RPC_TRACKER_MAGIC))
-        (magic,) = INT32.unpack(self._recv_exactly(4))
+        (magic,) = INT32.unpack(recv_exactly(self.sock, 4))
         assert magic == RPC_TRACKER_MAGIC, f"tracker echoed {magic:#x}"
-
-    def _recv_exactly(self, size):
-        """@return: exactly C{size} bytes. @raise ConnectionError: on EOF first."""
-        chunks = []
-        while size:
-            chunk = self.sock.recv(size)
-            if not chunk:
-                raise ConnectionError("tracker closed the connection")
-            chunks.append(chunk)
-            size -= len(chunk)
-        return b"".join(chunks)
 
     def send(self, message):
         """Send one JSON message as a single frame."""
@@ -59,8 +48,8 @@ class RawTrackerPeer:
 
     def recv(self):
         """@return: the next JSON value the tracker sends."""
-        (size,) = INT32.unpack(self._recv_exactly(4))
-        return json.loads(self._recv_exactly(size).decode("utf-8"))
+        (size,) = INT32.unpack(recv_exactly(self.sock, 4))
+        return json.loads(recv_exactly(self.sock, size).decode("utf-8"))
 
     def call(self, message):
         """Send C{message} and return the tracker's answer."""

@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.daemons import child_env, our_rpc_server
 from tests.test_session_client import SessionTestBase
+from tests.test_session_server import CommandCalls
 from tvm_rpc.client.amp_protocol import make_client_protocol
 from tvm_rpc.client.session import start_session
 from tvm_rpc.localfiles import open_temporary
@@ -62,7 +63,7 @@ class NoticeClient(amp.AMP):
         return {}
 
 
-class ServerTestBase(SynchronousTestCase):
+class ServerTestBase(CommandCalls, SynchronousTestCase):
     """A session protocol with the given settings, over iosim, and a plain AMP client."""
 
     settings = SessionSettings()
@@ -79,24 +80,6 @@ class ServerTestBase(SynchronousTestCase):
                                     backend="numpy", settings=self.settings),
             NoticeClient,
         )
-
-    def call(self, command, **kwargs):
-        """@return: the answer of a command that must succeed."""
-        results = []
-        self.client.callRemote(command, **kwargs).addBoth(results.append)
-        self.pump.flush()
-        self.assertEqual(len(results), 1)
-        if hasattr(results[0], "raiseException"):
-            results[0].raiseException()
-        return results[0]
-
-    def remote_error(self, command, **kwargs):
-        """@return: the L{RemoteError} of a command that must fail."""
-        failures = []
-        self.client.callRemote(command, **kwargs).addErrback(failures.append)
-        self.pump.flush()
-        self.assertEqual(len(failures), 1)
-        return failures[0].trap(remote_error.RemoteError) and failures[0].value
 
     def still_usable(self):
         """The session answers a call and its connection is open."""

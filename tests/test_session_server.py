@@ -33,24 +33,8 @@ def fail(message):
 '''
 
 
-@pytest.mark.unit
-class SessionTests(SynchronousTestCase):
-    """Every command through AMP boxes, in memory."""
-
-    def setUp(self):
-        """A session over an in-memory connection, with a few global functions."""
-        self.root = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.root, True)
-        self.registry = Registry()
-        self.registry.register("echo", lambda *args: list(args))
-        self.registry.register("add", lambda a, b: a + b)
-        self.registry.register("boom", lambda: 1 / 0)
-        self.registry.register("big", lambda n: b"z" * n)
-        self.clock = Clock()
-        self.client, self.server, self.pump = connectedServerAndClient(
-            lambda: SessionProtocol(self.root, self.registry, clock=self.clock, backend="numpy"),
-            amp.AMP,
-        )
+class CommandCalls:
+    """Calls from C{self.client} over C{self.pump} (set by the test's C{setUp})."""
 
     def call(self, command, **kwargs):
         """Call and pump; @return: the answer (fails the test on an error)."""
@@ -69,6 +53,27 @@ class SessionTests(SynchronousTestCase):
         self.pump.flush()
         self.assertEqual(len(failures), 1)
         return failures[0].trap(remote_error.RemoteError) and failures[0].value
+
+
+@pytest.mark.unit
+class SessionTests(CommandCalls, SynchronousTestCase):
+    """Every command through AMP boxes, in memory."""
+
+    def setUp(self):
+        """A session over an in-memory connection, with a few global functions."""
+        self.root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.registry = Registry()
+        self.registry.register("echo", lambda *args: list(args))
+        self.registry.register("add", lambda a, b: a + b)
+        self.registry.register("boom", lambda: 1 / 0)
+        self.registry.register("big", lambda n: b"z" * n)
+        self.clock = Clock()
+        self.client, self.server, self.pump = connectedServerAndClient(
+            lambda: SessionProtocol(self.root, self.registry, clock=self.clock, backend="numpy"),
+            amp.AMP,
+        )
+
 
     def run_deferred(self, d):
         """Pump until C{d} fires; @return: its result."""

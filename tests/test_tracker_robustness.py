@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.daemons import our_tracker
+from tests.daemons import our_tracker, recv_exactly
 from tvm_rpc.protocol.constants import RPC_TRACKER_MAGIC, TrackerCode
 
 pytestmark = pytest.mark.timeout(180)
@@ -28,18 +28,7 @@ class Peer:
         """Connect to the tracker on C{port} and exchange the magic."""
         self.sock = socket.create_connection((HOST, port), timeout=timeout)
         self.sock.sendall(MAGIC)
-        assert self._recv(4) == MAGIC
-
-    def _recv(self, size):
-        """@return: exactly C{size} bytes. @raise ConnectionError: on EOF first."""
-        chunks = []
-        while size:
-            chunk = self.sock.recv(size)
-            if not chunk:
-                raise ConnectionError("tracker closed the connection")
-            chunks.append(chunk)
-            size -= len(chunk)
-        return b"".join(chunks)
+        assert recv_exactly(self.sock, 4) == MAGIC
 
     def send(self, message):
         """Send one JSON message as one frame."""
@@ -48,8 +37,8 @@ class Peer:
 
     def recv_raw(self):
         """@return: the body of the next frame, undecoded."""
-        (size,) = struct.unpack("<i", self._recv(4))
-        return self._recv(size)
+        (size,) = struct.unpack("<i", recv_exactly(self.sock, 4))
+        return recv_exactly(self.sock, size)
 
     def call(self, message):
         """@return: the decoded answer to C{message}."""
