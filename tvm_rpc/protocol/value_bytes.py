@@ -20,7 +20,16 @@ DOUBLE = struct.Struct("<d")
 
 
 class CodecError(ValueError):
-    """A value that cannot be encoded, or bytes that are not a valid encoding."""
+    """
+    A value that cannot be encoded, or bytes that are not a valid encoding.
+
+    Its qualified name is what a
+    L{RemoteError<tvm_rpc.protocol.remote_error.RemoteError>} carries on the
+    wire, and that name was born in L{tvm_rpc.protocol.values} (which
+    imports it): it keeps it.
+    """
+
+    __module__ = "tvm_rpc.protocol.values"
 
 
 #: The tag byte that starts each value, by kind.
