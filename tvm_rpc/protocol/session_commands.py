@@ -65,7 +65,8 @@ Big values and bulk data: streams
     while its answers wait to be sent, so even a client that ignores the
     window cannot make it buffer more than about one chunk. L{StreamClose} cancels a write
     stream (a partial upload is deleted) or releases a read stream.
-    L{tvm_rpc.protocol.streams} implements both ends.
+    L{tvm_rpc.protocol.stream_table} implements the receiving end,
+    L{tvm_rpc.protocol.streams} the driving one.
 
 Errors
     Every exception raised on the server reaches the client as

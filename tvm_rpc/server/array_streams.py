@@ -10,7 +10,8 @@ through its :class:`~tvm_rpc.server.backends.IArrayBackend`.
 import attrs
 from zope.interface import implementer
 
-from ..protocol.streams import ISink, ISource, StreamError
+from ..protocol.stream_table import ISink, ISource
+from ..protocol.streams import StreamError
 
 
 @implementer(ISink)

@@ -33,7 +33,8 @@ import time
 import attrs
 
 from ..protocol import values
-from ..protocol.streams import BytesSink, BytesSource, StreamError, StreamTable
+from ..protocol.stream_table import BytesSink, BytesSource, StreamTable
+from ..protocol.streams import StreamError
 from ..protocol.values import ArrayRef, DLDevice, Handle, HostArray
 from . import modules, timing
 from .array_streams import ArraySink, PiecewiseArraySource

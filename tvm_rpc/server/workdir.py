@@ -24,7 +24,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..localfiles import open_temporary
-from ..protocol.streams import ISink, ISource, StreamError
+from ..protocol.stream_table import ISink, ISource
+from ..protocol.streams import StreamError
 from .errors import PathEscapeError
 
 log = Logger()
