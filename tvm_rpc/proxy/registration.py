@@ -94,10 +94,6 @@ class ProxyRegistration(Service):
     _summary_protocol: object = attrs.field(init=False, default=None)
     _reported: object = attrs.field(init=False, default=None)
 
-    def __attrs_post_init__(self):
-        """Initialise the L{Service} part."""
-        Service.__init__(self)
-
     def startService(self):
         """Connect the proxy's own link and one link per waiting server."""
         Service.startService(self)

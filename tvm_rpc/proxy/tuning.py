@@ -111,10 +111,6 @@ class AllocatorTuning(Service):
 
     log = Logger()
 
-    def __attrs_post_init__(self):
-        """Initialise the L{Service} part."""
-        Service.__init__(self)
-
     def startService(self):
         """Apply the thresholds once and log them."""
         Service.startService(self)

@@ -160,9 +160,6 @@ class ProxyLink(Service):
     _pending: object = attrs.field(init=False, default=None)
     _connecting: object = attrs.field(init=False, default=None)
 
-    def __attrs_post_init__(self):
-        Service.__init__(self)
-
     def startService(self):
         """Connect to the proxy."""
         Service.startService(self)
