@@ -103,19 +103,15 @@ class SpliceEnd:
         """Start or stop watching the socket for readability."""
         if flag != self.reading and self.fd >= 0:
             self.reading = flag
-            if flag:
-                self.relay.reactor.addReader(self)
-            else:
-                self.relay.reactor.removeReader(self)
+            reactor = self.relay.reactor
+            (reactor.addReader if flag else reactor.removeReader)(self)
 
     def set_writing(self, flag):
         """Start or stop watching the socket for writability."""
         if flag != self.writing and self.fd >= 0:
             self.writing = flag
-            if flag:
-                self.relay.reactor.addWriter(self)
-            else:
-                self.relay.reactor.removeWriter(self)
+            reactor = self.relay.reactor
+            (reactor.addWriter if flag else reactor.removeWriter)(self)
 
 
 @attrs.define(eq=False)
@@ -140,20 +136,33 @@ class SpliceDirection:
     done: bool = False
     moved: int = 0
 
+    def _splice(self, from_fd, to_fd, length, end):
+        """
+        One non-blocking C{os.splice} of up to C{length} bytes.
+
+        @param end: the socket end a failure of this call is blamed on.
+        @return: the bytes moved (0 at end of file), L{None} when the call
+            would block, or -1 when C{end} failed (the relay is told).
+        """
+        try:
+            return os.splice(from_fd, to_fd, length,
+                             flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno in WOULD_BLOCK:
+                return None
+            self.relay.socket_failed(end, e)
+            return -1
+
     def source_ready(self):
         """Splice what the source has into the pipe, then on to the destination."""
         if self.done or self.source_ended or self.pending >= self.capacity:
             self.source.set_reading(False)
             return
-        try:
-            count = os.splice(self.source.fd, self.pipe_write, self.capacity - self.pending,
-                              flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            if e.errno in WOULD_BLOCK:
-                return
-            self.relay.socket_failed(self.source, e)
+        count = self._splice(self.source.fd, self.pipe_write, self.capacity - self.pending,
+                             self.source)
+        if count is None or count < 0:
             return
         if count == 0:
             self.relay.log.debug("end of file from {name}", name=self.source.name)
@@ -169,18 +178,12 @@ class SpliceDirection:
             self.destination.set_writing(False)
             return
         while self.pending:
-            try:
-                count = os.splice(self.pipe_read, self.destination.fd, self.pending,
-                                  flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
-            except BlockingIOError:
+            count = self._splice(self.pipe_read, self.destination.fd, self.pending,
+                                 self.destination)
+            if count is None or count == 0:
                 break
-            except OSError as e:
-                if e.errno in WOULD_BLOCK:
-                    break
-                self.relay.socket_failed(self.destination, e)
+            if count < 0:
                 return
-            if count == 0:
-                break
             self.pending -= count
             self.moved += count
         if self.pending:
