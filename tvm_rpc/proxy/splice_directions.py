@@ -211,12 +211,8 @@ class SpliceDirection:
 
     def drop(self):
         """The destination failed: nothing more can be delivered this way."""
-        if self.done:
-            return
-        self.done = True
-        self.source.set_reading(False)
-        self.destination.set_writing(False)
-        self.relay.direction_done()
+        self.half_close = False
+        self.finish()
 
 
 def _shutdown_write(fd):
