@@ -182,8 +182,14 @@ def quick_decode(data):
                     if length >= 0x80 or position > end:
                         return MISS
                     append(str(data[start:position], "utf-8"))
-                elif tag in SINGLETONS:
-                    append(SINGLETONS[tag])
+                elif tag == TAG_NONE:
+                    append(None)
+                    position += 1
+                elif tag == TAG_TRUE:
+                    append(True)
+                    position += 1
+                elif tag == TAG_FALSE:
+                    append(False)
                     position += 1
                 else:
                     return MISS

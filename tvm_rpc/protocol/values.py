@@ -32,7 +32,6 @@ from .value_bytes import (
     DOUBLE,
     MISS,
     QUICK_SIZE,
-    SINGLETONS,
     TAG_ARRAY_REF,
     TAG_BYTES,
     TAG_DEVICE,
@@ -390,8 +389,12 @@ def _decode_from(reader, depth, max_depth):
     if tag == TAG_LIST or tag == TAG_TUPLE:
         items = [_decode_from(reader, depth + 1, max_depth) for _ in range(reader.count())]
         return items if tag == TAG_LIST else tuple(items)
-    if tag in SINGLETONS:
-        return SINGLETONS[tag]
+    if tag == TAG_NONE:
+        return None
+    if tag == TAG_TRUE:
+        return True
+    if tag == TAG_FALSE:
+        return False
     if tag == TAG_FLOAT:
         return DOUBLE.unpack(reader.take(8))[0]
     if tag == TAG_STR:
