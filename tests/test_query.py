@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from daemons import child_env, free_port, our_tracker
+from daemons import child_env, our_tracker
 from tvm_rpc.client.tracker import text_summary
 from tvm_rpc.protocol.tracker_commands import Summary
 from tvm_rpc.protocol.constants import INT32
@@ -328,8 +328,11 @@ def run_main(*args):
 
 def test_main_unreachable_tracker():
     """Nothing listens: one line on stderr naming the address, exit status 1."""
-    port = free_port()
-    result = run_main("--host", "127.0.0.1", "--port", str(port), "--timeout", "5")
+    # A port bound but not listening refuses connections, and nobody else can take it.
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        result = run_main("--host", "127.0.0.1", "--port", str(port), "--timeout", "5")
     assert result.returncode == 1
     assert result.stdout == b""
     err = result.stderr.decode()
