@@ -173,33 +173,6 @@ def twistd_with_fd_limit(limit, *args):
     return args
 
 
-def cpu_seconds(pid):
-    """@return: user + system CPU seconds used so far by process C{pid} (from /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_while_knocking(pid, port, seconds=2.0, hello=b""):
-    """
-    Connect to 127.0.0.1:C{port} every 50 ms for C{seconds} (sending C{hello},
-    then closing), as peers keep knocking at a daemon out of descriptors.
-
-    @return: the CPU seconds process C{pid} used meanwhile.
-    """
-    before = cpu_seconds(pid)
-    start = time.monotonic()
-    while time.monotonic() - start < seconds:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                if hello:
-                    sock.sendall(hello)
-        except OSError:
-            pass  # refused or reset: what a daemon out of descriptors may do
-        time.sleep(0.05)
-    return cpu_seconds(pid) - before
-
-
 def listen_any(host):
     """@return: the C{--listen} endpoint of port 0 (the system picks a free one) on C{host}."""
     if ":" in host:
@@ -361,6 +334,43 @@ def recv_exactly(sock, size):
             raise ConnectionError(f"connection closed after {len(data)} of {size} bytes")
         data += chunk
     return bytes(data)
+
+
+def stream_to_slow_reader(sender, reader, block, total, on_pause=None):
+    """
+    Send C{total} bytes (C{block} again and again) on C{sender} from a thread,
+    as fast as they go, then shut its sending side; read them on C{reader},
+    more slowly: a 2 ms pause every 64 reads (rate pacing, so the reader
+    stays the slower side), where C{on_pause} is called (to sample memory).
+    Both sockets get 256 KiB buffers, so little of the stream hides in them.
+
+    @return: C{(received, sent)}: the bytes read, and whether the sender
+        finished within 60 s of the last read.
+    """
+    for sock in (sender, reader):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 * 1024)
+
+    def send():
+        view = memoryview(block)
+        for _ in range(total // len(block)):
+            sender.sendall(view)
+        sender.shutdown(socket.SHUT_WR)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    received = reads = 0
+    while received < total:
+        chunk = reader.recv(256 * 1024)
+        assert chunk, f"end of file after {received} of {total} bytes"
+        received += len(chunk)
+        reads += 1
+        if reads % 64 == 0:
+            time.sleep(0.002)
+            if on_pause is not None:
+                on_pause()
+    thread.join(60)
+    return received, not thread.is_alive()
 
 
 def tracker_summary(port, host="127.0.0.1"):

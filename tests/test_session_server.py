@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests import session_processes
 from tvm_rpc.protocol import remote_error, session_commands, values
 from tvm_rpc.protocol.streams import chunked, read_stream, receive_value, send_value, write_stream
 from tvm_rpc.protocol.values import ArrayRef, DLDevice, HostArray
@@ -594,187 +595,40 @@ class NoOptionalDependenciesTests(SynchronousTestCase):
         self.assertEqual(out["loaded"], [])
 
 
-ROUND_TRIP = textwrap.dedent('''
-    import hashlib, json, os, resource, shutil, sys, tempfile
-    from twisted.internet import defer, endpoints, protocol, reactor
-    from twisted.protocols import amp
-    from tvm_rpc.protocol import session_commands
-    from tvm_rpc.protocol.streams import read_stream, write_stream
-    from tvm_rpc.server.session import make_session_protocol
-
-    SIZE = int(sys.argv[1])
-    root = tempfile.mkdtemp()
-
-    def rss_kib():
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-
-    def chunks(digest):
-        block = hashlib.sha256(b"seed").digest() * 2048  # 64 KiB of pattern
-        sent = 0
-        counter = 0
-        while sent < SIZE:
-            counter += 1
-            piece = (counter.to_bytes(8, "little") + block)[:min(session_commands.CHUNK_SIZE, SIZE - sent)]
-            digest.update(piece)
-            sent += len(piece)
-            yield piece
-
-    async def main():
-        factory = protocol.Factory.forProtocol(
-            lambda: make_session_protocol(root, clock=reactor, backend="python"))
-        port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-        client = await endpoints.connectProtocol(
-            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), amp.AMP())
-        base = rss_kib()
-        peak = [base]
-        sent_digest = hashlib.sha256()
-        stream = (await client.callRemote(session_commands.OpenUpload, path="big.bin", size=SIZE))["stream"]
-
-        def watched(iterator):
-            for i, piece in enumerate(iterator):
-                if i % 4 == 0:
-                    peak[0] = max(peak[0], rss_kib())
-                yield piece
-
-        await write_stream(client.callRemote, stream, watched(chunks(sent_digest)))
-        answer = await client.callRemote(session_commands.OpenDownload, path="big.bin")
-        got_digest = hashlib.sha256()
-        count = [0]
-
-        def consume(data):
-            got_digest.update(data)
-            count[0] += 1
-            if count[0] % 4 == 0:
-                peak[0] = max(peak[0], rss_kib())
-
-        size = await read_stream(client.callRemote, answer["stream"], answer["size"], consume)
-        await client.callRemote(session_commands.Goodbye)
-        port.stopListening()
-        return {"size": size, "same": sent_digest.hexdigest() == got_digest.hexdigest(),
-                "growth_kib": peak[0] - base, "left": os.listdir(root)}
-
-    result = {}
-    def done(value):
-        result.update(value)
-        reactor.callLater(0.2, reactor.stop)
-    def failed(failure):
-        result["error"] = failure.getTraceback()
-        reactor.stop()
-    reactor.callWhenRunning(lambda: defer.ensureDeferred(main()).addCallbacks(done, failed))
-    reactor.run()
-    result["left"] = os.listdir(root)
-    shutil.rmtree(root, ignore_errors=True)
-    print(json.dumps(result))
-''')
-
-
 class RoundTripTests(SynchronousTestCase):
-    """A 256 MiB upload and download over loopback TCP, byte-exact, memory bounded."""
+    """A 256 MiB upload and download over loopback TCP, byte-exact (its memory
+    is measured by C{bench/bounds.py session-rss})."""
 
     def test_256_mib_round_trip(self):
-        """Client and server share one process: its RSS growth bounds both ends together."""
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=here)
-        completed = subprocess.run(
-            [sys.executable, "-c", ROUND_TRIP, str(256 * 1024 * 1024)],
-            capture_output=True, text=True, timeout=240, env=env, cwd=here,
-        )
-        self.assertEqual(completed.returncode, 0, completed.stderr)
-        out = json.loads(completed.stdout.strip().splitlines()[-1])
+        """Client and server share one process: every byte comes back, nothing is left."""
+        out = session_processes.round_trip(256 * 1024 * 1024)
         self.assertNotIn("error", out, out.get("error"))
         self.assertEqual(out["size"], 256 * 1024 * 1024)
         self.assertTrue(out["same"])
         self.assertEqual(out["left"], [])
-        # Both ends hold at most window x chunk (2 MiB) each in flight; allow
-        # generous slack for the allocator and transport buffers.
-        self.assertLess(out["growth_kib"], 32 * 1024, out)
-
-
-
-
-FLOOD_SERVER = textwrap.dedent('''
-    import tempfile
-    from twisted.internet import endpoints, protocol, reactor
-    from tvm_rpc.server.session import make_session_protocol
-
-    root = tempfile.mkdtemp()
-    factory = protocol.Factory.forProtocol(
-        lambda: make_session_protocol(root, clock=reactor, backend="python"))
-    endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
-    endpoint.listen(factory).addCallback(lambda port: print(port.getHost().port, flush=True))
-    reactor.run()
-''')
-
-
-def _rss_kib(pid):
-    """@return: the resident set size of process C{pid}, in KiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
 
 
 class FloodTests(SynchronousTestCase):
-    """A client that asks for data and never reads it cannot bloat the server."""
+    """A client that asks for data and never reads it (how much the server
+    grows meanwhile is measured by C{bench/bounds.py session-rss})."""
 
-    def ask(self, sock, buffered, command, tag, **arguments):
-        """Send one command and wait for its answer; @return: the answer box."""
-        box = command.makeArguments(arguments, None)
-        box[b"_command"] = command.commandName
-        box[b"_ask"] = tag
-        sock.sendall(box.serialize())
-        while True:
-            try:
-                boxes = amp.parseString(buffered[0])
-            except Exception:
-                boxes = []
-            if boxes and buffered[0].endswith(b"\x00\x00"):
-                buffered[0] = b""
-                return boxes[0]
-            buffered[0] += sock.recv(65536)
-
-    def test_unread_downloads_stay_bounded(self):
-        """128 unread 512 KiB reads (64 MiB asked for) grow the server by far less."""
+    def test_unread_downloads_leave_the_server_serving(self):
+        """After 128 unread 512 KiB reads (64 MiB asked for), the server serves another client."""
         import socket
-        import time
 
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        server = subprocess.Popen(
-            [sys.executable, "-c", FLOOD_SERVER], stdout=subprocess.PIPE, text=True,
-            env=dict(os.environ, PYTHONPATH=here), cwd=here,
-        )
+        server, port = session_processes.start_flood_server()
         self.addCleanup(server.wait, 30)
         self.addCleanup(server.kill)
-        port = int(server.stdout.readline())
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         sock.connect(("127.0.0.1", port))
         self.addCleanup(sock.close)
-        buffered = [b""]
         size = 64 * 1024 * 1024
-        answer = self.ask(sock, buffered, session_commands.Empty, b"1", shape=[size], dtype="uint8",
-                          device_type=1, device_id=0)
-        self.assertEqual(int(answer[b"nbytes"]), size)
-        stream = self.ask(sock, buffered, session_commands.OpenArrayRead, b"2",
-                          array=int(answer[b"array"]))[b"stream"]
-        before = _rss_kib(server.pid)
-        chunk = session_commands.CHUNK_SIZE
-        flood = b"".join(
-            amp.AmpBox(_command=b"StreamRead", _ask=b"r%d" % i, stream=stream,
-                       offset=b"%d" % (i * chunk), length=b"%d" % chunk).serialize()
-            for i in range(size // chunk)
-        )
-        sock.setblocking(False)
-        sent = 0
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and sent < len(flood):
-            try:
-                sent += sock.send(flood[sent:])
-            except BlockingIOError:
-                time.sleep(0.05)
-        time.sleep(1)
-        growth = _rss_kib(server.pid) - before
-        self.assertLess(growth, 16 * 1024, f"server grew by {growth} KiB")
+        stream = session_processes.open_array_stream(sock, [b""], size)
+        self.assertGreater(session_processes.flood_unread_reads(sock, stream, size), 0)
+        other = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.addCleanup(other.close)
+        answer = session_processes.ask(other, [b""], session_commands.Empty, b"1", shape=[4],
+                                       dtype="uint8", device_type=1, device_id=0)
+        self.assertEqual(int(answer[b"nbytes"]), 4)
+        self.assertIsNone(server.poll())
