@@ -275,7 +275,7 @@ MEASURES = {
     "session-rss": "the RSS of one process running our session client and server over "
                    "loopback during a 256 MiB upload and download, and of a session server "
                    "asked for 64 MiB in reads it never reads back (behaviour: "
-                   "`tests/test_session_server.py` `RoundTripTests`, `FloodTests`)",
+                   "`tests/test_session_processes.py` `RoundTripTests`, `FloodTests`)",
     "tracker-flood": "our tracker's RSS while a peer sends 20,000 SUMMARY requests with 300 "
                      "keys listed and never reads, until the tracker drops it (behaviour: "
                      "`tests/test_tracker_robustness.py::"
@@ -283,7 +283,7 @@ MEASURES = {
     "fd-cpu": "the CPU each daemon (server, tracker, proxy) uses in 2 s at its "
               "`RLIMIT_NOFILE` (40, 48, 64) while a peer connects every 50 ms (behaviour: "
               "`test_out_of_file_descriptors_recovers` in `tests/test_server_daemon.py` and "
-              "`tests/test_tracker_tap.py`, `tests/test_proxy_daemon.py::"
+              "`tests/test_tracker_daemon.py`, `tests/test_proxy_daemon.py::"
               "test_running_out_of_descriptors_does_not_wedge`)",
 }
 

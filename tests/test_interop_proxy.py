@@ -21,6 +21,8 @@ from daemons import (
 )
 from tvm_rpc.protocol.keys import redact_matchkeys
 
+pytestmark = pytest.mark.system
+
 KEY = "interop-dev"
 
 

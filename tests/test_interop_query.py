@@ -23,7 +23,7 @@ from tvm_rpc.client.tracker import text_summary
 
 HOST = "127.0.0.1"
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(180)]
 
 plain_keys = st.text(
     alphabet="abcdefghijklmnopqrstuvwxyzABC0123456789-_.", min_size=1, max_size=12

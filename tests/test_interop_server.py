@@ -33,6 +33,8 @@ from tests.daemons import (
     wait_until,
 )
 
+pytestmark = pytest.mark.system
+
 CLIENT_SCRIPT = str(ROOT / "tests" / "interop_client.py")
 #: Bound on each child client run, so a broken peer fails the test instead of hanging it.
 CLIENT_TIMEOUT = 120

@@ -29,7 +29,7 @@ from tests.daemons import (
 from tests.daemons import tvm_rpc_server as tvm_server_on_free_port
 from tvm_rpc.protocol.constants import INT32, RPC_TRACKER_MAGIC, TrackerCode
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
 
 HOST = "127.0.0.1"
 

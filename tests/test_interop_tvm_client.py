@@ -44,6 +44,8 @@ from tests.daemons import (
 from tests.test_interop_server import BLOCKER, dense_relu, our_server, run_client  # noqa: F401
 from tvm_rpc.protocol.constants import RPC_CODE_SUCCESS, RPC_MAGIC
 
+pytestmark = pytest.mark.system
+
 TVM_CLIENT = str(ROOT / "tests" / "tvm_client.py")
 #: Bound on each child client run.
 CLIENT_TIMEOUT = 120

@@ -11,6 +11,8 @@ import os
 import socket
 import struct
 
+import pytest
+
 from daemons import (
     Daemon,
     child_env,
@@ -29,6 +31,8 @@ from daemons import (
 )
 from tvm_rpc.protocol.constants import INT32, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS, RPC_MAGIC
 from tvm_rpc.protocol.handshake import encode_handshake, encode_reply
+
+pytestmark = pytest.mark.system
 
 MiB = 1024 * 1024
 

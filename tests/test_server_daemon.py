@@ -26,6 +26,8 @@ from tvm_rpc.protocol.flavour import client_key, reply_is_marked
 from tvm_rpc.protocol.framing import FrameDecoder, encode_frame, encode_magic
 from tvm_rpc.protocol.handshake import ReplyDecoder, encode_handshake
 
+pytestmark = pytest.mark.system
+
 STANDIN = "tests.standin_session:make"
 #: Bound on every blocking socket operation, so a broken server fails, never hangs.
 IO_TIMEOUT = 20

@@ -8,10 +8,7 @@ import os
 import random
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
-import textwrap
 
 import numpy
 from hypothesis import given
@@ -1008,50 +1005,3 @@ class TimeEvaluatorResultTests(SynchronousTestCase):
     def test_empty(self):
         """A result needs timings."""
         self.assertRaises(ValueError, TimeEvaluatorResult, [])
-
-
-WITHOUT_NUMPY = textwrap.dedent('''
-    import sys, tempfile
-    sys.modules["numpy"] = None  # the client and the server run without numpy
-    from twisted.internet.task import Clock
-    from twisted.test.iosim import connectedServerAndClient
-    from tvm_rpc.client.amp_protocol import make_client_protocol
-    from tvm_rpc.client.session import start_session
-    from tvm_rpc.server.registry import Registry
-    from tvm_rpc.server.session import SessionProtocol
-
-    def double_in_place(target):
-        view = memoryview(target.data).cast("i")
-        for index in range(len(view)):
-            view[index] *= 2
-
-    registry = Registry()
-    registry.register("double_in_place", double_in_place)
-    clock = Clock()
-    client, server, pump = connectedServerAndClient(
-        lambda: SessionProtocol(tempfile.mkdtemp(), registry, clock=clock, backend="python"),
-        make_client_protocol, clock=clock)
-
-    def run(deferred):
-        pump.flush()
-        return deferred.result
-
-    session = run(start_session(client, clock=clock))
-    remote = run(session.array([[1, 2, 3], [4, 5, 6]], dtype="int32"))
-    run(session.call("double_in_place", remote))
-    print(run(remote.tolist()))
-    print(run(session.array(b"\\x01\\x02")).dtype)
-    run(session.close())
-    print("numpy" in sys.modules and sys.modules["numpy"] is not None)
-''')
-
-
-def test_client_without_numpy():
-    """Arrays from nested lists and back as lists, with numpy absent on both ends."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    output = subprocess.run(
-        [sys.executable, "-c", WITHOUT_NUMPY], cwd=root, capture_output=True, text=True,
-        timeout=60, env={**os.environ, "PYTHONPATH": root},
-    )
-    assert output.returncode == 0, output.stderr
-    assert output.stdout.split("\n")[:3] == ["[[2, 4, 6], [8, 10, 12]]", "uint8", "False"]

@@ -7,12 +7,15 @@ import shutil
 import tempfile
 import time
 
+import pytest
 from twisted.internet.selectreactor import SelectReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.daemons import listen_any, start_announced, twistd, wait_until
 from tests.session_behaviour import SessionBehaviour
 from tvm_rpc.client.connect import connect
+
+pytestmark = pytest.mark.system
 
 #: Seconds any one remote operation may take before the test fails.
 WAIT = 60.0

@@ -14,7 +14,7 @@ import pytest
 from tests.daemons import our_tracker, recv_exactly, wait_until
 from tvm_rpc.protocol.constants import RPC_TRACKER_MAGIC, TrackerCode
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(180)]
 
 HOST = "127.0.0.1"
 MAGIC = struct.pack("<i", RPC_TRACKER_MAGIC)
