@@ -19,10 +19,17 @@ import time
 
 import pytest
 
-from tests.daemons import child_env, free_port, our_tracker, recv_exactly, running, tvm_tracker
+from tests.daemons import (
+    child_env,
+    our_tracker,
+    recv_exactly,
+    tvm_tracker,
+    wait_until,
+)
+from tests.daemons import tvm_rpc_server as tvm_server_on_free_port
 from tvm_rpc.protocol.constants import INT32, RPC_TRACKER_MAGIC, TrackerCode
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
 
 HOST = "127.0.0.1"
 
@@ -87,23 +94,6 @@ def register_fake_server(port, key, server_port, matchkeys, custom_addr=None):
     return peer
 
 
-def wait_until(probe, timeout, interval=0.02):
-    """
-    Call C{probe} until it returns a true value.
-
-    @return: that value.
-    @raise AssertionError: when C{timeout} seconds pass first.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-
-
 def queue(port, key):
     """@return: C{queue_info[key]} of the tracker on C{port}, or C{None}."""
     peer = RawTrackerPeer(port)
@@ -113,18 +103,13 @@ def queue(port, key):
         peer.close()
 
 
-@contextlib.contextmanager
 def tvm_rpc_server(tracker_port, key):
     """
     TVM's own C{python -m tvm.exec.rpc_server}, registered with the tracker on
     C{tracker_port} under C{key}; yields C{(daemon, listen_port)}.
     """
-    port = free_port()
-    args = [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker",
-            f"{HOST}:{tracker_port}", "--key", key, "--host", HOST,
-            "--port", str(port), "--port-end", str(port + 1)]
-    with running(args, r"bind to") as daemon:
-        yield daemon, port
+    return tvm_server_on_free_port("--tracker", f"{HOST}:{tracker_port}", "--key", key,
+                                   host=HOST)
 
 
 def run_tool(module, port):

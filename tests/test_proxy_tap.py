@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import attrs
 from twisted.application.service import IServiceMaker
 from twisted.internet import defer
@@ -16,6 +17,8 @@ from tvm_rpc.protocol.framing import FrameDecoder, encode_frame
 from tvm_rpc.proxy import tap
 from tvm_rpc.proxy.pairing import PairingPool
 from tvm_rpc.proxy.registration import ENTRY_PREFIX, ProxyRegistration, proxy_info_key
+
+pytestmark = pytest.mark.unit
 
 
 class BusyPortsReactor(MemoryReactorClock):

@@ -30,8 +30,10 @@ from tvm_rpc.proxy.pairing import PairingPool
 from tvm_rpc.proxy.protocol import ProxyFactory
 from tvm_rpc.proxy.tap import Options, makeService
 
-pytestmark = pytest.mark.skipif(not splice_module.splice_available(),
-                                reason="splice(2) is Linux-only")
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.skipif(not splice_module.splice_available(), reason="splice(2) is Linux-only"),
+]
 
 MiB = 1024 * 1024
 #: Seconds any single wait in these tests may take before it fails.
