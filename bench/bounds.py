@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python bench/bounds.py [proxy-rss] [session-rss] [tracker-flood] [fd-cpu]
-                           [--write-docs]
+                           [dead-server] [--write-docs]
 
 With no check named, all run. Each starts our daemons on loopback (port 0,
 the announced port read back), drives them as the tests in ``tests/`` do, and
@@ -25,11 +25,15 @@ they depend on the machine and its load:
   64 MiB before it drops the peer.
 - ``fd-cpu``: the server, the tracker and the proxy, each at its descriptor
   limit while a peer connects every 50 ms, use less than 1 s of CPU in 2 s.
+- ``dead-server``: one of TVM's servers registered with our tracker is killed
+  (SIGKILL to its process group); it leaves the tracker's summary (listing
+  and free count) within 1 s of the kill.
 """
 
 import argparse
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -60,6 +64,8 @@ from tests.daemons import (  # noqa: E402
     recv_exactly,
     start_announced,
     stream_to_slow_reader,
+    tracker_summary,
+    tvm_rpc_server,
     twistd_with_fd_limit,
 )
 from tvm_rpc.protocol.constants import (  # noqa: E402
@@ -260,11 +266,36 @@ def fd_cpu(targets):
                       1.0, "s")
 
 
+def dead_server(targets):
+    """Kill a registered TVM server; time until our tracker lists it no more."""
+    def listed(summary):
+        """@return: whether the doomed server is still in C{summary} at all."""
+        infos = summary["server_info"]
+        free = summary["queue_info"].get("doomed", {}).get("free", 0)
+        return free > 0 or any(info.get("key") == "server:doomed" for info in infos)
+
+    with our_tracker() as (_, port):
+        with tvm_rpc_server("--tracker", f"{HOST}:{port}", "--key", "doomed") as (server, _):
+            deadline = time.monotonic() + 60
+            while not listed(tracker_summary(port)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("TVM's server never registered with our tracker")
+                time.sleep(0.05)
+            killed_at = time.monotonic()
+            server.stop(sig=signal.SIGKILL)
+            # Polled every 10 ms: the figure is accurate to that, bounded at 30 s.
+            while listed(tracker_summary(port)) and time.monotonic() < killed_at + 30:
+                time.sleep(0.01)
+            seconds = time.monotonic() - killed_at
+    targets.check("tracker: a killed TVM server leaves the summary", seconds, 1, "s")
+
+
 CHECKS = {
     "proxy-rss": proxy_rss,
     "session-rss": session_rss,
     "tracker-flood": tracker_flood,
     "fd-cpu": fd_cpu,
+    "dead-server": dead_server,
 }
 
 #: What each check measures, and the test that keeps its behaviour, for the docs.
@@ -285,6 +316,9 @@ MEASURES = {
               "`test_out_of_file_descriptors_recovers` in `tests/test_server_daemon.py` and "
               "`tests/test_tracker_daemon.py`, `tests/test_proxy_daemon.py::"
               "test_running_out_of_descriptors_does_not_wedge`)",
+    "dead-server": "seconds from SIGKILL of a TVM server's process group until our tracker "
+                   "no longer lists it nor counts it free (issue 2's bound of 1 s; behaviour: "
+                   "`tests/test_interop_tracker.py::test_terminated_tvm_server_leaves_our_summary`)",
 }
 
 

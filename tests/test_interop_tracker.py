@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -179,15 +178,14 @@ def test_tvm_query_tool_prints_our_state(tracker, served):
     assert re.search(r"^interop\s+1\s+1\s+0\s*$", out, re.M), out
 
 
-def test_terminated_tvm_server_leaves_our_summary_within_a_second(tvm, tracker):
+def test_terminated_tvm_server_leaves_our_summary(tvm, tracker):
     """
-    Killing a TVM server's process group removes it from our summary within
-    1 s (issue 2's bound; the summary is polled, so this checks the behaviour,
-    it does not measure it).
+    Killing a TVM server's process group removes it from our summary (its
+    listing and the free count). How fast (issue 2's bound, 1 s) is measured
+    by C{python bench/bounds.py dead-server}, not here.
     """
     with tvm_rpc_server(tracker, "doomed") as (daemon, server_port):
         wait_until(lambda: (queue(tracker, "doomed") or {}).get("free") == 1, 30)
-        killed_at = time.monotonic()
         daemon.stop(sig=signal.SIGKILL)
 
         def gone():
@@ -201,8 +199,7 @@ def test_terminated_tvm_server_leaves_our_summary_within_a_second(tvm, tracker):
             free = summary["queue_info"].get("doomed", {}).get("free", 0)
             return not listed and free == 0
 
-        # The second counts from the kill, not from when stop() returned.
-        wait_until(gone, max(0.0, killed_at + 1.0 - time.monotonic()), interval=0.01)
+        wait_until(gone, 30, interval=0.05)
 
 
 @contextlib.contextmanager
