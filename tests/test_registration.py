@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from tvm_rpc.client.registration import TrackerRegistration
+from tvm_rpc.client.registration import LinkSettings, TrackerRegistration
 from tvm_rpc.protocol.tracker_commands import TrackerError
 from tvm_rpc.protocol.constants import TrackerCode
 from tvm_rpc.protocol.framing import FrameDecoder, encode_frame, encode_magic
@@ -106,7 +106,7 @@ class RegistrationTests(SynchronousTestCase):
         )
         self.endpoint = FakeEndpoint()
         self.service = TrackerRegistration(
-            self.endpoint, self.gate, 9091, None, self.clock, tracker="fake"
+            self.endpoint, self.gate, 9091, None, self.clock, LinkSettings(tracker="fake")
         )
         self.service.startService()
         self.endpoint.flush()

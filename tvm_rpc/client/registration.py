@@ -161,6 +161,23 @@ class IRegisteredOffer(Interface):
         """Offer a fresh matchkey: C{matchkey} was handed out and never used."""
 
 
+@attrs.frozen
+class LinkSettings:
+    """
+    How a tracker link behaves (shared by every kind of registration).
+
+    @ivar tracker: a printable name of the tracker, for log lines.
+    @ivar poll_period: seconds between polls.
+    @ivar unmatched_timeout: seconds before an unused matchkey is replaced.
+    @ivar max_delay: the longest wait between reconnection attempts.
+    """
+
+    tracker: str = "tracker"
+    poll_period: float = POLL_PERIOD
+    unmatched_timeout: float = UNMATCHED_TIMEOUT
+    max_delay: float = 5.0
+
+
 @attrs.define(eq=False)
 class TrackerLink:
     """
@@ -177,10 +194,7 @@ class TrackerLink:
     @ivar clock: an L{IReactorTime} for polls and backoff.
     @ivar offer: the L{IRegisteredOffer}.
     @ivar log: the owner's L{Logger}.
-    @ivar tracker: a printable name of the tracker, for log lines.
-    @ivar poll_period: seconds between polls.
-    @ivar unmatched_timeout: seconds before an unused matchkey is replaced.
-    @ivar max_delay: the longest wait between reconnection attempts.
+    @ivar settings: the link's L{LinkSettings}.
     @ivar warn_on_loss: whether a lost connection is logged as a warning.
     @ivar registrations: how many connections completed their registration.
     """
@@ -189,10 +203,7 @@ class TrackerLink:
     clock: object
     offer: object
     log: Logger
-    tracker: str = "tracker"
-    poll_period: float = POLL_PERIOD
-    unmatched_timeout: float = UNMATCHED_TIMEOUT
-    max_delay: float = 5.0
+    settings: LinkSettings = LinkSettings()
     warn_on_loss: bool = True
     registrations: int = attrs.field(init=False, default=0)
     protocol: object = attrs.field(init=False, default=None)
@@ -205,8 +216,8 @@ class TrackerLink:
         """Poll as configured."""
         self._poller = MatchkeyPoller(
             self.clock,
-            self.poll_period,
-            self.unmatched_timeout,
+            self.settings.poll_period,
+            self.settings.unmatched_timeout,
             current=self.offer.current_matchkey,
             stale=self.offer.renew_stale,
             failed=self._call_failed,
@@ -215,7 +226,7 @@ class TrackerLink:
     def start(self):
         """Start connecting to the tracker."""
         self._service = tracker_client_service(
-            self.endpoint, self.clock, self.max_delay, self._prepare)
+            self.endpoint, self.clock, self.settings.max_delay, self._prepare)
         self._service.startService()
 
     def stop(self):
@@ -263,7 +274,7 @@ class TrackerLink:
     def _registration_failed(self, failure, protocol):
         if self._service is not None:
             self.log.failure(
-                "registering with {tracker} failed; reconnecting", failure, tracker=self.tracker
+                "registering with {tracker} failed; reconnecting", failure, tracker=self.settings.tracker
             )
         transport = getattr(protocol, "transport", None)
         if transport is not None:
@@ -284,7 +295,7 @@ class TrackerLink:
         self.log.info(
             "registered {what} with {tracker} (matchkey {matchkey})",
             what=self.offer.label,
-            tracker=self.tracker,
+            tracker=self.settings.tracker,
             matchkey=redact_matchkeys(matchkey),
         )
         protocol.when_closed().addBoth(self._lost, protocol)
@@ -298,11 +309,11 @@ class TrackerLink:
             self.protocol = None
             self._poller.stop()
             if self.warn_on_loss and self._service is not None:
-                self.log.warn("lost {tracker}; reconnecting", tracker=self.tracker)
+                self.log.warn("lost {tracker}; reconnecting", tracker=self.settings.tracker)
 
     def _call_failed(self, failure, what, protocol):
         self.log.failure(
-            "{what} to {tracker} failed; reconnecting", failure, what=what, tracker=self.tracker
+            "{what} to {tracker} failed; reconnecting", failure, what=what, tracker=self.settings.tracker
         )
         if protocol is self.protocol and protocol.transport is not None:
             protocol.transport.abortConnection()
@@ -363,10 +374,7 @@ class TrackerRegistration(Service):
     @ivar custom_addr: the address clients should use, or L{None} for the one
         the tracker sees.
     @ivar clock: the reactor: an L{IReactorTime} for polls and backoff.
-    @ivar poll_period: seconds between polls.
-    @ivar unmatched_timeout: seconds before an unused matchkey is replaced.
-    @ivar max_delay: the longest wait between reconnection attempts.
-    @ivar tracker: a printable name of the tracker, for log lines.
+    @ivar settings: the link's L{LinkSettings}.
     """
 
     log = Logger()
@@ -376,19 +384,14 @@ class TrackerRegistration(Service):
     port: int
     custom_addr: "str | None"
     clock: object
-    poll_period: float = POLL_PERIOD
-    unmatched_timeout: float = UNMATCHED_TIMEOUT
-    max_delay: float = 5.0
-    tracker: str = "tracker"
+    settings: LinkSettings = LinkSettings()
     _link: TrackerLink = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self):
         """Initialise the L{Service} part and the link."""
         Service.__init__(self)
         self._link = TrackerLink(
-            self.endpoint, self.clock, _GateOffer(self), self.log, self.tracker,
-            self.poll_period, self.unmatched_timeout, self.max_delay,
-        )
+            self.endpoint, self.clock, _GateOffer(self), self.log, self.settings)
 
     @property
     def registrations(self):

@@ -26,7 +26,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..client.registration import IRegisteredOffer, TrackerLink, tracker_client_service
+from ..client.registration import (
+    IRegisteredOffer,
+    LinkSettings,
+    TrackerLink,
+    tracker_client_service,
+)
 from ..protocol.tracker_commands import Put, UpdateInfo
 from ..protocol.keys import SERVER_PREFIX, redact_matchkeys
 from .pairing import IOfferObserver
@@ -64,6 +69,14 @@ def _prepared(protocol, coroutine):
     return defer.Deferred.fromCoroutine(coroutine).addErrback(failed)
 
 
+def link_settings(tracker):
+    """
+    @param tracker: a printable name of the tracker, for log lines.
+    @return: the L{LinkSettings} of the proxy's links (TVM's proxy's timing).
+    """
+    return LinkSettings(tracker, POLL_PERIOD, UNMATCHED_TIMEOUT)
+
+
 @implementer(IOfferObserver)
 @attrs.define(eq=False)
 class ProxyRegistration(Service):
@@ -76,7 +89,7 @@ class ProxyRegistration(Service):
     @ivar pool: the L{PairingPool} in tracker mode.
     @ivar clock: an L{IReactorTime} for polls and backoff.
     @ivar get_port: returns the proxy's listening port (known once bound).
-    @ivar tracker: a printable name of the tracker for log lines.
+    @ivar settings: the L{LinkSettings} of its links.
     """
 
     log = Logger()
@@ -85,10 +98,7 @@ class ProxyRegistration(Service):
     pool: object
     clock: object
     get_port: object
-    tracker: str = "tracker"
-    poll_period: float = POLL_PERIOD
-    unmatched_timeout: float = UNMATCHED_TIMEOUT
-    max_delay: float = 5.0
+    settings: LinkSettings = attrs.field(factory=lambda: link_settings("tracker"))
     _links: dict = attrs.field(init=False, factory=dict)
     _summary: object = attrs.field(init=False, default=None)
     _summary_protocol: object = attrs.field(init=False, default=None)
@@ -98,7 +108,7 @@ class ProxyRegistration(Service):
         """Connect the proxy's own link and one link per waiting server."""
         Service.startService(self)
         self._summary = tracker_client_service(
-            self.endpoint, self.clock, self.max_delay, self._announce)
+            self.endpoint, self.clock, self.settings.max_delay, self._announce)
         self._summary.startService()
         for offer in self.pool.offers():
             self.offered(offer)
@@ -125,8 +135,8 @@ class ProxyRegistration(Service):
         if not self.running or offer in self._links:
             return
         link = self._links[offer] = TrackerLink(
-            self.endpoint, self.clock, _WaitingServer(self, offer), self.log, self.tracker,
-            self.poll_period, self.unmatched_timeout, self.max_delay, warn_on_loss=False,
+            self.endpoint, self.clock, _WaitingServer(self, offer), self.log, self.settings,
+            warn_on_loss=False,
         )
         link.start()
         self._report()
@@ -160,7 +170,7 @@ class ProxyRegistration(Service):
         self._summary_protocol = protocol
         protocol.when_closed().addBoth(self._summary_lost, protocol)
         self.log.info("reported {info} to {tracker}", info=proxy_info_key(keys),
-                      tracker=self.tracker)
+                      tracker=self.settings.tracker)
         self._report()
 
     def _summary_lost(self, _, protocol):
@@ -168,7 +178,7 @@ class ProxyRegistration(Service):
         if self._summary_protocol is protocol:
             self._summary_protocol = None
             if self.running:
-                self.log.warn("lost {tracker}; reconnecting", tracker=self.tracker)
+                self.log.warn("lost {tracker}; reconnecting", tracker=self.settings.tracker)
 
     def _report(self):
         """Send UPDATE_INFO again when the waiting keys changed."""
@@ -179,7 +189,7 @@ class ProxyRegistration(Service):
         self._reported = keys
         call = protocol.call(UpdateInfo(
             {"key": proxy_info_key(keys), "addr": [None, self.get_port()]}))
-        call.addErrback(_abort_on_failure, protocol, "UPDATE_INFO", self.tracker)
+        call.addErrback(_abort_on_failure, protocol, "UPDATE_INFO", self.settings.tracker)
 
 
 def _abort_on_failure(failure, protocol, what, tracker):

@@ -147,12 +147,12 @@ def makeService(options, reactor=None):
         web.setServiceParent(top)
     if tracker is not None:
         from ..client.tracker import tracker_endpoint
-        from .registration import ProxyRegistration
+        from .registration import ProxyRegistration, link_settings
 
         host, port = tracker
         registration = ProxyRegistration(
             tracker_endpoint(reactor, host, port), pool, reactor, listener.port_number,
-            tracker=f"{host}:{port}")
+            settings=link_settings(f"{host}:{port}"))
         pool.observer = registration
         registration.setName("tracker")
         registration.setServiceParent(top)

@@ -5,7 +5,7 @@ import tempfile
 
 from twisted.python import usage
 
-from ..client.registration import TrackerRegistration
+from ..client.registration import LinkSettings, TrackerRegistration
 from ..client.tracker import tracker_endpoint
 from ..daemon.listening import listener_service
 from ..daemon.options import (
@@ -198,7 +198,7 @@ def makeService(options, reactor=None):
                 bound_port,
                 options["custom-addr"],
                 reactor,
-                tracker=f"tracker {host}:{port}",
+                LinkSettings(tracker=f"tracker {host}:{port}"),
             )
 
     listener = listener_service(
