@@ -203,8 +203,12 @@ def announced(name, args, env=None):
     (no race for a port picked in advance); yields C{(daemon, port)}.
     """
     with running(args, rf"{name} listening on \S+:\d+", env=env) as daemon:
-        port = int(daemon.wait_for(rf"{name} listening on \S+:(\d+)").group(1))
-        yield daemon, port
+        yield daemon, announced_port(daemon, name)
+
+
+def announced_port(daemon, name):
+    """@return: the port that C{daemon} announced for C{name} (C{"rpc-tracker http"})."""
+    return int(daemon.wait_for(rf"{name} listening on \S+:(\d+)").group(1))
 
 
 @contextmanager

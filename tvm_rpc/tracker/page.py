@@ -25,6 +25,7 @@ h1{font-size:1.3em;margin:0}h2{font-size:1.1em;margin:1.2em 0 .3em}
 margin:.8em 0}
 .key h2{display:flex;flex-wrap:wrap;gap:.2em .8em;align-items:baseline;margin:.4em 0}
 .counts{font-weight:normal;font-size:.85em;color:#555}
+.name{overflow-wrap:anywhere}
 .scroll{overflow-x:auto}
 table{border-collapse:collapse;width:100%;font-size:.9em}
 th,td{text-align:left;padding:.25em .5em .25em 0;border-bottom:1px solid #eee;
