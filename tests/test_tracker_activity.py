@@ -71,7 +71,7 @@ def test_line_budget_bounds_lines_and_counts_the_rest(rate, gaps):
     for gap in gaps:
         clock.advance(gap)
         times.append(clock.seconds())
-        decisions.append(budget.allow("grant"))
+        decisions.append(budget.allow("grant", clock.seconds()))
     clock.advance(2)
     # The rule, stated directly: a window opens at the first event one second
     # or more after the last window opened, and lets its first `rate` lines through.
@@ -94,7 +94,7 @@ def test_line_budget_off():
     """Without a rate every line is allowed and nothing is scheduled."""
     clock = Clock()
     budget = LineBudget(clock, None, RecordingLog())
-    assert all(budget.allow("grant") for _ in range(1000))
+    assert all(budget.allow("grant", 0.0) for _ in range(1000))
     assert not clock.getDelayedCalls()
 
 
@@ -123,7 +123,7 @@ class StateActivityTests(TrackerTestCase):
         self.assertNotIn("987654321", " ".join(text))
         activity = self.state.activity
         self.assertEqual((activity.grants, activity.releases, activity.requests), (1, 1, 1))
-        self.assertEqual([e.kind for e in activity.recent], ["join", "grant", "release"])
+        self.assertEqual([e.kind for e in activity.events()], ["join", "grant", "release"])
 
     def test_wait_time_observed_at_grant(self):
         """The wait from REQUEST to grant goes into the histogram."""
@@ -149,7 +149,7 @@ class StateActivityTests(TrackerTestCase):
         quitter.lose()
         self.clock.advance(3)
         server.lose()
-        recent = list(self.state.activity.recent)
+        recent = self.state.activity.events()
         self.assertEqual([e.kind for e in recent], ["join", "withdraw", "expire", "leave"])
         self.assertEqual(recent[1].seconds, 3)
         self.assertEqual(recent[2].seconds, 5)
@@ -162,7 +162,7 @@ class StateActivityTests(TrackerTestCase):
         proxy = self.peer("10.0.0.5")
         proxy.ask([5, {"key": "proxy-entry:k", "addr": [None, 9190]}])
         proxy.ask([PUT, "k", [9190, "k:1"], None])
-        self.assertEqual(self.state.activity.recent[-1].text(),
+        self.assertEqual(self.state.activity.events()[-1].text(),
                          "server 10.0.0.5:9190 of k joined via a proxy")
 
     def test_faults_counted_by_reason(self):
@@ -177,7 +177,7 @@ class StateActivityTests(TrackerTestCase):
         self.clock.advance(11)
         activity = self.state.activity
         self.assertEqual(activity.errors, {"bad_message": 1, "bad_frame": 1, "limit": 1})
-        drops = [e for e in activity.recent if e.kind == "drop"]
+        drops = [e for e in activity.events() if e.kind == "drop"]
         self.assertEqual([e.client.split(":")[0] for e in drops],
                          ["10.6.6.1", "10.6.6.2", "10.6.6.3"])
 
@@ -203,8 +203,8 @@ class RingTests(SynchronousTestCase):
         activity = TrackerActivity(Clock(), log_rate=1)
         for i in range(RECENT_EVENTS + 30):
             activity.joined(float(i), "k", f"h:{i}")
-        self.assertEqual(len(activity.recent), RECENT_EVENTS)
-        self.assertEqual(activity.recent[0].server, "h:30")
+        self.assertEqual(len(activity.events()), RECENT_EVENTS)
+        self.assertEqual(activity.events()[0].server, "h:30")
 
     def test_every_kind_has_text(self):
         """Each kind renders to a line without leftover braces."""

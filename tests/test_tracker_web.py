@@ -343,6 +343,16 @@ class HttpOptionTests(SynchronousTestCase):
         self.assertEqual(sorted((s[0], s[3]) for s in reactor.tcpServers if s[0] != 9190),
                          [(7180, "127.0.0.1"), (7181, "")])
 
+    def test_activity_lines_option(self):
+        """--activity-lines-per-second sets the state's line budget (100 by default)."""
+        for args, rate in (([], 100), (["--activity-lines-per-second", "7"], 7)):
+            options = tap.Options()
+            options.parseOptions(args)
+            top = tap.makeService(options, reactor=MemoryReactorClock())
+            self.assertEqual(top.state.activity.budget.rate, rate)
+        self.assertRaises(usage.UsageError, tap.Options().parseOptions,
+                          ["--activity-lines-per-second", "0"])
+
     def test_bad_http_endpoint(self):
         """An --http that is no endpoint string is a usage error."""
         for value in ("bogus:1", "tcp:notaport"):

@@ -2,10 +2,10 @@
 recent events, and the log lines of grants and releases.
 
 Sans-IO: time comes from an injected L{IReactorTime}; lines go to a
-L{twisted.logger.Logger}. Everything here is on the tracker's hot path (a
-grant and a release per session), so each record is a few attribute updates
-and one tuple; text is made only for the lines logged and for the status
-page. Log lines are bounded (L{LineBudget}): a flood of grants is summed up
+L{twisted.logger.Logger}. Grants and releases are on the tracker's hot path
+(one each per session), so recording one is a few attribute updates and one
+plain tuple holding the lease; its L{Event} and text are made only for the
+lines logged and when the status page reads the ring. Log lines are bounded (L{LineBudget}): a flood of grants is summed up
 instead of written line by line.
 """
 
@@ -65,6 +65,16 @@ class Event(NamedTuple):
     def text(self):
         """@return: the event as one line of text (as logged)."""
         return EVENT_FORMATS[self.kind].format(**self._asdict())
+
+    @classmethod
+    def of_lease(cls, kind, at, lease, seconds):
+        """
+        @param kind: C{"grant"} or C{"release"}.
+        @param lease: the L{tvm_rpc.tracker.state.Lease} granted or released.
+        @return: the event of a grant or a release.
+        """
+        return cls(at, kind, lease.key, f"{lease.host}:{lease.port}",
+                   address(lease.client_host, lease.client_port), lease.user, seconds)
 
 
 def address(host, port):
@@ -132,14 +142,14 @@ class LineBudget:
     _skipped: dict = attrs.field(factory=dict, init=False)
     _report_call: object = attrs.field(default=None, init=False)
 
-    def allow(self, kind):
+    def allow(self, kind, now):
         """
         @param kind: the kind of line about to be written.
+        @param now: the clock's time.
         @return: whether it may be written now; if not, it is counted.
         """
         if self.rate is None:
             return True
-        now = self.clock.seconds()
         if now - self._window >= 1.0:
             self._window = now
             self._used = 0
@@ -172,7 +182,9 @@ class TrackerActivity:
     @ivar log_rate: activity lines logged per second at most, or L{None}.
     @ivar log: where the lines go.
     @ivar started: when the tracker started (clock seconds).
-    @ivar recent: the last L{RECENT_EVENTS} L{Event}s, oldest first.
+    @ivar recent: the last L{RECENT_EVENTS} events, oldest first: L{Event}s,
+        or for grants and releases C{(kind, at, lease, seconds)} tuples (see
+        L{events}).
     @ivar wait_times: the L{WaitHistogram} of granted requests.
     @ivar errors: connections closed for a fault, by reason (a short name).
     """
@@ -198,11 +210,23 @@ class TrackerActivity:
         self.started = self.clock.seconds()
         self.budget = LineBudget(self.clock, self.log_rate, self.log)
 
+    def events(self):
+        """@return: the ring as L{Event}s, oldest first."""
+        return [record if isinstance(record, Event) else Event.of_lease(*record)
+                for record in self.recent]
+
     def record(self, event):
         """Keep C{event} in the ring and log it, within the line budget."""
         self.recent.append(event)
-        if self.budget.allow(event.kind):
+        if self.budget.allow(event.kind, event.at):
             self.log.info(EVENT_FORMATS[event.kind], **event._asdict())
+
+    def _lease_event(self, kind, at, lease, seconds):
+        """Keep a grant or a release in the ring and log it, within the line budget."""
+        record = (kind, at, lease, seconds)
+        self.recent.append(record)
+        if self.budget.allow(kind, at):
+            self.log.info(EVENT_FORMATS[kind], **Event.of_lease(*record)._asdict())
 
     def granted(self, lease, waited):
         """
@@ -213,15 +237,12 @@ class TrackerActivity:
         """
         self.grants += 1
         self.wait_times.observe(waited)
-        self.record(Event(lease.since, "grant", lease.key, f"{lease.host}:{lease.port}",
-                          address(lease.client_host, lease.client_port), lease.user, waited))
+        self._lease_event("grant", lease.since, lease, waited)
 
     def released(self, lease, now):
         """A handed-out server is free again, or gone (its lease ended at C{now})."""
         self.releases += 1
-        self.record(Event(now, "release", lease.key, f"{lease.host}:{lease.port}",
-                          address(lease.client_host, lease.client_port), lease.user,
-                          now - lease.since))
+        self._lease_event("release", now, lease, now - lease.since)
 
     def requested(self):
         """A REQUEST arrived."""

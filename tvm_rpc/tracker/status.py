@@ -85,7 +85,7 @@ def tracker_status(state, limit=MAX_LISTED):
         "now": now,
         "uptime": now - activity.started,
         "keys": keys,
-        "events": [event_status(event) for event in reversed(activity.recent)],
+        "events": [event_status(event) for event in reversed(activity.events())],
         "counters": {
             "grants": activity.grants,
             "releases": activity.releases,

@@ -29,39 +29,37 @@ def refresh_period(request):
     return min(seconds, MAX_REFRESH) if seconds > 0 else None
 
 
-class StatusPage(Resource):
-    """C{/}: the status page of a L{tvm_rpc.tracker.state.TrackerState}."""
+def _html(status, request):
+    """@return: the status page, with the reload period the request asks for."""
+    return render_page(status, refresh_period(request))
+
+
+def _json(status, request):
+    """@return: the status as UTF-8 JSON."""
+    # "<" escaped as JSON allows, so no peer-supplied key reads as markup to
+    # anything that sniffs or embeds the document.
+    return json.dumps(status).replace("<", "\\u003c").encode("utf-8")
+
+
+class StatusResource(Resource):
+    """
+    The status of a L{tvm_rpc.tracker.state.TrackerState}, built at each
+    GET and rendered by C{render(status, request)} as C{content_type}.
+    """
 
     isLeaf = True
 
-    def __init__(self, state):
-        """@param state: the tracker's state."""
+    def __init__(self, state, content_type, render):
+        """See the class docstring for the parameters."""
         super().__init__()
         self.state = state
+        self.content_type = content_type
+        self.render_status = render
 
     def render_GET(self, request):
-        """@return: the page, rendered now."""
-        secure(request, b"text/html; charset=utf-8")
-        return render_page(tracker_status(self.state), refresh_period(request))
-
-
-class StatusJSON(Resource):
-    """C{/api/summary}: the status as JSON (SUMMARY's fields and more)."""
-
-    isLeaf = True
-
-    def __init__(self, state):
-        """@param state: the tracker's state."""
-        super().__init__()
-        self.state = state
-
-    def render_GET(self, request):
-        """@return: the status as UTF-8 JSON."""
-        secure(request, b"application/json")
-        # "<" escaped as JSON allows, so no peer-supplied key reads as markup
-        # to anything that sniffs or embeds the document.
-        text = json.dumps(tracker_status(self.state)).replace("<", "\\u003c")
-        return text.encode("utf-8")
+        """@return: the status, rendered now."""
+        secure(request, self.content_type)
+        return self.render_status(tracker_status(self.state), request)
 
 
 def tracker_web_root(state):
@@ -71,9 +69,9 @@ def tracker_web_root(state):
         Prometheus registry.
     """
     root = Resource()
-    root.putChild(b"", StatusPage(state))
+    root.putChild(b"", StatusResource(state, b"text/html; charset=utf-8", _html))
     api = Resource()
-    api.putChild(b"summary", StatusJSON(state))
+    api.putChild(b"summary", StatusResource(state, b"application/json", _json))
     root.putChild(b"api", api)
     root.putChild(b"metrics", MetricsResource(tracker_registry(state)))
     return root
