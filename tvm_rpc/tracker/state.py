@@ -338,10 +338,6 @@ class TrackerState:
         """@return: the servers handed out and not free again, as L{Lease}s, oldest first."""
         return list(self._leases)
 
-    def server_connections(self):
-        """@return: the connections listed in C{server_info}, in connection order."""
-        return list(self._servers)
-
     def pending_matchkeys(self, connection):
         """@return: this connection's matchkeys not yet handed out, in PUT order."""
         return list(connection.offers)
