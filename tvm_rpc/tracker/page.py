@@ -31,6 +31,7 @@ table{border-collapse:collapse;width:100%;font-size:.9em}
 th,td{text-align:left;padding:.25em .5em .25em 0;border-bottom:1px solid #eee;
 white-space:nowrap}
 th{color:#555;font-weight:600}
+td.holder{white-space:normal;overflow-wrap:anywhere}
 .free{color:#0a7c2f;font-weight:600}.held{color:#b25c00;font-weight:600}
 .none{color:#777;font-style:italic;margin:.3em 0}
 ol.events{list-style:none;padding:0;margin:0;font-size:.9em}
@@ -86,7 +87,7 @@ def _servers(entry):
             tags.td(server_address(server)),
             tags.td(server["state"], class_=server["state"]),
             tags.td(duration(server["for"])),
-            tags.td(_holder(server)),
+            tags.td(_holder(server), class_="holder"),
             tags.td(server["via"]),
             class_="server",
         ))
