@@ -15,3 +15,6 @@ venv="${TVM_RPC_TWISTED_LATEST_VENV:-.venv-twisted-latest}"
 "$venv/bin/python" -c 'import twisted; print(f"unit tier on Twisted {twisted.__version__}")'
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 "$venv/bin/python" -m pytest -p no:cacheprovider -q -m unit "$@"
+# The fence's relay fallback needs a loopback connection (system tier), but
+# it is the fence's: run it on the newest Twisted too.
+"$venv/bin/python" -m pytest -p no:cacheprovider -q tests/test_twisted_fence_relay.py

@@ -30,3 +30,19 @@ def tvm():
             pytest.fail(f"apache-tvm is required for the interop tests: {e}")
         pytest.skip(f"apache-tvm not installed: {e}")
     return tvm_module
+
+
+#: The tiers; every test is in exactly one (see the markers in setup.cfg).
+TIERS = ("unit", "system")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Refuse a test that is in no tier or in both, so no module is left untiered."""
+    wrong = sorted({
+        item.nodeid.split("::")[0]
+        for item in items
+        if len({marker.name for marker in item.iter_markers()} & set(TIERS)) != 1
+    })
+    if wrong:
+        raise pytest.UsageError(
+            "tests must be marked unit or system (pytestmark), exactly one: " + ", ".join(wrong))

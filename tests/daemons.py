@@ -130,12 +130,23 @@ def running(args, ready, timeout=60, env=None, cwd=None):
         daemon.stop()
 
 
-def wait_until(predicate, timeout=30, what="condition"):
-    """Wait (polling, bounded) until C{predicate()} is true; fail after C{timeout} seconds."""
+def wait_until(predicate, timeout=30, what="condition", interval=0.1):
+    """
+    Wait until C{predicate()} returns a true value, asking again every
+    C{interval} seconds: the one bounded poll of state the tests use.
+
+    @return: that value.
+    @raise AssertionError: when C{timeout} seconds pass first.
+    """
     deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
-        time.sleep(0.1)
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what() if callable(what) else what} "
+                                 f"not reached within {timeout}s")
+        time.sleep(interval)
 
 
 def gone(pid):
@@ -162,38 +173,37 @@ def twistd_with_fd_limit(limit, *args):
     return args
 
 
-def cpu_seconds(pid):
-    """@return: user + system CPU seconds used so far by process C{pid} (from /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_while_knocking(pid, port, seconds=2.0, hello=b""):
-    """
-    Connect to 127.0.0.1:C{port} every 50 ms for C{seconds} (sending C{hello},
-    then closing), as peers keep knocking at a daemon out of descriptors.
-
-    @return: the CPU seconds process C{pid} used meanwhile.
-    """
-    before = cpu_seconds(pid)
-    start = time.monotonic()
-    while time.monotonic() - start < seconds:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                if hello:
-                    sock.sendall(hello)
-        except OSError:
-            pass  # refused or reset: what a daemon out of descriptors may do
-        time.sleep(0.05)
-    return cpu_seconds(pid) - before
-
-
 def listen_any(host):
     """@return: the C{--listen} endpoint of port 0 (the system picks a free one) on C{host}."""
     if ":" in host:
         return "tcp6:0:interface=" + host.replace(":", "\\:")
     return f"tcp:0:interface={host}"
+
+
+def announced_port(daemon, name, timeout=60):
+    """@return: the port that C{daemon} announced for C{name} (C{"rpc-tracker http"})."""
+    return int(daemon.wait_for(rf"{name} listening on \S+:(\d+)", timeout).group(1))
+
+
+def start_announced(name, args, env=None):
+    """
+    Start our daemon C{name} (its C{args} listen on port 0) and read the port
+    it announces (no race for a port picked in advance).
+
+    @return: C{(daemon, port)}; the caller stops the daemon.
+    """
+    daemon = Daemon(args, env=env)
+    try:
+        port = announced_port(daemon, name)
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon, port
+
+
+def listen_on(port, host="127.0.0.1"):
+    """@return: the C{--listen} endpoint of C{port} on C{host}, to restart a daemon where it was."""
+    return listen_any(host).replace(":0:", f":{port}:", 1)
 
 
 @contextmanager
@@ -202,13 +212,11 @@ def announced(name, args, env=None):
     Run our daemon C{name} listening on port 0 and read the port it announces
     (no race for a port picked in advance); yields C{(daemon, port)}.
     """
-    with running(args, rf"{name} listening on \S+:\d+", env=env) as daemon:
-        yield daemon, announced_port(daemon, name)
-
-
-def announced_port(daemon, name):
-    """@return: the port that C{daemon} announced for C{name} (C{"rpc-tracker http"})."""
-    return int(daemon.wait_for(rf"{name} listening on \S+:(\d+)").group(1))
+    daemon, port = start_announced(name, args, env)
+    try:
+        yield daemon, port
+    finally:
+        daemon.stop()
 
 
 @contextmanager
@@ -219,13 +227,51 @@ def our_tracker(*extra, host="127.0.0.1"):
         yield daemon, port
 
 
+#: What a daemon prints when the port picked for it was taken meanwhile:
+#: TVM's daemons (tracker, proxy, server) and ours (twistd's fatal bind).
+BIND_FAILED = r"cannot bind to any port in|CannotListenError|Couldn't listen"
+
+
+@contextmanager
+def on_free_port(make_args, ready, host="127.0.0.1", attempts=5, env=None, timeout=60):
+    """
+    Run a daemon on a port picked free in advance, picking again (up to
+    C{attempts} times) when another process took it first and the daemon
+    exits on the failed bind.
+
+    For daemons that cannot listen on port 0 and announce the port: TVM's
+    (its server reports the port it was given to the tracker, its tracker and
+    proxy take a range) and our proxy's websocket port (0 turns it off).
+
+    @param make_args: called with the port; @return: the command line.
+    @param ready: the pattern of the line that says the daemon serves.
+    @return: a context manager yielding C{(daemon, port)}.
+    """
+    for attempt in range(1, attempts + 1):
+        port = free_port(host)
+        daemon = Daemon(make_args(port), env=env)
+        try:
+            daemon.wait_for(ready, timeout)
+        except AssertionError:
+            daemon.stop()
+            if attempt < attempts and re.search(BIND_FAILED, daemon.output):
+                continue
+            raise
+        break
+    try:
+        yield daemon, port
+    finally:
+        daemon.stop()
+
+
 @contextmanager
 def tvm_tracker(host="127.0.0.1"):
     """TVM's tracker on a free port; yields C{(daemon, port)}."""
-    port = free_port(host)
-    args = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host,
-            "--port", str(port), "--port-end", str(port + 1)]
-    with running(args, r"bind to") as daemon:
+    def args(port):
+        return [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host,
+                "--port", str(port), "--port-end", str(port + 1)]
+
+    with on_free_port(args, r"bind to \S+:\d+", host) as (daemon, port):
         yield daemon, port
 
 
@@ -246,11 +292,12 @@ def our_proxy(*extra, host="127.0.0.1", env=None):
 @contextmanager
 def tvm_proxy(*extra, host="127.0.0.1"):
     """TVM's proxy on a free port with its web port off; yields C{(daemon, port)}."""
-    port = free_port(host)
-    args = [sys.executable, "-m", "tvm.exec.rpc_proxy", "--host", host,
-            "--port", str(port), "--port-end", str(port + 1), "--web-port", "0", *extra]
+    def args(port):
+        return [sys.executable, "-m", "tvm.exec.rpc_proxy", "--host", host,
+                "--port", str(port), "--port-end", str(port + 1), "--web-port", "0", *extra]
+
     # Logged once the port listens and the handler runs (the bind line comes before listen()).
-    with running(args, r"RPCProxy: Websock port bind to") as daemon:
+    with on_free_port(args, r"RPCProxy: Websock port bind to", host) as (daemon, port):
         yield daemon, port
 
 
@@ -260,10 +307,11 @@ def tvm_rpc_server(*extra, host="127.0.0.1"):
     TVM's rpc_server on a free port (pass C{--tracker}, C{--key} in C{extra});
     yields C{(daemon, port)} once it listens.
     """
-    port = free_port(host)
-    args = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", host,
-            "--port", str(port), "--port-end", str(port + 1), *extra]
-    with running(args, r"bind to") as daemon:
+    def args(port):
+        return [sys.executable, "-m", "tvm.exec.rpc_server", "--host", host,
+                "--port", str(port), "--port-end", str(port + 1), *extra]
+
+    with on_free_port(args, r"bind to \S+:\d+", host) as (daemon, port):
         yield daemon, port
 
 
@@ -293,6 +341,43 @@ def recv_exactly(sock, size):
     return bytes(data)
 
 
+def stream_to_slow_reader(sender, reader, block, total, on_pause=None):
+    """
+    Send C{total} bytes (C{block} again and again) on C{sender} from a thread,
+    as fast as they go, then shut its sending side; read them on C{reader},
+    more slowly: a 2 ms pause every 64 reads (rate pacing, so the reader
+    stays the slower side), where C{on_pause} is called (to sample memory).
+    Both sockets get 256 KiB buffers, so little of the stream hides in them.
+
+    @return: C{(received, sent)}: the bytes read, and whether the sender
+        finished within 60 s of the last read.
+    """
+    for sock in (sender, reader):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 * 1024)
+
+    def send():
+        view = memoryview(block)
+        for _ in range(total // len(block)):
+            sender.sendall(view)
+        sender.shutdown(socket.SHUT_WR)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    received = reads = 0
+    while received < total:
+        chunk = reader.recv(256 * 1024)
+        assert chunk, f"end of file after {received} of {total} bytes"
+        received += len(chunk)
+        reads += 1
+        if reads % 64 == 0:
+            time.sleep(0.002)
+            if on_pause is not None:
+                on_pause()
+    thread.join(60)
+    return received, not thread.is_alive()
+
+
 def tracker_summary(port, host="127.0.0.1"):
     """Ask a tracker (ours or TVM's) for its summary over a raw socket, in TVM's framing."""
     with socket.create_connection((host, port), timeout=10) as sock:
@@ -308,16 +393,17 @@ def tracker_summary(port, host="127.0.0.1"):
 
 def wait_summary(port, predicate, timeout=30, host="127.0.0.1"):
     """Poll the tracker until C{predicate(summary)} holds; @return: the summary."""
-    deadline = time.monotonic() + timeout
-    while True:
+    last = [None]
+
+    def probe():
         try:
-            summary = tracker_summary(port, host)
-            if predicate(summary):
-                return summary
+            last[0] = tracker_summary(port, host)
         except (OSError, AssertionError):
-            summary = None
-        assert time.monotonic() < deadline, summary
-        time.sleep(0.1)
+            last[0] = None
+            return None
+        return last[0] if predicate(last[0]) else None
+
+    return wait_until(probe, timeout, what=lambda: f"the wanted summary (last: {last[0]})")
 
 
 def free_servers(summary, key):

@@ -42,3 +42,8 @@ def add(a, b):
 def pid():
     """@return: the worker's process id (to kill it in the middle of a call)."""
     return os.getpid()
+
+
+# The global functions of the session behaviour suite (tests/session_behaviour.py).
+register_func("add", add, override=True)
+register_func("boom", lambda: 1 / 0, override=True)

@@ -9,6 +9,7 @@ import errno
 import os
 import re
 
+import pytest
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
@@ -24,6 +25,8 @@ from tvm_rpc.daemon import options as daemon_options
 from tvm_rpc.daemon import ports as daemon_ports
 from tvm_rpc.daemon.listening import ListenerService
 from tvm_rpc.daemon.ports import GuardedTCPPort
+
+pytestmark = pytest.mark.unit
 
 
 class BusyReactor(MemoryReactorClock):

@@ -17,6 +17,8 @@ import pytest
 
 from tests.daemons import free_servers, our_rpc_server, our_tracker, tvm_rpc_server, wait_summary
 
+pytestmark = pytest.mark.system
+
 KEY = "metaschedule"
 N = 64
 #: Each candidate is one session; the runner gives up on a session after this.

@@ -9,8 +9,19 @@ from contextlib import contextmanager
 
 import pytest
 
-from daemons import Daemon, child_env, our_proxy, our_tracker, tvm_proxy, tvm_tracker, twistd
+from daemons import (
+    Daemon,
+    child_env,
+    our_proxy,
+    our_tracker,
+    tvm_proxy,
+    tvm_tracker,
+    twistd,
+    wait_until,
+)
 from tvm_rpc.protocol.keys import redact_matchkeys
+
+pytestmark = pytest.mark.system
 
 KEY = "interop-dev"
 
@@ -28,14 +39,13 @@ def tvm_server_through(port, key=KEY):
 
 def wait_free(tvm, tracker_port, key, want, timeout=30):
     """Wait until the tracker's summary shows C{want} free servers for C{key}."""
-    deadline = time.monotonic() + timeout
-    while True:
-        summary = tvm.rpc.connect_tracker("127.0.0.1", tracker_port).summary()
-        free = summary["queue_info"].get(key, {}).get("free", 0)
-        if free == want:
-            return summary
-        assert time.monotonic() < deadline, f"free={free}, wanted {want}: {summary}"
-        time.sleep(0.1)
+    last = [None]
+
+    def reached():
+        summary = last[0] = tvm.rpc.connect_tracker("127.0.0.1", tracker_port).summary()
+        return summary if summary["queue_info"].get(key, {}).get("free", 0) == want else None
+
+    return wait_until(reached, timeout, what=lambda: f"{want} free (last: {last[0]})")
 
 
 def use_session(session):

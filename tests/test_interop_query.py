@@ -11,7 +11,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 import types
 from collections import Counter
 
@@ -19,12 +18,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemons import child_env, free_port, running, tvm_tracker
+from daemons import child_env, tvm_rpc_server, tvm_tracker, wait_until
 from tvm_rpc.client.tracker import text_summary
 
 HOST = "127.0.0.1"
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(180)]
 
 plain_keys = st.text(
     alphabet="abcdefghijklmnopqrstuvwxyzABC0123456789-_.", min_size=1, max_size=12
@@ -176,16 +175,18 @@ def run_query_tool(module, port, *extra):
 
 def wait_for_free(port, key, timeout=60):
     """Poll our query tool's --json until C{key} has a free server."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done = run_query_tool("tvm_rpc.query", port, "--json")
+    last = [None]
+
+    def free():
+        done = last[0] = run_query_tool("tvm_rpc.query", port, "--json")
         if done.returncode == 0:
             summary = json.loads(done.stdout)
             if summary["queue_info"].get(key, {}).get("free"):
                 return summary
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{key} never became free: {done.stdout!r} {done.stderr!r}")
-        time.sleep(0.3)
+        return None
+
+    return wait_until(free, timeout, interval=0.3, what=lambda: (
+        f"{key} free ({last[0].stdout!r} {last[0].stderr!r})"))
 
 
 def test_query_tool_matches_tvm_on_tvm_tracker_with_tvm_server(tvm):
@@ -195,11 +196,8 @@ def test_query_tool_matches_tvm_on_tvm_tracker_with_tvm_server(tvm):
     tracker.
     """
     with tvm_tracker() as (_, tracker_port):
-        server_port = free_port()
-        server = [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker",
-                  f"{HOST}:{tracker_port}", "--key", "interopq", "--host", HOST,
-                  "--port", str(server_port), "--port-end", str(server_port + 1)]
-        with running(server, r"bind to"):
+        with tvm_rpc_server("--tracker", f"{HOST}:{tracker_port}", "--key", "interopq",
+                            host=HOST) as (_, server_port):
             summary = wait_for_free(tracker_port, "interopq")
             assert {"key": "server:interopq", "addr": [HOST, server_port]} in \
                 summary["server_info"]

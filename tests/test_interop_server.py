@@ -23,15 +23,17 @@ from tests.daemons import (
     ROOT,
     Daemon,
     child_env,
-    free_port,
     gone,
     listen_any,
     our_tracker,
-    running,
+    start_announced,
+    tvm_rpc_server,
     tvm_tracker,
     twistd,
     wait_until,
 )
+
+pytestmark = pytest.mark.system
 
 CLIENT_SCRIPT = str(ROOT / "tests" / "interop_client.py")
 #: Bound on each child client run, so a broken peer fails the test instead of hanging it.
@@ -54,13 +56,8 @@ def run_client(*args, env=None):
 
 def our_server(*extra, env=None):
     """@return: a started L{Daemon} of our rpc-server on a port the system picks, and the port."""
-    daemon = Daemon(twistd("rpc-server", "--listen", listen_any("127.0.0.1"), *extra), env=env)
-    try:
-        port = int(daemon.wait_for(r"rpc-server listening on \S+:(\d+)", timeout=60).group(1))
-    except BaseException:
-        daemon.stop()
-        raise
-    return daemon, port
+    return start_announced(
+        "rpc-server", twistd("rpc-server", "--listen", listen_any("127.0.0.1"), *extra), env=env)
 
 
 def test_tvm_client_served(tvm):
@@ -77,10 +74,7 @@ def test_tvm_client_served(tvm):
 
 def test_our_client_refused_by_tvm_server_clearly(tvm):
     """Our client reaching TVM's server fails at once with NotTvmRpcServer."""
-    port = free_port()
-    args = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
-            "--port", str(port), "--port-end", str(port + 1), "--key", "dev"]
-    with running(args, r"bind to"):
+    with tvm_rpc_server("--key", "dev") as (_, port):
         report = run_client("connect", "127.0.0.1", port, "dev")
     assert report["ok"] is False
     assert report["error_type"] == "NotTvmRpcServer"

@@ -16,6 +16,8 @@ from tvm_rpc.server.environment import SessionEnvironment
 from tvm_rpc.server.registry import Registry
 from tvm_rpc.server.session import SessionProtocol
 
+pytestmark = pytest.mark.system
+
 N = 1024
 
 

@@ -15,14 +15,20 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.daemons import child_env, free_port, our_tracker, recv_exactly, running, tvm_tracker
+from tests.daemons import (
+    child_env,
+    our_tracker,
+    recv_exactly,
+    tvm_tracker,
+    wait_until,
+)
+from tests.daemons import tvm_rpc_server as tvm_server_on_free_port
 from tvm_rpc.protocol.constants import INT32, RPC_TRACKER_MAGIC, TrackerCode
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
 
 HOST = "127.0.0.1"
 
@@ -87,23 +93,6 @@ def register_fake_server(port, key, server_port, matchkeys, custom_addr=None):
     return peer
 
 
-def wait_until(probe, timeout, interval=0.02):
-    """
-    Call C{probe} until it returns a true value.
-
-    @return: that value.
-    @raise AssertionError: when C{timeout} seconds pass first.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-
-
 def queue(port, key):
     """@return: C{queue_info[key]} of the tracker on C{port}, or C{None}."""
     peer = RawTrackerPeer(port)
@@ -113,18 +102,13 @@ def queue(port, key):
         peer.close()
 
 
-@contextlib.contextmanager
 def tvm_rpc_server(tracker_port, key):
     """
     TVM's own C{python -m tvm.exec.rpc_server}, registered with the tracker on
     C{tracker_port} under C{key}; yields C{(daemon, listen_port)}.
     """
-    port = free_port()
-    args = [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker",
-            f"{HOST}:{tracker_port}", "--key", key, "--host", HOST,
-            "--port", str(port), "--port-end", str(port + 1)]
-    with running(args, r"bind to") as daemon:
-        yield daemon, port
+    return tvm_server_on_free_port("--tracker", f"{HOST}:{tracker_port}", "--key", key,
+                                   host=HOST)
 
 
 def run_tool(module, port):
@@ -194,15 +178,14 @@ def test_tvm_query_tool_prints_our_state(tracker, served):
     assert re.search(r"^interop\s+1\s+1\s+0\s*$", out, re.M), out
 
 
-def test_terminated_tvm_server_leaves_our_summary_within_a_second(tvm, tracker):
+def test_terminated_tvm_server_leaves_our_summary(tvm, tracker):
     """
-    Killing a TVM server's process group removes it from our summary within
-    1 s (issue 2's bound; the summary is polled, so this checks the behaviour,
-    it does not measure it).
+    Killing a TVM server's process group removes it from our summary (its
+    listing and the free count). How fast (issue 2's bound, 1 s) is measured
+    by C{python bench/bounds.py dead-server}, not here.
     """
     with tvm_rpc_server(tracker, "doomed") as (daemon, server_port):
         wait_until(lambda: (queue(tracker, "doomed") or {}).get("free") == 1, 30)
-        killed_at = time.monotonic()
         daemon.stop(sig=signal.SIGKILL)
 
         def gone():
@@ -216,8 +199,7 @@ def test_terminated_tvm_server_leaves_our_summary_within_a_second(tvm, tracker):
             free = summary["queue_info"].get("doomed", {}).get("free", 0)
             return not listed and free == 0
 
-        # The second counts from the kill, not from when stop() returned.
-        wait_until(gone, max(0.0, killed_at + 1.0 - time.monotonic()), interval=0.01)
+        wait_until(gone, 30, interval=0.05)
 
 
 @contextlib.contextmanager

@@ -31,19 +31,20 @@ from tests.daemons import (
     ROOT,
     Daemon,
     child_env,
-    free_port,
     gone,
     our_proxy,
     our_tracker,
     recv_exactly,
-    running,
     tvm_proxy,
+    tvm_rpc_server,
     tvm_tracker,
     twistd,
     wait_until,
 )
 from tests.test_interop_server import BLOCKER, dense_relu, our_server, run_client  # noqa: F401
 from tvm_rpc.protocol.constants import RPC_CODE_SUCCESS, RPC_MAGIC
+
+pytestmark = pytest.mark.system
 
 TVM_CLIENT = str(ROOT / "tests" / "tvm_client.py")
 #: Bound on each child client run.
@@ -284,10 +285,7 @@ def test_refused_without_tvm_runtime(tvm, tmp_path):
 
 def test_our_client_refusal_leaves_tvm_server_serving(tvm):
     """Our client meeting TVM's server closes cleanly: TVM's server serves the next client."""
-    port = free_port()
-    args = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
-            "--port", str(port), "--port-end", str(port + 1), "--key", "dev"]
-    with running(args, r"bind to"):
+    with tvm_rpc_server("--key", "dev") as (_, port):
         for _ in range(2):
             report = run_client("connect", "127.0.0.1", port, "dev")
             assert report["ok"] is False and report["error_type"] == "NotTvmRpcServer", report

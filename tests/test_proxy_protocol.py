@@ -238,33 +238,6 @@ class ProxyConnectionTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
-class TuneSocketTests(SynchronousTestCase):
-    """L{tune_tcp} on a real TCP socket (no reactor involved)."""
-
-    def test_nodelay_and_keepalive(self):
-        import socket
-
-        from tvm_rpc.proxy.protocol import PROXY_KEEPALIVE
-        from tvm_rpc.transport import tune_tcp
-
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(1)
-            with socket.create_connection(listener.getsockname()) as sock:
-
-                class Handle:
-                    def getHandle(self):
-                        return sock
-
-                tune_tcp(Handle(), PROXY_KEEPALIVE)
-                self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-                self.assertTrue(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
-                if hasattr(socket, "TCP_KEEPIDLE"):
-                    self.assertEqual(
-                        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), PROXY_KEEPALIVE.idle)
-        tune_tcp(StringTransport(), PROXY_KEEPALIVE)
-
-
 class WebSocketTests(SynchronousTestCase):
     """The ``/ws`` endpoint over in-memory transports (autobahn on both ends)."""
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import attrs
 from twisted.application.service import IServiceMaker
 from twisted.internet import defer
@@ -17,6 +18,8 @@ from tvm_rpc.proxy import tap
 from tvm_rpc.proxy.pairing import PairingPool
 from tvm_rpc.protocol.keys import PROXY_ENTRY_PREFIX, proxy_info_key
 from tvm_rpc.proxy.registration import ProxyRegistration
+
+pytestmark = pytest.mark.unit
 
 
 class BusyPortsReactor(MemoryReactorClock):

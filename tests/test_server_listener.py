@@ -2,6 +2,7 @@
 
 import struct
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.protocol import Protocol
@@ -40,6 +41,8 @@ from tvm_rpc.server.listener import (
     ISessionRunner,
     ListenerFactory,
 )
+
+pytestmark = pytest.mark.unit
 
 
 @implementer(ISessionRunner)

@@ -3,6 +3,7 @@
 import errno
 import os
 
+import pytest
 from twisted.application.service import IServiceMaker
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
@@ -14,6 +15,8 @@ from tvm_rpc.client.registration import TrackerRegistration
 from tvm_rpc.server import tap
 from tvm_rpc.server.listener import InProcessRunner
 from tvm_rpc.server.pool import WorkerPool
+
+pytestmark = pytest.mark.unit
 
 STANDIN = "tests.standin_session:make"
 

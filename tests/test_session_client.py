@@ -8,10 +8,7 @@ import os
 import random
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
-import textwrap
 
 import numpy
 from hypothesis import given
@@ -27,13 +24,14 @@ from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from tests.session_behaviour import MODULE, SessionBehaviour
 from tvm_rpc.client import amp_engine, host_arrays
 from tvm_rpc.client.amp_engine import AMPEngine
 from tvm_rpc.client.amp_protocol import make_client_protocol
 from tvm_rpc.client.devices import Device
 from tvm_rpc.client.engine import ISessionEngine
 from tvm_rpc.client.host_arrays import host_array, unpack
-from tvm_rpc.client.remote import RemoteArray, RemoteFunction, RemoteModule, TimeEvaluatorResult
+from tvm_rpc.client.remote import RemoteFunction, TimeEvaluatorResult
 from tvm_rpc.client.rpc_session import CLOSE_TIMEOUT, RPCSession
 from tvm_rpc.client.session import HELLO_TIMEOUT, open_session, start_session
 from tvm_rpc.client.session_errors import (
@@ -50,15 +48,6 @@ from tvm_rpc.server.registry import Registry
 from tvm_rpc.server.session import SessionProtocol, timeout_notice
 
 pytestmark = pytest.mark.unit
-
-
-MODULE = b'''
-def double(x):
-    return x * 2
-
-def fail(message):
-    raise KeyError(message)
-'''
 
 
 def _fill(target, value):
@@ -165,6 +154,35 @@ class OpeningTests(SessionTestBase):
         self.assertEqual(self.session.protocol_name, "tvm_rpc")
 
 
+class InMemorySessionTests(SessionBehaviour, SessionTestBase):
+    """
+    The session behaviours (L{SessionBehaviour}) with client and server on
+    in-memory transports; C{tests/test_session_forked.py} runs them against a
+    real server. What only memory shows (commands counted, the server's
+    state) is checked on top.
+    """
+
+    def session_dir(self):
+        return self.environment.work_dir.root
+
+    def server_root(self):
+        return self.root
+
+    def connected(self):
+        return not self.client.lost
+
+    def test_module_time_evaluator(self):
+        """The function is looked up once, lazily."""
+        super().test_module_time_evaluator()
+        self.assertEqual(self.count(session_commands.ModuleGetFunction), 1)
+
+    def test_close(self):
+        """The server's environment is closed after one Goodbye."""
+        super().test_close()
+        self.assertTrue(self.environment.closed)
+        self.assertEqual(self.count(session_commands.Goodbye), 1)
+
+
 class HelloFailureTests(SynchronousTestCase):
     """A peer that is not a tvm_rpc session server gives ProtocolMismatch, never a hang."""
 
@@ -245,14 +263,6 @@ class CarrierTests(SynchronousTestCase):
 class FunctionTests(SessionTestBase):
     """Global functions, calls, errors, handles."""
 
-    def test_get_function_and_call(self):
-        """get_function gives a RemoteFunction; calling it gives the result."""
-        add = self.resolve(self.session.get_function("add"))
-        self.assertIsInstance(add, RemoteFunction)
-        self.assertEqual(self.resolve(add(2, 3)), 5)
-        self.assertEqual(self.resolve(add("a", "b")), "ab")
-        self.assertEqual(self.resolve(self.session.call("add", 1.5, 2)), 3.5)
-
     def test_values_round_trip(self):
         """Plain values of every kind come back as sent."""
         sent = [None, True, -7, 2.5, "é", b"\x00\xff", [1, [2]], (3, 4), {"k": {1: b"v"}}]
@@ -272,23 +282,6 @@ class FunctionTests(SessionTestBase):
         self.assertEqual(self.count(session_commands.OpenValue), 0)
         self.assertGreater(self.count(session_commands.StreamRead), 0)
         self.assertEqual(len(self.environment.streams), 0)
-
-    def test_remote_error_and_still_usable(self):
-        """
-        A remote exception arrives as RemoteError with its type and message,
-        without the server's traceback (the server's default); the session
-        goes on.
-        """
-        failing = self.session.call("boom")
-        self.pump.flush()
-        self.assertFalse(self.client.lost)
-        failure = self.failureResultOf(failing, RemoteError)
-        self.assertEqual(failure.value.type_name, "ZeroDivisionError")
-        self.assertEqual(failure.value.short_type_name, "ZeroDivisionError")
-        self.assertIn("division by zero", failure.value.message)
-        self.assertEqual(failure.value.traceback_text, "")
-        self.assertNotIn(self.root, str(failure.value))
-        self.assertEqual(self.resolve(self.session.call("add", 1, 1)), 2)
 
     def test_unknown_function(self):
         """get_function of a missing name fails with RemoteError naming NoSuchFunction."""
@@ -447,20 +440,6 @@ class FileTests(SessionTestBase):
         self.assertLessEqual(max(received), self.bound())
         self.assertEqual(len(self.environment.streams), 0)
 
-    def test_upload_path_and_download_to_file(self):
-        """A local file uploads under its base name; a download streams into a local file."""
-        source = os.path.join(self.local, "model.bin")
-        with open(source, "wb") as f:
-            f.write(self.blob)
-        self.assertEqual(self.resolve(self.session.upload(source)), self.SIZE)
-        self.assertEqual(self.resolve(self.session.listdir()), ["model.bin"])
-        target = os.path.join(self.local, "copy.bin")
-        self.assertEqual(self.resolve(self.session.download("model.bin", local_path=target)),
-                         self.SIZE)
-        with open(target, "rb") as f:
-            self.assertEqual(f.read(), self.blob)
-        self.assertEqual(sorted(os.listdir(self.local)), ["copy.bin", "model.bin"])
-
     def test_transfers_and_calls_interleave(self):
         """Calls answer while an upload and a download are under way on the same session."""
         self.resolve(self.session.upload(self.blob, "first.bin"))
@@ -513,18 +492,6 @@ class FileTests(SessionTestBase):
         self.assertEqual(len(self.environment.streams), 0)
         self.assertEqual(os.listdir(self.environment.work_dir.root), [])
 
-    def test_download_missing_and_remove(self):
-        """Errors of file operations are RemoteErrors; remove deletes."""
-        failure = self.failure(self.session.download("nothing.bin"), RemoteError)
-        self.assertEqual(failure.value.type_name, "FileNotFoundError")
-        self.resolve(self.session.upload(b"abc", "a.txt"))
-        self.resolve(self.session.remove("a.txt"))
-        self.assertEqual(self.resolve(self.session.listdir(".")), [])
-        self.assertEqual(self.resolve(self.session.workpath("x/y")),
-                         os.path.join(self.environment.work_dir.root, "x", "y"))
-        failure = self.failure(self.session.upload(b"abc", "../escape.txt"), RemoteError)
-        self.assertIn("PathEscapeError", failure.value.type_name)
-
     def test_upload_bytes_needs_target(self):
         """Bytes without a target path are refused locally."""
         self.failureResultOf(self.session.upload(b"abc"), ValueError)
@@ -537,14 +504,6 @@ class ModuleTests(SessionTestBase):
         super().setUp()
         self.resolve(self.session.upload(MODULE, "lib/mod.py"))
         self.module = self.resolve(self.session.load_module("lib/mod.py"))
-
-    def test_module_functions(self):
-        """module.get_function and module[name] both call the module's functions."""
-        self.assertIsInstance(self.module, RemoteModule)
-        self.assertEqual(self.module.kind, "python")
-        double = self.resolve(self.module.get_function("double"))
-        self.assertEqual(self.resolve(double(21)), 42)
-        self.assertEqual(self.resolve(self.module["double"]("ab")), "abab")
 
     def test_lazy_function_resolves_once(self):
         """Concurrent first calls of a lazy function share one lookup."""
@@ -562,21 +521,6 @@ class ModuleTests(SessionTestBase):
         self.failure(missing(1), RemoteError)
         self.failure(missing(1), RemoteError)
         self.assertEqual(self.count(session_commands.ModuleGetFunction), 2)
-
-    def test_module_time_evaluator(self):
-        """A module's function is timed by name (looked up lazily)."""
-        evaluator = self.module.time_evaluator("double", self.session.cpu(), number=3, repeat=2)
-        result = self.resolve(evaluator(4))
-        self.assertEqual(len(result.results), 2)
-        self.assertGreaterEqual(result.min, 0)
-        self.assertEqual(self.count(session_commands.ModuleGetFunction), 1)
-
-    def test_module_error(self):
-        """An exception in module code names its type (no traceback by default)."""
-        failure = self.failure(self.module["fail"]("why"), RemoteError)
-        self.assertEqual(failure.value.type_name, "KeyError")
-        self.assertEqual(failure.value.traceback_text, "")
-
 
 class DeviceTests(SessionTestBase):
     """Devices by name and number."""
@@ -611,16 +555,6 @@ class DeviceTests(SessionTestBase):
 
 class ArrayTests(SessionTestBase):
     """Remote arrays: allocate, fill, pass, read back."""
-
-    def test_round_trip(self):
-        """A numpy array copied to the device reads back equal, as numpy, bytes or lists."""
-        host = numpy.arange(12, dtype="float32").reshape(3, 4)
-        remote_array = self.resolve(self.session.array(host, self.session.cpu()))
-        self.assertIsInstance(remote_array, RemoteArray)
-        self.assertEqual((remote_array.shape, remote_array.dtype), ((3, 4), "float32"))
-        numpy.testing.assert_array_equal(self.resolve(remote_array.numpy()), host)
-        self.assertEqual(self.resolve(remote_array.read()), host.tobytes())
-        self.assertEqual(self.resolve(remote_array.tolist()), host.tolist())
 
     def test_big_array_in_chunks(self):
         """An array of several chunks round-trips byte-exact."""
@@ -706,17 +640,6 @@ class TimeEvaluatorFunctionTests(SessionTestBase):
 
 class ClosingTests(SessionTestBase):
     """Ending sessions: close(), async with, lost connections, server notices."""
-
-    def test_close(self):
-        """close() says goodbye, the connection goes, later calls fail with SessionClosed."""
-        closing = self.session.close()
-        self.assertTrue(self.session.closed)
-        self.resolve(closing)
-        self.assertTrue(self.client.lost)
-        self.assertTrue(self.environment.closed)
-        self.assertEqual(self.count(session_commands.Goodbye), 1)
-        self.failureResultOf(self.session.call("add", 1, 2), SessionClosed)
-        self.successResultOf(self.session.close())
 
     def test_async_with(self):
         """async with closes the session on the way out, also after an error."""
@@ -1082,50 +1005,3 @@ class TimeEvaluatorResultTests(SynchronousTestCase):
     def test_empty(self):
         """A result needs timings."""
         self.assertRaises(ValueError, TimeEvaluatorResult, [])
-
-
-WITHOUT_NUMPY = textwrap.dedent('''
-    import sys, tempfile
-    sys.modules["numpy"] = None  # the client and the server run without numpy
-    from twisted.internet.task import Clock
-    from twisted.test.iosim import connectedServerAndClient
-    from tvm_rpc.client.amp_protocol import make_client_protocol
-    from tvm_rpc.client.session import start_session
-    from tvm_rpc.server.registry import Registry
-    from tvm_rpc.server.session import SessionProtocol
-
-    def double_in_place(target):
-        view = memoryview(target.data).cast("i")
-        for index in range(len(view)):
-            view[index] *= 2
-
-    registry = Registry()
-    registry.register("double_in_place", double_in_place)
-    clock = Clock()
-    client, server, pump = connectedServerAndClient(
-        lambda: SessionProtocol(tempfile.mkdtemp(), registry, clock=clock, backend="python"),
-        make_client_protocol, clock=clock)
-
-    def run(deferred):
-        pump.flush()
-        return deferred.result
-
-    session = run(start_session(client, clock=clock))
-    remote = run(session.array([[1, 2, 3], [4, 5, 6]], dtype="int32"))
-    run(session.call("double_in_place", remote))
-    print(run(remote.tolist()))
-    print(run(session.array(b"\\x01\\x02")).dtype)
-    run(session.close())
-    print("numpy" in sys.modules and sys.modules["numpy"] is not None)
-''')
-
-
-def test_client_without_numpy():
-    """Arrays from nested lists and back as lists, with numpy absent on both ends."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    output = subprocess.run(
-        [sys.executable, "-c", WITHOUT_NUMPY], cwd=root, capture_output=True, text=True,
-        timeout=60, env={**os.environ, "PYTHONPATH": root},
-    )
-    assert output.returncode == 0, output.stderr
-    assert output.stdout.split("\n")[:3] == ["[[2, 4, 6], [8, 10, 12]]", "uint8", "False"]

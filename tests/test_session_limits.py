@@ -1,15 +1,12 @@
 """The operator's limits on a session, and what a peer sees when it meets one.
 
 Server side in memory (the session protocol with a plain AMP client); the
-client's own bounds through the real session client; one real process for a
-device type that would crash TVM's runtime.
+client's own bounds through the real session client. A device type that
+would crash TVM's runtime on a real worker: ``tests/test_session_processes.py``.
 """
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import pytest
@@ -21,7 +18,6 @@ from twisted.python import usage
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.daemons import child_env, our_rpc_server
 from tests.test_session_client import SessionTestBase
 from tests.test_session_server import CommandCalls
 from tvm_rpc.client.amp_protocol import make_client_protocol
@@ -46,6 +42,8 @@ from tvm_rpc.server.registry import Registry
 from tvm_rpc.server.session import SessionProtocol
 from tvm_rpc.server.pool import WorkerPool
 from tvm_rpc.server.workdir import FileSink
+
+pytestmark = pytest.mark.unit
 
 NAME_MAX = 255
 
@@ -523,47 +521,6 @@ class OptionsTests(SynchronousTestCase):
         session = service.runner.make_protocol()
         self.assertTrue(session.settings.send_tracebacks)
         self.assertTrue(session.send_tracebacks)
-
-
-_DEVICE_CLIENT = """
-import json, sys
-from twisted.internet import task
-
-async def main(reactor, port):
-    from tvm_rpc.client.connect import connect
-    session = await connect("127.0.0.1", int(port), "dev999", reactor=reactor, handshake_timeout=30)
-    out = {}
-    for what, make in [("exists", lambda: session.device(999).exists()),
-                       ("empty", lambda: session.empty((2,), "float32", session.device(999)))]:
-        try:
-            await make()
-            out[what] = "no error"
-        except Exception as e:
-            out[what] = [type(e).__name__, getattr(e, "type_name", ""), str(getattr(e, "message", e))]
-    out["after"] = await session.call("tvm.rpc.server.listdir", ".")
-    await session.close()
-    print(json.dumps(out))
-
-task.react(lambda reactor: __import__("twisted").internet.defer.ensureDeferred(
-    main(reactor, sys.argv[1])))
-"""
-
-
-def test_unknown_device_type_does_not_kill_a_real_worker():
-    """Device type 999 on a real worker (TVM's runtime when installed): a clear error, no crash."""
-    with our_rpc_server("--key", "dev999") as (daemon, port):
-        result = subprocess.run(
-            [sys.executable, "-c", _DEVICE_CLIENT, str(port)], env=child_env(),
-            capture_output=True, text=True, timeout=120,
-        )
-        assert result.returncode == 0, result.stderr
-        out = json.loads(result.stdout.strip().splitlines()[-1])
-        for what in ("exists", "empty"):
-            kind, type_name, message = out[what]
-            assert kind == "RemoteError" and type_name.endswith("DeviceError"), out
-            assert "unknown device type 999" in message and "cpu=1" in message, out
-        assert out["after"] == []
-        assert "died" not in daemon.output
 
 
 class IdleTimeoutTests(SynchronousTestCase):

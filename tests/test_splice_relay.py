@@ -25,12 +25,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from tvm_rpc.protocol.constants import RPC_CODE_SUCCESS
 from tvm_rpc.protocol.handshake import encode_handshake, encode_reply
 from tvm_rpc.proxy import splice as splice_module
+from tvm_rpc.proxy import splice_directions
 from tvm_rpc.proxy.pairing import PairingPool
 from tvm_rpc.proxy.protocol import ProxyFactory
 from tvm_rpc.proxy.tap import Options, makeService
 
-pytestmark = pytest.mark.skipif(not splice_module.splice_available(),
-                                reason="splice(2) is Linux-only")
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.skipif(not splice_module.splice_available(), reason="splice(2) is Linux-only"),
+]
 
 MiB = 1024 * 1024
 #: Seconds any single wait in these tests may take before it fails.
@@ -291,7 +294,7 @@ class SpliceRelayTests(SynchronousTestCase):
             self.assertLess(client.sent, total)
             for direction in spliced._directions:
                 self.assertLessEqual(direction.pending, direction.capacity)
-                self.assertLessEqual(direction.capacity, splice_module.PIPE_SIZE)
+                self.assertLessEqual(direction.capacity, splice_directions.PIPE_SIZE)
             for protocol in proxy.protocols:
                 self.assertTrue(splice_module.write_buffer_empty(protocol.transport))
             server.reading = True
@@ -412,10 +415,10 @@ class EligibilityTests(SynchronousTestCase):
 
     def test_open_pipe_capacity(self):
         """Pipes get the asked capacity where the system allows it, and are closed after."""
-        read_fd, write_fd, capacity = splice_module.open_pipe(splice_module.PIPE_SIZE)
+        read_fd, write_fd, capacity = splice_directions.open_pipe(splice_directions.PIPE_SIZE)
         try:
             self.assertGreaterEqual(capacity, 4096)
-            self.assertLessEqual(capacity, max(splice_module.PIPE_SIZE, 65536))
+            self.assertLessEqual(capacity, max(splice_directions.PIPE_SIZE, 65536))
         finally:
             os.close(read_fd)
             os.close(write_fd)

@@ -14,12 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from tvm_rpc.protocol import remote_error, session_commands
+from tvm_rpc.protocol.stream_table import BytesSink, BytesSource, ISink, StreamTable
 from tvm_rpc.protocol.streams import (
-    BytesSink,
-    BytesSource,
-    ISink,
     StreamError,
-    StreamTable,
     chunked,
     file_chunks,
     read_stream,
@@ -342,7 +339,7 @@ class StreamTableTests(SynchronousTestCase):
         """The sinks and sources provide their interfaces."""
         from zope.interface.verify import verifyObject
 
-        from tvm_rpc.protocol.streams import ISource
+        from tvm_rpc.protocol.stream_table import ISource
 
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)

@@ -30,7 +30,7 @@ from tests.daemons import (
 from tests.test_interop_tracker import RawTrackerPeer, register_fake_server
 from tvm_rpc.protocol.constants import TrackerCode
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(180)]
 
 HOST = "127.0.0.1"
 HTTP_ANY = f"tcp:0:interface={HOST}"

@@ -739,39 +739,6 @@ class QuickAckTests(TrackerTestCase):
 
 
 
-class QuickAckSocketTests(SynchronousTestCase):
-    """quick_ack on real sockets."""
-
-    def test_quick_ack_sets_the_socket_option(self):
-        """On a real TCP socket, quick_ack switches the socket to quick ACKs."""
-        import socket
-
-        from tvm_rpc.transport import quick_ack
-
-        if not hasattr(socket, "TCP_QUICKACK"):
-            self.skipTest("TCP_QUICKACK is Linux's")
-        listener = socket.create_server(("127.0.0.1", 0))
-        self.addCleanup(listener.close)
-        client = socket.create_connection(listener.getsockname())
-        self.addCleanup(client.close)
-        server, _ = listener.accept()
-        self.addCleanup(server.close)
-        for _ in range(3):
-            # A few exchanges put the connection in delayed-ACK mode.
-            client.sendall(b"x")
-            server.recv(1)
-            server.sendall(b"y")
-            client.recv(1)
-
-        class Transport:
-            def getHandle(self):
-                return server
-
-        quick_ack(Transport())
-        self.assertEqual(server.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK), 1)
-        quick_ack(StringTransport())  # not a socket: nothing to do
-
-
 class ResponderTableTests(SynchronousTestCase):
     """The tracker answers every command of the vocabulary."""
 

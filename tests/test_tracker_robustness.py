@@ -6,16 +6,15 @@ import json
 import secrets
 import socket
 import struct
-import sys
 import threading
 import time
 
 import pytest
 
-from tests.daemons import our_tracker, recv_exactly
+from tests.daemons import our_tracker, recv_exactly, wait_until
 from tvm_rpc.protocol.constants import RPC_TRACKER_MAGIC, TrackerCode
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(180)]
 
 HOST = "127.0.0.1"
 MAGIC = struct.pack("<i", RPC_TRACKER_MAGIC)
@@ -102,29 +101,13 @@ def test_summary_poller_never_sees_a_matchkey():
             assert matchkey.encode() not in everything
 
 
-def rss_bytes(pid):
-    """@return: the resident set size of process C{pid}, from /proc."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-#: How much the tracker may grow while a peer floods it with SUMMARY
-#: requests and never reads: the 4 MiB output bound, one transport buffer,
-#: one read of requests and the allocator's slack.
-FLOOD_RSS_BOUND = 64 << 20
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_summary_flood_without_reading_is_bounded_and_dropped():
+def test_summary_flood_without_reading_is_dropped():
     """
     A peer sends 20,000 SUMMARY requests (140 KB) and never reads. With 300
     keys listed each reply is about 15 KB, so the replies would be about
     300 MB; the tracker stops reading the peer, closes it once it owes more
-    than 4 MiB (with a log line), grows by less than L{FLOOD_RSS_BOUND}, and
-    serves everyone else meanwhile.
+    than 4 MiB (with a log line), and serves everyone else meanwhile. How
+    much it grows is measured by C{bench/bounds.py tracker-flood}.
     """
     with our_tracker() as (daemon, port):
         servers = Peer(port)
@@ -135,7 +118,6 @@ def test_summary_flood_without_reading_is_bounded_and_dropped():
             assert json.loads(servers.recv_raw()) == 0
         summary = servers.call([TrackerCode.SUMMARY])
         assert len(json.dumps(summary)) > 14_000
-        before = rss_bytes(daemon.proc.pid)
 
         flooder = Peer(port)
         frame = json.dumps([TrackerCode.SUMMARY]).encode()
@@ -145,8 +127,6 @@ def test_summary_flood_without_reading_is_bounded_and_dropped():
         sender.start()
         daemon.wait_for(r"closing tracker connection from 127\.0\.0\.1:\d+: more than "
                         r"4194304 bytes of replies not read", timeout=60)
-        grown = rss_bytes(daemon.proc.pid) - before
-        assert grown < FLOOD_RSS_BOUND, f"tracker grew by {grown / 2**20:.1f} MiB"
 
         other = Peer(port)
         assert other.call([TrackerCode.PING]) == 0
@@ -175,9 +155,14 @@ def test_summary_flood_without_reading_is_bounded_and_dropped():
 def test_departed_peers_keys_are_forgotten():
     """
     Keys PUT by 20 peers that then left (2,000 keys) show as TVM shows them
-    (free 0, pending 0) at first, and are gone after --key-idle-timeout.
+    (free 0, pending 0) at first, and are gone after --key-idle-timeout; a
+    key whose server stays connected outlives them.
     """
     with our_tracker("--key-idle-timeout", "2") as (_, port):
+        # PUT before the others: once theirs are forgotten, it has been
+        # listed for longer than the idle timeout.
+        stays = Peer(port)
+        stays.call([TrackerCode.PUT, "stays", [9090, "stays:1"], None])
         for batch in range(20):
             peer = Peer(port)
             for i in range(100):
@@ -188,23 +173,19 @@ def test_departed_peers_keys_are_forgotten():
             peer.close()
         watcher = Peer(port)
         try:
-            deadline = time.monotonic() + 30
-            first = None
-            while time.monotonic() < deadline:
+            seen = []
+
+            def departed_forgotten():
                 queue_info = watcher.call([TrackerCode.SUMMARY])[1]["queue_info"]
-                if first is None:
-                    first = queue_info
-                if not queue_info:
-                    break
-                time.sleep(0.2)
-            assert queue_info == {}
+                seen.append(queue_info)
+                return not any(key.startswith("gone-") for key in queue_info)
+
+            wait_until(departed_forgotten, 30, interval=0.2,
+                       what=lambda: f"the departed keys forgotten ({len(seen[-1])} listed)")
+            first = {key: v for key, v in seen[0].items() if key != "stays"}
             assert len(first) > 0
             assert all(v == {"free": 0, "pending": 0} for v in first.values())
-            stays = Peer(port)
-            stays.call([TrackerCode.PUT, "stays", [9090, "stays:1"], None])
-            time.sleep(2.5)
-            assert watcher.call([TrackerCode.SUMMARY])[1]["queue_info"] == {
-                "stays": {"free": 1, "pending": 0}}
-            stays.close()
+            assert seen[-1] == {"stays": {"free": 1, "pending": 0}}
         finally:
+            stays.close()
             watcher.close()

@@ -4,8 +4,9 @@ The fence around Twisted's internals (L{tvm_rpc.twisted_fence}).
 On the installed Twisted every probe passes and the fast paths are bound.
 With a fenced attribute made missing (the class monkeypatched), its probe
 fails, one log line says so, the public path is chosen, and what the
-optimisation served -- a session call, a write, a relay, the worker's
-reactor -- still works through it.
+optimisation served -- a session call, a write, the worker's reactor --
+still works through it (a relay: ``tests/test_twisted_fence_relay.py``, over
+a loopback connection).
 """
 
 import socket
@@ -22,7 +23,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests import test_ampwire
 from tests.test_ampwire import PairConnection
 from tests.test_session_client import SessionTestBase
-from tests.test_splice_relay import Proxy, assert_relays_through_twisted
 from tvm_rpc import lean_amp, twisted_fence
 from tvm_rpc.lean_amp import LeanAMP
 from tvm_rpc.proxy import splice as splice_module
@@ -169,28 +169,6 @@ class PublicReadingTests(SynchronousTestCase):
         self.assertTrue(twisted_fence._reactor_reading_public(transport))
         self.assertTrue(twisted_fence._reactor_reading(transport))
         self.assertFalse(twisted_fence._reactor_reading_public(object()))
-
-
-class PublicRelayTests(SynchronousTestCase):
-    """Without the write-buffer fence the proxy relays through Twisted, byte-exact."""
-
-    @pytest.mark.skipif(not splice_module.splice_available(), reason="splice(2) is Linux-only")
-    def test_relay(self):
-        """The pair is never spliced, and relays byte-exact through Twisted."""
-        self.patch(splice_module, "write_buffer_empty", None)
-        reactor = epollreactor.EPollReactor()
-        self.addCleanup(reactor._poller.close)
-        self.addCleanup(reactor.waker.connectionLost, None)
-        listener = socket.create_server(("127.0.0.1", 0))
-        self.addCleanup(listener.close)
-        theirs = socket.create_connection(listener.getsockname())
-        self.addCleanup(theirs.close)
-        ours, _ = listener.accept()
-        transport = PairConnection(ours, Protocol(), reactor)
-        transport.connected = True
-        self.addCleanup(transport.connectionLost, Failure(ConnectionDone()))
-        self.assertFalse(splice_module.can_splice(reactor, transport))
-        assert_relays_through_twisted(self, Proxy())
 
 
 class PublicReactorTests(SynchronousTestCase):

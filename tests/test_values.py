@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tvm_rpc.protocol import values
+from tvm_rpc.protocol import value_bytes, values
 from tvm_rpc.protocol.values import (
     ArrayRef,
     CodecError,
@@ -213,8 +213,8 @@ def test_quick_decode_round_trip(value):
     """The common small values of calls round-trip whether or not the quick path takes them."""
     encoded = encode(value)
     assert decode(encoded) == value
-    quick = values._quick_decode(encoded)
-    assert quick is values._MISS or encode(quick) == encoded
+    quick = value_bytes.quick_decode(encoded)
+    assert quick is value_bytes.MISS or encode(quick) == encoded
 
 
 @given(st.one_of(st.binary(max_size=40),
@@ -224,8 +224,8 @@ def test_quick_decode_round_trip(value):
                          lambda t: t[0][:t[1]] + bytes([t[2]]) + t[0][t[1] + 1:]))))
 def test_quick_decode_agrees_with_general_path(data):
     """On any bytes the quick path either declines or gives what the general path gives."""
-    quick = values._quick_decode(data)
-    if quick is values._MISS:
+    quick = value_bytes.quick_decode(data)
+    if quick is value_bytes.MISS:
         return
     general = _general_decode(data)
     assert encode(quick) == encode(general)
@@ -236,7 +236,7 @@ def test_quick_decode_declines_bad_utf8_and_truncation():
     """Invalid or truncated small encodings still raise CodecError (general path)."""
     for data in (b"\x01l\x01s\x01\xff", b"\x01l\x02i\x02", b"\x01i\x80", b"\x01", b"",
                  b"\x01l\x01f\x00\x00", b"\x01i\x02\x00"):
-        assert values._quick_decode(data) is values._MISS
+        assert value_bytes.quick_decode(data) is value_bytes.MISS
         with pytest.raises(CodecError):
             decode(data)
 

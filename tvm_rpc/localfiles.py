@@ -3,8 +3,8 @@
 A file received over a session is written beside its final path under a
 temporary name and renamed over it once complete, so a reader never sees
 half a file and a cancelled transfer leaves nothing behind: the client does
-this for downloads, the server (:class:`~tvm_rpc.server.workdir.FileSink`)
-for uploads. :func:`open_temporary` makes that temporary file.
+this for downloads, the server (L{FileSink<tvm_rpc.server.workdir.FileSink>})
+for uploads. L{open_temporary} makes that temporary file.
 """
 
 import itertools

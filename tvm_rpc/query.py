@@ -1,11 +1,11 @@
-"""The query tool: print a tracker's state as TVM's ``query_rpc_tracker`` does.
+"""The query tool: print a tracker's state as TVM's C{query_rpc_tracker} does.
 
-Run as ``python -m tvm_rpc.query`` or ``tvm-rpc-query``. Without options it
-prints exactly what ``python -m tvm.exec.query_rpc_tracker`` prints for the same
-tracker (see :func:`tvm_rpc.client.tracker.text_summary` for the two places
-where TVM's counting is wrong and ours is not); ``--json`` prints the raw
-summary; ``--leases`` prints who holds which server (our tracker's extra
-``leases`` field). An unreachable tracker or a peer that is not a tracker gives
+Run as C{python -m tvm_rpc.query} or C{tvm-rpc-query}. Without options it
+prints exactly what C{python -m tvm.exec.query_rpc_tracker} prints for the same
+tracker (see L{tvm_rpc.client.tracker.text_summary} for the two places
+where TVM's counting is wrong and ours is not); C{--json} prints the raw
+summary; C{--leases} prints who holds which server (our tracker's extra
+C{leases} field). An unreachable tracker or a peer that is not a tracker gives
 one line on stderr and exit status 1.
 """
 
@@ -34,8 +34,8 @@ def parse_args(argv=None, environ=None):
     """
     Parse the command line as TVM's query tool does, plus our options.
 
-    ``--host`` and ``--port`` default to ``TVM_TRACKER_HOST`` and
-    ``TVM_TRACKER_PORT``, then to 127.0.0.1:9190; like TVM's tool, an empty
+    C{--host} and C{--port} default to C{TVM_TRACKER_HOST} and
+    C{TVM_TRACKER_PORT}, then to 127.0.0.1:9190; like TVM's tool, an empty
     host or port 0 also means "use the default".
 
     @param argv: the arguments (without the program name); C{sys.argv[1:]}
@@ -113,7 +113,7 @@ def _format_since(since):
 
 
 def _format_address(value):
-    """An address as ``host:port``, from a list, a dict or a string."""
+    """An address as C{host:port}, from a list, a dict or a string."""
     if isinstance(value, (list, tuple)):
         return ":".join(str(part) for part in value if part is not None)
     if isinstance(value, dict):
@@ -132,9 +132,9 @@ def _field(lease, *names):
 
 def leases_table(summary):
     """
-    Render the ``leases`` field of our tracker's summary as a table.
+    Render the C{leases} field of our tracker's summary as a table.
 
-    Each lease (a dict as our tracker lists it: C{client} ``[host, port]``,
+    Each lease (a dict as our tracker lists it: C{client} C{[host, port]},
     C{user}, C{key}, C{priority}, C{since} in seconds since the epoch, and the
     server's C{host} and C{port}) becomes a row: who holds the server (with
     the user name it gave), the key, the request's priority, since when (UTC)
@@ -143,7 +143,7 @@ def leases_table(summary):
 
     @param summary: the dict a SUMMARY returns.
     @return: the table, ending with a newline, or L{None} when the tracker
-        gives no ``leases`` field (TVM's tracker does not track them).
+        gives no C{leases} field (TVM's tracker does not track them).
     """
     leases = summary.get("leases")
     if leases is None:

@@ -4,19 +4,19 @@ This module is on the ground floor beside L{tvm_rpc.protocol} (which does no
 I/O): the tracker, the proxy, the server and the client all import it, and it
 imports none of them.
 
-- Socket options: L{set_no_delay} (Nagle off through the transport's public
-  switch), L{tune_tcp} (Nagle off and TCP keepalive with L{KeepAlive}
-  timers), L{quick_ack} (acknowledge a partial frame at once). Transports
-  that are not TCP (UNIX sockets, websockets, test transports) are left
-  alone.
-- Peer names: L{peer_label} (C{host:port} text for log lines) and
-  L{peer_host_port} (the C{(host, port)} a tracker counts and reports).
-- L{client_endpoint}: reach C{host:port} by address or by name.
-- L{SwitchingCarrier}: the protocol that does one side of the RPC handshake
-  and then carries a session protocol over the same transport.
-- L{PEER_HANDSHAKE_TIMEOUT}: how long a server or proxy port waits for a
-  connecting peer's handshake (the timers are L{TimeoutMixin}s on the
-  handshake protocols).
+  - Socket options: L{set_no_delay} (Nagle off through the transport's public
+    switch), L{tune_tcp} (Nagle off and TCP keepalive with L{KeepAlive}
+    timers), L{quick_ack} (acknowledge a partial frame at once). Transports
+    that are not TCP (UNIX sockets, websockets, test transports) are left
+    alone.
+  - Peer names: L{peer_label} (C{host:port} text for log lines) and
+    L{peer_host_port} (the C{(host, port)} a tracker counts and reports).
+  - L{client_endpoint}: reach C{host:port} by address or by name.
+  - L{SwitchingCarrier}: the protocol that does one side of the RPC handshake
+    and then carries a session protocol over the same transport.
+  - L{PEER_HANDSHAKE_TIMEOUT}: how long a server or proxy port waits for a
+    connecting peer's handshake (the timers are L{TimeoutMixin}s on the
+    handshake protocols).
 """
 
 import ipaddress

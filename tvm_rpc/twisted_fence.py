@@ -18,31 +18,31 @@ never break us.
 
 Fenced, with what each falls back to:
 
-- L{idle_socket} (C{FileDescriptor.dataBuffer}, C{offset}, C{_tempDataLen},
-  C{_writeDisconnecting}, C{_writeDisconnected}; C{tcp.Connection.TLS}):
-  write-through and eager reads; without it every write goes through the
-  transport and no read is taken before the reactor's turn.
-- L{write_buffer_empty} (the same buffer fields): the proxy's splice
-  hand-over; without it (L{None}) pairs relay through Twisted.
-- L{reactor_reading} (the reactor's C{_reads}): eager reads; without it the
-  public C{getReaders()} answers.
-- L{next_tag} (C{AMP._nextTag}): the session's call tags; without it a
-  counter of our own whose tags (C{t1}, C{t2}, ...) never look like AMP's
-  hexadecimal ones.
-- L{amp_switching} (C{BinaryBoxProtocol._locked}, C{_startingTLSBuffer}):
-  whether AMP is switching to TLS, when L{LeanAMP<tvm_rpc.lean_amp.LeanAMP>}
-  must leave a box to AMP's own C{sendBox}; without it nothing is taken for a
-  switch (no session protocol starts TLS).
-- L{mark_box_too_long} (C{BinaryBoxProtocol._keyLengthLimitExceeded}): makes
-  outstanding commands fail with C{TooLong} as AMP does; without it they
-  fail with the connection's end.
-- L{lean_main_loop}/L{lean_do_poll} (the epoll reactor's C{_started},
-  C{_justStopped}, C{_newTimedCalls}, C{_pendingTimedCalls}, C{_poller},
-  C{_selectables}, C{_POLL_IN}, C{_doReadOrWrite}, C{_disconnectSelectable}):
-  the session worker's lean loop; without it (L{lean_reactor_ok} false) the
-  worker runs Twisted's own C{EPollReactor}.
-- L{label_tls_port} (C{tcp.Port._type}): names a guarded TLS port "TLS" in
-  Twisted's log lines, as C{listenSSL} does; without it they say "TCP".
+  - L{idle_socket} (C{FileDescriptor.dataBuffer}, C{offset}, C{_tempDataLen},
+    C{_writeDisconnecting}, C{_writeDisconnected}; C{tcp.Connection.TLS}):
+    write-through and eager reads; without it every write goes through the
+    transport and no read is taken before the reactor's turn.
+  - L{write_buffer_empty} (the same buffer fields): the proxy's splice
+    hand-over; without it (L{None}) pairs relay through Twisted.
+  - L{reactor_reading} (the reactor's C{_reads}): eager reads; without it the
+    public C{getReaders()} answers.
+  - L{next_tag} (C{AMP._nextTag}): the session's call tags; without it a
+    counter of our own whose tags (C{t1}, C{t2}, ...) never look like AMP's
+    hexadecimal ones.
+  - L{amp_switching} (C{BinaryBoxProtocol._locked}, C{_startingTLSBuffer}):
+    whether AMP is switching to TLS, when L{LeanAMP<tvm_rpc.lean_amp.LeanAMP>}
+    must leave a box to AMP's own C{sendBox}; without it nothing is taken for a
+    switch (no session protocol starts TLS).
+  - L{mark_box_too_long} (C{BinaryBoxProtocol._keyLengthLimitExceeded}): makes
+    outstanding commands fail with C{TooLong} as AMP does; without it they
+    fail with the connection's end.
+  - L{lean_main_loop}/L{lean_do_poll} (the epoll reactor's C{_started},
+    C{_justStopped}, C{_newTimedCalls}, C{_pendingTimedCalls}, C{_poller},
+    C{_selectables}, C{_POLL_IN}, C{_doReadOrWrite}, C{_disconnectSelectable}):
+    the session worker's lean loop; without it (L{lean_reactor_ok} false) the
+    worker runs Twisted's own C{EPollReactor}.
+  - L{label_tls_port} (C{tcp.Port._type}): names a guarded TLS port "TLS" in
+    Twisted's log lines, as C{listenSSL} does; without it they say "TCP".
 """
 
 import dis
@@ -185,15 +185,14 @@ def probe_write_buffer():
 
 def _idle_socket(transport):
     """
+    Bytes sent on the socket this returns leave in the order they are
+    written, exactly as if the transport had sent them, without waiting for
+    the reactor's next turn.
+
+    @param transport: a transport, or L{None}.
     @return: the socket of a plain TCP transport that has nothing waiting to
         be written, or L{None} (any other transport, or one closing or
         with bytes queued).
-
-    Bytes sent on that socket directly leave in the order they are written,
-    exactly as if the transport had sent them, without waiting for the
-    reactor's next turn.
-
-    @param transport: a transport, or L{None}.
     """
     if not isinstance(transport, tcp.Connection):
         return None

@@ -1,8 +1,8 @@
 """Binding a daemon's listening ports and announcing them.
 
-L{ListenerService} binds the first free port of ``[port, port-end)`` or every
-``--listen`` endpoint; a failed bind is fatal; once bound it logs
-``<name> listening on <host>:<port>``. L{listener_service} builds one from a
+L{ListenerService} binds the first free port of C{[port, port-end)} or every
+C{--listen} endpoint; a failed bind is fatal; once bound it logs
+C{<name> listening on <host>:<port>}. L{listener_service} builds one from a
 daemon's options, over ports guarded against running out of descriptors
 (L{tvm_rpc.daemon.ports}).
 """

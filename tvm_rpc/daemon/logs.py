@@ -1,4 +1,4 @@
-"""The daemons' ``--silent`` switch.
+"""The daemons' C{--silent} switch.
 
 L{logger} gives loggers that L{set_silent} quiets to warnings and worse;
 L{unfiltered_logger} gives loggers for the few lines scripts wait for (such as

@@ -1,10 +1,12 @@
 """The command-line options the three daemons share.
 
-- Option coercers (L{port_number}, L{positive_int}, L{positive_float}) and
-  the ``HOST:PORT`` parser L{parse_address}.
-- L{ListenOptions}: the ``--host/--port/--port-end/--listen`` flags (TVM's
-  plus Twisted endpoint strings) and their validation; L{listen_parameters}
-  gives the rows of the first three with a daemon's defaults.
+They come in two groups:
+
+  - option coercers (L{port_number}, L{positive_int}, L{positive_float}) and
+    the C{HOST:PORT} parser L{parse_address}.
+  - L{ListenOptions}: the C{--host/--port/--port-end/--listen} flags (TVM's
+    plus Twisted endpoint strings) and their validation; L{listen_parameters}
+    gives the rows of the first three with a daemon's defaults.
 """
 
 from twisted.internet import endpoints
@@ -40,11 +42,11 @@ def positive_float(value):
 
 def parse_address(text, what="address"):
     """
-    Parse ``HOST:PORT``; an IPv6 literal is given as ``[v6]:PORT`` (or bare
+    Parse C{HOST:PORT}; an IPv6 literal is given as C{[v6]:PORT} (or bare
     before the last colon).
 
     @param text: the address.
-    @param what: what it is (such as ``--tracker``), for the error message.
+    @param what: what it is (such as C{--tracker}), for the error message.
     @return: C{(host, port)}.
     @raise ValueError: when C{text} is not of that form.
     """
@@ -63,10 +65,10 @@ def listen_parameters(host, port, port_end=9199, host_help="Address to listen on
     """
     The C{optParameters} rows of TVM's listening flags, with a daemon's defaults.
 
-    @param host: the default of ``--host``.
-    @param port: the default of ``--port``.
-    @param port_end: the default of ``--port-end`` (exclusive).
-    @param host_help: the help text of ``--host``.
+    @param host: the default of C{--host}.
+    @param port: the default of C{--port}.
+    @param port_end: the default of C{--port-end} (exclusive).
+    @param host_help: the help text of C{--host}.
     @return: rows for L{usage.Options.optParameters}.
     """
     return [
@@ -79,8 +81,8 @@ def listen_parameters(host, port, port_end=9199, host_help="Address to listen on
 class ListenOptions:
     """
     Mixin for a daemon's L{usage.Options} (put it first among the bases):
-    the repeatable ``--listen ENDPOINT`` and the checks of the listening flags.
-    The ``--host/--port/--port-end`` rows come from L{listen_parameters}.
+    the repeatable C{--listen ENDPOINT} and the checks of the listening flags.
+    The C{--host/--port/--port-end} rows come from L{listen_parameters}.
     """
 
     def __init__(self):
@@ -95,9 +97,9 @@ class ListenOptions:
 
     def check_listen(self, port_range=True):
         """
-        Check the port range and every ``--listen`` endpoint string.
+        Check the port range and every C{--listen} endpoint string.
 
-        @param port_range: whether ``--port/--port-end`` must be a range
+        @param port_range: whether C{--port/--port-end} must be a range
             (not when the daemon connects out instead of listening).
         @raise usage.UsageError: on an empty port range or a bad endpoint.
         """

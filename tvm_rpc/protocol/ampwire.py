@@ -6,13 +6,13 @@ prefixed string per method call; on the path of every remote call that cost
 is most of a call. This module keeps the wire format byte for byte and makes
 it cheaper:
 
-- L{BoxParser} turns received bytes into boxes (plain C{dict}s of C{bytes}
-  to C{bytes}), one box per L{BoxParser.next_box}, resuming inside a box
-  that arrives in pieces (only the unfinished key or value is kept as
-  bytes, as AMP's parser does).
-- L{serialize} writes a box from C{(key, value)} pairs exactly as
-  L{twisted.protocols.amp.AmpBox.serialize} does (keys sorted); the
-  boxes of a remote call are built by L{tvm_rpc.protocol.calls}.
+  - L{BoxParser} turns received bytes into boxes (plain C{dict}s of C{bytes}
+    to C{bytes}), one box per L{BoxParser.next_box}, resuming inside a box
+    that arrives in pieces (only the unfinished key or value is kept as
+    bytes, as AMP's parser does).
+  - L{serialize} writes a box from C{(key, value)} pairs exactly as
+    L{twisted.protocols.amp.AmpBox.serialize} does (keys sorted); the
+    boxes of a remote call are built by L{tvm_rpc.protocol.calls}.
 
 The protocol that reads and writes them on a connection is
 L{tvm_rpc.lean_amp.LeanAMP}.

@@ -2,16 +2,16 @@
 
 The RPC handshake is TVM's, but what follows it is not: our sessions speak AMP,
 TVM's speak its own RPC endpoint protocol. So each side marks itself with a
-key option TVM ignores (TVM's server reads only ``-timeout=``, and its client
+key option TVM ignores (TVM's server reads only C{-timeout=}, and its client
 never parses the server key):
 
-- our client appends `` -tvm_rpc=<version>`` to ``client:<matchkey>``;
-- our server appends the same option to ``server:<key>`` in its reply;
-- our server, meeting a client without the mark (a real TVM client), serves
-  it TVM's own session protocol (:mod:`tvm_rpc.server.tvm_session`); where
-  it cannot, it answers the handshake and then sends one packet of TVM's
-  own protocol, an exception naming why (:data:`TVM_CLIENT_REFUSAL`), which
-  TVM's client raises as ``RPCError``.
+  - our client appends C{ -tvm_rpc=<version>} to C{client:<matchkey>};
+  - our server appends the same option to C{server:<key>} in its reply;
+  - our server, meeting a client without the mark (a real TVM client), serves
+    it TVM's own session protocol (L{tvm_rpc.server.tvm_session}); where
+    it cannot, it answers the handshake and then sends one packet of TVM's
+    own protocol, an exception naming why (L{TVM_CLIENT_REFUSAL}), which
+    TVM's client raises as C{RPCError}.
 """
 
 import struct
@@ -31,7 +31,7 @@ MARKER_VERSION = "1"
 MARKER = f" -{MARKER_OPTION}={MARKER_VERSION}"
 
 #: What a real TVM client is told when it reaches a server that runs its
-#: sessions in-process (``--no-fork``): TVM's session protocol runs in a worker.
+#: sessions in-process (C{--no-fork}): TVM's session protocol runs in a worker.
 TVM_CLIENT_REFUSAL = (
     "this tvm_rpc server runs its sessions inside the daemon (--no-fork) and serves "
     "only tvm_rpc's client there; Apache TVM's clients are served by session workers: "
@@ -104,7 +104,7 @@ def tvm_exception_packet(message):
     One packet of TVM's RPC endpoint protocol that makes TVM's client raise.
 
     @param message: the error text TVM's client shows.
-    @return: ``[uint64 length][int32 kException][int32 1][int32 str][uint64 n][text]``.
+    @return: C{[uint64 length][int32 kException][int32 1][int32 str][uint64 n][text]}.
     """
     raw = message.encode("utf-8")
     body = _EXCEPTION_HEAD.pack(_TVM_EXCEPTION_CODE, 1, _TVM_STRING_TYPE)

@@ -1,8 +1,8 @@
-"""The tracker's framing: an optional int32 magic, then ``[int32 length][UTF-8 JSON]``.
+"""The tracker's framing: an optional int32 magic, then C{[int32 length][UTF-8 JSON]}.
 
-Sans-IO: :class:`FrameDecoder` turns any split of the byte stream into the same
-sequence of JSON values and never raises; a bad stream sets :attr:`FrameDecoder.error`
-and the decoder stops there. :func:`encode_frame` builds one buffer so a reply
+Sans-IO: L{FrameDecoder} turns any split of the byte stream into the same
+sequence of JSON values and never raises; a bad stream sets L{FrameDecoder.error}
+and the decoder stops there. L{encode_frame} builds one buffer so a reply
 leaves in a single write (TVM's two writes cost ~44 ms per reply to Nagle and
 delayed ACK).
 """
@@ -18,7 +18,7 @@ def encode_frame(value):
     """
     Encode one JSON value as a length-prefixed frame.
 
-    @param value: anything ``json.dumps`` accepts.
+    @param value: anything C{json.dumps} accepts.
     @return: the frame, header and body in one L{bytes}.
     """
     body = json.dumps(value).encode("utf-8")

@@ -1,9 +1,9 @@
 """The RPC handshake spoken on server and proxy ports.
 
-The connecting side sends ``[RPC_MAGIC][int32 keylen][key]``; the accepting side
-answers ``[int32 code]`` and, on success, ``[int32 keylen][its own key]``. After
+The connecting side sends C{[RPC_MAGIC][int32 keylen][key]}; the accepting side
+answers C{[int32 code]} and, on success, C{[int32 keylen][its own key]}. After
 that the bytes belong to the session. Both decoders are sans-IO, never raise,
-and keep whatever follows the handshake in :attr:`rest` so nothing a peer sends
+and keep whatever follows the handshake in C{rest} so nothing a peer sends
 early is lost.
 """
 
@@ -36,7 +36,7 @@ def encode_reply(code, key=None):
 
 def _read_key(buffer, offset, max_length):
     """
-    Read ``[int32 len][utf-8]`` at C{offset}.
+    Read C{[int32 len][utf-8]} at C{offset}.
 
     @return: C{(key, end)} when complete, C{(None, None)} when more bytes are
         needed.
@@ -60,12 +60,14 @@ def _read_key(buffer, offset, max_length):
 
 
 @attrs.define
-class HandshakeDecoder:
+class _KeyDecoder:
     """
-    The accepting side: decodes ``[RPC_MAGIC][int32 keylen][key]``.
+    What both decoders read: a leading int32, handed to the subclass's
+    C{_leading_int32_read} (which returns whether the decoder is done), then
+    perhaps a length-prefixed key.
 
-    @ivar key: the peer's key once complete, else L{None}.
-    @ivar error: why the handshake was refused, else L{None}.
+    @ivar key: the peer's key once read, else L{None}.
+    @ivar error: why the bytes are unreadable, else L{None}.
     @ivar rest: bytes received after the handshake.
     """
 
@@ -75,15 +77,10 @@ class HandshakeDecoder:
     rest: bytes = attrs.field(init=False, default=b"")
     _buffer: bytearray = attrs.field(init=False, factory=bytearray)
 
-    @property
-    def done(self):
-        """Whether the handshake ended, well or badly."""
-        return self.key is not None or self.error is not None
-
     def feed(self, data):
         """
         @param data: more bytes, in any chunking.
-        @return: L{done}.
+        @return: whether the decoder is done.
         """
         if self.done:
             self.rest += data
@@ -91,10 +88,15 @@ class HandshakeDecoder:
         self._buffer += data
         if len(self._buffer) < INT32.size:
             return False
-        (magic,) = INT32.unpack_from(self._buffer)
-        if magic != RPC_MAGIC:
-            self.error = f"wrong magic 0x{magic & 0xFFFFFFFF:x}"
-            return True
+        return self._leading_int32_read(INT32.unpack_from(self._buffer)[0])
+
+    def _take_key(self):
+        """
+        Read the key after the leading int32 into C{key} and C{rest}, or why
+        it is unreadable into C{error}.
+
+        @return: whether that is done (C{False}: more bytes are needed).
+        """
         try:
             key, end = _read_key(self._buffer, INT32.size, self.max_key_length)
         except ValueError as e:
@@ -109,9 +111,32 @@ class HandshakeDecoder:
 
 
 @attrs.define
-class ReplyDecoder:
+class HandshakeDecoder(_KeyDecoder):
     """
-    The connecting side: decodes ``[int32 code]`` and, on success, the peer key.
+    The accepting side: decodes C{[RPC_MAGIC][int32 keylen][key]}.
+
+    @ivar key: the peer's key once complete, else L{None}.
+    @ivar error: why the handshake was refused, else L{None}.
+    @ivar rest: bytes received after the handshake.
+    """
+
+    @property
+    def done(self):
+        """Whether the handshake ended, well or badly."""
+        return self.key is not None or self.error is not None
+
+    def _leading_int32_read(self, magic):
+        """Check the magic, then read the key. @return: L{done}."""
+        if magic != RPC_MAGIC:
+            self.error = f"wrong magic 0x{magic & 0xFFFFFFFF:x}"
+            return True
+        return self._take_key()
+
+
+@attrs.define
+class ReplyDecoder(_KeyDecoder):
+    """
+    The connecting side: decodes C{[int32 code]} and, on success, the peer key.
 
     @ivar code: the reply code once known.
     @ivar key: the peer's key on success.
@@ -119,12 +144,7 @@ class ReplyDecoder:
     @ivar rest: bytes received after the reply.
     """
 
-    max_key_length: int = MAX_KEY_LENGTH
     code: "int | None" = attrs.field(init=False, default=None)
-    key: "str | None" = attrs.field(init=False, default=None)
-    error: "str | None" = attrs.field(init=False, default=None)
-    rest: bytes = attrs.field(init=False, default=b"")
-    _buffer: bytearray = attrs.field(init=False, factory=bytearray)
     _done: bool = attrs.field(init=False, default=False)
 
     @property
@@ -132,31 +152,12 @@ class ReplyDecoder:
         """Whether the reply is complete or unreadable."""
         return self._done
 
-    def feed(self, data):
-        """
-        @param data: more bytes, in any chunking.
-        @return: L{done}.
-        """
-        if self._done:
-            self.rest += data
-            return True
-        self._buffer += data
-        if len(self._buffer) < INT32.size:
-            return False
-        (self.code,) = INT32.unpack_from(self._buffer)
+    def _leading_int32_read(self, code):
+        """Keep the code; on success read the key. @return: L{done}."""
+        self.code = code
         if self.code != RPC_CODE_SUCCESS:
             self.rest = bytes(self._buffer[INT32.size :])
             self._done = True
             return True
-        try:
-            key, end = _read_key(self._buffer, INT32.size, self.max_key_length)
-        except ValueError as e:
-            self.error = str(e)
-            self._done = True
-            return True
-        if key is None:
-            return False
-        self.key = key
-        self.rest = bytes(self._buffer[end:])
-        self._done = True
-        return True
+        self._done = self._take_key()
+        return self._done

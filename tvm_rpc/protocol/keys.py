@@ -1,4 +1,4 @@
-"""Device keys, matchkeys and the ``server:``/``client:`` handshake keys."""
+"""Device keys, matchkeys and the C{server:}/C{client:} handshake keys."""
 
 import re
 import secrets
@@ -27,15 +27,15 @@ def is_proxy_info_key(info_key):
 
 def random_matchkey(key):
     """
-    Make a fresh matchkey for a device key, shaped as TVM's: ``<key>:<random>``.
+    Make a fresh matchkey for a device key, shaped as TVM's: C{<key>:<random>}.
 
-    @param key: the device key, which may itself contain ``:``.
+    @param key: the device key, which may itself contain C{:}.
     @return: the matchkey.
     """
     return f"{key}:{secrets.randbelow(10**16) / 10**16!r}"
 
 
-# The random part of a matchkey, ours and TVM's alike: ``repr`` or ``str`` of
+# The random part of a matchkey, ours and TVM's alike: C{repr} or C{str} of
 # a float in [0, 1).
 _RANDOM_PART = re.compile(r"(:0\.\d{2})\d+(?:e-\d+)?")
 
@@ -47,7 +47,7 @@ def redact_matchkeys(text):
 
     @param text: a matchkey, a handshake key, or any text holding them.
     @return: the text with each matchkey's random part cut after two digits
-        (``rasp:0.12…``).
+        (C{rasp:0.12…}).
     """
     return _RANDOM_PART.sub("\\1\u2026", str(text))
 
@@ -56,7 +56,7 @@ def split_matchkey(matchkey):
     """
     Split a matchkey into its device key and random part.
 
-    Keys may contain ``:``, so only the last one separates.
+    Keys may contain C{:}, so only the last one separates.
 
     @return: C{(key, random_part)}; C{random_part} is C{""} when absent.
     """
@@ -70,8 +70,8 @@ def parse_client_key(text):
     """
     Parse what a client sends in an RPC handshake.
 
-    @param text: ``client:<matchkey>`` optionally followed by options such as
-        `` -timeout=<seconds>``.
+    @param text: C{client:<matchkey>} optionally followed by options such as
+        C{ -timeout=<seconds>}.
     @return: C{(matchkey, options)} where options maps option names (without
         the dash) to their string values.
     @raise ValueError: when C{text} is not a client key.

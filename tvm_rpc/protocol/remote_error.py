@@ -20,15 +20,15 @@ class RemoteError(Exception):
     """
     An exception raised on the other end of a session.
 
+    On the wire the three parts travel as one JSON description (AMP carries
+    only a description string). AMP rebuilds the exception by calling
+    C{RemoteError(description)}; that form is recognised and unpacked.
+
     @ivar type_name: the remote exception's qualified type name
         (e.g. C{"builtins.PermissionError"}).
     @ivar message: C{str(exception)} on the remote end.
     @ivar traceback_text: the remote traceback, formatted; C{""} when the
         server does not send tracebacks (its default).
-
-    On the wire the three parts travel as one JSON description (AMP carries
-    only a description string). AMP rebuilds the exception by calling
-    C{RemoteError(description)}; that form is recognised and unpacked.
     """
 
     def __init__(self, type_name, message=None, traceback_text=None):

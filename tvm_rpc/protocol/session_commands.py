@@ -5,88 +5,89 @@ L{twisted.protocols.amp.AMP} conversation. The client calls, the server
 answers; every command below lists its typed C{arguments}, its C{response}
 and its C{errors}. The call model:
 
-Opening
-    The client first calls L{Hello} (C{protocol="tvm_rpc-session"},
-    C{version=SESSION_VERSION}). A server that answers anything else, or does
-    not answer within a few seconds, is not a tvm_rpc session server (a real
-    TVM server answers nothing we can parse): the client reports the protocol
-    mismatch instead of hanging. The answer also gives the transfer
-    parameters (C{chunk_size}, C{window}).
+B{Opening.}
+The client first calls L{Hello} (C{protocol="tvm_rpc-session"},
+C{version=SESSION_VERSION}). A server that answers anything else, or does
+not answer within a few seconds, is not a tvm_rpc session server (a real
+TVM server answers nothing we can parse): the client reports the protocol
+mismatch instead of hanging. The answer also gives the transfer
+parameters (C{chunk_size}, C{window}).
 
-Handles
-    The server keeps one table per session that maps integer ids to
-    functions, modules, arrays and streams. Ids are never reused within a
-    session. L{Free} drops ids (unknown ids are ignored, so freeing
-    twice is harmless); everything is dropped when the session ends.
+B{Handles.}
+The server keeps one table per session that maps integer ids to
+functions, modules, arrays and streams. Ids are never reused within a
+session. L{Free} drops ids (unknown ids are ignored, so freeing
+twice is harmless); everything is dropped when the session ends.
 
-Values
-    Arguments and results of calls are encoded with
-    L{tvm_rpc.protocol.values} (never pickle) and carried as raw bytes in
-    C{args} / C{result}. In values, functions and modules appear as
-    L{Handle<tvm_rpc.protocol.values.Handle>}, server arrays as
-    L{ArrayRef<tvm_rpc.protocol.values.ArrayRef>}, small host arrays inline as
-    L{HostArray<tvm_rpc.protocol.values.HostArray>} (the server turns them into
-    arrays before the call) and devices as
-    L{DLDevice<tvm_rpc.protocol.values.DLDevice>}.
+B{Values.}
+Arguments and results of calls are encoded with
+L{tvm_rpc.protocol.values} (never pickle) and carried as raw bytes in
+C{args} / C{result}. In values, functions and modules appear as
+L{Handle<tvm_rpc.protocol.values.Handle>}, server arrays as
+L{ArrayRef<tvm_rpc.protocol.values.ArrayRef>}, small host arrays inline as
+L{HostArray<tvm_rpc.protocol.values.HostArray>} (the server turns them into
+arrays before the call) and devices as
+L{DLDevice<tvm_rpc.protocol.values.DLDevice>}.
 
-Calls
-    L{GetFunction} turns a global name into a function handle;
-    L{CallFunction} calls a handle, or a global name directly, with the
-    encoded argument list and answers the encoded result. Many calls may be
-    in flight at once on one session. The built-ins exist under TVM's names
-    and are called like any function: C{tvm.rpc.server.upload(path, data)},
-    C{.download(path)} -> bytes, C{.remove(path)}, C{.listdir(path=".")}
-    -> list of names, C{.load_module(path)} -> module handle,
-    C{.workpath(path)} -> absolute path on the device; and
-    C{tvm_rpc.server.list_functions()} -> every name callable. A server
-    function may return a Deferred or be a coroutine function; its call is
-    answered when it completes while other calls proceed.
-    L{TimeEvaluator} times a function on the device (TVM's own timer
-    for functions of TVM modules).
+B{Calls.}
+L{GetFunction} turns a global name into a function handle;
+L{CallFunction} calls a handle, or a global name directly, with the
+encoded argument list and answers the encoded result. Many calls may be
+in flight at once on one session. The built-ins exist under TVM's names
+and are called like any function: C{tvm.rpc.server.upload(path, data)},
+C{.download(path)} -> bytes, C{.remove(path)}, C{.listdir(path=".")}
+-> list of names, C{.load_module(path)} -> module handle,
+C{.workpath(path)} -> absolute path on the device; and
+C{tvm_rpc.server.list_functions()} -> every name callable. A server
+function may return a Deferred or be a coroutine function; its call is
+answered when it completes while other calls proceed.
+L{TimeEvaluator} times a function on the device (TVM's own timer
+for functions of TVM modules).
 
-Big values and bulk data: streams
-    No AMP value ever exceeds 65,535 bytes: a chunk of a stream is carried
-    in one box as consecutive values (L{Blob}). When encoded arguments
-    are longer than C{MAX_INLINE_VALUE}, the client opens a value sink
-    (L{OpenValue}), writes the bytes with L{StreamWrite}, ends it
-    with L{StreamFinish} and passes the stream id as C{args_stream}
-    (the call consumes the stream). A result too long to inline comes back
-    as C{result_stream} + C{result_size}: the client reads it with
-    L{StreamRead} and releases it with L{StreamClose}.
-    Uploads (L{OpenUpload}) and array fills (L{OpenArrayWrite})
-    are write streams; downloads (L{OpenDownload}) and array reads
-    (L{OpenArrayRead}) are read streams. Writes are sequential; each
-    L{StreamWrite} is answered once its chunk is consumed (written to
-    disk or into the array), and the writer keeps at most C{window} chunks
-    unanswered. Reads name their offset; the reader keeps at most C{window}
-    reads outstanding. So one transfer holds at most
-    C{window * chunk_size} (4 x 512 KiB = 2 MiB by default) in flight on
-    each end, whatever the total size; and the server stops reading requests
-    while its answers wait to be sent, so even a client that ignores the
-    window cannot make it buffer more than about one chunk. L{StreamClose} cancels a write
-    stream (a partial upload is deleted) or releases a read stream.
-    L{tvm_rpc.protocol.streams} implements both ends.
+B{Big values and bulk data: streams.}
+No AMP value ever exceeds 65,535 bytes: a chunk of a stream is carried
+in one box as consecutive values (L{Blob}). When encoded arguments
+are longer than C{MAX_INLINE_VALUE}, the client opens a value sink
+(L{OpenValue}), writes the bytes with L{StreamWrite}, ends it
+with L{StreamFinish} and passes the stream id as C{args_stream}
+(the call consumes the stream). A result too long to inline comes back
+as C{result_stream} + C{result_size}: the client reads it with
+L{StreamRead} and releases it with L{StreamClose}.
+Uploads (L{OpenUpload}) and array fills (L{OpenArrayWrite})
+are write streams; downloads (L{OpenDownload}) and array reads
+(L{OpenArrayRead}) are read streams. Writes are sequential; each
+L{StreamWrite} is answered once its chunk is consumed (written to
+disk or into the array), and the writer keeps at most C{window} chunks
+unanswered. Reads name their offset; the reader keeps at most C{window}
+reads outstanding. So one transfer holds at most
+C{window * chunk_size} (4 x 512 KiB = 2 MiB by default) in flight on
+each end, whatever the total size; and the server stops reading requests
+while its answers wait to be sent, so even a client that ignores the
+window cannot make it buffer more than about one chunk. L{StreamClose} cancels a write
+stream (a partial upload is deleted) or releases a read stream.
+L{tvm_rpc.protocol.stream_table} implements the receiving end,
+L{tvm_rpc.protocol.streams} the driving one.
 
-Errors
-    Every exception raised on the server reaches the client as
-    L{RemoteError} carrying the remote exception's type name and
-    message, and its traceback text only when the server's operator asked
-    for it (C{--send-tracebacks}; the traceback shows the server's code and
-    paths). The session stays usable after an error.
+B{Errors.}
+Every exception raised on the server reaches the client as
+L{RemoteError} carrying the remote exception's type name and
+message, and its traceback text only when the server's operator asked
+for it (C{--send-tracebacks}; the traceback shows the server's code and
+paths). The session stays usable after an error.
 
-Closing
-    L{Goodbye} asks the server to end the session (it answers, then
-    closes the connection); closing the connection has the same effect. When
-    the server ends a session itself (the C{-timeout=N} of the handshake ran
-    out), it sends L{SessionEnded} (C{code="timeout"}) to the client
-    first, so the client's outstanding calls fail with a session-timeout
-    error instead of a bare lost connection.
+B{Closing.}
+L{Goodbye} asks the server to end the session (it answers, then
+closes the connection); closing the connection has the same effect. When
+the server ends a session itself (the C{-timeout=N} of the handshake ran
+out), it sends L{SessionEnded} (C{code="timeout"}) to the client
+first, so the client's outstanding calls fail with a session-timeout
+error instead of a bare lost connection.
 
-Caution for both ends
-    AMP drops the whole connection when an error answer reaches a Deferred
-    that has no errback yet: attach errbacks (or C{await}) before giving
-    control back to the reactor, and settle windowed commands at once (as
-    L{tvm_rpc.protocol.streams} does).
+B{Caution for both ends.}
+AMP drops the whole connection when an error answer reaches a Deferred
+that has no errback yet: attach errbacks (or C{await}) before giving
+control back to the reactor, and settle windowed commands at once (as
+L{tvm_rpc.protocol.streams} does).
 """
 
 from twisted.protocols import amp

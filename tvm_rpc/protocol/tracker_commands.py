@@ -2,8 +2,8 @@
 
 Tracker commands encode onto TVM's JSON frames, so real TVM peers understand
 them. Each command is a frozen attrs class that knows its wire message
-(L{to_message} / L{from_message}) and its reply
-(L{encode_result} / L{decode_result}). A message that does not fit
+(L{_Command.to_message} / L{_Command.from_message}) and its reply
+(L{_Command.encode_result} / L{_Command.decode_result}). A message that does not fit
 its command raises L{BadMessage} (a protocol violation: the receiver
 closes the connection); a well-formed FAIL reply raises L{TrackerError}.
 """

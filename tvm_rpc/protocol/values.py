@@ -1,44 +1,65 @@
 """The value codec of the session protocol: compact, versioned, never pickle.
 
-:func:`encode` turns a value into bytes and :func:`decode` turns bytes back
-into a value. Supported values:
+L{encode} turns a value into bytes and L{decode} turns bytes back into a
+value. Supported values:
 
-- ``None``, ``bool``, ``int`` (any size up to :data:`MAX_INT_BYTES`),
-  ``float``, ``str``, ``bytes`` (``bytearray``/``memoryview`` encode as
-  bytes), ``list``, ``tuple``, ``dict`` (keys: ``str``, ``int``, ``bool``, ``bytes``);
-- :class:`HostArray` (a small array inline: shape, dtype, raw C-order bytes);
-- :class:`ArrayRef` (an array that lives on the server, by handle id);
-- :class:`Handle` (a remote function or module, by id);
-- :class:`DLDevice` (TVM's ``(device_type, index)``).
+  - C{None}, C{bool}, C{int} (any size up to L{MAX_INT_BYTES}), C{float},
+    C{str}, C{bytes} (C{bytearray}/C{memoryview} encode as bytes), C{list},
+    C{tuple}, C{dict} (keys: C{str}, C{int}, C{bool}, C{bytes});
+  - L{HostArray} (a small array inline: shape, dtype, raw C-order bytes);
+  - L{ArrayRef} (an array that lives on the server, by handle id);
+  - L{Handle} (a remote function or module, by id);
+  - L{DLDevice} (TVM's C{(device_type, index)}).
 
-Layout: one version byte (:data:`VERSION`) then one value. Each value is a
+This module holds those value types, TVM's dtype and device numbering they
+check against, and the encoder and decoder; the byte layer under them
+(version byte, tags, varints, the reader, the fast path for small calls) is
+L{tvm_rpc.protocol.value_bytes}.
+
+Layout: one version byte (L{VERSION}) then one value. Each value is a
 one-byte tag followed by its body; lengths and counts are unsigned LEB128
 varints, signed integers are zigzag varints, floats are IEEE 754 doubles
-(little-endian). Decoding garbage raises only :class:`CodecError`; nesting is
-bounded by ``max_depth`` and the input length by ``max_size``.
+(little-endian). Decoding garbage raises only L{CodecError}; nesting is
+bounded by C{max_depth} and the input length by C{max_size}.
 """
 
 import math
 import re
-import struct
 
 import attrs
 
-#: The first byte of every encoded value.
-VERSION = 1
+from .value_bytes import (
+    DOUBLE,
+    MISS,
+    QUICK_SIZE,
+    TAG_ARRAY_REF,
+    TAG_BYTES,
+    TAG_DEVICE,
+    TAG_DICT,
+    TAG_FALSE,
+    TAG_FLOAT,
+    TAG_HANDLE,
+    TAG_HOST_ARRAY,
+    TAG_INT,
+    TAG_LIST,
+    TAG_NONE,
+    TAG_STR,
+    TAG_TRUE,
+    TAG_TUPLE,
+    VERSION,
+    CodecError,
+    Reader,
+    quick_decode,
+    write_varint,
+    zigzag,
+)
+
 #: Default nesting limit (lists, tuples, dicts inside each other).
 MAX_DEPTH = 64
-#: Default limit on encoded size accepted by :func:`decode` (1 GiB).
+#: Default limit on encoded size accepted by L{decode} (1 GiB).
 MAX_SIZE = 1 << 30
 #: Longest integer accepted, in bytes of its varint (~30,000 decimal digits).
 MAX_INT_BYTES = 16 * 1024
-
-_DOUBLE = struct.Struct("<d")
-
-
-class CodecError(ValueError):
-    """A value that cannot be encoded, or bytes that are not a valid encoding."""
-
 
 _DTYPE = re.compile(r"^(int|uint|float|bfloat|bool)(\d+)?(?:x(\d+))?$")
 _DEFAULT_BITS = {"int": 32, "uint": 32, "float": 32, "bfloat": 16, "bool": 8}
@@ -102,7 +123,7 @@ DEVICE_TYPES = {
     "webgpu": 15,
     "hexagon": 16,
 }
-#: The reverse of :data:`DEVICE_TYPES`.
+#: The reverse of L{DEVICE_TYPES}.
 DEVICE_NAMES = {number: name for name, number in DEVICE_TYPES.items()}
 
 
@@ -218,33 +239,12 @@ class HostArray:
         return numpy.frombuffer(self.data, dtype=self.dtype).reshape(self.shape).copy()
 
 
-_NONE, _TRUE, _FALSE = b"N", b"T", b"F"
-_INT, _FLOAT, _STR, _BYTES = b"i", b"f", b"s", b"b"
-_LIST, _TUPLE, _DICT = b"l", b"u", b"d"
-_HANDLE, _ARRAY_REF, _HOST_ARRAY, _DEVICE = b"H", b"A", b"h", b"D"
-
-
-def _varint(number, out):
-    """Append C{number} (non-negative) to C{out} as an unsigned LEB128 varint."""
-    while True:
-        low = number & 0x7F
-        number >>= 7
-        if number:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return
-
-
-def _zigzag(number):
-    """@return: C{number} mapped to a non-negative int (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...)."""
-    return number << 1 if number >= 0 else ((-number) << 1) - 1
 
 
 def _encode_text(text, out):
     """Append C{text} as a varint length and its UTF-8 bytes."""
     raw = text.encode("utf-8")
-    _varint(len(raw), out)
+    write_varint(len(raw), out)
     out += raw
 
 
@@ -256,7 +256,7 @@ def _encode_into(value, out, depth, max_depth):
     if kind is int:
         number = value << 1 if value >= 0 else ((-value) << 1) - 1
         if number < 0x4000:
-            out += _INT
+            out.append(TAG_INT)
             if number < 0x80:
                 out.append(number)
             else:
@@ -264,70 +264,70 @@ def _encode_into(value, out, depth, max_depth):
                 out.append(number >> 7)
             return
     elif kind is list:
-        out += _LIST
-        _varint(len(value), out)
+        out.append(TAG_LIST)
+        write_varint(len(value), out)
         for item in value:
             _encode_into(item, out, depth + 1, max_depth)
         return
     if value is None:
-        out += _NONE
+        out.append(TAG_NONE)
     elif value is True:
-        out += _TRUE
+        out.append(TAG_TRUE)
     elif value is False:
-        out += _FALSE
+        out.append(TAG_FALSE)
     elif isinstance(value, int):
-        out += _INT
+        out.append(TAG_INT)
         start = len(out)
-        _varint(_zigzag(int(value)), out)
+        write_varint(zigzag(int(value)), out)
         if len(out) - start > MAX_INT_BYTES:
             raise CodecError("integer too large to encode")
     elif isinstance(value, float):
-        out += _FLOAT
-        out += _DOUBLE.pack(value)
+        out.append(TAG_FLOAT)
+        out += DOUBLE.pack(value)
     elif isinstance(value, str):
-        out += _STR
+        out.append(TAG_STR)
         try:
             _encode_text(value, out)
         except UnicodeEncodeError as e:
             raise CodecError(f"string is not encodable as UTF-8: {e}") from None
     elif isinstance(value, (bytes, bytearray, memoryview)):
         raw = bytes(value)
-        out += _BYTES
-        _varint(len(raw), out)
+        out.append(TAG_BYTES)
+        write_varint(len(raw), out)
         out += raw
     elif isinstance(value, (list, tuple)):
-        out += _LIST if isinstance(value, list) else _TUPLE
-        _varint(len(value), out)
+        out.append(TAG_LIST if isinstance(value, list) else TAG_TUPLE)
+        write_varint(len(value), out)
         for item in value:
             _encode_into(item, out, depth + 1, max_depth)
     elif isinstance(value, dict):
-        out += _DICT
-        _varint(len(value), out)
+        out.append(TAG_DICT)
+        write_varint(len(value), out)
         for key, item in value.items():
             if not isinstance(key, (str, int, bytes)):
                 raise CodecError(f"dict keys must be str, int or bytes, not {type(key).__name__}")
             _encode_into(key, out, depth + 1, max_depth)
             _encode_into(item, out, depth + 1, max_depth)
     elif isinstance(value, Handle):
-        out += _HANDLE
+        out.append(TAG_HANDLE)
         _encode_text(value.kind, out)
-        _varint(value.id, out)
+        write_varint(value.id, out)
     elif isinstance(value, DLDevice):
-        out += _DEVICE
-        _varint(value.device_type, out)
-        _varint(value.index, out)
+        out.append(TAG_DEVICE)
+        write_varint(value.device_type, out)
+        write_varint(value.index, out)
     elif isinstance(value, ArrayRef):
-        out += _ARRAY_REF
-        _varint(value.id, out)
+        out.append(TAG_ARRAY_REF)
+        write_varint(value.id, out)
         _encode_shape(value.shape, out)
         _encode_text(value.dtype, out)
-        _varint(value.device.device_type, out)
-        _varint(value.device.index, out)
+        write_varint(value.device.device_type, out)
+        write_varint(value.device.index, out)
     elif isinstance(value, HostArray):
-        out += _HOST_ARRAY
+        out.append(TAG_HOST_ARRAY)
         _encode_shape(value.shape, out)
         _encode_text(value.dtype, out)
-        _varint(len(value.data), out)
+        write_varint(len(value.data), out)
         out += value.data
     else:
         raise CodecError(f"cannot encode a value of type {type(value).__name__}")
@@ -335,9 +335,9 @@ def _encode_into(value, out, depth, max_depth):
 
 def _encode_shape(shape, out):
     """Append a shape: its rank, then each dimension, as varints."""
-    _varint(len(shape), out)
+    write_varint(len(shape), out)
     for dim in shape:
-        _varint(dim, out)
+        write_varint(dim, out)
 
 
 def encode(value, *, max_depth=MAX_DEPTH):
@@ -355,19 +355,19 @@ def encode(value, *, max_depth=MAX_DEPTH):
         if -0x2000 <= value < 0x2000:
             number = value << 1 if value >= 0 else ((-value) << 1) - 1
             if number < 0x80:
-                return bytes((VERSION, _T_INT, number))
-            return bytes((VERSION, _T_INT, (number & 0x7F) | 0x80, number >> 7))
+                return bytes((VERSION, TAG_INT, number))
+            return bytes((VERSION, TAG_INT, (number & 0x7F) | 0x80, number >> 7))
     elif kind is list and max_depth > 0 and len(value) < 0x80:
         # Small ints only (the usual call arguments); anything else below.
-        out = bytearray((VERSION, _T_LIST, len(value)))
+        out = bytearray((VERSION, TAG_LIST, len(value)))
         for item in value:
             if type(item) is not int or not -0x2000 <= item < 0x2000:
                 break
             number = item << 1 if item >= 0 else ((-item) << 1) - 1
             if number < 0x80:
-                out += bytes((_T_INT, number))
+                out += bytes((TAG_INT, number))
             else:
-                out += bytes((_T_INT, (number & 0x7F) | 0x80, number >> 7))
+                out += bytes((TAG_INT, (number & 0x7F) | 0x80, number >> 7))
         else:
             return bytes(out)
     out = bytearray([VERSION])
@@ -378,107 +378,30 @@ def encode(value, *, max_depth=MAX_DEPTH):
     return bytes(out)
 
 
-_T_NONE, _T_TRUE, _T_FALSE = _NONE[0], _TRUE[0], _FALSE[0]
-_T_INT, _T_FLOAT, _T_STR, _T_BYTES = _INT[0], _FLOAT[0], _STR[0], _BYTES[0]
-_T_LIST, _T_TUPLE, _T_DICT = _LIST[0], _TUPLE[0], _DICT[0]
-_T_HANDLE, _T_ARRAY_REF, _T_HOST_ARRAY, _T_DEVICE = (
-    _HANDLE[0], _ARRAY_REF[0], _HOST_ARRAY[0], _DEVICE[0])
-
-
-@attrs.define
-class _Reader:
-    """
-    A cursor over the bytes being decoded (C{bytes}, or a byte
-    C{memoryview}); every failure is a L{CodecError}.
-    """
-
-    data: object
-    position: int = 0
-
-    def byte(self):
-        """@return: the next byte. @raise CodecError: at the end of the input."""
-        position = self.position
-        if position >= len(self.data):
-            raise CodecError("truncated value")
-        self.position = position + 1
-        return self.data[position]
-
-    def take(self, length):
-        """@return: the next C{length} bytes (a slice). @raise CodecError: past the end."""
-        end = self.position + length
-        if end > len(self.data):
-            raise CodecError(f"truncated value: wants {length} bytes at {self.position}")
-        chunk = self.data[self.position:end]
-        self.position = end
-        return chunk
-
-    def varint(self, limit=10):
-        """Read an unsigned LEB128 varint of at most C{limit} bytes."""
-        data = self.data
-        position = self.position
-        if position < len(data) and data[position] < 0x80:
-            self.position = position + 1
-            return data[position]
-        result = shift = 0
-        for _ in range(limit):
-            byte = self.byte()
-            result |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return result
-            shift += 7
-        raise CodecError("varint too long")
-
-    def count(self):
-        """A length or element count, at most the bytes that remain."""
-        number = self.varint()
-        if number > len(self.data) - self.position:
-            raise CodecError(f"announced length {number} exceeds the remaining input")
-        return number
-
-    def text(self):
-        """@return: a varint-prefixed UTF-8 string."""
-        raw = self.take(self.count())
-        try:
-            return str(raw, "utf-8")
-        except UnicodeDecodeError as e:
-            raise CodecError(f"invalid UTF-8 in string: {e}") from None
-
-    def small(self):
-        """A non-negative number below 2**31 (ids, device numbers, dimensions)."""
-        number = self.varint(5)
-        if number >= 1 << 31:
-            raise CodecError(f"number {number} out of range")
-        return number
-
-    def shape(self):
-        """@return: a varint rank followed by that many dimensions."""
-        return tuple(self.small() for _ in range(self.count()))
-
-
 def _decode_from(reader, depth, max_depth):
     """Read one value (tag and body) from C{reader}; see L{decode}."""
     if depth > max_depth:
         raise CodecError(f"value nested deeper than {max_depth}")
     tag = reader.byte()
-    if tag == _T_INT:
+    if tag == TAG_INT:
         number = reader.varint(MAX_INT_BYTES)
         return number >> 1 if not number & 1 else -((number + 1) >> 1)
-    if tag == _T_LIST or tag == _T_TUPLE:
+    if tag == TAG_LIST or tag == TAG_TUPLE:
         items = [_decode_from(reader, depth + 1, max_depth) for _ in range(reader.count())]
-        return items if tag == _T_LIST else tuple(items)
-    if tag == _T_NONE:
+        return items if tag == TAG_LIST else tuple(items)
+    if tag == TAG_NONE:
         return None
-    if tag == _T_TRUE:
+    if tag == TAG_TRUE:
         return True
-    if tag == _T_FALSE:
+    if tag == TAG_FALSE:
         return False
-    if tag == _T_FLOAT:
-        return _DOUBLE.unpack(reader.take(8))[0]
-    if tag == _T_STR:
+    if tag == TAG_FLOAT:
+        return DOUBLE.unpack(reader.take(8))[0]
+    if tag == TAG_STR:
         return reader.text()
-    if tag == _T_BYTES:
+    if tag == TAG_BYTES:
         return bytes(reader.take(reader.count()))
-    if tag == _T_DICT:
+    if tag == TAG_DICT:
         result = {}
         for _ in range(reader.count()):
             key = _decode_from(reader, depth + 1, max_depth)
@@ -486,20 +409,20 @@ def _decode_from(reader, depth, max_depth):
                 raise CodecError(f"bad dict key of type {type(key).__name__}")
             result[key] = _decode_from(reader, depth + 1, max_depth)
         return result
-    if tag == _T_HANDLE:
+    if tag == TAG_HANDLE:
         kind = reader.text()
         if kind not in ("function", "module"):
             raise CodecError(f"unknown handle kind {kind!r}")
         return Handle(kind, reader.small())
-    if tag == _T_DEVICE:
+    if tag == TAG_DEVICE:
         return DLDevice(reader.small(), reader.small())
-    if tag == _T_ARRAY_REF:
+    if tag == TAG_ARRAY_REF:
         handle = reader.small()
         shape = reader.shape()
         dtype = reader.text()
         device = DLDevice(reader.small(), reader.small())
         return ArrayRef(handle, shape, dtype, device)
-    if tag == _T_HOST_ARRAY:
+    if tag == TAG_HOST_ARRAY:
         shape = reader.shape()
         dtype = reader.text()
         # Checked before taking the data, so a bogus shape cannot allocate.
@@ -510,91 +433,6 @@ def _decode_from(reader, depth, max_depth):
         return HostArray(shape, dtype, bytes(reader.take(length)))
     raise CodecError(f"unknown value tag {bytes([tag])!r}")
 
-
-#: Longest input tried by L{_quick_decode} first.
-_QUICK_SIZE = 256
-_MISS = object()
-_unpack_double = _DOUBLE.unpack_from
-
-
-def _quick_decode(data):
-    """
-    Decode the common small values of a call (a list of, or one: small int,
-    float, None, bool, short str) without the general reader.
-
-    @param data: the whole encoding (C{bytes}).
-    @return: the value, or C{_MISS} for anything else, including every
-        invalid input (L{decode}'s general path then decodes or rejects it).
-    """
-    try:
-        if data[0] != VERSION:
-            return _MISS
-        end = len(data)
-        tag = data[1]
-        if tag == _T_LIST:
-            count = data[2]
-            if count >= 0x80:
-                return _MISS
-            position = 3
-            items = []
-            append = items.append
-            for _ in range(count):
-                tag = data[position]
-                if tag == _T_INT:
-                    number = data[position + 1]
-                    if number < 0x80:
-                        position += 2
-                    else:
-                        high = data[position + 2]
-                        if high >= 0x80:
-                            return _MISS
-                        number = (number & 0x7F) | (high << 7)
-                        position += 3
-                    append(number >> 1 if not number & 1 else -((number + 1) >> 1))
-                elif tag == _T_FLOAT:
-                    if position + 9 > end:
-                        return _MISS
-                    append(_unpack_double(data, position + 1)[0])
-                    position += 9
-                elif tag == _T_STR:
-                    length = data[position + 1]
-                    start = position + 2
-                    position = start + length
-                    if length >= 0x80 or position > end:
-                        return _MISS
-                    append(str(data[start:position], "utf-8"))
-                elif tag == _T_NONE:
-                    append(None)
-                    position += 1
-                elif tag == _T_TRUE:
-                    append(True)
-                    position += 1
-                elif tag == _T_FALSE:
-                    append(False)
-                    position += 1
-                else:
-                    return _MISS
-            return items if position == end else _MISS
-        if tag == _T_INT:
-            number = data[2]
-            if end == 3 and number < 0x80:
-                return number >> 1 if not number & 1 else -((number + 1) >> 1)
-            if end == 4 and number >= 0x80 and data[3] < 0x80:
-                number = (number & 0x7F) | (data[3] << 7)
-                return number >> 1 if not number & 1 else -((number + 1) >> 1)
-            return _MISS
-        if tag == _T_FLOAT:
-            return _unpack_double(data, 2)[0] if end == 10 else _MISS
-        if end == 2:
-            if tag == _T_NONE:
-                return None
-            if tag == _T_TRUE:
-                return True
-            if tag == _T_FALSE:
-                return False
-        return _MISS
-    except (IndexError, UnicodeDecodeError):
-        return _MISS
 
 
 def decode(data, *, max_depth=MAX_DEPTH, max_size=MAX_SIZE):
@@ -609,9 +447,9 @@ def decode(data, *, max_depth=MAX_DEPTH, max_size=MAX_SIZE):
         of this version (and for nothing else).
     """
     if type(data) is bytes:
-        if len(data) <= _QUICK_SIZE and max_depth > 0 and len(data) <= max_size:
-            value = _quick_decode(data)
-            if value is not _MISS:
+        if len(data) <= QUICK_SIZE and max_depth > 0 and len(data) <= max_size:
+            value = quick_decode(data)
+            if value is not MISS:
                 return value
         view = data
     else:
@@ -621,7 +459,7 @@ def decode(data, *, max_depth=MAX_DEPTH, max_size=MAX_SIZE):
             raise CodecError(f"cannot decode a {type(data).__name__}") from None
     if len(view) > max_size:
         raise CodecError(f"encoded value of {len(view)} bytes exceeds {max_size}")
-    reader = _Reader(view)
+    reader = Reader(view)
     version = reader.byte()
     if version != VERSION:
         raise CodecError(f"unsupported value encoding version {version}")
@@ -632,3 +470,4 @@ def decode(data, *, max_depth=MAX_DEPTH, max_size=MAX_SIZE):
     if reader.position != len(view):
         raise CodecError(f"{len(view) - reader.position} bytes of trailing garbage")
     return value
+

@@ -1,4 +1,4 @@
-"""``twistd rpc-proxy``: pairs clients and servers by key and relays their bytes.
+"""C{twistd rpc-proxy}: pairs clients and servers by key and relays their bytes.
 
 L{pairing} is the pure pairing state machine, L{relay} the backpressured
 byte relay, L{protocol} the connection adapter, L{registration} the tracker

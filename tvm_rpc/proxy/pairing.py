@@ -1,7 +1,7 @@
 """The proxy's pairing state machine: sans-IO, driven by an injected clock.
 
 Connections that finished their handshake arrive here with the key they
-presented (``server:<key>`` or ``client:<key>[ options]``). In plain mode a
+presented (C{server:<key>} or C{client:<key>[ options]}). In plain mode a
 client and a server presenting the same key are paired whichever comes first;
 a second connection with a key already waiting is refused with
 RPC_CODE_DUPLICATE; one left alone past its timeout gets RPC_CODE_MISMATCH. In
@@ -42,7 +42,7 @@ class IPeer(Interface):
         The connection is paired: send RPC_CODE_SUCCESS and C{partner_key}.
 
         @param partner_key: the handshake key the partner presented, unchanged
-            (so a client's `` -timeout=..`` option reaches the server).
+            (so a client's C{ -timeout=..} option reaches the server).
         """
 
     def join(partner):
@@ -76,7 +76,7 @@ def parse_proxy_key(text):
     """
     Read the key a connection presented in its handshake.
 
-    @param text: ``server:<key>`` or ``client:<key>``, possibly followed by
+    @param text: C{server:<key>} or C{client:<key>}, possibly followed by
         whitespace-separated options that are forwarded untouched.
     @return: C{(role, match_key)} where C{match_key} is the first token after
         the prefix.
@@ -96,9 +96,9 @@ class ServerOffer:
     """
     A server waiting behind the proxy in tracker mode.
 
-    @ivar key: the device key the server presented (``server:<key>``).
+    @ivar key: the device key the server presented (C{server:<key>}).
     @ivar matchkey: what the tracker hands to clients for this server; clients
-        present ``client:<matchkey>``. Renewal replaces it, the key stays.
+        present C{client:<matchkey>}. Renewal replaces it, the key stays.
     @ivar handshake_key: the server's handshake key as sent.
     @ivar peer: the server's connection.
     """

@@ -30,7 +30,7 @@ class ProxyConnection(TimeoutMixin, Protocol):
     """
     One connection to the proxy, client or server.
 
-    States: C{"handshake"} (reading ``[magic][len][key]``), C{"waiting"} (in
+    States: C{"handshake"} (reading C{[magic][len][key]}), C{"waiting"} (in
     the pool; bytes that arrive are kept, up to C{chunk_size}, then reading
     pauses), C{"paired"} (accepted, relay being set up), C{"relaying"} and
     C{"closed"}.

@@ -4,15 +4,15 @@ TVM's tracker protocol has no command that withdraws one PUT: a tracker drops
 a connection's free servers only when that connection closes. So that a
 server leaving the proxy leaves the tracker at once, every waiting server
 gets a tracker connection of its own (a L{TrackerLink} of a L{_WaitingServer}) that says
-``UPDATE_INFO {"key": "proxy-entry:<key>", ...}`` (an info key not starting
-with ``server``, so trackers do not list it as a server), PUTs the server's
+C{UPDATE_INFO {"key": "proxy-entry:<key>", ...}} (an info key not starting
+with C{server}, so trackers do not list it as a server), PUTs the server's
 matchkey, polls GET_PENDING_MATCHKEYS and renews a matchkey that was handed
 out but never used. Closing that connection takes the entry out of the
 tracker, on TVM's tracker and ours alike.
 
 One more connection reports the proxy itself as TVM's proxy does:
-``UPDATE_INFO {"key": "server:proxy[key1,key2,...]", "addr": [null, port]}``
-listing the keys currently waiting, so ``query_rpc_tracker`` shows the
+C{UPDATE_INFO {"key": "server:proxy[key1,key2,...]", "addr": [null, port]}}
+listing the keys currently waiting, so C{query_rpc_tracker} shows the
 servers behind the proxy.
 
 Every link is a L{ClientService} with backoff: after a tracker restart each
@@ -84,10 +84,6 @@ class ProxyRegistration(Service):
     _summary: object = attrs.field(init=False, default=None)
     _summary_protocol: object = attrs.field(init=False, default=None)
     _reported: object = attrs.field(init=False, default=None)
-
-    def __attrs_post_init__(self):
-        """Initialise the L{Service} part."""
-        Service.__init__(self)
 
     def startService(self):
         """Connect the proxy's own link and one link per waiting server."""

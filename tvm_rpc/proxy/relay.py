@@ -5,7 +5,7 @@ side's transport: when one peer reads slowly and its outgoing buffer in the
 proxy passes the transport's C{bufferSize}, Twisted pauses reading from the
 other peer until the buffer drains. The proxy therefore holds at most about
 two chunks per direction (the buffer limit plus one read), which is the bound
-stated in ``docs/proxy.md``.
+stated in C{docs/proxy.md}.
 
 An end of file from one peer is passed on as a half-close to the other, which
 may still answer; a lost connection closes the other side once its buffered

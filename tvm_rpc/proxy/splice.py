@@ -1,69 +1,45 @@
-"""A zero-copy relay path for two plain TCP sockets on Linux (``splice(2)``).
+"""A zero-copy relay path for two plain TCP sockets on Linux (C{splice(2)}).
 
 Once a pair relays between two plain TCP transports, each direction can move
-its bytes socket -> pipe -> socket inside the kernel with ``os.splice``
+its bytes socket -> pipe -> socket inside the kernel with C{os.splice}
 instead of reading them into Python objects and writing them out again.
 
-L{SpliceRelay} takes over from the transports' ordinary read path: it stops
-reading from both transports, waits until whatever Twisted still buffers for
-them (the handshake reply, bytes sent early or relayed so far) has been
-written, then removes both transports from the reactor and registers one
-L{_SpliceEnd} per socket with C{addReader}/C{addWriter} (the reactor keeps
-one descriptor object per file descriptor, so the end of a socket serves the
-direction that reads from it and the one that writes to it).
+This module decides and performs the hand-over. L{can_splice} tells whether a
+transport qualifies. L{SpliceRelay} takes over from the transports' ordinary
+read path: it stops reading from both transports, waits until whatever
+Twisted still buffers for them (the handshake reply, bytes sent early or
+relayed so far) has been written, then removes both transports from the
+reactor and registers one L{SpliceEnd} per socket with
+C{addReader}/C{addWriter}; the bytes then move in two L{SpliceDirection}s
+(L{tvm_rpc.proxy.splice_directions}: pipes, backpressure, half-close).
 
-Per direction (L{_Direction}): while its pipe has room it reads from the
-source; bytes moved into the pipe are spliced on to the destination at once;
-when the destination would block, the direction waits until it is writable
-and reads from the source only until the pipe is full. That is the
-backpressure: a direction holds at most one pipe's capacity (L{PIPE_SIZE},
-1 MiB, kernel memory rather than the proxy's heap), beside the sockets' own
-buffers.
-
-End of file from a source becomes C{shutdown(SHUT_WR)} on the destination
-once the pipe is drained (half-close, as on the plain path). An error on a
-socket ends the direction reading from it like an end of file (what is in
-its pipe is still delivered to the other peer) and drops the direction
-writing to it. When both directions are over, both transports are handed
-back to Twisted and closed with C{loseConnection}, so the connections end
-exactly as on the plain path (pool entries, tracker-mode cleanup, the
-relay's C{on_end}).
+An error on a socket ends the direction reading from it like an end of file
+(what is in its pipe is still delivered to the other peer) and drops the
+direction writing to it. When both directions are over, both transports are
+handed back to Twisted and closed with C{loseConnection}, so the connections
+end exactly as on the plain path (pool entries, tracker-mode cleanup, the
+relay's C{on_end}). Where the kernel refuses the first splice, or Twisted's
+buffers do not drain in time, the pair goes back to the plain path instead.
 """
 
 import errno
-import fcntl
 import os
 import socket
 import sys
 
 import attrs
 from twisted.internet import tcp
-from twisted.internet.interfaces import IReactorFDSet, IReadWriteDescriptor, ISSLTransport
+from twisted.internet.interfaces import IReactorFDSet, ISSLTransport
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from ..twisted_fence import write_buffer_empty
-
-#: Capacity asked for each direction's pipe: the most a direction holds in the
-#: proxy (kernel pipe buffers), beside the two sockets' own buffers.
-PIPE_SIZE = 1024 * 1024
+from .splice_directions import PIPE_SIZE, WOULD_BLOCK, SpliceDirection, SpliceEnd, open_pipe
 
 #: Seconds the hand-over may wait for Twisted's write buffers to drain. While
 #: it waits neither peer is read, so a peer that reads only after it finished
 #: writing could otherwise wait forever; past this the pair stays on the
 #: Twisted relay.
 FLUSH_TIMEOUT = 1.0
-
-#: fcntl commands to get and set a pipe's capacity (Linux; not in every
-#: Python's fcntl module).
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
-
-#: Errors that mean "try again later" on a non-blocking splice.
-_WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
-
-log = Logger(namespace="tvm_rpc.proxy.splice")
-
 
 def splice_available():
     """@return: whether this platform has C{os.splice} (Linux, Python >= 3.10)."""
@@ -90,189 +66,6 @@ def can_splice(reactor, transport):
     sock = transport.getHandle()
     return (isinstance(sock, socket.socket) and sock.type == socket.SOCK_STREAM
             and sock.family in (socket.AF_INET, socket.AF_INET6))
-
-
-def open_pipe(size=PIPE_SIZE):
-    """
-    @param size: the capacity to ask for (the kernel may round it up, or
-        refuse above C{/proc/sys/fs/pipe-max-size} for unprivileged users).
-    @return: C{(read_fd, write_fd, capacity)} of a new non-blocking pipe.
-    """
-    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        fcntl.fcntl(write_fd, F_SETPIPE_SZ, size)
-    except OSError:
-        # A smaller pipe still relays correctly, in smaller steps.
-        pass
-    try:
-        capacity = fcntl.fcntl(write_fd, F_GETPIPE_SZ)
-    except OSError:
-        capacity = 65536
-    return read_fd, write_fd, capacity
-
-
-@implementer(IReadWriteDescriptor)
-@attrs.define(eq=False)
-class _SpliceEnd:
-    """
-    One socket of a spliced pair, as the reactor sees it: reading from it
-    feeds the outgoing direction, writing to it drains the incoming one.
-    """
-
-    relay: object
-    fd: int
-    name: str
-    outgoing: object = None
-    incoming: object = None
-    reading: bool = False
-    writing: bool = False
-
-    def fileno(self):
-        """@return: the socket's file descriptor (-1 once the relay ended)."""
-        return self.fd
-
-    def logPrefix(self):
-        """@return: the prefix of the reactor's log lines about this socket."""
-        return f"splice {self.name}"
-
-    def doRead(self):
-        """The socket is readable (or hung up): move bytes into the outgoing pipe."""
-        self.outgoing.source_ready()
-
-    def doWrite(self):
-        """The socket is writable (or failed): drain the incoming pipe into it."""
-        self.incoming.destination_ready()
-
-    def connectionLost(self, reason):
-        """The reactor dropped this descriptor (shutting down): end the relay."""
-        self.relay.abort()
-
-    def set_reading(self, flag):
-        """Start or stop watching the socket for readability."""
-        if flag != self.reading and self.fd >= 0:
-            self.reading = flag
-            if flag:
-                self.relay.reactor.addReader(self)
-            else:
-                self.relay.reactor.removeReader(self)
-
-    def set_writing(self, flag):
-        """Start or stop watching the socket for writability."""
-        if flag != self.writing and self.fd >= 0:
-            self.writing = flag
-            if flag:
-                self.relay.reactor.addWriter(self)
-            else:
-                self.relay.reactor.removeWriter(self)
-
-
-@attrs.define(eq=False)
-class _Direction:
-    """
-    One direction of a spliced pair: C{source} socket -> pipe -> C{destination}.
-
-    @ivar pending: bytes in the pipe, not yet spliced to the destination.
-    @ivar source_ended: the source sent end of file or failed.
-    @ivar done: nothing more will move in this direction.
-    """
-
-    relay: object
-    source: _SpliceEnd
-    destination: _SpliceEnd
-    pipe_read: int
-    pipe_write: int
-    capacity: int
-    pending: int = 0
-    source_ended: bool = False
-    half_close: bool = True
-    done: bool = False
-    moved: int = 0
-
-    def source_ready(self):
-        """Splice what the source has into the pipe, then on to the destination."""
-        if self.done or self.source_ended or self.pending >= self.capacity:
-            self.source.set_reading(False)
-            return
-        try:
-            count = os.splice(self.source.fd, self.pipe_write, self.capacity - self.pending,
-                              flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            if e.errno in _WOULD_BLOCK:
-                return
-            self.relay.socket_failed(self.source, e)
-            return
-        if count == 0:
-            self.relay.log.debug("end of file from {name}", name=self.source.name)
-            self.source_ended = True
-            self.source.set_reading(False)
-        else:
-            self.pending += count
-        self.destination_ready()
-
-    def destination_ready(self):
-        """Splice the pipe into the destination until it would block or is empty."""
-        if self.done:
-            self.destination.set_writing(False)
-            return
-        while self.pending:
-            try:
-                count = os.splice(self.pipe_read, self.destination.fd, self.pending,
-                                  flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno in _WOULD_BLOCK:
-                    break
-                self.relay.socket_failed(self.destination, e)
-                return
-            if count == 0:
-                break
-            self.pending -= count
-            self.moved += count
-        if self.pending:
-            # The destination is full: wait until it is writable, and read the
-            # source only while the pipe has room (backpressure).
-            self.source.set_reading(self.pending < self.capacity and not self.source_ended)
-            self.destination.set_writing(True)
-            return
-        self.destination.set_writing(False)
-        if self.source_ended:
-            self.finish()
-        else:
-            self.source.set_reading(True)
-
-    def finish(self):
-        """The source ended and the pipe is drained: half-close the destination."""
-        if self.done:
-            return
-        self.done = True
-        self.source.set_reading(False)
-        self.destination.set_writing(False)
-        if self.half_close and self.relay.alive(self.destination):
-            _shutdown_write(self.destination.fd)
-        self.relay.direction_done()
-
-    def drop(self):
-        """The destination failed: nothing more can be delivered this way."""
-        if self.done:
-            return
-        self.done = True
-        self.source.set_reading(False)
-        self.destination.set_writing(False)
-        self.relay.direction_done()
-
-
-def _shutdown_write(fd):
-    """C{shutdown(fd, SHUT_WR)}, ignoring a socket that is already gone."""
-    sock = socket.socket(fileno=fd)
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-    finally:
-        sock.detach()
 
 
 @attrs.define(eq=False)
@@ -363,13 +156,13 @@ class SpliceRelay:
         for transport in (self.a, self.b):
             transport.stopReading()
             transport.stopWriting()
-        end_a = _SpliceEnd(self, self.a.fileno(), _name(self.a))
-        end_b = _SpliceEnd(self, self.b.fileno(), _name(self.b))
+        end_a = SpliceEnd(self, self.a.fileno(), _name(self.a))
+        end_b = SpliceEnd(self, self.b.fileno(), _name(self.b))
         self._ends = [end_a, end_b]
         try:
             for source, destination in ((end_a, end_b), (end_b, end_a)):
                 read_fd, write_fd, capacity = open_pipe(self.pipe_size)
-                direction = _Direction(self, source, destination, read_fd, write_fd, capacity)
+                direction = SpliceDirection(self, source, destination, read_fd, write_fd, capacity)
                 source.outgoing = direction
                 destination.incoming = direction
                 self._directions.append(direction)
@@ -384,7 +177,7 @@ class SpliceRelay:
                 count = os.splice(direction.source.fd, direction.pipe_write, direction.capacity,
                                   flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
             except OSError as e:
-                if e.errno in _WOULD_BLOCK:
+                if e.errno in WOULD_BLOCK:
                     continue
                 if e.errno == errno.EINVAL:
                     self.log.info("splice refused here: relaying through Twisted")

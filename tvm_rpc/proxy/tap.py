@@ -1,9 +1,9 @@
-"""``twistd rpc-proxy``: command-line options and the service they build.
+"""C{twistd rpc-proxy}: command-line options and the service they build.
 
-The flags are TVM's ``python -m tvm.exec.rpc_proxy`` flags (``--host``,
-``--port``, ``--port-end``, ``--web-port``, ``--tracker``) plus ``--listen``
-(Twisted endpoint strings, repeatable), ``--timeout-client``,
-``--timeout-server``, ``--handshake-timeout`` and ``--relay-buffer``.
+The flags are TVM's C{python -m tvm.exec.rpc_proxy} flags (C{--host},
+C{--port}, C{--port-end}, C{--web-port}, C{--tracker}) plus C{--listen}
+(Twisted endpoint strings, repeatable), C{--timeout-client},
+C{--timeout-server}, C{--handshake-timeout} and C{--relay-buffer}.
 """
 
 import importlib.util
@@ -41,7 +41,7 @@ def _buffer_size(value):
 
 
 class Options(ListenOptions, usage.Options):
-    """The options of ``twistd rpc-proxy``."""
+    """The options of C{twistd rpc-proxy}."""
 
     synopsis = "[options]"
     longdesc = (

@@ -1,13 +1,13 @@
 """Process tuning for the relay: glibc's allocator thresholds.
 
-Twisted reads each chunk into a fresh ``bytes`` object (``recv(bufferSize)``).
+Twisted reads each chunk into a fresh C{bytes} object (C{recv(bufferSize)}).
 With glibc's default, dynamically adjusted thresholds, chunks of a few hundred
 KiB keep being returned to the kernel (heap trimming) and faulted back in on
 the next read, which can more than double the kernel time per relayed byte.
 Raising the mmap and trim thresholds once at start-up keeps those chunks in the
 heap. On a busy shared 2-core machine, where page faults were expensive, this
 took the proxy's CPU per relayed GiB from about 1.7 s to 0.6 s (measured with
-the equivalent ``MALLOC_*_THRESHOLD_`` variables); when faults are cheap it
+the equivalent C{MALLOC_*_THRESHOLD_} variables); when faults are cheap it
 changes little. Memory is still given back: free heap above the trim
 threshold is returned at once, and a second after a pair ends the proxy
 asks glibc to return all its free heap (C{malloc_trim}), so what a pair used
@@ -110,10 +110,6 @@ class AllocatorTuning(Service):
     _pending: object = attrs.field(init=False, default=None)
 
     log = Logger()
-
-    def __attrs_post_init__(self):
-        """Initialise the L{Service} part."""
-        Service.__init__(self)
 
     def startService(self):
         """Apply the thresholds once and log them."""

@@ -1,4 +1,4 @@
-"""The websocket endpoint ``/ws``: the same proxy over websocket binary messages.
+"""The websocket endpoint C{/ws}: the same proxy over websocket binary messages.
 
 TVM's web runtime (a server running in a browser) reaches the proxy over a
 websocket; each binary message carries bytes of the same stream a TCP peer
@@ -113,7 +113,7 @@ class ProxyWebSocketProtocol(WebSocketServerProtocol):
         self._relaying = False
 
     def onConnect(self, request):
-        """Accept only the ``/ws`` path."""
+        """Accept only the C{/ws} path."""
         if request.path != WS_PATH:
             raise ConnectionDeny(404, f"only {WS_PATH} is served here")
         return None

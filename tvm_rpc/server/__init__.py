@@ -1,4 +1,4 @@
-"""The device side: ``twistd rpc-server``, its sessions and their environment.
+"""The device side: C{twistd rpc-server}, its sessions and their environment.
 
 User code registers functions that every session can call::
 

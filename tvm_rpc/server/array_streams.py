@@ -1,16 +1,17 @@
 """The stream ends over a session's arrays: filling one, and reading one a chunk at a time.
 
-An array write stream wraps an :class:`ArraySink`; an array without a host
-view (a tensor on a GPU, say) is read through a :class:`PiecewiseArraySource`
+An array write stream wraps an L{ArraySink}; an array without a host
+view (a tensor on a GPU, say) is read through a L{PiecewiseArraySource}
 (one with a host view is served from that view by a
-:class:`~tvm_rpc.protocol.streams.BytesSource`). Both reach the array only
-through its :class:`~tvm_rpc.server.backends.IArrayBackend`.
+L{BytesSource<tvm_rpc.protocol.stream_table.BytesSource>}). Both reach the array only
+through its L{IArrayBackend<tvm_rpc.server.backends.IArrayBackend>}.
 """
 
 import attrs
 from zope.interface import implementer
 
-from ..protocol.streams import ISink, ISource, StreamError
+from ..protocol.stream_table import ISink, ISource
+from ..protocol.streams import StreamError
 
 
 @implementer(ISink)

@@ -1,16 +1,16 @@
 """Array backends: where a session's arrays live, behind one declared interface.
 
-A session holds its arrays through an :class:`IArrayBackend`, chosen once
-per process by :func:`select_backend`:
+A session holds its arrays through an L{IArrayBackend}, chosen once
+per process by L{select_backend}:
 
-- :class:`TVMBackend`: TVM tensors on any device TVM's runtime drives (so
-  compiled TVM functions take them directly), when TVM's runtime imports;
-- :class:`NumpyBackend`: numpy arrays on the cpu, when numpy imports;
-- :class:`PythonBackend`: :class:`PythonArray` (a bytearray with a shape
-  and a dtype) on the cpu, always. The server needs none of numpy or TVM.
+  - L{TVMBackend}: TVM tensors on any device TVM's runtime drives (so
+    compiled TVM functions take them directly), when TVM's runtime imports;
+  - L{NumpyBackend}: numpy arrays on the cpu, when numpy imports;
+  - L{PythonBackend}: L{PythonArray} (a bytearray with a shape
+    and a dtype) on the cpu, always. The server needs none of numpy or TVM.
 
 Devices go by TVM's numbering; a device type TVM does not number is refused
-by :func:`check_device` before TVM's runtime sees it (it would crash).
+by L{check_device} before TVM's runtime sees it (it would crash).
 """
 
 import attrs
@@ -101,7 +101,7 @@ class PythonArray:
     """
     An array without numpy: raw C-order bytes with a shape, a dtype, a device.
 
-    Functions of ``.py`` modules receive these when neither TVM nor numpy is
+    Functions of C{.py} modules receive these when neither TVM nor numpy is
     installed on the device; C{memoryview(array.data).cast(fmt, shape)}
     gives typed access.
     """

@@ -3,8 +3,8 @@
 The server hands a session to the fork server, and the fork server hands it
 on to a spare worker, as one control message over a Unix socket: a JSON
 header (the handshake reply, early bytes, metadata), length-prefixed, with
-the session's file descriptor attached (``SCM_RIGHTS``).
-:func:`send_control` writes one; :func:`receive_control` reads one, blocking.
+the session's file descriptor attached (C{SCM_RIGHTS}).
+L{send_control} writes one; L{receive_control} reads one, blocking.
 """
 
 import json

@@ -1,31 +1,31 @@
 """The environment of one session: handles, functions, files, modules, arrays, streams.
 
-A :class:`SessionEnvironment` is what a session protocol serves; its methods
-are the session's verbs. It holds:
+A L{SessionEnvironment} is what a session protocol serves; its methods are the
+session's verbs. It holds:
 
-- a fresh work directory (:class:`~tvm_rpc.server.workdir.WorkDirectory`)
-  under a configurable root, removed when the session ends; every path a
-  client names is confined to it;
-- the handle table: integer ids for the functions, modules and arrays the
-  client holds (and the ids of open streams, from the same counter);
-- the built-in functions under TVM's names (``tvm.rpc.server.upload``,
-  ``.download``, ``.remove``, ``.listdir``, ``.load_module``, ``.workpath``),
-  then the global :class:`~tvm_rpc.server.registry.Registry`;
-- the session's open streams: the ``open_*`` verbs open them over files,
-  arrays and long values, the ``stream_*`` verbs move their chunks;
-- an array backend (:mod:`tvm_rpc.server.backends`): TVM tensors when TVM's
-  runtime is importable, else numpy arrays, else pure-Python arrays;
-- modules loaded in the session (:mod:`tvm_rpc.server.modules`) and
-  ``time_evaluator`` (:mod:`tvm_rpc.server.timing`);
-- the operator's limits (:class:`~tvm_rpc.server.limits.SessionSettings`):
-  open streams, bytes uploads put in the work directory, and whether
-  uploaded modules may be loaded at all (:meth:`SessionEnvironment.check_code_upload`).
+  - a fresh work directory (L{WorkDirectory<tvm_rpc.server.workdir.WorkDirectory>})
+    under a configurable root, removed when the session ends; every path a
+    client names is confined to it;
+  - the handle table: integer ids for the functions, modules and arrays the
+    client holds (and the ids of open streams, from the same counter);
+  - the built-in functions under TVM's names (C{tvm.rpc.server.upload},
+    C{.download}, C{.remove}, C{.listdir}, C{.load_module}, C{.workpath}),
+    then the global L{Registry<tvm_rpc.server.registry.Registry>};
+  - the session's open streams: the C{open_*} verbs open them over files,
+    arrays and long values, the C{stream_*} verbs move their chunks;
+  - an array backend (L{tvm_rpc.server.backends}): TVM tensors when TVM's
+    runtime is importable, else numpy arrays, else pure-Python arrays;
+  - modules loaded in the session (L{tvm_rpc.server.modules}) and
+    C{time_evaluator} (L{tvm_rpc.server.timing});
+  - the operator's limits (L{SessionSettings<tvm_rpc.server.limits.SessionSettings>}):
+    open streams, bytes uploads put in the work directory, and whether
+    uploaded modules may be loaded at all (L{SessionEnvironment.check_code_upload}).
 
-Its errors are in :mod:`tvm_rpc.server.errors`. It is plain synchronous
-Python: no reactor, no transport.
+How arguments and results are converted on their way in and out is
+L{tvm_rpc.server.wire_values}; the errors are in L{tvm_rpc.server.errors}.
+It is plain synchronous Python: no reactor, no transport.
 """
 
-import collections.abc
 import itertools
 import os
 import time
@@ -33,9 +33,10 @@ import time
 import attrs
 
 from ..protocol import values
-from ..protocol.streams import BytesSink, BytesSource, StreamError, StreamTable
-from ..protocol.values import ArrayRef, DLDevice, Handle, HostArray
-from . import modules, timing
+from ..protocol.stream_table import BytesSink, BytesSource, StreamTable
+from ..protocol.streams import StreamError
+from ..protocol.values import ArrayRef
+from . import modules, timing, wire_values
 from .array_streams import ArraySink, PiecewiseArraySource
 from .backends import check_device, select_backend
 from .errors import CodeUploadRefused, HandleError
@@ -219,72 +220,18 @@ class SessionEnvironment:
             raise TypeError(f"call arguments must be a list, not {type(args).__name__}")
         return function(*[self.from_wire(arg) for arg in args])
 
-    def from_wire(self, value, depth=0):
-        """Turn a decoded value into what functions receive."""
-        if isinstance(value, Handle):
-            return self.get(value.id, value.kind)
-        if isinstance(value, ArrayRef):
-            return self.get(value.id, "array")
-        if isinstance(value, HostArray):
-            array = self.backend.empty(value.shape, value.dtype, DLDevice(1, 0))
-            self.backend.fill(array, value.data)
-            return array
-        if isinstance(value, DLDevice):
-            return self.backend.device(check_device(value))
-        if isinstance(value, list):
-            return [self.from_wire(item, depth + 1) for item in value]
-        if isinstance(value, tuple):
-            return tuple(self.from_wire(item, depth + 1) for item in value)
-        if isinstance(value, dict):
-            return {key: self.from_wire(item, depth + 1) for key, item in value.items()}
-        return value
+    def from_wire(self, value):
+        """Turn a decoded value into what functions receive (see L{wire_values.from_wire})."""
+        return wire_values.from_wire(self, value)
 
-    def to_wire(self, value, depth=0):
+    def to_wire(self, value):
         """
-        Turn a function's result into an encodable value.
+        Turn a function's result into an encodable value (see
+        L{wire_values.to_wire}).
 
         @raise TypeError: for a value that cannot cross the wire.
         """
-        if depth > values.MAX_DEPTH:
-            raise TypeError("result nested too deeply to send")
-        if value is None or isinstance(value, (bool, int, float, str, bytes)):
-            if isinstance(value, str) and type(value) is not str:
-                return str(value)
-            if isinstance(value, int) and type(value) not in (int, bool):
-                return int(value)
-            return value
-        if isinstance(value, (bytearray, memoryview)):
-            return bytes(value)
-        if isinstance(value, (DLDevice, HostArray, ArrayRef, Handle)):
-            return value
-        # Plain containers first: only other objects need the array backend
-        # (which may import TVM's runtime) to be told apart.
-        if isinstance(value, list) or (isinstance(value, tuple) and type(value) is not tuple):
-            return [self.to_wire(item, depth + 1) for item in value]
-        if isinstance(value, tuple):
-            return tuple(self.to_wire(item, depth + 1) for item in value)
-        if isinstance(value, dict):
-            return {self.to_wire(key, depth + 1): self.to_wire(item, depth + 1)
-                    for key, item in value.items()}
-        if modules.is_module(value):
-            return Handle("module", self.add(value))
-        if self.backend.is_array(value):
-            return self.array_ref(self.add(value))
-        device = self.backend.to_wire_device(value)
-        if device is not None:
-            return device
-        if isinstance(value, collections.abc.Mapping):
-            return {self.to_wire(key, depth + 1): self.to_wire(item, depth + 1)
-                    for key, item in value.items()}
-        if isinstance(value, collections.abc.Sequence):
-            return [self.to_wire(item, depth + 1) for item in value]
-        item = getattr(value, "item", None)
-        if callable(item) and type(value).__module__ == "numpy":
-            return self.to_wire(item(), depth + 1)
-        if callable(value):
-            return Handle("function", self.add(value))
-        raise TypeError(f"cannot send a {type(value).__module__}.{type(value).__qualname__} "
-                        "back to the client")
+        return wire_values.to_wire(self, value)
 
     def add_module_function(self, module, name, query_imports=False):
         """
@@ -409,7 +356,7 @@ class SessionEnvironment:
 
     def load_module(self, path):
         """
-        C{tvm.rpc.server.load_module}: load a ``.py`` file or a TVM library.
+        C{tvm.rpc.server.load_module}: load a C{.py} file or a TVM library.
 
         @return: the module object (a L{PythonModule} or a TVM module).
         @raise CodeUploadRefused: when the server does not run uploaded code.
@@ -427,7 +374,7 @@ class SessionEnvironment:
 
     def device_exists(self, device):
         """
-        @return: whether C{device} (a L{DLDevice}) exists here.
+        @return: whether C{device} (a L{DLDevice<tvm_rpc.protocol.values.DLDevice>}) exists here.
         @raise DeviceError: for a device type TVM does not number.
         """
         check_device(device)

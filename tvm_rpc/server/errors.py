@@ -1,12 +1,12 @@
 """The errors a session's environment raises, under the names clients see.
 
 A failed call reaches the client as a
-:class:`~tvm_rpc.protocol.remote_error.RemoteError` whose ``type_name`` is the
+L{RemoteError<tvm_rpc.protocol.remote_error.RemoteError>} whose C{type_name} is the
 exception's qualified name, and clients match on it
-(``"tvm_rpc.server.environment.PathEscapeError"``). These errors were born in
-``tvm_rpc.server.environment``; the modules that raise them now sit beside it
+(C{"tvm_rpc.server.environment.PathEscapeError"}). These errors were born in
+C{tvm_rpc.server.environment}; the modules that raise them now sit beside it
 (work directory, array backends, module loading), so each keeps that name on
-the wire through its ``__module__``, whichever module raises it.
+the wire through its C{__module__}, whichever module raises it.
 """
 
 #: The module name every session error carries on the wire.

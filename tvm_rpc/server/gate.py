@@ -1,13 +1,13 @@
 """Which client keys a server accepts, and how many sessions it runs at once.
 
-Sans-IO: :class:`SessionGate` knows the device key, the matchkey currently
+Sans-IO: L{SessionGate} knows the device key, the matchkey currently
 offered to a tracker and the session slots. It never touches a socket or a
 timer; the listener asks it whether a handshake key is welcome, the
 registration loop asks it which matchkey to PUT, and both learn about changes
 through plain callbacks.
 
-The rules are TVM's (``tvm/rpc/server.py``): without a tracker a client must
-present ``client:<key>`` exactly; with a tracker it must present the matchkey
+The rules are TVM's (C{tvm/rpc/server.py}): without a tracker a client must
+present C{client:<key>} exactly; with a tracker it must present the matchkey
 the server last PUT, and a matchkey is good for one session only.
 """
 
@@ -41,7 +41,7 @@ class SessionGate:
     """
     The admission rules of one server.
 
-    @ivar key: the device key given by ``--key``.
+    @ivar key: the device key given by C{--key}.
     @ivar tracked: whether the server registers with a tracker (then only
         the offered matchkey is accepted).
     @ivar max_sessions: how many sessions may run at once (TVM runs one).
@@ -67,7 +67,7 @@ class SessionGate:
 
     def accepts(self, matchkey):
         """
-        @param matchkey: what follows ``client:`` in a handshake key.
+        @param matchkey: what follows C{client:} in a handshake key.
         @return: whether a session may be opened with it (now or once a slot
             frees).
         """
@@ -79,7 +79,7 @@ class SessionGate:
         """
         Admit a handshake.
 
-        @param matchkey: what follows ``client:`` in the handshake key.
+        @param matchkey: what follows C{client:} in the handshake key.
         @return: L{None} when the key does not match; else a L{Deferred} that
             fires with a L{Slot} once a session may run (at once when a slot
             is free). Cancelling it gives up the place in line.

@@ -1,14 +1,14 @@
 """The settings and limits of one session, chosen by the server's operator.
 
-:class:`SessionSettings` holds every per-session setting of
-``twistd rpc-server`` (box size, open streams, work directory bytes, remote
+L{SessionSettings} holds every per-session setting of
+C{twistd rpc-server} (box size, open streams, work directory bytes, remote
 tracebacks, code upload). It travels as one value from the command line to
-the session: ``tap.py`` builds it, the fork server receives it as one JSON
-argument (:meth:`SessionSettings.to_json` / :meth:`SessionSettings.from_json`)
-and the session factory gets it as ``settings=``; a new setting is a new
+the session: C{tap.py} builds it, the fork server receives it as one JSON
+argument (L{SessionSettings.to_json} / L{SessionSettings.from_json})
+and the session factory gets it as C{settings=}; a new setting is a new
 field here, not a new flag in every layer.
 
-:class:`WorkDirQuota` bounds the bytes a session writes into its work
+L{WorkDirQuota} bounds the bytes a session writes into its work
 directory. It measures the directory when an upload starts (so files that
 were removed, replaced or written by session code are seen as they are)
 and counts every byte written by uploads from then on, so concurrent
@@ -89,9 +89,9 @@ class SessionSettings:
         directory; an upload that would pass it fails (L{WorkDirFull}).
     @ivar send_tracebacks: whether remote errors carry the server's
         traceback (they always carry the type name and message).
-    @ivar code_upload: whether modules uploaded in the session (``.py``,
-        ``.so``, ``.tar``, ...) may be loaded; when L{False}, only functions
-        from ``--init`` modules and the registry run.
+    @ivar code_upload: whether modules uploaded in the session (C{.py},
+        C{.so}, C{.tar}, ...) may be loaded; when L{False}, only functions
+        from C{--init} modules and the registry run.
     @ivar idle_timeout: seconds a session of our protocol may stay without
         a message from its client once its last answer left (L{None}: no
         limit, a user at a notebook may think for an hour).

@@ -1,12 +1,12 @@
 """The server port: TVM's RPC handshake, then a hand-off to a session runner.
 
-:class:`HandshakeProtocol` is a thin adapter around the sans-IO
-:class:`~tvm_rpc.protocol.handshake.HandshakeDecoder` and the
-:class:`~tvm_rpc.server.gate.SessionGate`. Each connection gets its own
+L{HandshakeProtocol} is a thin adapter around the sans-IO
+L{HandshakeDecoder<tvm_rpc.protocol.handshake.HandshakeDecoder>} and the
+L{SessionGate<tvm_rpc.server.gate.SessionGate>}. Each connection gets its own
 handshake timer, so a silent peer is dropped and never blocks anyone else.
 Once the handshake succeeds and a session slot is free, the connection goes to
-an :class:`ISessionRunner`: a worker process (see :mod:`tvm_rpc.server.worker`)
-or the in-process runner below (``--no-fork``).
+an L{ISessionRunner}: a worker process (see L{tvm_rpc.server.worker})
+or the in-process runner below (C{--no-fork}).
 """
 
 import attrs
@@ -36,7 +36,7 @@ def read_client_key(text):
     """
     Read what a client presented in its handshake.
 
-    @param text: ``client:<matchkey>`` with its options.
+    @param text: C{client:<matchkey>} with its options.
     @return: C{(matchkey, timeout, protocol)}: the matchkey, the session
         timeout it asks for (seconds or L{None}) and the session protocol it
         speaks (L{OUR_PROTOCOL} or L{TVM_PROTOCOL}).
@@ -298,7 +298,7 @@ class ListenerFactory(Factory):
 @attrs.define(eq=False)
 class InProcessRunner:
     """
-    Runs each session in the server's own process (``--no-fork``).
+    Runs each session in the server's own process (C{--no-fork}).
 
     A hung or crashing call takes the whole server with it in this mode; the
     session timeout still closes the connection when the reactor gets a turn.

@@ -1,4 +1,4 @@
-"""The server's loggers: the daemons' shared ``--silent`` switch
+"""The server's loggers: the daemons' shared C{--silent} switch
 (L{tvm_rpc.daemon.logs}), under the names the server's modules import."""
 
 from ..daemon.logs import logger, set_silent, unfiltered_logger

@@ -1,16 +1,16 @@
 """Modules: those the server names at start, and those a session loads.
 
-At start the server imports the ``--init`` modules (:func:`run_init`) and
-its session factory (``--session-factory``, :data:`DEFAULT_SESSION_FACTORY`
-unless told otherwise) by ``module[:callable]`` specs (:func:`load_callable`):
+At start the server imports the C{--init} modules (L{run_init}) and
+its session factory (C{--session-factory}, L{DEFAULT_SESSION_FACTORY}
+unless told otherwise) by C{module[:callable]} specs (L{load_callable}):
 in the fork server, or in the server itself when sessions run in process.
 
-In a session, :func:`load_module` loads a file of the work directory by its
-suffix: a ``.py`` file becomes a :class:`PythonModule` (its public functions
-are callable), a TVM library (``.so``, ``.tar``, ...) a ``tvm.runtime.Module``
+In a session, L{load_module} loads a file of the work directory by its
+suffix: a C{.py} file becomes a L{PythonModule} (its public functions
+are callable), a TVM library (C{.so}, C{.tar}, ...) a C{tvm.runtime.Module}
 when TVM's runtime is installed on the device, and
-:class:`~tvm_rpc.server.errors.TVMRuntimeMissing` otherwise.
-:func:`is_module` and :func:`module_function` treat both kinds alike.
+L{TVMRuntimeMissing<tvm_rpc.server.errors.TVMRuntimeMissing>} otherwise.
+L{is_module} and L{module_function} treat both kinds alike.
 """
 
 import importlib.util
@@ -30,7 +30,7 @@ _module_counter = itertools.count(1)
 @attrs.define(eq=False)
 class PythonModule:
     """
-    A ``.py`` file loaded in a session: its public functions are callable.
+    A C{.py} file loaded in a session: its public functions are callable.
 
     @ivar path: the file it was loaded from.
     @ivar module: the Python module object.
@@ -42,7 +42,7 @@ class PythonModule:
     @classmethod
     def load(cls, path):
         """
-        Execute a ``.py`` file as a fresh module (a unique name, so two
+        Execute a C{.py} file as a fresh module (a unique name, so two
         sessions or two loads never share state).
 
         @raise Exception: whatever the module raises while executing.
@@ -86,7 +86,7 @@ _TVM_LIBRARY_SUFFIXES = (".so", ".tar", ".dylib", ".dll", ".o")
 
 def load_module(target, path):
     """
-    Load a ``.py`` file or a TVM library.
+    Load a C{.py} file or a TVM library.
 
     @param target: the file, already confined to the work directory.
     @param path: the path the client named, for messages.
@@ -140,9 +140,9 @@ DEFAULT_SESSION_FACTORY = "tvm_rpc.server.session:make_session_protocol"
 
 def load_callable(spec):
     """
-    Import ``module[:callable]``.
+    Import C{module[:callable]}.
 
-    @param spec: ``package.module`` or ``package.module:name``.
+    @param spec: C{package.module} or C{package.module:name}.
     @return: C{(module, callable_or_None)}.
     @raise ImportError: when the module or name cannot be found.
     """
@@ -158,9 +158,9 @@ def load_callable(spec):
 
 def run_init(specs):
     """
-    Import each ``--init`` module and call its callable when one is named.
+    Import each C{--init} module and call its callable when one is named.
 
-    @param specs: ``module[:callable]`` strings.
+    @param specs: C{module[:callable]} strings.
     """
     for spec in specs:
         _, function = load_callable(spec)

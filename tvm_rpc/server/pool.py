@@ -1,24 +1,24 @@
 """Session worker processes, the server's side: the pool that hands sessions to them.
 
-A :class:`WorkerPool` runs each session in its own worker process, forked
-from a warm fork server (the child side: :mod:`~tvm_rpc.server.worker`) that
-the pool starts as ``python -m tvm_rpc.server.worker`` and hands each
-session's socket to (:mod:`~tvm_rpc.server.control`). The fork server reports
+A L{WorkerPool} runs each session in its own worker process, forked
+from a warm fork server (the child side: L{worker<tvm_rpc.server.worker>}) that
+the pool starts as C{python -m tvm_rpc.server.worker} and hands each
+session's socket to (L{control<tvm_rpc.server.control>}). The fork server reports
 when it is ready, and each worker's pid as it starts and its exit status as
-it ends; the pool reads those reports (:class:`_ControlReader`) and relays
+it ends; the pool reads those reports (L{_ControlReader}) and relays
 the output of the fork server and its workers to the server's log.
 
 The server keeps its own copy of each session's descriptor, so that:
 
-- a worker that crashes (``os._exit``, a segfault) or leaks ends only its own
-  session: the server hears of the exit, closes its copy and frees the slot;
-- a session that outlives its ``-timeout=N`` (or the server's
-  ``--max-session-time``) is killed (the worker's whole process group, so
-  children that user code started die too), the client is sent its session
-  protocol's timeout notice on the server's copy, and the connection is
-  closed;
-- however a worker ends, the server kills what is left of its process group
-  and removes its work directory.
+  - a worker that crashes (C{os._exit}, a segfault) or leaks ends only its own
+    session: the server hears of the exit, closes its copy and frees the slot;
+  - a session that outlives its C{-timeout=N} (or the server's
+    C{--max-session-time}) is killed (the worker's whole process group, so
+    children that user code started die too), the client is sent its session
+    protocol's timeout notice on the server's copy, and the connection is
+    closed;
+  - however a worker ends, the server kills what is left of its process group
+    and removes its work directory.
 """
 
 import base64
@@ -131,8 +131,8 @@ class WorkerPool:
         L{IReactorTime}.
     @ivar work_root: the directory under which sessions make their work
         directories.
-    @ivar init: ``--init`` specs imported by the fork server at start.
-    @ivar session_factory: ``module:callable`` making a session protocol from
+    @ivar init: C{--init} specs imported by the fork server at start.
+    @ivar session_factory: C{module:callable} making a session protocol from
         C{(work_root, clock=...)}, and C{settings=...} when L{session_settings}
         is given.
     @ivar session_settings: the L{SessionSettings<tvm_rpc.server.limits.SessionSettings>}

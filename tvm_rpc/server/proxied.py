@@ -1,11 +1,11 @@
-"""``rpc-server --through-proxy``: serve sessions over connections made out to a proxy.
+"""C{rpc-server --through-proxy}: serve sessions over connections made out to a proxy.
 
 A device that nobody can reach connects out to a proxy (TVM's or ours),
-presents ``server:<key>`` (marked as ours, see :mod:`tvm_rpc.protocol.flavour`)
+presents C{server:<key>} (marked as ours, see L{tvm_rpc.protocol.flavour})
 and waits. When the proxy pairs it with a client it answers
-``RPC_CODE_SUCCESS`` and the client's key (``client:<key> -timeout=N ...``);
+C{RPC_CODE_SUCCESS} and the client's key (C{client:<key> -timeout=N ...});
 from then on the connection is a session, run by the same session runner as
-direct connections (a worker process, or in-process with ``--no-fork``). After
+direct connections (a worker process, or in-process with C{--no-fork}). After
 each session, and whenever the proxy refuses or goes away, the link connects
 again (at once after a session or a proxy timeout, with backoff after errors).
 One session at a time, as TVM's server does through a proxy.
@@ -160,9 +160,6 @@ class ProxyLink(Service):
     _pending: object = attrs.field(init=False, default=None)
     _connecting: object = attrs.field(init=False, default=None)
 
-    def __attrs_post_init__(self):
-        Service.__init__(self)
-
     def startService(self):
         """Connect to the proxy."""
         Service.startService(self)
@@ -218,7 +215,7 @@ class ProxyLink(Service):
 
 
 class ProxiedServerService(SessionHostService):
-    """The whole ``--through-proxy`` server: the link (child C{"link"}) and the session runner."""
+    """The whole C{--through-proxy} server: the link (child C{"link"}) and the session runner."""
 
     def __init__(self, link, runner, work_root=None, owns_work_root=False):
         """

@@ -7,17 +7,17 @@ every turn, the bookkeeping of timed and thread calls
 logging context (C{log.callWithLogger}) and an exception handler. For a
 trivial remote call those layers cost a noticeable share of the round trip.
 
-:class:`WorkerReactor` is an
-:class:`~twisted.internet.epollreactor.EPollReactor` with the same semantics
+L{WorkerReactor} is an
+L{EPollReactor<twisted.internet.epollreactor.EPollReactor>} with the same semantics
 and a shorter loop:
 
-- the timed-call bookkeeping runs only when there is something for it to do
-  (a thread call, a new or pending timed call, or a stop in progress);
-- a read-only event goes straight to the selectable's C{doRead}; other
-  events (writes, hang-ups, errors) take Twisted's own C{_doReadOrWrite};
-- an exception raised by a selectable is logged and disconnects that
-  selectable, as Twisted does; one escaping the loop itself is logged and the
-  loop goes on.
+  - the timed-call bookkeeping runs only when there is something for it to do
+    (a thread call, a new or pending timed call, or a stop in progress);
+  - a read-only event goes straight to the selectable's C{doRead}; other
+    events (writes, hang-ups, errors) take Twisted's own C{_doReadOrWrite};
+  - an exception raised by a selectable is logged and disconnects that
+    selectable, as Twisted does; one escaping the loop itself is logged and the
+    loop goes on.
 
 The loop reads the epoll reactor's private state, so it lives behind
 L{tvm_rpc.twisted_fence} (L{lean_main_loop<tvm_rpc.twisted_fence.lean_main_loop>},
@@ -25,8 +25,8 @@ L{lean_do_poll<tvm_rpc.twisted_fence.lean_do_poll>}); when the installed
 Twisted does not pass the fence's probe, L{worker_reactor_class} is Twisted's
 own C{EPollReactor}.
 
-Install it with :func:`install` before anything imports
-``twisted.internet.reactor`` (the worker does so right after its fork).
+Install it with L{install} before anything imports
+C{twisted.internet.reactor} (the worker does so right after its fork).
 """
 
 from twisted.internet import epollreactor

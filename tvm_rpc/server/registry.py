@@ -1,8 +1,8 @@
 """The registry of global functions a session can call by name.
 
-Functions registered with :func:`register_func` are visible in every session
-the server runs (TVM's ``tvm.register_func`` counterpart). Modules named with
-``twistd rpc-server --init MODULE[:CALLABLE]`` are imported at start-up and
+Functions registered with L{register_func} are visible in every session
+the server runs (TVM's C{tvm.register_func} counterpart). Modules named with
+C{twistd rpc-server --init MODULE[:CALLABLE]} are imported at start-up and
 register their functions through it::
 
     from tvm_rpc.server import register_func

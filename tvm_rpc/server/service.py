@@ -73,7 +73,7 @@ class SessionHostService(service.MultiService):
 
 class RPCServerService(SessionHostService):
     """
-    ``twistd rpc-server``: binds the server port (child C{"listener"}), then
+    C{twistd rpc-server}: binds the server port (child C{"listener"}), then
     registers with the tracker (when one is given, child C{"registration"})
     under the port actually bound.
 

@@ -6,34 +6,34 @@ L{SessionEnvironment<tvm_rpc.server.environment.SessionEnvironment>}.
 
 For the server's plumbing (listener, handshake, worker process):
 
-- L{make_session_protocol} C{(work_root, registry=None, *, clock=None,
-  settings=None)} returns a fresh protocol for one session. Its work
-  directory is created under C{work_root} on C{connectionMade} and
-  removed, with every handle and stream, on C{connectionLost}. C{settings}
-  (a L{SessionSettings<tvm_rpc.server.limits.SessionSettings>}) carries the
-  operator's limits: a box above C{max_box_bytes} ends the session with a
-  L{SessionEnded<tvm_rpc.protocol.session_commands.SessionEnded>} notice (C{code="limit"})
-  naming the limit; streams and work directory bytes are bounded by the
-  environment; remote errors carry tracebacks only with C{send_tracebacks}.
-- The protocol can start in the middle of a byte stream: after the handshake,
-  call C{makeConnection(transport)} and then C{dataReceived(rest)} with the
-  bytes that arrived after the handshake; nothing is lost.
-- L{prepare} imports the array backend (TVM's runtime takes ~1-2 s to
-  import): call it in a warm worker before the session arrives.
-- L{timeout_notice} C{(seconds)} gives the bytes to send to a client
-  whose session was ended for outliving its C{-timeout=N}.
-- A worker that dies (crash, timeout kill) cannot remove its work directory:
-  work directories are named C{session-<pid>-*}, and
-  L{remove_work_dirs_of<tvm_rpc.server.workdir.remove_work_dirs_of>} C{(work_root, pid)}
-  removes a dead worker's.
-- The protocol registers itself as a streaming producer on its transport:
-  while answers wait to be sent (the transport's buffer is full) it stops
-  reading and handling requests, so a client that asks for data without
-  reading it cannot make the server buffer more than about one answer (one
-  chunk) beyond the transport's own buffer.
-- A peer that is not speaking AMP (a real TVM RPC client sends a TVM packet
-  whose first byte is not 0, while every AMP box starts with a 0 byte) is
-  logged as a protocol mismatch and disconnected at once.
+  - L{make_session_protocol} C{(work_root, registry=None, *, clock=None,
+    settings=None)} returns a fresh protocol for one session. Its work
+    directory is created under C{work_root} on C{connectionMade} and
+    removed, with every handle and stream, on C{connectionLost}. C{settings}
+    (a L{SessionSettings<tvm_rpc.server.limits.SessionSettings>}) carries the
+    operator's limits: a box above C{max_box_bytes} ends the session with a
+    L{SessionEnded<tvm_rpc.protocol.session_commands.SessionEnded>} notice (C{code="limit"})
+    naming the limit; streams and work directory bytes are bounded by the
+    environment; remote errors carry tracebacks only with C{send_tracebacks}.
+  - The protocol can start in the middle of a byte stream: after the handshake,
+    call C{makeConnection(transport)} and then C{dataReceived(rest)} with the
+    bytes that arrived after the handshake; nothing is lost.
+  - L{prepare} imports the array backend (TVM's runtime takes ~1-2 s to
+    import): call it in a warm worker before the session arrives.
+  - L{timeout_notice} C{(seconds)} gives the bytes to send to a client
+    whose session was ended for outliving its C{-timeout=N}.
+  - A worker that dies (crash, timeout kill) cannot remove its work directory:
+    work directories are named C{session-<pid>-*}, and
+    L{remove_work_dirs_of<tvm_rpc.server.workdir.remove_work_dirs_of>} C{(work_root, pid)}
+    removes a dead worker's.
+  - The protocol registers itself as a streaming producer on its transport:
+    while answers wait to be sent (the transport's buffer is full) it stops
+    reading and handling requests, so a client that asks for data without
+    reading it cannot make the server buffer more than about one answer (one
+    chunk) beyond the transport's own buffer.
+  - A peer that is not speaking AMP (a real TVM RPC client sends a TVM packet
+    whose first byte is not 0, while every AMP box starts with a 0 byte) is
+    logged as a protocol mismatch and disconnected at once.
 
 Responders run user functions synchronously (the worker process is per
 session, so blocking is acceptable). Calls are served by

@@ -1,4 +1,4 @@
-"""``twistd rpc-server``: command-line options and the service they build."""
+"""C{twistd rpc-server}: command-line options and the service they build."""
 
 import os
 import tempfile
@@ -34,9 +34,9 @@ from .service import RPCServerService
 
 class Options(ListenOptions, usage.Options):
     """
-    The options of ``twistd rpc-server``: TVM's flags plus ours.
+    The options of C{twistd rpc-server}: TVM's flags plus ours.
 
-    ``--listen`` (repeatable) replaces ``--host/--port/--port-end``.
+    C{--listen} (repeatable) replaces C{--host/--port/--port-end}.
     """
 
     synopsis = "[options]"
@@ -140,7 +140,7 @@ def makeService(options, reactor=None):
     @param reactor: the reactor to use; the global one when L{None}.
     @return: an L{RPCServerService}, or a L{ProxiedServerService} with
         C{--through-proxy}.
-    @raise ImportError: when an ``--init`` module or the session factory
+    @raise ImportError: when an C{--init} module or the session factory
         cannot be imported.
     """
     if reactor is None:

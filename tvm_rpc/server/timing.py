@@ -1,9 +1,9 @@
-"""``time_evaluator`` on the device: timings that exclude the network.
+"""C{time_evaluator} on the device: timings that exclude the network.
 
-:func:`time_evaluator` runs a function ``number`` x ``repeat`` times where it
+L{time_evaluator} runs a function C{number} x C{repeat} times where it
 lives and returns the mean seconds per call of each run, what AutoTVM-style
 tuning needs. A function of a TVM module is timed by TVM's own
-``time_evaluator`` (natively, without Python's call overhead); any other is
+C{time_evaluator} (natively, without Python's call overhead); any other is
 timed here, the device synced around each run.
 """
 

@@ -1,10 +1,10 @@
 """Serving Apache TVM's own clients: TVM's endpoint on the session socket, our environment.
 
 A client whose handshake key carries no tvm_rpc mark is one of TVM's
-(``tvm.rpc.connect``, ``connect_tracker(...).request``, MetaSchedule's
-``RPCRunner``). Its session speaks TVM's RPC endpoint protocol, which TVM's
+(C{tvm.rpc.connect}, C{connect_tracker(...).request}, MetaSchedule's
+C{RPCRunner}). Its session speaks TVM's RPC endpoint protocol, which TVM's
 runtime implements in C++: so the session worker, which owns the socket,
-runs that endpoint on it (``rpc.ServerLoop``, TVM's own server loop; the
+runs that endpoint on it (C{rpc.ServerLoop}, TVM's own server loop; the
 GIL is released while it runs).
 
 Why the C++ loop and not TVM's event-driven server on the worker's reactor:
@@ -17,28 +17,28 @@ died) and the client's end of the socket (the client left, even in the
 middle of a long call), and ends the worker at once.
 
 The server environment is ours, confined to the session's work directory as
-in our own protocol (:class:`~tvm_rpc.server.workdir.WorkDirectory`):
+in our own protocol (L{WorkDirectory<tvm_rpc.server.workdir.WorkDirectory>}):
 
-- ``tvm.rpc.server.workpath`` resolves and confines every path, and TVM's
-  C++ ``download`` resolves its paths through it;
-- ``tvm.rpc.server.upload`` is ours, so the work directory's byte limit
-  (``--max-work-dir-bytes``) holds for TVM's clients too;
-- ``tvm.rpc.server.remove`` removes a file or a directory tree, and, as
-  TVM's, says nothing of a missing one; it never removes the work directory
-  itself (TVM's removes it once empty, which MetaSchedule's clean-up, asking
-  to remove ``""``, does, and the session can then store nothing more);
-- ``tvm.rpc.server.load_module`` and ``download_linked_module`` load or link
-  only files inside the work directory;
-- ``tvm.rpc.server.listdir`` (which TVM's Python server lacks and its C++
-  ``apps/cpp_rpc`` has) answers as ``apps/cpp_rpc`` does: ``"a,b,"``;
-- ``tvm.rpc.server.GetCRTMaxPacketSize`` caps a copy's packet, so tensor
-  copies reach the device in bounded pieces, and TVM's client asks for it
-  once per session instead of before every copy (it does not cache a miss);
-- every function registered with :func:`tvm_rpc.server.register_func`
-  (``--init`` modules included) is a TVM global function too.
+  - C{tvm.rpc.server.workpath} resolves and confines every path, and TVM's
+    C++ C{download} resolves its paths through it;
+  - C{tvm.rpc.server.upload} is ours, so the work directory's byte limit
+    (C{--max-work-dir-bytes}) holds for TVM's clients too;
+  - C{tvm.rpc.server.remove} removes a file or a directory tree, and, as
+    TVM's, says nothing of a missing one; it never removes the work directory
+    itself (TVM's removes it once empty, which MetaSchedule's clean-up, asking
+    to remove C{""}, does, and the session can then store nothing more);
+  - C{tvm.rpc.server.load_module} and C{download_linked_module} load or link
+    only files inside the work directory;
+  - C{tvm.rpc.server.listdir} (which TVM's Python server lacks and its C++
+    C{apps/cpp_rpc} has) answers as C{apps/cpp_rpc} does: C{"a,b,"};
+  - C{tvm.rpc.server.GetCRTMaxPacketSize} caps a copy's packet, so tensor
+    copies reach the device in bounded pieces, and TVM's client asks for it
+    once per session instead of before every copy (it does not cache a miss);
+  - every function registered with L{tvm_rpc.server.register_func}
+    (C{--init} modules included) is a TVM global function too.
 
-These are registered once, in the fork server (:func:`prepare`); each
-worker points them at its own session (:func:`serve`).
+These are registered once, in the fork server (L{prepare}); each
+worker points them at its own session (L{serve}).
 """
 
 import os

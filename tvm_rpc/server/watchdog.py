@@ -2,20 +2,20 @@
 
 A worker's main thread may be inside a long call (user code, a kernel, TVM's
 C++ server loop) when the session's reason to exist goes away. A thread that
-only waits in ``poll`` (without the GIL) watches for it and ends the process
+only waits in C{poll} (without the GIL) watches for it and ends the process
 at once, so the device is free again within moments instead of when the call
 returns:
 
-- the client's end of the session socket closes (``POLLRDHUP``: the client
-  or its proxy went away);
-- the lifeline closes (the server died).
+  - the client's end of the session socket closes (C{POLLRDHUP}: the client
+    or its proxy went away);
+  - the lifeline closes (the server died).
 
 It never reads the socket, so the session's own reader loses nothing. The
 server kills what the worker started (its process group) and removes its work
 directory once it hears of the exit; when the server is gone, the watchdog
 removes the work directory itself.
 
-Before the session runs, :func:`wait_for_start` gives the client a bounded
+Before the session runs, L{wait_for_start} gives the client a bounded
 time to send its first session message: a peer that completes the handshake
 and then says nothing is dropped instead of holding the device.
 """

@@ -1,15 +1,15 @@
 """A session's work directory: its making, the confinement of paths to it, its files.
 
-Every session gets a fresh :class:`WorkDirectory` under the server's work
+Every session gets a fresh L{WorkDirectory} under the server's work
 root, removed when the session ends. Every path a client names is confined
-to it: absolute paths, ``..`` components and symlinks that lead out are
-refused with :class:`~tvm_rpc.server.errors.PathEscapeError` (a
-:class:`PermissionError`) naming the path. A worker that died without
-cleaning up leaves directories that :func:`remove_work_dirs_of` removes.
+to it: absolute paths, C{..} components and symlinks that lead out are
+refused with L{PathEscapeError<tvm_rpc.server.errors.PathEscapeError>} (a
+L{PermissionError}) naming the path. A worker that died without
+cleaning up leaves directories that L{remove_work_dirs_of} removes.
 
 Streamed uploads and downloads go through the sink and source here:
-:class:`FileSink` writes a file atomically (beside its final path, renamed
-over it at the end), :class:`FileSource` serves a file by offset. Both are
+L{FileSink} writes a file atomically (beside its final path, renamed
+over it at the end), L{FileSource} serves a file by offset. Both are
 given paths already confined by the caller.
 """
 
@@ -24,7 +24,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..localfiles import open_temporary
-from ..protocol.streams import ISink, ISource, StreamError
+from ..protocol.stream_table import ISink, ISource
+from ..protocol.streams import StreamError
 from .errors import PathEscapeError
 
 log = Logger()

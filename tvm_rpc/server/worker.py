@@ -1,28 +1,28 @@
 """Session worker processes, the child side: the fork server and the workers it forks.
 
-The server (:class:`~tvm_rpc.server.pool.WorkerPool`) starts one *fork
+The server (L{WorkerPool<tvm_rpc.server.pool.WorkerPool>}) starts one *fork
 server* at start-up: a child that imports Twisted, the session code and the
-``--init`` modules once, then waits on a Unix socket without ever running a
+C{--init} modules once, then waits on a Unix socket without ever running a
 reactor. When a handshake succeeds the server passes the connection's file
-descriptor to it (a control message, :mod:`~tvm_rpc.server.control`) with the
+descriptor to it (a control message, L{control<tvm_rpc.server.control>}) with the
 handshake reply and any early bytes; the fork server hands them to a
 *session worker* it forked ahead of time (a spare, in a process group of its
 own, waiting for its session; the next spare is forked at once), which
 writes the reply, gives the client a bounded time to send its first session
-message (:func:`~tvm_rpc.server.watchdog.wait_for_start`), and runs the
+message (L{wait_for_start<tvm_rpc.server.watchdog.wait_for_start>}), and runs the
 session in the protocol the client speaks: ours on a reactor (the lean
-:class:`~tvm_rpc.server.reactor.WorkerReactor`, which adopts the socket),
-TVM's in TVM's own server loop (:mod:`~tvm_rpc.server.tvm_session`). It exits
+L{WorkerReactor<tvm_rpc.server.reactor.WorkerReactor>}, which adopts the socket),
+TVM's in TVM's own server loop (L{tvm_session<tvm_rpc.server.tvm_session>}). It exits
 when the session ends. Forking the warm process takes milliseconds, which the
 spare keeps off a session's start. The fork server reports each worker's pid
 as it starts and its exit status as it ends.
 
 Workers and the fork server watch a *lifeline* socket whose other end only the
 server holds: if the server dies, they end too. A worker's watchdog thread
-(:mod:`~tvm_rpc.server.watchdog`) also ends it the moment its client goes away,
+(L{watchdog<tvm_rpc.server.watchdog>}) also ends it the moment its client goes away,
 even in the middle of a call. Run as
-``python -m tvm_rpc.server.worker ...`` by the pool
-(:meth:`~tvm_rpc.server.pool.WorkerPool.argv`); never by hand.
+C{python -m tvm_rpc.server.worker ...} by the pool
+(L{argv<tvm_rpc.server.pool.WorkerPool.argv>}); never by hand.
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """The tracker's limits: what one peer, or one address, may make it hold.
 
-Every limit has a safe default here and a ``twistd rpc-tracker`` option in
-L{tvm_rpc.tracker.tap}; ``docs/robustness.md`` says what happens when each is
+Every limit has a safe default here and a C{twistd rpc-tracker} option in
+L{tvm_rpc.tracker.tap}; C{docs/robustness.md} says what happens when each is
 hit.
 """
 

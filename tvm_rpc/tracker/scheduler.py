@@ -249,19 +249,7 @@ class Scheduler:
             now queued as free.
         @raise ValueError: if C{offer} was used before.
         """
-        if offer.status is not Status.NEW:
-            raise ValueError(f"offer already {offer.status.value}")
-        offer._seq = next(self._counter)
-        queue = self._queue(offer.key)
-        waiter = queue.pop_waiter()
-        if waiter is None:
-            offer.status = Status.QUEUED
-            queue.push_offer(offer)
-            self._settle(offer.key, queue)
-            return None
-        _pair(waiter, offer)
-        self._settle(offer.key, queue)
-        return waiter
+        return self._arrive(offer, "offer", KeyQueue.pop_waiter, KeyQueue.push_offer)
 
     def request(self, waiter):
         """
@@ -271,19 +259,31 @@ class Scheduler:
         @return: the L{Offer} it obtained at once, or L{None} if it now waits.
         @raise ValueError: if C{waiter} was used before.
         """
-        if waiter.status is not Status.NEW:
-            raise ValueError(f"waiter already {waiter.status.value}")
-        waiter._seq = next(self._counter)
-        queue = self._queue(waiter.key)
-        offer = queue.pop_offer()
-        if offer is None:
-            waiter.status = Status.QUEUED
-            queue.push_waiter(waiter)
-            self._settle(waiter.key, queue)
-            return None
-        _pair(waiter, offer)
-        self._settle(waiter.key, queue)
-        return offer
+        return self._arrive(waiter, "waiter", KeyQueue.pop_offer, KeyQueue.push_waiter)
+
+    def _arrive(self, entry, kind, take_partner, enqueue):
+        """
+        Number a new offer or waiter and match it with the first partner in
+        its key's queue, or queue it when there is none.
+
+        @param kind: C{"offer"} or C{"waiter"}, for the error.
+        @param take_partner: the L{KeyQueue} method popping the other kind.
+        @param enqueue: the L{KeyQueue} method queueing C{entry}'s kind.
+        @return: the partner, or L{None} if C{entry} is now queued.
+        @raise ValueError: if C{entry} was used before.
+        """
+        if entry.status is not Status.NEW:
+            raise ValueError(f"{kind} already {entry.status.value}")
+        entry._seq = next(self._counter)
+        queue = self._queue(entry.key)
+        partner = take_partner(queue)
+        if partner is None:
+            entry.status = Status.QUEUED
+            enqueue(queue, entry)
+        else:
+            partner.status = entry.status = Status.MATCHED
+        self._settle(entry.key, queue)
+        return partner
 
     def withdraw(self, waiter):
         """
@@ -342,8 +342,3 @@ class Scheduler:
             key: {"free": queue.free, "pending": queue.pending}
             for key, queue in self._queues.items()
         }
-
-
-def _pair(waiter, offer):
-    """Mark a request and a server as matched with each other."""
-    waiter.status = offer.status = Status.MATCHED

@@ -1,4 +1,4 @@
-"""``twistd rpc-tracker``: command-line options and the service they build."""
+"""C{twistd rpc-tracker}: command-line options and the service they build."""
 
 import secrets
 
@@ -46,10 +46,10 @@ def _shown(seconds):
 
 class Options(ListenOptions, usage.Options):
     """
-    The options of ``twistd rpc-tracker``, TVM's flags plus ours.
+    The options of C{twistd rpc-tracker}, TVM's flags plus ours.
 
-    ``--listen`` (repeatable) replaces ``--host/--port/--port-end``;
-    ``--http`` (repeatable, off by default) serves the status page, its JSON
+    C{--listen} (repeatable) replaces C{--host/--port/--port-end};
+    C{--http} (repeatable, off by default) serves the status page, its JSON
     and the metrics.
     """
 

@@ -1,6 +1,6 @@
-"""twistd plugins: ``twistd rpc-tracker``, ``twistd rpc-proxy``, ``twistd rpc-server``.
+"""twistd plugins: C{twistd rpc-tracker}, C{twistd rpc-proxy}, C{twistd rpc-server}.
 
-Each ServiceMaker names its ``tap`` module lazily, so ``twistd --help`` imports
+Each ServiceMaker names its C{tap} module lazily, so C{twistd --help} imports
 nothing of ours.
 """
 
