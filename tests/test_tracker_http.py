@@ -1,8 +1,8 @@
-"""``twistd -n rpc-tracker --http`` as a real process on loopback: the page,
+"""C{twistd -n rpc-tracker --http} as a real process on loopback: the page,
 the JSON and the metrics over HTTP, a fatal bind, and the page in a real
-headless Chromium (Debian's ``chromium``) that shows a live tracker's servers
+headless Chromium (Debian's C{chromium}) that shows a live tracker's servers
 and queue, updates when a server joins, renders hostile keys as text, and
-leaves a screenshot in ``test-artifacts/``.
+leaves a screenshot in C{test-artifacts/}.
 
 CI (C{TVM_RPC_REQUIRE_INTEROP=1}, set by C{scripts/test.sh}, which installs
 Chromium) fails instead of skipping when Chromium is missing.

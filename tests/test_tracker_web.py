@@ -1,6 +1,6 @@
 """The tracker's status (what the page, the JSON and the metrics show), its
 HTML page, its Prometheus metrics and its HTTP resources, all in memory on a
-fake clock; and the ``--http`` option of ``twistd rpc-tracker``."""
+fake clock; and the C{--http} option of C{twistd rpc-tracker}."""
 
 import json
 from html.parser import HTMLParser
@@ -321,7 +321,7 @@ class ResourceTests(LabTestCase):
 
 
 class HttpOptionTests(SynchronousTestCase):
-    """``--http`` on the command line and in the service tree."""
+    """C{--http} on the command line and in the service tree."""
 
     def test_off_by_default(self):
         """Without --http there is no HTTP listener."""
