@@ -7,8 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # The tracker's status page is tested in a real headless browser: Debian's
 # Chromium, installed when missing on CI or as root (a fresh CI machine is
-# Debian with its mirrors reachable); elsewhere the test skips unless
-# TVM_RPC_REQUIRE_INTEROP is set.
+# Debian with its mirrors reachable). As another user, install it first: with
+# TVM_RPC_REQUIRE_INTEROP (set below) the test fails without it.
 if ! command -v chromium >/dev/null 2>&1 && { [ "${CI:-}" = true ] || [ "$(id -u)" = 0 ]; }; then
     echo "installing Debian's chromium for the status page test"
     apt-get update -qq >/dev/null
