@@ -180,6 +180,11 @@ def listen_any(host):
     return f"tcp:0:interface={host}"
 
 
+def announced_port(daemon, name, timeout=60):
+    """@return: the port that C{daemon} announced for C{name} (C{"rpc-tracker http"})."""
+    return int(daemon.wait_for(rf"{name} listening on \S+:(\d+)", timeout).group(1))
+
+
 def start_announced(name, args, env=None):
     """
     Start our daemon C{name} (its C{args} listen on port 0) and read the port
@@ -189,7 +194,7 @@ def start_announced(name, args, env=None):
     """
     daemon = Daemon(args, env=env)
     try:
-        port = int(daemon.wait_for(rf"{name} listening on \S+:(\d+)", 60).group(1))
+        port = announced_port(daemon, name)
     except BaseException:
         daemon.stop()
         raise

@@ -355,3 +355,45 @@ def test_tvm_client_survives_idle_timeout_in_request_not_in_summary(tvm):
             # registration outlived every idle period.
             assert daemon.output.count("idle for 1 s") == 2
             assert queue(port, "idle") == {"free": 1, "pending": 0}
+
+
+@pytest.mark.parametrize("which", ["ours", "tvm"])
+def test_extra_elements_answered_as_tvm_does(trackers, which):
+    """
+    TVM's tracker ignores extra elements of the commands that take no
+    arguments: C{[1, "x"]} is a PING answered C{0}, even at the 1 MiB frame
+    cap; SUMMARY and GET_PENDING_MATCHKEYS likewise. Ours matches it.
+    """
+    peer = RawTrackerPeer(trackers[which])
+    try:
+        assert peer.call([TrackerCode.PING, "x"]) == 0
+        overhead = len(json.dumps([TrackerCode.PING, ""]).encode())
+        assert peer.call([TrackerCode.PING, "x" * ((1 << 20) - overhead)]) == 0
+        assert peer.call([TrackerCode.SUMMARY, "x"])[0] == TrackerCode.SUCCESS
+        assert peer.call([TrackerCode.GET_PENDING_MATCHKEYS, 1]) == []
+        assert peer.call([TrackerCode.PING]) == 0
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("which", ["ours", "tvm"])
+def test_update_info_without_addr_closes_as_tvm_does(trackers, which):
+    """
+    TVM's tracker reads C{addr} of every UPDATE_INFO and closes the connection
+    of one without it (nothing is answered); ours does the same, and both go
+    on serving other connections.
+    """
+    peer = RawTrackerPeer(trackers[which])
+    try:
+        peer.send([TrackerCode.UPDATE_INFO, {"key": "server:noaddr"}])
+        with pytest.raises(ConnectionError):
+            peer.recv()
+    finally:
+        peer.close()
+    other = RawTrackerPeer(trackers[which])
+    try:
+        assert other.call([TrackerCode.PING]) == 0
+        listed = [info.get("key") for info in other.summary()["server_info"]]
+        assert "server:noaddr" not in listed
+    finally:
+        other.close()

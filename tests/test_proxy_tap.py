@@ -16,7 +16,8 @@ from tvm_rpc.protocol.constants import INT32, RPC_TRACKER_MAGIC
 from tvm_rpc.protocol.framing import FrameDecoder, encode_frame
 from tvm_rpc.proxy import tap
 from tvm_rpc.proxy.pairing import PairingPool
-from tvm_rpc.proxy.registration import ENTRY_PREFIX, ProxyRegistration, proxy_info_key
+from tvm_rpc.protocol.keys import PROXY_ENTRY_PREFIX, proxy_info_key
+from tvm_rpc.proxy.registration import ProxyRegistration
 
 pytestmark = pytest.mark.unit
 
@@ -302,7 +303,7 @@ class RegistrationTests(SynchronousTestCase):
         links = self.tracker.open()[1:]
         self.assertEqual(len(links), 2)
         self.assertEqual(links[0]["messages"][0],
-                         [5, {"key": ENTRY_PREFIX + "rasp", "addr": [None, 9090]}])
+                         [5, {"key": PROXY_ENTRY_PREFIX + "rasp", "addr": [None, 9090]}])
         put = links[0]["messages"][1]
         self.assertEqual(put[:2], [3, "rasp"])
         self.assertEqual(put[2], [9090, self.pool.offers()[0].matchkey])

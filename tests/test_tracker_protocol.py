@@ -260,11 +260,26 @@ class CodeTests(TrackerTestCase):
         """UPDATE_INFO merges into the info; a given host stays."""
         server, query = self.peer("10.0.0.2"), self.peer()
         server.ask([UPDATE_INFO, {"key": "server:k", "addr": ["board", 9000]}])
-        server.ask([UPDATE_INFO, {"extra": 1}])
+        server.ask([UPDATE_INFO, {"extra": 1, "addr": ["board", 9000]}])
         self.assertEqual(
             query.ask([SUMMARY])[1]["server_info"],
             [{"key": "server:k", "addr": ["board", 9000], "extra": 1}],
         )
+
+    def test_commands_without_arguments_ignore_extra_elements(self):
+        """
+        PING, SUMMARY and GET_PENDING_MATCHKEYS with extra elements are
+        answered as without them, as TVM's tracker does (which ignores them),
+        up to the 1 MiB frame cap.
+        """
+        peer = self.peer()
+        self.assertEqual(peer.ask([PING, "x"]), 0)
+        self.assertEqual(peer.ask([PING, 1, [2], {"3": None}]), 0)
+        self.assertEqual(peer.ask([SUMMARY, "x"])[0], 0)
+        self.assertEqual(peer.ask([PENDING, None]), [])
+        overhead = len(encode_frame([PING, ""])) - 4
+        self.assertEqual(peer.ask([PING, "x" * ((1 << 20) - overhead)]), 0)
+        self.assertFalse(peer.closed)
 
     def test_summary_lists_only_server_infos(self):
         """server_info lists infos whose key starts with 'server' (proxies too)."""
@@ -437,7 +452,7 @@ BAD_INPUTS = {
     "REQUEST infinite timeout": encode_frame([REQUEST, "k", "", 1, {"timeout": float("inf")}]),
     "UPDATE_INFO not an object": encode_frame([UPDATE_INFO, [1, 2]]),
     "STOP without key": encode_frame([STOP]),
-    "PING with arguments": encode_frame([PING, 1]),
+    "UPDATE_INFO without addr": encode_frame([UPDATE_INFO, {"key": "server:k"}]),
 }
 
 

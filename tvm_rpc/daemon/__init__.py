@@ -10,5 +10,7 @@ Import from the topic modules:
   - L{tvm_rpc.daemon.ports}: listening ports that survive running out of file
     descriptors;
   - L{tvm_rpc.daemon.listening}: binding the listening ports (first free port
-    of a range, or every endpoint) and announcing them.
+    of a range, or every endpoint) and announcing them;
+  - L{tvm_rpc.daemon.http}: a daemon's HTTP port (C{--http}) and its
+    C{/metrics} resource.
 """

@@ -105,8 +105,19 @@ class ListenOptions:
         """
         if port_range and self["port-end"] <= self["port"]:
             raise usage.UsageError("--port-end must be greater than --port")
-        for description in self["listen"]:
-            try:
-                endpoints.serverFromString(None, description)
-            except Exception as e:
-                raise usage.UsageError(f"bad --listen {description!r}: {e}")
+        check_endpoints(self["listen"], "--listen")
+
+
+def check_endpoints(descriptions, flag):
+    """
+    Check server endpoint strings given on the command line.
+
+    @param descriptions: the strings.
+    @param flag: the option that gave them (C{"--http"}), for the message.
+    @raise usage.UsageError: naming the first string that is not an endpoint.
+    """
+    for description in descriptions:
+        try:
+            endpoints.serverFromString(None, description)
+        except Exception as e:
+            raise usage.UsageError(f"bad {flag} {description!r}: {e}")

@@ -5,6 +5,24 @@ import secrets
 
 SERVER_PREFIX = "server:"
 CLIENT_PREFIX = "client:"
+#: The info key prefix of our proxy's per-server tracker links (not
+#: C{server...}, so trackers do not list them as servers).
+PROXY_ENTRY_PREFIX = "proxy-entry:"
+#: The info key prefix by which a proxy (TVM's and ours) reports itself.
+PROXY_INFO_PREFIX = SERVER_PREFIX + "proxy["
+
+
+def proxy_info_key(keys):
+    """@return: the UPDATE_INFO key by which a proxy reports C{keys}, as TVM's."""
+    return f"{PROXY_INFO_PREFIX}{','.join(keys)}]"
+
+
+def is_proxy_info_key(info_key):
+    """
+    @return: whether an UPDATE_INFO key is a proxy's: its own report
+        (C{server:proxy[...]}) or one of our proxy's per-server links.
+    """
+    return info_key.startswith((PROXY_INFO_PREFIX, PROXY_ENTRY_PREFIX))
 
 
 def random_matchkey(key):

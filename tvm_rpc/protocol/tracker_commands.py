@@ -69,18 +69,23 @@ class _Command:
     """
     Shared behaviour: the argument count check, the plain 0 reply, and the
     message of a command without arguments (C{[code]}).
+
+    C{arity} is the (lowest, highest) length of the message, code included;
+    a highest of L{None} accepts any extra elements, which TVM's tracker
+    ignores for the commands that take no arguments (it answers C{[1, "x"]}
+    as a PING).
     """
 
     code: ClassVar[TrackerCode]
-    arity: ClassVar[tuple] = (1, 1)
+    arity: ClassVar[tuple] = (1, None)
 
     @classmethod
     def check_arity(cls, message):
         low, high = cls.arity
-        if not low <= len(message) <= high:
+        if len(message) < low or (high is not None and len(message) > high):
+            most = "any number of" if high is None else f"{low - 1} to {high - 1}"
             raise BadMessage(
-                f"{cls.code.name} takes {low - 1} to {high - 1} arguments, "
-                f"got {len(message) - 1}"
+                f"{cls.code.name} takes {most} arguments, got {len(message) - 1}"
             )
 
     def to_message(self):
@@ -256,6 +261,8 @@ class UpdateInfo(_Command):
 
     The info object is kept whole (TVM merges it into the connection's info);
     a null host in C{addr} is replaced by the peer's address by the tracker.
+    C{addr} is required: TVM's tracker reads it unconditionally and closes
+    the connection of an info without it.
     """
 
     code: ClassVar = TrackerCode.UPDATE_INFO
@@ -273,13 +280,14 @@ class UpdateInfo(_Command):
             raise BadMessage(f"UPDATE_INFO wants an object, got {info!r}")
         if "key" in info:
             _string(info["key"], "info key")
-        if "addr" in info:
-            addr = info["addr"]
-            if not isinstance(addr, list) or len(addr) != 2:
-                raise BadMessage(f"bad addr {addr!r}")
-            if addr[0] is not None:
-                _string(addr[0], "addr host")
-            _port(addr[1])
+        if "addr" not in info:
+            raise BadMessage("UPDATE_INFO without addr")
+        addr = info["addr"]
+        if not isinstance(addr, list) or len(addr) != 2:
+            raise BadMessage(f"bad addr {addr!r}"[:200])
+        if addr[0] is not None:
+            _string(addr[0], "addr host")
+        _port(addr[1])
         return cls(info)
 
 

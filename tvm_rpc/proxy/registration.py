@@ -33,22 +33,13 @@ from ..client.registration import (
     tracker_client_service,
 )
 from ..protocol.tracker_commands import Put, UpdateInfo
-from ..protocol.keys import SERVER_PREFIX, redact_matchkeys
+from ..protocol.keys import PROXY_ENTRY_PREFIX, proxy_info_key, redact_matchkeys
 from .pairing import IOfferObserver
 
 #: Seconds between GET_PENDING_MATCHKEYS polls (TVM's proxy: 2).
 POLL_PERIOD = 2.0
 #: Seconds a handed-out matchkey may stay unused before it is renewed (TVM's proxy: 5).
 UNMATCHED_TIMEOUT = 5.0
-#: The info key prefix of the per-server links.
-ENTRY_PREFIX = "proxy-entry:"
-
-
-def proxy_info_key(keys):
-    """@return: the UPDATE_INFO key by which the proxy reports C{keys}, as TVM's."""
-    return f"{SERVER_PREFIX}proxy[{','.join(keys)}]"
-
-
 def _prepared(protocol, coroutine):
     """
     Run a registration coroutine for C{ClientService}'s C{prepareConnection}.
@@ -215,7 +206,7 @@ class _WaitingServer:
 
     def update_info(self):
         """@return: C{proxy-entry:<key>} (not listed as a server) at the proxy's port."""
-        return {"key": ENTRY_PREFIX + self.offer.key, "addr": [None, self.owner.get_port()]}
+        return {"key": PROXY_ENTRY_PREFIX + self.offer.key, "addr": [None, self.owner.get_port()]}
 
     def offer_on_connect(self, connection):
         """

@@ -33,6 +33,8 @@ class TrackerLimits:
         L{tvm_rpc.tracker.scheduler.Scheduler}).
     @ivar key_idle_timeout: seconds a key nobody uses stays listed, or
         L{None} for ever (TVM's behaviour).
+    @ivar activity_lines_per_second: grant, release and other activity lines
+        logged per second at most (the rest are summed up), or L{None}.
     """
 
     max_output: int = 4 * MiB
@@ -44,3 +46,4 @@ class TrackerLimits:
     max_priority: float = 1000
     max_keys: int = 10_000
     key_idle_timeout: "float | None" = 600.0
+    activity_lines_per_second: "int | None" = 100

@@ -28,7 +28,7 @@ from ..protocol.tracker_commands import (
 )
 from ..protocol.framing import FrameDecoder, encode_frame, encode_magic
 from ..transport import KeepAlive, peer_host_port, quick_ack, tune_tcp
-from .state import ITrackerPeer
+from .state import ITrackerPeer, LimitExceeded
 
 log = logger("tvm_rpc.tracker")
 
@@ -62,6 +62,7 @@ class TrackerProtocol(TimeoutMixin, Protocol):
         self._paused = False
         self._owed = 0
         self._clamp_logged = False
+        self._counted = False
 
     def connectionMade(self):
         """Admit the peer (or refuse it), tune the socket and register the connection."""
@@ -69,10 +70,13 @@ class TrackerProtocol(TimeoutMixin, Protocol):
         self._peer = f"{host}:{port}" if port is not None else host
         if port is not None:
             if not self.factory.admit(host):
+                self.factory.state.activity.fault("per_address")
                 self._closing = True
                 self.transport.loseConnection()
                 return
             self._host = host
+        self._counted = True
+        self.factory.state.activity.connection_opened()
         tune_tcp(self.transport, self.factory.keepalive)
         self.transport.registerProducer(self, True)
         self._producing = True
@@ -83,7 +87,8 @@ class TrackerProtocol(TimeoutMixin, Protocol):
         """The greeting or idle timeout passed: close, so idle sockets cannot pile up."""
         limits = self.factory.limits
         if not self._decoder.greeted:
-            self._drop(f"no tracker magic within {limits.greeting_timeout:g} s")
+            self._drop(f"no tracker magic within {limits.greeting_timeout:g} s",
+                       "greeting_timeout")
         elif self._connection is not None and self.factory.state.holds(self._connection):
             self.setTimeout(None)
         else:
@@ -114,21 +119,21 @@ class TrackerProtocol(TimeoutMixin, Protocol):
             try:
                 command = parse_tracker_message(value)
             except BadMessage as e:
-                self._drop(str(e))
+                self._drop(str(e), "bad_message")
                 return
             try:
                 self._dispatch(command)
             except BadMessage as e:
-                self._drop(str(e))
+                self._drop(str(e), "limit" if isinstance(e, LimitExceeded) else "bad_message")
                 return
             except Exception:
                 # The command's name only: a PUT's repr carries its matchkey.
                 log.failure("error handling {command} from {peer}",
                             command=command.code.name, peer=self._peer)
-                self._drop("internal error")
+                self._drop("internal error", "internal_error")
                 return
         if self._decoder.error is not None:
-            self._drop(self._decoder.error)
+            self._drop(self._decoder.error, "bad_frame")
             return
         if self._decoder.pending:
             # Part of a frame: its sender may be waiting for our ACK to send the rest.
@@ -199,7 +204,8 @@ class TrackerProtocol(TimeoutMixin, Protocol):
             self._owed += len(frame)
             if self._owed > self.factory.limits.max_output:
                 self._drop(
-                    f"more than {self.factory.limits.max_output} bytes of replies not read"
+                    f"more than {self.factory.limits.max_output} bytes of replies not read",
+                    "output_bound",
                 )
                 return
         self.transport.write(frame)
@@ -225,12 +231,20 @@ class TrackerProtocol(TimeoutMixin, Protocol):
     def stopProducing(self):
         """The connection is going away; L{connectionLost} cleans up."""
 
-    def _drop(self, reason, warn=True):
-        """Close this connection because of C{reason}, with a log line."""
+    def _drop(self, reason, fault=None, warn=True):
+        """
+        Close this connection because of C{reason}, with a log line.
+
+        @param fault: the short name under which the close is counted as a
+            fault (L{tvm_rpc.tracker.activity.TrackerActivity.fault}), or
+            L{None} when it is none.
+        """
         if self._closing:
             return
         if len(reason) > 300:
             reason = reason[:300] + "..."
+        if fault is not None:
+            self.factory.state.activity.fault(fault, self._peer, reason)
         emit = log.warn if warn else log.info
         emit("closing tracker connection from {peer}: {reason}", peer=self._peer, reason=reason)
         self._close()
@@ -258,6 +272,9 @@ class TrackerProtocol(TimeoutMixin, Protocol):
         """Forget the connection; stop the tracker if this one carried STOP."""
         self.setTimeout(None)
         self._forget()
+        if self._counted:
+            self._counted = False
+            self.factory.state.activity.connection_closed()
         if self._host is not None:
             self.factory.release(self._host)
             self._host = None

@@ -128,6 +128,22 @@ class KeyQueue:
         """Take a queued free server out, in O(1)."""
         del self._free[offer._seq]
 
+    def offers(self, limit=None):
+        """@return: up to C{limit} free L{Offer}s, in the order they are handed out."""
+        return list(itertools.islice(self._free.values(), limit))
+
+    def waiters(self, limit=None):
+        """
+        @return: up to C{limit} waiting L{Waiter}s, in the order they are
+            served (a walk of the heap: for status pages, not the hot path).
+        """
+        live = [entry for entry in self._heap if entry[2].status is Status.QUEUED]
+        if limit is not None and limit < len(live):
+            live = heapq.nsmallest(limit, live)
+        else:
+            live.sort()
+        return [entry[2] for entry in live]
+
 
 class KeyLimitExceeded(ValueError):
     """A new key was needed while every one of the most keys allowed is in use."""
@@ -307,6 +323,14 @@ class Scheduler:
     def keys(self):
         """@return: how many keys are listed."""
         return len(self._queues)
+
+    def queues(self):
+        """
+        @return: C{[(key, KeyQueue), ...]} of every key listed, after
+            forgetting the keys unused for too long.
+        """
+        self.forget_unused()
+        return list(self._queues.items())
 
     def summary(self):
         """

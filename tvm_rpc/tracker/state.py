@@ -11,7 +11,9 @@ from collections import OrderedDict, deque
 import attrs
 from zope.interface import Interface
 
+from ..protocol.keys import is_proxy_info_key
 from ..protocol.tracker_commands import Allocation, BadMessage
+from .activity import TrackerActivity, address
 from .limits import TrackerLimits
 from .scheduler import KeyLimitExceeded, Offer, Scheduler, Status, Waiter
 
@@ -59,6 +61,8 @@ class Connection:
     @ivar offers: this connection's free servers by matchkey, in PUT order.
     @ivar requests: this connection's waiting requests.
     @ivar leases: this connection's servers handed out, per key, oldest first.
+    @ivar joined: C{(key, "host:port")} of the first server it offered
+        (PUT), or L{None} before that.
     """
 
     peer: object = attrs.field(validator=_provides(ITrackerPeer))
@@ -69,17 +73,29 @@ class Connection:
     requests: dict = attrs.field(factory=dict)
     leases: dict = attrs.field(factory=dict)
     closed: bool = False
+    joined: "tuple | None" = None
+
+    @property
+    def via_proxy(self):
+        """Whether this connection speaks for a proxy (by its UPDATE_INFO key)."""
+        key = self.info.get("key")
+        return isinstance(key, str) and is_proxy_info_key(key)
 
 
 @attrs.define(eq=False)
 class ServerSlot:
-    """What an L{Offer} carries: a free server and the connection that PUT it."""
+    """
+    What an L{Offer} carries: a free server and the connection that PUT it.
+
+    @ivar since: when it was PUT (clock seconds).
+    """
 
     connection: Connection
     key: str
     host: str
     port: int
     matchkey: str
+    since: float = 0.0
 
 
 @attrs.define(eq=False)
@@ -147,11 +163,14 @@ class TrackerState:
         and L{request} queues a priority above C{max_priority} at
         C{max_priority}.
     @ivar scheduler: the L{Scheduler}, built from C{clock} and C{limits}.
+    @ivar activity: the L{TrackerActivity} (counters, recent events, the
+        grant and release lines), built from C{clock} and C{limits}.
     """
 
     clock: object
     limits: TrackerLimits = attrs.field(factory=TrackerLimits)
     scheduler: Scheduler = attrs.field(init=False)
+    activity: TrackerActivity = attrs.field(init=False)
     _servers: dict = attrs.field(factory=dict, init=False)
     _leases: dict = attrs.field(factory=dict, init=False)
 
@@ -162,6 +181,7 @@ class TrackerState:
             idle_timeout=self.limits.key_idle_timeout,
             max_keys=self.limits.max_keys,
         )
+        self.activity = TrackerActivity(self.clock, self.limits.activity_lines_per_second)
 
     def connect(self, peer, host, port=None):
         """
@@ -183,15 +203,24 @@ class TrackerState:
             return
         connection.closed = True
         self._servers.pop(connection, None)
+        offered = len(connection.offers)
+        held = sum(len(leases) for leases in connection.leases.values())
         for offer in connection.offers.values():
             self.scheduler.remove(offer)
         connection.offers.clear()
+        now = self.clock.seconds()
         for pending in list(connection.requests):
-            self._withdraw(pending)
+            if self._withdraw(pending):
+                self.activity.request_ended(
+                    now, "withdraw", pending, address(connection.host, connection.port),
+                    now - pending.since)
         for leases in connection.leases.values():
             for lease in leases:
                 self._end_lease(lease)
         connection.leases.clear()
+        if connection.joined is not None:
+            key, server = connection.joined
+            self.activity.left(now, key, server, f" ({offered} free, {held} handed out)")
 
     def put(self, connection, command):
         """
@@ -208,7 +237,12 @@ class TrackerState:
         if len(connection.offers) >= limit and command.matchkey not in connection.offers:
             raise LimitExceeded(f"more than {limit} free servers")
         host = command.custom_addr if command.custom_addr is not None else connection.host
-        slot = ServerSlot(connection, command.key, host, command.port, command.matchkey)
+        now = self.clock.seconds()
+        slot = ServerSlot(connection, command.key, host, command.port, command.matchkey, now)
+        if connection.joined is None:
+            connection.joined = (command.key, f"{host}:{command.port}")
+            self.activity.joined(now, command.key, connection.joined[1],
+                                 " via a proxy" if connection.via_proxy else "")
         offer = Offer(command.key, slot)
         old = connection.offers.pop(command.matchkey, None)
         if old is not None:
@@ -242,6 +276,7 @@ class TrackerState:
             (at most C{limits.max_priority}).
         """
         limits = self.limits
+        self.activity.requested()
         if len(connection.requests) >= limits.max_pending:
             raise LimitExceeded(f"more than {limits.max_pending} waiting requests")
         pending = PendingRequest(
@@ -299,6 +334,10 @@ class TrackerState:
             or connection in self._servers
         )
 
+    def leases(self):
+        """@return: the servers handed out and not free again, as L{Lease}s, oldest first."""
+        return list(self._leases)
+
     def pending_matchkeys(self, connection):
         """@return: this connection's matchkeys not yet handed out, in PUT order."""
         return list(connection.offers)
@@ -322,14 +361,15 @@ class TrackerState:
         if pending.timer is not None and pending.timer.active():
             pending.timer.cancel()
         pending.timer = None
+        now = self.clock.seconds()
         lease = Lease(
             server, slot.key, slot.matchkey, slot.host, slot.port,
-            client.host, client.port, pending.user, pending.priority,
-            self.clock.seconds(),
+            client.host, client.port, pending.user, pending.priority, now,
         )
         server.leases.setdefault(slot.key, deque()).append(lease)
         self._leases[lease] = None
         self.scheduler.hold(slot.key)
+        self.activity.granted(lease, now - pending.since)
         client.peer.answer_request(
             pending, Allocation(slot.host, slot.port, slot.matchkey)
         )
@@ -339,6 +379,7 @@ class TrackerState:
         if lease in self._leases:
             del self._leases[lease]
             self.scheduler.release(lease.key)
+            self.activity.released(lease, self.clock.seconds())
 
     def _withdraw(self, pending):
         """Take a waiting request out of its queue. @return: whether it waited."""
@@ -352,6 +393,9 @@ class TrackerState:
         """A request's deadline passed: withdraw it and answer FAIL."""
         pending.timer = None
         if pending.status is Status.QUEUED and self._withdraw(pending):
+            connection = pending.connection
+            self.activity.request_ended(self.clock.seconds(), "expire", pending,
+                                        address(connection.host, connection.port), timeout)
             pending.connection.peer.answer_request(
                 pending, f"no free server for key {pending.key!r} within {timeout:g} s"
             )

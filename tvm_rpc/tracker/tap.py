@@ -8,7 +8,13 @@ from twisted.python import usage
 
 from ..daemon.listening import DEFAULT_BACKLOG, listener_service, with_backlog
 from ..daemon.logs import logger, set_silent
-from ..daemon.options import ListenOptions, listen_parameters, positive_float, positive_int
+from ..daemon.options import (
+    ListenOptions,
+    check_endpoints,
+    listen_parameters,
+    positive_float,
+    positive_int,
+)
 from ..transport import KeepAlive
 from .limits import TrackerLimits
 from .protocol import TrackerFactory
@@ -42,7 +48,9 @@ class Options(ListenOptions, usage.Options):
     """
     The options of C{twistd rpc-tracker}, TVM's flags plus ours.
 
-    C{--listen} (repeatable) replaces C{--host/--port/--port-end}.
+    C{--listen} (repeatable) replaces C{--host/--port/--port-end};
+    C{--http} (repeatable, off by default) serves the status page, its JSON
+    and the metrics.
     """
 
     synopsis = "[options]"
@@ -81,7 +89,21 @@ class Options(ListenOptions, usage.Options):
         ["key-idle-timeout", None, _shown(DEFAULTS.key_idle_timeout),
          "Seconds a key with no server, no waiting request and no server handed out "
          "stays listed in SUMMARY, or 'off' (TVM keeps keys for ever).", seconds_or_off],
+        ["activity-lines-per-second", None, DEFAULTS.activity_lines_per_second,
+         "Grant, release and other activity lines logged per second at most; the rest "
+         "are counted in one line per second.", positive_int],
     ]
+
+    def __init__(self):
+        """Start with no C{--http} endpoint."""
+        super().__init__()
+        self["http"] = []
+
+    def opt_http(self, description):
+        """Serve the status page (/), its JSON (/api/summary) and Prometheus metrics
+        (/metrics) on a Twisted endpoint string, e.g. tcp:9180:interface=127.0.0.1
+        (repeatable; off by default)."""
+        self["http"].append(description)
 
     def postOptions(self):
         """Check the port range, endpoints and limits; pick a random stop key if none.
@@ -91,6 +113,7 @@ class Options(ListenOptions, usage.Options):
         """
         self["listen"] = [with_backlog(d, self["backlog"]) for d in self["listen"]]
         self.check_listen()
+        check_endpoints(self["http"], "--http")
         for name in ("idle-timeout", "key-idle-timeout", "max-priority"):
             if isinstance(self[name], str):
                 # A default given as text (so --help shows it) still needs coercing.
@@ -111,6 +134,7 @@ class Options(ListenOptions, usage.Options):
             max_priority=self["max-priority"],
             max_keys=self["max-keys"],
             key_idle_timeout=self["key-idle-timeout"],
+            activity_lines_per_second=self["activity-lines-per-second"],
         )
 
 
@@ -123,7 +147,9 @@ def makeService(options, reactor=None):
     @return: a L{service.MultiService} whose child C{"listener"} (a
         L{tvm_rpc.daemon.listening.ListenerService}) listens on the first free port of
         the range or on every C{--listen} endpoint; it carries C{state} (the
-        L{TrackerState}) and C{factory} attributes.
+        L{TrackerState}) and C{factory} attributes. With C{--http}, a child
+        C{"http"} (another L{tvm_rpc.daemon.listening.ListenerService})
+        serves L{tvm_rpc.tracker.web.tracker_web_root}.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -155,6 +181,15 @@ def makeService(options, reactor=None):
     listener.setName("listener")
     top = service.MultiService()
     listener.setServiceParent(top)
+    if options["http"]:
+        # Imported here: twisted.web and prometheus_client load only when asked for.
+        from ..daemon.http import http_listener
+        from .web import tracker_web_root
+
+        http = http_listener(reactor, tracker_web_root(state), "rpc-tracker http",
+                             options["http"])
+        http.setName("http")
+        http.setServiceParent(top)
     top.state = state
     top.factory = factory
     return top
