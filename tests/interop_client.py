@@ -12,6 +12,10 @@ Usage: ``python tests/interop_client.py MODE ARGS...``; prints one JSON object.
   reactor, each asking its work path.
 - ``retry TRACKER_HOST TRACKER_PORT KEY``: ``request_and_run`` whose first
   attempt crashes its worker; the second must finish.
+- ``device TRACKER_HOST TRACKER_PORT KEY PROBE``: request a session by key,
+  call a global function, upload and download bytes, copy an array there and
+  back, then upload PROBE (a ``.py`` module) and report what its ``probe()``
+  returns (what the worker can import).
 - ``story TRACKER_HOST TRACKER_PORT KEY LIBRARY N M``: the TVM docs' story:
   request a server by key, upload LIBRARY (a dense + ReLU layer ``y = relu(x W^T)``
   with ``x: (1, N)``, ``W: (M, N)``), load it, run it on device arrays, read
@@ -141,6 +145,38 @@ async def upload_mode(reactor, host, port, key, name):
     return {"ok": True, "listed": name in listed, "same": bytes(back) == data}
 
 
+async def device_mode(reactor, tracker_host, tracker_port, key, probe):
+    import numpy as np
+
+    from tvm_rpc.client import connect_tracker
+
+    tracker = await connect_tracker(tracker_host, int(tracker_port), reactor=reactor)
+    session = await tracker.request(key, priority=1, session_timeout=60)
+    try:
+        workpath = await session.get_function("tvm.rpc.server.workpath")
+        data = bytes(range(256)) * 64
+        await session.upload(data, "blob.bin")
+        back = await session.download("blob.bin")
+        values = np.arange(12, dtype="float32").reshape(3, 4)
+        remote = await session.array(values, session.cpu(0))
+        returned = await remote.numpy()
+        await session.upload(probe, "probe.py")
+        module = await session.load_module("probe.py")
+        function = module.get_function("probe")
+        if isinstance(function, defer.Deferred):
+            function = await function
+        return {
+            "ok": True,
+            "workpath": await workpath("blob.bin"),
+            "same": bytes(back) == data,
+            "array_same": bool(np.array_equal(np.asarray(returned), values)),
+            "probe": await function(),
+        }
+    finally:
+        await session.close()
+        await tracker.close()
+
+
 async def many_mode(reactor, tracker_host, tracker_port, key, count):
     from tvm_rpc.client import connect_tracker
 
@@ -188,6 +224,7 @@ def main(reactor, mode, *args):
     modes = {
         "retry": retry_mode,
         "many": many_mode,
+        "device": device_mode,
         "connect": connect_mode,
         "story": story_mode,
         "pymodule": pymodule_mode,

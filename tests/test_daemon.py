@@ -8,6 +8,7 @@ Each daemon's own tests check that it uses these (its flags, its
 import errno
 import os
 import re
+import sys
 
 import pytest
 from twisted.application.service import MultiService
@@ -137,6 +138,20 @@ class ListenOptionsTests(SynchronousTestCase):
         options.update({"port": 5000, "port-end": 5000})
         options.check_listen(port_range=False)
         self.assertRaises(usage.UsageError, options.check_listen)
+
+
+def test_ssl_without_tls_support_names_the_extra(monkeypatch):
+    """--listen ssl:... without pyOpenSSL says which extra to install."""
+    import twisted.internet
+
+    monkeypatch.setitem(sys.modules, "OpenSSL", None)
+    monkeypatch.setitem(sys.modules, "twisted.internet.ssl", None)
+    monkeypatch.delattr(twisted.internet, "ssl", raising=False)
+    with pytest.raises(usage.UsageError) as raised:
+        ExampleOptions().parseOptions(["--listen", "ssl:0:privateKey=key.pem"])
+    message = str(raised.value)
+    assert "needs TLS support" in message
+    assert "[tls]" in message and "twisted[tls]" in message
 
 
 class SilentTests(SynchronousTestCase):

@@ -8,6 +8,7 @@ server are checked deterministically.
 import os
 import signal
 import socket
+import types
 
 import pytest
 from twisted.internet.error import ProcessTerminated
@@ -485,3 +486,18 @@ class WorkerReactorTests(SynchronousTestCase):
         self.reactor.callLater(0, check)
         self.run_reactor()
         self.assertEqual(len(reader.lost), 1)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (dict(no_site=0, no_user_site=0, safe_path=False), ()),
+    (dict(no_site=1, no_user_site=1, safe_path=True), ("-S", "-s", "-P")),
+    (dict(no_site=0, no_user_site=1), ("-s",)),
+])
+def test_site_flags(flags, expected):
+    """The fork server runs with the server's site flags (C{-I} gives C{-s -P}), not C{-E}."""
+    assert pool_module.site_flags(types.SimpleNamespace(**flags)) == expected
+
+
+def test_pool_argv_carries_the_flags():
+    pool = WorkerPool(None, "/w", interpreter_flags=("-S", "-s"))
+    assert pool.argv(3)[:4] == [pool.executable, "-S", "-s", "-m"]

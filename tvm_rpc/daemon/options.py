@@ -12,6 +12,15 @@ They come in two groups:
 from twisted.internet import endpoints
 from twisted.python import usage
 
+from .listening import endpoint_kind
+
+
+#: What a daemon given C{--listen ssl:...} without TLS support says to install.
+TLS_INSTALL_HINT = (
+    "install tvm_rpc with its [tls] extra (pip install '.[tls]' in a checkout, or "
+    "'tvm_rpc-*.whl[tls]'), or pip install 'twisted[tls]' (pyOpenSSL, service_identity)"
+)
+
 
 def port_number(value):
     """@return: C{value} as a port number. @raise ValueError: if it is not one."""
@@ -114,10 +123,17 @@ def check_endpoints(descriptions, flag):
 
     @param descriptions: the strings.
     @param flag: the option that gave them (C{"--http"}), for the message.
-    @raise usage.UsageError: naming the first string that is not an endpoint.
+    @raise usage.UsageError: naming the first string that is not an endpoint,
+        or the extra to install for an C{ssl:} one without TLS support.
     """
     for description in descriptions:
         try:
             endpoints.serverFromString(None, description)
+        except ImportError as e:
+            if endpoint_kind(description) != "ssl":
+                raise usage.UsageError(f"bad {flag} {description!r}: {e}")
+            raise usage.UsageError(
+                f"{flag} {description!r} needs TLS support, which is not installed "
+                f"({e}): {TLS_INSTALL_HINT}") from None
         except Exception as e:
             raise usage.UsageError(f"bad {flag} {description!r}: {e}")

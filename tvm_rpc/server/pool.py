@@ -121,6 +121,22 @@ class _ForkServer:
     ready: bool = False
 
 
+def site_flags(flags=sys.flags):
+    """
+    The flags of this interpreter that decide where a child Python finds
+    modules (C{-S}, C{-s}, C{-P}; C{-I} sets the last two), so the fork server
+    sees the modules the server sees: a server run as C{python -I -S
+    tvm-rpc-server.pyz} must not have workers that import from site-packages
+    or the working directory. C{-E} is not passed on: the fork server finds
+    tvm_rpc through C{PYTHONPATH} (the device bundle puts its zip there).
+
+    @param flags: the flags to translate (C{sys.flags}).
+    @return: a tuple of command-line flags.
+    """
+    wanted = [("no_site", "-S"), ("no_user_site", "-s"), ("safe_path", "-P")]
+    return tuple(flag for name, flag in wanted if getattr(flags, name, False))
+
+
 @implementer(ISessionRunner)
 @attrs.define(eq=False)
 class WorkerPool:
@@ -140,6 +156,7 @@ class WorkerPool:
     @ivar timeout_notice: makes the bytes sent to a client whose session timed
         out, from the timeout in seconds; L{None} sends nothing.
     @ivar executable: the Python that runs the fork server.
+    @ivar interpreter_flags: the flags it is run with (L{site_flags}).
     @ivar env: its environment (the server's own when L{None}).
     @ivar silent: whether workers log only warnings and errors.
     @ivar start_timeout: seconds a client has, once its handshake is
@@ -157,6 +174,7 @@ class WorkerPool:
     session_settings: object = None
     timeout_notice: object = None
     executable: str = sys.executable
+    interpreter_flags: tuple = attrs.field(factory=site_flags)
     env: "dict | None" = None
     silent: bool = False
     start_timeout: "float | None" = None
@@ -178,6 +196,7 @@ class WorkerPool:
         """@return: the fork server's command line."""
         args = [
             self.executable,
+            *self.interpreter_flags,
             "-m",
             "tvm_rpc.server.worker",
             "--control-fd",
