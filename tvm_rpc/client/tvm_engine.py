@@ -251,14 +251,18 @@ class TVMEngine(TVMTransfers):
             else:
                 self._globals[name] = pointer.value
             for waiter in waiters:
-                waiter.callback(pointer.value)
+                if not waiter.called:
+                    waiter.callback(pointer.value)
         else:
             for waiter in waiters:
-                waiter.errback(no_such_function(name))
+                if not waiter.called:
+                    waiter.errback(no_such_function(name))
 
     def _global_failed(self, failure, name):
+        # Waiters cancelled meanwhile were already called: skip them.
         for waiter in self._globals.pop(name):
-            waiter.errback(failure)
+            if not waiter.called:
+                waiter.errback(failure)
 
     def get_function(self, name):
         """@return: a Deferred of the handle id of the global function C{name} (its own pointer)."""
