@@ -15,14 +15,12 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from tests.daemons import ROOT, child_env, tvm_rpc_server
+from tests.test_interop_server import M, N, dense_relu  # noqa: F401 (a fixture)
 
 CLIENT_SCRIPT = str(ROOT / "tests" / "tvm_engine_client.py")
 #: Bound on each child client run, so a broken peer fails the test instead of hanging it.
 CLIENT_TIMEOUT = 120
-N, M = 64, 32
 
 
 def run_client(*args):
@@ -33,23 +31,6 @@ def run_client(*args):
     lines = [line for line in completed.stdout.decode().splitlines() if line.startswith("{")]
     assert lines, f"no report:\n{completed.stdout.decode()}\n{completed.stderr.decode()}"
     return json.loads(lines[-1])
-
-
-@pytest.fixture(scope="module")
-def dense_relu(tvm, tmp_path_factory):
-    """``y = relu(x W^T)`` for ``x: (1, N)``, ``W: (M, N)``, compiled by TVM for llvm."""
-    from tvm import te
-
-    x = te.placeholder((1, N), "float32", name="x")
-    w = te.placeholder((M, N), "float32", name="w")
-    k = te.reduce_axis((0, N), name="k")
-    dense = te.compute((1, M), lambda i, j: te.sum(x[i, k] * w[j, k], axis=k), name="dense")
-    relu = te.compute(
-        (1, M), lambda i, j: te.max(dense[i, j], tvm.tirx.const(0, "float32")), name="relu")
-    function = te.create_prim_func([x, w, relu]).with_attr("global_symbol", "dense_relu")
-    path = tmp_path_factory.mktemp("model") / "dense_relu.so"
-    tvm.compile(function, target="llvm").export_library(str(path))
-    return path
 
 
 def test_seed_story_on_tvm_server(tvm, dense_relu):

@@ -27,7 +27,7 @@ from ..protocol.tvm_values import (
     TensorDesc, call_return,
 )
 from ..protocol.values import ArrayRef, DLDevice, Handle
-from .engine import DEFAULT_MAX_RESULT_SIZE, ISessionEngine
+from .engine import DEFAULT_MAX_RESULT_SIZE, EngineState, ISessionEngine, guarded
 from .tvm_protocol import PACKET_SLACK, TVMClientProtocol, no_such_function
 from .tvm_transfers import TVMTransfers
 
@@ -65,7 +65,7 @@ class _Array:
 
 @implementer(ISessionEngine)
 @attrs.define(eq=False)
-class TVMEngine(TVMTransfers):
+class TVMEngine(EngineState, TVMTransfers):
     """
     TVM's own session protocol as an L{ISessionEngine}.
 
@@ -99,26 +99,12 @@ class TVMEngine(TVMTransfers):
 
     # -- state -----------------------------------------------------------
 
-    @property
-    def connection(self):
-        """The L{TVMClientProtocol} under the session."""
-        return self._protocol
-
-    @property
-    def closed(self):
-        """Whether the session is over or closing (no new calls are sent)."""
-        return self._protocol.lost or self._close_started
-
     def configure(self, chunk_size, window, max_result_size):
         """Set the transfer parameters (see L{ISessionEngine.configure})."""
         self.chunk_size = chunk_size
         self.window = window
         self.max_result_size = max_result_size
         self._protocol.max_packet = max(max_result_size, chunk_size) + PACKET_SLACK
-
-    def when_closed(self):
-        """@return: a Deferred firing with L{None} once the connection is gone."""
-        return self._protocol.when_lost()
 
     def abandon(self):
         """Close the connection of a session object that was garbage-collected."""
@@ -139,34 +125,6 @@ class TVMEngine(TVMTransfers):
     def _syscall(self, code, *args):
         """@return: a Deferred of the one value a syscall answers."""
         return self._request(packets.syscall(code, list(args))).addCallback(lambda items: items[0])
-
-    def _guarded(self, asking, orphan):
-        """
-        @param asking: the Deferred of a request that creates something on
-            the server.
-        @param orphan: called with the answer when the caller cancelled
-            before it came: releases what it created.
-        @return: a cancellable Deferred of the answer (cancelling it leaves
-            the request's slot in place, so the stream stays in step).
-        """
-        cancelled = []
-        result = Deferred(lambda _: cancelled.append(True))
-
-        def arrived(answer):
-            if cancelled:
-                try:
-                    orphan(answer)
-                except Exception:
-                    log.failure("releasing what a cancelled request made")
-            else:
-                result.callback(answer)
-
-        def failed(failure):
-            if not cancelled:
-                result.errback(failure)
-
-        asking.addCallbacks(arrived, failed)
-        return result
 
     def _add(self, entry):
         handle = self._next_id
@@ -205,9 +163,7 @@ class TVMEngine(TVMTransfers):
             self._queue_free(packets.FREE_HANDLE, OpaquePtr(entry.pointer))
 
     def _queue_free(self, code, *args):
-        self._to_free.append(packets.syscall(code, list(args)))
-        if self._free_call is None:
-            self._free_call = self._clock.callLater(0, self._flush_free)
+        self._schedule_free(packets.syscall(code, list(args)))
 
     def _flush_free(self):
         """Send the queued releases, pipelined."""
@@ -266,7 +222,7 @@ class TVMEngine(TVMTransfers):
 
     def get_function(self, name):
         """@return: a Deferred of the handle id of the global function C{name} (its own pointer)."""
-        looking = self._guarded(
+        looking = guarded(
             self._syscall(packets.GET_GLOBAL_FUNC, name),
             lambda pointer: pointer.value and self._queue_free(packets.FREE_HANDLE, pointer))
 
@@ -321,7 +277,7 @@ class TVMEngine(TVMTransfers):
             data = packets.call_func(pointer, wire)
         except ValueError:
             return fail()
-        calling = self._guarded(self._request(data), self._orphan_return)
+        calling = guarded(self._request(data), self._orphan_return)
         return calling.addCallback(lambda items: convert(self._from_tvm(items, raw)))
 
     # -- values ------------------------------------------------------------
@@ -400,7 +356,7 @@ class TVMEngine(TVMTransfers):
         except ValueError:
             return fail()
         device = desc.device
-        allocating = self._guarded(
+        allocating = guarded(
             self._syscall(packets.DEV_ALLOC_DATA, device, desc.nbytes, ALIGNMENT, desc.dtype),
             lambda data: self._queue_free(packets.DEV_FREE_DATA, device, data))
         return allocating.addCallback(

@@ -16,7 +16,7 @@ import os
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 
-from ..localfiles import open_temporary
+from ..localfiles import replacing
 from ..protocol import tvm_packets as packets
 from ..protocol.remote_error import RemoteError
 from .tvm_protocol import NO_SUCH_FUNCTION
@@ -155,17 +155,8 @@ class TVMTransfers:
 
 def _write_file(blob, local_path):
     """Write C{blob} to C{local_path} through a temporary file; @return: its length."""
-    temporary, sink = open_temporary(local_path)
-    try:
-        with sink:
-            sink.write(blob)
-        os.replace(temporary, local_path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
+    with replacing(local_path) as sink:
+        sink.write(blob)
     return len(blob)
 
 
