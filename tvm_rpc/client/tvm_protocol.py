@@ -25,10 +25,11 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
+from ..lean_amp import write_now
 from ..protocol import tvm_packets as packets
 from ..protocol.remote_error import RemoteError
 from ..protocol.tvm_values import TVMCodecError, decode_seq
-from ..transport import set_no_delay
+from ..transport import quick_ack, set_no_delay
 from .session_errors import SessionClosed, SessionTimeout
 
 log = Logger()
@@ -121,13 +122,13 @@ class TVMClientProtocol(Protocol):
             return fail(self.ending_error())
         answer = Deferred()
         self._pending.append((answer, copy_ack))
-        self.transport.write(data)
+        write_now(self.transport, data)
         return answer
 
     def send(self, data):
         """Write a packet that gets no answer (kShutdown)."""
         if not self.lost:
-            self.transport.write(data)
+            write_now(self.transport, data)
 
     def ending_error(self):
         """@return: the L{SessionClosed} that requests fail with once the session is over."""
@@ -169,6 +170,11 @@ class TVMClientProtocol(Protocol):
                     return
         except (packets.TVMPacketError, TVMCodecError) as e:
             self._violation(str(e))
+            return
+        if self._pending:
+            # TVM's server leaves Nagle on: with answers still due, its next
+            # small write waits for our ACK, so do not delay it.
+            quick_ack(self.transport)
 
     def _packet(self, code, body):
         # The slot is taken only once its answer reads well: a violation
