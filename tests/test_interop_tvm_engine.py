@@ -7,7 +7,8 @@ engine against the real thing.
   options, and the verbs around it (download, remove, workpath, system_lib,
   a clear error for listdir, which TVM's Python server lacks).
 - Errors: a missing function and a remote exception map to the same
-  L{RemoteError} types as on our server, and the session goes on.
+  L{RemoteError} types as on our server, an answer over max_result_size to
+  L{ResultTooLarge}, and the session goes on.
 - The server keeps serving after our sessions (TVM's client is served next).
 """
 
@@ -56,7 +57,10 @@ def test_seed_story_on_tvm_server(tvm, dense_relu):
 
 
 def test_errors_on_tvm_server(tvm):
-    """A missing function and a remote exception are RemoteErrors; the session goes on."""
+    """
+    A missing function and a remote exception are RemoteErrors, a download
+    over max_result_size is ResultTooLarge; the session goes on after each.
+    """
     with tvm_rpc_server() as (_, port):
         report = run_client("errors", "127.0.0.1", port)
     assert report["missing"]["type"] == "RemoteError"
@@ -65,3 +69,6 @@ def test_errors_on_tvm_server(tvm):
     assert report["exception"]["type"] == "RemoteError"
     assert "missing.so" in report["exception"]["message"]
     assert report["after"] == 7
+    assert report["too_large"]["type"] == "ResultTooLarge"
+    assert "5" in report["too_large"]["message"] and "max_result_size" in report["too_large"]["message"]
+    assert report["after_too_large"] == 8

@@ -17,6 +17,7 @@ from tvm_rpc.client.tvm_protocol import PACKET_SLACK, TVMClientProtocol
 from tvm_rpc.protocol import tvm_packets as packets
 from tvm_rpc.protocol import tvm_values as tv
 from tvm_rpc.protocol.remote_error import RemoteError
+from tvm_rpc.protocol.streams import ResultTooLarge
 from tvm_rpc.protocol.values import DLDevice
 
 pytestmark = pytest.mark.unit
@@ -273,9 +274,22 @@ class EndingTests(EngineTestBase):
         self.assertIn("unsolicited kReturn", str(self.protocol.ending_error()))
 
     def test_frame_bound(self):
-        """A reply longer than max_result_size is refused on its length alone."""
-        self.assert_broken(struct.pack("<Q", self.max_result_size + PACKET_SLACK + 1),
-                           "more than the bound")
+        """
+        A reply longer than max_result_size fails its call on its length
+        alone; its bytes are dropped unkept and the next answer fits.
+        """
+        f = self.function()
+        big, after = f(), f()
+        self.requests()
+        size = self.max_result_size + PACKET_SLACK + 1
+        self.protocol.dataReceived(struct.pack("<Q", size) + b"\0" * 1000)
+        self.assertIn(f"answer has {size} bytes",
+                      str(self.failureResultOf(big, ResultTooLarge).value))
+        self.assertLess(self.protocol._decoder.buffered, 1)
+        self.protocol.dataReceived(b"\0" * (size - 1000) + packets.packet(
+            packets.RETURN, tv.encode_seq([tv.INT, 3])))
+        self.assertEqual(self.successResultOf(after), 3)
+        self.assertFalse(self.transport.disconnecting)
 
     def test_connection_lost(self):
         calling = self.pending_call()

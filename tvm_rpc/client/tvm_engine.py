@@ -104,7 +104,7 @@ class TVMEngine(EngineState, TVMTransfers):
         self.chunk_size = chunk_size
         self.window = window
         self.max_result_size = max_result_size
-        self._protocol.max_packet = max(max_result_size, chunk_size) + PACKET_SLACK
+        self._protocol.max_packet = max_result_size + PACKET_SLACK
 
     def abandon(self):
         """Close the connection of a session object that was garbage-collected."""

@@ -14,8 +14,10 @@ a L{SessionClosed<tvm_rpc.client.session_errors.SessionClosed>} saying why:
 an unsolicited kShutdown (the server hit a decoding error), TVM's session
 timeout notice (a kException starting with C{RPCSessionTimeoutError:},
 L{SessionTimeout<tvm_rpc.client.session_errors.SessionTimeout>}), bytes that
-do not decode (an unknown code or type index, a packet longer than the
-bound, a kCopyAck of the wrong size), and the connection's loss.
+do not decode (an unknown code or type index, a kCopyAck of the wrong size),
+and the connection's loss. An answer longer than the bound fails its request
+with L{ResultTooLarge<tvm_rpc.protocol.streams.ResultTooLarge>}: its bytes
+are dropped as they come, never kept, and the session goes on.
 """
 
 import collections
@@ -28,6 +30,7 @@ from twisted.logger import Logger
 from ..lean_amp import write_now
 from ..protocol import tvm_packets as packets
 from ..protocol.remote_error import RemoteError
+from ..protocol.streams import ResultTooLarge
 from ..protocol.tvm_values import TVMCodecError, decode_seq
 from ..transport import quick_ack, set_no_delay
 from .session_errors import SessionClosed, SessionTimeout
@@ -78,7 +81,7 @@ class TVMClientProtocol(Protocol):
 
     def __init__(self, max_packet):
         """@param max_packet: the longest packet accepted from the server."""
-        self._decoder = packets.FrameDecoder(max_packet)
+        self._decoder = packets.FrameDecoder(max_packet, skip_oversize=True)
         self._pending = collections.deque()
         self._waiters = []
         self._drain_waiters = []
@@ -179,7 +182,13 @@ class TVMClientProtocol(Protocol):
     def _packet(self, code, body):
         # The slot is taken only once its answer reads well: a violation
         # fails it with every other pending request.
-        if code == packets.RETURN:
+        if code is None:
+            if self._expected(f"answer of {body} bytes") is not _UNSOLICITED:
+                self._deliver(Deferred.errback, ResultTooLarge(
+                    f"the server's answer has {body} bytes, more than this session accepts "
+                    f"({self.max_packet - PACKET_SLACK} bytes; raise its max_result_size); "
+                    "it was dropped unread"))
+        elif code == packets.RETURN:
             items, end = decode_seq(body)
             if end != len(body):
                 raise TVMCodecError(f"{len(body) - end} bytes after a kReturn's values")

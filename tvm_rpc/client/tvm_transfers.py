@@ -27,6 +27,7 @@ class TVMTransfers:
     The transfer verbs of L{TVMEngine<tvm_rpc.client.tvm_engine.TVMEngine>}.
 
     A mixin: the class using it provides C{chunk_size}, C{window},
+    C{max_result_size},
     C{_max_packet} (L{None} until asked), C{_request(data, copy_ack)},
     C{_syscall(code, *args)}, C{_call_by_name(name, wire, convert)},
     C{_queue_free(code, *args)} and C{_entry(handle, kind)} with C{_Array}
@@ -93,7 +94,8 @@ class TVMTransfers:
         """@return: C{(desc, [(offset, length), ...])} of an array's copy chunks."""
         desc = self._entry(handle, self._array_entry).desc
         itemsize = desc.dtype.itemsize
-        chunk = self.chunk_size
+        # A read chunk comes back in one packet: within the answer bound too.
+        chunk = min(self.chunk_size, self.max_result_size)
         limit = await self._packet_limit()
         if limit is not None:
             chunk = min(chunk, limit - packets.COPY_OVERHEAD - 8)
