@@ -37,6 +37,8 @@ async def story_mode(reactor, host, port, library, n, m):
         module = await session.load_module("dense_relu.so")
         device = session.cpu(0)
         report["cpu_exists"] = await device.exists()
+        report["cuda_exists"] = await session.cuda(0).exists()
+        await device.sync()
         rng = np.random.default_rng(0)
         x = rng.standard_normal((1, n)).astype("float32")
         w = rng.standard_normal((m, n)).astype("float32")
