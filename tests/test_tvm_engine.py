@@ -378,6 +378,19 @@ class CopyTests(EngineTestBase):
         self.answer(None)
         self.assertEqual(len(self.requests()), 1)
 
+    def test_packet_limit_asked_once_by_copies_at_once(self):
+        """Two copies starting together share the one question."""
+        first, second = self.array((4,), 0x5000), self.array((4,), 0x6000)
+        writing = [self.session._write_array(first, bytes(16)),
+                   self.session._write_array(second, bytes(16))]
+        self.lookup("tvm.rpc.server.GetCRTMaxPacketSize", 0)
+        sent = self.requests()
+        self.assertEqual([code for code, _ in sent], [packets.COPY_TO_REMOTE] * 2)
+        self.answer(None)
+        self.answer(None)
+        for each in writing:
+            self.successResultOf(each)
+
     def test_packet_limit_asked_once(self):
         array = self.array((40,))
         writing = self.session._write_array(array, bytes(160))
