@@ -12,8 +12,8 @@ process (``tests/tvm_client.py``) so a hang fails its test instead of the run:
   that session only: the next client is served at once and the server is
   back in the tracker's free pool;
 - refusals (a server without TVM's runtime, or running sessions in-process)
-  name what is missing and close cleanly; our client refusing one of TVM's
-  servers leaves that server serving.
+  name what is missing and close cleanly; our client's sessions on one of
+  TVM's servers leave that server serving.
 """
 
 import json
@@ -23,7 +23,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -283,12 +282,12 @@ def test_refused_without_tvm_runtime(tvm, tmp_path):
         daemon.stop()
 
 
-def test_our_client_refusal_leaves_tvm_server_serving(tvm):
-    """Our client meeting TVM's server closes cleanly: TVM's server serves the next client."""
+def test_our_client_leaves_tvm_server_serving(tvm):
+    """Our client's sessions on TVM's server end cleanly: TVM's server serves the next client."""
     with tvm_rpc_server("--key", "dev") as (_, port):
         for _ in range(2):
             report = run_client("connect", "127.0.0.1", port, "dev")
-            assert report["ok"] is False and report["error_type"] == "NotTvmRpcServer", report
+            assert report == {"ok": True}, report
         remote = tvm.rpc.connect("127.0.0.1", port, key="dev", session_timeout=30)
         assert remote.get_function("tvm.rpc.server.workpath")("x").endswith("x")
 
