@@ -252,12 +252,12 @@ def test_worker_killed_mid_call(tracked_server):
 
 
 def test_refused_in_process_clearly(tvm):
-    """--no-fork runs sessions in the daemon: TVM's client is told so, and closed cleanly."""
-    daemon, port = our_server("--key", "dev", "--no-fork")
+    """--in-process runs sessions in the daemon: TVM's client is told so, and closed cleanly."""
+    daemon, port = our_server("--key", "dev", "--in-process")
     try:
         report = tvm_client("ping", "direct", "127.0.0.1", port, "dev")
         assert report["ok"] is False
-        assert "--no-fork" in report["message"], report
+        assert "--in-process" in report["message"], report
         daemon.wait_for(r"refusing 127\.0\.0\.1:\d+: its tvm session cannot run here")
         # Our client is still served.
         assert run_client("connect", "127.0.0.1", port, "dev") == {"ok": True}

@@ -483,7 +483,7 @@ def test_out_of_file_descriptors_recovers():
     from tests.daemons import child_env, twistd_with_fd_limit
 
     args = twistd_with_fd_limit(
-        40, "rpc-server", "--listen", listen_any("127.0.0.1"), "--key", "dev", "--no-fork",
+        40, "rpc-server", "--listen", listen_any("127.0.0.1"), "--key", "dev", "--in-process",
         "--session-factory", STANDIN, "--handshake-timeout", "60")
     server, port = start_announced("rpc-server", args, env=child_env())
     held = []

@@ -6,7 +6,7 @@ L{SessionGate<tvm_rpc.server.gate.SessionGate>}. Each connection gets its own
 handshake timer, so a silent peer is dropped and never blocks anyone else.
 Once the handshake succeeds and a session slot is free, the connection goes to
 an L{ISessionRunner}: a worker process (see L{tvm_rpc.server.worker})
-or the in-process runner below (C{--no-fork}).
+or the in-process runner below (C{--in-process}).
 """
 
 import attrs
@@ -298,7 +298,7 @@ class ListenerFactory(Factory):
 @attrs.define(eq=False)
 class InProcessRunner:
     """
-    Runs each session in the server's own process (C{--no-fork}).
+    Runs each session in the server's own process (C{--in-process}).
 
     A hung or crashing call takes the whole server with it in this mode; the
     session timeout still closes the connection when the reactor gets a turn.

@@ -142,6 +142,10 @@ class WorkerPool:
     @ivar executable: the Python that runs the fork server.
     @ivar env: its environment (the server's own when L{None}).
     @ivar silent: whether workers log only warnings and errors.
+    @ivar libraries: absolute paths of the C{--load-library} libraries,
+        loaded in every process that serves sessions.
+    @ivar spawn: whether workers are started as fresh interpreters instead
+        of forks of the fork server (C{--no-fork}, TVM's meaning).
     @ivar start_timeout: seconds a client has, once its handshake is
         answered, to send its first session message (L{None}: no limit).
     @ivar max_session_time: the longest a session may run, whatever its
@@ -159,6 +163,8 @@ class WorkerPool:
     executable: str = sys.executable
     env: "dict | None" = None
     silent: bool = False
+    libraries: tuple = ()
+    spawn: bool = False
     start_timeout: "float | None" = None
     max_session_time: "float | None" = None
     _server: object = attrs.field(init=False, default=None)
@@ -191,10 +197,14 @@ class WorkerPool:
         ]
         for spec in self.init:
             args += ["--init", spec]
+        for path in self.libraries:
+            args += ["--load-library", path]
         if self.session_settings is not None:
             args += ["--session-settings", self.session_settings.to_json()]
         if self.silent:
             args.append("--silent")
+        if self.spawn:
+            args.append("--spawn")
         return args
 
     def when_ready(self):

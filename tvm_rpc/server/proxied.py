@@ -5,7 +5,7 @@ presents C{server:<key>} (marked as ours, see L{tvm_rpc.protocol.flavour})
 and waits. When the proxy pairs it with a client it answers
 C{RPC_CODE_SUCCESS} and the client's key (C{client:<key> -timeout=N ...});
 from then on the connection is a session, run by the same session runner as
-direct connections (a worker process, or in-process with C{--no-fork}). After
+direct connections (a worker process, or in-process with C{--in-process}). After
 each session, and whenever the proxy refuses or goes away, the link connects
 again (at once after a session or a proxy timeout, with backoff after errors).
 One session at a time, as TVM's server does through a proxy.
