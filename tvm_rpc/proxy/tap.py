@@ -13,6 +13,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from ..daemon.listening import endpoint_kind, listener_service
+from ..daemon.logfile import LogFileOptions, under_twistd
+from ..daemon.logs import set_silent
 from ..daemon.options import (
     ListenOptions,
     listen_parameters,
@@ -40,7 +42,7 @@ def _buffer_size(value):
     return number
 
 
-class Options(ListenOptions, usage.Options):
+class Options(ListenOptions, LogFileOptions, usage.Options):
     """The options of C{twistd rpc-proxy}."""
 
     synopsis = "[options]"
@@ -125,6 +127,7 @@ def makeService(options, reactor=None):
     """
     if reactor is None:
         from twisted.internet import reactor
+    set_silent(False, options["verbose"])
     tracker = options["tracker-address"]
     pool = PairingPool(
         reactor,
@@ -171,4 +174,4 @@ def makeService(options, reactor=None):
         registration.setServiceParent(top)
     top.pool = pool
     top.listener = listener
-    return top
+    return under_twistd(options, top)

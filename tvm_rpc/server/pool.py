@@ -37,7 +37,7 @@ from zope.interface import implementer
 from ..protocol.flavour import OUR_PROTOCOL, TVM_PROTOCOL
 from . import tvm_session
 from .control import send_control
-from .listener import ISessionRunner, session_time
+from .listener import ISessionRunner, log_session_end, session_time
 from .logs import logger
 from .modules import DEFAULT_SESSION_FACTORY
 from .watchdog import EXIT_NO_START, EXIT_REASONS
@@ -108,6 +108,7 @@ class _Session:
     pid: "int | None" = None
     timer: object = None
     timed_out: bool = False
+    started: float = 0.0
 
 
 @attrs.define(eq=False)
@@ -142,6 +143,7 @@ class WorkerPool:
     @ivar executable: the Python that runs the fork server.
     @ivar env: its environment (the server's own when L{None}).
     @ivar silent: whether workers log only warnings and errors.
+    @ivar verbose: whether workers log Twisted's lines and debug lines too.
     @ivar libraries: absolute paths of the C{--load-library} libraries,
         loaded in every process that serves sessions.
     @ivar spawn: whether workers are started as fresh interpreters instead
@@ -163,6 +165,7 @@ class WorkerPool:
     executable: str = sys.executable
     env: "dict | None" = None
     silent: bool = False
+    verbose: bool = False
     libraries: tuple = ()
     spawn: bool = False
     start_timeout: "float | None" = None
@@ -203,6 +206,8 @@ class WorkerPool:
             args += ["--session-settings", self.session_settings.to_json()]
         if self.silent:
             args.append("--silent")
+        if self.verbose:
+            args.append("--verbose")
         if self.spawn:
             args.append("--spawn")
         return args
@@ -270,7 +275,7 @@ class WorkerPool:
         transport.stopWriting()
         skt = transport.getHandle()
         self._next_id += 1
-        session = _Session(self._next_id, handoff, skt, server)
+        session = _Session(self._next_id, handoff, skt, server, started=self.reactor.seconds())
         header = {
             "id": session.id,
             "reply": base64.b64encode(handoff.reply).decode("ascii"),
@@ -365,36 +370,28 @@ class WorkerPool:
         self._kill(session)
         if session.pid is not None:
             remove_work_dirs_of(self.work_root, session.pid)
+        failed = True
         if session.timed_out:
             self._send_notice(session)
+            how = f"timed out after {self.session_time(session.handoff):g}s"
         elif code in EXIT_REASONS and signal_number is None:
-            level = self.log.warn if code == EXIT_NO_START else self.log.info
-            level(
-                "worker {pid} for {peer} ended: {reason}",
-                pid=session.pid,
-                peer=session.handoff.peer,
-                reason=EXIT_REASONS[code],
-            )
+            how = EXIT_REASONS[code]
+            failed = code == EXIT_NO_START
         elif code not in (0, None) or signal_number is not None:
             self.crashes += 1
-            self.log.warn(
-                "worker {pid} for {peer} died (exit code {code}, signal {signal}); "
-                "the server goes on",
-                pid=session.pid,
-                peer=session.handoff.peer,
-                code=code,
-                signal=signal_number,
-            )
+            how = (f"its worker died (exit code {code}, signal {signal_number}); "
+                   "the server goes on")
+        else:
+            how, failed = "closed", False
         try:
-            session.socket.close()
+            log_session_end(self.log, session.handoff, how,
+                            self.reactor.seconds() - session.started, session.socket,
+                            f"worker {session.pid}", warn=failed)
         finally:
-            session.handoff.slot.release()
-        self.log.info(
-            "{protocol} session for {peer} ended (sessions so far: {counts})",
-            protocol=session.handoff.protocol,
-            peer=session.handoff.peer,
-            counts=", ".join(f"{n} {name}" for name, n in self.sessions_by_protocol.items()),
-        )
+            try:
+                session.socket.close()
+            finally:
+                session.handoff.slot.release()
 
     def _send_notice(self, session):
         if session.handoff.protocol == TVM_PROTOCOL:

@@ -116,8 +116,9 @@ class ProxiedServerProtocol(SwitchingCarrier, Protocol):
             peer=f"a client through {self._link.proxy}",
             slot=_LinkSlot(slot, self._link),
             protocol=protocol,
+            key=self._link.gate.key,
         )
-        log.info("{protocol} session through {proxy} (timeout {timeout})",
+        log.debug("{protocol} session through {proxy} (timeout {timeout})",
                  protocol=protocol, proxy=self._link.proxy, timeout=timeout)
         try:
             self._link.runner.start(handoff)

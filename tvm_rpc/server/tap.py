@@ -8,6 +8,7 @@ from twisted.python import usage
 from ..client.registration import LinkSettings, TrackerRegistration
 from ..client.tracker import tracker_endpoint
 from ..daemon.listening import listener_service
+from ..daemon.logfile import LogFileOptions, under_twistd
 from ..daemon.options import (
     ListenOptions,
     listen_parameters,
@@ -38,7 +39,7 @@ from .proxied import ProxiedServerService, ProxyLink
 from .service import RPCServerService
 
 
-class Options(ListenOptions, usage.Options):
+class Options(ListenOptions, LogFileOptions, usage.Options):
     """
     The options of C{twistd rpc-server}: TVM's flags plus ours.
 
@@ -168,7 +169,7 @@ def makeService(options, reactor=None):
     """
     if reactor is None:
         from twisted.internet import reactor
-    set_silent(options["silent"])
+    set_silent(options["silent"], options["verbose"])
     if options["in-process"]:
         load_libraries(options["libraries"])
     run_init(options["init"])
@@ -201,6 +202,7 @@ def makeService(options, reactor=None):
             session_settings=settings,
             timeout_notice=getattr(session_module, "timeout_notice", None),
             silent=options["silent"],
+            verbose=bool(options["verbose"]),
             libraries=options["libraries"],
             spawn=bool(options["no-fork"]),
             start_timeout=options["handshake-timeout"],
@@ -212,7 +214,7 @@ def makeService(options, reactor=None):
         link = ProxyLink(
             tracker_endpoint(reactor, host, port), gate, runner, reactor, proxy=f"proxy {host}:{port}"
         )
-        return ProxiedServerService(link, runner, work_root, owns_work_root)
+        return under_twistd(options, ProxiedServerService(link, runner, work_root, owns_work_root))
     factory = ListenerFactory(gate, runner, reactor, options["handshake-timeout"])
     make_registration = None
     if tracker is not None:
@@ -232,11 +234,11 @@ def makeService(options, reactor=None):
         reactor, factory, "rpc-server", host=options["host"], port=options["port"],
         port_end=options["port-end"], listen=options["listen"],
     )
-    return RPCServerService(
+    return under_twistd(options, RPCServerService(
         listener,
         factory,
         make_registration=make_registration,
         runner=runner,
         work_root=work_root,
         owns_work_root=owns_work_root,
-    )
+    ))

@@ -87,7 +87,7 @@ class SessionCarrier(tprotocol.Protocol):
             self._on_lost(reason)
 
 
-def _start_logging(silent=False):
+def _start_logging(silent=False, verbose=False):
     from twisted.logger import (
         FileLogObserver,
         FilteringLogObserver,
@@ -97,11 +97,16 @@ def _start_logging(silent=False):
         globalLogBeginner,
     )
 
+    from ..daemon.logfile import operator_filter
+
     # The server stamps and relays each line; workers write the bare text.
     observer = FileLogObserver(sys.stdout, lambda event: (formatEvent(event) or "") + "\n")
-    level = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn if silent else LogLevel.info)
+    level = LogLevelFilterPredicate(
+        defaultLogLevel=LogLevel.warn if silent else LogLevel.debug if verbose else LogLevel.info
+    )
     globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(observer, [level])], redirectStandardIO=False
+        [FilteringLogObserver(observer, [level, operator_filter(verbose)])],
+        redirectStandardIO=False,
     )
 
 
@@ -201,6 +206,7 @@ def _parser():
     parser.add_argument("--load-library", action="append", default=[])
     parser.add_argument("--session-settings", default=None)
     parser.add_argument("--silent", action="store_true")
+    parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--spawn", action="store_true")
     return parser
 
@@ -213,7 +219,7 @@ def _prepare(args):
 
     @return: C{(make_session, settings, tvm_problem)}.
     """
-    _start_logging(args.silent)
+    _start_logging(args.silent, args.verbose)
     load_libraries(args.load_library)
     module, make_session = load_callable(args.session_factory)
     settings = None
@@ -241,6 +247,8 @@ def _spare_argv(args, spare_fd):
         argv += ["--session-settings", args.session_settings]
     if args.silent:
         argv.append("--silent")
+    if args.verbose:
+        argv.append("--verbose")
     return argv
 
 

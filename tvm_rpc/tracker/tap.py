@@ -7,6 +7,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.python import usage
 
 from ..daemon.listening import DEFAULT_BACKLOG, listener_service, with_backlog
+from ..daemon.logfile import LogFileOptions, under_twistd
 from ..daemon.logs import logger, set_silent
 from ..daemon.options import ListenOptions, listen_parameters, positive_float, positive_int
 from ..transport import KeepAlive
@@ -38,7 +39,7 @@ def _shown(seconds):
     return "off" if seconds is None else f"{seconds:g}"
 
 
-class Options(ListenOptions, usage.Options):
+class Options(ListenOptions, LogFileOptions, usage.Options):
     """
     The options of C{twistd rpc-tracker}, TVM's flags plus ours.
 
@@ -127,7 +128,7 @@ def makeService(options, reactor=None):
     """
     if reactor is None:
         from twisted.internet import reactor
-    set_silent(options["silent"])
+    set_silent(options["silent"], options["verbose"])
     state = TrackerState(reactor, options.limits())
 
     def on_stop():
@@ -157,4 +158,4 @@ def makeService(options, reactor=None):
     listener.setServiceParent(top)
     top.state = state
     top.factory = factory
-    return top
+    return under_twistd(options, top)
