@@ -238,7 +238,8 @@ class HandshakeProtocol(SwitchingCarrier, TimeoutMixin, Protocol):
             self.log.warn(
                 "bad handshake from {peer}: {error}", peer=self.peer, error=decoder.error
             )
-            self.transport.abortConnection()
+            # Closed, not reset: a reset can kill a TVM peer's accept thread.
+            self._close_cleanly()
             return
         try:
             matchkey, timeout, protocol = read_client_key(decoder.key)
