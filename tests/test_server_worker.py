@@ -485,3 +485,14 @@ class WorkerReactorTests(SynchronousTestCase):
         self.reactor.callLater(0, check)
         self.run_reactor()
         self.assertEqual(len(reader.lost), 1)
+
+
+def test_spawned_spare_command_line():
+    """A --no-fork spare runs the fork server's command, its channel in place of the control socket."""
+    from tvm_rpc.server.worker import _spare_argv
+
+    argv = ["--control-fd", "3", "--lifeline-fd", "4", "--work-root", "/w", "--init", "m:f",
+            "--load-library", "/l.so", "--silent", "--spawn"]
+    assert _spare_argv(argv, 9)[1:] == [
+        "-m", "tvm_rpc.server.worker", "--spare-fd", "9", "--lifeline-fd", "4", "--work-root",
+        "/w", "--init", "m:f", "--load-library", "/l.so", "--silent"]

@@ -234,22 +234,38 @@ def _prepare(args):
     return make_session, settings, tvm_session.prepare()
 
 
-def _spare_argv(args, spare_fd):
-    """@return: the command line of a spawned spare worker (C{--no-fork})."""
-    argv = [sys.executable, "-m", "tvm_rpc.server.worker", "--spare-fd", str(spare_fd),
-            "--lifeline-fd", str(args.lifeline_fd), "--work-root", args.work_root,
-            "--session-factory", args.session_factory]
-    for spec in args.init:
-        argv += ["--init", spec]
-    for path in args.load_library:
-        argv += ["--load-library", path]
-    if args.session_settings is not None:
-        argv += ["--session-settings", args.session_settings]
-    if args.silent:
-        argv.append("--silent")
-    if args.verbose:
-        argv.append("--verbose")
-    return argv
+def _spare_argv(argv, spare_fd):
+    """
+    @param argv: the fork server's own arguments.
+    @param spare_fd: the descriptor of the spare's end of its channel.
+    @return: the command line of a spawned spare worker (C{--no-fork}): the
+        fork server's, with the spare's channel in place of the control socket.
+    """
+    spare = [sys.executable, "-m", "tvm_rpc.server.worker"]
+    arguments = iter(argv)
+    for argument in arguments:
+        if argument == "--control-fd":
+            next(arguments)
+            spare += ["--spare-fd", str(spare_fd)]
+        elif argument != "--spawn":
+            spare.append(argument)
+    return spare
+
+
+def _receive_session(channel):
+    """
+    Wait on a spare's channel for its session, then close the channel.
+
+    @return: C{(header, fd)}, or C{(None, None)} when the fork server went away.
+    """
+    try:
+        header, fd = receive_control(channel)
+    except (OSError, ValueError):
+        header = fd = None
+    channel.close()
+    if fd is None:
+        return None, None
+    return header, fd
 
 
 def spare_main(args):
@@ -260,13 +276,8 @@ def spare_main(args):
     @return: the exit code, when no session came (the fork server is gone).
     """
     make_session, settings, tvm_problem = _prepare(args)
-    channel = socket.socket(fileno=args.spare_fd)
-    try:
-        header, fd = receive_control(channel)
-    except (OSError, ValueError):
-        header = fd = None
-    channel.close()
-    if header is None or fd is None:
+    header, fd = _receive_session(socket.socket(fileno=args.spare_fd))
+    if header is None:
         return 0
     serve_session(header, fd, args.lifeline_fd, args.work_root, make_session, tvm_problem,
                   settings)
@@ -280,6 +291,8 @@ def fork_server_main(argv=None):
     @param argv: command-line arguments (see L{WorkerPool.argv}).
     @return: the exit code.
     """
+    if argv is None:
+        argv = sys.argv[1:]
     args = _parser().parse_args(argv)
     if args.spare_fd is not None:
         return spare_main(args)
@@ -310,7 +323,7 @@ def fork_server_main(argv=None):
         os.set_inheritable(lifeline.fileno(), True)
 
         def fork_spare():
-            return _Spare.spawn(lambda fd: _spare_argv(args, fd))
+            return _Spare.spawn(lambda fd: _spare_argv(argv, fd))
     else:
         def fork_spare():
             return _Spare.fork(serve, close_in_child=(control, wake_read, wake_write))
@@ -381,12 +394,8 @@ class _Spare:
                     item.close()
             ours.close()
             os.setpgid(0, 0)
-            try:
-                header, fd = receive_control(theirs)
-            except (OSError, ValueError):
-                header = fd = None
-            theirs.close()
-            if header is None or fd is None:
+            header, fd = _receive_session(theirs)
+            if header is None:
                 os._exit(0)
             serve(header, fd)
         theirs.close()
