@@ -118,6 +118,10 @@ class OptionsTests(SynchronousTestCase):
     def test_example_rpc_is_tvms_flag_refused_clearly(self):
         """TVM's --example-rpc parses; on, it stops at start as TVM 0.27's wheel does."""
         self.assertEqual(parse("--example-rpc", "")["example-rpc"], "")
+        # Every flag of TVM 0.27's rpc_proxy parses.
+        options = parse("--host", "127.0.0.1", "--port", "9300", "--port-end", "9310",
+                        "--web-port", "0", "--tracker", "127.0.0.1:9190", "--example-rpc", "")
+        self.assertEqual(options["tracker-address"], ("127.0.0.1", 9190))
         with self.assertRaises(usage.UsageError) as caught:
             parse("--example-rpc", "1")
         self.assertIn("web RPC example", str(caught.exception))

@@ -170,3 +170,15 @@ def test_log_keep_bounds_the_rotated_files(tmp_path):
         daemon.stop()
     assert log_files(tmp_path) == ["server.log", "server.log.1", "server.log.2"], \
         log_files(tmp_path)
+
+
+def test_one_line_per_session_in_process():
+    """--in-process sessions leave the same line, served 'in process'."""
+    daemon, port = our_server("--key", "dev", "--in-process", *INIT)
+    try:
+        both_clients(port, "test.add", "1", "2")
+        line = daemon.wait_for(r"tvm_rpc session for 127\.0\.0\.1:\d+ ended: closed \(key dev, "
+                               r"in process, [\d.]+s, (\d+) bytes in, (\d+) bytes out\)")
+    finally:
+        daemon.stop()
+    assert int(line.group(1)) > 16 and int(line.group(2)) > 16, line.group(0)
