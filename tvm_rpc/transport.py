@@ -19,11 +19,9 @@ imports none of them.
     handshake protocols).
 """
 
-import fcntl
 import ipaddress
 import socket
 import struct
-import termios
 
 import attrs
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -161,6 +159,10 @@ def tcp_byte_counts(sock):
     option = getattr(socket, "TCP_INFO", None)
     if option is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None
+    # Here, not at the top: clients import this module on platforms without them.
+    import fcntl
+    import termios
+
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, option, 256)
         queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]

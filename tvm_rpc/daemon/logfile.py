@@ -147,12 +147,13 @@ def under_twistd(options, daemon):
     observer, log_file = make_observer(
         target, options["verbose"], options["log-size"], options["log-keep"]
     )
-    if log_file is not None and not signal.getsignal(signal.SIGUSR1):
+    usr1 = getattr(signal, "SIGUSR1", None)
+    if log_file is not None and usr1 is not None and not signal.getsignal(usr1):
         # twistd's own handler is only installed with its own log file.
         def rotate(number, frame):
             from twisted.internet import reactor
 
             reactor.callFromThread(log_file.rotate)
 
-        signal.signal(signal.SIGUSR1, rotate)
+        signal.signal(usr1, rotate)
     return LoggingRoot(daemon, observer)
