@@ -59,6 +59,7 @@ def test_no_fork_spawns_each_worker(tvm):
     try:
         pids = both_clients(port, "test.pid", tvm=tvm)
         lines = both_clients(port, "test.cmdline", tvm=tvm)
+        daemon.wait_for(r"fork server \d+ ready \(workers spawned, --no-fork\)")
     finally:
         daemon.stop()
     assert daemon.proc.pid not in pids and len(set(pids)) == 2, pids
@@ -71,6 +72,7 @@ def test_forked_workers_by_default():
     daemon, port = our_server("--key", "dev", *INIT)
     try:
         [line] = both_clients(port, "test.cmdline")
+        daemon.wait_for(r"fork server \d+ ready \(workers forked; --no-fork spawns them")
     finally:
         daemon.stop()
     assert "tvm_rpc.server.worker --control-fd" in line, line

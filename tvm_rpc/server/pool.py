@@ -309,14 +309,16 @@ class WorkerPool:
             self.tvm_problem = message.get("tvm")
             if self.tvm_problem is None:
                 self.log.info(
-                    "fork server {pid} ready: serves tvm_rpc's and Apache TVM's clients",
-                    pid=message["ready"],
+                    "fork server {pid} ready ({workers}): serves tvm_rpc's and Apache TVM's "
+                    "clients", pid=message["ready"], workers=self._workers_started(),
                 )
             else:
                 self.log.warn(
-                    "fork server {pid} ready: serves tvm_rpc's clients only; Apache TVM's "
-                    "clients are refused, as TVM's runtime cannot be imported ({problem})",
+                    "fork server {pid} ready ({workers}): serves tvm_rpc's clients only; "
+                    "Apache TVM's clients are refused, as TVM's runtime cannot be imported "
+                    "({problem})",
                     pid=message["ready"],
+                    workers=self._workers_started(),
                     problem=self.tvm_problem,
                 )
         elif "started" in message:
@@ -334,6 +336,12 @@ class WorkerPool:
             session = self._by_pid.pop(message["ended"], None)
             if session is not None:
                 self._finish(session, message.get("code"), message.get("signal"))
+
+    def _workers_started(self):
+        """@return: how workers start, for the ready line (TVM's server gives the same hint)."""
+        if self.spawn:
+            return "workers spawned, --no-fork"
+        return "workers forked; --no-fork spawns them for GPU runtimes that break across fork"
 
     def session_time(self, handoff):
         """@return: the seconds C{handoff}'s session may run (L{None}: no limit)."""
