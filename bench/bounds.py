@@ -235,7 +235,7 @@ def fd_cpu(targets):
     # (daemon, descriptor limit, arguments, what a held peer sends, what a
     # knocking peer sends, the log line of the exhausted table)
     cases = [
-        ("rpc-server", 40, ["--key", "dev", "--no-fork", "--session-factory", STANDIN,
+        ("rpc-server", 40, ["--key", "dev", "--in-process", "--session-factory", STANDIN,
                             "--handshake-timeout", "60"], lambda i: b"", b"",
          "out of file descriptors on"),
         ("rpc-tracker", 48, [], lambda i: MAGIC, MAGIC, "out of file descriptors"),

@@ -45,6 +45,18 @@ async def connect_mode(reactor, host, port, key):
     return {"ok": True}
 
 
+async def call_mode(reactor, host, port, key, name, *args):
+    """Call a global function with string arguments; report its result."""
+    from tvm_rpc.client.connect import connect
+
+    session = await connect(host, int(port), key, reactor=reactor)
+    try:
+        function = await session.get_function(name)
+        return {"ok": True, "result": await function(*args)}
+    finally:
+        await session.close()
+
+
 async def story_mode(reactor, tracker_host, tracker_port, key, library, n, m):
     import numpy as np
 
@@ -226,6 +238,7 @@ def main(reactor, mode, *args):
         "many": many_mode,
         "device": device_mode,
         "connect": connect_mode,
+        "call": call_mode,
         "story": story_mode,
         "pymodule": pymodule_mode,
         "hang": hang_mode,

@@ -44,6 +44,20 @@ def pid():
     return os.getpid()
 
 
+@register_func("test.mapped", override=True)
+def mapped(path):
+    """@return: whether the shared library C{path} is mapped into the worker."""
+    with open("/proc/self/maps") as maps:
+        return any(line.rstrip().endswith(path) for line in maps)
+
+
+@register_func("test.cmdline", override=True)
+def cmdline():
+    """@return: the worker's command line (a spawned worker's is its own)."""
+    with open("/proc/self/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode().strip()
+
+
 # The global functions of the session behaviour suite (tests/session_behaviour.py).
 register_func("add", add, override=True)
 register_func("boom", lambda: 1 / 0, override=True)

@@ -20,7 +20,8 @@ from tvm_rpc.protocol.tracker_commands import (
     parse_tracker_message,
 )
 from tvm_rpc.protocol.constants import MAX_TRACKER_FRAME, RPC_TRACKER_MAGIC
-from tvm_rpc.protocol.framing import FrameDecoder, encode_frame, encode_magic
+from tvm_rpc.protocol.framing import WRONG_PORT_FOR_RPC, FrameDecoder, encode_frame, encode_magic
+from tvm_rpc.protocol.handshake import WRONG_PORT_FOR_TRACKER, HandshakeDecoder, encode_handshake
 
 pytestmark = pytest.mark.unit
 
@@ -89,6 +90,22 @@ def test_wrong_magic(magic):
     decoder = FrameDecoder()
     assert decoder.feed(struct.pack("<i", magic) + encode_frame([1])) == []
     assert "magic" in decoder.error
+
+
+def test_rpc_handshake_named():
+    """The RPC handshake's magic on a tracker port is named as such, with where it belongs."""
+    decoder = FrameDecoder()
+    assert decoder.feed(encode_handshake("client:dev")) == []
+    assert decoder.error == WRONG_PORT_FOR_RPC
+    assert "this is a tracker" in decoder.error
+
+
+def test_tracker_magic_named_on_rpc_ports():
+    """The tracker's magic on a server or proxy port is named, and where it belongs."""
+    decoder = HandshakeDecoder()
+    assert decoder.feed(encode_magic())
+    assert decoder.error == WRONG_PORT_FOR_TRACKER
+    assert "tracker clients go to the tracker's port" in decoder.error
 
 
 @given(st.one_of(st.integers(-(2**31), 0), st.integers(MAX_TRACKER_FRAME + 1, 2**31 - 1)))

@@ -102,7 +102,13 @@ def tracked_server(tvm):
 def test_story_via_our_tracker(tracked_server, dense_relu):
     server, tracker_port = tracked_server
     check_story(tvm_client("story", "tracker", "127.0.0.1", tracker_port, "tvmdev", dense_relu, N, M))
-    server.wait_for(r"tvm session for .* ended \(sessions so far: 0 tvm_rpc, 1 tvm\)")
+    # The one line of the session: who, how it ended, key, worker, duration, bytes.
+    line = server.wait_for(
+        r"tvm session for 127\.0\.0\.1:\d+ ended: (.+) \(key tvmdev, worker \d+, "
+        r"[\d.]+s, (\d+) bytes in, (\d+) bytes out\)")
+    # The story uploads a library and copies arrays both ways.
+    assert int(line.group(2)) > N * M * 4 and int(line.group(3)) > N * M * 4, line.group(0)
+    assert "tvm_rpc session" not in server.output
     assert "Traceback" not in server.output
 
 
@@ -246,17 +252,17 @@ def test_worker_killed_mid_call(tracked_server):
         client.wait(30)
     report = json.loads(out.decode().splitlines()[-1])
     assert report["ok"] is False, report
-    server.wait_for(r"worker %d for .* died \(exit code None, signal 9\)" % worker)
+    server.wait_for(r"died \(exit code None, signal 9\); the server goes on \(key \S+, worker %d," % worker)
     back_in_pool(server, tracker_port)
 
 
 def test_refused_in_process_clearly(tvm):
-    """--no-fork runs sessions in the daemon: TVM's client is told so, and closed cleanly."""
-    daemon, port = our_server("--key", "dev", "--no-fork")
+    """--in-process runs sessions in the daemon: TVM's client is told so, and closed cleanly."""
+    daemon, port = our_server("--key", "dev", "--in-process")
     try:
         report = tvm_client("ping", "direct", "127.0.0.1", port, "dev")
         assert report["ok"] is False
-        assert "--no-fork" in report["message"], report
+        assert "--in-process" in report["message"], report
         daemon.wait_for(r"refusing 127\.0\.0\.1:\d+: its tvm session cannot run here")
         # Our client is still served.
         assert run_client("connect", "127.0.0.1", port, "dev") == {"ok": True}

@@ -23,6 +23,8 @@ from tvm_rpc.protocol.constants import RPC_CODE_SUCCESS
 from tvm_rpc.protocol.handshake import encode_handshake, encode_reply
 from tvm_rpc.protocol.values import DLDevice
 
+pytestmark = pytest.mark.system
+
 #: Seconds any socket operation of these tests may block.
 SOCKET_TIMEOUT = 30
 #: Examples per live test: each is a round trip through a real TVM process.

@@ -18,8 +18,12 @@ import json
 import subprocess
 import sys
 
-from tests.daemons import ROOT, child_env, free_port, running, tvm_rpc_server
+import pytest
+
+from tests.daemons import ROOT, child_env, on_free_port, tvm_rpc_server
 from tests.test_interop_server import M, N, dense_relu  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.system
 
 CLIENT_SCRIPT = str(ROOT / "tests" / "tvm_engine_client.py")
 #: Bound on each child client run, so a broken peer fails the test instead of hanging it.
@@ -78,8 +82,8 @@ def test_errors_on_tvm_server(tvm):
 
 def test_copies_within_the_servers_packet_limit(tvm):
     """A server with GetCRTMaxPacketSize gets copies in chunks within it, and the data is intact."""
-    port = free_port()
     script = str(ROOT / "tests" / "tvm_packet_limit_server.py")
-    with running([sys.executable, script, str(port), "1024"], r"listening on"):
+    with on_free_port(lambda port: [sys.executable, script, str(port), "1024"],
+                      r"listening on") as (_, port):
         report = run_client("chunks", "127.0.0.1", port, 5000)
     assert report == {"equal": True, "limit": 1024}

@@ -116,6 +116,26 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["listen"], ["tcp:0", "unix:/tmp/x.sock"])
         self.assertEqual(parse("--tracker", "[::1]:9190")["tracker-address"], ("::1", 9190))
 
+    def test_example_rpc_is_tvms_flag_refused_clearly(self):
+        """TVM's --example-rpc parses; on, it stops at start as TVM 0.27's wheel does."""
+        self.assertEqual(parse("--example-rpc", "")["example-rpc"], "")
+        # Every flag of TVM 0.27's rpc_proxy parses.
+        options = parse("--host", "127.0.0.1", "--port", "9300", "--port-end", "9310",
+                        "--web-port", "0", "--tracker", "127.0.0.1:9190", "--example-rpc", "")
+        self.assertEqual(options["tracker-address"], ("127.0.0.1", 9190))
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("--example-rpc", "1")
+        self.assertIn("web RPC example", str(caught.exception))
+
+    def test_short_help(self):
+        import contextlib
+        import io
+
+        out = io.StringIO()
+        with self.assertRaises(SystemExit), contextlib.redirect_stdout(out):
+            parse("-h")
+        self.assertIn("--example-rpc", out.getvalue())
+
     def test_bad_values(self):
         for argv in (["--port", "9100", "--port-end", "9100"],
                      ["--port", "70000"],

@@ -6,6 +6,7 @@ registration, handshake, worker processes, timeouts, crashes and concurrency.
 """
 
 import os
+import re
 import socket
 import threading
 
@@ -206,7 +207,7 @@ def test_client_gone_mid_call_frees_the_device(tracked_server):
     session.send("hang")
     session.close()
     wait_gone(pid)
-    server.wait_for(r"worker %d for .* ended: the client went away" % pid)
+    server.wait_for(r"ended: the client went away \(key \S+, worker %d," % pid)
     again = session_via_tracker(tracker_port)
     assert again.ask("echo alive") == "alive"
     again.close()
@@ -388,7 +389,10 @@ def test_through_our_proxy():
             server.wait_for(r"waiting at proxy 127\.0\.0\.1:%d as behind" % proxy_port)
             for _ in range(2):
                 assert run_client("connect", "127.0.0.1", proxy_port, "behind") == {"ok": True}
-            assert len(server.output.split("session through proxy")) == 3
+            ended = (r"tvm_rpc session for a client through proxy 127\.0\.0\.1:%d ended: .* "
+                     r"\(key behind, worker \d+," % proxy_port)
+            wait_until(lambda: len(re.findall(ended, server.output)) == 2, 30,
+                       lambda: f"two session lines in:\n{server.output}")
         finally:
             server.stop()
 
@@ -483,7 +487,7 @@ def test_out_of_file_descriptors_recovers():
     from tests.daemons import child_env, twistd_with_fd_limit
 
     args = twistd_with_fd_limit(
-        40, "rpc-server", "--listen", listen_any("127.0.0.1"), "--key", "dev", "--no-fork",
+        40, "rpc-server", "--listen", listen_any("127.0.0.1"), "--key", "dev", "--in-process",
         "--session-factory", STANDIN, "--handshake-timeout", "60")
     server, port = start_announced("rpc-server", args, env=child_env())
     held = []

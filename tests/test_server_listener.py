@@ -326,7 +326,7 @@ class TrackedGateTests(SynchronousTestCase):
 
 
 class InProcessRunnerTests(SynchronousTestCase):
-    """``--no-fork``: the session protocol takes over the same transport."""
+    """``--in-process``: the session protocol takes over the same transport."""
 
     def setUp(self):
         self.clock = Clock()

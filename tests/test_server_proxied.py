@@ -125,3 +125,51 @@ class ProxyLinkTests(SynchronousTestCase):
         self.lose(protocol)
         self.clock.advance(10)
         self.assertEqual(len(self.endpoint.connections), 1)
+
+
+class WrongPeerTests(SynchronousTestCase):
+    """A --through-proxy server pointed at something that is not a proxy says so."""
+
+    setUp = ProxyLinkTests.setUp
+    latest = ProxyLinkTests.latest
+    lose = ProxyLinkTests.lose
+
+    def events(self):
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        seen = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        return lambda: " | ".join(formatEvent(e) for e in seen)
+
+    def test_tracker_magic_answer(self):
+        """An answer with the tracker's magic names the mistake; closed, not reset."""
+        from tvm_rpc.protocol.constants import INT32, RPC_TRACKER_MAGIC
+
+        text = self.events()
+        protocol, transport = self.latest()
+        protocol.dataReceived(INT32.pack(RPC_TRACKER_MAGIC))
+        self.assertIn("p is not an RPC proxy: it answered 0x2f271, the tracker's magic", text())
+        self.assertFalse(getattr(transport, "aborted", False))
+        self.assertTrue(transport.disconnecting)
+
+    def test_closed_without_answer(self):
+        """A peer that closes at once without answering is named, and 'waiting' is said once."""
+        text = self.events()
+        for _ in range(3):
+            protocol, _ = self.latest()
+            self.lose(protocol)
+            self.clock.advance(10)
+        self.assertEqual(len(self.endpoint.connections), 4)
+        self.assertIn("p closed the connection without answering our handshake (1 times so far)",
+                      text())
+        self.assertNotIn("(2 times so far)", text())
+        self.assertNotIn("waiting at p", text())
+
+    def test_proxy_giving_up_late_is_not_suspect(self):
+        """A proxy that closes a long-waiting server is not mistaken for a tracker."""
+        text = self.events()
+        protocol, _ = self.latest()
+        self.clock.advance(600)
+        self.lose(protocol)
+        self.assertNotIn("without answering", text())

@@ -50,8 +50,52 @@ class OptionsTests(SynchronousTestCase):
             ("0.0.0.0", 9090, 9199, ""),
         )
         self.assertIsNone(options["tracker"])
-        self.assertFalse(options["no-fork"])
+        self.assertFalse(options["in-process"])
         self.assertEqual(options["max-sessions"], 1)
+
+    def test_tvms_flags_are_accepted(self):
+        """Every flag of TVM 0.27's rpc_server parses, with TVM's meaning."""
+        here = os.path.abspath(__file__)
+        options = parse("--host", "127.0.0.1", "--port", "9300", "--port-end", "9310",
+                        "--tracker", "127.0.0.1:9190", "--key", "k", "--silent",
+                        "--custom-addr", "10.0.0.1", "--no-fork", "--load-library", here)
+        self.assertEqual(options["libraries"], (here,))
+        self.assertTrue(options["no-fork"])
+        self.assertFalse(options["in-process"])
+        proxied = parse("--through-proxy", "--host", "127.0.0.1", "--port", "9090", "--key", "k")
+        self.assertTrue(proxied["through-proxy"])
+
+    def test_short_help(self):
+        """-h prints the same help as --help, as TVM's tools do."""
+        for flag in ("-h", "--help"):
+            with self.assertRaises(SystemExit):
+                import contextlib
+                import io
+
+                out = io.StringIO()
+                with contextlib.redirect_stdout(out):
+                    parse(flag)
+            self.assertIn("--load-library", out.getvalue())
+
+    def test_load_library_is_found_at_start(self):
+        """Colon-separated, relative to the current directory, resolved now; a missing file is an error."""
+        folder = os.path.dirname(os.path.abspath(__file__))
+        first, second = os.path.join(folder, "conftest.py"), os.path.join(folder, "daemons.py")
+        old = os.getcwd()
+        os.chdir(folder)
+        try:
+            self.assertEqual(parse("--load-library", "conftest.py:daemons.py")["libraries"],
+                             (first, second))
+        finally:
+            os.chdir(old)
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("--load-library", f"{first}:no-such-library.so")
+        self.assertIn("cannot find library no-such-library.so", str(caught.exception))
+        self.assertEqual(parse()["libraries"], ())
+
+    def test_in_process_and_no_fork_exclude_each_other(self):
+        with self.assertRaises(usage.UsageError):
+            parse("--in-process", "--no-fork")
 
     def test_tracker_address(self):
         self.assertEqual(
@@ -112,9 +156,19 @@ class MakeServiceTests(SynchronousTestCase):
         service.stopService()
         self.assertFalse(os.path.exists(service.work_root))
 
-    def test_no_fork(self):
-        service, _ = self.make("--no-fork")
+    def test_in_process(self):
+        service, _ = self.make("--in-process")
         self.assertIsInstance(service.runner, InProcessRunner)
+
+    def test_no_fork_and_libraries_reach_the_fork_server(self):
+        here = os.path.abspath(__file__)
+        service, _ = self.make("--no-fork", "--load-library", here)
+        argv = service.runner.argv(3)
+        self.assertIn("--spawn", argv)
+        self.assertEqual(argv[argv.index("--load-library") + 1], here)
+        service, _ = self.make()
+        self.assertNotIn("--spawn", service.runner.argv(3))
+        self.assertNotIn("--load-library", service.runner.argv(3))
 
     def test_silent_reaches_workers(self):
         service, _ = self.make("--silent")
@@ -124,7 +178,7 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_tracker_registration_child(self):
         service, reactor = self.make(
-            "--no-fork", "--tracker", "127.0.0.1:9190", "--key", "rasp",
+            "--in-process", "--tracker", "127.0.0.1:9190", "--key", "rasp",
             "--port", "9300", "--port-end", "9310", "--custom-addr", "10.1.2.3",
         )
         reactor.busy = set()
@@ -139,17 +193,17 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_first_free_port(self):
         reactor = BusyReactor({9300, 9301})
-        service, _ = self.make("--no-fork", "--port", "9300", "--port-end", "9303", reactor=reactor)
+        service, _ = self.make("--in-process", "--port", "9300", "--port-end", "9303", reactor=reactor)
         service.startService()
         self.assertEqual(service.bound_port, 9302)
 
     def test_no_free_port_is_fatal(self):
         reactor = BusyReactor({9300, 9301})
-        service, _ = self.make("--no-fork", "--port", "9300", "--port-end", "9302", reactor=reactor)
+        service, _ = self.make("--in-process", "--port", "9300", "--port-end", "9302", reactor=reactor)
         self.assertRaises(CannotListenError, service.privilegedStartService)
 
     def test_listen_endpoint(self):
-        service, reactor = self.make("--no-fork", "--listen", "tcp:9400:interface=127.0.0.1")
+        service, reactor = self.make("--in-process", "--listen", "tcp:9400:interface=127.0.0.1")
         service.startService()
         self.assertEqual(reactor.tcpServers[0][0], 9400)
         self.assertEqual(service.bound_port, 9400)
@@ -158,7 +212,7 @@ class MakeServiceTests(SynchronousTestCase):
         """--through-proxy: no listener, a link to the proxy; stopping removes the work root."""
         from tvm_rpc.server.proxied import ProxiedServerService
 
-        service, reactor = self.make("--no-fork", "--through-proxy", "--key", "k",
+        service, reactor = self.make("--in-process", "--through-proxy", "--key", "k",
                                      "--port", "9500", "--port-end", "9500")
         self.assertIsInstance(service, ProxiedServerService)
         service.privilegedStartService()
@@ -172,7 +226,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(service.work_root))
 
     def test_init_imported_at_start(self):
-        self.make("--no-fork", "--init", "tests.server_init_sample:setup")
+        self.make("--in-process", "--init", "tests.server_init_sample:setup")
         import tests.server_init_sample as sample
 
         self.assertEqual(sample.CALLS, ["setup"])
@@ -197,7 +251,7 @@ class UnixListenTests(SynchronousTestCase):
         import tempfile
 
         path = os.path.join(tempfile.mkdtemp(), "rpc.sock")
-        options = parse("--session-factory", STANDIN, "--no-fork", "--listen", f"unix:{path}",
+        options = parse("--session-factory", STANDIN, "--in-process", "--listen", f"unix:{path}",
                         "--tracker", "127.0.0.1:9190", "--key", "k")
         from twisted.internet.testing import MemoryReactorClock
 

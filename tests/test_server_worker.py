@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tvm_rpc.server import pool as pool_module
 from tvm_rpc.server import worker as worker_module
+from tvm_rpc.server import control
 from tvm_rpc.server.control import receive_control, send_control
 from tvm_rpc.server.gate import SessionGate
 from tvm_rpc.server.listener import Handoff
@@ -495,9 +496,20 @@ class WorkerReactorTests(SynchronousTestCase):
 ])
 def test_site_flags(flags, expected):
     """The fork server runs with the server's site flags (C{-I} gives C{-s -P}), not C{-E}."""
-    assert pool_module.site_flags(types.SimpleNamespace(**flags)) == expected
+    assert control.site_flags(types.SimpleNamespace(**flags)) == expected
 
 
 def test_pool_argv_carries_the_flags():
     pool = WorkerPool(None, "/w", interpreter_flags=("-S", "-s"))
     assert pool.argv(3)[:4] == [pool.executable, "-S", "-s", "-m"]
+
+
+def test_spawned_spare_command_line():
+    """A --no-fork spare runs the fork server's command, its channel in place of the control socket."""
+    from tvm_rpc.server.worker import _spare_argv
+
+    argv = ["--control-fd", "3", "--lifeline-fd", "4", "--work-root", "/w", "--init", "m:f",
+            "--load-library", "/l.so", "--silent", "--spawn"]
+    assert _spare_argv(argv, 9)[1:] == [
+        "-m", "tvm_rpc.server.worker", "--spare-fd", "9", "--lifeline-fd", "4", "--work-root",
+        "/w", "--init", "m:f", "--load-library", "/l.so", "--silent"]

@@ -511,12 +511,12 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual((settings.max_streams, settings.code_upload), (7, False))
 
     def test_in_process_sessions_get_them(self):
-        """--no-fork sessions are made with the settings too."""
+        """--in-process sessions are made with the settings too."""
         from twisted.internet.testing import MemoryReactorClock
 
         root = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, root, True)
-        options = self.parse("--no-fork", "--work-dir", root, "--send-tracebacks")
+        options = self.parse("--in-process", "--work-dir", root, "--send-tracebacks")
         service = tap.makeService(options, reactor=MemoryReactorClock())
         session = service.runner.make_protocol()
         self.assertTrue(session.settings.send_tracebacks)

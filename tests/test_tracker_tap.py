@@ -29,6 +29,20 @@ def parse(*args):
 class OptionsTests(SynchronousTestCase):
     """Parsing and validation of the command line."""
 
+    def test_tvms_flags_and_short_help(self):
+        """TVM 0.27's rpc_tracker flags parse; -h prints the help."""
+        import contextlib
+        import io
+
+        options = parse("--host", "127.0.0.1", "--port", "9300", "--port-end", "9310", "--silent")
+        self.assertEqual((options["host"], options["port"], options["port-end"]),
+                         ("127.0.0.1", 9300, 9310))
+        self.assertTrue(options["silent"])
+        out = io.StringIO()
+        with self.assertRaises(SystemExit), contextlib.redirect_stdout(out):
+            parse("-h")
+        self.assertIn("-h, --help", out.getvalue())
+
     def test_defaults(self):
         """TVM's defaults, plus ours."""
         options = parse()

@@ -14,6 +14,8 @@ Usage: ``python tests/tvm_client.py MODE ARGS...``; prints one JSON object
 - ``pid-hang VIA HOST PORT KEY SECONDS``: print the worker's pid
   (``test.pid``), then call ``test.hang(SECONDS)``.
 - ``ping VIA HOST PORT KEY``: open a session, call ``test.add(20, 22)``, close.
+- ``call VIA HOST PORT KEY FUNCTION ARGS...``: call a global function with
+  string arguments and report its result.
 - ``limits VIA HOST PORT KEY LIBRARY``: upload 200 KiB, then upload LIBRARY and
   load it (for a server with a small work directory and ``--no-code-upload``).
 """
@@ -126,7 +128,12 @@ def limits(via, host, port, key, library):
     return report
 
 
-MODES = {"story": story, "hang": hang, "pid-hang": pid_hang, "ping": ping, "limits": limits}
+def call(via, host, port, key, name, *args):
+    remote = session(via, host, port, key, timeout=60)
+    return {"ok": True, "result": remote.get_function(name)(*args)}
+
+
+MODES = {"call": call, "story": story, "hang": hang, "pid-hang": pid_hang, "ping": ping, "limits": limits}
 
 if __name__ == "__main__":
     try:

@@ -8,7 +8,7 @@ imports none of them.
     switch), L{tune_tcp} (Nagle off and TCP keepalive with L{KeepAlive}
     timers), L{quick_ack} (acknowledge a partial frame at once). Transports
     that are not TCP (UNIX sockets, websockets, test transports) are left
-    alone.
+    alone. L{tcp_byte_counts} reads what a connection moved from the kernel.
   - Peer names: L{peer_label} (C{host:port} text for log lines) and
     L{peer_host_port} (the C{(host, port)} a tracker counts and reports).
   - L{client_endpoint}: reach C{host:port} by address or by name.
@@ -21,6 +21,7 @@ imports none of them.
 
 import ipaddress
 import socket
+import struct
 
 import attrs
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -138,6 +139,39 @@ def quick_ack(transport):
         sock.setsockopt(socket.IPPROTO_TCP, option, 1)
     except OSError:
         pass
+
+
+#: Where Linux's C{struct tcp_info} keeps C{tcpi_bytes_acked} and, after it,
+#: C{tcpi_bytes_received} (both u64; since Linux 4.1/4.2).
+_TCP_INFO_BYTES_OFFSET = 120
+_TCP_INFO_BYTES = struct.Struct("=QQ")
+
+
+def tcp_byte_counts(sock):
+    """
+    The bytes a TCP connection moved, as the kernel counted them (whichever
+    process wrote or read them: a session worker shares the server's socket).
+
+    @param sock: a L{socket.socket} of the connection.
+    @return: C{(received, sent)}, sent counting what is still queued; L{None}
+        where the kernel does not tell (not Linux, not TCP).
+    """
+    option = getattr(socket, "TCP_INFO", None)
+    if option is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    # Here, not at the top: clients import this module on platforms without them.
+    import fcntl
+    import termios
+
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, option, 256)
+        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        return None
+    if len(info) < _TCP_INFO_BYTES_OFFSET + _TCP_INFO_BYTES.size:
+        return None
+    acked, received = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_OFFSET)
+    return received, acked + queued
 
 
 # Peer names

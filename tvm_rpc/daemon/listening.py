@@ -183,7 +183,16 @@ class ListenerService(service.Service):
         """Stop listening. @return: a Deferred that fires once every port closed."""
         super().stopService()
         ports, self.ports = self.ports, []
-        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+        return defer.gatherResults([
+            defer.maybeDeferred(p.stopListening).addCallback(self._closed, describe_address(p.getHost()))
+            for p in ports
+        ])
+
+    def _closed(self, result, address):
+        """Say a port closed (Twisted's own line is left out of the default log)."""
+        announce.info("{name} stopped listening on {host}:{port}", name=self.label,
+                      host=address[0], port=address[1])
+        return result
 
 
 def listener_service(reactor, factory, name, *, host, port, port_end, listen=(),

@@ -35,11 +35,13 @@ def unfiltered_logger(namespace):
     return Logger(namespace)
 
 
-def set_silent(silent):
+def set_silent(silent, verbose=False):
     """
     Let only warnings and worse through (C{--silent}), or everything from info
-    up, for the loggers made by L{logger}.
+    up (from debug up with C{--verbose}), for the loggers made by L{logger}.
 
     @param silent: whether to be silent.
+    @param verbose: whether to log debug lines too.
     """
-    _level.setLogLevelForNamespace("", LogLevel.warn if silent else LogLevel.info)
+    level = LogLevel.warn if silent else LogLevel.debug if verbose else LogLevel.info
+    _level.setLogLevelForNamespace("", level)

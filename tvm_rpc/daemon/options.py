@@ -5,8 +5,9 @@ They come in two groups:
   - option coercers (L{port_number}, L{positive_int}, L{positive_float}) and
     the C{HOST:PORT} parser L{parse_address}.
   - L{ListenOptions}: the C{--host/--port/--port-end/--listen} flags (TVM's
-    plus Twisted endpoint strings) and their validation; L{listen_parameters}
-    gives the rows of the first three with a daemon's defaults.
+    plus Twisted endpoint strings) and their validation, and C{-h} for
+    C{--help} (TVM's tools take both); L{listen_parameters} gives the rows
+    of the first three with a daemon's defaults.
 """
 
 from twisted.internet import endpoints
@@ -92,7 +93,12 @@ class ListenOptions:
     Mixin for a daemon's L{usage.Options} (put it first among the bases):
     the repeatable C{--listen ENDPOINT} and the checks of the listening flags.
     The C{--host/--port/--port-end} rows come from L{listen_parameters}.
+    It also gives C{-h} as the short form of C{--help}, as TVM's tools have.
     """
+
+    # The same function under a one-letter name: usage.Options lists it as
+    # "-h, --help".
+    opt_h = usage.Options.opt_help
 
     def __init__(self):
         """Start with no C{--listen} endpoint."""

@@ -32,11 +32,11 @@ MARKER_VERSION = "1"
 MARKER = f" -{MARKER_OPTION}={MARKER_VERSION}"
 
 #: What a real TVM client is told when it reaches a server that runs its
-#: sessions in-process (C{--no-fork}): TVM's session protocol runs in a worker.
+#: sessions in-process (C{--in-process}): TVM's session protocol runs in a worker.
 TVM_CLIENT_REFUSAL = (
-    "this tvm_rpc server runs its sessions inside the daemon (--no-fork) and serves "
+    "this tvm_rpc server runs its sessions inside the daemon (--in-process) and serves "
     "only tvm_rpc's client there; Apache TVM's clients are served by session workers: "
-    "restart it without --no-fork, or connect with tvm_rpc.client.connect "
+    "restart it without --in-process, or connect with tvm_rpc.client.connect "
     "or tvm_rpc.client.connect_tracker(...).request(key)"
 )
 

@@ -11,7 +11,7 @@ import json
 
 import attrs
 
-from .constants import INT32, MAX_TRACKER_FRAME, RPC_TRACKER_MAGIC
+from .constants import INT32, MAX_TRACKER_FRAME, RPC_MAGIC, RPC_TRACKER_MAGIC
 
 
 def encode_frame(value):
@@ -23,6 +23,13 @@ def encode_frame(value):
     """
     body = json.dumps(value).encode("utf-8")
     return INT32.pack(len(body)) + body
+
+
+#: Why a tracker refuses a peer that opened with the RPC handshake's magic.
+WRONG_PORT_FOR_RPC = (
+    f"wrong magic 0x{RPC_MAGIC:x}, the RPC handshake of a client or server: this is a "
+    "tracker; RPC handshakes go to an rpc-server or rpc-proxy port"
+)
 
 
 def encode_magic():
@@ -74,6 +81,8 @@ class FrameDecoder:
             if len(self._buffer) < INT32.size:
                 return values
             (magic,) = INT32.unpack_from(self._buffer)
+            if magic == RPC_MAGIC:
+                return self._fail(values, WRONG_PORT_FOR_RPC)
             if magic != RPC_TRACKER_MAGIC:
                 return self._fail(values, f"wrong magic 0x{magic & 0xFFFFFFFF:x}")
             del self._buffer[: INT32.size]

@@ -9,11 +9,23 @@ early is lost.
 
 import attrs
 
-from .constants import INT32, RPC_CODE_SUCCESS, RPC_MAGIC
+from .constants import INT32, RPC_CODE_SUCCESS, RPC_MAGIC, RPC_TRACKER_MAGIC
 
 #: The longest key accepted: TVM keys are short; a peer announcing more is refused
 #: at once instead of being buffered (TVM waits for an announced 1 GiB key).
 MAX_KEY_LENGTH = 4096
+
+
+#: Why a server or proxy port refuses a peer that opened with the tracker's magic.
+WRONG_PORT_FOR_TRACKER = (
+    f"wrong magic 0x{RPC_TRACKER_MAGIC:x}, the tracker protocol's: this port takes RPC "
+    "handshakes (rpc-server, rpc-proxy); tracker clients go to the tracker's port"
+)
+#: Why the connecting side gives up on a peer that answers with the tracker's magic.
+TRACKER_ANSWERED = (
+    f"it answered 0x{RPC_TRACKER_MAGIC:x}, the tracker's magic: it is a tracker; "
+    "point --host/--port at the proxy's port"
+)
 
 
 def encode_handshake(key):
@@ -127,6 +139,9 @@ class HandshakeDecoder(_KeyDecoder):
 
     def _leading_int32_read(self, magic):
         """Check the magic, then read the key. @return: L{done}."""
+        if magic == RPC_TRACKER_MAGIC:
+            self.error = WRONG_PORT_FOR_TRACKER
+            return True
         if magic != RPC_MAGIC:
             self.error = f"wrong magic 0x{magic & 0xFFFFFFFF:x}"
             return True

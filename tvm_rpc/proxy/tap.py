@@ -1,7 +1,7 @@
 """C{twistd rpc-proxy}: command-line options and the service they build.
 
 The flags are TVM's C{python -m tvm.exec.rpc_proxy} flags (C{--host},
-C{--port}, C{--port-end}, C{--web-port}, C{--tracker}) plus C{--listen}
+C{--port}, C{--port-end}, C{--web-port}, C{--tracker}, C{--example-rpc}) plus C{--listen}
 (Twisted endpoint strings, repeatable), C{--timeout-client},
 C{--timeout-server}, C{--handshake-timeout} and C{--relay-buffer}.
 """
@@ -13,6 +13,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from ..daemon.listening import endpoint_kind, listener_service
+from ..daemon.logfile import LogFileOptions, under_twistd
+from ..daemon.logs import set_silent
 from ..daemon.options import (
     ListenOptions,
     listen_parameters,
@@ -40,7 +42,7 @@ def _buffer_size(value):
     return number
 
 
-class Options(ListenOptions, usage.Options):
+class Options(ListenOptions, LogFileOptions, usage.Options):
     """The options of C{twistd rpc-proxy}."""
 
     synopsis = "[options]"
@@ -64,6 +66,10 @@ class Options(ListenOptions, usage.Options):
          "Seconds a server waits for its client (plain mode).", positive_float],
         ["handshake-timeout", None, PEER_HANDSHAKE_TIMEOUT,
          "Seconds a new connection has to send its handshake.", positive_float],
+        ["example-rpc", None, "",
+         "TVM's flag: serve TVM's web RPC example (web/dist of a TVM source tree) on the "
+         "web port. Accepted and refused at start: neither tvm_rpc nor TVM's wheel ships "
+         "those pages. Any non-empty value turns it on, as TVM's type=bool does."],
         ["relay-buffer", None, RELAY_CHUNK,
          "Bytes per read and outgoing buffer limit per connection.", _buffer_size],
     ]
@@ -75,6 +81,15 @@ class Options(ListenOptions, usage.Options):
     def postOptions(self):
         """Check the port range, the endpoint strings, the websocket port and the tracker address."""
         self.check_listen()
+        if self["example-rpc"]:
+            # What TVM 0.27's own proxy does too: without a TVM source tree's
+            # web/dist it stops at start ("Cannot find .../tvmjs.bundle.js").
+            raise usage.UsageError(
+                "--example-rpc serves TVM's web RPC example pages (web/dist, built in a "
+                "TVM source tree); tvm_rpc's proxy does not serve them, and TVM's wheel has "
+                "none (its own proxy stops at start): serve the pages with a web server, "
+                "and point their websocket at this proxy's /ws"
+            )
         has_websocket = importlib.util.find_spec("autobahn") is not None
         self["web-port-implicit"] = self["web-port"] is None
         if self["web-port"] is None:
@@ -112,6 +127,7 @@ def makeService(options, reactor=None):
     """
     if reactor is None:
         from twisted.internet import reactor
+    set_silent(False, options["verbose"])
     tracker = options["tracker-address"]
     pool = PairingPool(
         reactor,
@@ -158,4 +174,4 @@ def makeService(options, reactor=None):
         registration.setServiceParent(top)
     top.pool = pool
     top.listener = listener
-    return top
+    return under_twistd(options, top)

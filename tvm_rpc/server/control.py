@@ -5,11 +5,14 @@ on to a spare worker, as one control message over a Unix socket: a JSON
 header (the handshake reply, early bytes, metadata), length-prefixed, with
 the session's file descriptor attached (C{SCM_RIGHTS}).
 L{send_control} writes one; L{receive_control} reads one, blocking.
+L{site_flags} gives the interpreter flags both sides start their child
+Pythons with.
 """
 
 import json
 import socket
 import struct
+import sys
 
 _LENGTH = struct.Struct("<I")
 #: The largest control message (handshake reply, early bytes, metadata).
@@ -58,3 +61,19 @@ def receive_control(sock):
         data += more
     header = json.loads(data[_LENGTH.size : _LENGTH.size + length].decode("utf-8"))
     return header, (fds[0] if fds else None)
+
+
+def site_flags(flags=sys.flags):
+    """
+    The flags of this interpreter that decide where a child Python finds
+    modules (C{-S}, C{-s}, C{-P}; C{-I} sets the last two), so the fork server
+    sees the modules the server sees: a server run as C{python -I -S
+    tvm-rpc-server.pyz} must not have workers that import from site-packages
+    or the working directory. C{-E} is not passed on: the fork server finds
+    tvm_rpc through C{PYTHONPATH} (the device bundle puts its zip there).
+
+    @param flags: the flags to translate (C{sys.flags}).
+    @return: a tuple of command-line flags.
+    """
+    wanted = [("no_site", "-S"), ("no_user_site", "-s"), ("safe_path", "-P")]
+    return tuple(flag for name, flag in wanted if getattr(flags, name, False))

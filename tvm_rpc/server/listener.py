@@ -6,7 +6,7 @@ L{SessionGate<tvm_rpc.server.gate.SessionGate>}. Each connection gets its own
 handshake timer, so a silent peer is dropped and never blocks anyone else.
 Once the handshake succeeds and a session slot is free, the connection goes to
 an L{ISessionRunner}: a worker process (see L{tvm_rpc.server.worker})
-or the in-process runner below (C{--no-fork}).
+or the in-process runner below (C{--in-process}).
 """
 
 import attrs
@@ -25,7 +25,14 @@ from ..protocol.flavour import (
 )
 from ..protocol.handshake import HandshakeDecoder, encode_reply
 from ..protocol.keys import parse_client_key, parse_timeout_option, redact_matchkeys
-from ..transport import PEER_HANDSHAKE_TIMEOUT, SwitchingCarrier, peer_label, set_no_delay
+from ..transport import (
+    PEER_HANDSHAKE_TIMEOUT,
+    SwitchingCarrier,
+    peer_label,
+    set_no_delay,
+    tcp_byte_counts,
+    tcp_socket_of,
+)
 from .logs import logger
 
 #: Seconds a refused client has to close its end before we close ours.
@@ -54,6 +61,34 @@ def session_time(asked, cap):
     """
     limits = [t for t in (asked, cap) if t]
     return min(limits) if limits else None
+
+
+#: The one line each session leaves in the server's log, when it ends.
+SESSION_ENDED = (
+    "{protocol} session for {peer} ended: {how} (key {key}, {where}, {duration:.3f}s, "
+    "{received} bytes in, {sent} bytes out)"
+)
+
+
+def log_session_end(log, handoff, how, duration, sock, where, warn=False):
+    """
+    Log L{SESSION_ENDED} for a session: who, key, protocol, bytes moved,
+    duration and how it ended.
+
+    @param log: the L{Logger}.
+    @param handoff: the session's L{Handoff}.
+    @param how: how it ended, in words.
+    @param duration: seconds it ran.
+    @param sock: its connection's socket (read before it is closed), or L{None}.
+    @param where: the process that served it (C{worker 1234}, C{in process}).
+    @param warn: log it as a warning (the session ended in a failure).
+    """
+    counts = tcp_byte_counts(sock) if sock is not None else None
+    received, sent = counts if counts is not None else ("?", "?")
+    (log.warn if warn else log.info)(
+        SESSION_ENDED, protocol=handoff.protocol, peer=handoff.peer, how=how,
+        key=handoff.key or "-", where=where, duration=duration, received=received, sent=sent,
+    )
 
 
 def close_cleanly(transport, clock, grace=REFUSAL_DRAIN):
@@ -100,6 +135,7 @@ class Handoff:
     @ivar slot: the L{tvm_rpc.server.gate.Slot} to release when the session ends.
     @ivar protocol: the session protocol the client speaks
         (L{OUR_PROTOCOL} or L{TVM_PROTOCOL}).
+    @ivar key: the device key the session was granted under.
     """
 
     transport: object
@@ -110,6 +146,7 @@ class Handoff:
     peer: str
     slot: object
     protocol: str = OUR_PROTOCOL
+    key: str = ""
 
 
 class ISessionRunner(Interface):
@@ -201,7 +238,8 @@ class HandshakeProtocol(SwitchingCarrier, TimeoutMixin, Protocol):
             self.log.warn(
                 "bad handshake from {peer}: {error}", peer=self.peer, error=decoder.error
             )
-            self.transport.abortConnection()
+            # Closed, not reset: a reset can kill a TVM peer's accept thread.
+            self._close_cleanly()
             return
         try:
             matchkey, timeout, protocol = read_client_key(decoder.key)
@@ -254,8 +292,9 @@ class HandshakeProtocol(SwitchingCarrier, TimeoutMixin, Protocol):
             peer=self.peer,
             slot=slot,
             protocol=protocol,
+            key=self._listener.gate.key,
         )
-        self.log.info(
+        self.log.debug(
             "{protocol} session for {peer} (timeout {timeout})",
             protocol=protocol,
             peer=self.peer,
@@ -298,7 +337,7 @@ class ListenerFactory(Factory):
 @attrs.define(eq=False)
 class InProcessRunner:
     """
-    Runs each session in the server's own process (C{--no-fork}).
+    Runs each session in the server's own process (C{--in-process}).
 
     A hung or crashing call takes the whole server with it in this mode; the
     session timeout still closes the connection when the reactor gets a turn.
@@ -333,12 +372,24 @@ class InProcessRunner:
         if timeout:
             timer = self.clock.callLater(timeout, self._expired, handoff, timeout)
         original_lost = protocol.connectionLost
+        started = self.clock.seconds()
+        # Twisted closes its socket before the protocol hears of the loss: a
+        # duplicate keeps the connection's counters readable until then.
+        sock = tcp_socket_of(handoff.transport)
+        copy = None if sock is None else sock.dup()
 
         def lost(reason=None):
+            expired = timer is not None and not timer.active()
             if timer is not None and timer.active():
                 timer.cancel()
             handoff.slot.release()
-            self.log.info("session for {peer} ended", peer=handoff.peer)
+            how = f"timed out after {timeout:g}s" if expired else "closed"
+            try:
+                log_session_end(self.log, handoff, how, self.clock.seconds() - started, copy,
+                                "in process", warn=expired)
+            finally:
+                if copy is not None:
+                    copy.close()
             return original_lost(reason)
 
         protocol.connectionLost = lost

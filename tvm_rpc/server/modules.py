@@ -4,6 +4,9 @@ At start the server imports the C{--init} modules (L{run_init}) and
 its session factory (C{--session-factory}, L{DEFAULT_SESSION_FACTORY}
 unless told otherwise) by C{module[:callable]} specs (L{load_callable}):
 in the fork server, or in the server itself when sessions run in process.
+The shared libraries of C{--load-library} are found at start
+(L{find_libraries}) and loaded as TVM loads them (L{load_libraries}) in
+every process that serves sessions.
 
 In a session, L{load_module} loads a file of the work directory by its
 suffix: a C{.py} file becomes a L{PythonModule} (its public functions
@@ -13,6 +16,7 @@ L{TVMRuntimeMissing<tvm_rpc.server.errors.TVMRuntimeMissing>} otherwise.
 L{is_module} and L{module_function} treat both kinds alike.
 """
 
+import ctypes
 import importlib.util
 import itertools
 import os
@@ -25,6 +29,8 @@ from .errors import TVMRuntimeMissing
 from .registry import NoSuchFunction
 
 _module_counter = itertools.count(1)
+#: The libraries loaded by L{load_libraries}, kept so they are never unloaded.
+_LOADED_LIBRARIES = []
 
 
 @attrs.define(eq=False)
@@ -166,3 +172,41 @@ def run_init(specs):
         _, function = load_callable(spec)
         if function is not None:
             function()
+
+
+def find_libraries(spec, cwd=None):
+    """
+    Find the libraries of C{--load-library}, as TVM's server does: a
+    colon-separated list of files, each relative to the current directory
+    (or absolute).
+
+    @param spec: the option's value, or L{None}.
+    @param cwd: the directory relative names start from (the current one
+        when L{None}).
+    @return: the absolute paths, in order (a daemon changes its directory
+        later, so they are resolved now).
+    @raise ValueError: naming the first file that does not exist.
+    """
+    base = os.getcwd() if cwd is None else cwd
+    paths = []
+    for name in (spec or "").split(":"):
+        if not name:
+            continue
+        path = os.path.abspath(os.path.join(base, name))
+        if not os.path.isfile(path):
+            raise ValueError(f"cannot find library {name} (looked for {path})")
+        paths.append(path)
+    return paths
+
+
+def load_libraries(paths):
+    """
+    Load shared libraries into this process as TVM's C{--load-library} does
+    (C{ctypes.CDLL} with C{RTLD_GLOBAL}, so their symbols and the functions
+    they register are visible to what loads later).
+
+    @param paths: absolute paths from L{find_libraries}.
+    @raise OSError: when one cannot be loaded.
+    """
+    for path in paths:
+        _LOADED_LIBRARIES.append(ctypes.CDLL(path, ctypes.RTLD_GLOBAL))

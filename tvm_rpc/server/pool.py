@@ -36,8 +36,8 @@ from zope.interface import implementer
 
 from ..protocol.flavour import OUR_PROTOCOL, TVM_PROTOCOL
 from . import tvm_session
-from .control import send_control
-from .listener import ISessionRunner, session_time
+from .control import send_control, site_flags
+from .listener import ISessionRunner, log_session_end, session_time
 from .logs import logger
 from .modules import DEFAULT_SESSION_FACTORY
 from .watchdog import EXIT_NO_START, EXIT_REASONS
@@ -108,6 +108,7 @@ class _Session:
     pid: "int | None" = None
     timer: object = None
     timed_out: bool = False
+    started: float = 0.0
 
 
 @attrs.define(eq=False)
@@ -119,22 +120,6 @@ class _ForkServer:
     lifeline: object
     reader: object = None
     ready: bool = False
-
-
-def site_flags(flags=sys.flags):
-    """
-    The flags of this interpreter that decide where a child Python finds
-    modules (C{-S}, C{-s}, C{-P}; C{-I} sets the last two), so the fork server
-    sees the modules the server sees: a server run as C{python -I -S
-    tvm-rpc-server.pyz} must not have workers that import from site-packages
-    or the working directory. C{-E} is not passed on: the fork server finds
-    tvm_rpc through C{PYTHONPATH} (the device bundle puts its zip there).
-
-    @param flags: the flags to translate (C{sys.flags}).
-    @return: a tuple of command-line flags.
-    """
-    wanted = [("no_site", "-S"), ("no_user_site", "-s"), ("safe_path", "-P")]
-    return tuple(flag for name, flag in wanted if getattr(flags, name, False))
 
 
 @implementer(ISessionRunner)
@@ -159,6 +144,11 @@ class WorkerPool:
     @ivar interpreter_flags: the flags it is run with (L{site_flags}).
     @ivar env: its environment (the server's own when L{None}).
     @ivar silent: whether workers log only warnings and errors.
+    @ivar verbose: whether workers log Twisted's lines and debug lines too.
+    @ivar libraries: absolute paths of the C{--load-library} libraries,
+        loaded in every process that serves sessions.
+    @ivar spawn: whether workers are started as fresh interpreters instead
+        of forks of the fork server (C{--no-fork}, TVM's meaning).
     @ivar start_timeout: seconds a client has, once its handshake is
         answered, to send its first session message (L{None}: no limit).
     @ivar max_session_time: the longest a session may run, whatever its
@@ -177,6 +167,9 @@ class WorkerPool:
     interpreter_flags: tuple = attrs.field(factory=site_flags)
     env: "dict | None" = None
     silent: bool = False
+    verbose: bool = False
+    libraries: tuple = ()
+    spawn: bool = False
     start_timeout: "float | None" = None
     max_session_time: "float | None" = None
     _server: object = attrs.field(init=False, default=None)
@@ -210,10 +203,16 @@ class WorkerPool:
         ]
         for spec in self.init:
             args += ["--init", spec]
+        for path in self.libraries:
+            args += ["--load-library", path]
         if self.session_settings is not None:
             args += ["--session-settings", self.session_settings.to_json()]
         if self.silent:
             args.append("--silent")
+        if self.verbose:
+            args.append("--verbose")
+        if self.spawn:
+            args.append("--spawn")
         return args
 
     def when_ready(self):
@@ -279,7 +278,7 @@ class WorkerPool:
         transport.stopWriting()
         skt = transport.getHandle()
         self._next_id += 1
-        session = _Session(self._next_id, handoff, skt, server)
+        session = _Session(self._next_id, handoff, skt, server, started=self.reactor.seconds())
         header = {
             "id": session.id,
             "reply": base64.b64encode(handoff.reply).decode("ascii"),
@@ -313,14 +312,16 @@ class WorkerPool:
             self.tvm_problem = message.get("tvm")
             if self.tvm_problem is None:
                 self.log.info(
-                    "fork server {pid} ready: serves tvm_rpc's and Apache TVM's clients",
-                    pid=message["ready"],
+                    "fork server {pid} ready ({workers}): serves tvm_rpc's and Apache TVM's "
+                    "clients", pid=message["ready"], workers=self._workers_started(),
                 )
             else:
                 self.log.warn(
-                    "fork server {pid} ready: serves tvm_rpc's clients only; Apache TVM's "
-                    "clients are refused, as TVM's runtime cannot be imported ({problem})",
+                    "fork server {pid} ready ({workers}): serves tvm_rpc's clients only; "
+                    "Apache TVM's clients are refused, as TVM's runtime cannot be imported "
+                    "({problem})",
                     pid=message["ready"],
+                    workers=self._workers_started(),
                     problem=self.tvm_problem,
                 )
         elif "started" in message:
@@ -338,6 +339,12 @@ class WorkerPool:
             session = self._by_pid.pop(message["ended"], None)
             if session is not None:
                 self._finish(session, message.get("code"), message.get("signal"))
+
+    def _workers_started(self):
+        """@return: how workers start, for the ready line (TVM's server gives the same hint)."""
+        if self.spawn:
+            return "workers spawned, --no-fork"
+        return "workers forked; --no-fork spawns them for GPU runtimes that break across fork"
 
     def session_time(self, handoff):
         """@return: the seconds C{handoff}'s session may run (L{None}: no limit)."""
@@ -374,36 +381,28 @@ class WorkerPool:
         self._kill(session)
         if session.pid is not None:
             remove_work_dirs_of(self.work_root, session.pid)
+        failed = True
         if session.timed_out:
             self._send_notice(session)
+            how = f"timed out after {self.session_time(session.handoff):g}s"
         elif code in EXIT_REASONS and signal_number is None:
-            level = self.log.warn if code == EXIT_NO_START else self.log.info
-            level(
-                "worker {pid} for {peer} ended: {reason}",
-                pid=session.pid,
-                peer=session.handoff.peer,
-                reason=EXIT_REASONS[code],
-            )
+            how = EXIT_REASONS[code]
+            failed = code == EXIT_NO_START
         elif code not in (0, None) or signal_number is not None:
             self.crashes += 1
-            self.log.warn(
-                "worker {pid} for {peer} died (exit code {code}, signal {signal}); "
-                "the server goes on",
-                pid=session.pid,
-                peer=session.handoff.peer,
-                code=code,
-                signal=signal_number,
-            )
+            how = (f"its worker died (exit code {code}, signal {signal_number}); "
+                   "the server goes on")
+        else:
+            how, failed = "closed", False
         try:
-            session.socket.close()
+            log_session_end(self.log, session.handoff, how,
+                            self.reactor.seconds() - session.started, session.socket,
+                            f"worker {session.pid}", warn=failed)
         finally:
-            session.handoff.slot.release()
-        self.log.info(
-            "{protocol} session for {peer} ended (sessions so far: {counts})",
-            protocol=session.handoff.protocol,
-            peer=session.handoff.peer,
-            counts=", ".join(f"{n} {name}" for name, n in self.sessions_by_protocol.items()),
-        )
+            try:
+                session.socket.close()
+            finally:
+                session.handoff.slot.release()
 
     def _send_notice(self, session):
         if session.handoff.protocol == TVM_PROTOCOL:

@@ -5,7 +5,7 @@ presents C{server:<key>} (marked as ours, see L{tvm_rpc.protocol.flavour})
 and waits. When the proxy pairs it with a client it answers
 C{RPC_CODE_SUCCESS} and the client's key (C{client:<key> -timeout=N ...});
 from then on the connection is a session, run by the same session runner as
-direct connections (a worker process, or in-process with C{--no-fork}). After
+direct connections (a worker process, or in-process with C{--in-process}). After
 each session, and whenever the proxy refuses or goes away, the link connects
 again (at once after a session or a proxy timeout, with backoff after errors).
 One session at a time, as TVM's server does through a proxy.
@@ -15,10 +15,15 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.protocol import Factory, Protocol
 
-from ..protocol.constants import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
+from ..protocol.constants import (
+    RPC_CODE_DUPLICATE,
+    RPC_CODE_MISMATCH,
+    RPC_CODE_SUCCESS,
+    RPC_TRACKER_MAGIC,
+)
 from ..protocol.flavour import server_key, tvm_exception_packet
-from ..protocol.handshake import ReplyDecoder, encode_handshake
-from ..transport import SwitchingCarrier, set_no_delay
+from ..protocol.handshake import TRACKER_ANSWERED, ReplyDecoder, encode_handshake
+from ..transport import PEER_HANDSHAKE_TIMEOUT, SwitchingCarrier, set_no_delay
 from .listener import Handoff, close_cleanly, read_client_key
 from .logs import logger
 from .service import SessionHostService
@@ -50,16 +55,20 @@ class ProxiedServerProtocol(SwitchingCarrier, Protocol):
         self._handed_off = False
         self._outcome = "lost"
         self._drain = None
+        self._answered_at_all = False
+        self._since = None
 
     def connectionMade(self):
         """Present our key; Nagle off, as on the server port."""
         set_no_delay(self.transport)
+        self._since = self._link.clock.seconds()
         self.transport.write(encode_handshake(server_key(self._link.gate.key)))
 
     def dataReceived(self, data):
         """Read the proxy's answer, then pass bytes to the session."""
         if self.carried(data) or self._handed_off or self._decoder.done:
             return
+        self._answered_at_all = True
         if self._decoder.feed(data):
             self._answered()
 
@@ -69,10 +78,14 @@ class ProxiedServerProtocol(SwitchingCarrier, Protocol):
         if decoder.error is not None or decoder.code not in (
             RPC_CODE_SUCCESS, RPC_CODE_MISMATCH, RPC_CODE_DUPLICATE
         ):
-            log.error("{proxy} is not an RPC proxy ({problem})", proxy=proxy,
-                      problem=decoder.error or f"reply 0x{decoder.code & 0xFFFFFFFF:x}")
+            if decoder.code == RPC_TRACKER_MAGIC:
+                problem = TRACKER_ANSWERED
+            else:
+                problem = decoder.error or f"reply 0x{decoder.code & 0xFFFFFFFF:x}"
+            log.error("{proxy} is not an RPC proxy: {problem}", proxy=proxy, problem=problem)
             self._outcome = "error"
-            self.transport.abortConnection()
+            # Closed, not reset: TVM's daemons die on resets.
+            self._drain = close_cleanly(self.transport, self._link.clock)
             return
         if decoder.code == RPC_CODE_MISMATCH:
             log.info("{proxy} has no client for {key} yet; connecting again",
@@ -116,8 +129,9 @@ class ProxiedServerProtocol(SwitchingCarrier, Protocol):
             peer=f"a client through {self._link.proxy}",
             slot=_LinkSlot(slot, self._link),
             protocol=protocol,
+            key=self._link.gate.key,
         )
-        log.info("{protocol} session through {proxy} (timeout {timeout})",
+        log.debug("{protocol} session through {proxy} (timeout {timeout})",
                  protocol=protocol, proxy=self._link.proxy, timeout=timeout)
         try:
             self._link.runner.start(handoff)
@@ -132,6 +146,11 @@ class ProxiedServerProtocol(SwitchingCarrier, Protocol):
             self._drain.cancel()
         self.carry_loss(reason)
         if not self._handed_off:
+            if (self._outcome == "lost" and not self._answered_at_all and self._since is not None
+                    and self._link.clock.seconds() - self._since < PEER_HANDSHAKE_TIMEOUT):
+                # Closed at once without a word: what a tracker does with our
+                # handshake (a proxy that gives up on a waiting server takes long).
+                self._outcome = "unanswered"
             self._link._connection_ended(self._outcome)
 
 
@@ -159,6 +178,7 @@ class ProxyLink(Service):
     _delay: float = attrs.field(init=False, default=0.5)
     _pending: object = attrs.field(init=False, default=None)
     _connecting: object = attrs.field(init=False, default=None)
+    _unanswered: int = attrs.field(init=False, default=0)
 
     def startService(self):
         """Connect to the proxy."""
@@ -185,7 +205,9 @@ class ProxyLink(Service):
 
     def _connected(self, protocol):
         self._connecting = None
-        log.info("waiting at {proxy} as {key}", proxy=self.proxy, key=self.gate.key)
+        # Said once, not on every reconnection to a peer that never answers.
+        emit = log.debug if self._unanswered else log.info
+        emit("waiting at {proxy} as {key}", proxy=self.proxy, key=self.gate.key)
         if not self.running:
             protocol.transport.loseConnection()
 
@@ -205,6 +227,17 @@ class ProxyLink(Service):
         self._pending = self.clock.callLater(delay, self._connect)
 
     def _connection_ended(self, outcome):
+        if outcome == "unanswered":
+            self._unanswered += 1
+            if self._unanswered in (1, 10) or self._unanswered % 100 == 0:
+                log.error(
+                    "{proxy} closed the connection without answering our handshake "
+                    "({count} times so far): is it an RPC proxy? A tracker does this; "
+                    "point --host/--port at the proxy's port",
+                    proxy=self.proxy, count=self._unanswered,
+                )
+        else:
+            self._unanswered = 0
         if outcome == "again":
             self._delay = 0.5
         self._later(backoff=outcome != "again")

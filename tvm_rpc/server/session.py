@@ -156,7 +156,7 @@ class SessionProtocol(CallResponder, RemoteErrorLocator, LeanAMP):
                 self._refused = True
                 self.transport.loseConnection()
                 return
-        log.info("session from {peer} in {work_dir}", peer=self.peer,
+        log.debug("session from {peer} in {work_dir}", peer=self.peer,
                  work_dir=self.environment.work_dir.root)
         if self.settings.idle_timeout:
             self._idle = self._reactor().callLater(self.settings.idle_timeout, self._idled)
@@ -232,7 +232,7 @@ class SessionProtocol(CallResponder, RemoteErrorLocator, LeanAMP):
         if self.environment is not None:
             handles = len(self.environment)
             self.environment.close()
-            log.info("session from {peer} ended ({handles} handles dropped)",
+            log.debug("session from {peer} ended ({handles} handles dropped)",
                      peer=self.peer, handles=handles)
         super().connectionLost(reason)
 

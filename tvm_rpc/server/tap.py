@@ -8,6 +8,7 @@ from twisted.python import usage
 from ..client.registration import LinkSettings, TrackerRegistration
 from ..client.tracker import tracker_endpoint
 from ..daemon.listening import listener_service
+from ..daemon.logfile import LogFileOptions, under_twistd
 from ..daemon.options import (
     ListenOptions,
     listen_parameters,
@@ -26,13 +27,19 @@ from .limits import (
 )
 from .listener import InProcessRunner, ListenerFactory
 from .logs import set_silent
-from .modules import DEFAULT_SESSION_FACTORY, load_callable, run_init
+from .modules import (
+    DEFAULT_SESSION_FACTORY,
+    find_libraries,
+    load_callable,
+    load_libraries,
+    run_init,
+)
 from .pool import WorkerPool
 from .proxied import ProxiedServerService, ProxyLink
 from .service import RPCServerService
 
 
-class Options(ListenOptions, usage.Options):
+class Options(ListenOptions, LogFileOptions, usage.Options):
     """
     The options of C{twistd rpc-server}: TVM's flags plus ours.
 
@@ -46,13 +53,18 @@ class Options(ListenOptions, usage.Options):
         "tvm_rpc's clients get the tvm_rpc session protocol; Apache TVM's own "
         "clients (tvm.rpc, MetaSchedule) get TVM's session protocol when TVM's "
         "runtime is installed on the device, and a clear refusal naming what to "
-        "install when it is not (or with --no-fork)."
+        "install when it is not (or with --in-process)."
     )
     optFlags = [
         ["through-proxy", None, "Connect out to the proxy at --host/--port instead of listening."],
         ["silent", None, "Log only warnings and errors."],
-        ["no-fork", None, "Run sessions in the server process (for tests and platforms without fork; "
-                          "serves tvm_rpc's clients only)."],
+        ["no-fork", None, "TVM's --no-fork: start each session's worker process as a fresh "
+                          "interpreter (spawn) instead of forking a warm one, for GPU runtimes "
+                          "(ROCm, Metal, OpenCL) that break across fork. Sessions still run in "
+                          "their own process."],
+        ["in-process", None, "Run sessions inside the server process (tests, platforms without "
+                             "processes; serves tvm_rpc's clients only, and one hung call blocks "
+                             "the server)."],
         ["send-tracebacks", None, "Send the server's traceback with each remote error (off: "
                                   "clients get the error's type and message only)."],
         ["no-code-upload", None, "Refuse to load modules uploaded in a session (.py, .so, .tar): "
@@ -62,6 +74,9 @@ class Options(ListenOptions, usage.Options):
         ["tracker", None, None, "The tracker to register with, HOST:PORT."],
         ["key", None, "", "The device key clients ask for."],
         ["custom-addr", None, None, "The address to report to the tracker instead of the one it sees."],
+        ["load-library", None, None,
+         "Shared libraries to load in every process that serves sessions, as TVM does "
+         "(colon-separated, relative to the current directory; ctypes, RTLD_GLOBAL)."],
         ["work-dir", None, None, "Directory for session work directories (default: a fresh temporary one)."],
         ["handshake-timeout", None, PEER_HANDSHAKE_TIMEOUT,
          "Seconds a peer has to complete its handshake, and then to send its "
@@ -111,6 +126,15 @@ class Options(ListenOptions, usage.Options):
                 raise usage.UsageError(str(e)) from None
             if not self["key"]:
                 raise usage.UsageError("--tracker needs --key: the device type clients ask for")
+        if self["in-process"] and self["no-fork"]:
+            raise usage.UsageError(
+                "--in-process runs sessions in the server; --no-fork starts a process "
+                "per session without fork: choose one"
+            )
+        try:
+            self["libraries"] = tuple(find_libraries(self["load-library"]))
+        except ValueError as e:
+            raise usage.UsageError(f"--load-library: {e}") from None
         if ":" not in self["session-factory"]:
             raise usage.UsageError("--session-factory must be MODULE:CALLABLE")
         if any(c.isspace() for c in self["key"]):
@@ -145,7 +169,9 @@ def makeService(options, reactor=None):
     """
     if reactor is None:
         from twisted.internet import reactor
-    set_silent(options["silent"])
+    set_silent(options["silent"], options["verbose"])
+    if options["in-process"]:
+        load_libraries(options["libraries"])
     run_init(options["init"])
     session_module, make_session = load_callable(options["session-factory"])
     settings = options["session-settings"]
@@ -160,7 +186,7 @@ def makeService(options, reactor=None):
     gate = SessionGate(
         options["key"], tracked=tracker is not None, max_sessions=options["max-sessions"]
     )
-    if options["no-fork"]:
+    if options["in-process"]:
         runner = InProcessRunner(
             lambda: make_session(work_root, clock=reactor, settings=settings),
             reactor,
@@ -176,6 +202,9 @@ def makeService(options, reactor=None):
             session_settings=settings,
             timeout_notice=getattr(session_module, "timeout_notice", None),
             silent=options["silent"],
+            verbose=bool(options["verbose"]),
+            libraries=options["libraries"],
+            spawn=bool(options["no-fork"]),
             start_timeout=options["handshake-timeout"],
             max_session_time=options["max-session-time"],
         )
@@ -185,7 +214,7 @@ def makeService(options, reactor=None):
         link = ProxyLink(
             tracker_endpoint(reactor, host, port), gate, runner, reactor, proxy=f"proxy {host}:{port}"
         )
-        return ProxiedServerService(link, runner, work_root, owns_work_root)
+        return under_twistd(options, ProxiedServerService(link, runner, work_root, owns_work_root))
     factory = ListenerFactory(gate, runner, reactor, options["handshake-timeout"])
     make_registration = None
     if tracker is not None:
@@ -205,11 +234,11 @@ def makeService(options, reactor=None):
         reactor, factory, "rpc-server", host=options["host"], port=options["port"],
         port_end=options["port-end"], listen=options["listen"],
     )
-    return RPCServerService(
+    return under_twistd(options, RPCServerService(
         listener,
         factory,
         make_registration=make_registration,
         runner=runner,
         work_root=work_root,
         owns_work_root=owns_work_root,
-    )
+    ))

@@ -17,6 +17,15 @@ when the session ends. Forking the warm process takes milliseconds, which the
 spare keeps off a session's start. The fork server reports each worker's pid
 as it starts and its exit status as it ends.
 
+With C{--spawn} (the server's C{--no-fork}, TVM's meaning) no worker is a
+fork: each spare is a fresh interpreter started with C{posix_spawn}
+(L{spare_main}) that loads the libraries, the C{--init} modules and TVM's
+runtime itself. A GPU runtime (ROCm, Metal, OpenCL) initialised in one
+process is then never used in a forked copy of it, which those runtimes do
+not survive. The spare is still started ahead of its session, so its
+start-up (a second or so) stays off the session's path unless sessions
+come back to back.
+
 Workers and the fork server watch a *lifeline* socket whose other end only the
 server holds: if the server dies, they end too. A worker's watchdog thread
 (L{watchdog<tvm_rpc.server.watchdog>}) also ends it the moment its client goes away,
@@ -39,9 +48,9 @@ from twisted.internet import protocol as tprotocol
 
 from ..protocol.flavour import TVM_PROTOCOL
 from . import tvm_session, watchdog
-from .control import receive_control, send_control
+from .control import receive_control, send_control, site_flags
 from .limits import SessionSettings
-from .modules import DEFAULT_SESSION_FACTORY, load_callable, run_init
+from .modules import DEFAULT_SESSION_FACTORY, load_callable, load_libraries, run_init
 
 
 class SessionCarrier(tprotocol.Protocol):
@@ -78,7 +87,7 @@ class SessionCarrier(tprotocol.Protocol):
             self._on_lost(reason)
 
 
-def _start_logging(silent=False):
+def _start_logging(silent=False, verbose=False):
     from twisted.logger import (
         FileLogObserver,
         FilteringLogObserver,
@@ -88,11 +97,16 @@ def _start_logging(silent=False):
         globalLogBeginner,
     )
 
+    from ..daemon.logfile import operator_filter
+
     # The server stamps and relays each line; workers write the bare text.
     observer = FileLogObserver(sys.stdout, lambda event: (formatEvent(event) or "") + "\n")
-    level = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn if silent else LogLevel.info)
+    level = LogLevelFilterPredicate(
+        defaultLogLevel=LogLevel.warn if silent else LogLevel.debug if verbose else LogLevel.info
+    )
     globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(observer, [level])], redirectStandardIO=False
+        [FilteringLogObserver(observer, [level, operator_filter(verbose)])],
+        redirectStandardIO=False,
     )
 
 
@@ -181,34 +195,111 @@ def _reap(control):
             _report(control, {"ended": pid, "code": os.WEXITSTATUS(status), "signal": None})
 
 
-def fork_server_main(argv=None):
-    """
-    The fork server: import everything once, then fork one worker per session.
-
-    @param argv: command-line arguments (see L{WorkerPool.argv}).
-    @return: the exit code.
-    """
+def _parser():
     parser = argparse.ArgumentParser(prog="tvm_rpc.server.worker")
-    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--control-fd", type=int)
+    parser.add_argument("--spare-fd", type=int)
     parser.add_argument("--lifeline-fd", type=int, required=True)
     parser.add_argument("--work-root", required=True)
     parser.add_argument("--session-factory", default=DEFAULT_SESSION_FACTORY)
     parser.add_argument("--init", action="append", default=[])
-    parser.add_argument("--session-settings", type=SessionSettings.from_json, default=None)
+    parser.add_argument("--load-library", action="append", default=[])
+    parser.add_argument("--session-settings", default=None)
     parser.add_argument("--silent", action="store_true")
-    args = parser.parse_args(argv)
-    control = socket.socket(fileno=args.control_fd)
-    lifeline = socket.socket(fileno=args.lifeline_fd)
-    _start_logging(args.silent)
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--spawn", action="store_true")
+    return parser
+
+
+def _prepare(args):
+    """
+    Load what every session needs, once per process: C{--load-library}
+    libraries first (C{--init} modules may use them), the session factory,
+    the C{--init} modules, the array backend and TVM's runtime.
+
+    @return: C{(make_session, settings, tvm_problem)}.
+    """
+    _start_logging(args.silent, args.verbose)
+    load_libraries(args.load_library)
     module, make_session = load_callable(args.session_factory)
+    settings = None
     if args.session_settings is not None:
-        make_session = functools.partial(make_session, settings=args.session_settings)
+        settings = SessionSettings.from_json(args.session_settings)
+        make_session = functools.partial(make_session, settings=settings)
     run_init(args.init)
     prepare = getattr(module, "prepare", None)
     if prepare is not None:
         # Import the array backend once, here, instead of in every session.
         prepare()
-    tvm_problem = tvm_session.prepare()
+    return make_session, settings, tvm_session.prepare()
+
+
+def _spare_argv(argv, spare_fd):
+    """
+    @param argv: the fork server's own arguments.
+    @param spare_fd: the descriptor of the spare's end of its channel.
+    @return: the command line of a spawned spare worker (C{--no-fork}): the
+        fork server's (its interpreter flags too), with the spare's channel in
+        place of the control socket.
+    """
+    spare = [sys.executable, *site_flags(), "-m", "tvm_rpc.server.worker"]
+    arguments = iter(argv)
+    for argument in arguments:
+        if argument == "--control-fd":
+            next(arguments)
+            spare += ["--spare-fd", str(spare_fd)]
+        elif argument != "--spawn":
+            spare.append(argument)
+    return spare
+
+
+def _receive_session(channel):
+    """
+    Wait on a spare's channel for its session, then close the channel.
+
+    @return: C{(header, fd)}, or C{(None, None)} when the fork server went away.
+    """
+    try:
+        header, fd = receive_control(channel)
+    except (OSError, ValueError):
+        header = fd = None
+    channel.close()
+    if fd is None:
+        return None, None
+    return header, fd
+
+
+def spare_main(args):
+    """
+    A spare worker started by spawn (C{--no-fork}): a fresh interpreter that
+    prepares everything itself, waits for its session and serves it.
+
+    @return: the exit code, when no session came (the fork server is gone).
+    """
+    make_session, settings, tvm_problem = _prepare(args)
+    header, fd = _receive_session(socket.socket(fileno=args.spare_fd))
+    if header is None:
+        return 0
+    serve_session(header, fd, args.lifeline_fd, args.work_root, make_session, tvm_problem,
+                  settings)
+
+
+def fork_server_main(argv=None):
+    """
+    The fork server: import everything once, then fork one worker per session
+    (or, with C{--spawn}, start each worker as a fresh interpreter).
+
+    @param argv: command-line arguments (see L{WorkerPool.argv}).
+    @return: the exit code.
+    """
+    if argv is None:
+        argv = sys.argv[1:]
+    args = _parser().parse_args(argv)
+    if args.spare_fd is not None:
+        return spare_main(args)
+    control = socket.socket(fileno=args.control_fd)
+    lifeline = socket.socket(fileno=args.lifeline_fd)
+    make_session, settings, tvm_problem = _prepare(args)
     # Import what a worker needs without installing a reactor: the reactor
     # must be created after the fork, in the worker.
     import twisted.internet.default  # noqa: F401
@@ -223,12 +314,20 @@ def fork_server_main(argv=None):
 
     def serve(header, fd):
         serve_session(
-            header, fd, lifeline.detach(), args.work_root, make_session, tvm_problem,
-            args.session_settings,
+            header, fd, lifeline.detach(), args.work_root, make_session, tvm_problem, settings,
         )
 
-    def fork_spare():
-        return _Spare.fork(serve, close_in_child=(control, wake_read, wake_write))
+    if args.spawn:
+        # Only the lifeline goes to spawned workers (the control socket came
+        # in as a plain, inheritable descriptor).
+        os.set_inheritable(control.fileno(), False)
+        os.set_inheritable(lifeline.fileno(), True)
+
+        def fork_spare():
+            return _Spare.spawn(lambda fd: _spare_argv(argv, fd))
+    else:
+        def fork_spare():
+            return _Spare.fork(serve, close_in_child=(control, wake_read, wake_write))
 
     spare = fork_spare()
     _report(control, {"ready": os.getpid(), "tvm": tvm_problem})
@@ -296,15 +395,34 @@ class _Spare:
                     item.close()
             ours.close()
             os.setpgid(0, 0)
-            try:
-                header, fd = receive_control(theirs)
-            except (OSError, ValueError):
-                header = fd = None
-            theirs.close()
-            if header is None or fd is None:
+            header, fd = _receive_session(theirs)
+            if header is None:
                 os._exit(0)
             serve(header, fd)
         theirs.close()
+        return cls(pid, ours)
+
+    @classmethod
+    def spawn(cls, command):
+        """
+        Start a spare as a fresh interpreter (C{--no-fork}): nothing of this
+        process's memory (a GPU runtime's state, say) reaches it.
+
+        @param command: makes the spare's command line from the descriptor
+            of its end of the channel.
+        @return: the L{_Spare}.
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            os.set_inheritable(theirs.fileno(), True)
+            argv = command(theirs.fileno())
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # posix_spawn execs at once (no copy of this process runs any
+            # code); the spare gets a process group of its own, as forked ones do.
+            pid = os.posix_spawn(argv[0], argv, os.environ, setpgroup=0)
+        finally:
+            theirs.close()
         return cls(pid, ours)
 
     def hand(self, header, fd):

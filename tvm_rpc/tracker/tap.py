@@ -7,6 +7,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.python import usage
 
 from ..daemon.listening import DEFAULT_BACKLOG, listener_service, with_backlog
+from ..daemon.logfile import LogFileOptions, under_twistd
 from ..daemon.logs import logger, set_silent
 from ..daemon.options import (
     ListenOptions,
@@ -44,7 +45,7 @@ def _shown(seconds):
     return "off" if seconds is None else f"{seconds:g}"
 
 
-class Options(ListenOptions, usage.Options):
+class Options(ListenOptions, LogFileOptions, usage.Options):
     """
     The options of C{twistd rpc-tracker}, TVM's flags plus ours.
 
@@ -153,7 +154,7 @@ def makeService(options, reactor=None):
     """
     if reactor is None:
         from twisted.internet import reactor
-    set_silent(options["silent"])
+    set_silent(options["silent"], options["verbose"])
     state = TrackerState(reactor, options.limits())
 
     def on_stop():
@@ -192,4 +193,4 @@ def makeService(options, reactor=None):
         http.setServiceParent(top)
     top.state = state
     top.factory = factory
-    return top
+    return under_twistd(options, top)
