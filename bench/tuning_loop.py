@@ -1,0 +1,417 @@
+"""A tuner's measuring loop, end to end: N candidates on K devices through a tracker.
+
+Usage (from the repository root, with apache-tvm installed)::
+
+    python bench/tuning_loop.py [--candidates 64] [--devices 1 4] [--number 3]
+                                [--repeat 2] [--min-repeat-ms 0] [--session-timeout 30]
+                                [--tracker servers|ours|tvm] [--only CLIENT/SERVERS ...]
+                                [--write-docs] [--json FILE]
+
+N candidates (``bench/tuning_candidates.py``: schedules of a small matmul,
+compiled for llvm in this process) are measured on K devices (K servers
+registered under one key) as MetaSchedule measures them, each candidate in
+its own session: session via the tracker, upload, load, allocate and
+randomly fill the arguments, ``time_evaluator``, clean up. Four rows per K,
+client x servers, all in one run:
+
+- **TVM's client + TVM's servers**: MetaSchedule's ``RPCRunner`` as shipped
+  (its pool of K worker processes, ``max_workers=K``) on K
+  ``python -m tvm.exec.rpc_server`` (``bench/tuning_tvm_runner.py``);
+- **our client + TVM's servers**: the same steps with our Deferred client,
+  K devices driven concurrently from one reactor in one process, no threads
+  (``bench/tuning_our_client.py``, whose docstring lists the steps);
+- **our client + our servers**: the same on K ``twistd rpc-server``;
+- **TVM's client + our servers**: the ``RPCRunner`` on our servers.
+
+The tracker is the servers' own kind by default (TVM's tracker in front of
+TVM's servers, ours in front of ours: a lab that changes only its tuning
+client keeps its daemons); ``--tracker ours|tvm`` puts the same tracker in
+front of both. Our servers register ``tvm.contrib.random.random_fill_for_measure``
+for our protocol with ``--init bench.tuning_funcs`` (see there why).
+
+Every row uses the same candidates, evaluator settings (``number``,
+``repeat``, ``min_repeat_ms``, no cache flush) and N, and first measures K
+candidates untimed (the runner's pool starts its workers, every server serves
+a first session). Then it reports candidates per second (N over the wall time
+from the first request to the last result) and the mean seconds per step of a
+candidate: session, upload (+ load), alloc (+ fill), run (the evaluator),
+cleanup (the removes, and for our client the session's close), and "rest",
+the time a device's worker spends per candidate outside these steps (K x wall
+/ N minus the steps: the runner's dispatch, a tracker connection, TVM's
+session shutdown). A row whose client cannot use the servers is reported as
+failed with the first error, and the run goes on.
+
+``--write-docs`` replaces the ``Tuning loop`` section of ``docs/benchmarks.md``.
+"""
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import tuning_candidates, tuning_tvm_runner  # noqa: E402
+from bench.common import (  # noqa: E402
+    DOCS,
+    child_env,
+    free_servers,
+    machine_description,
+    machine_markdown,
+    our_rpc_server,
+    our_tracker,
+    replace_section,
+    shown_command_line,
+    tvm_rpc_server,
+    tvm_tracker,
+    wait_summary,
+)
+from bench.tuning_our_client import STEPS  # noqa: E402
+
+#: (client, servers) of every row, in the order they are reported.
+ROWS = (("tvm", "tvm"), ("ours", "tvm"), ("ours", "ours"), ("tvm", "ours"))
+NAMES = {"tvm": "TVM's", "ours": "our"}
+#: Candidates/s over the baseline (TVM's client and servers) each row must reach.
+TARGETS = {4: {("ours", "tvm"): 2.0, ("ours", "ours"): 3.0},
+           1: {("ours", "tvm"): 1.0, ("ours", "ours"): 1.0}}
+
+
+def start_lab(stack, options):
+    """
+    Start the trackers and, for each servers kind and each K, K servers
+    under a key of their own; everything is stopped with C{stack}.
+
+    @return: C{(trackers, keys)}: servers kind -> C{(tracker kind, port)}, and
+        C{(servers kind, K)} -> key.
+    """
+    kinds = sorted({servers for _, servers in options.only})
+    ports, trackers, keys = {}, {}, {}
+    for servers in kinds:
+        tracker_kind = servers if options.tracker == "servers" else options.tracker
+        if tracker_kind not in ports:
+            start = our_tracker if tracker_kind == "ours" else tvm_tracker
+            ports[tracker_kind] = stack.enter_context(start())[1]
+        trackers[servers] = (tracker_kind, ports[tracker_kind])
+        for devices in options.devices:
+            key = keys[servers, devices] = f"tuning-{servers}-{devices}"
+            where = f"127.0.0.1:{ports[tracker_kind]}"
+            print(f"starting {devices} of {NAMES[servers]} servers behind "
+                  f"{NAMES[tracker_kind]} tracker", flush=True)
+            for _ in range(devices):
+                if servers == "tvm":
+                    stack.enter_context(tvm_rpc_server("--tracker", where, "--key", key))
+                else:
+                    stack.enter_context(our_rpc_server("--tracker", where, "--key", key,
+                                                       "--silent", "--init",
+                                                       "bench.tuning_funcs"))
+    return trackers, keys
+
+
+def run_our_client(tracker_port, key, devices, warm_up, candidates, options, directory):
+    """
+    Our client on C{candidates}, after C{warm_up} untimed, in a process of
+    its own (one reactor).
+
+    @return: its report (see tuning_our_client.main), or C{refused} with why it failed.
+    """
+    manifest = os.path.join(directory, "manifest.json")
+    with open(manifest, "w", encoding="utf-8") as f:
+        json.dump(list(warm_up) + list(candidates), f)
+    args = [sys.executable, "-m", "bench.tuning_our_client", "--tracker-port", str(tracker_port),
+            "--key", key, "--devices", str(devices), "--manifest", manifest,
+            "--warm-up", str(len(warm_up)), "--number", str(options.number),
+            "--repeat", str(options.repeat), "--min-repeat-ms", str(options.min_repeat_ms),
+            "--session-timeout", str(options.session_timeout)]
+    limit = options.session_timeout * ((len(warm_up) + len(candidates)) // devices + 4) + 60
+    process = subprocess.Popen(args, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return {"refused": f"no result within {limit:.0f} s"}
+    lines = out.decode().strip().splitlines()
+    if process.returncode != 0 or not lines:
+        tail = " ".join(err.decode(errors="replace").strip().splitlines()[-3:])
+        return {"refused": f"exit {process.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def split(candidates, rounds):
+    """@return: C{candidates} in C{rounds} consecutive chunks (sizes differing by one at most)."""
+    size, extra = divmod(len(candidates), rounds)
+    chunks, start = [], 0
+    for index in range(rounds):
+        end = start + size + (1 if index < extra else 0)
+        chunks.append(candidates[start:end])
+        start = end
+    return [chunk for chunk in chunks if chunk]
+
+
+def run_all(options, candidates, directory, steps_directory):
+    """
+    Measure every chosen row for every K, the rows taking turns: the
+    candidates are split into C{--rounds} chunks and each round runs every
+    row on one chunk (in a rotated order), so a change of the shared
+    machine's load touches every row alike.
+
+    @return: C{{(client, servers, K): {"tracker", "outcomes", "walls", "refused"}}}.
+    """
+    results = {}
+    with ExitStack() as stack:
+        trackers, keys = start_lab(stack, options)
+        for devices in options.devices:
+            rows = [row for row in ROWS if row in options.only]
+            for row in rows:
+                results[row + (devices,)] = {"tracker": trackers[row[1]][0], "outcomes": [],
+                                             "walls": [], "refused": None}
+            runners = {}
+            try:
+                for number, chunk in enumerate(split(candidates, options.rounds)):
+                    turn = number % len(rows)
+                    for client, servers in rows[turn:] + rows[:turn]:
+                        result = results[client, servers, devices]
+                        if result["refused"]:
+                            continue
+                        _, port = trackers[servers]
+                        key = keys[servers, devices]
+                        wait_summary(port, lambda s: free_servers(s, key) >= devices,
+                                     timeout=120)
+                        if client == "tvm":
+                            report = _tvm_round(runners, (servers, port, key, devices),
+                                                candidates[:devices], chunk, options,
+                                                steps_directory)
+                        else:
+                            report = run_our_client(port, key, devices, candidates[:devices],
+                                                    chunk, options, directory)
+                        if "refused" in report:
+                            result["refused"] = report["refused"]
+                        else:
+                            result["outcomes"] += report["outcomes"]
+                            result["walls"].append((len(chunk), report["wall"]))
+                        print(f"  round {number + 1}, K={devices}, {NAMES[client]} client, "
+                              f"{NAMES[servers]} servers: " + _line(report), flush=True)
+            finally:
+                for runner in runners.values():
+                    runner.close()
+    return results
+
+
+def _tvm_round(runners, where, warm_up, chunk, options, steps_directory):
+    """
+    One round of MetaSchedule's runner on C{chunk}, with the row's runner
+    made (and warmed up) on its first round.
+
+    @param where: C{(servers kind, tracker port, key, K)}.
+    @return: the measure's report, or C{refused}.
+    """
+    servers, port, key, devices = where
+    runner = runners.get(servers)
+    if runner is None:
+        runner = runners[servers] = tuning_tvm_runner.RunnerRow(
+            port, key, devices, (options.number, options.repeat, options.min_repeat_ms),
+            options.session_timeout, steps_directory)
+        runner.warm_up(warm_up)
+    if runner.refused:
+        return {"refused": runner.refused}
+    return runner.measure(chunk)
+
+
+def summarize(result, devices):
+    """@return: a row's figures: candidates/s (and per round), mean steps, rest, errors."""
+    if result["refused"] or not result["walls"]:
+        return {"refused": result["refused"] or "not measured", "tracker": result["tracker"]}
+    outcomes = result["outcomes"]
+    count = sum(n for n, _ in result["walls"])
+    wall = sum(w for _, w in result["walls"])
+    errors = [o["error"] for o in outcomes if "error" in o]
+    steps = {}
+    for step in STEPS:
+        values = [o["steps"][step] for o in outcomes if "error" not in o and step in o["steps"]]
+        steps[step] = statistics.fmean(values) if values else None
+    measured = [v for v in steps.values() if v is not None]
+    device_times = [min(o["run_secs"]) for o in outcomes if "run_secs" in o]
+    return {
+        "tracker": result["tracker"],
+        "candidates": count,
+        "candidates_per_s": count / wall,
+        "per_round": [n / w for n, w in result["walls"]],
+        "steps": steps,
+        "rest": devices * wall / count - sum(measured),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "device_median_ms": statistics.median(device_times) * 1e3 if device_times else None,
+    }
+
+
+def _line(report):
+    """@return: one progress line for one round of a row."""
+    if "refused" in report:
+        return f"failed: {report['refused']}"
+    errors = [o["error"] for o in report["outcomes"] if "error" in o]
+    return (f"{len(report['outcomes']) / report['wall']:.1f} candidates/s, {len(errors)} errors"
+            + (f" (first: {errors[0]})" if errors else ""))
+
+
+def _ms(seconds):
+    """@return: C{seconds} as milliseconds for a table cell, or a dash."""
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def table(results, options):
+    """@return: the Markdown table of every row measured."""
+    lines = [
+        "| K | client | servers (tracker) | candidates/s | per round "
+        "| vs TVM's client + servers | session | upload | alloc | run | cleanup | rest "
+        "| errors |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for devices in options.devices:
+        base = results.get(("tvm", "tvm", devices), {})
+        for client, servers in ROWS:
+            summary = results.get((client, servers, devices))
+            if summary is None:
+                continue
+            who = f"| {devices} | {NAMES[client]} | {NAMES[servers]} ({NAMES[summary['tracker']]}) "
+            if "refused" in summary:
+                lines.append(who + f"| failed: {summary['refused']} |" + " |" * 9)
+                continue
+            ratio = (f"{summary['candidates_per_s'] / base['candidates_per_s']:.2f}x"
+                     if "candidates_per_s" in base else "-")
+            steps = " | ".join(_ms(summary["steps"][step]) for step in STEPS)
+            rounds = ", ".join(f"{rate:.0f}" for rate in summary["per_round"])
+            lines.append(who + f"| {summary['candidates_per_s']:.1f} | {rounds} | {ratio} "
+                         f"| {steps} "
+                         f"| {_ms(summary['rest'])} | {summary['errors']} |")
+    return "\n".join(lines)
+
+
+def verdicts(results):
+    """@return: Markdown lines: which targets this run met."""
+    lines = []
+    for devices, targets in TARGETS.items():
+        base = results.get(("tvm", "tvm", devices), {})
+        for (client, servers), wanted in targets.items():
+            row = results.get((client, servers, devices))
+            label = f"{NAMES[client]} client + {NAMES[servers]} servers, K={devices}, " \
+                    f"at least {wanted:g}x TVM's candidates/s"
+            if row is None or "candidates_per_s" not in base:
+                lines.append(f"- {label}: not measured")
+            elif "refused" in row:
+                lines.append(f"- {label}: NOT met (the row failed: {row['refused']})")
+            else:
+                ratio = row["candidates_per_s"] / base["candidates_per_s"]
+                verdict = "met" if ratio >= wanted and not row["errors"] else "NOT met"
+                lines.append(f"- {label}: {verdict} ({ratio:.2f}x"
+                             + (f", {row['errors']} errors" if row["errors"] else "") + ")")
+    return lines
+
+
+def docs_body(text, lines, options, machine, started):
+    """@return: the C{Tuning loop} section of the benchmarks page."""
+    return "\n".join([
+        f"`{' '.join(['python bench/tuning_loop.py', shown_command_line()]).strip()}` "
+        f"(finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{time.time() - started:.0f} s in all).",
+        "",
+        f"{options.candidates} candidates, {tuning_candidates.describe()}, "
+        f"measured on K devices (K servers under one key) as MetaSchedule does, each in "
+        f"its own session: request via the tracker, upload, load, allocate and randomly "
+        f"fill the three arguments, `time_evaluator` (number={options.number}, "
+        f"repeat={options.repeat}, min_repeat_ms={options.min_repeat_ms}, no cache "
+        f"flush), remove and close. TVM's client is MetaSchedule's `RPCRunner` as "
+        f"shipped (its pool of K worker processes, its default steps, timed by "
+        f"wrappers); our client runs the same steps on one reactor (the list is in "
+        f"`bench/tuning_our_client.py`). The rows take turns: the candidates are split "
+        f"into {options.rounds} rounds and every row measures each round's candidates "
+        f"(in a rotated order), so the shared machine's load moves them alike; each "
+        f"row first measures K candidates untimed (TVM's runner once: its pool lives "
+        f"on between rounds; ours once per round, in a fresh process). "
+        f"candidates/s is N over the summed wall time of the rounds (*per round*: each "
+        f"round's own figure); the steps are mean "
+        f"milliseconds per candidate, and *rest* is the time a device's worker spends "
+        f"per candidate outside them (K x wall / N minus the steps: the runner's "
+        f"dispatch, TVM's tracker connection per candidate, TVM's session shutdown).",
+        "",
+        text,
+        "",
+        "Targets (issue 11) in this run:",
+        "",
+        *lines,
+        "",
+        "Measured on:",
+        "",
+        *machine_markdown(machine),
+    ])
+
+
+def parse_args(argv=None):
+    """@return: the parsed command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--candidates", type=int, default=64)
+    parser.add_argument("--devices", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--number", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--min-repeat-ms", type=int, default=0)
+    parser.add_argument("--session-timeout", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="the rows take turns over this many chunks of the candidates")
+    parser.add_argument("--tracker", choices=("servers", "ours", "tvm"), default="servers",
+                        help="the tracker in front of the servers (default: their own kind)")
+    parser.add_argument("--only", action="append", metavar="CLIENT/SERVERS",
+                        choices=[f"{c}/{s}" for c, s in ROWS],
+                        help="measure only these rows (repeatable), e.g. ours/ours")
+    parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--json", metavar="FILE")
+    options = parser.parse_args(argv)
+    if min([options.candidates, options.rounds] + options.devices) < 1:
+        parser.error("--candidates, --rounds and --devices must be at least 1")
+    options.only = ([tuple(row.split("/")) for row in options.only] if options.only
+                    else list(ROWS))
+    return options
+
+
+def main(argv=None):
+    """Build the candidates, measure every row, print and record; @return: the exit status."""
+    options = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every daemon's process group is stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    started = time.time()
+    machine = machine_description()
+    with tempfile.TemporaryDirectory() as directory, \
+            tempfile.TemporaryDirectory() as steps_directory:
+        building = time.perf_counter()
+        candidates = tuning_candidates.build(options.candidates, directory)
+        print(f"built {len(candidates)} candidates in {time.perf_counter() - building:.1f} s",
+              flush=True)
+        measured = run_all(options, candidates, directory, steps_directory)
+    results = {row: summarize(result, row[2]) for row, result in measured.items()}
+    text = table(results, options)
+    lines = verdicts(results)
+    print()
+    print(text)
+    print("\n".join(lines))
+    if options.json:
+        Path(options.json).write_text(json.dumps(
+            {"machine": machine,
+             "results": [{"client": c, "servers": s, "devices": k, **summary}
+                         for (c, s, k), summary in results.items()]}, indent=2),
+            encoding="utf-8")
+    if options.write_docs:
+        replace_section(DOCS, "Tuning loop", docs_body(text, lines, options, machine, started))
+        print(f"wrote {DOCS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
