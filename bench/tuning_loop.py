@@ -52,15 +52,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import tuning_candidates, tuning_tvm_runner  # noqa: E402
+from bench import tuning_candidates, tuning_our_client, tuning_tvm_runner  # noqa: E402
 from bench.common import (  # noqa: E402
     DOCS,
     child_env,
@@ -75,8 +78,8 @@ from bench.common import (  # noqa: E402
     tvm_tracker,
     wait_summary,
 )
-from bench.tuning_our_client import STEPS  # noqa: E402
 
+STEPS = tuning_our_client.STEPS
 #: (client, servers) of every row, in the order they are reported.
 ROWS = (("tvm", "tvm"), ("ours", "tvm"), ("ours", "ours"), ("tvm", "ours"))
 NAMES = {"tvm": "TVM's", "ours": "our"}
@@ -90,11 +93,11 @@ def start_lab(stack, options):
     Start the trackers and, for each servers kind and each K, K servers
     under a key of their own; everything is stopped with C{stack}.
 
-    @return: C{(trackers, keys)}: servers kind -> C{(tracker kind, port)}, and
-        C{(servers kind, K)} -> key.
+    @return: C{(trackers, keys, pids)}: servers kind -> C{(tracker kind,
+        port)}; C{(servers kind, K)} -> key, and -> the servers' process ids.
     """
     kinds = sorted({servers for _, servers in options.only})
-    ports, trackers, keys = {}, {}, {}
+    ports, trackers, keys, pids = {}, {}, {}, {}
     for servers in kinds:
         tracker_kind = servers if options.tracker == "servers" else options.tracker
         if tracker_kind not in ports:
@@ -106,21 +109,44 @@ def start_lab(stack, options):
             where = f"127.0.0.1:{ports[tracker_kind]}"
             print(f"starting {devices} of {NAMES[servers]} servers behind "
                   f"{NAMES[tracker_kind]} tracker", flush=True)
+            pids[servers, devices] = []
             for _ in range(devices):
                 if servers == "tvm":
-                    stack.enter_context(tvm_rpc_server("--tracker", where, "--key", key))
+                    daemon, _ = stack.enter_context(
+                        tvm_rpc_server("--tracker", where, "--key", key))
                 else:
-                    stack.enter_context(our_rpc_server("--tracker", where, "--key", key,
-                                                       "--silent", "--init",
-                                                       "bench.tuning_funcs"))
-    return trackers, keys
+                    daemon, _ = stack.enter_context(
+                        our_rpc_server("--tracker", where, "--key", key, "--silent",
+                                       "--init", "bench.tuning_funcs"))
+                pids[servers, devices].append(daemon.proc.pid)
+    return trackers, keys, pids
 
 
-def run_our_client(tracker_port, key, devices, warm_up, candidates, options, directory):
+def servers_cpu_seconds(pids):
+    """
+    @return: the CPU seconds used so far by the servers C{pids} and their
+        descendants, including the session processes they reaped.
+    """
+    total = 0.0
+    for pid in pids:
+        root = psutil.Process(pid)
+        for process in [root] + root.children(recursive=True):
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def run_our_client(tracker_port, key, devices, warm_up, candidates, options, directory,
+                   starting):
     """
     Our client on C{candidates}, after C{warm_up} untimed, in a process of
     its own (one reactor).
 
+    @param starting: called once the warm-up is over, before the measure
+        starts (the client waits for it).
     @return: its report (see tuning_our_client.main), or C{refused} with why it failed.
     """
     manifest = os.path.join(directory, "manifest.json")
@@ -132,15 +158,23 @@ def run_our_client(tracker_port, key, devices, warm_up, candidates, options, dir
             "--repeat", str(options.repeat), "--min-repeat-ms", str(options.min_repeat_ms),
             "--session-timeout", str(options.session_timeout)]
     limit = options.session_timeout * ((len(warm_up) + len(candidates)) // devices + 4) + 60
-    process = subprocess.Popen(args, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen(args, cwd=ROOT, env=child_env(), stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    # Past the limit the client's process group is killed, which ends every read below.
+    watchdog = threading.Timer(limit, os.killpg, (process.pid, signal.SIGKILL))
+    watchdog.start()
     try:
-        out, err = process.communicate(timeout=limit)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        return {"refused": f"no result within {limit:.0f} s"}
-    lines = out.decode().strip().splitlines()
+        first = process.stdout.readline()
+        if first.strip() == tuning_our_client.WARMED.encode():
+            starting()
+            process.stdin.write(b"go\n")
+            process.stdin.flush()
+            first = b""
+        out, err = process.communicate()
+    finally:
+        watchdog.cancel()
+    lines = (first + out).decode().strip().splitlines()
     if process.returncode != 0 or not lines:
         tail = " ".join(err.decode(errors="replace").strip().splitlines()[-3:])
         return {"refused": f"exit {process.returncode}: {tail}"}
@@ -169,12 +203,13 @@ def run_all(options, candidates, directory, steps_directory):
     """
     results = {}
     with ExitStack() as stack:
-        trackers, keys = start_lab(stack, options)
+        trackers, keys, pids = start_lab(stack, options)
         for devices in options.devices:
             rows = [row for row in ROWS if row in options.only]
             for row in rows:
                 results[row + (devices,)] = {"tracker": trackers[row[1]][0], "outcomes": [],
-                                             "walls": [], "refused": None}
+                                             "walls": [], "refused": None,
+                                             "client_cpu": 0.0, "server_cpu": 0.0}
             runners = {}
             try:
                 for number, chunk in enumerate(split(candidates, options.rounds)):
@@ -187,18 +222,26 @@ def run_all(options, candidates, directory, steps_directory):
                         key = keys[servers, devices]
                         wait_summary(port, lambda s: free_servers(s, key) >= devices,
                                      timeout=120)
+                        server_cpu = []
+
+                        def starting(pids=pids[servers, devices]):
+                            server_cpu.append(servers_cpu_seconds(pids))
+
                         if client == "tvm":
                             report = _tvm_round(runners, (servers, port, key, devices),
                                                 candidates[:devices], chunk, options,
-                                                steps_directory)
+                                                steps_directory, starting)
                         else:
                             report = run_our_client(port, key, devices, candidates[:devices],
-                                                    chunk, options, directory)
+                                                    chunk, options, directory, starting)
                         if "refused" in report:
                             result["refused"] = report["refused"]
                         else:
                             result["outcomes"] += report["outcomes"]
                             result["walls"].append((len(chunk), report["wall"]))
+                            result["client_cpu"] += report["client_cpu"]
+                            result["server_cpu"] += (servers_cpu_seconds(pids[servers, devices])
+                                                     - server_cpu[0])
                         print(f"  round {number + 1}, K={devices}, {NAMES[client]} client, "
                               f"{NAMES[servers]} servers: " + _line(report), flush=True)
             finally:
@@ -207,12 +250,13 @@ def run_all(options, candidates, directory, steps_directory):
     return results
 
 
-def _tvm_round(runners, where, warm_up, chunk, options, steps_directory):
+def _tvm_round(runners, where, warm_up, chunk, options, steps_directory, starting):
     """
     One round of MetaSchedule's runner on C{chunk}, with the row's runner
     made (and warmed up) on its first round.
 
     @param where: C{(servers kind, tracker port, key, K)}.
+    @param starting: called right before the measure.
     @return: the measure's report, or C{refused}.
     """
     servers, port, key, devices = where
@@ -224,6 +268,7 @@ def _tvm_round(runners, where, warm_up, chunk, options, steps_directory):
         runner.warm_up(warm_up)
     if runner.refused:
         return {"refused": runner.refused}
+    starting()
     return runner.measure(chunk)
 
 
@@ -248,6 +293,8 @@ def summarize(result, devices):
         "per_round": [n / w for n, w in result["walls"]],
         "steps": steps,
         "rest": devices * wall / count - sum(measured),
+        "client_cpu": result["client_cpu"] / count,
+        "server_cpu": result["server_cpu"] / count,
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
         "device_median_ms": statistics.median(device_times) * 1e3 if device_times else None,
@@ -273,8 +320,8 @@ def table(results, options):
     lines = [
         "| K | client | servers (tracker) | candidates/s | per round "
         "| vs TVM's client + servers | session | upload | alloc | run | cleanup | rest "
-        "| errors |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| client CPU | servers' CPU | errors |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for devices in options.devices:
         base = results.get(("tvm", "tvm", devices), {})
@@ -284,7 +331,7 @@ def table(results, options):
                 continue
             who = f"| {devices} | {NAMES[client]} | {NAMES[servers]} ({NAMES[summary['tracker']]}) "
             if "refused" in summary:
-                lines.append(who + f"| failed: {summary['refused']} |" + " |" * 9)
+                lines.append(who + f"| failed: {summary['refused']} |" + " |" * 11)
                 continue
             ratio = (f"{summary['candidates_per_s'] / base['candidates_per_s']:.2f}x"
                      if "candidates_per_s" in base else "-")
@@ -292,7 +339,8 @@ def table(results, options):
             rounds = ", ".join(f"{rate:.0f}" for rate in summary["per_round"])
             lines.append(who + f"| {summary['candidates_per_s']:.1f} | {rounds} | {ratio} "
                          f"| {steps} "
-                         f"| {_ms(summary['rest'])} | {summary['errors']} |")
+                         f"| {_ms(summary['rest'])} | {_ms(summary['client_cpu'])} "
+                         f"| {_ms(summary['server_cpu'])} | {summary['errors']} |")
     return "\n".join(lines)
 
 
@@ -341,7 +389,11 @@ def docs_body(text, lines, options, machine, started):
         f"round's own figure); the steps are mean "
         f"milliseconds per candidate, and *rest* is the time a device's worker spends "
         f"per candidate outside them (K x wall / N minus the steps: the runner's "
-        f"dispatch, TVM's tracker connection per candidate, TVM's session shutdown).",
+        f"dispatch, TVM's tracker connection per candidate, TVM's session shutdown). "
+        f"The CPU columns are CPU milliseconds per candidate: the client's (our "
+        f"client's process; TVM's: this process and its runner's pool workers) and the "
+        f"K servers' (their process trees, the session processes they reaped included; "
+        f"the trackers are not counted).",
         "",
         text,
         "",

@@ -7,8 +7,10 @@ threads)::
         --manifest candidates.json --number 3 --repeat 2 --min-repeat-ms 0 \\
         --session-timeout 30 [--warm-up K]
 
-It prints one JSON object: the wall time of the measured candidates and,
-for each one, its device timings or error and how long each step took.
+It prints L{WARMED} once the warm-up is done and waits for a line on its
+standard input; then it prints one JSON object: the wall time of the measured candidates, the
+CPU time this process spent on them and, for each one, its device timings
+or error and how long each step took.
 
 Each candidate goes through the steps of MetaSchedule's ``RPCRunner``
 (``rpc_runner._worker_func`` and its ``default_*`` functions), none skipped:
@@ -45,6 +47,8 @@ if str(ROOT) not in sys.path:
 
 from twisted.internet import defer  # noqa: E402
 
+#: The line printed once the warm-up is over; the measure starts when a line comes back.
+WARMED = "warmed"
 RANDOM_FILL = "tvm.contrib.random.random_fill_for_measure"
 #: The steps timed per candidate, in order.
 STEPS = ("session", "upload", "alloc", "run", "cleanup")
@@ -159,7 +163,6 @@ async def main(reactor, config):
     with open(config.manifest, encoding="utf-8") as f:
         candidates = [tuple(item) for item in json.load(f)]
     warm_up, measured = candidates[:config.warm_up], candidates[config.warm_up:]
-    started = time.perf_counter()
     tracker = await connect_tracker("127.0.0.1", config.tracker_port, reactor=reactor)
     try:
         warm = await run_candidates(reactor, tracker, config, warm_up, config.devices)
@@ -167,10 +170,14 @@ async def main(reactor, config):
         if warm and all("error" in outcome for outcome in warm):
             report["refused"] = warm[0]["error"]
         else:
-            started = time.perf_counter()
+            # The parent samples the servers' CPU between the two parts: wait for its word.
+            print(WARMED, flush=True)
+            sys.stdin.readline()
+            started, cpu = time.perf_counter(), time.process_time()
             report["outcomes"] = await run_candidates(reactor, tracker, config, measured,
                                                       config.devices)
             report["wall"] = time.perf_counter() - started
+            report["client_cpu"] = time.process_time() - cpu
     finally:
         await tracker.close()
     print(json.dumps(report))

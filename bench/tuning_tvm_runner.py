@@ -92,6 +92,26 @@ def read_steps(directory):
     return steps
 
 
+def client_cpu_seconds():
+    """
+    @return: the CPU seconds used so far by TVM's client: this process (the
+        runner's threads) and the pool's workers, its children running
+        C{tvm.exec.popen_worker} (the daemons' own workers are their
+        children, not ours).
+    """
+    import psutil
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children():
+        try:
+            if "tvm.exec.popen_worker" in " ".join(child.cmdline()):
+                total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def _outcome(result):
     """@return: a C{RunnerResult} as a dict: C{run_secs}, or C{error} (its first lines)."""
     if result.error_msg is not None:
@@ -176,17 +196,20 @@ class RunnerRow:
     def measure(self, candidates):
         """
         @return: a dict: C{outcomes} (per candidate: C{run_secs} or C{error},
-            and C{steps}) and C{wall} (seconds from C{run()} to the last result).
+            and C{steps}), C{wall} (seconds from C{run()} to the last result)
+            and C{client_cpu} (see L{client_cpu_seconds}).
         """
         for name in os.listdir(self.steps_directory):
             os.remove(os.path.join(self.steps_directory, name))
+        cpu = client_cpu_seconds()
         started = time.perf_counter()
         outcomes = self._run(candidates)
         wall = time.perf_counter() - started
+        cpu = client_cpu_seconds() - cpu
         steps = read_steps(self.steps_directory)
         for (path, _), outcome in zip(candidates, outcomes):
             outcome["steps"] = steps.get(os.path.basename(path), {})
-        return {"outcomes": outcomes, "wall": wall}
+        return {"outcomes": outcomes, "wall": wall, "client_cpu": cpu}
 
     def close(self):
         """Stop the runner's pool (its worker processes)."""
