@@ -4,8 +4,11 @@ Usage (from the repository root, with apache-tvm installed)::
 
     python bench/tuning_loop.py [--candidates 64] [--devices 1 4] [--number 3]
                                 [--repeat 2] [--min-repeat-ms 0] [--session-timeout 30]
-                                [--tracker servers|ours|tvm] [--only CLIENT/SERVERS ...]
-                                [--write-docs] [--json FILE]
+                                [--rounds 4] [--tracker servers|ours|tvm]
+                                [--only CLIENT/SERVERS ...] [--write-docs] [--json FILE]
+
+For a quick look at a few rows, e.g.
+``python bench/tuning_loop.py --candidates 16 --rounds 2 --only ours/ours --only tvm/tvm``.
 
 N candidates (``bench/tuning_candidates.py``: schedules of a small matmul,
 compiled for llvm in this process) are measured on K devices (K servers
@@ -30,16 +33,21 @@ front of both. Our servers register ``tvm.contrib.random.random_fill_for_measure
 for our protocol with ``--init bench.tuning_funcs`` (see there why).
 
 Every row uses the same candidates, evaluator settings (``number``,
-``repeat``, ``min_repeat_ms``, no cache flush) and N, and first measures K
-candidates untimed (the runner's pool starts its workers, every server serves
-a first session). Then it reports candidates per second (N over the wall time
-from the first request to the last result) and the mean seconds per step of a
-candidate: session, upload (+ load), alloc (+ fill), run (the evaluator),
-cleanup (the removes, and for our client the session's close), and "rest",
-the time a device's worker spends per candidate outside these steps (K x wall
-/ N minus the steps: the runner's dispatch, a tracker connection, TVM's
-session shutdown). A row whose client cannot use the servers is reported as
-failed with the first error, and the run goes on.
+``repeat``, ``min_repeat_ms``, no cache flush) and N. The rows take turns:
+the candidates are split into ``--rounds`` chunks and each round runs every
+row on its chunk (in a rotated order), so the load of this shared machine
+moves all rows alike. A row first measures K candidates untimed (TVM's runner
+once, as its pool lives on between rounds; ours in each round, as each round
+is a fresh process). It reports candidates per second (N over the summed
+wall time, from the first request to the last result of each round), the
+mean seconds per step of a candidate: session, upload (+ load), alloc (+
+fill), run (the evaluator), cleanup (the removes, and for our client the
+session's close), and "rest", the time a device's worker spends per
+candidate outside these steps (K x wall / N minus the steps: the runner's
+dispatch, a tracker connection, TVM's session shutdown); and the CPU time
+per candidate of the client and of the K servers. A row whose client cannot
+use the servers is reported as failed with the first error, and the run goes
+on.
 
 ``--write-docs`` replaces the ``Tuning loop`` section of ``docs/benchmarks.md``.
 """
