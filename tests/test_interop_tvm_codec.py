@@ -65,6 +65,7 @@ class RecordingServer:
 
     def serve(self):
         conn, _ = self.listener.accept()
+        self.conn = conn
         conn.settimeout(SOCKET_TIMEOUT)
         with conn:
             read_handshake(conn)
@@ -86,8 +87,10 @@ class RecordingServer:
                 conn.sendall(packets.packet(packets.RETURN, tv.encode_seq(reply)))
 
     def close(self):
-        self.listener.close()
+        """End the session from this side (TVM's client then sees the connection closed)."""
+        self.conn.shutdown(socket.SHUT_RDWR)
         self.thread.join(SOCKET_TIMEOUT)
+        self.listener.close()
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +106,8 @@ def tvm_client_call(tvm):
 
     call.device = remote.device
     yield call
-    del function, remote
     server.close()
+    del call.device, function, remote
 
 
 @LIVE
