@@ -35,7 +35,7 @@ from ..protocol.session_commands import (
 from ..protocol.streams import receive_value, send_value
 from ..protocol.values import ArrayRef, Handle
 from .amp_protocol import SessionClientProtocol
-from .engine import DEFAULT_MAX_RESULT_SIZE, ISessionEngine
+from .engine import DEFAULT_MAX_RESULT_SIZE, TIME_EVALUATOR_OPTIONS, ISessionEngine
 from .transfers import StreamTransfers
 
 log = Logger()
@@ -267,8 +267,18 @@ class AMPEngine(StreamTransfers):
         return getting.addCallback(lambda answer: answer["function"])
 
     def time_evaluator(self, function, name, args, device_type, index, number, repeat,
-                       min_repeat_ms):
-        """@return: a Deferred of the per-repeat seconds of timing a function."""
+                       min_repeat_ms, options):
+        """
+        @return: a Deferred of the per-repeat seconds of timing a function.
+            It fails with L{ValueError} for a TVM option (C{options}) other
+            than its default: our server's C{TimeEvaluator} does not take them.
+        """
+        changed = {key: value for key, value in options.items()
+                   if value != TIME_EVALUATOR_OPTIONS[key]}
+        if changed:
+            return fail(ValueError(
+                f"tvm_rpc's server does not take these time_evaluator options: "
+                f"{', '.join(f'{key}={value!r}' for key, value in sorted(changed.items()))}"))
         return Deferred.fromCoroutine(self._time(
             function, name, args, device_type, index, number, repeat, min_repeat_ms))
 

@@ -9,7 +9,8 @@ L{Handle<tvm_rpc.protocol.values.Handle>},
 L{ArrayRef<tvm_rpc.protocol.values.ArrayRef>}, devices,
 L{HostArray<tvm_rpc.protocol.values.HostArray>}). An engine speaks one
 session protocol on one connection: L{AMPEngine<tvm_rpc.client.amp_engine.AMPEngine>}
-speaks ours. Every method that talks to the server returns a
+speaks ours, L{TVMEngine<tvm_rpc.client.tvm_engine.TVMEngine>} TVM's own.
+Every method that talks to the server returns a
 L{Deferred<twisted.internet.defer.Deferred>}; once the session is over they
 fail with a L{SessionClosed<tvm_rpc.client.session_errors.SessionClosed>}
 saying why.
@@ -28,12 +29,22 @@ from zope.interface import Attribute, Interface
 #: session with C{max_result_size}.
 DEFAULT_MAX_RESULT_SIZE = 256 << 20
 
+#: TVM's C{time_evaluator} options beyond number, repeat and min_repeat_ms,
+#: with TVM's defaults (C{tvm.runtime.Module.time_evaluator}).
+TIME_EVALUATOR_OPTIONS = {
+    "limit_zero_time_iterations": 100,
+    "cooldown_interval_ms": 0,
+    "repeats_to_cooldown": 1,
+    "cache_flush_bytes": 0,
+    "f_preproc": "",
+}
+
 
 class ISessionEngine(Interface):
     """One session protocol driven on one connection, for an L{RPCSession}."""
 
     protocol_name = Attribute(
-        "The name of the session protocol spoken (C{'tvm_rpc'} for ours).")
+        "The name of the session protocol spoken (C{'tvm_rpc'} for ours, C{'tvm'} for TVM's).")
     connection = Attribute(
         "The Twisted protocol object that carries the session on its transport.")
     closed = Attribute("Whether the session is over or closing (nothing new is sent).")
@@ -110,10 +121,13 @@ class ISessionEngine(Interface):
         """@return: a Deferred of the raw C-order bytes of an array."""
 
     def time_evaluator(function, name, args, device_type, index, number, repeat,
-                       min_repeat_ms):
+                       min_repeat_ms, options):
         """
         Time a function on the device (see
         L{RPCSession.time_evaluator<tvm_rpc.client.rpc_session.RPCSession.time_evaluator>}).
+
+        @param options: TVM's other options, a dict with the keys of
+            L{TIME_EVALUATOR_OPTIONS}.
 
         @return: a Deferred of the list of per-repeat seconds.
         """
@@ -127,4 +141,4 @@ class ISessionEngine(Interface):
         """
 
 
-__all__ = ["DEFAULT_MAX_RESULT_SIZE", "ISessionEngine"]
+__all__ = ["DEFAULT_MAX_RESULT_SIZE", "ISessionEngine", "TIME_EVALUATOR_OPTIONS"]

@@ -180,6 +180,7 @@ __all__ = [
     "copy_from_remote",
     "copy_packet_size",
     "copy_to_remote",
+    "encode_seq",
     "init_server",
     "packet",
     "syscall",
