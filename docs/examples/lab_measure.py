@@ -69,7 +69,7 @@ async def measure(session, library, size, options):
         timer = session.time_evaluator(matmul, device, number=options.number,
                                        repeat=options.repeat)
         timings = await timer(a, b, c)
-        return {"address": session.address, "protocol": session.protocol_name,
+        return {"address": session.address, "protocol": session.protocol,
                 "timings": timings}
 
 
