@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from ..protocol import tvm_packets as packets
 from ..protocol.remote_error import RemoteError
 from ..protocol.tvm_values import TVMCodecError, decode_seq
-from ..transport import set_no_delay
+from ..transport import quick_ack, set_no_delay
 from .session_errors import SessionClosed, SessionTimeout
 
 log = Logger()
@@ -160,6 +160,7 @@ class TVMClientProtocol(Protocol):
         """Decode the packets and hand each answer to its request."""
         if self._ending is not None:
             return
+        quick_ack(self.transport)
         try:
             for code, body in self._decoder.feed(data):
                 self._packet(code, body)
