@@ -13,7 +13,10 @@ CPU time this process spent on them and, for each one, its device timings
 or error and how long each step took.
 
 Each candidate goes through the steps of MetaSchedule's ``RPCRunner``
-(``rpc_runner._worker_func`` and its ``default_*`` functions), none skipped:
+(``rpc_runner._worker_func`` and its ``default_*`` functions), none skipped;
+within a step, requests that do not wait for each other's answers are sent
+together (the server answers them in order), which a Deferred client can do
+and TVM's blocking one cannot:
 
 1. session: C{TrackerSession.request(key, priority=1, session_timeout=...)}
    (MetaSchedule opens a tracker connection per candidate as well; here one
@@ -21,12 +24,14 @@ Each candidate goes through the steps of MetaSchedule's ``RPCRunner``
 2. upload: C{session.upload(path, remote_path)}, then
    C{session.load_module(remote_path)};
 3. alloc: the remote global C{tvm.contrib.random.random_fill_for_measure}
-   looked up, then for each argument C{session.empty(shape, dtype, dev)}
-   and the fill called on it (C{alloc_repeat} = 1, as the runner's default);
+   looked up and C{session.empty(shape, dtype, dev)} for each argument (sent
+   together), then the fill called on each array (sent together;
+   C{alloc_repeat} = 1, as the runner's default);
 4. run: C{module.time_evaluator("main", dev, number, repeat, min_repeat_ms)}
-   made, then per argument set C{dev.sync()} and the evaluator called;
+   made, then per argument set C{dev.sync()} and the evaluator called (the
+   call sent right behind the sync);
 5. cleanup, always: C{remove(remote_path)}, C{remove(remote_path + ".so")},
-   C{remove("")} (each a round trip; an error from one is ignored, as the
+   C{remove("")} (sent together; an error from one is ignored, as the
    missing C{.so} is a normal case), then C{session.close()} (TVM's client
    sends its shutdown when the session object is collected).
 
@@ -61,17 +66,23 @@ def _error_text(failure_or_error):
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
+def _all(deferreds):
+    """@return: a Deferred of the results of C{deferreds}, failing with the first failure."""
+    return defer.gatherResults(deferreds, consumeErrors=True).addErrback(
+        lambda failure: failure.value.subFailure)
+
+
 async def _cleanup(session, remote_path):
     """MetaSchedule's C{default_cleanup}, then the session's end."""
     if session is None:
         return
     try:
         if remote_path is not None:
-            for path in (remote_path, remote_path + ".so", ""):
-                try:
-                    await session.remove(path)
-                except Exception:
-                    pass  # TVM's server returns None for these, ours may say why
+            # TVM's server returns None for each; ours says why for the missing
+            # ".so" and the work directory itself: those answers are no error here.
+            await defer.DeferredList(
+                [session.remove(path) for path in (remote_path, remote_path + ".so", "")],
+                consumeErrors=True)
     finally:
         await session.close()
 
@@ -100,20 +111,21 @@ async def measure_candidate(tracker, config, path, args_info):
         steps["upload"] = clock() - started
 
         started = clock()
-        fill = await session.get_function(RANDOM_FILL)
-        arguments = []
-        for _, dtype, shape in args_info:
-            array = await session.empty(shape, dtype, device)
-            await fill(array)
-            arguments.append(array)
+        looking_up = session.get_function(RANDOM_FILL)
+        allocating = [session.empty(shape, dtype, device) for _, dtype, shape in args_info]
+        fill = await looking_up
+        arguments = await _all(allocating)
+        await _all([fill(array) for array in arguments])
         steps["alloc"] = clock() - started
 
         started = clock()
         evaluator = module.time_evaluator("main", device, number=config.number,
                                           repeat=config.repeat,
                                           min_repeat_ms=config.min_repeat_ms)
-        await device.sync()
+        # The server answers in order: the evaluation runs after the sync.
+        syncing = device.sync()
         result = await evaluator(*arguments)
+        await syncing
         steps["run"] = clock() - started
         outcome = {"run_secs": list(result.results)}
     except defer.CancelledError:
