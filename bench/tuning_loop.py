@@ -4,7 +4,7 @@ Usage (from the repository root, with apache-tvm installed)::
 
     python bench/tuning_loop.py [--candidates 64] [--devices 1 4] [--number 3]
                                 [--repeat 2] [--min-repeat-ms 0] [--session-timeout 30]
-                                [--rounds 4] [--tracker servers|ours|tvm]
+                                [--rounds 4] [--tracker client|servers|ours|tvm]
                                 [--only CLIENT/SERVERS ...] [--write-docs] [--json FILE]
 
 For a quick look at a few rows, e.g.
@@ -26,10 +26,13 @@ client x servers, all in one run:
 - **our client + our servers**: the same on K ``twistd rpc-server``;
 - **TVM's client + our servers**: the ``RPCRunner`` on our servers.
 
-The tracker is the servers' own kind by default (TVM's tracker in front of
-TVM's servers, ours in front of ours: a lab that changes only its tuning
-client keeps its daemons); ``--tracker ours|tvm`` puts the same tracker in
-front of both. Our servers register ``tvm.contrib.random.random_fill_for_measure``
+The tracker is the client's own kind by default: TVM's tracker for TVM's
+client, ours for ours, in front of either kind of servers (the host side,
+tracker and tuning client, changes together; the devices keep whichever
+server they run), so the baseline row is TVM's setup as shipped throughout.
+``--tracker servers`` puts the servers' own kind in front of them instead,
+``--tracker ours|tvm`` the same tracker in front of every row; every
+combination gets servers of its own. Our servers register ``tvm.contrib.random.random_fill_for_measure``
 for our protocol with ``--init bench.tuning_funcs`` (see there why).
 
 Every row uses the same candidates, evaluator settings (``number``,
@@ -74,16 +77,17 @@ if str(ROOT) not in sys.path:
 from bench import tuning_candidates, tuning_our_client, tuning_tvm_runner  # noqa: E402
 from bench.common import (  # noqa: E402
     DOCS,
+    Daemon,
     child_env,
+    free_port,
     free_servers,
     machine_description,
     machine_markdown,
-    our_rpc_server,
     our_tracker,
     replace_section,
     shown_command_line,
-    tvm_rpc_server,
     tvm_tracker,
+    twistd,
     wait_summary,
 )
 
@@ -96,38 +100,68 @@ TARGETS = {4: {("ours", "tvm"): 2.0, ("ours", "ours"): 3.0},
            1: {("ours", "tvm"): 1.0, ("ours", "ours"): 1.0}}
 
 
+def tracker_of(row, option):
+    """
+    @param row: C{(client, servers)}.
+    @param option: C{--tracker}: C{"client"}, C{"servers"}, C{"ours"} or C{"tvm"}.
+    @return: the kind of tracker in front of the row's servers.
+    """
+    if option == "client":
+        return row[0]
+    if option == "servers":
+        return row[1]
+    return option
+
+
+def _launch(stack, servers, tracker_port, key):
+    """
+    Start one server of kind C{servers} registering C{key} with the tracker
+    (stopped with C{stack}); @return: C{(daemon, the line that says it is up)}.
+    """
+    where = f"127.0.0.1:{tracker_port}"
+    if servers == "tvm":
+        port = free_port()
+        args = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+                "--port", str(port), "--port-end", str(port + 1), "--tracker", where,
+                "--key", key]
+        ready = r"bind to"
+    else:
+        args = twistd("rpc-server", "--listen", "tcp:0:interface=127.0.0.1", "--tracker", where,
+                      "--key", key, "--silent", "--init", "bench.tuning_funcs")
+        ready = r"rpc-server listening on \S+:\d+"
+    daemon = Daemon(args)
+    stack.callback(daemon.stop)
+    return daemon, ready
+
+
 def start_lab(stack, options):
     """
-    Start the trackers and, for each servers kind and each K, K servers
-    under a key of their own; everything is stopped with C{stack}.
+    Start the trackers and, for each kind of servers, each tracker in front
+    of them and each K, K servers under a key of their own, all at once;
+    everything is stopped with C{stack}.
 
-    @return: C{(trackers, keys, pids)}: servers kind -> C{(tracker kind,
-        port)}; C{(servers kind, K)} -> key, and -> the servers' process ids.
+    @return: C{(ports, keys, pids)}: tracker kind -> port; C{(servers kind,
+        tracker kind, K)} -> key, and -> the servers' process ids.
     """
-    kinds = sorted({servers for _, servers in options.only})
-    ports, trackers, keys, pids = {}, {}, {}, {}
-    for servers in kinds:
-        tracker_kind = servers if options.tracker == "servers" else options.tracker
-        if tracker_kind not in ports:
-            start = our_tracker if tracker_kind == "ours" else tvm_tracker
-            ports[tracker_kind] = stack.enter_context(start())[1]
-        trackers[servers] = (tracker_kind, ports[tracker_kind])
+    combos = sorted({(servers, tracker_of((client, servers), options.tracker))
+                     for client, servers in options.only})
+    ports, keys, pids, starting = {}, {}, {}, []
+    for tracker_kind in sorted({tracker for _, tracker in combos}):
+        start = our_tracker if tracker_kind == "ours" else tvm_tracker
+        ports[tracker_kind] = stack.enter_context(start())[1]
+    for servers, tracker_kind in combos:
         for devices in options.devices:
-            key = keys[servers, devices] = f"tuning-{servers}-{devices}"
-            where = f"127.0.0.1:{ports[tracker_kind]}"
+            key = keys[servers, tracker_kind, devices] = \
+                f"tuning-{servers}-{tracker_kind}-{devices}"
             print(f"starting {devices} of {NAMES[servers]} servers behind "
                   f"{NAMES[tracker_kind]} tracker", flush=True)
-            pids[servers, devices] = []
-            for _ in range(devices):
-                if servers == "tvm":
-                    daemon, _ = stack.enter_context(
-                        tvm_rpc_server("--tracker", where, "--key", key))
-                else:
-                    daemon, _ = stack.enter_context(
-                        our_rpc_server("--tracker", where, "--key", key, "--silent",
-                                       "--init", "bench.tuning_funcs"))
-                pids[servers, devices].append(daemon.proc.pid)
-    return trackers, keys, pids
+            launched = [_launch(stack, servers, ports[tracker_kind], key)
+                        for _ in range(devices)]
+            pids[servers, tracker_kind, devices] = [d.proc.pid for d, _ in launched]
+            starting += launched
+    for daemon, ready in starting:
+        daemon.wait_for(ready, timeout=120)
+    return ports, keys, pids
 
 
 def servers_cpu_seconds(pids):
@@ -211,11 +245,12 @@ def run_all(options, candidates, directory, steps_directory):
     """
     results = {}
     with ExitStack() as stack:
-        trackers, keys, pids = start_lab(stack, options)
+        ports, keys, pids = start_lab(stack, options)
         for devices in options.devices:
             rows = [row for row in ROWS if row in options.only]
             for row in rows:
-                results[row + (devices,)] = {"tracker": trackers[row[1]][0], "outcomes": [],
+                results[row + (devices,)] = {"tracker": tracker_of(row, options.tracker),
+                                             "outcomes": [],
                                              "walls": [], "refused": None,
                                              "client_cpu": 0.0, "server_cpu": 0.0}
             runners = {}
@@ -226,14 +261,16 @@ def run_all(options, candidates, directory, steps_directory):
                         result = results[client, servers, devices]
                         if result["refused"]:
                             continue
-                        _, port = trackers[servers]
-                        key = keys[servers, devices]
+                        tracker_kind = tracker_of((client, servers), options.tracker)
+                        port = ports[tracker_kind]
+                        key = keys[servers, tracker_kind, devices]
+                        lab = pids[servers, tracker_kind, devices]
                         wait_summary(port, lambda s: free_servers(s, key) >= devices,
                                      timeout=120)
                         server_cpu = []
 
-                        def starting(pids=pids[servers, devices]):
-                            server_cpu.append(servers_cpu_seconds(pids))
+                        def starting(lab=lab):
+                            server_cpu.append(servers_cpu_seconds(lab))
 
                         if client == "tvm":
                             report = _tvm_round(runners, (servers, port, key, devices),
@@ -248,8 +285,7 @@ def run_all(options, candidates, directory, steps_directory):
                             result["outcomes"] += report["outcomes"]
                             result["walls"].append((len(chunk), report["wall"]))
                             result["client_cpu"] += report["client_cpu"]
-                            result["server_cpu"] += (servers_cpu_seconds(pids[servers, devices])
-                                                     - server_cpu[0])
+                            result["server_cpu"] += servers_cpu_seconds(lab) - server_cpu[0]
                         print(f"  round {number + 1}, K={devices}, {NAMES[client]} client, "
                               f"{NAMES[servers]} servers: " + _line(report), flush=True)
             finally:
@@ -426,8 +462,10 @@ def parse_args(argv=None):
     parser.add_argument("--session-timeout", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=4,
                         help="the rows take turns over this many chunks of the candidates")
-    parser.add_argument("--tracker", choices=("servers", "ours", "tvm"), default="servers",
-                        help="the tracker in front of the servers (default: their own kind)")
+    parser.add_argument("--tracker", choices=("client", "servers", "ours", "tvm"),
+                        default="client",
+                        help="the tracker in front of a row's servers: the client's kind "
+                             "(default), the servers' kind, or always ours or TVM's")
     parser.add_argument("--only", action="append", metavar="CLIENT/SERVERS",
                         choices=[f"{c}/{s}" for c, s in ROWS],
                         help="measure only these rows (repeatable), e.g. ours/ours")
