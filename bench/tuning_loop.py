@@ -409,6 +409,18 @@ def verdicts(results):
     return lines
 
 
+#: What the docs say of each C{--tracker} choice.
+_TRACKERS = {
+    "client": "Each client has its own kind of tracker in front of the servers (TVM's "
+              "client: TVM's tracker; ours: ours), so the baseline is TVM's setup as "
+              "shipped and the others change the host side (client and tracker), the "
+              "devices (servers) or both.",
+    "servers": "Each kind of servers has its own kind of tracker in front of it.",
+    "ours": "Our tracker is in front of every row.",
+    "tvm": "TVM's tracker is in front of every row.",
+}
+
+
 def docs_body(text, lines, options, machine, started):
     """@return: the C{Tuning loop} section of the benchmarks page."""
     return "\n".join([
@@ -423,8 +435,9 @@ def docs_body(text, lines, options, machine, started):
         f"repeat={options.repeat}, min_repeat_ms={options.min_repeat_ms}, no cache "
         f"flush), remove and close. TVM's client is MetaSchedule's `RPCRunner` as "
         f"shipped (its pool of K worker processes, its default steps, timed by "
-        f"wrappers); our client runs the same steps on one reactor (the list is in "
-        f"`bench/tuning_our_client.py`). The rows take turns: the candidates are split "
+        f"wrappers); our client runs the same steps on one reactor, sending a step's "
+        f"independent requests together (the list is in `bench/tuning_our_client.py`). "
+        f"{_TRACKERS[options.tracker]} The rows take turns: the candidates are split "
         f"into {options.rounds} rounds and every row measures each round's candidates "
         f"(in a rotated order), so the shared machine's load moves them alike; each "
         f"row first measures K candidates untimed (TVM's runner once: its pool lives "
