@@ -7,7 +7,8 @@ engine against the real thing.
   options, and the verbs around it (download, remove, workpath, system_lib,
   a clear error for listdir, which TVM's Python server lacks).
 - Errors: a missing function and a remote exception map to the same
-  L{RemoteError} types as on our server, and the session goes on.
+  L{RemoteError} types as on our server, an answer over max_result_size to
+  L{ResultTooLarge}, and the session goes on.
 - The server keeps serving after our sessions (TVM's client is served next).
 """
 
@@ -15,14 +16,12 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from tests.daemons import ROOT, child_env, tvm_rpc_server
+from tests.test_interop_server import M, N, dense_relu  # noqa: F401 (a fixture)
 
 CLIENT_SCRIPT = str(ROOT / "tests" / "tvm_engine_client.py")
 #: Bound on each child client run, so a broken peer fails the test instead of hanging it.
 CLIENT_TIMEOUT = 120
-N, M = 64, 32
 
 
 def run_client(*args):
@@ -35,23 +34,6 @@ def run_client(*args):
     return json.loads(lines[-1])
 
 
-@pytest.fixture(scope="module")
-def dense_relu(tvm, tmp_path_factory):
-    """``y = relu(x W^T)`` for ``x: (1, N)``, ``W: (M, N)``, compiled by TVM for llvm."""
-    from tvm import te
-
-    x = te.placeholder((1, N), "float32", name="x")
-    w = te.placeholder((M, N), "float32", name="w")
-    k = te.reduce_axis((0, N), name="k")
-    dense = te.compute((1, M), lambda i, j: te.sum(x[i, k] * w[j, k], axis=k), name="dense")
-    relu = te.compute(
-        (1, M), lambda i, j: te.max(dense[i, j], tvm.tirx.const(0, "float32")), name="relu")
-    function = te.create_prim_func([x, w, relu]).with_attr("global_symbol", "dense_relu")
-    path = tmp_path_factory.mktemp("model") / "dense_relu.so"
-    tvm.compile(function, target="llvm").export_library(str(path))
-    return path
-
-
 def test_seed_story_on_tvm_server(tvm, dense_relu):
     """The whole story runs on TVM's server through the TVM engine, and the server serves on."""
     with tvm_rpc_server() as (_, port):
@@ -59,7 +41,7 @@ def test_seed_story_on_tvm_server(tvm, dense_relu):
         assert report["protocol"] == "tvm"
         assert report["uploaded"] == dense_relu.stat().st_size
         assert report["download_matches"] is True
-        assert report["cpu_exists"] is True
+        assert report["cpu_exists"] is True and report["cuda_exists"] is False
         assert report["max_abs_error"] < 1e-4 and report["nonzero"] > 0
         assert report["w_back_equal"] is True
         assert len(report["timings"]) == 3 and all(t > 0 for t in report["timings"])
@@ -75,7 +57,10 @@ def test_seed_story_on_tvm_server(tvm, dense_relu):
 
 
 def test_errors_on_tvm_server(tvm):
-    """A missing function and a remote exception are RemoteErrors; the session goes on."""
+    """
+    A missing function and a remote exception are RemoteErrors, a download
+    over max_result_size is ResultTooLarge; the session goes on after each.
+    """
     with tvm_rpc_server() as (_, port):
         report = run_client("errors", "127.0.0.1", port)
     assert report["missing"]["type"] == "RemoteError"
@@ -84,3 +69,6 @@ def test_errors_on_tvm_server(tvm):
     assert report["exception"]["type"] == "RemoteError"
     assert "missing.so" in report["exception"]["message"]
     assert report["after"] == 7
+    assert report["too_large"]["type"] == "ResultTooLarge"
+    assert "5" in report["too_large"]["message"] and "max_result_size" in report["too_large"]["message"]
+    assert report["after_too_large"] == 8

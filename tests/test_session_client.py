@@ -692,6 +692,13 @@ class TimeEvaluatorTests(SessionTestBase):
         self.assertRaises(ValueError, self.session.time_evaluator, "noop", "cpu", number=0)
         self.assertRaises(ValueError, self.session.time_evaluator, "noop", "cpu", repeat=0)
 
+    def test_tvm_options_refused_when_changed(self):
+        """Our server takes TVM's other options at their defaults only, and says which differ."""
+        evaluator = self.session.time_evaluator("noop", "cpu", cooldown_interval_ms=5,
+                                                f_preproc="flush")
+        failure = self.failureResultOf(evaluator(), ValueError)
+        self.assertIn("cooldown_interval_ms=5, f_preproc='flush'", str(failure.value))
+
 
 class TimeEvaluatorFunctionTests(SessionTestBase):
     """time_evaluator of a RemoteFunction."""

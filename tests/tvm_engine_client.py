@@ -6,8 +6,8 @@ Usage: ``python tests/tvm_engine_client.py MODE HOST PORT ARGS...``; prints one 
   ReLU layer ``y = relu(x W^T)``, ``x: (1, N)``, ``W: (M, N)``), load it, run it
   on device arrays, read back, time it with TVM's options, and the verbs
   around it (download, remove, listdir, workpath, system_lib, device queries).
-- ``errors HOST PORT``: a missing function, a remote exception, a missing
-  module function; the session stays usable after each.
+- ``errors HOST PORT``: a missing function, a remote exception, a download
+  longer than the session's max_result_size; the session stays usable after each.
 """
 
 import json
@@ -37,6 +37,8 @@ async def story_mode(reactor, host, port, library, n, m):
         module = await session.load_module("dense_relu.so")
         device = session.cpu(0)
         report["cpu_exists"] = await device.exists()
+        report["cuda_exists"] = await session.cuda(0).exists()
+        await device.sync()
         rng = np.random.default_rng(0)
         x = rng.standard_normal((1, n)).astype("float32")
         w = rng.standard_normal((m, n)).astype("float32")
@@ -83,6 +85,15 @@ async def errors_mode(reactor, host, port):
             except Exception as e:
                 report[label] = describe(e)
         report["after"] = await session.call("testing.echo", 7)
+    small = await connect(host, int(port), reactor=reactor, max_result_size=1000)
+    async with small:
+        await small.upload(b"x" * 5000, "big.bin")
+        try:
+            await small.download("big.bin")
+            report["too_large"] = None
+        except Exception as e:
+            report["too_large"] = describe(e)
+        report["after_too_large"] = await small.call("testing.echo", 8)
     return report
 
 

@@ -27,7 +27,7 @@ from ..protocol.tvm_values import (
     TensorDesc, call_return,
 )
 from ..protocol.values import ArrayRef, DLDevice, Handle
-from .engine import DEFAULT_MAX_RESULT_SIZE, ISessionEngine
+from .engine import DEFAULT_MAX_RESULT_SIZE, EngineState, ISessionEngine, guarded
 from .tvm_protocol import PACKET_SLACK, TVMClientProtocol, no_such_function
 from .tvm_transfers import TVMTransfers
 
@@ -35,6 +35,8 @@ log = Logger()
 
 #: Chunk size of array copies on TVM's servers (they buffer a whole packet).
 TVM_CHUNK_SIZE = 1 << 20
+#: Seconds a session dropped without close() has to finish closing.
+ABANDON_TIMEOUT = 5.0
 #: Alignment of arrays allocated on the server (TVM's client uses 64 too).
 ALIGNMENT = 64
 
@@ -65,7 +67,7 @@ class _Array:
 
 @implementer(ISessionEngine)
 @attrs.define(eq=False)
-class TVMEngine(TVMTransfers):
+class TVMEngine(EngineState, TVMTransfers):
     """
     TVM's own session protocol as an L{ISessionEngine}.
 
@@ -99,34 +101,19 @@ class TVMEngine(TVMTransfers):
 
     # -- state -----------------------------------------------------------
 
-    @property
-    def connection(self):
-        """The L{TVMClientProtocol} under the session."""
-        return self._protocol
-
-    @property
-    def closed(self):
-        """Whether the session is over or closing (no new calls are sent)."""
-        return self._protocol.lost or self._close_started
-
     def configure(self, chunk_size, window, max_result_size):
         """Set the transfer parameters (see L{ISessionEngine.configure})."""
         self.chunk_size = chunk_size
         self.window = window
         self.max_result_size = max_result_size
-        self._protocol.max_packet = max(max_result_size, chunk_size) + PACKET_SLACK
-
-    def when_closed(self):
-        """@return: a Deferred firing with L{None} once the connection is gone."""
-        return self._protocol.when_lost()
+        self._protocol.max_packet = max_result_size + PACKET_SLACK
 
     def abandon(self):
         """Close the connection of a session object that was garbage-collected."""
         protocol = self._protocol
         if not protocol.lost and protocol.transport is not None:
             log.info("TVM session dropped without close(): closing its connection")
-            protocol.closing = True
-            self._clock.callLater(0, self._shutdown)
+            self._clock.callLater(0, self.close, ABANDON_TIMEOUT)
 
     # -- requests ----------------------------------------------------------
 
@@ -139,34 +126,6 @@ class TVMEngine(TVMTransfers):
     def _syscall(self, code, *args):
         """@return: a Deferred of the one value a syscall answers."""
         return self._request(packets.syscall(code, list(args))).addCallback(lambda items: items[0])
-
-    def _guarded(self, asking, orphan):
-        """
-        @param asking: the Deferred of a request that creates something on
-            the server.
-        @param orphan: called with the answer when the caller cancelled
-            before it came: releases what it created.
-        @return: a cancellable Deferred of the answer (cancelling it leaves
-            the request's slot in place, so the stream stays in step).
-        """
-        cancelled = []
-        result = Deferred(lambda _: cancelled.append(True))
-
-        def arrived(answer):
-            if cancelled:
-                try:
-                    orphan(answer)
-                except Exception:
-                    log.failure("releasing what a cancelled request made")
-            else:
-                result.callback(answer)
-
-        def failed(failure):
-            if not cancelled:
-                result.errback(failure)
-
-        asking.addCallbacks(arrived, failed)
-        return result
 
     def _add(self, entry):
         handle = self._next_id
@@ -189,8 +148,10 @@ class TVMEngine(TVMTransfers):
         never raises, sends nothing itself; the frees go out on the next
         reactor turn).
         """
+        if self._close_started:
+            return  # close() frees whatever is still held
         entry = self._handles.pop(handle, None)
-        if entry is not None and not self.closed:
+        if entry is not None and not self._protocol.lost:
             self._release(entry)
 
     def _release(self, entry):
@@ -205,9 +166,7 @@ class TVMEngine(TVMTransfers):
             self._queue_free(packets.FREE_HANDLE, OpaquePtr(entry.pointer))
 
     def _queue_free(self, code, *args):
-        self._to_free.append(packets.syscall(code, list(args)))
-        if self._free_call is None:
-            self._free_call = self._clock.callLater(0, self._flush_free)
+        self._schedule_free(packets.syscall(code, list(args)))
 
     def _flush_free(self):
         """Send the queued releases, pipelined."""
@@ -246,23 +205,24 @@ class TVMEngine(TVMTransfers):
     def _found_global(self, pointer, name):
         waiters = self._globals.pop(name)
         if isinstance(pointer, OpaquePtr) and pointer.value:
-            if self.closed:
-                self._queue_free(packets.FREE_HANDLE, pointer)
-            else:
-                self._globals[name] = pointer.value
+            self._globals[name] = pointer.value  # freed by close() at the latest
             for waiter in waiters:
-                waiter.callback(pointer.value)
+                if not waiter.called:
+                    waiter.callback(pointer.value)
         else:
             for waiter in waiters:
-                waiter.errback(no_such_function(name))
+                if not waiter.called:
+                    waiter.errback(no_such_function(name))
 
     def _global_failed(self, failure, name):
+        # Waiters cancelled meanwhile were already called: skip them.
         for waiter in self._globals.pop(name):
-            waiter.errback(failure)
+            if not waiter.called:
+                waiter.errback(failure)
 
     def get_function(self, name):
         """@return: a Deferred of the handle id of the global function C{name} (its own pointer)."""
-        looking = self._guarded(
+        looking = guarded(
             self._syscall(packets.GET_GLOBAL_FUNC, name),
             lambda pointer: pointer.value and self._queue_free(packets.FREE_HANDLE, pointer))
 
@@ -291,6 +251,8 @@ class TVMEngine(TVMTransfers):
 
     def call(self, function, name, args, convert):
         """Call a remote function (see L{ISessionEngine.call})."""
+        if self.closed:
+            return fail(self._protocol.ending_error())
         try:
             wire = [self._to_tvm(arg) for arg in args]
         except (ValueError, TypeError):
@@ -317,7 +279,7 @@ class TVMEngine(TVMTransfers):
             data = packets.call_func(pointer, wire)
         except ValueError:
             return fail()
-        calling = self._guarded(self._request(data), self._orphan_return)
+        calling = guarded(self._request(data), self._orphan_return)
         return calling.addCallback(lambda items: convert(self._from_tvm(items, raw)))
 
     # -- values ------------------------------------------------------------
@@ -396,7 +358,7 @@ class TVMEngine(TVMTransfers):
         except ValueError:
             return fail()
         device = desc.device
-        allocating = self._guarded(
+        allocating = guarded(
             self._syscall(packets.DEV_ALLOC_DATA, device, desc.nbytes, ALIGNMENT, desc.dtype),
             lambda data: self._queue_free(packets.DEV_FREE_DATA, device, data))
         return allocating.addCallback(
@@ -444,44 +406,41 @@ class TVMEngine(TVMTransfers):
 
     def close(self, timeout):
         """
-        Free what the session still holds, send kShutdown once the server
-        answered everything, then close; drop the connection after
+        End the session: once the server answered what is in flight (so
+        what those answers made is known), free everything the session
+        still holds, send kShutdown, and close once every answer is in (a
+        reset mid-answer upsets TVM's server); drop the connection after
         C{timeout} seconds. Idempotent.
 
         @return: a Deferred firing with L{None} once the connection is gone.
         """
         protocol = self._protocol
         if not self.closed:
-            for entry in self._handles.values():
-                self._release(entry)
-            self._handles.clear()
-            for pointer in self._globals.values():
-                if isinstance(pointer, int):
-                    self._queue_free(packets.FREE_HANDLE, OpaquePtr(pointer))
-            if self._free_call is not None:
-                self._free_call.cancel()
-            self._flush_free()
             self._close_started = True
             protocol.closing = True
             dropping = self._clock.callLater(timeout, protocol.transport.abortConnection)
             protocol.when_lost().addCallback(
                 lambda _: dropping.cancel() if dropping.active() else None)
-            protocol.send(packets.SHUTDOWN_PACKET)
-            self._shutdown()
+            protocol.drained().addCallback(self._finish)
         return protocol.when_lost()
 
-    def _shutdown(self):
-        """Close once the server answered every request (a reset mid-answer upsets TVM's server)."""
+    def _finish(self, _):
+        """Free what is held, say kShutdown, close when the answers are in."""
         protocol = self._protocol
         if protocol.lost:
             return
-        if protocol.pending:
-            protocol.drained().addCallback(lambda _: self._shutdown())
-            return
-        if not self._close_started:
-            protocol.send(packets.SHUTDOWN_PACKET)
-            self._close_started = True
-        protocol.transport.loseConnection()
+        for entry in self._handles.values():
+            self._release(entry)
+        self._handles.clear()
+        for pointer in self._globals.values():
+            if isinstance(pointer, int):
+                self._queue_free(packets.FREE_HANDLE, OpaquePtr(pointer))
+        self._globals.clear()
+        if self._free_call is not None:
+            self._free_call.cancel()
+        self._flush_free()
+        protocol.send(packets.SHUTDOWN_PACKET)
+        protocol.drained().addCallback(lambda _: protocol.transport.loseConnection())
 
 
 __all__ = ["ALIGNMENT", "TVM_CHUNK_SIZE", "TVMEngine"]

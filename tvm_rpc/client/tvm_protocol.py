@@ -14,8 +14,10 @@ a L{SessionClosed<tvm_rpc.client.session_errors.SessionClosed>} saying why:
 an unsolicited kShutdown (the server hit a decoding error), TVM's session
 timeout notice (a kException starting with C{RPCSessionTimeoutError:},
 L{SessionTimeout<tvm_rpc.client.session_errors.SessionTimeout>}), bytes that
-do not decode (an unknown code or type index, a packet longer than the
-bound, a kCopyAck of the wrong size), and the connection's loss.
+do not decode (an unknown code or type index, a kCopyAck of the wrong size),
+and the connection's loss. An answer longer than the bound fails its request
+with L{ResultTooLarge<tvm_rpc.protocol.streams.ResultTooLarge>}: its bytes
+are dropped as they come, never kept, and the session goes on.
 """
 
 import collections
@@ -25,8 +27,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
+from ..lean_amp import write_now
 from ..protocol import tvm_packets as packets
 from ..protocol.remote_error import RemoteError
+from ..protocol.streams import ResultTooLarge
 from ..protocol.tvm_values import TVMCodecError, decode_seq
 from ..transport import quick_ack, set_no_delay
 from .session_errors import SessionClosed, SessionTimeout
@@ -37,6 +41,7 @@ log = Logger()
 TIMEOUT_PREFIX = "RPCSessionTimeoutError:"
 #: Bytes of a packet besides the result a call may return (code, count, tags).
 PACKET_SLACK = 64
+_UNSOLICITED = object()
 _ERROR_KIND = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): ", re.MULTILINE)
 
 
@@ -76,7 +81,7 @@ class TVMClientProtocol(Protocol):
 
     def __init__(self, max_packet):
         """@param max_packet: the longest packet accepted from the server."""
-        self._decoder = packets.FrameDecoder(max_packet)
+        self._decoder = packets.FrameDecoder(max_packet, skip_oversize=True)
         self._pending = collections.deque()
         self._waiters = []
         self._drain_waiters = []
@@ -112,20 +117,21 @@ class TVMClientProtocol(Protocol):
         @param copy_ack: for kCopyFromRemote, the number of bytes the
             kCopyAck must carry; L{None} for a packet answered by kReturn.
         @return: a Deferred of the decoded sequence of the kReturn (or of the
-            kCopyAck's bytes). It is not cancellable: the slot stays in the
-            FIFO until its answer comes.
+            kCopyAck's bytes). Cancelling it fails it at once, but its slot
+            stays in the FIFO and its answer is read and dropped, so the
+            stream stays in step.
         """
         if self.lost or self._ending is not None:
             return fail(self.ending_error())
         answer = Deferred()
         self._pending.append((answer, copy_ack))
-        self.transport.write(data)
+        write_now(self.transport, data)
         return answer
 
     def send(self, data):
         """Write a packet that gets no answer (kShutdown)."""
         if not self.lost:
-            self.transport.write(data)
+            write_now(self.transport, data)
 
     def ending_error(self):
         """@return: the L{SessionClosed} that requests fail with once the session is over."""
@@ -160,7 +166,6 @@ class TVMClientProtocol(Protocol):
         """Decode the packets and hand each answer to its request."""
         if self._ending is not None:
             return
-        quick_ack(self.transport)
         try:
             for code, body in self._decoder.feed(data):
                 self._packet(code, body)
@@ -168,38 +173,45 @@ class TVMClientProtocol(Protocol):
                     return
         except (packets.TVMPacketError, TVMCodecError) as e:
             self._violation(str(e))
+            return
+        if self._pending:
+            # TVM's server leaves Nagle on: with answers still due, its next
+            # small write waits for our ACK, so do not delay it.
+            quick_ack(self.transport)
 
     def _packet(self, code, body):
-        if code == packets.RETURN:
-            answer, copy_ack = self._next("kReturn")
-            if answer is None:
-                return
-            if copy_ack is not None:
-                self._violation(f"kReturn where a kCopyAck of {copy_ack} bytes was due")
-                return
+        # The slot is taken only once its answer reads well: a violation
+        # fails it with every other pending request.
+        if code is None:
+            if self._expected(f"answer of {body} bytes") is not _UNSOLICITED:
+                self._deliver(Deferred.errback, ResultTooLarge(
+                    f"the server's answer has {body} bytes, more than this session accepts "
+                    f"({self.max_packet - PACKET_SLACK} bytes; raise its max_result_size); "
+                    "it was dropped unread"))
+        elif code == packets.RETURN:
             items, end = decode_seq(body)
             if end != len(body):
                 raise TVMCodecError(f"{len(body) - end} bytes after a kReturn's values")
-            answer.callback(items)
+            copy_ack = self._expected("kReturn")
+            if copy_ack is not None:
+                self._violation(f"a kReturn where a kCopyAck of {copy_ack} bytes was due")
+            elif copy_ack is None and self._pending:
+                self._deliver(Deferred.callback, items)
         elif code == packets.COPY_ACK:
-            answer, copy_ack = self._next("kCopyAck")
-            if answer is None:
-                return
-            if copy_ack != len(body):
+            copy_ack = self._expected("kCopyAck")
+            if copy_ack != len(body) and self._pending:
                 self._violation(
                     f"a kCopyAck of {len(body)} bytes where "
                     + ("a kReturn was due" if copy_ack is None else f"{copy_ack} were asked"))
-                return
-            answer.callback(body)
+            elif self._pending:
+                self._deliver(Deferred.callback, body)
         elif code == packets.EXCEPTION:
             items, _ = decode_seq(body)
             message = str(items[0]) if items else ""
             if message.startswith(TIMEOUT_PREFIX):
                 self._end(SessionTimeout(f"the server ended the session: {message}"))
-            else:
-                answer, _ = self._next("kException", message)
-                if answer is not None:
-                    answer.errback(tvm_remote_error(message))
+            elif self._expected("kException", message) is not _UNSOLICITED:
+                self._deliver(Deferred.errback, tvm_remote_error(message))
         elif code == packets.SHUTDOWN:
             self._end(SessionClosed(
                 "the server ended the session (kShutdown): TVM's server does so when it "
@@ -209,15 +221,25 @@ class TVMClientProtocol(Protocol):
             name = packets.CODE_NAMES.get(code, "an unknown code")
             self._violation(f"{name} (code {code}) is no answer of TVM's session protocol")
 
-    def _next(self, what, detail=""):
-        """@return: the oldest pending request, or C{(None, None)} after ending the session."""
+    def _expected(self, what, detail=""):
+        """
+        @return: what the oldest pending request expects (L{None} for a
+            kReturn, a byte count for a kCopyAck), or L{_UNSOLICITED} after
+            ending the session when none is pending.
+        """
         if not self._pending:
             self._violation(f"an unsolicited {what}" + (f": {detail}" if detail else ""))
-            return None, None
-        slot = self._pending.popleft()
+            return _UNSOLICITED
+        return self._pending[0][1]
+
+    def _deliver(self, outcome, value):
+        """Take the oldest pending request and fire it (unless it was cancelled)."""
+        answer, _ = self._pending.popleft()
+        if not answer.called:
+            outcome(answer, value)
+        # After the answer's callbacks, which may have asked more.
         if not self._pending and self._drain_waiters:
             self._fire_drained()
-        return slot
 
     def _violation(self, what):
         """The server sent what cannot be read: end the session saying so."""
@@ -235,7 +257,8 @@ class TVMClientProtocol(Protocol):
     def _fail_pending(self):
         pending, self._pending = self._pending, collections.deque()
         for answer, _ in pending:
-            answer.errback(self._ending)
+            if not answer.called:
+                answer.errback(self._ending)
 
     def connectionLost(self, reason=None):
         """Fail what is still waiting; tell who waits for the end."""

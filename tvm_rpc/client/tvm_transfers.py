@@ -16,7 +16,7 @@ import os
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 
-from ..localfiles import open_temporary
+from ..localfiles import replacing
 from ..protocol import tvm_packets as packets
 from ..protocol.remote_error import RemoteError
 from .tvm_protocol import NO_SUCH_FUNCTION
@@ -27,6 +27,7 @@ class TVMTransfers:
     The transfer verbs of L{TVMEngine<tvm_rpc.client.tvm_engine.TVMEngine>}.
 
     A mixin: the class using it provides C{chunk_size}, C{window},
+    C{max_result_size},
     C{_max_packet} (L{None} until asked), C{_request(data, copy_ack)},
     C{_syscall(code, *args)}, C{_call_by_name(name, wire, convert)},
     C{_queue_free(code, *args)} and C{_entry(handle, kind)} with C{_Array}
@@ -93,7 +94,8 @@ class TVMTransfers:
         """@return: C{(desc, [(offset, length), ...])} of an array's copy chunks."""
         desc = self._entry(handle, self._array_entry).desc
         itemsize = desc.dtype.itemsize
-        chunk = self.chunk_size
+        # A read chunk comes back in one packet: within the answer bound too.
+        chunk = min(self.chunk_size, self.max_result_size)
         limit = await self._packet_limit()
         if limit is not None:
             chunk = min(chunk, limit - packets.COPY_OVERHEAD - 8)
@@ -155,17 +157,8 @@ class TVMTransfers:
 
 def _write_file(blob, local_path):
     """Write C{blob} to C{local_path} through a temporary file; @return: its length."""
-    temporary, sink = open_temporary(local_path)
-    try:
-        with sink:
-            sink.write(blob)
-        os.replace(temporary, local_path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
+    with replacing(local_path) as sink:
+        sink.write(blob)
     return len(blob)
 
 
