@@ -19,7 +19,6 @@ report says which session protocol each spoke.
 
 import argparse
 import os
-import sys
 import tempfile
 
 import numpy as np
