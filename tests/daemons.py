@@ -264,6 +264,21 @@ def tvm_rpc_server(*extra, host="127.0.0.1"):
 
 
 @contextmanager
+def tvm_rpc_server_through(proxy_port, key, *extra, host="127.0.0.1"):
+    """
+    TVM's rpc_server connecting out to the proxy at C{host}:C{proxy_port} as
+    C{key} (C{--through-proxy}); yields the L{Daemon} at once (TVM's server
+    logs nothing when it reaches the proxy: wait on the proxy's log).
+    """
+    daemon = Daemon([sys.executable, "-m", "tvm.exec.rpc_server", "--host", host,
+                     "--port", str(proxy_port), "--through-proxy", "--key", key, *extra])
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@contextmanager
 def our_rpc_server(*extra, host="127.0.0.1", env=None):
     """
     Our rpc-server (C{twistd -n rpc-server}) on a port the system picks;

@@ -5,25 +5,19 @@ import re
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import pytest
 
-from daemons import Daemon, child_env, our_proxy, our_tracker, tvm_proxy, tvm_tracker, twistd
+from daemons import (Daemon, child_env, our_proxy, our_tracker, tvm_proxy, tvm_rpc_server_through,
+                     tvm_tracker, twistd)
 from tvm_rpc.protocol.keys import redact_matchkeys
 
 KEY = "interop-dev"
 
 
-@contextmanager
 def tvm_server_through(port, key=KEY):
     """TVM's server connecting out to a proxy, stopped (whole group) at the end."""
-    daemon = Daemon([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
-                     "--port", str(port), "--through-proxy", "--key", key])
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+    return tvm_rpc_server_through(port, key)
 
 
 def wait_free(tvm, tracker_port, key, want, timeout=30):
