@@ -6,7 +6,8 @@
 - Our server registers with TVM's tracker and TVM's query tool lists it.
 - A real TVM client reaching our server directly or through TVM's proxy is
   served (the rest of that story is in ``test_interop_tvm_client.py``); our
-  client reaching TVM's server gets a clear error naming the mismatch.
+  client reaching TVM's server speaks TVM's protocol to it (the story is in
+  ``test_interop_tvm_engine.py``).
 - A server that cannot import numpy, cloudpickle or TVM serves a ``.py``
   module session.
 """
@@ -75,16 +76,13 @@ def test_tvm_client_served(tvm):
         daemon.stop()
 
 
-def test_our_client_refused_by_tvm_server_clearly(tvm):
-    """Our client reaching TVM's server fails at once with NotTvmRpcServer."""
+def test_our_client_works_on_tvm_server(tvm):
+    """Our client reaching TVM's server opens a session of TVM's own protocol."""
     port = free_port()
     args = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
             "--port", str(port), "--port-end", str(port + 1), "--key", "dev"]
     with running(args, r"bind to"):
-        report = run_client("connect", "127.0.0.1", port, "dev")
-    assert report["ok"] is False
-    assert report["error_type"] == "NotTvmRpcServer"
-    assert "Apache TVM's native RPC server, not tvm_rpc" in report["message"]
+        assert run_client("connect", "127.0.0.1", port, "dev") == {"ok": True}
 
 
 def test_registers_with_tvm_tracker(tvm):

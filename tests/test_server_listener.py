@@ -13,9 +13,9 @@ from zope.interface import implementer
 from tvm_rpc.protocol.constants import RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
 from tvm_rpc.protocol.flavour import (
     MARKER,
+    OUR_PROTOCOL,
     TVM_CLIENT_REFUSAL,
     TVM_PROTOCOL,
-    TVM_SHUTDOWN_PACKET,
     client_key,
     reply_is_marked,
     server_key,
@@ -30,7 +30,6 @@ from tvm_rpc.client.connect import (
     DuplicateKey,
     KeyMismatch,
     NotAnRpcServer,
-    NotTvmRpcServer,
 )
 from tvm_rpc.protocol.constants import RPC_CODE_DUPLICATE
 from tvm_rpc.protocol.handshake import HandshakeDecoder, ReplyDecoder, encode_handshake, encode_reply
@@ -423,8 +422,6 @@ class ClientHandshakeTests(SynchronousTestCase):
             (encode_reply(RPC_CODE_MISMATCH), KeyMismatch, "does not accept key"),
             (encode_reply(RPC_CODE_DUPLICATE), DuplicateKey, "already in use"),
             (struct.pack("<i", 0x1234), NotAnRpcServer, "not an RPC server"),
-            (encode_reply(RPC_CODE_SUCCESS, "server:dev"), NotTvmRpcServer,
-             "Apache TVM's native RPC server, not tvm_rpc"),
         ]
         for reply, kind, text in cases:
             protocol, transport = self.shake()
@@ -435,9 +432,16 @@ class ClientHandshakeTests(SynchronousTestCase):
             # Closed cleanly, never reset (a reset kills TVM's accept thread).
             self.assertTrue(transport.disconnecting)
             self.assertFalse(getattr(transport, "aborted", False))
-            if kind is NotTvmRpcServer:
-                # TVM's session is ended as TVM's client ends it.
-                self.assertEqual(transport.value()[written:], TVM_SHUTDOWN_PACKET)
+            self.assertEqual(transport.value()[written:], b"")
+
+    def test_reply_tells_the_session_protocol(self):
+        """A marked reply announces our session protocol, an unmarked one TVM's own."""
+        for key, expected in [(server_key("dev"), OUR_PROTOCOL), ("server:dev", TVM_PROTOCOL)]:
+            protocol, transport = self.shake()
+            protocol.dataReceived(encode_reply(RPC_CODE_SUCCESS, key) + b"x")
+            self.assertEqual(self.successResultOf(protocol.done), b"x")
+            self.assertEqual(protocol.peer_protocol, expected)
+            self.assertFalse(transport.disconnecting)
 
     def test_closed_during_handshake(self):
         """A peer that hangs up before replying gives NotAnRpcServer."""

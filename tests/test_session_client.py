@@ -162,7 +162,8 @@ class OpeningTests(SessionTestBase):
         engine = self.session._engine
         self.assertIsInstance(engine, AMPEngine)
         self.assertTrue(verifyObject(ISessionEngine, engine))
-        self.assertEqual(self.session.protocol_name, "tvm_rpc")
+        self.assertEqual(self.session.protocol, "tvm_rpc")
+        self.assertIs(self.session.connection, engine.connection)
 
 
 class HelloFailureTests(SynchronousTestCase):
@@ -237,7 +238,8 @@ class CarrierTests(SynchronousTestCase):
         protocol, _ = switched[0]
         protocol.dataReceived(answer)
         session = self.successResultOf(opening)
-        self.assertIs(session.protocol, protocol)
+        self.assertIs(session.connection, protocol)
+        self.assertEqual(session.protocol, "tvm_rpc")
         self.assertEqual((session.address, session.session_timeout), ("h:1", 7))
         self.assertEqual((session.chunk_size, session.window), (1000, 4))
 
@@ -689,6 +691,13 @@ class TimeEvaluatorTests(SessionTestBase):
         """number or repeat below 1 are refused at once."""
         self.assertRaises(ValueError, self.session.time_evaluator, "noop", "cpu", number=0)
         self.assertRaises(ValueError, self.session.time_evaluator, "noop", "cpu", repeat=0)
+
+    def test_tvm_options_refused_when_changed(self):
+        """Our server takes TVM's other options at their defaults only, and says which differ."""
+        evaluator = self.session.time_evaluator("noop", "cpu", cooldown_interval_ms=5,
+                                                f_preproc="flush")
+        failure = self.failureResultOf(evaluator(), ValueError)
+        self.assertIn("cooldown_interval_ms=5, f_preproc='flush'", str(failure.value))
 
 
 class TimeEvaluatorFunctionTests(SessionTestBase):

@@ -165,6 +165,19 @@ def test_frame_bound_checked_before_buffering():
     assert packets.FrameDecoder(100).feed(packets.packet(packets.RETURN, b"x" * 96))
 
 
+@given(st.lists(st.floats(0, 1), max_size=10))
+def test_oversize_frames_skipped_unkept(cuts):
+    """With skip_oversize, a too-long packet is announced and dropped, whatever the split."""
+    stream = (packets.packet(packets.RETURN, b"a" * 200) + packets.packet(packets.COPY_ACK, b"ok")
+              + packets.packet(packets.RETURN, b"b" * 300))
+    decoder = packets.FrameDecoder(max_packet=100, skip_oversize=True)
+    decoded = []
+    for piece in split(stream, cuts):
+        decoded.extend(decoder.feed(piece))
+        assert decoder.buffered <= 100 + 8
+    assert decoded == [(None, 204), (packets.COPY_ACK, b"ok"), (None, 304)]
+
+
 def test_frame_too_short_for_a_code():
     with pytest.raises(packets.TVMPacketError, match="cannot hold its code"):
         packets.FrameDecoder(100).feed(struct.pack("<Q", 3) + b"abc")

@@ -34,6 +34,26 @@ CORK_LIMIT = 64 * 1024
 WRITE_THROUGH_LIMIT = 64 * 1024
 
 
+def write_now(transport, data):
+    """
+    Write C{data} straight to the socket of C{transport} when it is a plain
+    TCP transport with nothing buffered and C{data} is at most
+    L{WRITE_THROUGH_LIMIT} bytes; what the socket does not take (or all of
+    it, otherwise) goes through the transport, so ordering is kept.
+    """
+    sock = idle_socket(transport) if len(data) <= WRITE_THROUGH_LIMIT else None
+    if sock is not None:
+        try:
+            sent = sock.send(data)
+        except OSError:
+            # EAGAIN, or an error the transport reports on its own write.
+            sent = 0
+        if sent >= len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
 class LeanAMP(amp.AMP):
     """
     L{amp.AMP} with a faster receive loop and corked, write-through output.
@@ -220,17 +240,5 @@ class LeanAMP(amp.AMP):
 
     def _write_now(self, data):
         """Send C{data} on an idle socket, the rest (or all) through the transport."""
-        transport = self.transport
-        if transport is None:
-            return
-        sock = idle_socket(transport) if len(data) <= WRITE_THROUGH_LIMIT else None
-        if sock is not None:
-            try:
-                sent = sock.send(data)
-            except OSError:
-                # EAGAIN, or an error the transport reports on its own write.
-                sent = 0
-            if sent >= len(data):
-                return
-            data = data[sent:]
-        transport.write(data)
+        if self.transport is not None:
+            write_now(self.transport, data)

@@ -4,9 +4,11 @@ A file received over a session is written beside its final path under a
 temporary name and renamed over it once complete, so a reader never sees
 half a file and a cancelled transfer leaves nothing behind: the client does
 this for downloads, the server (:class:`~tvm_rpc.server.workdir.FileSink`)
-for uploads. :func:`open_temporary` makes that temporary file.
+for uploads. :func:`open_temporary` makes that temporary file;
+:func:`replacing` writes a whole file that way.
 """
 
+import contextlib
 import itertools
 import os
 
@@ -34,3 +36,26 @@ def open_temporary(path):
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary name beside {path!r}")
+
+
+@contextlib.contextmanager
+def replacing(path):
+    """
+    Write a file through a temporary file beside it: C{with replacing(path)
+    as sink: sink.write(...)} renames it over C{path} when the block ends
+    well, and deletes it when the block raises (cancellation included).
+
+    @param path: the final path.
+    @return: a context manager giving the file open for binary writing.
+    """
+    temporary, sink = open_temporary(path)
+    try:
+        with sink:
+            yield sink
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise

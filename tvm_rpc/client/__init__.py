@@ -29,10 +29,9 @@ from .connect import (
     HandshakeError,
     KeyMismatch,
     NotAnRpcServer,
-    NotTvmRpcServer,
     RequestFailed,
     connect,
 )
 
 __all__ += ["DuplicateKey", "HandshakeError", "KeyMismatch", "NotAnRpcServer",
-            "NotTvmRpcServer", "RequestFailed", "connect"]
+            "RequestFailed", "connect"]

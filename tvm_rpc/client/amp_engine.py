@@ -35,7 +35,13 @@ from ..protocol.session_commands import (
 from ..protocol.streams import receive_value, send_value
 from ..protocol.values import ArrayRef, Handle
 from .amp_protocol import SessionClientProtocol
-from .engine import DEFAULT_MAX_RESULT_SIZE, ISessionEngine
+from .engine import (
+    DEFAULT_MAX_RESULT_SIZE,
+    TIME_EVALUATOR_OPTIONS,
+    EngineState,
+    ISessionEngine,
+    guarded,
+)
 from .transfers import StreamTransfers
 
 log = Logger()
@@ -77,7 +83,7 @@ def _handles_in(value, found):
 
 @implementer(ISessionEngine)
 @attrs.define(eq=False)
-class AMPEngine(StreamTransfers):
+class AMPEngine(EngineState, StreamTransfers):
     """
     Our session protocol (AMP boxes, the value codec, streams) as an
     L{ISessionEngine}.
@@ -106,25 +112,11 @@ class AMPEngine(StreamTransfers):
 
     # -- state -----------------------------------------------------------
 
-    @property
-    def connection(self):
-        """The L{SessionClientProtocol} under the session."""
-        return self._protocol
-
-    @property
-    def closed(self):
-        """Whether the session is over or closing (no new calls are sent)."""
-        return self._protocol.lost or self._close_started
-
     def configure(self, chunk_size, window, max_result_size):
         """Set the transfer parameters (see L{ISessionEngine.configure})."""
         self.chunk_size = chunk_size
         self.window = window
         self.max_result_size = max_result_size
-
-    def when_closed(self):
-        """@return: a Deferred firing with L{None} once the connection is gone."""
-        return self._protocol.when_lost()
 
     def abandon(self):
         """Close the connection of a session object that was garbage-collected."""
@@ -150,22 +142,7 @@ class AMPEngine(StreamTransfers):
 
         @return: a cancellable Deferred of the answer.
         """
-        calling = self._call_remote(command, **kwargs)
-        cancelled = []
-        result = Deferred(lambda _: cancelled.append(True))
-
-        def arrived(answer):
-            if cancelled:
-                orphan(answer)
-            else:
-                result.callback(answer)
-
-        def failed(failure):
-            if not cancelled:
-                result.errback(failure)
-
-        calling.addCallbacks(arrived, failed)
-        return result
+        return guarded(self._call_remote(command, **kwargs), orphan)
 
     def _orphan_answer(self, answer):
         """
@@ -191,11 +168,8 @@ class AMPEngine(StreamTransfers):
         it never raises and sends nothing itself: a Free goes out on the next
         reactor turn).
         """
-        if self.closed:
-            return
-        self._to_free.append(handle)
-        if self._free_call is None:
-            self._free_call = self._clock.callLater(0, self._flush_free)
+        if not self.closed:
+            self._schedule_free(handle)
 
     def _flush_free(self):
         """Send the queued releases."""
@@ -267,8 +241,18 @@ class AMPEngine(StreamTransfers):
         return getting.addCallback(lambda answer: answer["function"])
 
     def time_evaluator(self, function, name, args, device_type, index, number, repeat,
-                       min_repeat_ms):
-        """@return: a Deferred of the per-repeat seconds of timing a function."""
+                       min_repeat_ms, options):
+        """
+        @return: a Deferred of the per-repeat seconds of timing a function.
+            It fails with L{ValueError} for a TVM option (C{options}) other
+            than its default: our server's C{TimeEvaluator} does not take them.
+        """
+        changed = {key: value for key, value in options.items()
+                   if value != TIME_EVALUATOR_OPTIONS[key]}
+        if changed:
+            return fail(ValueError(
+                f"tvm_rpc's server does not take these time_evaluator options: "
+                f"{', '.join(f'{key}={value!r}' for key, value in sorted(changed.items()))}"))
         return Deferred.fromCoroutine(self._time(
             function, name, args, device_type, index, number, repeat, min_repeat_ms))
 

@@ -2,7 +2,8 @@
 
 :func:`connect` opens a TCP connection to a server (or a proxy), performs TVM's
 RPC handshake marked as ours (see :mod:`tvm_rpc.protocol.flavour`), then
-switches the connection to the session protocol and returns the
+switches the connection to the session protocol the reply announces (ours for
+a marked reply, TVM's own for one of TVM's servers) and returns the
 :class:`~tvm_rpc.client.rpc_session.RPCSession`. :func:`request` first obtains a
 server from a tracker; :func:`request_and_run` runs a function on a session and
 retries on another server when the one it got drops out. All return Deferreds.
@@ -15,12 +16,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
 from ..protocol.constants import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
-from ..protocol.flavour import (
-    TVM_SERVER_REFUSAL,
-    TVM_SHUTDOWN_PACKET,
-    client_key,
-    reply_is_marked,
-)
+from ..protocol.flavour import OUR_PROTOCOL, TVM_PROTOCOL, client_key, reply_is_marked
 from ..protocol.handshake import ReplyDecoder, encode_handshake
 from ..transport import SwitchingCarrier, client_endpoint, set_no_delay
 from .engine import DEFAULT_MAX_RESULT_SIZE
@@ -43,10 +39,6 @@ class KeyMismatch(HandshakeError):
 
 class DuplicateKey(HandshakeError):
     """The proxy answered RPC_CODE_DUPLICATE: the key is already waiting there."""
-
-
-class NotTvmRpcServer(HandshakeError):
-    """The peer completed TVM's handshake but is Apache TVM's native server, not ours."""
 
 
 class NotAnRpcServer(HandshakeError):
@@ -72,6 +64,8 @@ class ClientHandshake(SwitchingCarrier, TimeoutMixin, Protocol):
     Its timer (a L{TimeoutMixin} on C{clock}) bounds connecting and the
     answer together: it starts with L{shake}.
 
+    @ivar peer_protocol: once accepted, the session protocol the reply
+        announced: L{OUR_PROTOCOL} (marked) or L{TVM_PROTOCOL}.
     @ivar done: fires with the bytes received after the reply once the server
         accepted us; errbacks with a L{HandshakeError} (the connection is then
         closed), the connection error or the connection's loss. Cancelling it
@@ -94,6 +88,7 @@ class ClientHandshake(SwitchingCarrier, TimeoutMixin, Protocol):
             self.callLater = clock.callLater
         self._connecting = None
         self._decoder = ReplyDecoder()
+        self.peer_protocol = None
         self.done = defer.Deferred(self._give_up)
 
     def shake(self, endpoint):
@@ -164,16 +159,12 @@ class ClientHandshake(SwitchingCarrier, TimeoutMixin, Protocol):
                 f"{self._address} is not an RPC server or proxy "
                 f"(handshake reply 0x{decoder.code & 0xFFFFFFFF:x})"
             )
-        elif not reply_is_marked(decoder.key):
-            problem = NotTvmRpcServer(f"{self._address}: {TVM_SERVER_REFUSAL}")
-            # End TVM's session as TVM's client does: a reset would kill the
-            # accept thread of TVM's server.
-            self.transport.write(TVM_SHUTDOWN_PACKET)
         if problem is not None:
             self.transport.loseConnection()
             self._fail(problem)
             return
         self.setTimeout(None)
+        self.peer_protocol = OUR_PROTOCOL if reply_is_marked(decoder.key) else TVM_PROTOCOL
         self.done.callback(decoder.rest)
 
     def connectionLost(self, reason=None):
@@ -209,7 +200,7 @@ def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=Non
         session accepts (see L{RPCSession.max_result_size}).
     @return: a Deferred firing with an L{RPCSession} whose C{address} is
         C{host:port} and whose C{session_timeout} is the one asked for; it
-        errbacks with L{KeyMismatch}, L{DuplicateKey}, L{NotTvmRpcServer} or
+        errbacks with L{KeyMismatch}, L{DuplicateKey} or
         L{NotAnRpcServer} when refused, with L{SessionLostAtStart} when the
         connection is lost between the handshake and the session's start,
         or the connection error.
@@ -226,6 +217,7 @@ def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=Non
         return await open_session(
             handshake, rest, reactor=reactor, session_timeout=session_timeout,
             address=address, max_result_size=max_result_size,
+            protocol=handshake.peer_protocol,
         )
 
     return defer.Deferred.fromCoroutine(run())

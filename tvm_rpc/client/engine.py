@@ -9,7 +9,8 @@ L{Handle<tvm_rpc.protocol.values.Handle>},
 L{ArrayRef<tvm_rpc.protocol.values.ArrayRef>}, devices,
 L{HostArray<tvm_rpc.protocol.values.HostArray>}). An engine speaks one
 session protocol on one connection: L{AMPEngine<tvm_rpc.client.amp_engine.AMPEngine>}
-speaks ours. Every method that talks to the server returns a
+speaks ours, L{TVMEngine<tvm_rpc.client.tvm_engine.TVMEngine>} TVM's own.
+Every method that talks to the server returns a
 L{Deferred<twisted.internet.defer.Deferred>}; once the session is over they
 fail with a L{SessionClosed<tvm_rpc.client.session_errors.SessionClosed>}
 saying why.
@@ -19,7 +20,11 @@ cancelled before its answer still awaits the answer and releases what it
 made, so cancelling never leaks on the server.
 """
 
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from zope.interface import Attribute, Interface
+
+log = Logger()
 
 #: Longest encoded result of one call accepted by default (256 MiB). A result
 #: is held whole (its chunks, then joined, then decoded), while arrays and
@@ -28,12 +33,22 @@ from zope.interface import Attribute, Interface
 #: session with C{max_result_size}.
 DEFAULT_MAX_RESULT_SIZE = 256 << 20
 
+#: TVM's C{time_evaluator} options beyond number, repeat and min_repeat_ms,
+#: with TVM's defaults (C{tvm.runtime.Module.time_evaluator}).
+TIME_EVALUATOR_OPTIONS = {
+    "limit_zero_time_iterations": 100,
+    "cooldown_interval_ms": 0,
+    "repeats_to_cooldown": 1,
+    "cache_flush_bytes": 0,
+    "f_preproc": "",
+}
+
 
 class ISessionEngine(Interface):
     """One session protocol driven on one connection, for an L{RPCSession}."""
 
     protocol_name = Attribute(
-        "The name of the session protocol spoken (C{'tvm_rpc'} for ours).")
+        "The name of the session protocol spoken (C{'tvm_rpc'} for ours, C{'tvm'} for TVM's).")
     connection = Attribute(
         "The Twisted protocol object that carries the session on its transport.")
     closed = Attribute("Whether the session is over or closing (nothing new is sent).")
@@ -110,10 +125,13 @@ class ISessionEngine(Interface):
         """@return: a Deferred of the raw C-order bytes of an array."""
 
     def time_evaluator(function, name, args, device_type, index, number, repeat,
-                       min_repeat_ms):
+                       min_repeat_ms, options):
         """
         Time a function on the device (see
         L{RPCSession.time_evaluator<tvm_rpc.client.rpc_session.RPCSession.time_evaluator>}).
+
+        @param options: TVM's other options, a dict with the keys of
+            L{TIME_EVALUATOR_OPTIONS}.
 
         @return: a Deferred of the list of per-repeat seconds.
         """
@@ -127,4 +145,73 @@ class ISessionEngine(Interface):
         """
 
 
-__all__ = ["DEFAULT_MAX_RESULT_SIZE", "ISessionEngine"]
+def guarded(asking, orphan):
+    """
+    Hand out the answer of a request that creates something on the server
+    (a handle, a stream), so that cancelling never leaks there.
+
+    @param asking: the request's Deferred.
+    @param orphan: called with the answer when the caller cancelled before
+        it came: releases what it created.
+    @return: a cancellable Deferred of the answer; cancelling it leaves the
+        request waiting for its answer.
+    """
+    cancelled = []
+    result = Deferred(lambda _: cancelled.append(True))
+
+    def arrived(answer):
+        if cancelled:
+            try:
+                orphan(answer)
+            except Exception:
+                log.failure("releasing what a cancelled request made")
+        else:
+            result.callback(answer)
+
+    def failed(failure):
+        if not cancelled:
+            result.errback(failure)
+
+    asking.addCallbacks(arrived, failed)
+    return result
+
+
+class EngineState:
+    """
+    Mixin of what both engines keep alike: the connection, whether the
+    session is over, and the queue of releases sent on the next reactor
+    turn. The class using it has C{_protocol} (with C{lost} and
+    C{when_lost()}), C{_clock}, C{_close_started}, C{_to_free},
+    C{_free_call} and C{_flush_free()}.
+    """
+
+    __slots__ = ()
+
+    @property
+    def connection(self):
+        """The Twisted protocol object under the session."""
+        return self._protocol
+
+    @property
+    def closed(self):
+        """Whether the session is over or closing (no new calls are sent)."""
+        return self._protocol.lost or self._close_started
+
+    def when_closed(self):
+        """@return: a Deferred firing with L{None} once the connection is gone."""
+        return self._protocol.when_lost()
+
+    def _schedule_free(self, item):
+        """Queue C{item} for L{_flush_free} on the next reactor turn (sends nothing now)."""
+        self._to_free.append(item)
+        if self._free_call is None:
+            self._free_call = self._clock.callLater(0, self._flush_free)
+
+
+__all__ = [
+    "DEFAULT_MAX_RESULT_SIZE",
+    "EngineState",
+    "ISessionEngine",
+    "TIME_EVALUATOR_OPTIONS",
+    "guarded",
+]

@@ -228,12 +228,13 @@ class RemoteModule:
             resolver=lambda: self.session._module_function_handle(self, name, False),
         )
 
-    def time_evaluator(self, name, device, number=10, repeat=1, min_repeat_ms=0):
+    def time_evaluator(self, name, device, number=10, repeat=1, min_repeat_ms=0, **options):
         """
-        As L{RPCSession.time_evaluator<tvm_rpc.client.session.RPCSession.time_evaluator>}
-        for the module's function C{name}.
+        As L{RPCSession.time_evaluator<tvm_rpc.client.rpc_session.RPCSession.time_evaluator>}
+        for the module's function C{name} (TVM's options by keyword).
         """
-        return self.session.time_evaluator(self[name], device, number, repeat, min_repeat_ms)
+        return self.session.time_evaluator(self[name], device, number, repeat, min_repeat_ms,
+                                           **options)
 
     @property
     def closed(self):

@@ -118,17 +118,21 @@ class RPCSession(SessionDevices):
 
     @property
     def protocol(self):
+        """
+        The session protocol spoken: C{"tvm_rpc"} with our server
+        (L{OUR_PROTOCOL<tvm_rpc.protocol.flavour.OUR_PROTOCOL>}), C{"tvm"} with
+        one of TVM's own (L{TVM_PROTOCOL<tvm_rpc.protocol.flavour.TVM_PROTOCOL>}).
+        """
+        return self._engine.protocol_name
+
+    @property
+    def connection(self):
         """The Twisted protocol object that carries the session (the engine's connection)."""
         return self._engine.connection
 
     def _release(self, handle):
         """Release C{handle} on the server soon (called by the remote objects' finalizers)."""
         self._engine.free(handle)
-
-    @property
-    def protocol_name(self):
-        """The session protocol spoken: C{"tvm_rpc"} for ours."""
-        return self._engine.protocol_name
 
     # -- values ----------------------------------------------------------
 
@@ -314,8 +318,15 @@ class RPCSession(SessionDevices):
         return self.call("tvm.rpc.server.remove", path)
 
     def listdir(self, path="."):
-        """@return: a Deferred of the sorted names in a directory of the work directory."""
-        return self.call("tvm.rpc.server.listdir", path)
+        """
+        @return: a Deferred of the sorted names in a directory of the work
+            directory (TVM's C{apps/cpp_rpc} answers C{"a,b,"}: split; TVM's
+            Python server has no listdir and fails with a L{RemoteError}
+            saying so).
+        """
+        return self.call("tvm.rpc.server.listdir", path).addCallback(
+            lambda names: sorted(filter(None, names.split(","))) if isinstance(names, str)
+            else names)
 
     def workpath(self, path=""):
         """@return: a Deferred of the absolute path of C{path} on the server."""
@@ -330,6 +341,10 @@ class RPCSession(SessionDevices):
         """
         return self._engine.load_module(path).addCallback(
             lambda loaded: RemoteModule(self, loaded[0], loaded[1], path))
+
+    def system_lib(self):
+        """@return: a Deferred of the server's system library (TVM's C{ffi.SystemLib}) as a L{RemoteModule}."""
+        return self.call("ffi.SystemLib")
 
     # -- devices ---------------------------------------------------------
 
@@ -408,19 +423,30 @@ class RPCSession(SessionDevices):
 
     # -- timing ----------------------------------------------------------
 
-    def time_evaluator(self, func_or_name, device, number=10, repeat=1, min_repeat_ms=0):
+    def time_evaluator(self, func_or_name, device, number=10, repeat=1, min_repeat_ms=0,
+                       limit_zero_time_iterations=100, cooldown_interval_ms=0,
+                       repeats_to_cooldown=1, cache_flush_bytes=0, f_preproc=""):
         """
         Make an evaluator that times a function on the device, excluding
-        the network (TVM's C{time_evaluator}).
+        the network (TVM's C{time_evaluator}, with its options).
 
         @param func_or_name: a L{RemoteFunction}, or a global function name.
         @param device: the device to sync around each repeat.
         @param number: calls per repeat (grown to last C{min_repeat_ms}).
         @param repeat: repeats; each gives one result.
         @param min_repeat_ms: the shortest duration of one repeat.
+        @param limit_zero_time_iterations: most repeats that may take zero
+            time (TVM's option).
+        @param cooldown_interval_ms: pause between repeat groups (TVM's option).
+        @param repeats_to_cooldown: repeats per group (TVM's option).
+        @param cache_flush_bytes: bytes of cache flushed before each repeat
+            (TVM's option).
+        @param f_preproc: the name of a server function run before each
+            repeat (TVM's option).
         @return: a callable; C{evaluator(*args)} returns a Deferred of a
             L{TimeEvaluatorResult} (C{mean}, C{median}, C{min}, C{max},
-            C{std}, C{results}, in seconds).
+            C{std}, C{results}, in seconds). On our server, a TVM option
+            other than its default fails that Deferred with L{ValueError}.
         @raise ValueError: for C{number} or C{repeat} below 1 or a negative
             C{min_repeat_ms}.
         """
@@ -432,20 +458,27 @@ class RPCSession(SessionDevices):
         device = self._device(device)
         if not isinstance(func_or_name, (RemoteFunction, str)):
             raise TypeError(f"time a RemoteFunction or a global name, not {func_or_name!r}")
+        options = {
+            "limit_zero_time_iterations": int(limit_zero_time_iterations),
+            "cooldown_interval_ms": int(cooldown_interval_ms),
+            "repeats_to_cooldown": int(repeats_to_cooldown),
+            "cache_flush_bytes": int(cache_flush_bytes),
+            "f_preproc": str(f_preproc),
+        }
 
         def evaluator(*args):
             """@return: a Deferred of the L{TimeEvaluatorResult} for C{args}."""
             return Deferred.fromCoroutine(
-                self._time(func_or_name, device, number, repeat, min_repeat_ms, args))
+                self._time(func_or_name, device, number, repeat, min_repeat_ms, options, args))
 
         return evaluator
 
-    async def _time(self, function, device, number, repeat, min_repeat_ms, args):
+    async def _time(self, function, device, number, repeat, min_repeat_ms, options, args):
         handle, name = await self._target(function)
         wire_args = await self._wire_args(args)
         results = await self._engine.time_evaluator(
             handle, name, wire_args, device.device_type, device.index, number, repeat,
-            min_repeat_ms)
+            min_repeat_ms, options)
         return TimeEvaluatorResult(results)
 
     # -- closing ---------------------------------------------------------

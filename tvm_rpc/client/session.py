@@ -8,8 +8,11 @@ L{SessionClientProtocol<tvm_rpc.client.amp_protocol.SessionClientProtocol>}
 (bounded in time, so a peer that is not a tvm_rpc session server gives
 L{ProtocolMismatch} instead of a hang) and returns a Deferred of an
 L{RPCSession<tvm_rpc.client.rpc_session.RPCSession>} driven by an
-L{AMPEngine<tvm_rpc.client.amp_engine.AMPEngine>}; L{open_session} first
-switches a handshake carrier to the session protocol.
+L{AMPEngine<tvm_rpc.client.amp_engine.AMPEngine>}. L{start_tvm_session}
+does the same for one of TVM's own servers (its kInitServer, then a
+L{TVMEngine<tvm_rpc.client.tvm_engine.TVMEngine>}); L{open_session} first
+switches a handshake carrier to the session protocol the handshake reply
+announced.
 
 Handing a connection over after the handshake (what C{connect()} does)::
 
@@ -36,13 +39,17 @@ from twisted.internet.error import ConnectionClosed
 
 import tvm_rpc
 
+from ..protocol import tvm_packets
+from ..protocol.flavour import OUR_PROTOCOL, TVM_PROTOCOL
 from ..protocol.remote_error import RemoteError
 from ..protocol.session_commands import CHUNK_SIZE, SESSION_PROTOCOL, SESSION_VERSION, Hello
 from .amp_engine import AMPEngine
-from .engine import DEFAULT_MAX_RESULT_SIZE
 from .amp_protocol import make_client_protocol
+from .engine import DEFAULT_MAX_RESULT_SIZE
 from .rpc_session import RPCSession
 from .session_errors import ProtocolMismatch, SessionLostAtStart
+from .tvm_engine import TVM_CHUNK_SIZE, TVMEngine
+from .tvm_protocol import PACKET_SLACK, TVMClientProtocol
 
 #: Seconds the opening Hello may take before the peer is declared foreign.
 HELLO_TIMEOUT = 10.0
@@ -119,8 +126,50 @@ async def _start_session(protocol, clock, hello_timeout, max_result_size):
     )
 
 
+def start_tvm_session(protocol, *, clock=None, hello_timeout=HELLO_TIMEOUT,
+                      max_result_size=DEFAULT_MAX_RESULT_SIZE):
+    """
+    Open a session of TVM's own protocol on a connected L{TVMClientProtocol}
+    (one of TVM's servers is on the other end): kInitServer with TVM's
+    protocol version and no constructor arguments, answered by kReturn.
+
+    @return: a Deferred of an L{RPCSession} driven by a L{TVMEngine}; it
+        fails as L{start_session}'s does, L{ProtocolMismatch} carrying the
+        server's text when it refuses the version.
+    """
+    if clock is None:
+        from twisted.internet import reactor as clock
+    return Deferred.fromCoroutine(
+        _start_tvm_session(protocol, clock, hello_timeout, max_result_size))
+
+
+async def _start_tvm_session(protocol, clock, hello_timeout, max_result_size):
+    asking = protocol.request(tvm_packets.init_server())
+    asking.addTimeout(hello_timeout, clock)
+    try:
+        await asking
+    except RemoteError as e:
+        protocol.transport.loseConnection()
+        raise ProtocolMismatch(f"TVM's server refused the session: {e.message}") from e
+    except TimeoutError as e:
+        protocol.transport.loseConnection()
+        raise ProtocolMismatch(
+            f"no answer to TVM's kInitServer within {hello_timeout} s: the peer does not "
+            "speak TVM's session protocol") from e
+    except ConnectionClosed as e:
+        raise SessionLostAtStart(
+            f"the connection was lost before TVM's server answered kInitServer ({e})") from e
+    return RPCSession(
+        TVMEngine(protocol, clock),
+        chunk_size=TVM_CHUNK_SIZE,
+        server_implementation=f"Apache TVM (session protocol {tvm_packets.PROTOCOL_VERSION})",
+        max_result_size=max_result_size,
+    )
+
+
 def open_session(carrier, rest=b"", *, reactor=None, session_timeout=0, address=None,
-                 hello_timeout=HELLO_TIMEOUT, max_result_size=DEFAULT_MAX_RESULT_SIZE):
+                 hello_timeout=HELLO_TIMEOUT, max_result_size=DEFAULT_MAX_RESULT_SIZE,
+                 protocol=OUR_PROTOCOL):
     """
     Switch a handshaken connection to the session protocol and open the
     session (what L{tvm_rpc.client.connect.connect} calls).
@@ -134,12 +183,22 @@ def open_session(carrier, rest=b"", *, reactor=None, session_timeout=0, address=
         (kept as L{RPCSession.session_timeout}, for information).
     @param address: C{host:port} of the server, for messages.
     @param max_result_size: see L{start_session}.
-    @return: a Deferred of an L{RPCSession} (see L{start_session}).
+    @param protocol: the session protocol the handshake reply announced:
+        L{OUR_PROTOCOL} (a marked reply) or L{TVM_PROTOCOL} (one of TVM's
+        servers).
+    @return: a Deferred of an L{RPCSession} (see L{start_session} and
+        L{start_tvm_session}).
     """
-    protocol = make_client_protocol()
-    carrier.switch_to(protocol, rest)
-    opening = start_session(protocol, clock=reactor, hello_timeout=hello_timeout,
-                            max_result_size=max_result_size)
+    if protocol == TVM_PROTOCOL:
+        connection = TVMClientProtocol(max_result_size + PACKET_SLACK)
+        carrier.switch_to(connection, rest)
+        opening = start_tvm_session(connection, clock=reactor, hello_timeout=hello_timeout,
+                                    max_result_size=max_result_size)
+    else:
+        connection = make_client_protocol()
+        carrier.switch_to(connection, rest)
+        opening = start_session(connection, clock=reactor, hello_timeout=hello_timeout,
+                                max_result_size=max_result_size)
 
     def describe(session):
         session.address = address
@@ -155,4 +214,5 @@ __all__ = [
     "make_client_protocol",
     "open_session",
     "start_session",
+    "start_tvm_session",
 ]

@@ -11,7 +11,7 @@ import os
 
 from twisted.internet.defer import Deferred
 
-from ..localfiles import open_temporary
+from ..localfiles import replacing
 from ..protocol.session_commands import OpenArrayRead, OpenArrayWrite, OpenDownload, OpenUpload
 from ..protocol.streams import chunked, file_chunks, read_stream, write_stream
 
@@ -76,22 +76,11 @@ class StreamTransfers:
             await read_stream(self._call_remote, stream, size, parts.append,
                               window=self.window, chunk_size=self.chunk_size)
             return b"".join(parts)
-        local_path = os.path.abspath(os.fspath(local_path))
-        temporary, sink = open_temporary(local_path)
-        try:
-            with sink:
-                received = await read_stream(
-                    self._call_remote, stream, size, sink.write,
-                    window=self.window, chunk_size=self.chunk_size,
-                )
-            os.replace(temporary, local_path)
-        except BaseException:
-            try:
-                os.unlink(temporary)
-            except FileNotFoundError:
-                pass
-            raise
-        return received
+        with replacing(os.path.abspath(os.fspath(local_path))) as sink:
+            return await read_stream(
+                self._call_remote, stream, size, sink.write,
+                window=self.window, chunk_size=self.chunk_size,
+            )
 
     def write_array(self, handle, data, what):
         """

@@ -11,11 +11,12 @@ never parses the server key):
   it TVM's own session protocol (:mod:`tvm_rpc.server.tvm_session`); where
   it cannot, it answers the handshake and then sends one packet of TVM's
   own protocol, an exception naming why (:data:`TVM_CLIENT_REFUSAL`), which
-  TVM's client raises as ``RPCError``.
+  TVM's client raises as ``RPCError``;
+- our client, meeting a reply without the mark (one of TVM's servers),
+  speaks TVM's own session protocol to it (:mod:`tvm_rpc.client.tvm_engine`).
 """
 
-import struct
-
+from . import tvm_packets
 from .keys import CLIENT_PREFIX, SERVER_PREFIX
 
 #: The name of our session protocol (AMP boxes), for logs and counts.
@@ -38,19 +39,6 @@ TVM_CLIENT_REFUSAL = (
     "restart it without --no-fork, or connect with tvm_rpc.client.connect "
     "or tvm_rpc.client.connect_tracker(...).request(key)"
 )
-#: What our client says when it reaches one of TVM's servers.
-TVM_SERVER_REFUSAL = (
-    "this is Apache TVM's native RPC server, not tvm_rpc: it does not speak the "
-    "tvm_rpc session protocol; use tvm.rpc.connect for it, or run "
-    "'twistd rpc-server' on the device"
-)
-
-# TVM's RpcCode::kException and the FFI type index of a string argument, as
-# written by tvm.rpc._ffi_api.ReturnException in apache-tvm 0.27.
-_TVM_EXCEPTION_CODE = 5
-_TVM_STRING_TYPE = 8
-_UINT64 = struct.Struct("<Q")
-_EXCEPTION_HEAD = struct.Struct("<iii")
 
 
 def client_key(matchkey, timeout=None):
@@ -95,18 +83,12 @@ def reply_is_marked(key):
     return MARKER.strip() in key.split()[1:]
 
 
-#: TVM's kShutdown packet: ends a session of TVM's protocol cleanly.
-TVM_SHUTDOWN_PACKET = _UINT64.pack(4) + struct.pack("<i", 1)
-
-
 def tvm_exception_packet(message):
     """
     One packet of TVM's RPC endpoint protocol that makes TVM's client raise.
 
     @param message: the error text TVM's client shows.
-    @return: ``[uint64 length][int32 kException][int32 1][int32 str][uint64 n][text]``.
+    @return: ``[uint64 length][int32 kException][int32 1][int32 str][uint64 n][text]``
+        (what C{tvm.rpc._ffi_api.ReturnException} writes).
     """
-    raw = message.encode("utf-8")
-    body = _EXCEPTION_HEAD.pack(_TVM_EXCEPTION_CODE, 1, _TVM_STRING_TYPE)
-    body += _UINT64.pack(len(raw)) + raw
-    return _UINT64.pack(len(body)) + body
+    return tvm_packets.packet(tvm_packets.EXCEPTION, tvm_packets.encode_seq([message]))

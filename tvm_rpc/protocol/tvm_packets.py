@@ -116,26 +116,39 @@ class FrameDecoder:
     Cuts a byte stream into packets.
 
     @ivar max_packet: the longest C{packet_nbytes} accepted.
+    @ivar skip_oversize: whether a longer packet is skipped (its bytes
+        dropped as they come, never kept) instead of being an error.
     """
 
-    __slots__ = ("max_packet", "_buffer", "_need")
+    __slots__ = ("max_packet", "skip_oversize", "_buffer", "_need", "_skip")
 
-    def __init__(self, max_packet):
-        """@param max_packet: the longest C{packet_nbytes} accepted."""
+    def __init__(self, max_packet, skip_oversize=False):
+        """
+        @param max_packet: the longest C{packet_nbytes} accepted.
+        @param skip_oversize: see L{skip_oversize}.
+        """
         self.max_packet = max_packet
+        self.skip_oversize = skip_oversize
         self._buffer = bytearray()
         self._need = None
+        self._skip = 0
 
     def feed(self, data):
         """
         Take C{data} and return the packets it completes.
 
         @return: a list of C{(code, body)}, C{body} a C{bytes} (zero-length
-            keep-alive frames are skipped).
+            keep-alive frames are skipped). With L{skip_oversize}, a packet
+            longer than L{max_packet} gives C{(None, its length)} as soon as
+            its length is read, and its bytes are dropped.
         @raise TVMPacketError: for a packet longer than L{max_packet} (its
-            length is checked before its bytes are kept), or one too short
-            to hold a code. The decoder is unusable afterwards.
+            length is checked before its bytes are kept) unless skipped, or
+            one too short to hold a code. The decoder is unusable afterwards.
         """
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
         buffer = self._buffer
         buffer += data
         packets = []
@@ -149,8 +162,16 @@ class FrameDecoder:
                     del buffer[:8]
                     continue
                 if need > self.max_packet:
-                    raise TVMPacketError(
-                        f"a packet of {need} bytes, more than the bound of {self.max_packet}")
+                    if not self.skip_oversize:
+                        raise TVMPacketError(
+                            f"a packet of {need} bytes, more than the bound of {self.max_packet}")
+                    packets.append((None, need))
+                    dropped = min(need, len(buffer) - 8)
+                    del buffer[:8 + dropped]
+                    self._skip = need - dropped
+                    if self._skip:
+                        break
+                    continue
                 if need < 4:
                     raise TVMPacketError(f"a packet of {need} bytes cannot hold its code")
                 del buffer[:8]
@@ -180,6 +201,7 @@ __all__ = [
     "copy_from_remote",
     "copy_packet_size",
     "copy_to_remote",
+    "encode_seq",
     "init_server",
     "packet",
     "syscall",

@@ -249,8 +249,7 @@ def _read_object(data, pos, outer):
     (inner,) = _U32.unpack_from(data, pos)
     pos += 4
     if inner == STR:
-        raw, pos = _read_sized(data, pos, "a string")
-        return _text(raw), pos
+        return _read_text(data, pos)
     if inner == BYTES:
         return _read_sized(data, pos, "a byte string")
     if inner == RPC_OBJECT_REF:
@@ -258,11 +257,13 @@ def _read_object(data, pos, outer):
     raise TVMCodecError(f"unknown object type index {inner} (outer {outer})")
 
 
-def _text(raw):
+def _read_text(data, pos):
+    """@return: C{(text, next position)} of a sized UTF-8 string (bad bytes replaced)."""
+    raw, pos = _read_sized(data, pos, "a string")
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8"), pos
     except UnicodeDecodeError:
-        return raw.decode("utf-8", "replace")
+        return raw.decode("utf-8", "replace"), pos
 
 
 def _read_value(data, pos):
@@ -276,8 +277,7 @@ def _read_value(data, pos):
     if index == OPAQUE_PTR:
         return OpaquePtr(_U64.unpack_from(data, pos)[0]), pos + 8
     if index == RAW_STR:
-        raw, pos = _read_sized(data, pos, "a string")
-        return _text(raw), pos
+        return _read_text(data, pos)
     if index == BYTE_ARRAY_PTR:
         return _read_sized(data, pos, "a byte array")
     if index == FLOAT:
