@@ -260,6 +260,7 @@ def tvm_rpc_server(*extra, host="127.0.0.1"):
     args = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", host,
             "--port", str(port), "--port-end", str(port + 1), *extra]
     with running(args, r"bind to") as daemon:
+        wait_listening(port)
         yield daemon, port
 
 
@@ -287,6 +288,34 @@ def our_rpc_server(*extra, host="127.0.0.1", env=None):
     args = twistd("rpc-server", "--listen", listen_any(host), *extra)
     with announced("rpc-server", args, env=env) as (daemon, port):
         yield daemon, port
+
+
+def listening_ports():
+    """
+    @return: the TCP ports in the LISTEN state on this machine (from
+        C{/proc/net/tcp} and C{tcp6}; no connection made, which a server
+        with a listen backlog of 1 would notice).
+    """
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A":
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def wait_listening(port, timeout=30):
+    """
+    Wait until TCP C{port} listens (TVM's server logs "bind to" before it
+    calls listen(): a connection in between is refused).
+    """
+    wait_until(lambda: port in listening_ports(), timeout, what=f"a listener on port {port}")
 
 
 def recv_exactly(sock, size):
