@@ -124,6 +124,41 @@ class CallTests(EngineTestBase):
         self.protocol.connectionLost(None)
         self.successResultOf(closing)
 
+    def test_close_frees_what_answers_in_flight_made(self):
+        """close() waits for the answers in flight, frees all the session holds, then kShutdown."""
+        array = self.array((4,), 0x5000)
+        getting = self.session.get_function("late")
+        self.requests()
+        closing = self.session.close()
+        array.close()  # after close() began: close() frees it
+        self.clock.advance(0)
+        self.assertEqual(self.requests(), [])
+        self.answer(tv.OpaquePtr(0x333))
+        late = self.successResultOf(getting)
+        self.assertEqual(self.requests(), [
+            (packets.DEV_FREE_DATA, tv.encode_seq([CPU, tv.OpaquePtr(0x5000)])),
+            (packets.FREE_HANDLE, tv.encode_seq([tv.OpaquePtr(0x333)])),
+            (packets.SHUTDOWN, b""),
+        ])
+        self.failureResultOf(late(), SessionClosed)
+        self.answer(None)
+        self.assertFalse(self.transport.disconnecting)
+        self.answer(None)
+        self.assertTrue(self.transport.disconnecting)
+        self.protocol.connectionLost(None)
+        self.successResultOf(closing)
+
+    def test_close_drops_a_silent_server(self):
+        """A server that never answers is dropped after the timeout."""
+        self.function()
+        closing = self.session.close(timeout=3)
+        self.clock.advance(0)
+        self.requests()
+        self.clock.advance(3)
+        self.assertTrue(self.transport.disconnecting or getattr(self.transport, "aborted", False))
+        self.protocol.connectionLost(None)
+        self.successResultOf(closing)
+
     def test_missing_function(self):
         """A null pointer is the same RemoteError as our server's missing function."""
         getting = self.session.get_function("nope")

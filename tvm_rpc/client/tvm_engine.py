@@ -35,6 +35,8 @@ log = Logger()
 
 #: Chunk size of array copies on TVM's servers (they buffer a whole packet).
 TVM_CHUNK_SIZE = 1 << 20
+#: Seconds a session dropped without close() has to finish closing.
+ABANDON_TIMEOUT = 5.0
 #: Alignment of arrays allocated on the server (TVM's client uses 64 too).
 ALIGNMENT = 64
 
@@ -111,8 +113,7 @@ class TVMEngine(EngineState, TVMTransfers):
         protocol = self._protocol
         if not protocol.lost and protocol.transport is not None:
             log.info("TVM session dropped without close(): closing its connection")
-            protocol.closing = True
-            self._clock.callLater(0, self._shutdown)
+            self._clock.callLater(0, self.close, ABANDON_TIMEOUT)
 
     # -- requests ----------------------------------------------------------
 
@@ -147,8 +148,10 @@ class TVMEngine(EngineState, TVMTransfers):
         never raises, sends nothing itself; the frees go out on the next
         reactor turn).
         """
+        if self._close_started:
+            return  # close() frees whatever is still held
         entry = self._handles.pop(handle, None)
-        if entry is not None and not self.closed:
+        if entry is not None and not self._protocol.lost:
             self._release(entry)
 
     def _release(self, entry):
@@ -202,10 +205,7 @@ class TVMEngine(EngineState, TVMTransfers):
     def _found_global(self, pointer, name):
         waiters = self._globals.pop(name)
         if isinstance(pointer, OpaquePtr) and pointer.value:
-            if self.closed:
-                self._queue_free(packets.FREE_HANDLE, pointer)
-            else:
-                self._globals[name] = pointer.value
+            self._globals[name] = pointer.value  # freed by close() at the latest
             for waiter in waiters:
                 if not waiter.called:
                     waiter.callback(pointer.value)
@@ -251,6 +251,8 @@ class TVMEngine(EngineState, TVMTransfers):
 
     def call(self, function, name, args, convert):
         """Call a remote function (see L{ISessionEngine.call})."""
+        if self.closed:
+            return fail(self._protocol.ending_error())
         try:
             wire = [self._to_tvm(arg) for arg in args]
         except (ValueError, TypeError):
@@ -404,44 +406,41 @@ class TVMEngine(EngineState, TVMTransfers):
 
     def close(self, timeout):
         """
-        Free what the session still holds, send kShutdown once the server
-        answered everything, then close; drop the connection after
+        End the session: once the server answered what is in flight (so
+        what those answers made is known), free everything the session
+        still holds, send kShutdown, and close once every answer is in (a
+        reset mid-answer upsets TVM's server); drop the connection after
         C{timeout} seconds. Idempotent.
 
         @return: a Deferred firing with L{None} once the connection is gone.
         """
         protocol = self._protocol
         if not self.closed:
-            for entry in self._handles.values():
-                self._release(entry)
-            self._handles.clear()
-            for pointer in self._globals.values():
-                if isinstance(pointer, int):
-                    self._queue_free(packets.FREE_HANDLE, OpaquePtr(pointer))
-            if self._free_call is not None:
-                self._free_call.cancel()
-            self._flush_free()
             self._close_started = True
             protocol.closing = True
             dropping = self._clock.callLater(timeout, protocol.transport.abortConnection)
             protocol.when_lost().addCallback(
                 lambda _: dropping.cancel() if dropping.active() else None)
-            protocol.send(packets.SHUTDOWN_PACKET)
-            self._shutdown()
+            protocol.drained().addCallback(self._finish)
         return protocol.when_lost()
 
-    def _shutdown(self):
-        """Close once the server answered every request (a reset mid-answer upsets TVM's server)."""
+    def _finish(self, _):
+        """Free what is held, say kShutdown, close when the answers are in."""
         protocol = self._protocol
         if protocol.lost:
             return
-        if protocol.pending:
-            protocol.drained().addCallback(lambda _: self._shutdown())
-            return
-        if not self._close_started:
-            protocol.send(packets.SHUTDOWN_PACKET)
-            self._close_started = True
-        protocol.transport.loseConnection()
+        for entry in self._handles.values():
+            self._release(entry)
+        self._handles.clear()
+        for pointer in self._globals.values():
+            if isinstance(pointer, int):
+                self._queue_free(packets.FREE_HANDLE, OpaquePtr(pointer))
+        self._globals.clear()
+        if self._free_call is not None:
+            self._free_call.cancel()
+        self._flush_free()
+        protocol.send(packets.SHUTDOWN_PACKET)
+        protocol.drained().addCallback(lambda _: protocol.transport.loseConnection())
 
 
 __all__ = ["ALIGNMENT", "TVM_CHUNK_SIZE", "TVMEngine"]

@@ -235,10 +235,11 @@ class TVMClientProtocol(Protocol):
     def _deliver(self, outcome, value):
         """Take the oldest pending request and fire it (unless it was cancelled)."""
         answer, _ = self._pending.popleft()
-        if not self._pending and self._drain_waiters:
-            self._fire_drained()
         if not answer.called:
             outcome(answer, value)
+        # After the answer's callbacks, which may have asked more.
+        if not self._pending and self._drain_waiters:
+            self._fire_drained()
 
     def _violation(self, what):
         """The server sent what cannot be read: end the session saying so."""
