@@ -2,8 +2,9 @@
 
 - The seed story (upload, load_module, arrays, run, numpy check,
   time_evaluator with TVM's options, close) on TVM's ``rpc_server`` reached
-  directly, through our tracker or TVM's, and through our proxy or TVM's;
-  ``session.protocol`` says ``"tvm"`` every time.
+  directly (``connect``), through our tracker (``request``) or TVM's
+  (``request_and_run``), and through our proxy or TVM's; ``session.protocol``
+  says ``"tvm"`` every time.
 - One client process, one reactor: eight TVM servers used at once; TVM's
   servers and ours mixed under one key, each session telling which it is.
 
