@@ -10,13 +10,15 @@ engine against the real thing.
   L{RemoteError} types as on our server, an answer over max_result_size to
   L{ResultTooLarge}, and the session goes on.
 - The server keeps serving after our sessions (TVM's client is served next).
+- A server with a packet limit (C{tvm.rpc.server.GetCRTMaxPacketSize}) gets
+  chunked copies and returns the data intact.
 """
 
 import json
 import subprocess
 import sys
 
-from tests.daemons import ROOT, child_env, tvm_rpc_server
+from tests.daemons import ROOT, child_env, free_port, running, tvm_rpc_server
 from tests.test_interop_server import M, N, dense_relu  # noqa: F401 (a fixture)
 
 CLIENT_SCRIPT = str(ROOT / "tests" / "tvm_engine_client.py")
@@ -72,3 +74,12 @@ def test_errors_on_tvm_server(tvm):
     assert report["too_large"]["type"] == "ResultTooLarge"
     assert "5" in report["too_large"]["message"] and "max_result_size" in report["too_large"]["message"]
     assert report["after_too_large"] == 8
+
+
+def test_copies_within_the_servers_packet_limit(tvm):
+    """A server with GetCRTMaxPacketSize gets copies in chunks within it, and the data is intact."""
+    port = free_port()
+    script = str(ROOT / "tests" / "tvm_packet_limit_server.py")
+    with running([sys.executable, script, str(port), "1024"], r"listening on"):
+        report = run_client("chunks", "127.0.0.1", port, 5000)
+    assert report == {"equal": True, "limit": 1024}

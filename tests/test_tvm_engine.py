@@ -3,6 +3,7 @@
 import struct
 
 import pytest
+from hypothesis import given, strategies as st
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -378,6 +379,19 @@ class CopyTests(EngineTestBase):
         self.answer(None)
         self.assertEqual(len(self.requests()), 1)
 
+    def test_packet_limit_asked_once_by_copies_at_once(self):
+        """Two copies starting together share the one question."""
+        first, second = self.array((4,), 0x5000), self.array((4,), 0x6000)
+        writing = [self.session._write_array(first, bytes(16)),
+                   self.session._write_array(second, bytes(16))]
+        self.lookup("tvm.rpc.server.GetCRTMaxPacketSize", 0)
+        sent = self.requests()
+        self.assertEqual([code for code, _ in sent], [packets.COPY_TO_REMOTE] * 2)
+        self.answer(None)
+        self.answer(None)
+        for each in writing:
+            self.successResultOf(each)
+
     def test_packet_limit_asked_once(self):
         array = self.array((40,))
         writing = self.session._write_array(array, bytes(160))
@@ -395,3 +409,48 @@ class CopyTests(EngineTestBase):
             self.assertTrue(all(code == packets.COPY_FROM_REMOTE
                                 for code, _, _ in self.serve_copies(remote)))
         self.assertEqual(len(self.successResultOf(reading)), 160)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=12),
+       st.lists(st.integers(1, 64), max_size=4))
+def test_any_cancels_keep_fifo_in_step(calls, cuts):
+    """
+    Calls in flight, any of them cancelled, answered in one stream cut
+    anywhere: every call left gets its own answer, and every handle a
+    cancelled call was given back is freed.
+
+    @param calls: per call, C{(returns a function handle, cancelled)}.
+    """
+    case = EngineTestBase("run")
+    case.setUp()
+    f = case.function()
+    pending = [f(index) for index in range(len(calls))]
+    case.requests()
+    for calling, (_, cancelled) in zip(pending, calls):
+        if cancelled:
+            calling.cancel()
+            calling.addErrback(lambda failure: failure.trap(CancelledError))
+    stream = b"".join(
+        packets.packet(packets.RETURN, tv.encode_seq(
+            [tv.FUNCTION, tv.OpaquePtr(0x1000 + index)] if handle else [tv.INT, index]))
+        for index, (handle, _) in enumerate(calls))
+    position = 0
+    for cut in cuts + [len(stream)]:
+        case.protocol.dataReceived(stream[position:position + cut])
+        position += cut
+    case.protocol.dataReceived(stream[position:])
+    kept = []
+    for index, (calling, (handle, cancelled)) in enumerate(zip(pending, calls)):
+        if not cancelled:
+            result = case.successResultOf(calling)
+            if handle:
+                kept.append(result)
+                assert result.name.startswith("<function")
+            else:
+                assert result == index
+    case.clock.advance(0)
+    freed = [tv.decode_seq(body)[0][0].value for code, body in case.requests()
+             if code == packets.FREE_HANDLE]
+    assert freed == [0x1000 + index for index, (handle, cancelled) in enumerate(calls)
+                     if handle and cancelled]
+    assert not case.transport.disconnecting

@@ -6,6 +6,8 @@ Usage: ``python tests/tvm_engine_client.py MODE HOST PORT ARGS...``; prints one 
   ReLU layer ``y = relu(x W^T)``, ``x: (1, N)``, ``W: (M, N)``), load it, run it
   on device arrays, read back, time it with TVM's options, and the verbs
   around it (download, remove, listdir, workpath, system_lib, device queries).
+- ``chunks HOST PORT COUNT``: copy COUNT float32 to the device and back
+  (on a server with a packet limit), report whether they match and the limit.
 - ``errors HOST PORT``: a missing function, a remote exception, a download
   longer than the session's max_result_size; the session stays usable after each.
 """
@@ -97,8 +99,20 @@ async def errors_mode(reactor, host, port):
     return report
 
 
+async def chunks_mode(reactor, host, port, count):
+    import numpy as np
+
+    session = await connect(host, int(port), reactor=reactor)
+    async with session:
+        host_data = np.arange(int(count), dtype="float32")
+        array = await session.array(host_data)
+        back = await array.numpy()
+        return {"equal": bool((back == host_data).all()),
+                "limit": session._engine._max_packet}
+
+
 def main(reactor, mode, *args):
-    modes = {"story": story_mode, "errors": errors_mode}
+    modes = {"story": story_mode, "errors": errors_mode, "chunks": chunks_mode}
 
     async def run():
         result = await modes[mode](reactor, *args)

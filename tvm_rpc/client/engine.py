@@ -17,7 +17,8 @@ saying why.
 
 A command that makes something on the server (a handle, a stream) and is
 cancelled before its answer still awaits the answer and releases what it
-made, so cancelling never leaks on the server.
+made, so cancelling never leaks on the server. L{EngineState} is what the
+engines keep alike; L{guarded} hands out such a command's answer.
 """
 
 from twisted.internet.defer import Deferred

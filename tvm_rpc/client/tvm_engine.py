@@ -27,7 +27,7 @@ from ..protocol.tvm_values import (
     TensorDesc, call_return,
 )
 from ..protocol.values import ArrayRef, DLDevice, Handle
-from .engine import DEFAULT_MAX_RESULT_SIZE, EngineState, ISessionEngine, guarded
+from .engine import DEFAULT_MAX_RESULT_SIZE, EngineState, ISessionEngine
 from .tvm_protocol import PACKET_SLACK, TVMClientProtocol, no_such_function
 from .tvm_transfers import TVMTransfers
 
@@ -117,15 +117,24 @@ class TVMEngine(EngineState, TVMTransfers):
 
     # -- requests ----------------------------------------------------------
 
-    def _request(self, data, copy_ack=None):
-        """A request, or a L{SessionClosed} failure once the session is over."""
+    def _request(self, data, copy_ack=None, orphan=None):
+        """
+        A request (see L{TVMClientProtocol.request}), or a L{SessionClosed}
+        failure once the session is over.
+        """
         if self.closed:
             return fail(self._protocol.ending_error())
-        return self._protocol.request(data, copy_ack)
+        return self._protocol.request(data, copy_ack, orphan)
 
-    def _syscall(self, code, *args):
-        """@return: a Deferred of the one value a syscall answers."""
-        return self._request(packets.syscall(code, list(args))).addCallback(lambda items: items[0])
+    def _syscall(self, code, *args, orphan=None):
+        """
+        @param orphan: called with the one value answered when the caller
+            cancelled first (see L{TVMClientProtocol.request}).
+        @return: a Deferred of the one value a syscall answers.
+        """
+        release = None if orphan is None else (lambda items: orphan(items[0]))
+        return self._request(packets.syscall(code, list(args)), orphan=release).addCallback(
+            lambda items: items[0])
 
     def _add(self, entry):
         handle = self._next_id
@@ -222,9 +231,9 @@ class TVMEngine(EngineState, TVMTransfers):
 
     def get_function(self, name):
         """@return: a Deferred of the handle id of the global function C{name} (its own pointer)."""
-        looking = guarded(
-            self._syscall(packets.GET_GLOBAL_FUNC, name),
-            lambda pointer: pointer.value and self._queue_free(packets.FREE_HANDLE, pointer))
+        looking = self._syscall(
+            packets.GET_GLOBAL_FUNC, name,
+            orphan=lambda pointer: pointer.value and self._queue_free(packets.FREE_HANDLE, pointer))
 
         def found(pointer):
             if not (isinstance(pointer, OpaquePtr) and pointer.value):
@@ -279,7 +288,7 @@ class TVMEngine(EngineState, TVMTransfers):
             data = packets.call_func(pointer, wire)
         except ValueError:
             return fail()
-        calling = guarded(self._request(data), self._orphan_return)
+        calling = self._request(data, orphan=self._orphan_return)
         return calling.addCallback(lambda items: convert(self._from_tvm(items, raw)))
 
     # -- values ------------------------------------------------------------
@@ -358,9 +367,9 @@ class TVMEngine(EngineState, TVMTransfers):
         except ValueError:
             return fail()
         device = desc.device
-        allocating = guarded(
-            self._syscall(packets.DEV_ALLOC_DATA, device, desc.nbytes, ALIGNMENT, desc.dtype),
-            lambda data: self._queue_free(packets.DEV_FREE_DATA, device, data))
+        allocating = self._syscall(
+            packets.DEV_ALLOC_DATA, device, desc.nbytes, ALIGNMENT, desc.dtype,
+            orphan=lambda data: self._queue_free(packets.DEV_FREE_DATA, device, data))
         return allocating.addCallback(
             lambda data: self._add(_Array(attrs.evolve(desc, data=data.value))))
 

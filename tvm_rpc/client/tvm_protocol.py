@@ -109,22 +109,25 @@ class TVMClientProtocol(Protocol):
 
     # -- requests ----------------------------------------------------------
 
-    def request(self, data, copy_ack=None):
+    def request(self, data, copy_ack=None, orphan=None):
         """
         Write one packet and wait for its answer.
 
         @param data: the whole packet (one write).
         @param copy_ack: for kCopyFromRemote, the number of bytes the
             kCopyAck must carry; L{None} for a packet answered by kReturn.
+        @param orphan: for a request that creates something on the server:
+            called with the answer (the decoded sequence) when it arrives
+            after the Deferred was cancelled, to release what it made.
         @return: a Deferred of the decoded sequence of the kReturn (or of the
             kCopyAck's bytes). Cancelling it fails it at once, but its slot
-            stays in the FIFO and its answer is read and dropped, so the
-            stream stays in step.
+            stays in the FIFO and its answer is read and dropped (after
+            C{orphan}), so the stream stays in step.
         """
         if self.lost or self._ending is not None:
             return fail(self.ending_error())
         answer = Deferred()
-        self._pending.append((answer, copy_ack))
+        self._pending.append((answer, copy_ack, orphan))
         write_now(self.transport, data)
         return answer
 
@@ -233,10 +236,18 @@ class TVMClientProtocol(Protocol):
         return self._pending[0][1]
 
     def _deliver(self, outcome, value):
-        """Take the oldest pending request and fire it (unless it was cancelled)."""
-        answer, _ = self._pending.popleft()
+        """
+        Take the oldest pending request and fire it; a cancelled one's
+        successful answer goes to its orphan handler instead.
+        """
+        answer, _, orphan = self._pending.popleft()
         if not answer.called:
             outcome(answer, value)
+        elif orphan is not None and outcome is Deferred.callback:
+            try:
+                orphan(value)
+            except Exception:
+                log.failure("releasing what a cancelled request made")
         # After the answer's callbacks, which may have asked more.
         if not self._pending and self._drain_waiters:
             self._fire_drained()
@@ -256,7 +267,7 @@ class TVMClientProtocol(Protocol):
 
     def _fail_pending(self):
         pending, self._pending = self._pending, collections.deque()
-        for answer, _ in pending:
+        for answer, _, _ in pending:
             if not answer.called:
                 answer.errback(self._ending)
 

@@ -27,9 +27,9 @@ class TVMTransfers:
     The transfer verbs of L{TVMEngine<tvm_rpc.client.tvm_engine.TVMEngine>}.
 
     A mixin: the class using it provides C{chunk_size}, C{window},
-    C{max_result_size},
-    C{_max_packet} (L{None} until asked), C{_request(data, copy_ack)},
-    C{_syscall(code, *args)}, C{_call_by_name(name, wire, convert)},
+    C{max_result_size}, C{_max_packet} (L{None} until asked, the list of
+    Deferreds waiting while it is asked, then the limit or 0 for none),
+    C{_request(data, copy_ack)}, C{_call_by_name(name, wire, convert)},
     C{_queue_free(code, *args)} and C{_entry(handle, kind)} with C{_Array}
     entries (C{desc}).
     """
@@ -72,23 +72,38 @@ class TVMTransfers:
         """
         @return: a Deferred of the server's packet limit, or L{None} when it
             has none; asked once per session (TVM's client asks before every
-            copy).
+            copy), copies that start meanwhile waiting for that one answer.
         """
-        if self._max_packet is not None:
-            return succeed(self._max_packet or None)
+        known = self._max_packet
+        if isinstance(known, int):
+            return succeed(known or None)
+        waiter = Deferred()
+        if known is not None:
+            known.append(waiter)
+            return waiter
+        self._max_packet = [waiter]
+
+        def settle(limit):
+            waiters, self._max_packet = self._max_packet, limit
+            for each in waiters:
+                if not each.called:
+                    each.callback(limit or None)
 
         def asked(limit):
-            self._max_packet = limit if isinstance(limit, int) and limit > 0 else 0
-            return self._max_packet or None
+            settle(limit if isinstance(limit, int) and limit > 0 else 0)
 
         def missing(failure):
             if failure.check(RemoteError) and failure.value.type_name == NO_SUCH_FUNCTION:
-                self._max_packet = 0
-                return None
-            return failure
+                settle(0)
+                return
+            waiters, self._max_packet = self._max_packet, None
+            for each in waiters:
+                if not each.called:
+                    each.errback(failure)
 
-        return self._call_by_name("tvm.rpc.server.GetCRTMaxPacketSize", [],
-                                  lambda limit: limit).addCallbacks(asked, missing)
+        self._call_by_name("tvm.rpc.server.GetCRTMaxPacketSize", [],
+                           lambda limit: limit).addCallbacks(asked, missing)
+        return waiter
 
     async def _chunks(self, handle):
         """@return: C{(desc, [(offset, length), ...])} of an array's copy chunks."""
