@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from daemons import announced_port, our_proxy, recv_exactly, wait_until
+from tests.daemons import announced_port, our_proxy, recv_exactly, wait_until
 from tvm_rpc.protocol.constants import RPC_CODE_SUCCESS
 from tvm_rpc.protocol.handshake import encode_handshake, encode_reply
 

@@ -8,7 +8,6 @@ from prometheus_client import generate_latest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -18,14 +17,9 @@ from tvm_rpc.proxy.metrics import proxy_registry
 from tvm_rpc.proxy.pairing import PairingPool
 from tvm_rpc.proxy.protocol import ProxyFactory
 
+from tests.test_proxy_protocol import HalfCloseTransport
+
 pytestmark = pytest.mark.unit
-
-
-class HalfCloseTransport(StringTransport):
-    """A StringTransport that also takes half-closes."""
-
-    def loseWriteConnection(self):
-        pass
 
 
 def sample(pool, name, **labels):
@@ -88,6 +82,15 @@ class ProxyCountersTests(SynchronousTestCase):
         client.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(sample(self.pool, "tvm_rpc_proxy_pairs_ended_total", reason="lost"), 1)
         self.assertEqual(sample(self.pool, "tvm_rpc_proxy_pairs_ended_total", reason="closed"), 0)
+
+    def test_websocket_side_makes_a_websocket_pair(self):
+        server, _ = self.connect()
+        # What the websocket adapter sets on its connections.
+        server.path = "websocket"
+        server.dataReceived(encode_handshake("server:web"))
+        self.connect("client:web")
+        self.assertEqual(sample(self.pool, "tvm_rpc_proxy_pairs_total", path="websocket"), 1)
+        self.assertEqual(sample(self.pool, "tvm_rpc_proxy_pairs_total", path="tcp"), 0)
 
     def test_refusals_by_reason(self):
         self.connect("server:dup")
