@@ -180,11 +180,6 @@ class WorkerPool:
     _by_pid: dict = attrs.field(init=False, factory=dict)
     _next_id: int = attrs.field(init=False, default=0)
     _stopping: bool = attrs.field(init=False, default=False)
-    sessions_started: int = attrs.field(init=False, default=0)
-    sessions_by_protocol: dict = attrs.field(
-        init=False, factory=lambda: {OUR_PROTOCOL: 0, TVM_PROTOCOL: 0}
-    )
-    crashes: int = attrs.field(init=False, default=0)
     tvm_problem: "str | None" = attrs.field(init=False, default=None)
     _ready_waiters: list = attrs.field(init=False, factory=list)
 
@@ -228,6 +223,12 @@ class WorkerPool:
         waiter = defer.Deferred()
         self._ready_waiters.append(waiter)
         return waiter
+
+    @property
+    def crashes(self):
+        """How many sessions ended because their worker died (a signal, an error exit)."""
+        return sum(self.activity.ended[(protocol, "worker_crashed")]
+                   for protocol in (OUR_PROTOCOL, TVM_PROTOCOL))
 
     def spare_ready(self):
         """
@@ -308,11 +309,7 @@ class WorkerPool:
             server = session.server = self._server
             send_control(server.control, header, skt.fileno())
         self._sessions[session.id] = session
-        self.sessions_started += 1
         self.activity.session_started(handoff.protocol)
-        self.sessions_by_protocol[handoff.protocol] = (
-            self.sessions_by_protocol.get(handoff.protocol, 0) + 1
-        )
 
     def _report(self, server, message):
         if "ready" in message:
@@ -402,7 +399,6 @@ class WorkerPool:
             failed = code == EXIT_NO_START
             cause = exit_cause = EXIT_CAUSES[code]
         elif code not in (0, None) or signal_number is not None:
-            self.crashes += 1
             how = (f"its worker died (exit code {code}, signal {signal_number}); "
                    "the server goes on")
             cause, exit_cause = "worker_crashed", "error" if signal_number is None else "signal"
