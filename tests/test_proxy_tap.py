@@ -170,6 +170,23 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(top.listener.port_number(), 9300)
         self.successResultOf(defer.maybeDeferred(top.stopService))
 
+    def test_http_metrics(self):
+        """--http (repeatable) adds a metrics listener sharing the pool's counters."""
+        reactor = MemoryReactorClock()
+        top = tap.makeService(parse("--web-port", "0", "--listen", "tcp:9300",
+                                    "--http", "tcp:9180:interface=127.0.0.1",
+                                    "--http", "tcp:9181"), reactor)
+        self.assertEqual([s.name for s in top], ["allocator", "rpc", "http"])
+        top.privilegedStartService()
+        top.startService()
+        self.assertEqual(sorted(p[0] for p in reactor.tcpServers), [9180, 9181, 9300])
+        registry = reactor.tcpServers[-1][1].resource.getStaticEntity(b"metrics").registry
+        top.pool.activity.connection_opened()
+        self.assertEqual(registry.get_sample_value("tvm_rpc_proxy_connections"), 1)
+        self.successResultOf(defer.maybeDeferred(top.stopService))
+        with self.assertRaises(usage.UsageError):
+            parse("--http", "nonsense:1")
+
     def test_first_free_port(self):
         reactor = BusyPortsReactor({9300, 9301})
         top = tap.makeService(parse("--web-port", "0", "--port", "9300", "--port-end", "9303"),

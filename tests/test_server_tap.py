@@ -208,6 +208,29 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(reactor.tcpServers[0][0], 9400)
         self.assertEqual(service.bound_port, 9400)
 
+    def test_http_metrics(self):
+        """--http adds a metrics listener over the counters the runner and listener share."""
+        service, reactor = self.make("--listen", "tcp:9400", "--http", "tcp:9182")
+        self.assertIs(service.factory.activity, service.runner.activity)
+        service.privilegedStartService()
+        self.assertEqual(sorted(p[0] for p in reactor.tcpServers), [9182, 9400])
+        [site] = [p[1] for p in reactor.tcpServers if p[0] == 9182]
+        registry = site.resource.getStaticEntity(b"metrics").registry
+        service.runner.activity.refuse("mismatch")
+        self.assertEqual(registry.get_sample_value("tvm_rpc_server_handshakes_refused_total",
+                                                   {"reason": "mismatch"}), 1)
+        self.assertEqual(registry.get_sample_value("tvm_rpc_server_spare_worker_ready"), 0)
+        self.assertIsNone(registry.get_sample_value("tvm_rpc_server_tracker_registered"))
+        with self.assertRaises(usage.UsageError):
+            parse("--http", "nonsense:1")
+
+    def test_http_metrics_through_proxy(self):
+        """With --through-proxy too, the link counts into the same metrics."""
+        service, _ = self.make("--in-process", "--through-proxy", "--key", "k",
+                               "--http", "tcp:9183")
+        self.assertEqual([child.name for child in service], ["http"])
+        self.assertIs(service.link.activity, service.runner.activity)
+
     def test_through_proxy(self):
         """--through-proxy: no listener, a link to the proxy; stopping removes the work root."""
         from tvm_rpc.server.proxied import ProxiedServerService

@@ -214,7 +214,7 @@ class WorkerPoolTests(SynchronousTestCase):
         header, fd = receive_control(control)
         os.close(fd)
         self.assertEqual((header["start_timeout"], header["protocol"]), (7.5, "tvm"))
-        self.assertEqual(self.pool.sessions_by_protocol, {"tvm_rpc": 0, "tvm": 1})
+        self.assertEqual(dict(self.pool.activity.started), {"tvm": 1})
 
     def test_end_kills_the_group_and_removes_the_work_directory(self):
         """However a worker ends, its group is killed and its work directory removed."""

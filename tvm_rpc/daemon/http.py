@@ -58,6 +58,46 @@ class MetricsResource(Resource):
         return generate_latest(self.registry)
 
 
+class MetricsIndex(Resource):
+    """C{/} of a metrics-only HTTP port: one link to C{/metrics}."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        """@return: a tiny HTML page linking to C{/metrics}."""
+        secure(request, b"text/html; charset=utf-8")
+        return b'<!doctype html><title>metrics</title><a href="metrics">/metrics</a>\n'
+
+
+def metrics_root(registry):
+    """
+    @param registry: the daemon's own L{prometheus_client.CollectorRegistry}.
+    @return: the root L{Resource} of a daemon whose C{--http} serves its
+        metrics only: C{/metrics}, and C{/} linking to it.
+    """
+    root = Resource()
+    root.putChild(b"", MetricsIndex())
+    root.putChild(b"metrics", MetricsResource(registry))
+    return root
+
+
+def serve_metrics(reactor, top, registry, name, descriptions):
+    """
+    Add the C{--http} listener of a metrics-only daemon to its service.
+
+    @param top: the daemon's L{twisted.application.service.MultiService};
+        the listener becomes its child C{"http"}.
+    @param registry: what C{/metrics} serves.
+    @param name: what listens, for the announcement (C{"rpc-proxy http"}).
+    @param descriptions: the C{--http} endpoint strings.
+    @return: the listener.
+    """
+    http = http_listener(reactor, metrics_root(registry), name, descriptions)
+    http.setName("http")
+    http.setServiceParent(top)
+    return http
+
+
 def http_listener(reactor, root, name, descriptions):
     """
     @param reactor: the reactor; its ports are guarded against running out

@@ -143,3 +143,25 @@ def check_endpoints(descriptions, flag):
                 f"({e}): {TLS_INSTALL_HINT}") from None
         except Exception as e:
             raise usage.UsageError(f"bad {flag} {description!r}: {e}")
+
+
+class MetricsHttpOptions:
+    """
+    Mixin for the L{usage.Options} of a daemon whose C{--http} serves its
+    Prometheus metrics only (the proxy's, the server's): the repeatable
+    C{--http ENDPOINT}, off by default, checked by L{check_http}.
+    """
+
+    def __init__(self):
+        """Start with no C{--http} endpoint."""
+        super().__init__()
+        self["http"] = []
+
+    def opt_http(self, description):
+        """Serve Prometheus metrics (/metrics) on a Twisted endpoint string, e.g.
+        tcp:9181:interface=127.0.0.1 (repeatable; off by default)."""
+        self["http"].append(description)
+
+    def check_http(self):
+        """@raise usage.UsageError: on a C{--http} string that is not an endpoint."""
+        check_endpoints(self["http"], "--http")

@@ -22,6 +22,7 @@ from zope.interface import Interface
 
 from ..protocol.constants import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH
 from ..protocol.keys import CLIENT_PREFIX, SERVER_PREFIX, random_matchkey, redact_matchkeys
+from .activity import ProxyActivity
 
 #: TVM's proxy lets a client or server wait this long for a partner.
 DEFAULT_TIMEOUT = 600.0
@@ -134,6 +135,8 @@ class PairingPool:
     @ivar observer: an L{IOfferObserver} told about tracker-mode offers, or
         L{None}.
     @ivar make_matchkey: builds a fresh matchkey from a device key.
+    @ivar activity: the proxy's L{ProxyActivity}, shared with every
+        connection that joins this pool.
     """
 
     clock: object
@@ -142,6 +145,7 @@ class PairingPool:
     tracker_mode: bool = False
     observer: object = None
     make_matchkey: object = random_matchkey
+    activity: ProxyActivity = attrs.field(factory=ProxyActivity, repr=False)
     _waiting: dict = attrs.field(init=False, factory=dict)
     _offers: dict = attrs.field(init=False, factory=dict)
     _by_peer: dict = attrs.field(init=False, factory=dict)
@@ -159,7 +163,7 @@ class PairingPool:
         try:
             role, match_key = parse_proxy_key(handshake_key)
         except ValueError as e:
-            peer.refuse(RPC_CODE_MISMATCH, str(e))
+            self._refuse(peer, "bad_key", RPC_CODE_MISMATCH, str(e))
             return "refused"
         if self.tracker_mode:
             if role is Role.SERVER:
@@ -209,6 +213,21 @@ class PairingPool:
         """@return: how many connections wait for a partner, in either mode."""
         return len(self._by_peer)
 
+    def waiting_by_role(self):
+        """
+        @return: C{(servers, clients)}: a L{dict} of the servers waiting by
+            device key (plain-mode match key, or tracker-mode key), and how
+            many clients wait.
+        """
+        servers, clients = {}, 0
+        for entry in self._by_peer.values():
+            if isinstance(entry, _Waiting) and entry.role is Role.CLIENT:
+                clients += 1
+                continue
+            key = entry.key if isinstance(entry, ServerOffer) else entry.match_key
+            servers[key] = servers.get(key, 0) + 1
+        return servers, clients
+
     def close(self):
         """Cancel every timer and forget every waiting connection (shutdown)."""
         for entry in list(self._by_peer.values()):
@@ -230,7 +249,8 @@ class PairingPool:
             self._pair(partner.peer, partner.handshake_key, peer, handshake_key)
             return "paired"
         if (role, match_key) in self._waiting:
-            peer.refuse(RPC_CODE_DUPLICATE, f"a {role.name.lower()} with key {match_key!r} is already waiting")
+            self._refuse(peer, "duplicate_key", RPC_CODE_DUPLICATE,
+                         f"a {role.name.lower()} with key {match_key!r} is already waiting")
             return "refused"
         entry = _Waiting(role, match_key, handshake_key, peer)
         timeout = self.timeout_server if role is Role.SERVER else self.timeout_client
@@ -253,8 +273,8 @@ class PairingPool:
         """Tracker mode: a client takes the server waiting under its matchkey."""
         offer = self._offers.pop(matchkey, None)
         if offer is None:
-            peer.refuse(RPC_CODE_MISMATCH,
-                        f"no server waits under matchkey {redact_matchkeys(matchkey)!r}")
+            self._refuse(peer, "unknown_matchkey", RPC_CODE_MISMATCH,
+                         f"no server waits under matchkey {redact_matchkeys(matchkey)!r}")
             return "refused"
         del self._by_peer[offer.peer]
         self.log.info("paired client with server {key!r} by matchkey {matchkey!r}",
@@ -276,7 +296,13 @@ class PairingPool:
             return
         del self._by_peer[entry.peer]
         self._drop_waiting(entry)
-        entry.peer.refuse(RPC_CODE_MISMATCH, f"no partner for key {entry.match_key!r} in time")
+        self._refuse(entry.peer, "partner_timeout", RPC_CODE_MISMATCH,
+                     f"no partner for key {entry.match_key!r} in time")
+
+    def _refuse(self, peer, kind, code, reason):
+        """Count a refusal of C{kind} (its metric label) and refuse C{peer}."""
+        self.activity.refuse(kind)
+        peer.refuse(code, reason)
 
     def _drop_waiting(self, entry):
         """Take a plain-mode entry out of its pool and cancel its timer."""

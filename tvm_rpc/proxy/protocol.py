@@ -7,6 +7,7 @@ the L{Relay}. The same class serves websocket peers through a transport shim
 """
 
 import attrs
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -14,8 +15,8 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from ..protocol.constants import INT32, RPC_CODE_SUCCESS
-from ..protocol.handshake import HandshakeDecoder, encode_reply
-from ..protocol.keys import redact_matchkeys
+from ..protocol.handshake import WRONG_PORT_FOR_TRACKER, HandshakeDecoder, encode_reply
+from ..protocol.keys import SERVER_PREFIX, redact_matchkeys
 from ..transport import PEER_HANDSHAKE_TIMEOUT, KeepAlive, peer_label, tune_tcp
 from .pairing import IPeer
 from .relay import RELAY_CHUNK, IRelaySide, Relay
@@ -38,9 +39,12 @@ class ProxyConnection(TimeoutMixin, Protocol):
     The handshake timer is a L{TimeoutMixin} on C{clock}.
 
     @ivar key: the key the peer presented, once known.
+    @ivar path: how the peer reached the proxy, for the pair metrics
+        (C{tcp}; the websocket adapter sets C{websocket}).
     """
 
     log = Logger()
+    path = "tcp"
 
     def __init__(self, pool, clock, handshake_timeout=PEER_HANDSHAKE_TIMEOUT,
                  chunk_size=RELAY_CHUNK, on_relay_end=None, splice=False):
@@ -57,6 +61,7 @@ class ProxyConnection(TimeoutMixin, Protocol):
         self._splice = splice
         self._on_relay_end = on_relay_end
         self._pool = pool
+        self._activity = pool.activity
         self._clock = clock
         self.callLater = clock.callLater
         self._handshake_timeout = handshake_timeout
@@ -75,6 +80,7 @@ class ProxyConnection(TimeoutMixin, Protocol):
     def connectionMade(self):
         """Start the handshake clock and size the transport's buffers."""
         self.peer_name = peer_label(self.transport)
+        self._activity.connection_opened()
         tune_tcp(self.transport, PROXY_KEEPALIVE)
         if hasattr(self.transport, "bufferSize"):
             self.transport.bufferSize = self._chunk_size
@@ -100,6 +106,8 @@ class ProxyConnection(TimeoutMixin, Protocol):
         if self._decoder.error is not None:
             self.log.warn("refused handshake from {peer}: {reason}", peer=self.peer_name,
                           reason=self._decoder.error)
+            self._activity.refuse("tracker_magic" if self._decoder.error == WRONG_PORT_FOR_TRACKER
+                                  else "bad_handshake")
             self._close_now()
             return
         self.key = self._decoder.key
@@ -124,6 +132,7 @@ class ProxyConnection(TimeoutMixin, Protocol):
         if self.state == "handshake":
             self.log.warn("dropped {peer}: no handshake within {timeout} s",
                           peer=self.peer_name, timeout=self._handshake_timeout)
+            self._activity.refuse("handshake_timeout")
             self._close_now()
 
     def _close_now(self):
@@ -145,6 +154,8 @@ class ProxyConnection(TimeoutMixin, Protocol):
         for side in (self, partner):
             side._relay = relay
             side.state = "relaying"
+        path = "websocket" if "websocket" in (self.path, partner.path) else "tcp"
+        self._activity.pair_started(relay, path, a_is_server=self.key.startswith(SERVER_PREFIX))
         relay.start()
         # Resume first: passing on the early bytes may pause a side again, and
         # that pause must stand.
@@ -213,9 +224,28 @@ class ProxyConnection(TimeoutMixin, Protocol):
         self.setTimeout(None)
         self._early = []
         self._pool.leave(self)
-        if self._relay is not None:
-            self._relay.lost(self)
+        relay = self._relay
+        if relay is not None and relay.lost(self):
+            self._activity.pair_ended(relay, _end_reason(reason, relay))
+        self._activity.connection_closed()
         self.state = "closed"
+
+
+def _end_reason(reason, relay):
+    """
+    @param reason: the L{Failure} the first side of C{relay} was lost with
+        (L{None} counts as a clean close).
+    @return: why the pair ended: C{closed} (a peer closed its connection) or
+        C{lost} (a peer's connection failed: reset, keepalive timeout).
+    """
+    spliced = relay.spliced
+    if spliced is not None:
+        # The splice path closes both connections itself (Twisted then sees
+        # sockets already shut down): only the relay knows whether one failed.
+        return "lost" if spliced.failed else "closed"
+    if reason is None or reason.check(ConnectionDone) is not None:
+        return "closed"
+    return "lost"
 
 
 @attrs.define(eq=False)

@@ -215,6 +215,7 @@ class SpliceRelay:
                     break
                 data += chunk
                 direction.pending -= len(chunk)
+            direction.moved += len(data)
             if data:
                 transport = self.b if direction.destination is self._ends[1] else self.a
                 transport.write(data)
@@ -286,8 +287,18 @@ class SpliceRelay:
                     os.close(fd)
 
     def moved(self):
-        """@return: bytes spliced so far per direction, C{(a -> b, b -> a)}."""
-        return tuple(direction.moved for direction in self._directions)
+        """
+        @return: bytes moved so far per direction, C{(a -> b, b -> a)}
+            (C{(0, 0)} before the switch).
+        """
+        # Fewer than two directions when the switch failed to open a pipe.
+        counts = [direction.moved for direction in self._directions] + [0, 0]
+        return counts[0], counts[1]
+
+    @property
+    def failed(self):
+        """Whether a socket of the pair failed (reset, broken pipe) while splicing."""
+        return bool(self._failed)
 
 
 @attrs.define(eq=False)

@@ -3,7 +3,8 @@
 The flags are TVM's C{python -m tvm.exec.rpc_proxy} flags (C{--host},
 C{--port}, C{--port-end}, C{--web-port}, C{--tracker}, C{--example-rpc}) plus C{--listen}
 (Twisted endpoint strings, repeatable), C{--timeout-client},
-C{--timeout-server}, C{--handshake-timeout} and C{--relay-buffer}.
+C{--timeout-server}, C{--handshake-timeout}, C{--relay-buffer} and
+C{--http} (Prometheus metrics).
 """
 
 import importlib.util
@@ -17,6 +18,7 @@ from ..daemon.logfile import LogFileOptions, under_twistd
 from ..daemon.logs import set_silent
 from ..daemon.options import (
     ListenOptions,
+    MetricsHttpOptions,
     listen_parameters,
     parse_address,
     port_number,
@@ -42,7 +44,7 @@ def _buffer_size(value):
     return number
 
 
-class Options(ListenOptions, LogFileOptions, usage.Options):
+class Options(ListenOptions, MetricsHttpOptions, LogFileOptions, usage.Options):
     """The options of C{twistd rpc-proxy}."""
 
     synopsis = "[options]"
@@ -81,6 +83,7 @@ class Options(ListenOptions, LogFileOptions, usage.Options):
     def postOptions(self):
         """Check the port range, the endpoint strings, the websocket port and the tracker address."""
         self.check_listen()
+        self.check_http()
         if self["example-rpc"]:
             # What TVM 0.27's own proxy does too: without a TVM source tree's
             # web/dist it stops at start ("Cannot find .../tvmjs.bundle.js").
@@ -122,7 +125,8 @@ def makeService(options, reactor=None):
         tuning (L{tvm_rpc.proxy.tuning}), the RPC listener (a
         L{tvm_rpc.daemon.listening.ListenerService}, as is the websocket one),
         the websocket listener (when C{--web-port} is not 0) and the tracker
-        registration (with C{--tracker}). It carries C{pool} and C{listener}
+        registration (with C{--tracker}) and, with C{--http}, the metrics
+        listener (child C{"http"}). It carries C{pool} and C{listener}
         attributes.
     """
     if reactor is None:
@@ -172,6 +176,12 @@ def makeService(options, reactor=None):
         pool.observer = registration
         registration.setName("tracker")
         registration.setServiceParent(top)
+    if options["http"]:
+        # Imported here: twisted.web and prometheus_client load only when asked for.
+        from ..daemon.http import serve_metrics
+        from .metrics import proxy_registry
+
+        serve_metrics(reactor, top, proxy_registry(pool), "rpc-proxy http", options["http"])
     top.pool = pool
     top.listener = listener
     return under_twistd(options, top)

@@ -123,6 +123,7 @@ class ProxyWebSocketProtocol(WebSocketServerProtocol):
         factory = self.factory
         self.connection = ProxyConnection(factory.pool, factory.clock, factory.handshake_timeout,
                                           on_relay_end=factory.on_relay_end)
+        self.connection.path = "websocket"
         self.connection.makeConnection(WebSocketTransport(self))
 
     def onMessageBegin(self, isBinary):

@@ -23,7 +23,7 @@ from ..protocol.flavour import (
     session_protocol,
     tvm_exception_packet,
 )
-from ..protocol.handshake import HandshakeDecoder, encode_reply
+from ..protocol.handshake import WRONG_PORT_FOR_TRACKER, HandshakeDecoder, encode_reply
 from ..protocol.keys import parse_client_key, parse_timeout_option, redact_matchkeys
 from ..transport import (
     PEER_HANDSHAKE_TIMEOUT,
@@ -33,6 +33,7 @@ from ..transport import (
     tcp_byte_counts,
     tcp_socket_of,
 )
+from .activity import ServerActivity
 from .logs import logger
 
 #: Seconds a refused client has to close its end before we close ours.
@@ -82,6 +83,7 @@ def log_session_end(log, handoff, how, duration, sock, where, warn=False):
     @param sock: its connection's socket (read before it is closed), or L{None}.
     @param where: the process that served it (C{worker 1234}, C{in process}).
     @param warn: log it as a warning (the session ended in a failure).
+    @return: C{(received, sent)} bytes as logged, or L{None} when unknown.
     """
     counts = tcp_byte_counts(sock) if sock is not None else None
     received, sent = counts if counts is not None else ("?", "?")
@@ -89,6 +91,7 @@ def log_session_end(log, handoff, how, duration, sock, where, warn=False):
         SESSION_ENDED, protocol=handoff.protocol, peer=handoff.peer, how=how,
         key=handoff.key or "-", where=where, duration=duration, received=received, sent=sent,
     )
+    return counts
 
 
 def close_cleanly(transport, clock, grace=REFUSAL_DRAIN):
@@ -225,9 +228,11 @@ class HandshakeProtocol(SwitchingCarrier, TimeoutMixin, Protocol):
             peer=self.peer,
             timeout=self._listener.handshake_timeout,
         )
+        self._listener.activity.refuse("handshake_timeout")
         self.transport.abortConnection()
 
-    def _refuse(self, why, **fields):
+    def _refuse(self, kind, why, **fields):
+        self._listener.activity.refuse(kind)
         self.log.warn("mismatch key from {peer}: " + why, peer=self.peer, **fields)
         self.transport.write(encode_reply(RPC_CODE_MISMATCH))
         self.transport.loseConnection()
@@ -238,20 +243,23 @@ class HandshakeProtocol(SwitchingCarrier, TimeoutMixin, Protocol):
             self.log.warn(
                 "bad handshake from {peer}: {error}", peer=self.peer, error=decoder.error
             )
+            self._listener.activity.refuse(
+                "tracker_magic" if decoder.error == WRONG_PORT_FOR_TRACKER else "bad_handshake")
             # Closed, not reset: a reset can kill a TVM peer's accept thread.
             self._close_cleanly()
             return
         try:
             matchkey, timeout, protocol = read_client_key(decoder.key)
         except ValueError as e:
-            self._refuse("{problem}", problem=str(e))
+            self._refuse("bad_key", "{problem}", problem=str(e))
             return
         gate = self._listener.gate
         if not gate.accepts(matchkey):
-            self._refuse("presented {key!r}", key=redact_matchkeys(matchkey))
+            self._refuse("mismatch", "presented {key!r}", key=redact_matchkeys(matchkey))
             return
         refusal = self._listener.runner.refusal(protocol)
         if refusal is not None:
+            self._listener.activity.refuse("protocol_unavailable")
             self.log.warn(
                 "refusing {peer}: its {protocol} session cannot run here",
                 peer=self.peer,
@@ -317,6 +325,7 @@ class ListenerFactory(Factory):
     @ivar runner: the L{ISessionRunner}.
     @ivar clock: an L{IReactorTime} for the handshake timers.
     @ivar handshake_timeout: seconds a peer has to complete its handshake.
+    @ivar activity: the L{ServerActivity} counting refused handshakes.
     """
 
     noisy = False
@@ -325,6 +334,7 @@ class ListenerFactory(Factory):
     runner: object = attrs.field(validator=provides(ISessionRunner))
     clock: object
     handshake_timeout: float = PEER_HANDSHAKE_TIMEOUT
+    activity: ServerActivity = attrs.field(factory=ServerActivity, repr=False)
 
     def buildProtocol(self, addr):
         """@return: a L{HandshakeProtocol}."""
@@ -350,6 +360,7 @@ class InProcessRunner:
         is cut.
     @ivar max_session_time: the longest a session may run, whatever its
         client asked for (L{None}: as long as the client asks).
+    @ivar activity: the L{ServerActivity} counting sessions.
     """
 
     log = logger("tvm_rpc.server.listener")
@@ -359,6 +370,7 @@ class InProcessRunner:
     timeout_notice: object = None
     grace: float = 1.0
     max_session_time: "float | None" = None
+    activity: ServerActivity = attrs.field(factory=ServerActivity, repr=False)
 
     def refusal(self, protocol):
         """@return: why TVM's clients cannot be served in-process; L{None} for ours."""
@@ -384,9 +396,12 @@ class InProcessRunner:
                 timer.cancel()
             handoff.slot.release()
             how = f"timed out after {timeout:g}s" if expired else "closed"
+            duration = self.clock.seconds() - started
             try:
-                log_session_end(self.log, handoff, how, self.clock.seconds() - started, copy,
-                                "in process", warn=expired)
+                counts = log_session_end(self.log, handoff, how, duration, copy, "in process",
+                                         warn=expired)
+                self.activity.session_ended(handoff.protocol, "timeout" if expired else "closed",
+                                            duration, counts)
             finally:
                 if copy is not None:
                     copy.close()
@@ -394,6 +409,7 @@ class InProcessRunner:
 
         protocol.connectionLost = lost
         handoff.transport.write(handoff.reply)
+        self.activity.session_started(handoff.protocol)
         handoff.carrier.switch_to(protocol, handoff.rest)
 
     def _expired(self, handoff, timeout):

@@ -37,10 +37,11 @@ from zope.interface import implementer
 from ..protocol.flavour import OUR_PROTOCOL, TVM_PROTOCOL
 from . import tvm_session
 from .control import send_control, site_flags
+from .activity import ServerActivity
 from .listener import ISessionRunner, log_session_end, session_time
 from .logs import logger
 from .modules import DEFAULT_SESSION_FACTORY
-from .watchdog import EXIT_NO_START, EXIT_REASONS
+from .watchdog import EXIT_CAUSES, EXIT_NO_START, EXIT_REASONS
 from .workdir import remove_work_dirs_of
 
 #: The log namespace of the pool's lines (that of the module it came from,
@@ -153,6 +154,7 @@ class WorkerPool:
         answered, to send its first session message (L{None}: no limit).
     @ivar max_session_time: the longest a session may run, whatever its
         client asked for (L{None}: as long as the client asks).
+    @ivar activity: the L{ServerActivity} counting sessions and worker exits.
     """
 
     log = logger(LOG_NAMESPACE)
@@ -172,16 +174,12 @@ class WorkerPool:
     spawn: bool = False
     start_timeout: "float | None" = None
     max_session_time: "float | None" = None
+    activity: ServerActivity = attrs.field(factory=ServerActivity, repr=False)
     _server: object = attrs.field(init=False, default=None)
     _sessions: dict = attrs.field(init=False, factory=dict)
     _by_pid: dict = attrs.field(init=False, factory=dict)
     _next_id: int = attrs.field(init=False, default=0)
     _stopping: bool = attrs.field(init=False, default=False)
-    sessions_started: int = attrs.field(init=False, default=0)
-    sessions_by_protocol: dict = attrs.field(
-        init=False, factory=lambda: {OUR_PROTOCOL: 0, TVM_PROTOCOL: 0}
-    )
-    crashes: int = attrs.field(init=False, default=0)
     tvm_problem: "str | None" = attrs.field(init=False, default=None)
     _ready_waiters: list = attrs.field(init=False, factory=list)
 
@@ -225,6 +223,19 @@ class WorkerPool:
         waiter = defer.Deferred()
         self._ready_waiters.append(waiter)
         return waiter
+
+    @property
+    def crashes(self):
+        """How many sessions ended because their worker died (a signal, an error exit)."""
+        return sum(self.activity.ended[(protocol, "worker_crashed")]
+                   for protocol in (OUR_PROTOCOL, TVM_PROTOCOL))
+
+    def spare_ready(self):
+        """
+        @return: whether a fork server is ready, its spare worker forked (or
+            spawned) ahead of the next session.
+        """
+        return self._server is not None and self._server.ready
 
     def warm_up(self):
         """Start the fork server if none runs."""
@@ -298,10 +309,7 @@ class WorkerPool:
             server = session.server = self._server
             send_control(server.control, header, skt.fileno())
         self._sessions[session.id] = session
-        self.sessions_started += 1
-        self.sessions_by_protocol[handoff.protocol] = (
-            self.sessions_by_protocol.get(handoff.protocol, 0) + 1
-        )
+        self.activity.session_started(handoff.protocol)
 
     def _report(self, server, message):
         if "ready" in message:
@@ -385,19 +393,25 @@ class WorkerPool:
         if session.timed_out:
             self._send_notice(session)
             how = f"timed out after {self.session_time(session.handoff):g}s"
+            cause, exit_cause = "timeout", "killed"
         elif code in EXIT_REASONS and signal_number is None:
             how = EXIT_REASONS[code]
             failed = code == EXIT_NO_START
+            cause = exit_cause = EXIT_CAUSES[code]
         elif code not in (0, None) or signal_number is not None:
-            self.crashes += 1
             how = (f"its worker died (exit code {code}, signal {signal_number}); "
                    "the server goes on")
+            cause, exit_cause = "worker_crashed", "error" if signal_number is None else "signal"
         else:
             how, failed = "closed", False
+            cause, exit_cause = "closed", "clean"
+        duration = self.reactor.seconds() - session.started
         try:
-            log_session_end(self.log, session.handoff, how,
-                            self.reactor.seconds() - session.started, session.socket,
-                            f"worker {session.pid}", warn=failed)
+            counts = log_session_end(self.log, session.handoff, how, duration, session.socket,
+                                     f"worker {session.pid}", warn=failed)
+            self.activity.session_ended(session.handoff.protocol, cause, duration, counts)
+            if session.pid is not None:
+                self.activity.worker_exited(exit_cause)
         finally:
             try:
                 session.socket.close()

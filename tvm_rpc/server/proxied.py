@@ -24,6 +24,7 @@ from ..protocol.constants import (
 from ..protocol.flavour import server_key, tvm_exception_packet
 from ..protocol.handshake import TRACKER_ANSWERED, ReplyDecoder, encode_handshake
 from ..transport import PEER_HANDSHAKE_TIMEOUT, SwitchingCarrier, set_no_delay
+from .activity import ServerActivity
 from .listener import Handoff, close_cleanly, read_client_key
 from .logs import logger
 from .service import SessionHostService
@@ -102,6 +103,7 @@ class ProxiedServerProtocol(SwitchingCarrier, Protocol):
             _, timeout, protocol = read_client_key(decoder.key)
         except ValueError as e:
             log.warn("bad client key from {proxy}: {problem}", proxy=proxy, problem=str(e))
+            self._link.activity.refuse("bad_key")
             self._outcome = "again"
             self.transport.loseConnection()
             return
@@ -109,6 +111,7 @@ class ProxiedServerProtocol(SwitchingCarrier, Protocol):
         if refusal is not None:
             log.warn("refusing a client through {proxy}: its {protocol} session cannot run here",
                      proxy=proxy, protocol=protocol)
+            self._link.activity.refuse("protocol_unavailable")
             self._outcome = "again"
             self.transport.write(tvm_exception_packet(refusal))
             self._drain = close_cleanly(self.transport, self._link.clock)
@@ -166,6 +169,7 @@ class ProxyLink(Service):
     @ivar clock: an L{IReactorTime}.
     @ivar proxy: a printable name of the proxy.
     @ivar max_delay: the longest wait between attempts after errors.
+    @ivar activity: the L{ServerActivity} counting refused clients.
     """
 
     endpoint: object
@@ -174,6 +178,7 @@ class ProxyLink(Service):
     clock: object
     proxy: str = "proxy"
     max_delay: float = 5.0
+    activity: ServerActivity = attrs.field(factory=ServerActivity, repr=False)
     attempts: int = attrs.field(init=False, default=0)
     _delay: float = attrs.field(init=False, default=0.5)
     _pending: object = attrs.field(init=False, default=None)

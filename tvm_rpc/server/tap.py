@@ -11,12 +11,14 @@ from ..daemon.listening import listener_service
 from ..daemon.logfile import LogFileOptions, under_twistd
 from ..daemon.options import (
     ListenOptions,
+    MetricsHttpOptions,
     listen_parameters,
     parse_address,
     positive_float,
     positive_int,
 )
 from ..transport import PEER_HANDSHAKE_TIMEOUT
+from .activity import ServerActivity
 from .gate import SessionGate
 from .limits import (
     DEFAULT_MAX_BOX_BYTES,
@@ -39,11 +41,12 @@ from .proxied import ProxiedServerService, ProxyLink
 from .service import RPCServerService
 
 
-class Options(ListenOptions, LogFileOptions, usage.Options):
+class Options(ListenOptions, MetricsHttpOptions, LogFileOptions, usage.Options):
     """
     The options of C{twistd rpc-server}: TVM's flags plus ours.
 
-    C{--listen} (repeatable) replaces C{--host/--port/--port-end}.
+    C{--listen} (repeatable) replaces C{--host/--port/--port-end}; C{--http}
+    (repeatable, off by default) serves the server's metrics.
     """
 
     synopsis = "[options]"
@@ -119,6 +122,7 @@ class Options(ListenOptions, LogFileOptions, usage.Options):
                 "do not apply (the proxy registers its servers with its own tracker)"
             )
         self.check_listen(port_range=not self["through-proxy"])
+        self.check_http()
         if self["tracker"] is not None:
             try:
                 self["tracker"] = parse_address(self["tracker"], "--tracker")
@@ -163,7 +167,8 @@ def makeService(options, reactor=None):
     @param options: parsed L{Options}.
     @param reactor: the reactor to use; the global one when L{None}.
     @return: an L{RPCServerService}, or a L{ProxiedServerService} with
-        C{--through-proxy}.
+        C{--through-proxy}; with C{--http}, its child C{"http"} serves the
+        metrics (L{tvm_rpc.server.metrics}).
     @raise ImportError: when an C{--init} module or the session factory
         cannot be imported.
     """
@@ -183,6 +188,7 @@ def makeService(options, reactor=None):
         os.makedirs(work_root, exist_ok=True)
     work_root = os.path.abspath(work_root)
     tracker = options["tracker"]
+    activity = ServerActivity()
     gate = SessionGate(
         options["key"], tracked=tracker is not None, max_sessions=options["max-sessions"]
     )
@@ -192,6 +198,7 @@ def makeService(options, reactor=None):
             reactor,
             timeout_notice=getattr(session_module, "timeout_notice", None),
             max_session_time=options["max-session-time"],
+            activity=activity,
         )
     else:
         runner = WorkerPool(
@@ -207,15 +214,20 @@ def makeService(options, reactor=None):
             spawn=bool(options["no-fork"]),
             start_timeout=options["handshake-timeout"],
             max_session_time=options["max-session-time"],
+            activity=activity,
         )
     if options["through-proxy"]:
         gate.max_sessions = 1
         host, port = options["host"], options["port"]
         link = ProxyLink(
-            tracker_endpoint(reactor, host, port), gate, runner, reactor, proxy=f"proxy {host}:{port}"
+            tracker_endpoint(reactor, host, port), gate, runner, reactor, proxy=f"proxy {host}:{port}",
+            activity=activity,
         )
-        return under_twistd(options, ProxiedServerService(link, runner, work_root, owns_work_root))
-    factory = ListenerFactory(gate, runner, reactor, options["handshake-timeout"])
+        server = ProxiedServerService(link, runner, work_root, owns_work_root)
+        _serve_metrics(options, reactor, server, activity)
+        return under_twistd(options, server)
+    factory = ListenerFactory(gate, runner, reactor, options["handshake-timeout"],
+                              activity=activity)
     make_registration = None
     if tracker is not None:
         host, port = tracker
@@ -234,11 +246,35 @@ def makeService(options, reactor=None):
         reactor, factory, "rpc-server", host=options["host"], port=options["port"],
         port_end=options["port-end"], listen=options["listen"],
     )
-    return under_twistd(options, RPCServerService(
+    server = RPCServerService(
         listener,
         factory,
         make_registration=make_registration,
         runner=runner,
         work_root=work_root,
         owns_work_root=owns_work_root,
-    ))
+    )
+    _serve_metrics(options, reactor, server, activity,
+                   registered=None if tracker is None else lambda: _registered(server))
+    return under_twistd(options, server)
+
+
+def _serve_metrics(options, reactor, server, activity, registered=None):
+    """With C{--http}, add the metrics listener to C{server} (its child C{"http"})."""
+    if not options["http"]:
+        return
+    # Imported here: twisted.web and prometheus_client load only when asked for.
+    from ..daemon.http import serve_metrics
+    from .metrics import server_registry
+
+    spare_ready = getattr(server.runner, "spare_ready", None)
+    serve_metrics(reactor, server, server_registry(activity, registered, spare_ready),
+                  "rpc-server http", options["http"])
+
+
+def _registered(server):
+    """@return: whether C{server}'s tracker registration holds a registered connection."""
+    # The link's protocol is set once registered and cleared when lost
+    # (tvm_rpc.client.registration.TrackerLink).
+    link = getattr(server.registration, "_link", None)
+    return link is not None and link.protocol is not None

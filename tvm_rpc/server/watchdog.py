@@ -40,6 +40,13 @@ EXIT_REASONS = {
     EXIT_NO_START: "the client never started its session",
 }
 
+#: Each exit code's cause, as the server's metrics label it.
+EXIT_CAUSES = {
+    EXIT_SERVER_GONE: "server_gone",
+    EXIT_CLIENT_GONE: "client_gone",
+    EXIT_NO_START: "no_start",
+}
+
 
 def _watch(socket_fd, lifeline_fd, work_root):
     poller = select.poll()
