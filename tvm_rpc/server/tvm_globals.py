@@ -127,6 +127,11 @@ class TVMRegistry:
 TVM_REGISTRY = TVMRegistry()
 
 
+def _table(registry):
+    """@return: C{registry}, or L{TVM_REGISTRY} when it is L{None}."""
+    return TVM_REGISTRY if registry is None else registry
+
+
 def close_code_loaders(settings, registry=None):
     """
     Under C{--no-code-upload}, override every code loader in TVM's registry
@@ -141,7 +146,7 @@ def close_code_loaders(settings, registry=None):
     """
     if settings is None or settings.code_upload:
         return []
-    registry = TVM_REGISTRY if registry is None else registry
+    registry = _table(registry)
     closed = code_loaders(registry.names())
     for name, reason in closed.items():
         registry.override(name, refusal(name, reason))
@@ -166,7 +171,7 @@ def lookup(name, backend, settings, registry=None):
     """
     if backend.name != "tvm":
         return None
-    function = (TVM_REGISTRY if registry is None else registry).get(name)
+    function = _table(registry).get(name)
     if function is None:
         return None
     reason = None if settings.code_upload else loader_reason(name)
@@ -183,4 +188,4 @@ def names(backend, registry=None):
     """
     if backend.name != "tvm":
         return []
-    return sorted((TVM_REGISTRY if registry is None else registry).names())
+    return sorted(_table(registry).names())
