@@ -46,14 +46,23 @@ REVIEWED_HARMLESS = {
     "tvm.rpc.server.upload": "ours: writes into the work directory, within its byte limit",
     "s_tir.meta_schedule.MeasureCallbackRemoveBuildArtifact": "removes build directories (no code)",
     "s_tir.meta_schedule.remove_build_dir": "removes a directory (no code; docs/robustness.md)",
+    "runtime.disco.WorkerProcess": "runs a disco worker loop in this process, where the refusals hold",
+    "runtime.disco.socket_session_init_workers": "initialises the workers of a socket session "
+                                                 "(starting one is closed)",
+    "s_tir.meta_schedule.SearchStrategyNotifyRunnerResults": "passes results on",
+    "tvm.codegen.llvm.GetProcessTriple": "a query",
 }
 
 #: Prefixes of names that deal in data only.
 DATA_ONLY = ("runtime.disco.ShardLoader", "s_tir.meta_schedule.Workload",
-             "s_tir.meta_schedule.Database")
+             "s_tir.meta_schedule.Database",
+             # Runner objects: the local runner is closed; a Python runner
+             # calls only a function the client already holds.
+             "s_tir.meta_schedule.Runner")
 
 RISKY_NAME = re.compile(
-    r"load|dlopen|library|librar|popen|exec|pipe|extern|build|compile|link|codegen|jit", re.I
+    r"load|dlopen|library|popen|exec|pipe|extern|build|compile|link|codegen|jit|process|spawn"
+    r"|socket|runner|entrypoint", re.I
 )
 
 
@@ -70,7 +79,8 @@ def test_every_loader_looking_global_is_closed_or_reviewed(tvm):
     names = TVM_REGISTRY.names()
     closed = code_loaders(names)
     for must in ("ffi.Module.load_from_file.so", "ffi.ModuleLoadFromFile", "rpc.PopenSession",
-                 "target.build.llvm", "ffi.Module.load_from_file.ll"):
+                 "target.build.llvm", "ffi.Module.load_from_file.ll",
+                 "runtime.disco.SessionProcess", "s_tir.meta_schedule.runner.get_local_runner"):
         assert must in closed
     unreviewed = sorted(
         name for name in names

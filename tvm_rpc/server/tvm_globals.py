@@ -40,6 +40,14 @@ CODE_LOADERS = {
     "relax.ExecutableLoadFromFile": "loads a Relax VM executable from a file",
     "runtime.ModuleLoadStaticLibrary": "wraps an object file for linking into a library",
     "runtime.disco.load_vm_module": "dlopens a library in the disco workers",
+    # Fresh interpreters do not inherit the refusals below.
+    "runtime.disco.SessionProcess": "starts disco workers as `python -m ENTRYPOINT`, a module "
+                                    "the client names (the work directory is on their path)",
+    "runtime.disco.create_process_pool": "the same: `python -m ENTRYPOINT` processes",
+    "runtime.disco.SocketSession": "starts local disco worker processes (as SessionProcess)",
+    "runtime.disco.RemoteSocketSession": "starts local disco worker processes (as SessionProcess)",
+    "s_tir.meta_schedule.runner.": "MetaSchedule's local runner loads built libraries in "
+                                   "fresh processes",
     "rpc.PopenSession": "runs an executable given as bytes or a path",
     "rpc.CreatePipeClient": "runs an executable given by path",
     "ffi.FunctionFromExternC": "calls machine code at an address the client names",
