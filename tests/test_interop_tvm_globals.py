@@ -123,10 +123,25 @@ def test_tvm_client_and_tvm_loaders(tvm, dense_relu, locked):
         assert "--no-code-upload" in report["popen"]["message"], report
 
 
-@pytest.mark.parametrize("locked", [False, True])
-def test_our_client_reaches_tvm_globals(tvm, dense_relu, locked):
-    """Our client calls TVM's globals on our server; their loaders refuse under --no-code-upload."""
-    daemon, port = _server(*(["--no-code-upload"] if locked else []))
+def test_tvm_client_and_tvm_loaders_spawned(tvm, dense_relu):
+    """Spawned workers (--no-fork) close TVM's loaders too: they prepare on their own."""
+    daemon, port = _server("--no-code-upload", "--no-fork")
+    try:
+        report = tvm_client("loaders", "direct", "127.0.0.1", port, "dev", dense_relu, N, M)
+    finally:
+        daemon.stop()
+    assert "--no-code-upload" in report["load_from_file_so"]["message"], report
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-code-upload",), ("--no-code-upload", "--no-fork"),
+                                   ("--no-code-upload", "--in-process")])
+def test_our_client_reaches_tvm_globals(tvm, dense_relu, flags):
+    """
+    Our client calls TVM's globals on our server; their loaders refuse under
+    --no-code-upload, in forked workers, spawned ones and in-process sessions.
+    """
+    locked = "--no-code-upload" in flags
+    daemon, port = _server(*flags)
     try:
         report = run_client("tvm-globals", "127.0.0.1", port, "dev", dense_relu)
     finally:
