@@ -16,6 +16,10 @@ Usage: ``python tests/interop_client.py MODE ARGS...``; prints one JSON object.
   call a global function, upload and download bytes, copy an array there and
   back, then upload PROBE (a ``.py`` module) and report what its ``probe()``
   returns (what the worker can import).
+- ``tvm-globals HOST PORT KEY LIBRARY``: TVM's global functions on our server:
+  fill a device array with ``tvm.contrib.random.random_fill_for_measure``,
+  count the names ``list_functions`` gives with and without TVM's, then
+  upload LIBRARY and load it through ``ffi.Module.load_from_file.so``.
 - ``story TRACKER_HOST TRACKER_PORT KEY LIBRARY N M``: the TVM docs' story:
   request a server by key, upload LIBRARY (a dense + ReLU layer ``y = relu(x W^T)``
   with ``x: (1, N)``, ``W: (M, N)``), load it, run it on device arrays, read
@@ -232,6 +236,40 @@ async def retry_mode(reactor, tracker_host, tracker_port, key):
     return {"ok": True, "result": result, "attempts": len(attempts)}
 
 
+async def tvm_globals_mode(reactor, host, port, key, library):
+    import numpy as np
+
+    from tvm_rpc.client.connect import connect
+
+    session = await connect(host, int(port), key, reactor=reactor)
+    report = {"ok": True}
+    try:
+        remote = await session.array(np.zeros((64,), "float32"), session.cpu(0))
+        fill = await session.get_function("tvm.contrib.random.random_fill_for_measure")
+        await fill(remote)
+        report["filled"] = int(np.count_nonzero(np.asarray(await remote.numpy())))
+        listing = await session.get_function("tvm_rpc.server.list_functions")
+        report["ours"] = len(await listing())
+        report["all"] = len(await listing(True))
+        try:
+            await (await session.get_function("no.such.function"))()
+        except Exception as e:
+            report["missing"] = {"error_type": type(e).__name__, "message": str(e)}
+        name = library.rsplit("/", 1)[-1]
+        with open(library, "rb") as f:
+            await session.upload(f.read(), name)
+        path = await (await session.get_function("tvm.rpc.server.workpath"))(name)
+        try:
+            loader = await session.get_function("ffi.Module.load_from_file.so")
+            module = await loader(path, "so")
+            report["load"] = {"ok": True, "type": type(module).__name__}
+        except Exception as e:
+            report["load"] = {"ok": False, "error_type": type(e).__name__, "message": str(e)}
+    finally:
+        await session.close()
+    return report
+
+
 def main(reactor, mode, *args):
     modes = {
         "retry": retry_mode,
@@ -244,6 +282,7 @@ def main(reactor, mode, *args):
         "hang": hang_mode,
         "load": load_mode,
         "upload": upload_mode,
+        "tvm-globals": tvm_globals_mode,
     }
 
     async def run():

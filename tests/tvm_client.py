@@ -18,6 +18,10 @@ Usage: ``python tests/tvm_client.py MODE ARGS...``; prints one JSON object
   string arguments and report its result.
 - ``limits VIA HOST PORT KEY LIBRARY``: upload 200 KiB, then upload LIBRARY and
   load it (for a server with a small work directory and ``--no-code-upload``).
+- ``loaders VIA HOST PORT KEY LIBRARY N M``: upload LIBRARY, then load it through
+  TVM's global loaders (``ffi.Module.load_from_file.so``,
+  ``ffi.ModuleLoadFromFile``) and run an executable (``rpc.PopenSession``),
+  reporting each outcome (a loaded LIBRARY runs on ones: each ``y`` is N).
 """
 
 import json
@@ -133,7 +137,41 @@ def call(via, host, port, key, name, *args):
     return {"ok": True, "result": remote.get_function(name)(*args)}
 
 
-MODES = {"call": call, "story": story, "hang": hang, "pid-hang": pid_hang, "ping": ping, "limits": limits}
+def loaders(via, host, port, key, library, n, m):
+    """Reach uploaded code through TVM's global loaders instead of load_module."""
+    import numpy as np
+    import tvm
+
+    n, m = int(n), int(m)
+    remote = session(via, host, port, key, timeout=60)
+    name = library.rsplit("/", 1)[-1]
+    remote.upload(library)
+    path = remote.get_function("tvm.rpc.server.workpath")(name)
+    report = {"ok": True}
+    attempts = {
+        "load_from_file_so": lambda: remote.get_function("ffi.Module.load_from_file.so")(path, "so"),
+        "module_load_from_file": lambda: remote.get_function("ffi.ModuleLoadFromFile")(path),
+    }
+    for label, attempt in attempts.items():
+        try:
+            module = attempt()
+            dev = remote.cpu(0)
+            x = tvm.runtime.tensor(np.ones((1, n), "float32"), dev)
+            w = tvm.runtime.tensor(np.ones((m, n), "float32"), dev)
+            y = tvm.runtime.tensor(np.zeros((1, m), "float32"), dev)
+            module["dense_relu"](x, w, y)
+            report[label] = {"ok": True, "y": sorted(set(y.numpy().ravel().tolist()))}
+        except Exception as e:
+            report[label] = failure(e)
+    try:
+        remote.get_function("rpc.PopenSession")("/bin/true")
+        report["popen"] = {"ok": True}
+    except Exception as e:
+        report["popen"] = failure(e)
+    return report
+
+
+MODES = {"call": call, "loaders": loaders, "story": story, "hang": hang, "pid-hang": pid_hang, "ping": ping, "limits": limits}
 
 if __name__ == "__main__":
     try:

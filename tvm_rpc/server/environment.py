@@ -10,7 +10,9 @@ session's verbs. It holds:
     client holds (and the ids of open streams, from the same counter);
   - the built-in functions under TVM's names (C{tvm.rpc.server.upload},
     C{.download}, C{.remove}, C{.listdir}, C{.load_module}, C{.workpath}),
-    then the global L{Registry<tvm_rpc.server.registry.Registry>};
+    then the global L{Registry<tvm_rpc.server.registry.Registry>}, then
+    TVM's global functions when the arrays are TVM's
+    (L{tvm_rpc.server.tvm_globals});
   - the session's open streams: the C{open_*} verbs open them over files,
     arrays and long values, the C{stream_*} verbs move their chunks;
   - an array backend (L{tvm_rpc.server.backends}): TVM tensors when TVM's
@@ -36,10 +38,10 @@ from ..protocol import values
 from ..protocol.stream_table import BytesSink, BytesSource, StreamTable
 from ..protocol.streams import StreamError
 from ..protocol.values import ArrayRef
-from . import modules, timing, wire_values
+from . import modules, timing, tvm_globals, wire_values
 from .array_streams import ArraySink, PiecewiseArraySource
 from .backends import check_device, select_backend
-from .errors import CodeUploadRefused, HandleError
+from .errors import HandleError, code_upload_refused
 from .limits import SessionSettings, WorkDirQuota
 from .modules import PythonModule
 from .registry import GLOBAL_REGISTRY
@@ -184,17 +186,31 @@ class SessionEnvironment:
 
     def lookup(self, name):
         """
-        @return: the built-in or global function C{name}.
+        @return: the function C{name}: a built-in, else one of the registry,
+            else, when the session's arrays are TVM's, one of TVM's global
+            functions (see L{tvm_globals.lookup}: a code loader refuses under
+            C{--no-code-upload}).
         @raise NoSuchFunction: when there is none.
         """
         builtin = self.builtins().get(name)
         if builtin is not None:
             return builtin
+        if name not in self.registry:
+            function = tvm_globals.lookup(name, self.backend, self.settings)
+            if function is not None:
+                return function
         return self.registry.get(name)
 
-    def list_functions(self):
-        """@return: the names of every built-in and global function."""
-        return sorted(set(self.builtins()) | set(self.registry.names()))
+    def list_functions(self, include_tvm=False):
+        """
+        @param include_tvm: whether to list TVM's global functions too (over
+            2000 names), which sessions whose arrays are TVM's can call.
+        @return: the names of every built-in and registered function, sorted.
+        """
+        names = set(self.builtins()) | set(self.registry.names())
+        if include_tvm:
+            names.update(tvm_globals.names(self.backend))
+        return sorted(names)
 
     def call(self, function, args):
         """
@@ -349,10 +365,7 @@ class SessionEnvironment:
         @raise CodeUploadRefused: unless the settings allow code upload.
         """
         if not self.settings.code_upload:
-            raise CodeUploadRefused(
-                f"refused to load {path!r}: this server does not run uploaded code "
-                "(--no-code-upload); only its registered functions and --init modules run"
-            )
+            raise code_upload_refused(f"load {path!r}")
 
     def load_module(self, path):
         """

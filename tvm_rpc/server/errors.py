@@ -41,3 +41,14 @@ class CodeUploadRefused(PermissionError):
     """A module uploaded in the session, on a server that runs only its own functions."""
 
     __module__ = WIRE_MODULE
+
+
+def code_upload_refused(action):
+    """
+    @param action: what was refused (C{"load 'x.so'"}, C{"call NAME (why)"}).
+    @return: the L{CodeUploadRefused} a server under C{--no-code-upload} raises.
+    """
+    return CodeUploadRefused(
+        f"refused to {action}: this server does not run uploaded code "
+        "(--no-code-upload); only its registered functions and --init modules run"
+    )

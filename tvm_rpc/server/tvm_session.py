@@ -37,6 +37,9 @@ in our own protocol (L{WorkDirectory<tvm_rpc.server.workdir.WorkDirectory>}):
   - every function registered with L{tvm_rpc.server.register_func}
     (C{--init} modules included) is a TVM global function too.
 
+Under C{--no-code-upload}, TVM's own code loaders (C{ffi.Module.load_from_file.so},
+C{rpc.PopenSession}, ...) refuse too: see L{tvm_rpc.server.tvm_globals}.
+
 These are registered once, in the fork server (L{prepare}); each
 worker points them at its own session (L{serve}).
 """

@@ -47,7 +47,7 @@ import sys
 from twisted.internet import protocol as tprotocol
 
 from ..protocol.flavour import TVM_PROTOCOL
-from . import tvm_session, watchdog
+from . import tvm_globals, tvm_session, watchdog
 from .control import receive_control, send_control, site_flags
 from .limits import SessionSettings
 from .modules import DEFAULT_SESSION_FACTORY, load_callable, load_libraries, run_init
@@ -215,7 +215,9 @@ def _prepare(args):
     """
     Load what every session needs, once per process: C{--load-library}
     libraries first (C{--init} modules may use them), the session factory,
-    the C{--init} modules, the array backend and TVM's runtime.
+    the C{--init} modules, the array backend and TVM's runtime (whose code
+    loaders then refuse under C{--no-code-upload}, see
+    L{tvm_globals.close_code_loaders}).
 
     @return: C{(make_session, settings, tvm_problem)}.
     """
@@ -231,7 +233,11 @@ def _prepare(args):
     if prepare is not None:
         # Import the array backend once, here, instead of in every session.
         prepare()
-    return make_session, settings, tvm_session.prepare()
+    tvm_problem = tvm_session.prepare()
+    if tvm_problem is None:
+        # After --load-library and --init, which may load code themselves.
+        tvm_globals.close_code_loaders(settings)
+    return make_session, settings, tvm_problem
 
 
 def _spare_argv(argv, spare_fd):
