@@ -21,15 +21,11 @@ REVIEWED_HARMLESS = {
     "ffi.ModuleImportModule": "imports a module the session already holds into another",
     "tvm.rpc.server.ImportModule": "the same, for TVM's server",
     "ffi.ModuleClearImports": "drops a module's imports",
-    "ffi.ModuleWriteToFile": "writes a module the session holds to a file (no loading)",
     "ffi.SystemLib": "the functions linked into the runtime at build time",
     "rpc.LoadRemoteModule": "asks a remote session's tvm.rpc.server.load_module (refused there)",
     "rpc.ImportRemoteModule": "imports a module held by a remote session",
     "runtime.LoadParams": "deserialises tensors",
-    "runtime.LoadParamsFromFile": "reads tensors from a file",
     "runtime.LoadMetaDataFromJSON": "parses function metadata",
-    "vm.builtin.tensor_cache.load": "reads tensors from a cache directory",
-    "s_tir.meta_schedule.CostModelLoad": "reads a cost model's data",
     "runtime.CSourceModuleCreate": "holds source text; running it needs a compiler, closed",
     "runtime.SourceModuleCreate": "holds source text; running it needs a compiler, closed",
     "runtime.ModulePackImportsToC": "writes modules as C source text",
@@ -45,7 +41,6 @@ REVIEWED_HARMLESS = {
     "tvm.rpc.server.download": "reads a file of the work directory (paths through our workpath)",
     "tvm.rpc.server.upload": "ours: writes into the work directory, within its byte limit",
     "s_tir.meta_schedule.MeasureCallbackRemoveBuildArtifact": "removes build directories (no code)",
-    "s_tir.meta_schedule.remove_build_dir": "removes a directory (no code; docs/robustness.md)",
     "runtime.disco.WorkerProcess": "runs a disco worker loop in this process, where the refusals hold",
     "runtime.disco.socket_session_init_workers": "initialises the workers of a socket session "
                                                  "(starting one is closed)",
@@ -72,15 +67,17 @@ def test_every_loader_looking_global_is_closed_or_reviewed(tvm):
     code is either closed under --no-code-upload or reviewed above: a new
     TVM that adds one fails here until it is looked at.
     """
-    from tvm_rpc.server.tvm_globals import TVM_REGISTRY, code_loaders
+    from tvm_rpc.server.tvm_globals import FILE_ESCAPES, TVM_REGISTRY, code_loaders
 
     import tvm.rpc  # noqa: F401  (what the worker imports: the whole registry)
 
     names = TVM_REGISTRY.names()
-    closed = code_loaders(names)
+    closed = {**code_loaders(names), **{name: why for name, why in FILE_ESCAPES.items()
+                                         if name in names}}
     for must in ("ffi.Module.load_from_file.so", "ffi.ModuleLoadFromFile", "rpc.PopenSession",
                  "target.build.llvm", "ffi.Module.load_from_file.ll",
-                 "runtime.disco.SessionProcess", "s_tir.meta_schedule.runner.get_local_runner"):
+                 "runtime.disco.SessionProcess", "s_tir.meta_schedule.runner.get_local_runner",
+                 "runtime.LoadParamsFromFile", "ffi.ModuleWriteToFile"):
         assert must in closed
     unreviewed = sorted(
         name for name in names
@@ -121,6 +118,9 @@ def test_tvm_client_and_tvm_loaders(tvm, dense_relu, locked):
             assert outcome == {"ok": True, "y": [float(N)]}, report
     if locked:
         assert "--no-code-upload" in report["popen"]["message"], report
+    # Paths outside the work directory are refused either way.
+    assert report["outside"]["ok"] is False, report
+    assert "reaches files only in its work directory" in report["outside"]["message"], report
 
 
 def test_tvm_client_and_tvm_loaders_spawned(tvm, dense_relu):

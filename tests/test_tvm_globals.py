@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tvm_rpc.server import tvm_globals
 from tvm_rpc.server.environment import SessionEnvironment
-from tvm_rpc.server.errors import CodeUploadRefused
+from tvm_rpc.server.errors import CodeUploadRefused, PathEscapeError
 from tvm_rpc.server.limits import SessionSettings
 from tvm_rpc.server.registry import NoSuchFunction, Registry
 from tvm_rpc.server.tvm_globals import CODE_LOADERS, code_loaders, loader_reason
@@ -56,6 +56,7 @@ def fake_table():
         "ffi.Module.load_from_file.so": loaded,
         "ffi.ModuleLoadFromFile": loaded,
         "rpc.PopenSession": loaded,
+        "runtime.LoadParamsFromFile": loaded,
         "tvm.contrib.random.uniform": lambda low, high: (low + high) / 2,
         "shadowed": lambda: "tvm's",
     })
@@ -149,6 +150,27 @@ def test_no_tvm_globals_without_tvm_arrays(root, table):
         with pytest.raises(NoSuchFunction):
             env.lookup("tvm.contrib.random.uniform")
         assert env.list_functions(include_tvm=True) == env.list_functions()
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("settings", [None, SessionSettings(), SessionSettings(code_upload=False)])
+def test_file_escapes_always_closed(settings):
+    """A global that reads a file at any path refuses on every server."""
+    table = fake_table()
+    tvm_globals.close_code_loaders(settings, table)
+    with pytest.raises(PathEscapeError, match="reaches files only in its work directory"):
+        table.get("runtime.LoadParamsFromFile")("/etc/shadow")
+    assert table.get("tvm.contrib.random.uniform")(1.0, 3.0) == 2.0
+
+
+@pytest.mark.parametrize("code_upload", [True, False])
+def test_lookup_refuses_file_escapes(root, table, code_upload):
+    """Sessions in the server's own process (nothing overridden) refuse them by name."""
+    env = environment(root, code_upload=code_upload)
+    try:
+        with pytest.raises(PathEscapeError, match="runtime.LoadParamsFromFile is not served"):
+            env.lookup("runtime.LoadParamsFromFile")("/etc/shadow")
     finally:
         env.close()
 

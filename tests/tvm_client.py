@@ -168,6 +168,12 @@ def loaders(via, host, port, key, library, n, m):
         report["popen"] = {"ok": True}
     except Exception as e:
         report["popen"] = failure(e)
+    try:
+        # A file outside the work directory, through a global that takes any path.
+        remote.get_function("runtime.LoadParamsFromFile")("/etc/hostname")
+        report["outside"] = {"ok": True}
+    except Exception as e:
+        report["outside"] = failure(e)
     return report
 
 

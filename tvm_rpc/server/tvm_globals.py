@@ -21,9 +21,18 @@ C{load_module}:
     all meet the refusal;
   - in L{lookup}, by name, so sessions run in the server's own process
     (C{--in-process}), which never overrides the registry, refuse too.
+
+Some globals read, write or remove a file at any path the client names,
+outside the session's work directory, where every path a session names is
+confined (a lab's server must not hand out its secrets or let one client
+delete another's files). L{FILE_ESCAPES} names them; they refuse always, in
+the same two places, with a L{PathEscapeError
+<tvm_rpc.server.errors.PathEscapeError>}. No TVM tool calls them through
+RPC (they are what C{export_library}, parameter files and MetaSchedule's
+local cost model use on the host).
 """
 
-from .errors import code_upload_refused
+from .errors import PathEscapeError, code_upload_refused
 from .logs import logger
 
 log = logger("tvm_rpc.server.tvm_globals")
@@ -61,6 +70,33 @@ CODE_LOADERS = {
     "tvm_callback_cuda_compile": "compiles CUDA source with nvcc",
     "tvm_callback_rocm_link": "links ROCm code objects",
 }
+
+
+#: Globals that touch a file at any path the client names, and what they do.
+FILE_ESCAPES = {
+    "ffi.ModuleWriteToFile": "writes a module to any path",
+    "runtime.SaveParamsToFile": "writes parameters to any path",
+    "runtime.LoadParamsFromFile": "reads any file",
+    "s_tir.meta_schedule.CostModelSave": "writes a cost model to any path",
+    "s_tir.meta_schedule.CostModelLoad": "reads any file",
+    "s_tir.meta_schedule.remove_build_dir": "removes any directory",
+    "vm.builtin.tensor_cache.load": "reads tensors from any directory",
+}
+
+
+def escape_refusal(name, reason):
+    """
+    @return: a function that refuses, whatever it is called with: C{name}
+        reaches files outside the session's work directory.
+    """
+
+    def refuse(*args):
+        raise PathEscapeError(
+            f"{name} is not served: it {reason}, and a session reaches files only in its "
+            f"work directory (use tvm.rpc.server.upload/download/remove)")
+
+    refuse.__name__ = f"refuse_{name}"
+    return refuse
 
 
 def loader_reason(name):
@@ -142,20 +178,24 @@ def _table(registry):
 
 def close_code_loaders(settings, registry=None):
     """
-    Under C{--no-code-upload}, override every code loader in TVM's registry
-    of this process with a L{refusal}; call it once, in the process that
-    serves sessions, after C{--load-library} and C{--init} (which may load).
+    Override every L{FILE_ESCAPES} global of TVM's registry of this process
+    with an L{escape_refusal}, and under C{--no-code-upload} every code
+    loader with a L{refusal}; call it once, in the process that serves
+    sessions, after C{--load-library} and C{--init} (which may load).
 
     @param settings: the operator's
         L{SessionSettings<tvm_rpc.server.limits.SessionSettings>}, or L{None}.
     @param registry: TVM's global functions (L{TVM_REGISTRY} if L{None}).
-    @return: the names closed, sorted (none when code upload is allowed or
-        TVM's runtime is missing).
+    @return: the code loaders closed, sorted (none when code upload is
+        allowed or TVM's runtime is missing).
     """
+    registry = _table(registry)
+    present = registry.names()
+    for name in FILE_ESCAPES.keys() & set(present):
+        registry.override(name, escape_refusal(name, FILE_ESCAPES[name]))
     if settings is None or settings.code_upload:
         return []
-    registry = _table(registry)
-    closed = code_loaders(registry.names())
+    closed = code_loaders(present)
     for name, reason in closed.items():
         registry.override(name, refusal(name, reason))
     if closed:
@@ -173,8 +213,8 @@ def lookup(name, backend, settings, registry=None):
     @param settings: the session's
         L{SessionSettings<tvm_rpc.server.limits.SessionSettings>}.
     @param registry: TVM's global functions (L{TVM_REGISTRY} if L{None}).
-    @return: the function, a L{refusal} for a code loader under
-        C{--no-code-upload}, or L{None} when TVM's registry has no C{name}
+    @return: the function, an L{escape_refusal} for a L{FILE_ESCAPES}
+        global, a L{refusal} for a code loader under C{--no-code-upload}, or L{None} when TVM's registry has no C{name}
         (or is not this session's).
     """
     if backend.name != "tvm":
@@ -182,6 +222,8 @@ def lookup(name, backend, settings, registry=None):
     function = _table(registry).get(name)
     if function is None:
         return None
+    if name in FILE_ESCAPES:
+        return escape_refusal(name, FILE_ESCAPES[name])
     reason = None if settings.code_upload else loader_reason(name)
     if reason is not None:
         return refusal(name, reason)
