@@ -294,8 +294,16 @@ class SessionEnvironment:
         return self.work_dir.read(path)
 
     def remove(self, path):
-        """C{tvm.rpc.server.remove}: delete a file or a directory tree."""
-        self.work_dir.delete(path)
+        """
+        C{tvm.rpc.server.remove}: delete a file or a directory tree, as
+        leniently as TVM's servers: a missing path is no error, and the work
+        directory itself (C{""}, C{"."}, which MetaSchedule's clean-up
+        removes) stays, as the session owns it; a path that leaves the work
+        directory is refused.
+        """
+        target = self.work_dir.resolve(path)
+        if target != self.work_dir.root and os.path.lexists(target):
+            self.work_dir.delete(path)
 
     def listdir(self, path="."):
         """C{tvm.rpc.server.listdir}: @return: the sorted names in a directory."""

@@ -109,10 +109,7 @@ def _upload(path, data):
 
 
 def _remove(path):
-    environment = _Current.get()
-    target = environment.workpath(path)
-    if target != environment.work_dir.root and os.path.lexists(target):
-        environment.remove(path)
+    _Current.get().remove(path)
 
 
 def _listdir(path):
