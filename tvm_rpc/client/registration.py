@@ -403,6 +403,11 @@ class TrackerRegistration(Service):
         """The registered tracker connection, or L{None}."""
         return self._link.protocol
 
+    @property
+    def registered(self):
+        """Whether a tracker connection holds the registration now."""
+        return self._link.protocol is not None
+
     def startService(self):
         """Start connecting to the tracker."""
         Service.startService(self)

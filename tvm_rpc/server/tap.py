@@ -273,8 +273,6 @@ def _serve_metrics(options, reactor, server, activity, registered=None):
 
 
 def _registered(server):
-    """@return: whether C{server}'s tracker registration holds a registered connection."""
-    # The link's protocol is set once registered and cleared when lost
-    # (tvm_rpc.client.registration.TrackerLink).
-    link = getattr(server.registration, "_link", None)
-    return link is not None and link.protocol is not None
+    """@return: whether C{server} is registered with its tracker (not yet, before it listens)."""
+    registration = getattr(server, "registration", None)
+    return registration is not None and registration.registered
