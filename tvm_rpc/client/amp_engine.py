@@ -32,16 +32,11 @@ from ..protocol.session_commands import (
     StreamClose,
     TimeEvaluator,
 )
+from ..protocol.evaluator_options import TIME_EVALUATOR_OPTIONS
 from ..protocol.streams import receive_value, send_value
 from ..protocol.values import ArrayRef, Handle
 from .amp_protocol import SessionClientProtocol
-from .engine import (
-    DEFAULT_MAX_RESULT_SIZE,
-    TIME_EVALUATOR_OPTIONS,
-    EngineState,
-    ISessionEngine,
-    guarded,
-)
+from .engine import DEFAULT_MAX_RESULT_SIZE, EngineState, ISessionEngine, guarded
 from .transfers import StreamTransfers
 
 log = Logger()

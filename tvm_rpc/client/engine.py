@@ -25,8 +25,6 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
-from ..protocol.evaluator_options import TIME_EVALUATOR_OPTIONS
-
 log = Logger()
 
 #: Longest encoded result of one call accepted by default (256 MiB). A result
@@ -124,7 +122,7 @@ class ISessionEngine(Interface):
         L{RPCSession.time_evaluator<tvm_rpc.client.rpc_session.RPCSession.time_evaluator>}).
 
         @param options: TVM's other options, a dict with the keys of
-            L{TIME_EVALUATOR_OPTIONS}.
+            L{TIME_EVALUATOR_OPTIONS<tvm_rpc.protocol.evaluator_options.TIME_EVALUATOR_OPTIONS>}.
 
         @return: a Deferred of the list of per-repeat seconds.
         """
@@ -205,6 +203,5 @@ __all__ = [
     "DEFAULT_MAX_RESULT_SIZE",
     "EngineState",
     "ISessionEngine",
-    "TIME_EVALUATOR_OPTIONS",
     "guarded",
 ]
