@@ -1,0 +1,85 @@
+"""The candidates of ``bench/tuning_loop.py``: N schedules of one small matmul, prebuilt.
+
+Each candidate is ``C = A @ B`` (float32, L{SIZE} x L{SIZE}) scheduled one
+way, compiled for ``llvm`` in this process and exported as a shared library,
+with MetaSchedule's C{ArgInfo} of its arguments. They are built here rather
+than by MetaSchedule's C{LocalBuilder}, whose worker cannot receive an
+IRModule in the 0.27 wheel (pickling it for the worker fails).
+
+The schedules are the product of four choices (64 in all), all
+single-threaded so that K servers on a small machine do not fight over
+thread pools: a tile of the row loop, a vectorized tile of the column loop,
+a tile of the reduction, and two loop orders. More than 64 candidates reuse
+the schedules in turn (each candidate still is its own file).
+"""
+
+import itertools
+import os
+
+#: The matrices' side.
+SIZE = 64
+ROW_TILES = (1, 2, 4, 8)
+#: 1: the column loop is not split; otherwise split by this and vectorized.
+COLUMN_VECTORS = (1, 4, 8, 16)
+REDUCTION_TILES = (1, 4)
+#: Where the reduction's outer loop goes relative to the column tiles.
+ORDERS = ("k-inside", "k-outside")
+
+SCHEDULES = tuple(itertools.product(ROW_TILES, COLUMN_VECTORS, REDUCTION_TILES, ORDERS))
+
+
+def _schedule(module, choice):
+    """
+    @param module: the IRModule of the matmul.
+    @param choice: one of L{SCHEDULES}.
+    @return: the scheduled IRModule.
+    """
+    import tvm
+
+    row_tile, column_vector, reduction_tile, order = choice
+    sch = tvm.s_tir.Schedule(module)
+    i, j, k = sch.get_loops(sch.get_sblock("C"))
+    i_outer, i_inner = sch.split(i, [None, row_tile])
+    j_outer, j_inner = sch.split(j, [None, column_vector])
+    k_outer, k_inner = sch.split(k, [None, reduction_tile])
+    if order == "k-inside":
+        sch.reorder(i_outer, j_outer, i_inner, k_outer, k_inner, j_inner)
+    else:
+        sch.reorder(i_outer, k_outer, j_outer, i_inner, k_inner, j_inner)
+    if column_vector > 1:
+        sch.vectorize(j_inner)
+    return sch.mod
+
+
+def build(count, directory):
+    """
+    Build C{count} candidates into C{directory}.
+
+    @return: a list of C{(library path, args_info)}, C{args_info} as
+        MetaSchedule's JSON (C{[["TENSOR", "float32", [64, 64]], ...]}).
+    """
+    import tvm
+    from tvm import te
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    a = te.placeholder((SIZE, SIZE), "float32", name="A")
+    b = te.placeholder((SIZE, SIZE), "float32", name="B")
+    k = te.reduce_axis((0, SIZE), name="k")
+    c = te.compute((SIZE, SIZE), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
+    function = te.create_prim_func([a, b, c])
+    module = tvm.IRModule({"main": function})
+    args_info = [info.as_json() for info in ArgInfo.from_prim_func(function)]
+    built = []
+    for index in range(count):
+        path = os.path.join(directory, f"candidate{index:04d}.so")
+        scheduled = _schedule(module, SCHEDULES[index % len(SCHEDULES)])
+        tvm.compile(scheduled, target="llvm").export_library(path)
+        built.append((path, args_info))
+    return built
+
+
+def describe():
+    """@return: one sentence naming the kernel and its schedules, for the docs."""
+    return (f"`C = A @ B` (float32, {SIZE}x{SIZE}), scheduled {len(SCHEDULES)} ways "
+            f"(row tile {ROW_TILES} x vectorized column tile {COLUMN_VECTORS} x "
+            f"reduction tile {REDUCTION_TILES} x two loop orders), single-threaded")
