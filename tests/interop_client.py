@@ -19,7 +19,9 @@ Usage: ``python tests/interop_client.py MODE ARGS...``; prints one JSON object.
 - ``story TRACKER_HOST TRACKER_PORT KEY LIBRARY N M``: the TVM docs' story:
   request a server by key, upload LIBRARY (a dense + ReLU layer ``y = relu(x W^T)``
   with ``x: (1, N)``, ``W: (M, N)``), load it, run it on device arrays, read
-  the result back and time it.
+  the result back and time it, once more with TVM's other time_evaluator
+  options (cooldown, cache flush, ``f_preproc``), and once with an unknown
+  ``f_preproc``.
 """
 
 import json
@@ -83,12 +85,26 @@ async def story_mode(reactor, tracker_host, tracker_port, key, library, n, m):
         expected = np.maximum(x @ w.T, 0)
         evaluator = session.time_evaluator(function, device, number=5, repeat=2)
         timing = await evaluator(x_remote, w_remote, y_remote)
+        # TVM's other options, which the server passes to TVM's own timer.
+        tuned = session.time_evaluator(
+            function, device, number=2, repeat=4, min_repeat_ms=1, cooldown_interval_ms=2,
+            repeats_to_cooldown=2, cache_flush_bytes=1 << 20,
+            f_preproc="cache_flush_cpu_non_first_arg")
+        tuned_timing = await tuned(x_remote, w_remote, y_remote)
+        try:
+            await session.time_evaluator(function, device, f_preproc="no.such.preproc")(
+                x_remote, w_remote, y_remote)
+            unknown_preproc = None
+        except Exception as error:
+            unknown_preproc = str(error)
         return {
             "ok": True,
             "max_abs_error": float(np.max(np.abs(y - expected))),
             "nonzero": int(np.count_nonzero(y)),
             "timings": [float(t) for t in timing.results],
             "mean": float(timing.mean),
+            "options_timings": [float(t) for t in tuned_timing.results],
+            "unknown_preproc": unknown_preproc,
         }
     finally:
         await session.close()

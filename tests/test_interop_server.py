@@ -127,6 +127,12 @@ def check_story(report):
     assert len(report["timings"]) == 2
     assert all(t > 0 for t in report["timings"])
     assert report["mean"] > 0
+    # Timed by TVM on the device with cooldown, cache flush and f_preproc: one
+    # positive mean per repeat, and the same kernel as above, so the same order of magnitude
+    # (a generous bound: the flushed caches make each call slower).
+    assert len(report["options_timings"]) == 4
+    assert all(0 < t < max(report["timings"]) * 1000 for t in report["options_timings"])
+    assert "no.such.preproc" in report["unknown_preproc"]
 
 
 def test_story_via_our_tracker(dense_relu):

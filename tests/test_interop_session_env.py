@@ -70,6 +70,19 @@ def test_environment_runs_tvm_library(tvm, library):
         assert origin is not None and origin[1] == "vector_add"
         native = env.time_evaluator(env.get(handle, "function"), cpu, 10, 4, 1, refs, origin=origin)
         assert len(native) == 4 and all(t > 0 for t in native)
+        # TVM's options: passed to TVM's timer for the module's function; for the
+        # same function timed in Python, f_preproc is TVM's global, called on the tensors.
+        options = {"cooldown_interval_ms": 1, "repeats_to_cooldown": 2,
+                   "cache_flush_bytes": 1 << 16, "f_preproc": "cache_flush_cpu_non_first_arg"}
+        sleeps = []
+        env.sleep = sleeps.append
+        native = env.time_evaluator(env.get(handle, "function"), cpu, 5, 3, 0, refs,
+                                    origin=origin, options=options)
+        assert len(native) == 3 and all(t > 0 for t in native)
+        assert sleeps == []
+        timings = env.time_evaluator(function, cpu, 5, 3, 0, refs, options=options)
+        assert len(timings) == 3 and all(t > 0 for t in timings)
+        assert sleeps == [0.001, 0.001]
         env.free([handle])
         assert env.origin(handle) is None
         assert env.device_exists(cpu)

@@ -41,6 +41,7 @@ from tvm_rpc.client.session_errors import (
     SessionTimeout,
 )
 from tvm_rpc.protocol import session_commands, values
+from tvm_rpc.protocol.evaluator_options import TIME_EVALUATOR_OPTIONS
 from tvm_rpc.protocol.remote_error import RemoteError
 from tvm_rpc.server.environment import SessionEnvironment
 from tvm_rpc.server.limits import SessionSettings
@@ -626,12 +627,73 @@ class TimeEvaluatorTests(SessionTestBase):
         self.assertRaises(ValueError, self.session.time_evaluator, "noop", "cpu", number=0)
         self.assertRaises(ValueError, self.session.time_evaluator, "noop", "cpu", repeat=0)
 
-    def test_tvm_options_refused_when_changed(self):
-        """Our server takes TVM's other options at their defaults only, and says which differ."""
-        evaluator = self.session.time_evaluator("noop", "cpu", cooldown_interval_ms=5,
-                                                f_preproc="flush")
-        failure = self.failureResultOf(evaluator(), ValueError)
-        self.assertIn("cooldown_interval_ms=5, f_preproc='flush'", str(failure.value))
+    def test_bad_options_refused_at_once(self):
+        """TVM's options are checked on the client before anything is sent."""
+        for bad in ({"repeats_to_cooldown": 0}, {"cooldown_interval_ms": -1},
+                    {"cache_flush_bytes": -4}, {"limit_zero_time_iterations": -1},
+                    {"f_preproc": None}):
+            with self.assertRaises(ValueError) as raised:
+                self.session.time_evaluator("noop", "cpu", **bad)
+            self.assertIn(next(iter(bad)), str(raised.exception))
+        self.assertEqual(self.count(session_commands.TimeEvaluator), 0)
+
+
+class TimeEvaluatorOptionsTests(SessionTestBase):
+    """TVM's time_evaluator options, honoured by our server for a Python function."""
+
+    # Warm-up is untimed; then start/stop pairs of four repeats of one call.
+    timer_instants = (0.0, 0.001, 1.0, 1.002, 2.0, 2.003, 3.0, 3.004)
+
+    def setUp(self):
+        super().setUp()
+        self.preprocessed = []
+        self.registry.register("note", lambda *args: self.preprocessed.append(args))
+        self.sleeps = []
+        self.environment.sleep = self.sleeps.append
+        self.boxes = []
+        receive = self.server.ampBoxReceived
+
+        def keep(box):
+            self.boxes.append(dict(box))
+            return receive(box)
+
+        self.server.ampBoxReceived = keep
+
+    def time_evaluator_box(self):
+        """@return: the one TimeEvaluator box the server received."""
+        [box] = [box for box in self.boxes if box.get(b"_command") == b"TimeEvaluator"]
+        return box
+
+    def test_options_reach_the_server(self):
+        """Cooldown, repeats_to_cooldown, f_preproc and cache flush act on the server."""
+        evaluator = self.session.time_evaluator(
+            "noop", "cpu", number=1, repeat=4, cooldown_interval_ms=7, repeats_to_cooldown=3,
+            cache_flush_bytes=1024, f_preproc="note")
+        result = self.resolve(evaluator(5, 6))
+        for got, expected in zip(result.results, (0.001, 0.002, 0.003, 0.004)):
+            self.assertAlmostEqual(got, expected)
+        self.assertEqual(self.preprocessed, [(5, 6)] * 4)
+        self.assertEqual(self.sleeps, [0.007, 0.007])
+        box = self.time_evaluator_box()
+        self.assertEqual(box[b"cooldown_interval_ms"], b"7")
+        self.assertEqual(box[b"f_preproc"], b"note")
+        self.assertNotIn(b"limit_zero_time_iterations", box)
+
+    def test_defaults_are_not_sent(self):
+        """TVM's defaults stay off the wire: the request is what older servers know."""
+        self.resolve(self.session.time_evaluator("noop", "cpu", number=1, repeat=4)())
+        box = self.time_evaluator_box()
+        for option in TIME_EVALUATOR_OPTIONS:
+            self.assertNotIn(option.encode(), box)
+        self.assertEqual(self.sleeps, [])
+
+    def test_unknown_preproc(self):
+        """An f_preproc that names no function fails the evaluation, naming it."""
+        failure = self.failure(
+            self.session.time_evaluator("noop", "cpu", f_preproc="no.such.flush")(), RemoteError)
+        self.assertEqual(failure.value.short_type_name, "ValueError")
+        self.assertIn("no.such.flush", str(failure.value))
+        self.assertEqual(self.preprocessed, [])
 
 
 class TimeEvaluatorFunctionTests(SessionTestBase):

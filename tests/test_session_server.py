@@ -273,6 +273,19 @@ class SessionTests(CommandCalls, SynchronousTestCase):
                                   min_repeat_ms=0.0)
         self.assertEqual(error.short_type_name, "ValueError")
 
+    def test_time_evaluator_checks_tvm_options(self):
+        """TVM's options from a client are checked on the server too; good ones are honoured."""
+        common = {"name": "add", "args": values.encode([1, 2]), "device_type": 1,
+                  "device_id": 0, "number": 2, "repeat": 3, "min_repeat_ms": 0.0}
+        for bad in ({"repeats_to_cooldown": 0}, {"cooldown_interval_ms": -1},
+                    {"cache_flush_bytes": 1 << 40}, {"limit_zero_time_iterations": -3}):
+            error = self.remote_error(session_commands.TimeEvaluator, **common, **bad)
+            self.assertEqual(error.short_type_name, "ValueError")
+            self.assertIn(next(iter(bad)), str(error))
+        answer = self.call(session_commands.TimeEvaluator, **common, repeats_to_cooldown=2,
+                           cache_flush_bytes=4096, limit_zero_time_iterations=0)
+        self.assertEqual(len(answer["results"]), 3)
+
     def test_goodbye_and_cleanup(self):
         """Goodbye answers, closes, and the work directory goes away."""
         work = self.server.environment.work_dir.root

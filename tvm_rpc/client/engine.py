@@ -25,6 +25,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
+from ..protocol.evaluator_options import TIME_EVALUATOR_OPTIONS
+
 log = Logger()
 
 #: Longest encoded result of one call accepted by default (256 MiB). A result
@@ -33,16 +35,6 @@ log = Logger()
 #: result is almost surely a mistake or a hostile server. Raise it per
 #: session with C{max_result_size}.
 DEFAULT_MAX_RESULT_SIZE = 256 << 20
-
-#: TVM's C{time_evaluator} options beyond number, repeat and min_repeat_ms,
-#: with TVM's defaults (C{tvm.runtime.Module.time_evaluator}).
-TIME_EVALUATOR_OPTIONS = {
-    "limit_zero_time_iterations": 100,
-    "cooldown_interval_ms": 0,
-    "repeats_to_cooldown": 1,
-    "cache_flush_bytes": 0,
-    "f_preproc": "",
-}
 
 
 class ISessionEngine(Interface):

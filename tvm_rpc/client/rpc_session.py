@@ -24,6 +24,7 @@ import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 
 from ..protocol import values
+from ..protocol.evaluator_options import check_time_evaluator
 from ..protocol.session_commands import CHUNK_SIZE, WINDOW
 from ..protocol.values import ArrayRef, Handle, HostArray
 from .devices import Device, SessionDevices
@@ -435,36 +436,33 @@ class RPCSession(SessionDevices):
         @param number: calls per repeat (grown to last C{min_repeat_ms}).
         @param repeat: repeats; each gives one result.
         @param min_repeat_ms: the shortest duration of one repeat.
-        @param limit_zero_time_iterations: most repeats that may take zero
-            time (TVM's option).
-        @param cooldown_interval_ms: pause between repeat groups (TVM's option).
-        @param repeats_to_cooldown: repeats per group (TVM's option).
-        @param cache_flush_bytes: bytes of cache flushed before each repeat
+        @param limit_zero_time_iterations: how many runs of one repeat may
+            measure zero time before that repeat gives up growing C{number}
             (TVM's option).
-        @param f_preproc: the name of a server function run before each
-            repeat (TVM's option).
+        @param cooldown_interval_ms: milliseconds to sleep after every
+            C{repeats_to_cooldown}-th repeat (TVM's option).
+        @param repeats_to_cooldown: repeats between two cooldowns (TVM's option).
+        @param cache_flush_bytes: bytes copied on the device before each run
+            to flush its cache (TVM's option).
+        @param f_preproc: the name of a server function called with the
+            arguments before each repeat, e.g.
+            C{"cache_flush_cpu_non_first_arg"} (TVM's option).
         @return: a callable; C{evaluator(*args)} returns a Deferred of a
             L{TimeEvaluatorResult} (C{mean}, C{median}, C{min}, C{max},
-            C{std}, C{results}, in seconds). On our server, a TVM option
-            other than its default fails that Deferred with L{ValueError}.
-        @raise ValueError: for C{number} or C{repeat} below 1 or a negative
-            C{min_repeat_ms}.
+            C{std}, C{results}, in seconds).
+        @raise ValueError: naming every bad parameter (see
+            L{check_time_evaluator<tvm_rpc.protocol.evaluator_options.check_time_evaluator>}).
         """
-        if not (isinstance(number, int) and number >= 1 and isinstance(repeat, int)
-                and repeat >= 1 and min_repeat_ms >= 0):
-            raise ValueError(
-                f"time_evaluator needs number >= 1, repeat >= 1, min_repeat_ms >= 0; "
-                f"got {number!r}, {repeat!r}, {min_repeat_ms!r}")
+        options = check_time_evaluator(number, repeat, min_repeat_ms, {
+            "limit_zero_time_iterations": limit_zero_time_iterations,
+            "cooldown_interval_ms": cooldown_interval_ms,
+            "repeats_to_cooldown": repeats_to_cooldown,
+            "cache_flush_bytes": cache_flush_bytes,
+            "f_preproc": f_preproc,
+        })
         device = self._device(device)
         if not isinstance(func_or_name, (RemoteFunction, str)):
             raise TypeError(f"time a RemoteFunction or a global name, not {func_or_name!r}")
-        options = {
-            "limit_zero_time_iterations": int(limit_zero_time_iterations),
-            "cooldown_interval_ms": int(cooldown_interval_ms),
-            "repeats_to_cooldown": int(repeats_to_cooldown),
-            "cache_flush_bytes": int(cache_flush_bytes),
-            "f_preproc": str(f_preproc),
-        }
 
         def evaluator(*args):
             """@return: a Deferred of the L{TimeEvaluatorResult} for C{args}."""

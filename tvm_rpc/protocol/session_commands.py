@@ -404,8 +404,12 @@ class TimeEvaluator(SessionCommand):
     C{args_stream} as for L{CallFunction}. The function runs C{number}
     times per repeat, C{repeat} times; when C{min_repeat_ms} > 0 C{number}
     grows until one repeat lasts at least that long. The device is synced
-    around each repeat. Response C{results}: the mean seconds per call of
-    each repeat (the client derives mean/median/min/max/std).
+    around each repeat. TVM's other options (C{limit_zero_time_iterations},
+    C{cooldown_interval_ms}, C{repeats_to_cooldown}, C{cache_flush_bytes},
+    C{f_preproc}) are optional: an omitted one takes TVM's default (see
+    L{tvm_rpc.protocol.evaluator_options}), so a peer that predates them
+    is understood. Response C{results}: the mean seconds per call of each
+    repeat (the client derives mean/median/min/max/std).
     """
 
     arguments = [
@@ -418,6 +422,11 @@ class TimeEvaluator(SessionCommand):
         (b"number", amp.Integer()),
         (b"repeat", amp.Integer()),
         (b"min_repeat_ms", amp.Float()),
+        (b"limit_zero_time_iterations", amp.Integer(optional=True)),
+        (b"cooldown_interval_ms", amp.Integer(optional=True)),
+        (b"repeats_to_cooldown", amp.Integer(optional=True)),
+        (b"cache_flush_bytes", amp.Integer(optional=True)),
+        (b"f_preproc", amp.Unicode(optional=True)),
     ]
     response = [(b"results", amp.ListOf(amp.Float()))]
 

@@ -55,6 +55,7 @@ class SessionEnvironment:
     @ivar registry: the global functions (L{GLOBAL_REGISTRY} by default).
     @ivar backend_name: the array backend preference (see L{select_backend}).
     @ivar timer: the clock L{time_evaluator} measures with (seconds).
+    @ivar sleep: how L{time_evaluator} waits out a cooldown (seconds).
     @ivar settings: the operator's L{SessionSettings} (stream and work
         directory limits, code upload).
     @ivar streams: the session's open streams (a L{StreamTable}, made from
@@ -66,6 +67,7 @@ class SessionEnvironment:
     registry: object = GLOBAL_REGISTRY
     backend_name: str = "auto"
     timer: object = time.perf_counter
+    sleep: object = time.sleep
     settings: SessionSettings = attrs.field(factory=SessionSettings)
     _objects: dict = attrs.field(factory=dict)
     _ids: object = attrs.field(factory=lambda: itertools.count(1))
@@ -429,7 +431,7 @@ class SessionEnvironment:
     # -- timing ----------------------------------------------------------
 
     def time_evaluator(self, function, device, number, repeat, min_repeat_ms, args,
-                       origin=None):
+                       origin=None, options=None):
         """
         Time C{function(*args)} on the device (see
         L{tvm_rpc.server.timing.time_evaluator}).
@@ -437,13 +439,43 @@ class SessionEnvironment:
         @param args: the arguments as received from the wire.
         @param origin: C{(module, name)} when C{function} comes from a TVM
             module (see L{origin}): TVM's own C{time_evaluator} then times it
-            natively, without Python's call overhead.
+            natively, without Python's call overhead — unless C{f_preproc}
+            names one of this session's functions, which only the Python
+            timer can call.
+        @param options: TVM's other options by name (defaults when missing).
         @return: the mean seconds per call of each run.
-        @raise ValueError: for C{number} or C{repeat} below 1 or a negative
-            C{min_repeat_ms}.
+        @raise ValueError: naming every bad parameter, or for an
+            C{f_preproc} that names no function.
         """
-        timing.check_parameters(number, repeat, min_repeat_ms)
+        options = timing.check_parameters(number, repeat, min_repeat_ms, options)
         check_device(device)
+        preproc = None
+        if options["f_preproc"]:
+            preproc, is_session_function = self._preproc(options["f_preproc"])
+            if is_session_function:
+                origin = None
         call_args = [self.from_wire(arg) for arg in args]
         return timing.time_evaluator(function, call_args, device, number, repeat, min_repeat_ms,
-                                     backend=self.backend, timer=self.timer, origin=origin)
+                                     backend=self.backend, timer=self.timer, origin=origin,
+                                     options=options, preproc=preproc, sleep=self.sleep)
+
+    def _preproc(self, name):
+        """
+        @return: the function C{name} for C{f_preproc}, and whether it is
+            one of the session's (a built-in or registered function) rather
+            than one of TVM's globals.
+        @raise ValueError: when neither has it.
+        """
+        if name in self.builtins() or name in self.registry:
+            return self.lookup(name), True
+        try:
+            import tvm
+        except ImportError:
+            tvm = None
+        found = None if tvm is None else tvm.get_global_func(name, allow_missing=True)
+        if found is None:
+            raise ValueError(
+                f"time_evaluator's f_preproc names no function on this server: {name!r} is "
+                f"neither a registered function nor one of TVM's globals"
+                + ("" if tvm is not None else " (TVM's runtime is not installed here)"))
+        return found, False

@@ -351,13 +351,14 @@ class SessionProtocol(CallResponder, RemoteErrorLocator, LeanAMP):
 
     @session_commands.TimeEvaluator.responder
     def time_evaluator(self, device_type, device_id, number, repeat, min_repeat_ms,
-                       function=None, name=None, args=None, args_stream=None):
-        """Time a function on the device."""
+                       function=None, name=None, args=None, args_stream=None, **options):
+        """Time a function on the device; TVM's options a client omitted take their defaults."""
         callee = self._callee(function, name)
         arguments = self._arguments(args, args_stream)
         results = self.environment.time_evaluator(
             callee, values.DLDevice(device_type, device_id), number, repeat, min_repeat_ms,
             arguments, origin=None if function is None else self.environment.origin(function),
+            options={key: value for key, value in options.items() if value is not None},
         )
         return {"results": results}
 
