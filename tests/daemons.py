@@ -312,7 +312,24 @@ def tvm_rpc_server(*extra, host="127.0.0.1"):
                 "--port", str(port), "--port-end", str(port + 1), *extra]
 
     with on_free_port(args, r"bind to \S+:\d+", host) as (daemon, port):
+        # TVM logs "bind to" before listen(): connect only once it listens.
+        wait_listening(port)
         yield daemon, port
+
+
+@contextmanager
+def tvm_rpc_server_through(proxy_port, key, *extra, host="127.0.0.1"):
+    """
+    TVM's rpc_server connecting out to the proxy at C{host}:C{proxy_port} as
+    C{key} (C{--through-proxy}); yields the L{Daemon} at once (TVM's server
+    logs nothing when it reaches the proxy: wait on the proxy's log).
+    """
+    daemon = Daemon([sys.executable, "-m", "tvm.exec.rpc_server", "--host", host,
+                     "--port", str(proxy_port), "--through-proxy", "--key", key, *extra])
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
 
 
 @contextmanager
@@ -324,6 +341,34 @@ def our_rpc_server(*extra, host="127.0.0.1", env=None):
     args = twistd("rpc-server", "--listen", listen_any(host), *extra)
     with announced("rpc-server", args, env=env) as (daemon, port):
         yield daemon, port
+
+
+def listening_ports():
+    """
+    @return: the TCP ports in the LISTEN state on this machine (from
+        C{/proc/net/tcp} and C{tcp6}; no connection made, which a server
+        with a listen backlog of 1 would notice).
+    """
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A":
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def wait_listening(port, timeout=30):
+    """
+    Wait until TCP C{port} listens (TVM's server logs "bind to" before it
+    calls listen(): a connection in between is refused).
+    """
+    wait_until(lambda: port in listening_ports(), timeout, what=f"a listener on port {port}")
 
 
 def recv_exactly(sock, size):

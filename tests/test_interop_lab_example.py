@@ -11,6 +11,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.daemons import (
     ROOT,
     child_env,
@@ -20,6 +22,8 @@ from tests.daemons import (
     tvm_rpc_server,
     wait_summary,
 )
+
+pytestmark = pytest.mark.system
 
 KEY = "lab"
 EXAMPLE = ROOT / "docs" / "examples" / "lab_measure.py"

@@ -5,7 +5,6 @@ import re
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import pytest
 
@@ -15,6 +14,7 @@ from daemons import (
     our_proxy,
     our_tracker,
     tvm_proxy,
+    tvm_rpc_server_through,
     tvm_tracker,
     twistd,
     wait_until,
@@ -26,15 +26,9 @@ pytestmark = pytest.mark.system
 KEY = "interop-dev"
 
 
-@contextmanager
 def tvm_server_through(port, key=KEY):
     """TVM's server connecting out to a proxy, stopped (whole group) at the end."""
-    daemon = Daemon([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
-                     "--port", str(port), "--through-proxy", "--key", key])
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+    return tvm_rpc_server_through(port, key)
 
 
 def wait_free(tvm, tracker_port, key, want, timeout=30):

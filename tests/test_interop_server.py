@@ -41,10 +41,10 @@ CLIENT_SCRIPT = str(ROOT / "tests" / "interop_client.py")
 CLIENT_TIMEOUT = 120
 
 
-def run_client(*args, env=None):
-    """Run our client in a child process; @return: its JSON report."""
+def run_client(*args, env=None, script=CLIENT_SCRIPT):
+    """Run our client (C{script}) in a child process; @return: its last JSON report."""
     completed = subprocess.run(
-        [sys.executable, CLIENT_SCRIPT, *map(str, args)],
+        [sys.executable, script, *map(str, args)],
         capture_output=True,
         timeout=CLIENT_TIMEOUT,
         env=env or child_env(),

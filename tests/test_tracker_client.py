@@ -23,6 +23,7 @@ from tvm_rpc.client import (
     TrackerSession,
     connect_tracker,
 )
+from tvm_rpc.client import tracker as tracker_module
 from tvm_rpc.client.tracker import AllocationTimeout, NotATracker, tracker_endpoint
 from tvm_rpc.protocol.tracker_commands import (
     BadMessage,
@@ -109,6 +110,22 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(sent_messages(transport.writes[0]), [[1], [6]])
         self.assertNoResult(first)
         self.assertNoResult(second)
+
+    def test_part_of_a_reply_is_acknowledged_at_once(self):
+        """
+        A reply's length without its body gets an immediate ACK: TVM's
+        tracker sends the body only once the length is acknowledged (Nagle).
+        """
+        acked = []
+        self.patch(tracker_module, "quick_ack", acked.append)
+        protocol, transport = greeted()
+        answer = protocol.call(Ping())
+        frame = encode_frame(0)
+        protocol.dataReceived(frame[:4])
+        self.assertEqual(acked, [transport])
+        protocol.dataReceived(frame[4:])
+        self.assertIsNone(self.successResultOf(answer))
+        self.assertEqual(acked, [transport])
 
     def test_call_before_connection_is_queued(self):
         protocol = TrackerClientProtocol()

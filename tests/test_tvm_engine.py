@@ -277,8 +277,13 @@ class EndingTests(EngineTestBase):
 
     def test_session_timeout_notice(self):
         calling = self.pending_call()
+        calling.addErrback(lambda failure: (self.session.closed, failure))
         self.answer("RPCSessionTimeoutError: Your 1.0s session has expired", code=packets.EXCEPTION)
-        self.failureResultOf(calling, SessionTimeout)
+        # The session reads as closed already when the call's failure arrives,
+        # before the connection is gone.
+        closed, failure = self.successResultOf(calling)
+        self.assertTrue(closed)
+        failure.trap(SessionTimeout)
         self.assertTrue(self.transport.disconnecting)
 
     def assert_broken(self, data, text):
@@ -287,6 +292,7 @@ class EndingTests(EngineTestBase):
         error = self.failureResultOf(calling, SessionClosed).value
         self.assertIn(text, str(error))
         self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(self.session.closed)
 
     def test_unknown_code(self):
         self.assert_broken(packets.packet(77, b""), "unknown code (code 77)")

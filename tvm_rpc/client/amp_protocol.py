@@ -141,6 +141,11 @@ class SessionClientProtocol(LeanAMP):
         why = reason.getErrorMessage() if reason is not None else "connection lost"
         return SessionClosed(f"session connection lost: {why}")
 
+    @property
+    def ended(self):
+        """Whether the session is over (the connection is gone)."""
+        return self.lost
+
     def connectionLost(self, reason):
         """Fail outstanding calls with a session error, then tell the waiters."""
         self.lost = True

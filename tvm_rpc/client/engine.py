@@ -173,8 +173,8 @@ class EngineState:
     """
     Mixin of what both engines keep alike: the connection, whether the
     session is over, and the queue of releases sent on the next reactor
-    turn. The class using it has C{_protocol} (with C{lost} and
-    C{when_lost()}), C{_clock}, C{_close_started}, C{_to_free},
+    turn. The class using it has C{_protocol} (with C{lost}, C{ended}
+    and C{when_lost()}), C{_clock}, C{_close_started}, C{_to_free},
     C{_free_call} and C{_flush_free()}.
     """
 
@@ -188,7 +188,7 @@ class EngineState:
     @property
     def closed(self):
         """Whether the session is over or closing (no new calls are sent)."""
-        return self._protocol.lost or self._close_started
+        return self._protocol.ended or self._close_started
 
     def when_closed(self):
         """@return: a Deferred firing with L{None} once the connection is gone."""

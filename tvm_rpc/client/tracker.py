@@ -28,7 +28,7 @@ from ..protocol.tracker_commands import (
     TrackerError,
 )
 from ..protocol.framing import FrameDecoder, encode_frame, encode_magic
-from ..transport import client_endpoint, peer_label, set_no_delay
+from ..transport import client_endpoint, peer_label, quick_ack, set_no_delay
 
 __all__ = [
     "AllocationTimeout",
@@ -164,6 +164,10 @@ class TrackerClientProtocol(Protocol):
                 problem = BadMessage(f"bad reply from tracker {self._peer}: "
                                      f"{self._decoder.error}")
             self._violation(problem)
+        elif self._decoder.pending and self.transport is not None:
+            # Part of a reply: TVM's tracker writes a reply's length and body
+            # in two sends under Nagle, so the body waits for our ACK.
+            quick_ack(self.transport)
 
     def connectionLost(self, reason=None):
         """Fail C{ready} (if still waiting) and every outstanding call."""

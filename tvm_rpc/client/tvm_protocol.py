@@ -90,6 +90,15 @@ class TVMClientProtocol(Protocol):
         self.closing = False
 
     @property
+    def ended(self):
+        """
+        Whether the session is over: the connection is gone, or the protocol
+        ended it (a timeout notice, an unsolicited shutdown, bytes that do not
+        decode) and is closing the connection.
+        """
+        return self.lost or self._ending is not None
+
+    @property
     def max_packet(self):
         """The longest packet accepted from the server."""
         return self._decoder.max_packet
