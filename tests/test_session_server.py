@@ -279,11 +279,14 @@ class SessionTests(CommandCalls, SynchronousTestCase):
                   "device_id": 0, "number": 2, "repeat": 3, "min_repeat_ms": 0.0}
         for bad in ({"repeats_to_cooldown": 0}, {"cooldown_interval_ms": -1},
                     {"cache_flush_bytes": 1 << 40}, {"limit_zero_time_iterations": -3}):
-            error = self.remote_error(session_commands.TimeEvaluator, **common, **bad)
+            error = self.remote_error(session_commands.TimeEvaluator, **common, options=[bad])
             self.assertEqual(error.short_type_name, "ValueError")
             self.assertIn(next(iter(bad)), str(error))
-        answer = self.call(session_commands.TimeEvaluator, **common, repeats_to_cooldown=2,
-                           cache_flush_bytes=4096, limit_zero_time_iterations=0)
+        error = self.remote_error(session_commands.TimeEvaluator, **common, options=[{}, {}])
+        self.assertEqual(error.short_type_name, "ValueError")
+        answer = self.call(session_commands.TimeEvaluator, **common, options=[{
+            "repeats_to_cooldown": 2, "cache_flush_bytes": 4096,
+            "limit_zero_time_iterations": 0}])
         self.assertEqual(len(answer["results"]), 3)
 
     def test_goodbye_and_cleanup(self):

@@ -1,4 +1,4 @@
-"""The Deferred-based client: tracker sessions now, RPC sessions on top of them."""
+"""The Deferred-based client: tracker sessions, and RPC sessions on our servers and on TVM's."""
 
 from ..protocol.tracker_commands import Allocation, TrackerError
 from .tracker import (

@@ -257,8 +257,10 @@ class AMPEngine(EngineState, StreamTransfers):
                     min_repeat_ms, changed):
         target = {"name": name} if function is None else {"function": function}
         carried = await send_value(self._call_remote, values.encode(args), window=self.window)
+        if changed:
+            target["options"] = [changed]
         answer = await self._call_remote(
-            TimeEvaluator, **target, **carried, **changed, device_type=device_type,
+            TimeEvaluator, **target, **carried, device_type=device_type,
             device_id=index, number=number, repeat=repeat,
             min_repeat_ms=float(min_repeat_ms),
         )

@@ -1,11 +1,11 @@
-"""The client's network entry points: ``connect``, ``request`` and ``request_and_run``.
+"""The client's network entry points: L{connect}, L{request} and L{request_and_run}.
 
-:func:`connect` opens a TCP connection to a server (or a proxy), performs TVM's
-RPC handshake marked as ours (see :mod:`tvm_rpc.protocol.flavour`), then
+L{connect} opens a TCP connection to a server (or a proxy), performs TVM's
+RPC handshake marked as ours (see L{tvm_rpc.protocol.flavour}), then
 switches the connection to the session protocol the reply announces (ours for
 a marked reply, TVM's own for one of TVM's servers) and returns the
-:class:`~tvm_rpc.client.rpc_session.RPCSession`. :func:`request` first obtains a
-server from a tracker; :func:`request_and_run` runs a function on a session and
+L{RPCSession<tvm_rpc.client.rpc_session.RPCSession>}. L{request} first obtains a
+server from a tracker; L{request_and_run} runs a function on a session and
 retries on another server when the one it got drops out. All return Deferreds.
 """
 
@@ -74,7 +74,7 @@ class ClientHandshake(SwitchingCarrier, TimeoutMixin, Protocol):
 
     def __init__(self, key, session_timeout, address, clock=None, timeout=None):
         """
-        @param key: the key or matchkey to present (without ``client:``).
+        @param key: the key or matchkey to present (without C{client:}).
         @param session_timeout: seconds, or 0/L{None} for none.
         @param address: C{host:port}, for messages.
         @param clock: an L{IReactorTime} for the timer; needed with C{timeout}.
@@ -187,7 +187,7 @@ def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=Non
     @param host: the server's host name or address.
     @param port: its port.
     @param key: the key (or tracker matchkey) to present; C{""} for a server
-        started without a tracker and without ``--key``.
+        started without a tracker and without C{--key}.
     @param session_timeout: seconds after which the server ends the session
         (0: never).
     @param reactor: the reactor; the global one when L{None}.

@@ -195,7 +195,7 @@ class EngineState:
         return self._protocol.when_lost()
 
     def _schedule_free(self, item):
-        """Queue C{item} for L{_flush_free} on the next reactor turn (sends nothing now)."""
+        """Queue C{item} for C{_flush_free()} on the next reactor turn (sends nothing now)."""
         self._to_free.append(item)
         if self._free_call is None:
             self._free_call = self._clock.callLater(0, self._flush_free)

@@ -1,20 +1,22 @@
 """A server's registration with a tracker, kept up for as long as the server runs.
 
-It does what TVM's server does (``_listen_loop`` in ``tvm/rpc/server.py``), so
+It does what TVM's server does (C{_listen_loop} in C{tvm/rpc/server.py}), so
 TVM's tracker and ours both understand it:
 
-- on every connection: ``UPDATE_INFO {"key": "server:<key>", "addr": [custom_addr, port]}``,
-  then ``PUT [key, [port, matchkey], custom_addr]`` when a session slot is free;
-- every ``poll_period`` seconds ``GET_PENDING_MATCHKEYS``; a matchkey the
-  tracker handed out but nobody used for more than ``unmatched_timeout``
-  seconds is replaced by a fresh one (a new PUT);
-- a fresh PUT whenever the session gate offers a new matchkey (after each
-  session, or as a session starts when more slots are free);
-- when the tracker goes away, reconnect with backoff and register again.
+  - on every connection:
+    C{UPDATE_INFO {"key": "server:<key>", "addr": [custom_addr, port]}},
+    then C{PUT [key, [port, matchkey], custom_addr]} when a session slot is
+    free;
+  - every C{poll_period} seconds C{GET_PENDING_MATCHKEYS}; a matchkey the
+    tracker handed out but nobody used for more than C{unmatched_timeout}
+    seconds is replaced by a fresh one (a new PUT);
+  - a fresh PUT whenever the session gate offers a new matchkey (after each
+    session, or as a session starts when more slots are free);
+  - when the tracker goes away, reconnect with backoff and register again.
 
 Which matchkey is on offer is the gate's business
-(:class:`tvm_rpc.server.gate.SessionGate`, or anything with the same
-``key``/``offered``/``current_offer()``/``renew()``/``offer_changed``).
+(L{SessionGate<tvm_rpc.server.gate.SessionGate>}, or anything with the same
+C{key}/C{offered}/C{current_offer()}/C{renew()}/C{offer_changed}).
 """
 
 import attrs
@@ -132,8 +134,6 @@ class IRegisteredOffer(Interface):
     One key offered to a tracker, as a L{TrackerLink} keeps it registered:
     the server's own (L{TrackerRegistration}) or one server waiting behind
     a proxy (L{tvm_rpc.proxy.registration}).
-
-    @ivar label: names the offer in log lines (C{"dev"}).
     """
 
     label = Attribute("names the offer in log lines")

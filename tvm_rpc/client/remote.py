@@ -3,14 +3,14 @@
 Each object here stands for something that lives on the server of one
 L{RPCSession<tvm_rpc.client.rpc_session.RPCSession>}:
 
-- L{RemoteFunction}: a function handle; calling it returns a Deferred
-  of the result;
-- L{RemoteModule}: a loaded module (a C{.py} file or a TVM library);
-- L{RemoteArray}: an array in device memory, filled from and read back
-  to the host in chunks.
+  - L{RemoteFunction}: a function handle; calling it returns a Deferred
+    of the result;
+  - L{RemoteModule}: a loaded module (a C{.py} file or a TVM library);
+  - L{RemoteArray}: an array in device memory, filled from and read back
+    to the host in chunks.
 
 L{TimeEvaluatorResult} holds the timings of a C{time_evaluator} run. Devices
-are L{tvm_rpc.client.devices}'; host data is described by
+are in L{tvm_rpc.client.devices}; host data is described by
 L{host_array<tvm_rpc.client.host_arrays.host_array>} and read back by
 L{unpack<tvm_rpc.client.host_arrays.unpack>} (both importable from here too,
 as documented).

@@ -24,7 +24,7 @@ import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 
 from ..protocol import values
-from ..protocol.evaluator_options import check_time_evaluator
+from ..protocol.evaluator_options import TIME_EVALUATOR_OPTIONS, check_time_evaluator
 from ..protocol.session_commands import CHUNK_SIZE, WINDOW
 from ..protocol.values import ArrayRef, Handle, HostArray
 from .devices import Device, SessionDevices
@@ -453,13 +453,16 @@ class RPCSession(SessionDevices):
         @raise ValueError: naming every bad parameter (see
             L{check_time_evaluator<tvm_rpc.protocol.evaluator_options.check_time_evaluator>}).
         """
-        options = check_time_evaluator(number, repeat, min_repeat_ms, {
+        options = {
             "limit_zero_time_iterations": limit_zero_time_iterations,
             "cooldown_interval_ms": cooldown_interval_ms,
             "repeats_to_cooldown": repeats_to_cooldown,
             "cache_flush_bytes": cache_flush_bytes,
             "f_preproc": f_preproc,
-        })
+        }
+        options = check_time_evaluator(
+            number, repeat, min_repeat_ms,
+            None if options == TIME_EVALUATOR_OPTIONS else options)
         device = self._device(device)
         if not isinstance(func_or_name, (RemoteFunction, str)):
             raise TypeError(f"time a RemoteFunction or a global name, not {func_or_name!r}")

@@ -16,14 +16,18 @@ class SessionTimeout(SessionClosed):
 
 
 class ProtocolMismatch(Exception):
-    """The peer does not speak the tvm_rpc session protocol (or not this version)."""
+    """
+    The peer did not open the session as expected: no answer, or a refusal,
+    to our C{Hello} (not a tvm_rpc session server, or another version) or to
+    TVM's C{kInitServer} (on one of TVM's servers).
+    """
 
 
 class SessionLostAtStart(ProtocolMismatch, SessionClosed):
     """
-    The connection was lost after the handshake, before the session's Hello
-    was answered: the server died in between (or the peer is not a session
-    server). A L{SessionClosed}, so callers that retry lost connections
+    The connection was lost after the handshake, before the session's
+    opening (our C{Hello}, TVM's C{kInitServer}) was answered: the server
+    died in between (or the peer is not a session server). A L{SessionClosed}, so callers that retry lost connections
     (C{request()}) try another server.
     """
 

@@ -1,12 +1,12 @@
 """The client side of the tracker protocol, with Deferreds.
 
-:class:`TrackerClientProtocol` is a thin adapter around the sans-IO
-:class:`~tvm_rpc.protocol.framing.FrameDecoder`: it sends the magic, waits for
+L{TrackerClientProtocol} is a thin adapter around the sans-IO
+L{FrameDecoder<tvm_rpc.protocol.framing.FrameDecoder>}: it sends the magic, waits for
 the tracker's echo, sends each command in one write and matches replies to calls
 first in, first out (the protocol has no request ids).
 
-:func:`connect_tracker` opens a :class:`TrackerSession`: its control connection
-serves ``ping``/``summary``; each :meth:`TrackerSession.allocate` opens a
+L{connect_tracker} opens a L{TrackerSession}: its control connection
+serves C{ping}/C{summary}; each L{TrackerSession.allocate} opens a
 connection of its own, because a REQUEST may be answered long after replies to
 later commands, so only one REQUEST may be outstanding per connection.
 """
@@ -302,7 +302,7 @@ class TrackerSession:
 
     @property
     def address(self):
-        """The tracker's address as ``host:port``, for messages."""
+        """The tracker's address as C{host:port}, for messages."""
         return f"{self.host}:{self.port}"
 
     def open_connection(self):
@@ -444,8 +444,8 @@ def _served_keys(info_key):
     """
     The device keys one server-info entry serves.
 
-    ``server:<key>`` serves the whole key after ``server:`` (which may hold
-    ``:``); a proxy's ``server:proxy[k1,k2]`` serves each key it lists.
+    C{server:<key>} serves the whole key after C{server:} (which may hold
+    C{:}); a proxy's C{server:proxy[k1,k2]} serves each key it lists.
     """
     prefix = "server:"
     key = info_key[len(prefix):] if info_key.startswith(prefix) else info_key
@@ -456,16 +456,16 @@ def _served_keys(info_key):
 
 def text_summary(summary):
     """
-    Render a tracker summary as TVM's ``query_rpc_tracker`` does.
+    Render a tracker summary as TVM's C{query_rpc_tracker} does.
 
     The text is TVM's to the byte, except that a proxy's entry
-    ``server:proxy[k1,k2]`` counts toward each listed key's total (TVM files it
-    under the key ``proxy[k1,k2]``, so the proxied keys show total 0 and their
-    rows vanish) and a key containing ``:`` is counted whole (TVM keeps only
-    the part up to its first ``:``).
+    C{server:proxy[k1,k2]} counts toward each listed key's total (TVM files it
+    under the key C{proxy[k1,k2]}, so the proxied keys show total 0 and their
+    rows vanish) and a key containing C{:} is counted whole (TVM keeps only
+    the part up to its first C{:}).
 
-    @param summary: the dict a SUMMARY returns (``queue_info`` and
-        ``server_info``; other fields are ignored).
+    @param summary: the dict a SUMMARY returns (C{queue_info} and
+        C{server_info}; other fields are ignored).
     @return: the text, ending with a newline.
     """
     totals = {}

@@ -60,6 +60,12 @@ def check_time_evaluator(number, repeat, min_repeat_ms, options=None):
         integer past int32, an unknown option or a C{f_preproc} that is
         not a string.
     """
+    if (not options and type(number) is int and type(repeat) is int
+            and type(min_repeat_ms) in (int, float)
+            and 1 <= number <= _INT32_MAX and 1 <= repeat <= _INT32_MAX
+            and 0 <= min_repeat_ms <= _INT32_MAX):
+        # The common request, checked without building the problem list.
+        return dict(TIME_EVALUATOR_OPTIONS)
     given = {} if options is None else dict(options)
     unknown = sorted(set(given) - set(TIME_EVALUATOR_OPTIONS))
     checked = {**TIME_EVALUATOR_OPTIONS, **given}

@@ -404,9 +404,10 @@ class TimeEvaluator(SessionCommand):
     C{args_stream} as for L{CallFunction}. The function runs C{number}
     times per repeat, C{repeat} times; when C{min_repeat_ms} > 0 C{number}
     grows until one repeat lasts at least that long. The device is synced
-    around each repeat. TVM's other options (C{limit_zero_time_iterations},
+    around each repeat. C{options}, optional, is a list of one box of
+    TVM's other options (C{limit_zero_time_iterations},
     C{cooldown_interval_ms}, C{repeats_to_cooldown}, C{cache_flush_bytes},
-    C{f_preproc}) are optional: an omitted one takes TVM's default (see
+    C{f_preproc}), each optional: an omitted one takes TVM's default (see
     L{tvm_rpc.protocol.evaluator_options}), so a peer that predates them
     is understood. Response C{results}: the mean seconds per call of each
     repeat (the client derives mean/median/min/max/std).
@@ -422,11 +423,15 @@ class TimeEvaluator(SessionCommand):
         (b"number", amp.Integer()),
         (b"repeat", amp.Integer()),
         (b"min_repeat_ms", amp.Float()),
-        (b"limit_zero_time_iterations", amp.Integer(optional=True)),
-        (b"cooldown_interval_ms", amp.Integer(optional=True)),
-        (b"repeats_to_cooldown", amp.Integer(optional=True)),
-        (b"cache_flush_bytes", amp.Integer(optional=True)),
-        (b"f_preproc", amp.Unicode(optional=True)),
+        # One optional argument for the five: an omitted argument still costs
+        # AMP a parse on every request, and this command is a tuning loop's.
+        (b"options", amp.AmpList([
+            (b"limit_zero_time_iterations", amp.Integer(optional=True)),
+            (b"cooldown_interval_ms", amp.Integer(optional=True)),
+            (b"repeats_to_cooldown", amp.Integer(optional=True)),
+            (b"cache_flush_bytes", amp.Integer(optional=True)),
+            (b"f_preproc", amp.Unicode(optional=True)),
+        ], optional=True)),
     ]
     response = [(b"results", amp.ListOf(amp.Float()))]
 

@@ -456,8 +456,8 @@ class SessionEnvironment:
                 origin = None
         call_args = [self.from_wire(arg) for arg in args]
         return timing.time_evaluator(function, call_args, device, number, repeat, min_repeat_ms,
-                                     backend=self.backend, timer=self.timer, origin=origin,
-                                     options=options, preproc=preproc, sleep=self.sleep)
+                                     options, backend=self.backend, timer=self.timer,
+                                     origin=origin, preproc=preproc, sleep=self.sleep)
 
     def _preproc(self, name):
         """

@@ -351,14 +351,14 @@ class SessionProtocol(CallResponder, RemoteErrorLocator, LeanAMP):
 
     @session_commands.TimeEvaluator.responder
     def time_evaluator(self, device_type, device_id, number, repeat, min_repeat_ms,
-                       function=None, name=None, args=None, args_stream=None, **options):
+                       function=None, name=None, args=None, args_stream=None, options=None):
         """Time a function on the device; TVM's options a client omitted take their defaults."""
         callee = self._callee(function, name)
         arguments = self._arguments(args, args_stream)
         results = self.environment.time_evaluator(
             callee, values.DLDevice(device_type, device_id), number, repeat, min_repeat_ms,
             arguments, origin=None if function is None else self.environment.origin(function),
-            options={key: value for key, value in options.items() if value is not None},
+            options=_time_evaluator_options(options),
         )
         return {"results": results}
 
@@ -373,6 +373,21 @@ def _stream_and_size(opened):
     """@return: the answer of a command that opened a stream: its id and size."""
     stream, size = opened
     return {"stream": stream, "size": size}
+
+
+def _time_evaluator_options(options):
+    """
+    @param options: a L{TimeEvaluator<session_commands.TimeEvaluator>}'s
+        C{options} argument: L{None}, or a list of one dict whose omitted
+        entries are L{None}.
+    @return: the options given, by name.
+    @raise ValueError: for a list of other than one box.
+    """
+    if options is None:
+        return None
+    if len(options) != 1:
+        raise ValueError(f"time_evaluator options must be one box, not {len(options)}")
+    return {key: value for key, value in options[0].items() if value is not None}
 
 
 def make_session_protocol(work_root=None, registry=None, *, clock=None, backend="auto",

@@ -32,9 +32,8 @@ def check_parameters(number, repeat, min_repeat_ms, options=None):
     return check_time_evaluator(number, repeat, min_repeat_ms, options)
 
 
-def time_evaluator(function, call_args, device, number, repeat, min_repeat_ms, *,
-                   backend, timer, origin=None, options=None, preproc=None,
-                   sleep=time.sleep):
+def time_evaluator(function, call_args, device, number, repeat, min_repeat_ms, options, *,
+                   backend, timer, origin=None, preproc=None, sleep=time.sleep):
     """
     Time C{function(*call_args)} on the device.
 
@@ -47,14 +46,12 @@ def time_evaluator(function, call_args, device, number, repeat, min_repeat_ms, *
     @param origin: C{(module, name)} when C{function} comes from a TVM
         module: TVM's own C{time_evaluator} then times it, with every option
         (C{f_preproc} then names a TVM global function).
-    @param options: TVM's other options by name (defaults when missing).
+    @param options: TVM's other options, checked (see L{check_parameters}).
     @param preproc: the function C{options["f_preproc"]} names, resolved by
         the caller, for L{python_time_evaluator}.
     @param sleep: how to wait C{cooldown_interval_ms} (seconds).
     @return: the mean seconds per call of each repeat.
-    @raise ValueError: for bad parameters (see L{check_parameters}).
     """
-    options = check_parameters(number, repeat, min_repeat_ms, options)
     if origin is not None and backend.name == "tvm":
         module, name = origin
         return tvm_time_evaluator(module, name, backend.device(device), call_args, number,
