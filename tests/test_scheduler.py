@@ -322,12 +322,18 @@ class TrackerMachine(RuleBasedStateMachine):
 TestTrackerMachine = TrackerMachine.TestCase
 
 
+#: The modules whose objects a tracker state is made of.
+_TRACKER_MODULES = ("tvm_rpc.tracker.", "tvm_rpc.protocol.tracker_commands", __name__)
+
+
 def _tracker_garbage(garbage):
     """
-    @return: the objects of C{garbage} that belong to the tracker: instances
-        of tvm_rpc's classes, and tvm_rpc's functions and bound methods.
-        Garbage that other threads of the test process make meanwhile
-        (daemon output readers, a reactor thread) is not the tracker's.
+    @return: the objects of C{garbage} that belong to the tracker state
+        under test: instances of the tracker's classes and of its commands,
+        and the tracker's functions and bound methods. Garbage that other
+        threads of the test process make or release meanwhile (daemon output
+        readers, a reactor thread, other daemons' objects) is not the
+        tracker's.
     """
     def ours(thing):
         module = getattr(type(thing), "__module__", "") or ""
@@ -335,7 +341,7 @@ def _tracker_garbage(garbage):
             thing = thing.__func__
         if isinstance(thing, types.FunctionType):
             module = thing.__module__ or ""
-        return module.startswith("tvm_rpc")
+        return module.startswith(_TRACKER_MODULES)
 
     return [thing for thing in garbage if ours(thing)]
 
