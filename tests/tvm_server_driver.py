@@ -30,8 +30,9 @@ from twisted.python.failure import Failure
 
 #: Seconds any one step may take before the driver gives up and reports it.
 STEP = 60
-#: Calls per repeat that keep a dense layer of a few microseconds busy for hours.
-FOREVER = 10**10
+#: Calls per repeat that keep a dense layer of a few microseconds busy for hours
+#: (TVM's timer takes an int32, which the client checks before sending).
+FOREVER = 2**31 - 1
 
 
 def describe(failure):

@@ -233,6 +233,12 @@ def _prepare(args):
     if prepare is not None:
         # Import the array backend once, here, instead of in every session.
         prepare()
+    try:
+        # Its import probes Twisted (the fence): milliseconds of every session's start.
+        from . import reactor  # noqa: F401
+    except ImportError:
+        # No epoll here: a session of our protocol reports it when it starts.
+        pass
     tvm_problem = tvm_session.prepare()
     if tvm_problem is None:
         # After --load-library and --init, which may load code themselves.
