@@ -211,6 +211,26 @@ class ConnectTimeoutTests(SynchronousTestCase):
         self.assertTrue(endpoint.transports[0].disconnected)
 
 
+class RefusingEndpoint:
+    """An endpoint whose every connection attempt is refused."""
+
+    def connect(self, factory):
+        return defer.fail(ConnectionRefusedError(111, "Connection refused"))
+
+
+class ConnectRefusedTests(SynchronousTestCase):
+    def test_refused_names_the_address(self):
+        """A refused connection says what was being done, where, and why."""
+        from twisted.internet.error import ConnectError
+
+        from tvm_rpc.client.connect import connect
+
+        attempt = connect("10.0.0.7", 9091, "k", reactor=Clock(), endpoint=RefusingEndpoint())
+        failure = self.failureResultOf(attempt, ConnectError)
+        self.assertEqual(str(failure.value),
+                         "connecting to the RPC server at 10.0.0.7:9091: connection refused")
+
+
 class RecordingSession:
     """A session protocol that records what it is given."""
 

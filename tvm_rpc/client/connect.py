@@ -20,6 +20,7 @@ from ..protocol.flavour import OUR_PROTOCOL, TVM_PROTOCOL, client_key, reply_is_
 from ..protocol.handshake import ReplyDecoder, encode_handshake
 from ..transport import SwitchingCarrier, client_endpoint, set_no_delay
 from .engine import DEFAULT_MAX_RESULT_SIZE
+from .link_errors import reaching
 from .session import open_session
 from .session_errors import SessionTimeout
 
@@ -98,7 +99,8 @@ class ClientHandshake(SwitchingCarrier, TimeoutMixin, Protocol):
         @return: L{done}.
         """
         self.setTimeout(self._timeout)
-        self._connecting = connectProtocol(endpoint, self)
+        self._connecting = defer.Deferred.fromCoroutine(reaching(
+            f"connecting to the RPC server at {self._address}", connectProtocol(endpoint, self)))
         self._connecting.addErrback(self._fail)
         return self.done
 

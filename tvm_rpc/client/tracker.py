@@ -29,6 +29,7 @@ from ..protocol.tracker_commands import (
 )
 from ..protocol.framing import FrameDecoder, encode_frame, encode_magic
 from ..transport import client_endpoint, peer_label, quick_ack, set_no_delay
+from .link_errors import TrackerClosed, reaching
 
 __all__ = [
     "AllocationTimeout",
@@ -265,7 +266,8 @@ async def _open(reactor, endpoint, address, timeout):
 
     async def connect():
         """Connect, then wait for the echo."""
-        protocol = await connectProtocol(endpoint, TrackerClientProtocol())
+        protocol = await reaching(f"connecting to the tracker at {address}",
+                                  connectProtocol(endpoint, TrackerClientProtocol()))
         return await protocol.ready
 
     attempt = defer.Deferred.fromCoroutine(connect())
@@ -299,6 +301,7 @@ class TrackerSession:
     _control: TrackerClientProtocol
     connect_timeout: "float | None" = DEFAULT_CONNECT_TIMEOUT
     _requests: set = attrs.field(factory=set)
+    _closing: bool = False
 
     @property
     def address(self):
@@ -361,6 +364,12 @@ class TrackerSession:
         self._requests.add(connection)
         try:
             return await connection.call(request)
+        except error.ConnectionClosed as e:
+            if self._closing:
+                raise
+            raise TrackerClosed(
+                f"the tracker at {self.address} closed the connection while "
+                f"request({request.key!r}) was waiting") from e
         finally:
             self._requests.discard(connection)
             connection.close()
@@ -405,6 +414,7 @@ class TrackerSession:
 
         @return: a Deferred firing with L{None} once the control connection ended.
         """
+        self._closing = True
         for connection in list(self._requests):
             connection.close()
         return self._control.close()
