@@ -383,7 +383,8 @@ class TrackerSession:
         @param session_timeout: seconds after which the server ends the session.
         @param max_retry: attempts before giving up.
         @param timeout: seconds each wait in the queue may take, or L{None}.
-        @param options: session options (C{max_result_size}), see
+        @param options: session options (C{max_result_size}) and the wait's
+            C{progress}/C{progress_period}; see
             L{tvm_rpc.client.connect.connect}.
         @return: a Deferred firing with an L{RPCSession}; cancelling it
             withdraws the request. See L{tvm_rpc.client.connect.request}.
