@@ -37,7 +37,7 @@ POLL_PERIOD = 2.0
 UNMATCHED_TIMEOUT = 4.0
 
 
-def tracker_client_service(endpoint, clock, max_delay, prepare, report=None):
+def tracker_client_service(endpoint, clock, max_delay, prepare, report=None, peer=None):
     """
     @param endpoint: reaches the tracker.
     @param clock: an L{IReactorTime} for the backoff.
@@ -46,13 +46,17 @@ def tracker_client_service(endpoint, clock, max_delay, prepare, report=None):
     @param report: a L{ReachReport} told when a failure streak starts and
         ends, or L{None} for a link that says nothing of it (one of many
         links to the same tracker).
+    @param peer: the tracker's printable name for Twisted's own retry lines
+        when there is no C{report} (else the report's).
     @return: a L{ClientService} that keeps a tracker connection up, with the
         reconnection backoff of every tracker link (the server's and the
         proxy's): from 0.5 s, growing 1.5 times per failure.
     """
     policy = backoffPolicy(initialDelay=0.5, maxDelay=max_delay, factor=1.5)
+    name = report.peer if report is not None else peer
+    if name is not None:
+        endpoint = ReportingEndpoint(endpoint, name)
     if report is not None:
-        endpoint = ReportingEndpoint(endpoint, report.peer)
         policy = reporting_policy(policy, endpoint, report)
     return ClientService(
         endpoint,
@@ -237,7 +241,8 @@ class TrackerLink:
     def start(self):
         """Start connecting to the tracker."""
         self._service = tracker_client_service(
-            self.endpoint, self.clock, self.settings.max_delay, self._prepare, self._report)
+            self.endpoint, self.clock, self.settings.max_delay, self._prepare, self._report,
+            self.settings.tracker)
         self._service.startService()
 
     def stop(self):
