@@ -148,7 +148,7 @@ class OpeningTests(SessionTestBase):
         self.assertEqual(self.count(session_commands.Hello), 1)
 
     def test_engine(self):
-        """The session runs on an AMPEngine (behind LocatedEngine) providing all of ISessionEngine."""
+        """The session runs on an AMPEngine (behind LocatedEngine), a whole ISessionEngine."""
         engine = self.session._engine.engine
         self.assertIsInstance(engine, AMPEngine)
         self.assertTrue(verifyObject(ISessionEngine, engine))
