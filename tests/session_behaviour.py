@@ -98,6 +98,10 @@ class SessionBehaviour:
         """Errors of file operations are RemoteErrors; remove deletes."""
         failure = self.failure(self.session.download("nothing.bin"), RemoteError)
         self.assertEqual(failure.value.type_name, "FileNotFoundError")
+        self.assertEqual(failure.value.message, "no file 'nothing.bin' in the work directory")
+        where = f" (on {self.session.address})" if self.session.address else ""
+        self.assertEqual(str(failure.value),
+                         f"FileNotFoundError: no file 'nothing.bin' in the work directory{where}")
         self.resolve(self.session.upload(b"abc", "a.txt"))
         self.resolve(self.session.remove("a.txt"))
         self.assertEqual(self.resolve(self.session.listdir(".")), [])

@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tvm_rpc.protocol import calls
 from tvm_rpc.protocol.ampwire import BoxError
-from tvm_rpc.protocol.remote_error import RemoteError
+from tvm_rpc.protocol.remote_error import RemoteError, RemoteErrorLocator
 from tvm_rpc.protocol.session_commands import CallFunction
 
 pytestmark = pytest.mark.unit
@@ -119,8 +119,8 @@ class AnswerTests(SynchronousTestCase):
         self.assertEqual(len(parsed(calls.answer_box(b"7", b"x" * 0xFFFF))[b"result"]), 0xFFFF)
 
 
-class Raising(amp.AMP):
-    """An AMP peer whose CallFunction responder raises what it is told to."""
+class Raising(RemoteErrorLocator, amp.AMP):
+    """An AMP peer with the server's error locator; its CallFunction raises what it is told."""
 
     error = None
 

@@ -31,6 +31,12 @@ class FakeTracker:
         self.cancelled = 0
         self.auto = True
         self.count = 0
+        self.summaries = 0
+
+    def summary(self):
+        self.summaries += 1
+        return defer.succeed({"queue_info": {"rk": {"free": 0, "pending": 3}},
+                              "server_info": []})
 
     def allocate(self, key, priority=1, timeout=None):
         self.asked.append((key, priority, timeout))
@@ -209,6 +215,77 @@ class ConnectTimeoutTests(SynchronousTestCase):
         failure = self.failureResultOf(attempt, NotAnRpcServer)
         self.assertIn("within 5 s", str(failure.value))
         self.assertTrue(endpoint.transports[0].disconnected)
+
+
+class ProgressTests(SynchronousTestCase):
+    """A request waiting in the queue reports its progress every period."""
+
+    def test_progress_every_period_until_allocated(self):
+        from tvm_rpc.client.waiting import WaitProgress
+
+        tracker = FakeTracker()
+        tracker.auto = False
+        allocated = defer.Deferred()
+        tracker.allocate = lambda key, priority=1, timeout=None: allocated
+        self.patch(connect_module, "connect",
+                   lambda host, port, key, session_timeout, **kw: defer.succeed(FakeSession(port)))
+        seen = []
+        requesting = request(tracker, "rk", progress=seen.append, progress_period=10)
+        tracker.reactor.advance(9)
+        self.assertEqual((seen, tracker.summaries), ([], 0))
+        tracker.reactor.advance(1)
+        tracker.reactor.advance(10)
+        self.assertEqual(seen, [WaitProgress("rk", 3, 10.0), WaitProgress("rk", 3, 20.0)])
+        self.assertEqual(tracker.summaries, 2)
+        allocated.callback(Allocation("127.0.0.1", 9001, "rk:1"))
+        self.assertEqual(self.successResultOf(requesting).port, 9001)
+        tracker.reactor.advance(30)
+        self.assertEqual((len(seen), tracker.summaries), (2, 2))
+
+    def test_unknown_position_and_one_summary_at_a_time(self):
+        """A summary not answered yet holds the next one back; a failed one gives None."""
+        from tvm_rpc.client.waiting import WaitReporter
+
+        tracker = FakeTracker()
+        answers = []
+
+        def summary():
+            tracker.summaries += 1
+            answers.append(defer.Deferred())
+            return answers[-1]
+
+        tracker.summary = summary
+        seen = []
+        reporter = WaitReporter(tracker, "rk", seen.append, 5)
+        reporter.start()
+        tracker.reactor.advance(5)
+        tracker.reactor.advance(50)
+        self.assertEqual(tracker.summaries, 1)
+        answers[0].errback(ConnectionLost())
+        self.assertEqual([(p.pending, p.waited) for p in seen], [(None, 55.0)])
+        reporter.stop()
+        tracker.reactor.advance(50)
+        self.assertEqual(tracker.summaries, 1)
+
+
+class RefusingEndpoint:
+    """An endpoint whose every connection attempt is refused."""
+
+    def connect(self, factory):
+        return defer.fail(ConnectionRefusedError(111, "Connection refused"))
+
+
+class ConnectRefusedTests(SynchronousTestCase):
+    def test_refused_names_the_address(self):
+        """A refused connection says what was being done, where, and why."""
+        from twisted.internet.error import ConnectError
+
+        from tvm_rpc.client.connect import connect
+
+        attempt = connect("10.0.0.7", 9091, "k", reactor=Clock(), endpoint=RefusingEndpoint())
+        failure = self.failureResultOf(attempt, ConnectError)
+        self.assertEqual(str(failure.value),
+                         "connecting to the RPC server at 10.0.0.7:9091: connection refused")
 
 
 class RecordingSession:

@@ -62,7 +62,7 @@ def answer_to(box, send_tracebacks=False):
 def error_box(tag, error):
     """@return: the bytes of AMP's box for a declared RemoteError C{error}."""
     return amp.AmpBox(_error=tag, _error_code=REMOTE_ERROR_CODE,
-                      _error_description=str(error).encode("utf-8")).serialize()
+                      _error_description=error.wire_description().encode("utf-8")).serialize()
 
 
 class RemoteErrorLocatorTests(SynchronousTestCase):
@@ -122,3 +122,60 @@ class RemoteErrorLocatorTests(SynchronousTestCase):
         written, _ = answer_to(amp.AmpBox(_command=b"Nothing", _ask=b"7"))
         [reply] = amp.parseString(written)
         self.assertEqual(reply[b"_error_code"], amp.UNHANDLED_ERROR_CODE)
+
+
+class ReadableTests(SynchronousTestCase):
+    """What a user reads: one line, the traceback apart, the server named."""
+
+    def test_str_is_one_line(self):
+        """str() is C{Type: message}, whitespace folded, without the traceback."""
+        error = RemoteError("builtins.FileNotFoundError",
+                            "no file 'model.so'\n in the work directory", "Traceback ...\n")
+        self.assertEqual(str(error), "FileNotFoundError: no file 'model.so' in the work directory")
+        self.assertEqual(error.traceback_text, "Traceback ...\n")
+        self.assertIn("Traceback ...", repr(error))
+
+    def test_located(self):
+        """located() names the server once; str() ends with it."""
+        error = RemoteError("FileNotFoundError", "no file 'model.so' in the work directory", "")
+        self.assertIs(error.located("127.0.0.1:9091"), error)
+        error.located("10.0.0.1:1")
+        self.assertEqual(str(error), "FileNotFoundError: no file 'model.so' in the work directory"
+                                     " (on 127.0.0.1:9091)")
+
+    def test_wire_description_round_trips(self):
+        """The wire keeps the JSON form: RemoteError(description) rebuilds all three parts."""
+        error = RemoteError("a.B", "message", "trace")
+        again = RemoteError(error.wire_description())
+        self.assertEqual((again.type_name, again.message, again.traceback_text),
+                         ("a.B", "message", "trace"))
+        self.assertIsNone(again.address)
+
+
+class LocatedEngineTests(SynchronousTestCase):
+    """The session's engine names its server in the remote errors of its Deferreds."""
+
+    def test_failures_name_the_address(self):
+        """A Deferred's RemoteError gains the address; other values and errors pass through."""
+        from twisted.internet.defer import fail, succeed
+
+        from tvm_rpc.client.located_engine import LocatedEngine
+
+        class Engine:
+            protocol_name = "amp"
+
+            def download(self, path):
+                return fail(RemoteError("FileNotFoundError", f"no file {path!r}", ""))
+
+            def call(self):
+                return succeed(3)
+
+            def remove(self, path):
+                return fail(ValueError(path))
+
+        engine = LocatedEngine(Engine(), "127.0.0.1:9091")
+        self.assertEqual(engine.protocol_name, "amp")
+        self.assertEqual(self.successResultOf(engine.call()), 3)
+        self.assertEqual(str(self.failureResultOf(engine.download("m.so"), RemoteError).value),
+                         "FileNotFoundError: no file 'm.so' (on 127.0.0.1:9091)")
+        self.failureResultOf(engine.remove("x"), ValueError)

@@ -14,6 +14,7 @@ import pytest
 
 from tests.daemons import (
     Daemon,
+    free_port,
     gone,
     listen_any,
     listen_on,
@@ -252,6 +253,29 @@ def test_max_session_time_frees_a_frozen_client():
         again = LineSession(port, "solo")
         assert again.ask("echo alive") == "alive"
         again.close()
+    finally:
+        server.stop()
+
+
+def test_unreachable_tracker_said_once_per_streak():
+    """
+    A server whose tracker is down says so once, with the address and the
+    reason, then once that it reached the tracker again when it comes up.
+    """
+    tracker_port = free_port()
+    server, _ = one_server("--tracker", f"127.0.0.1:{tracker_port}", key="patient")
+    try:
+        server.wait_for(rf"cannot reach tracker 127\.0\.0\.1:{tracker_port}: "
+                        rf"connection refused; retrying in [0-9.]+ s")
+        tracker = start_announced(
+            "rpc-tracker", twistd("rpc-tracker", "--listen", listen_on(tracker_port)))[0]
+        try:
+            server.wait_for(rf"reached tracker 127\.0\.0\.1:{tracker_port} again")
+            server.wait_for(r"registered patient with tracker")
+            assert server.output.count("cannot reach tracker") == 1, server.output
+            assert "Scheduling retry" not in server.output
+        finally:
+            tracker.stop()
     finally:
         server.stop()
 

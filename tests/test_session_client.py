@@ -148,8 +148,8 @@ class OpeningTests(SessionTestBase):
         self.assertEqual(self.count(session_commands.Hello), 1)
 
     def test_engine(self):
-        """The session runs on an AMPEngine, which provides the whole ISessionEngine."""
-        engine = self.session._engine
+        """The session runs on an AMPEngine (behind LocatedEngine), a whole ISessionEngine."""
+        engine = self.session._engine.engine
         self.assertIsInstance(engine, AMPEngine)
         self.assertTrue(verifyObject(ISessionEngine, engine))
         self.assertEqual(self.session.protocol, "tvm_rpc")
@@ -849,7 +849,7 @@ class RawAnswerTests(SynchronousTestCase):
         calling = self.session.call("f")
         error = RemoteError("pkg.Oops", "bad", "Traceback...")
         self.answer(_error=b"1", _error_code=b"REMOTE_ERROR",
-                    _error_description=str(error).encode())
+                    _error_description=error.wire_description().encode())
         failure = self.failureResultOf(calling, RemoteError)
         self.assertEqual((failure.value.type_name, failure.value.message,
                           failure.value.traceback_text), ("pkg.Oops", "bad", "Traceback..."))

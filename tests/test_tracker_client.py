@@ -392,7 +392,10 @@ class SessionTests(SynchronousTestCase):
         harness = SessionHarness()
         connecting = connect_tracker("127.0.0.1", 9190, reactor=harness.reactor)
         harness.refuse()
-        self.failureResultOf(connecting, error.ConnectionRefusedError)
+        failure = self.failureResultOf(connecting, error.ConnectError)
+        self.assertEqual(str(failure.value),
+                         "connecting to the tracker at 127.0.0.1:9190: connection refused")
+        self.assertIsInstance(failure.value.cause, error.ConnectionRefusedError)
 
     def test_not_a_tracker(self):
         harness = SessionHarness()
@@ -506,6 +509,17 @@ class SessionTests(SynchronousTestCase):
         harness.flush()
         self.assertTrue(request_tracker.lost)
         self.assertFalse(control.lost)
+
+    def test_tracker_closing_under_a_waiting_request_says_so(self):
+        harness, session, control = self.open_session()
+        allocating = session.allocate("rk")
+        request_tracker = harness.accept()
+        request_tracker.transport.loseConnection()
+        harness.flush()
+        failure = self.failureResultOf(allocating, error.ConnectionLost)
+        self.assertEqual(str(failure.value),
+                         "the tracker at 127.0.0.1:9190 closed the connection "
+                         "while request('rk') was waiting")
 
     def test_close_ends_control_and_pending_requests(self):
         harness, session, control = self.open_session()

@@ -18,6 +18,7 @@ import sys
 from twisted.internet import defer, error
 from twisted.python.failure import Failure
 
+from .client.link_errors import connect_reason
 from .client.tracker import NotATracker, connect_tracker, text_summary
 from .protocol.tracker_commands import BadMessage, TrackerError
 
@@ -85,21 +86,16 @@ def describe_failure(failure, timeout):
     @return: a one-line L{str}.
     """
     value = failure.value
-    if failure.check(error.ConnectionRefusedError):
-        return "connection refused"
     if failure.check(defer.TimeoutError, error.TimeoutError):
         return f"no answer within {timeout:g} s"
-    if failure.check(error.DNSLookupError):
-        return "host name not found"
     if failure.check(NotATracker):
         return "not an RPC tracker (it did not echo the tracker magic)"
     if failure.check(error.ConnectionDone, error.ConnectionLost):
         return "the connection closed before the tracker answered"
     if failure.check(TrackerError, BadMessage):
         return f"bad answer from the tracker: {value}"
-    if failure.check(error.ConnectError) and value.osError is not None:
-        reason = getattr(value.osError, "strerror", None) or str(value.osError)
-        return reason.lower()
+    if failure.check(error.ConnectError):
+        return connect_reason(value)
     text = " ".join(str(value).split())
     return text or type(value).__name__
 

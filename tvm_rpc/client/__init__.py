@@ -35,3 +35,7 @@ from .connect import (
 
 __all__ += ["DuplicateKey", "HandshakeError", "KeyMismatch", "NotAnRpcServer",
             "RequestFailed", "connect"]
+from .link_errors import CannotReach, TrackerClosed
+from .waiting import WaitProgress
+
+__all__ += ["CannotReach", "TrackerClosed", "WaitProgress"]

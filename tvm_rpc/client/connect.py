@@ -20,6 +20,8 @@ from ..protocol.flavour import OUR_PROTOCOL, TVM_PROTOCOL, client_key, reply_is_
 from ..protocol.handshake import ReplyDecoder, encode_handshake
 from ..transport import SwitchingCarrier, client_endpoint, set_no_delay
 from .engine import DEFAULT_MAX_RESULT_SIZE
+from .link_errors import reaching
+from .waiting import PROGRESS_PERIOD, WaitReporter
 from .session import open_session
 from .session_errors import SessionTimeout
 
@@ -98,7 +100,8 @@ class ClientHandshake(SwitchingCarrier, TimeoutMixin, Protocol):
         @return: L{done}.
         """
         self.setTimeout(self._timeout)
-        self._connecting = connectProtocol(endpoint, self)
+        self._connecting = defer.Deferred.fromCoroutine(reaching(
+            f"connecting to the RPC server at {self._address}", connectProtocol(endpoint, self)))
         self._connecting.addErrback(self._fail)
         return self.done
 
@@ -236,7 +239,8 @@ RETRYABLE = (
 
 
 def request(tracker, key, priority=1, session_timeout=0, max_retry=5, timeout=None, *,
-            max_result_size=DEFAULT_MAX_RESULT_SIZE):
+            max_result_size=DEFAULT_MAX_RESULT_SIZE, progress=None,
+            progress_period=PROGRESS_PERIOD):
     """
     Obtain a server for C{key} from a tracker and open a session on it.
 
@@ -247,6 +251,12 @@ def request(tracker, key, priority=1, session_timeout=0, max_retry=5, timeout=No
     @param max_retry: attempts (allocation plus connection) before giving up.
     @param timeout: seconds each wait in the tracker's queue may take, or L{None}.
     @param max_result_size: see L{connect}.
+    @param progress: called with a L{WaitProgress<tvm_rpc.client.waiting.WaitProgress>}
+        (key, requests pending for it, seconds waited) every C{progress_period}
+        seconds while the request waits in the tracker's queue; a log line
+        says the same with or without it.
+    @param progress_period: seconds between progress reports (one SUMMARY
+        each); 0 for none.
     @return: a Deferred firing with an L{RPCSession}; cancelling it withdraws
         the request. It errbacks with L{RequestFailed} after C{max_retry}
         failed attempts (a connection, handshake or session start that
@@ -258,7 +268,12 @@ def request(tracker, key, priority=1, session_timeout=0, max_retry=5, timeout=No
     async def run():
         last = None
         for attempt in range(max(1, max_retry)):
-            allocation = await tracker.allocate(key, priority=priority, timeout=timeout)
+            waiting = WaitReporter(tracker, key, progress, progress_period)
+            waiting.start()
+            try:
+                allocation = await tracker.allocate(key, priority=priority, timeout=timeout)
+            finally:
+                waiting.stop()
             try:
                 return await connect(
                     allocation.host, allocation.port, allocation.matchkey,

@@ -28,6 +28,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from ..protocol.tracker_commands import GetPendingMatchkeys, Put, UpdateInfo
 from ..protocol.keys import SERVER_PREFIX, redact_matchkeys
+from .reach_report import ReachReport, ReportingEndpoint, reporting_policy
 from .tracker import TrackerClientFactory
 
 #: Seconds between GET_PENDING_MATCHKEYS polls (TVM's ping period).
@@ -36,20 +37,31 @@ POLL_PERIOD = 2.0
 UNMATCHED_TIMEOUT = 4.0
 
 
-def tracker_client_service(endpoint, clock, max_delay, prepare):
+def tracker_client_service(endpoint, clock, max_delay, prepare, report=None, peer=None):
     """
     @param endpoint: reaches the tracker.
     @param clock: an L{IReactorTime} for the backoff.
     @param max_delay: the longest wait between attempts, in seconds.
     @param prepare: called with each new L{TrackerClientProtocol}.
+    @param report: a L{ReachReport} told when a failure streak starts and
+        ends, or L{None} for a link that says nothing of it (one of many
+        links to the same tracker).
+    @param peer: the tracker's printable name for Twisted's own retry lines
+        when there is no C{report} (else the report's).
     @return: a L{ClientService} that keeps a tracker connection up, with the
         reconnection backoff of every tracker link (the server's and the
         proxy's): from 0.5 s, growing 1.5 times per failure.
     """
+    policy = backoffPolicy(initialDelay=0.5, maxDelay=max_delay, factor=1.5)
+    name = report.peer if report is not None else peer
+    if name is not None:
+        endpoint = ReportingEndpoint(endpoint, name)
+    if report is not None:
+        policy = reporting_policy(policy, endpoint, report)
     return ClientService(
         endpoint,
         TrackerClientFactory(),
-        retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=max_delay, factor=1.5),
+        retryPolicy=policy,
         clock=clock,
         prepareConnection=prepare,
     )
@@ -211,9 +223,12 @@ class TrackerLink:
     _poller: MatchkeyPoller = attrs.field(init=False, default=None)
     _connections: int = attrs.field(init=False, default=0)
     _registered: list = attrs.field(init=False, factory=list)
+    _report: object = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self):
-        """Poll as configured."""
+        """Poll as configured; report failure streaks when losses are worth a warning."""
+        if self.warn_on_loss:
+            self._report = ReachReport(self.settings.tracker, self.log)
         self._poller = MatchkeyPoller(
             self.clock,
             self.settings.poll_period,
@@ -226,7 +241,8 @@ class TrackerLink:
     def start(self):
         """Start connecting to the tracker."""
         self._service = tracker_client_service(
-            self.endpoint, self.clock, self.settings.max_delay, self._prepare)
+            self.endpoint, self.clock, self.settings.max_delay, self._prepare, self._report,
+            self.settings.tracker)
         self._service.startService()
 
     def stop(self):
@@ -292,6 +308,8 @@ class TrackerLink:
             return
         self.protocol = protocol
         self.registrations += 1
+        if self._report is not None:
+            self._report.reached()
         self.log.info(
             "registered {what} with {tracker} (matchkey {matchkey})",
             what=self.offer.label,

@@ -30,6 +30,7 @@ from ..protocol.values import ArrayRef, Handle, HostArray
 from .devices import Device, SessionDevices
 from .engine import DEFAULT_MAX_RESULT_SIZE, ISessionEngine
 from .host_arrays import host_array
+from .located_engine import LocatedEngine
 from .remote import RemoteArray, RemoteFunction, RemoteModule, TimeEvaluatorResult
 
 #: Seconds close() waits for the server's goodbye before dropping the connection.
@@ -52,6 +53,12 @@ def _reconfigure(session, attribute, value):
     settings = {name: getattr(session, name) for name in _TRANSFER_PARAMETERS}
     settings[attribute.name] = value
     session._engine.configure(**settings)
+    return value
+
+
+def _locate_errors(session, attribute, value):
+    """Name the new address in the session's remote errors from now on."""
+    session._engine.address = value
     return value
 
 
@@ -98,11 +105,12 @@ class RPCSession(SessionDevices):
     chunk_size: int = attrs.field(default=CHUNK_SIZE, on_setattr=_reconfigure)
     window: int = attrs.field(default=WINDOW, on_setattr=_reconfigure)
     server_implementation: str = ""
-    address: "str | None" = None
+    address: "str | None" = attrs.field(default=None, on_setattr=_locate_errors)
     session_timeout: float = 0
     max_result_size: int = attrs.field(default=DEFAULT_MAX_RESULT_SIZE, on_setattr=_reconfigure)
 
     def __attrs_post_init__(self):
+        self._engine = LocatedEngine(self._engine, self.address)
         self._engine.configure(self.chunk_size, self.window, self.max_result_size)
         weakref.finalize(self, self._engine.abandon).atexit = False
 

@@ -29,6 +29,8 @@ from ..protocol.tracker_commands import (
 )
 from ..protocol.framing import FrameDecoder, encode_frame, encode_magic
 from ..transport import client_endpoint, peer_label, quick_ack, set_no_delay
+from .link_errors import TrackerClosed, reaching
+from .summary_text import text_summary
 
 __all__ = [
     "AllocationTimeout",
@@ -265,7 +267,8 @@ async def _open(reactor, endpoint, address, timeout):
 
     async def connect():
         """Connect, then wait for the echo."""
-        protocol = await connectProtocol(endpoint, TrackerClientProtocol())
+        protocol = await reaching(f"connecting to the tracker at {address}",
+                                  connectProtocol(endpoint, TrackerClientProtocol()))
         return await protocol.ready
 
     attempt = defer.Deferred.fromCoroutine(connect())
@@ -299,6 +302,7 @@ class TrackerSession:
     _control: TrackerClientProtocol
     connect_timeout: "float | None" = DEFAULT_CONNECT_TIMEOUT
     _requests: set = attrs.field(factory=set)
+    _closing: bool = False
 
     @property
     def address(self):
@@ -361,6 +365,12 @@ class TrackerSession:
         self._requests.add(connection)
         try:
             return await connection.call(request)
+        except error.ConnectionClosed as e:
+            if self._closing:
+                raise
+            raise TrackerClosed(
+                f"the tracker at {self.address} closed the connection while "
+                f"request({request.key!r}) was waiting") from e
         finally:
             self._requests.discard(connection)
             connection.close()
@@ -374,7 +384,8 @@ class TrackerSession:
         @param session_timeout: seconds after which the server ends the session.
         @param max_retry: attempts before giving up.
         @param timeout: seconds each wait in the queue may take, or L{None}.
-        @param options: session options (C{max_result_size}), see
+        @param options: session options (C{max_result_size}) and the wait's
+            C{progress}/C{progress_period}; see
             L{tvm_rpc.client.connect.connect}.
         @return: a Deferred firing with an L{RPCSession}; cancelling it
             withdraws the request. See L{tvm_rpc.client.connect.request}.
@@ -405,6 +416,7 @@ class TrackerSession:
 
         @return: a Deferred firing with L{None} once the control connection ended.
         """
+        self._closing = True
         for connection in list(self._requests):
             connection.close()
         return self._control.close()
@@ -438,61 +450,3 @@ def connect_tracker(host, port, *, reactor=None, endpoint=None,
         return TrackerSession(reactor, host, port, endpoint, control, connect_timeout)
 
     return defer.Deferred.fromCoroutine(connect())
-
-
-def _served_keys(info_key):
-    """
-    The device keys one server-info entry serves.
-
-    C{server:<key>} serves the whole key after C{server:} (which may hold
-    C{:}); a proxy's C{server:proxy[k1,k2]} serves each key it lists.
-    """
-    prefix = "server:"
-    key = info_key[len(prefix):] if info_key.startswith(prefix) else info_key
-    if key.startswith("proxy[") and key.endswith("]"):
-        return [k for k in key[len("proxy["):-1].split(",") if k]
-    return [key]
-
-
-def text_summary(summary):
-    """
-    Render a tracker summary as TVM's C{query_rpc_tracker} does.
-
-    The text is TVM's to the byte, except that a proxy's entry
-    C{server:proxy[k1,k2]} counts toward each listed key's total (TVM files it
-    under the key C{proxy[k1,k2]}, so the proxied keys show total 0 and their
-    rows vanish) and a key containing C{:} is counted whole (TVM keeps only
-    the part up to its first C{:}).
-
-    @param summary: the dict a SUMMARY returns (C{queue_info} and
-        C{server_info}; other fields are ignored).
-    @return: the text, ending with a newline.
-    """
-    totals = {}
-    lines = [
-        "Server List\n",
-        "------------------------------\n",
-        "server-address           key\n",
-        "------------------------------\n",
-    ]
-    for item in sorted(summary["server_info"], key=lambda item: item["key"]):
-        address = ":".join(map(str, item["addr"]))
-        lines.append(f"{address:21s}    {item['key']}\n")
-        for key in _served_keys(item["key"]):
-            totals[key] = totals.get(key, 0) + 1
-    lines.append("------------------------------\n")
-    lines.append("\n")
-
-    queue_info = summary["queue_info"]
-    keys = sorted(queue_info)
-    width = max((len(k) for k in keys), default=0)
-    title = f"{'key':<{width}s}   total  free  pending\n"
-    separator = "-" * len(title) + "\n"
-    lines += ["Queue Status\n", separator, title, separator]
-    for key in keys:
-        total = totals.get(key, 0)
-        free, pending = queue_info[key]["free"], queue_info[key]["pending"]
-        if total or pending:
-            lines.append(f"{key:<{width}}   {total:<5d}  {free:<4d}  {pending:<7d}\n")
-    lines.append(separator)
-    return "".join(lines)

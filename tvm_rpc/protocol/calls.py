@@ -180,7 +180,7 @@ def error_box(tag, error):
     return serialize([
         (b"_error", tag),
         (b"_error_code", REMOTE_ERROR_CODE),
-        (b"_error_description", str(error).encode("utf-8", "replace")),
+        (b"_error_description", error.wire_description().encode("utf-8", "replace")),
     ])
 
 

@@ -29,10 +29,17 @@ class RemoteError(Exception):
     @ivar message: C{str(exception)} on the remote end.
     @ivar traceback_text: the remote traceback, formatted; C{""} when the
         server does not send tracebacks (its default).
+    @ivar address: C{host:port} of the server that raised it, when the
+        client knows it (set by the session), else L{None}.
     """
 
+    address = None
+
     def __init__(self, type_name, message=None, traceback_text=None):
-        """@param type_name: the remote type name, or a whole wire description (then the other two are omitted)."""
+        """
+        @param type_name: the remote type name, or a whole wire description
+            (then the other two are omitted).
+        """
         if message is None and traceback_text is None:
             type_name, message, traceback_text = self._unpack(type_name)
         self.type_name = str(type_name)
@@ -70,6 +77,15 @@ class RemoteError(Exception):
 
     def __str__(self):
         """
+        One readable line, C{Type: message (on host:port)}: what a user sees
+        in a traceback or a log line (the remote traceback stays in
+        C{traceback_text}).
+        """
+        where = f" (on {self.address})" if self.address else ""
+        return f"{self.short_type_name}: {' '.join(self.message.split())}{where}"
+
+    def wire_description(self):
+        """
         The wire description: JSON of type, message and traceback, shortened
         (the traceback keeps its end, the message its start) to fit in one
         AMP value.
@@ -89,8 +105,18 @@ class RemoteError(Exception):
                 message = message[: len(message) // 2] + "..."
 
     def __repr__(self):
-        """@return: the type name and message."""
-        return f"RemoteError({self.type_name!r}, {self.message!r})"
+        """@return: the type name, message and traceback."""
+        return (f"RemoteError({self.type_name!r}, {self.message!r}, "
+                f"{self.traceback_text!r})")
+
+    def located(self, address):
+        """
+        @param address: C{host:port} of the server the error came from.
+        @return: this error, naming C{address} when it names no server yet.
+        """
+        if self.address is None and address:
+            self.address = address
+        return self
 
 
 def as_remote_error(failure, tracebacks=False):
@@ -153,8 +179,14 @@ class RemoteErrorLocator:
         """
         if failure.check(amp.RemoteAmpError):
             if failure.value.errorCode == REMOTE_ERROR_CODE:
+                # AMP describes a declared error by str(); the wire wants the JSON.
+                local = failure.value.local
+                if local is not None and local.check(RemoteError):
+                    return Failure(amp.RemoteAmpError(
+                        REMOTE_ERROR_CODE, local.value.wire_description(), local=local))
                 return failure
         elif failure.check(amp.BadLocalReturn):
             return failure
         error = as_remote_error(failure, self.send_tracebacks is True)
-        return Failure(amp.RemoteAmpError(REMOTE_ERROR_CODE, str(error.value), local=error))
+        return Failure(amp.RemoteAmpError(REMOTE_ERROR_CODE, error.value.wire_description(),
+                                          local=error))

@@ -26,6 +26,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..client.reach_report import ReachReport
 from ..client.registration import (
     IRegisteredOffer,
     LinkSettings,
@@ -94,12 +95,16 @@ class ProxyRegistration(Service):
     _summary: object = attrs.field(init=False, default=None)
     _summary_protocol: object = attrs.field(init=False, default=None)
     _reported: object = attrs.field(init=False, default=None)
+    _reach: object = attrs.field(init=False, default=None)
 
     def startService(self):
         """Connect the proxy's own link and one link per waiting server."""
         Service.startService(self)
+        # Only the proxy's own link reports failure streaks: the per-server
+        # links reach the same tracker and would repeat its line.
+        self._reach = ReachReport(self.settings.tracker, self.log)
         self._summary = tracker_client_service(
-            self.endpoint, self.clock, self.settings.max_delay, self._announce)
+            self.endpoint, self.clock, self.settings.max_delay, self._announce, self._reach)
         self._summary.startService()
         for offer in self.pool.offers():
             self.offered(offer)
@@ -160,6 +165,7 @@ class ProxyRegistration(Service):
         self._reported = keys
         self._summary_protocol = protocol
         protocol.when_closed().addBoth(self._summary_lost, protocol)
+        self._reach.reached()
         self.log.info("reported {info} to {tracker}", info=proxy_info_key(keys),
                       tracker=self.settings.tracker)
         self._report()

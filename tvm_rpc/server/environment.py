@@ -329,7 +329,7 @@ class SessionEnvironment:
 
     def open_download(self, path):
         """@return: C{(stream id, size)} for a streamed download of C{path}."""
-        source = FileSource(self.work_dir.resolve(path))
+        source = FileSource(self.work_dir.existing_file(path))
         return self.streams.open_source(source), source.size
 
     def open_value(self, size):
@@ -388,10 +388,7 @@ class SessionEnvironment:
         @raise ValueError: for another kind of file.
         """
         self.check_code_upload(path)
-        target = self.work_dir.resolve(path)
-        if not os.path.isfile(target):
-            raise FileNotFoundError(f"no file {path!r} in the work directory")
-        return modules.load_module(target, path)
+        return modules.load_module(self.work_dir.existing_file(path), path)
 
     # -- devices and arrays ----------------------------------------------
 

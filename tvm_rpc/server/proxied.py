@@ -15,6 +15,7 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.protocol import Factory, Protocol
 
+from ..client.reach_report import ReachReport
 from ..protocol.constants import (
     RPC_CODE_DUPLICATE,
     RPC_CODE_MISMATCH,
@@ -184,10 +185,12 @@ class ProxyLink(Service):
     _pending: object = attrs.field(init=False, default=None)
     _connecting: object = attrs.field(init=False, default=None)
     _unanswered: int = attrs.field(init=False, default=0)
+    _reach: ReachReport = attrs.field(init=False, default=None)
 
     def startService(self):
         """Connect to the proxy."""
         Service.startService(self)
+        self._reach = ReachReport(self.proxy, log)
         self._connect()
 
     def stopService(self):
@@ -210,6 +213,7 @@ class ProxyLink(Service):
 
     def _connected(self, protocol):
         self._connecting = None
+        self._reach.reached()
         # Said once, not on every reconnection to a peer that never answers.
         emit = log.debug if self._unanswered else log.info
         emit("waiting at {proxy} as {key}", proxy=self.proxy, key=self.gate.key)
@@ -219,8 +223,7 @@ class ProxyLink(Service):
     def _failed(self, failure):
         self._connecting = None
         if self.running:
-            log.warn("cannot reach {proxy} ({problem}); retrying in {delay:.1f}s",
-                     proxy=self.proxy, problem=failure.getErrorMessage(), delay=self._delay)
+            self._reach.failed(failure.value, self._delay)
             self._later(backoff=True)
 
     def _later(self, backoff):

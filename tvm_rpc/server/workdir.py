@@ -98,9 +98,21 @@ class WorkDirectory:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         return target
 
+    def existing_file(self, path):
+        """
+        @return: the confined path of the existing file C{path}.
+        @raise FileNotFoundError: saying there is no such file in the work
+            directory (in the client's terms, never the server's paths).
+        @raise PathEscapeError: as L{resolve}.
+        """
+        target = self.resolve(path)
+        if not os.path.isfile(target):
+            raise FileNotFoundError(f"no file {path!r} in the work directory")
+        return target
+
     def read(self, path):
         """@return: the bytes of the file C{path}."""
-        with open(self.resolve(path), "rb") as f:
+        with open(self.existing_file(path), "rb") as f:
             return f.read()
 
     def delete(self, path):
