@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daemons import child_env, tvm_rpc_server, tvm_tracker, wait_until
-from tvm_rpc.client.tracker import text_summary
+from tvm_rpc.client.summary_text import text_summary
 
 HOST = "127.0.0.1"
 

@@ -13,7 +13,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from query_samples import SUMMARY, SUMMARY_TEXT
-from tvm_rpc.client.tracker import text_summary
+from tvm_rpc.client.summary_text import text_summary
 from tvm_rpc.protocol.tracker_commands import Summary
 from tvm_rpc.protocol.framing import FrameDecoder, encode_frame, encode_magic
 from tvm_rpc.query import leases_table, parse_args, query

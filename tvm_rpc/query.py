@@ -2,7 +2,7 @@
 
 Run as C{python -m tvm_rpc.query} or C{tvm-rpc-query}. Without options it
 prints exactly what C{python -m tvm.exec.query_rpc_tracker} prints for the same
-tracker (see L{tvm_rpc.client.tracker.text_summary} for the two places
+tracker (see L{tvm_rpc.client.summary_text.text_summary} for the two places
 where TVM's counting is wrong and ours is not); C{--json} prints the raw
 summary; C{--leases} prints who holds which server (our tracker's extra
 C{leases} field). An unreachable tracker or a peer that is not a tracker gives
@@ -19,7 +19,8 @@ from twisted.internet import defer, error
 from twisted.python.failure import Failure
 
 from .client.link_errors import connect_reason
-from .client.tracker import NotATracker, connect_tracker, text_summary
+from .client.summary_text import text_summary
+from .client.tracker import NotATracker, connect_tracker
 from .protocol.tracker_commands import BadMessage, TrackerError
 
 #: Where to look when neither options nor the environment say.

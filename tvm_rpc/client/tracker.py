@@ -39,7 +39,6 @@ __all__ = [
     "TrackerClientProtocol",
     "TrackerSession",
     "connect_tracker",
-    "text_summary",
     "tracker_endpoint",
 ]
 
