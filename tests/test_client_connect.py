@@ -242,6 +242,54 @@ class ProgressTests(SynchronousTestCase):
         tracker.reactor.advance(30)
         self.assertEqual((len(seen), tracker.summaries), (2, 2))
 
+    def test_request_and_run_reports_each_attempts_wait(self):
+        """request_and_run passes progress to every attempt's request: the
+        second attempt's wait reports too, its time counted from its own start."""
+        from tvm_rpc.client.waiting import WaitProgress
+
+        tracker = FakeTracker()
+        allocations = []
+
+        def allocate(key, priority=1, timeout=None):
+            allocations.append(defer.Deferred())
+            return allocations[-1]
+
+        tracker.allocate = allocate
+        self.patch(connect_module, "connect",
+                   lambda host, port, key, session_timeout, **kw: defer.succeed(FakeSession(port)))
+        ran = []
+
+        def work(session):
+            ran.append(session.port)
+            return defer.fail(ConnectionLost()) if len(ran) == 1 else defer.succeed("done")
+
+        seen = []
+        running = request_and_run(tracker, "rk", work, progress=seen.append, progress_period=10)
+        tracker.reactor.advance(10)
+        allocations[0].callback(Allocation("127.0.0.1", 9001, "rk:1"))
+        self.assertEqual(ran, [9001])
+        tracker.reactor.advance(5)
+        tracker.reactor.advance(5)
+        self.assertNoResult(running)
+        allocations[1].callback(Allocation("127.0.0.1", 9002, "rk:2"))
+        self.assertEqual(self.successResultOf(running), "done")
+        self.assertEqual(seen, [WaitProgress("rk", 3, 10.0), WaitProgress("rk", 3, 10.0)])
+
+    def test_request_and_run_progress_period_zero_is_silent(self):
+        """progress_period=0 reaches each request: no summary, no report."""
+        tracker = FakeTracker()
+        allocated = defer.Deferred()
+        tracker.allocate = lambda key, priority=1, timeout=None: allocated
+        self.patch(connect_module, "connect",
+                   lambda host, port, key, session_timeout, **kw: defer.succeed(FakeSession(port)))
+        seen = []
+        running = request_and_run(tracker, "rk", lambda s: s.port, progress=seen.append,
+                                  progress_period=0)
+        tracker.reactor.advance(100)
+        allocated.callback(Allocation("127.0.0.1", 9001, "rk:1"))
+        self.assertEqual(self.successResultOf(running), 9001)
+        self.assertEqual((seen, tracker.summaries), ([], 0))
+
     def test_unknown_position_and_one_summary_at_a_time(self):
         """A summary not answered yet holds the next one back; a failed one gives None."""
         from tvm_rpc.client.waiting import WaitReporter

@@ -1,5 +1,7 @@
 """In-memory tests of the tracker client: the protocol adapter and TrackerSession."""
 
+import importlib
+
 from hypothesis import given
 from hypothesis import strategies as st
 import pytest
@@ -310,6 +312,16 @@ class FakeTracker(Protocol):
         self.lost = True
 
 
+class ClosableSession:
+    """A stand-in session: its port, and a close that succeeds."""
+
+    def __init__(self, port):
+        self.port = port
+
+    def close(self):
+        return defer.succeed(None)
+
+
 class Silent(Protocol):
     """A peer that accepts the connection and never says anything."""
 
@@ -453,6 +465,35 @@ class SessionTests(SynchronousTestCase):
                          Allocation("10.1.2.3", 9091, "rk:0.42"))
         self.assertTrue(request_tracker.lost)
         self.assertFalse(control.lost)
+
+    def test_request_and_run_reports_progress_while_waiting(self):
+        """TrackerSession.request_and_run hands progress= and progress_period=
+        to the wait: one SUMMARY on the control connection per period."""
+        from tvm_rpc.client.waiting import WaitProgress
+
+        connect_module = importlib.import_module("tvm_rpc.client.connect")
+        opened = []
+
+        def fake_connect(host, port, key, session_timeout, **options):
+            opened.append((host, port, key))
+            return defer.succeed(ClosableSession(port))
+
+        self.patch(connect_module, "connect", fake_connect)
+        summary = {"queue_info": {"rk": {"free": 0, "pending": 2}}, "server_info": []}
+        harness, session, control = self.open_session(FakeTracker(summary))
+        seen = []
+        running = session.request_and_run("rk", lambda s: s.port + 1, progress=seen.append,
+                                          progress_period=5)
+        request_tracker = harness.accept()
+        for _ in range(2):
+            harness.reactor.advance(5)
+            harness.flush()
+        self.assertEqual(seen, [WaitProgress("rk", 2, 5.0), WaitProgress("rk", 2, 10.0)])
+        self.assertEqual(control.messages, [[6], [6]])
+        request_tracker.answer(Allocation("10.1.2.3", 9091, "rk:0.42"))
+        harness.flush()
+        self.assertEqual(self.successResultOf(running), 9092)
+        self.assertEqual(opened, [("10.1.2.3", 9091, "rk:0.42")])
 
     def test_allocations_run_concurrently(self):
         harness, session, control = self.open_session()

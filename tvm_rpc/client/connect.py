@@ -295,12 +295,16 @@ def request(tracker, key, priority=1, session_timeout=0, max_retry=5, timeout=No
 
 
 def request_and_run(tracker, key, func, priority=1, session_timeout=0, max_retry=2, *,
-                    max_result_size=DEFAULT_MAX_RESULT_SIZE):
+                    max_result_size=DEFAULT_MAX_RESULT_SIZE, progress=None,
+                    progress_period=PROGRESS_PERIOD):
     """
     Run C{func(session)} on a server for C{key}, on another server when the
     one obtained drops out.
 
     @param func: takes an L{RPCSession}, returns a Deferred (or a value).
+    @param progress: see L{request}: each attempt's wait in the tracker's
+        queue reports to it (C{waited} counts from that attempt's start).
+    @param progress_period: see L{request}.
     @return: a Deferred firing with what C{func}'s Deferred gives; the session
         is closed however it ends. It errbacks with L{SessionTimeout} when the
         server ended the session for its timeout, with C{func}'s own error at
@@ -314,7 +318,8 @@ def request_and_run(tracker, key, func, priority=1, session_timeout=0, max_retry
         for attempt in range(max(1, max_retry)):
             session = await request(
                 tracker, key, priority=priority, session_timeout=session_timeout,
-                max_result_size=max_result_size,
+                max_result_size=max_result_size, progress=progress,
+                progress_period=progress_period,
             )
             started = reactor.seconds()
             try:

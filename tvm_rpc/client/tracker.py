@@ -400,7 +400,8 @@ class TrackerSession:
         when the one obtained drops out; the session is always closed.
 
         @param options: session options (C{max_result_size}), see
-            L{tvm_rpc.client.connect.connect}.
+            L{tvm_rpc.client.connect.connect}, and each attempt's wait's
+            C{progress}/C{progress_period}, see L{request}.
         @return: a Deferred firing with what C{func}'s Deferred gives. See
             L{tvm_rpc.client.connect.request_and_run}.
         """
