@@ -28,10 +28,9 @@ Usage: ``python tests/interop_client.py MODE ARGS...``; prints one JSON object.
   ``f_preproc``.
 """
 
-import json
-import sys
+from twisted.internet import defer
 
-from twisted.internet import defer, task
+from tests.child_modes import dispatch, report
 
 
 def describe(failure):
@@ -157,8 +156,7 @@ async def load_mode(reactor, host, port, key, path):
     session = await connect(host, int(port), key, reactor=reactor)
     workpath = await session.get_function("tvm.rpc.server.workpath")
     pid_of = await session.get_function("test.pid")
-    sys.stdout.write(json.dumps({"pid": await pid_of(), "workpath": await workpath("")}) + "\n")
-    sys.stdout.flush()
+    report({"pid": await pid_of(), "workpath": await workpath("")})
     await session.upload(path)
     await session.load_module(path.rsplit("/", 1)[-1])
     return {"ok": True}
@@ -286,8 +284,8 @@ async def tvm_globals_mode(reactor, host, port, key, library):
     return report
 
 
-def main(reactor, mode, *args):
-    modes = {
+if __name__ == "__main__":
+    dispatch({
         "retry": retry_mode,
         "many": many_mode,
         "device": device_mode,
@@ -299,15 +297,4 @@ def main(reactor, mode, *args):
         "load": load_mode,
         "upload": upload_mode,
         "tvm-globals": tvm_globals_mode,
-    }
-
-    async def run():
-        result = await modes[mode](reactor, *args)
-        sys.stdout.write(json.dumps(result) + "\n")
-        sys.stdout.flush()
-
-    return defer.Deferred.fromCoroutine(run())
-
-
-if __name__ == "__main__":
-    task.react(main, sys.argv[1:])
+    })

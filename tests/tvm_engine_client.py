@@ -12,11 +12,7 @@ Usage: ``python tests/tvm_engine_client.py MODE HOST PORT ARGS...``; prints one 
   longer than the session's max_result_size; the session stays usable after each.
 """
 
-import json
-import sys
-
-from twisted.internet import defer, task
-
+from tests.child_modes import dispatch
 from tvm_rpc.client import connect
 
 
@@ -111,16 +107,5 @@ async def chunks_mode(reactor, host, port, count):
                 "limit": session._engine._max_packet}
 
 
-def main(reactor, mode, *args):
-    modes = {"story": story_mode, "errors": errors_mode, "chunks": chunks_mode}
-
-    async def run():
-        result = await modes[mode](reactor, *args)
-        sys.stdout.write(json.dumps(result) + "\n")
-        sys.stdout.flush()
-
-    return defer.Deferred.fromCoroutine(run())
-
-
 if __name__ == "__main__":
-    task.react(main, sys.argv[1:])
+    dispatch({"story": story_mode, "errors": errors_mode, "chunks": chunks_mode})

@@ -22,11 +22,10 @@ object last (earlier lines are progress marks for the test to wait on).
   ``{"relay": PORT}``, then the counts once the session ended.
 """
 
-import json
-import sys
-
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.python.failure import Failure
+
+from tests.child_modes import dispatch, report
 
 #: Seconds any one step may take before the driver gives up and reports it.
 STEP = 60
@@ -59,8 +58,7 @@ async def outcome(deferred):
 
 def progress(**mark):
     """Print a progress line the test waits for."""
-    sys.stdout.write(json.dumps(mark) + "\n")
-    sys.stdout.flush()
+    report(mark)
 
 
 async def open_session(reactor, via, host, port, key, session_timeout=60):
@@ -294,16 +292,5 @@ MODES = {
 }
 
 
-def main(reactor, mode, *args):
-    async def run():
-        try:
-            result = await MODES[mode](reactor, *args)
-        except Exception:
-            result = describe(Failure())
-        progress(**result)
-
-    return defer.Deferred.fromCoroutine(run())
-
-
 if __name__ == "__main__":
-    task.react(main, sys.argv[1:])
+    dispatch(MODES, describe)
