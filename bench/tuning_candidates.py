@@ -1,10 +1,9 @@
 """The candidates of ``bench/tuning_loop.py``: N schedules of one small matmul, prebuilt.
 
 Each candidate is ``C = A @ B`` (float32, L{SIZE} x L{SIZE}) scheduled one
-way, compiled for ``llvm`` in this process and exported as a shared library,
-with MetaSchedule's C{ArgInfo} of its arguments. They are built here rather
-than by MetaSchedule's C{LocalBuilder}, whose worker cannot receive an
-IRModule in the 0.27 wheel (pickling it for the worker fails).
+way, built by L{tests.matmul_candidates} (compiled for ``llvm`` in this
+process, as the MetaSchedule interop test builds its own), with the C{ArgInfo}
+of its arguments as JSON.
 
 The schedules are the product of four choices (64 in all), all
 single-threaded so that K servers on a small machine do not fight over
@@ -13,8 +12,10 @@ a tile of the reduction, and two loop orders. More than 64 candidates reuse
 the schedules in turn (each candidate still is its own file).
 """
 
+import functools
 import itertools
-import os
+
+from tests import matmul_candidates
 
 #: The matrices' side.
 SIZE = 64
@@ -28,16 +29,14 @@ ORDERS = ("k-inside", "k-outside")
 SCHEDULES = tuple(itertools.product(ROW_TILES, COLUMN_VECTORS, REDUCTION_TILES, ORDERS))
 
 
-def _schedule(module, choice):
+def _schedule(choice, sch):
     """
-    @param module: the IRModule of the matmul.
-    @param choice: one of L{SCHEDULES}.
-    @return: the scheduled IRModule.
-    """
-    import tvm
+    Schedule L{tests.matmul_candidates.matmul}'s block C{"C"} in place.
 
+    @param choice: one of L{SCHEDULES}.
+    @param sch: a C{tvm.s_tir.Schedule} of the matmul.
+    """
     row_tile, column_vector, reduction_tile, order = choice
-    sch = tvm.s_tir.Schedule(module)
     i, j, k = sch.get_loops(sch.get_sblock("C"))
     i_outer, i_inner = sch.split(i, [None, row_tile])
     j_outer, j_inner = sch.split(j, [None, column_vector])
@@ -48,7 +47,6 @@ def _schedule(module, choice):
         sch.reorder(i_outer, k_outer, j_outer, i_inner, k_inner, j_inner)
     if column_vector > 1:
         sch.vectorize(j_inner)
-    return sch.mod
 
 
 def build(count, directory):
@@ -58,24 +56,11 @@ def build(count, directory):
     @return: a list of C{(library path, args_info)}, C{args_info} as
         MetaSchedule's JSON (C{[["TENSOR", "float32", [64, 64]], ...]}).
     """
-    import tvm
-    from tvm import te
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-
-    a = te.placeholder((SIZE, SIZE), "float32", name="A")
-    b = te.placeholder((SIZE, SIZE), "float32", name="B")
-    k = te.reduce_axis((0, SIZE), name="k")
-    c = te.compute((SIZE, SIZE), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
-    function = te.create_prim_func([a, b, c])
-    module = tvm.IRModule({"main": function})
-    args_info = [info.as_json() for info in ArgInfo.from_prim_func(function)]
-    built = []
-    for index in range(count):
-        path = os.path.join(directory, f"candidate{index:04d}.so")
-        scheduled = _schedule(module, SCHEDULES[index % len(SCHEDULES)])
-        tvm.compile(scheduled, target="llvm").export_library(path)
-        built.append((path, args_info))
-    return built
+    schedules = [(f"candidate{index:04d}",
+                  functools.partial(_schedule, SCHEDULES[index % len(SCHEDULES)]))
+                 for index in range(count)]
+    return [(path, [info.as_json() for info in args_info])
+            for path, args_info in matmul_candidates.build(SIZE, schedules, directory)]
 
 
 def describe():

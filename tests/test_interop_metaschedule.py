@@ -8,13 +8,13 @@ with ``runtime.RPCTimeEvaluator`` and removes it, all through TVM's client in
 the runner's worker process. The server behind the tracker is TVM's own
 ``rpc_server`` or ours.
 
-The candidates are built here rather than by MetaSchedule's ``LocalBuilder``,
-whose worker cannot receive an IRModule in the 0.27 wheel (pickling it for
-the worker fails).
+The candidates are built in this process by L{tests.matmul_candidates}, not
+by MetaSchedule's ``LocalBuilder`` (see there why).
 """
 
 import pytest
 
+from tests import matmul_candidates
 from tests.daemons import free_servers, our_rpc_server, our_tracker, tvm_rpc_server, wait_summary
 
 pytestmark = pytest.mark.system
@@ -50,25 +50,9 @@ def candidates(tvm, tmp_path_factory):
     Three schedules of ``C = A @ B`` (float32, N x N), compiled for llvm and
     exported; @return: a list of C{(library path, args_info)}.
     """
-    from tvm import te
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-
-    a = te.placeholder((N, N), "float32", name="A")
-    b = te.placeholder((N, N), "float32", name="B")
-    k = te.reduce_axis((0, N), name="k")
-    c = te.compute((N, N), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
-    function = te.create_prim_func([a, b, c])
-    module = tvm.IRModule({"main": function})
-    args_info = ArgInfo.from_prim_func(function)
-    directory = tmp_path_factory.mktemp("candidates")
-    built = []
-    for variant in (_no_schedule, _vectorized, _parallel):
-        sch = tvm.s_tir.Schedule(module)
-        variant(sch)
-        path = directory / f"matmul{variant.__name__}.so"
-        tvm.compile(sch.mod, target="llvm").export_library(str(path))
-        built.append((str(path), args_info))
-    return built
+    schedules = [(f"matmul{variant.__name__}", variant)
+                 for variant in (_no_schedule, _vectorized, _parallel)]
+    return matmul_candidates.build(N, schedules, str(tmp_path_factory.mktemp("candidates")))
 
 
 def _tvm_server(tracker_port):
