@@ -34,6 +34,11 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
+    @property
+    def count(self):
+        """How many observations were counted."""
+        return sum(self.counts)
+
     def cumulative(self):
         """
         @return: C{[(bound, count_at_or_below), ...]} with bounds as

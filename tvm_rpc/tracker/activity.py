@@ -9,12 +9,12 @@ lines logged and when the status page reads the ring. Log lines are bounded (L{L
 instead of written line by line.
 """
 
-from bisect import bisect_left
 from collections import deque
 from typing import NamedTuple
 
 import attrs
 
+from ..daemon.histogram import Histogram
 from ..daemon.logs import logger
 
 #: Upper bounds (seconds) of the wait-time histogram's buckets: a free server
@@ -83,47 +83,6 @@ def address(host, port):
 
 
 @attrs.define(eq=False)
-class WaitHistogram:
-    """
-    How long requests waited for their server, in L{WAIT_BUCKETS}.
-
-    @ivar bounds: the buckets' upper bounds, ascending.
-    @ivar counts: per bucket (and one past the last bound) how many waits
-        fell in it (not cumulative).
-    @ivar total: the sum of all waits.
-    """
-
-    bounds: tuple = WAIT_BUCKETS
-    counts: list = attrs.field(init=False)
-    total: float = 0.0
-
-    def __attrs_post_init__(self):
-        """Start with every bucket empty."""
-        self.counts = [0] * (len(self.bounds) + 1)
-
-    def observe(self, seconds):
-        """Count one wait of C{seconds}."""
-        self.counts[bisect_left(self.bounds, seconds)] += 1
-        self.total += seconds
-
-    @property
-    def count(self):
-        """How many waits were counted."""
-        return sum(self.counts)
-
-    def cumulative(self):
-        """
-        @return: C{[(upper_bound, count_at_or_below), ...]} ending with
-            C{(inf, count)}, as Prometheus histograms are exposed.
-        """
-        rows, running = [], 0
-        for bound, count in zip(self.bounds + (float("inf"),), self.counts):
-            running += count
-            rows.append((bound, running))
-        return rows
-
-
-@attrs.define(eq=False)
 class LineBudget:
     """
     At most C{rate} activity lines a second; past that lines are counted by
@@ -185,7 +144,8 @@ class TrackerActivity:
     @ivar recent: the last L{RECENT_EVENTS} events, oldest first: L{Event}s,
         or for grants and releases C{(kind, at, lease, seconds)} tuples (see
         L{events}).
-    @ivar wait_times: the L{WaitHistogram} of granted requests.
+    @ivar wait_times: how long granted requests waited, a L{Histogram} of
+        L{WAIT_BUCKETS}.
     @ivar errors: connections closed for a fault, by reason (a short name).
     """
 
@@ -194,7 +154,7 @@ class TrackerActivity:
     log: object = attrs.field(factory=lambda: logger("tvm_rpc.tracker"))
     started: float = attrs.field(init=False)
     recent: deque = attrs.field(factory=lambda: deque(maxlen=RECENT_EVENTS), init=False)
-    wait_times: WaitHistogram = attrs.field(factory=WaitHistogram, init=False)
+    wait_times: Histogram = attrs.field(factory=lambda: Histogram(WAIT_BUCKETS), init=False)
     budget: LineBudget = attrs.field(init=False)
     grants: int = attrs.field(default=0, init=False)
     releases: int = attrs.field(default=0, init=False)

@@ -62,7 +62,7 @@ class TrackerCollector:
         waits = activity.wait_times
         yield HistogramMetricFamily(
             f"{PREFIX}_wait_seconds", "Seconds a granted request waited for its server.",
-            buckets=[(_bound(bound), count) for bound, count in waits.cumulative()],
+            buckets=waits.cumulative(),
             sum_value=waits.total)
         yield GaugeMetricFamily(f"{PREFIX}_connections", "Open connections.",
                                 value=activity.connections_open)
@@ -74,11 +74,6 @@ class TrackerCollector:
         for reason, count in sorted(activity.errors.items()):
             errors.add_metric([reason], count)
         yield errors
-
-
-def _bound(bound):
-    """@return: a bucket bound as Prometheus writes it (C{+Inf} for the last)."""
-    return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
 def tracker_registry(state):
