@@ -229,7 +229,8 @@ def test_quick_decode_agrees_with_general_path(data):
         return
     general = _general_decode(data)
     assert encode(quick) == encode(general)
-    assert decode(data) == quick or quick != quick
+    # repr, not ==, where a NaN is inside: two NaNs never compare equal, even in lists.
+    assert decode(data) == quick or repr(decode(data)) == repr(quick)
 
 
 def test_quick_decode_declines_bad_utf8_and_truncation():
