@@ -246,6 +246,8 @@ class TrackerClientFactory(Factory):
     """Builds L{TrackerClientProtocol}s; usable with endpoints and C{ClientService}."""
 
     protocol = TrackerClientProtocol
+    #: No "Starting factory" line per connection (see L{tvm_rpc.transport.quiet_factory}).
+    noisy = False
 
 
 def tracker_endpoint(reactor, host, port, timeout=DEFAULT_CONNECT_TIMEOUT):

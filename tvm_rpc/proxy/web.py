@@ -161,6 +161,8 @@ class ProxyWebSocketFactory(WebSocketServerFactory):
     """Builds L{ProxyWebSocketProtocol}s sharing the proxy's pool."""
 
     protocol = ProxyWebSocketProtocol
+    #: No "Starting factory" line (see L{tvm_rpc.transport.quiet_factory}).
+    noisy = False
 
     def __init__(self, pool, reactor, handshake_timeout=PEER_HANDSHAKE_TIMEOUT,
                  on_relay_end=None):
