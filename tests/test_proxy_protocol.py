@@ -318,6 +318,51 @@ class WebSocketTests(SynchronousTestCase):
         self.assertNotEqual(browser.state, browser.STATE_OPEN)
         self.assertEqual(self.pool.waiting(), 0)
 
+    def plain_http(self, request):
+        """@return: what the websocket port answers to C{request} (raw bytes), and its transport."""
+        from tvm_rpc.proxy.web import ProxyWebSocketFactory
+
+        class TCPLike(StringTransport):
+            def unregisterProducer(self):
+                # As Twisted's TCP transport: autobahn unregisters on every drop.
+                self.producer = None
+
+        address = IPv4Address("TCP", "127.0.0.1", 40000)
+        protocol = ProxyWebSocketFactory(self.pool, self.clock, 5).buildProtocol(address)
+        transport = TCPLike(peerAddress=address)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(request)
+        return transport.value(), transport
+
+    def test_plain_get_says_what_the_port_is(self):
+        """A browser's plain GET gets a 426 naming /ws, not autobahn's banner page."""
+        answer, transport = self.plain_http(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8888\r\n\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 426 "), answer)
+        self.assertIn(b"Upgrade: websocket", head)
+        self.assertIn(b"Content-Length: %d" % len(body), head)
+        self.assertIn(b"tvm_rpc proxy", body)
+        self.assertIn(b"/ws", body)
+        self.assertNotIn(b"Autobahn", answer)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.pool.waiting(), 0)
+
+    def test_no_open_redirect(self):
+        """autobahn's status page would 303 to any ?redirect= URL; this port does not."""
+        answer, _ = self.plain_http(
+            b"GET /?redirect=https%3A%2F%2Fexample.com%2F HTTP/1.1\r\nHost: 127.0.0.1:8888\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 426 "), answer)
+        self.assertNotIn(b"Location", answer)
+
+    def test_other_path_is_a_404_with_the_explanation(self):
+        """A websocket to another path is refused with a 404 that names /ws."""
+        answer, _ = self.plain_http(
+            b"GET /other HTTP/1.1\r\nHost: 127.0.0.1:8888\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 404 "), answer)
+        self.assertIn(b"/ws", answer.partition(b"\r\n\r\n")[2])
+
     def raw_websocket(self):
         """
         @return: C{(protocol, transport)}: the ``/ws`` endpoint upgraded over a

@@ -232,6 +232,74 @@ class FailedRegistrationTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(TrackerError)), len(endpoint.trackers))
 
 
+class SilentPeer(FakeTracker):
+    """A port of another kind (the tracker's --http, say): reads, never answers."""
+
+    def dataReceived(self, data):
+        self.owner.log.append(data)
+
+
+class WrongEcho(FakeTracker):
+    """Answers the magic with bytes that are not the tracker's magic."""
+
+    def dataReceived(self, data):
+        self.owner.log.append(data)
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+
+class NotATrackerTests(SynchronousTestCase):
+    """A --tracker address that is not a tracker's port: one clear line per streak."""
+
+    def register(self, peer_class):
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        clock = Clock()
+        endpoint = FakeEndpoint(peer_class)
+        gate = SessionGate("dev", tracked=True, new_matchkey=lambda key: key + ":1")
+        service = TrackerRegistration(endpoint, gate, 1, None, clock,
+                                      LinkSettings(tracker="tracker 127.0.0.1:9190"))
+        service.startService()
+        self.addCleanup(service.stopService)
+        # A minute: several attempts, each given up at the handshake timeout at most.
+        for _ in range(120):
+            clock.advance(0.5)
+            endpoint.flush()
+        lines = [event for event in events
+                 if event.get("log_namespace", "").startswith("tvm_rpc")]
+        return service, endpoint, lines
+
+    def assert_one_line(self, lines, reason):
+        from twisted.logger import LogLevel, formatEvent
+
+        texts = [formatEvent(event) for event in lines]
+        self.assertEqual(len(texts), 1, texts)
+        self.assertEqual(lines[0]["log_level"], LogLevel.warn)
+        self.assertIn("cannot register with tracker 127.0.0.1:9190: ", texts[0])
+        self.assertIn(reason, texts[0])
+        self.assertNotIn("log_failure", lines[0])
+
+    def test_silent_port_times_out(self):
+        """A peer that never echoes the magic is dropped at the handshake timeout, and retried."""
+        from tvm_rpc.client.registration import HANDSHAKE_TIMEOUT
+
+        service, endpoint, lines = self.register(SilentPeer)
+        self.assertEqual(service.registrations, 0)
+        self.assertGreaterEqual(len(endpoint.trackers), 3)
+        self.assertLessEqual(len(endpoint.trackers), 60 / HANDSHAKE_TIMEOUT + 1)
+        self.assertTrue(all(t.transport.disconnected for t in endpoint.trackers[:-1]))
+        self.assert_one_line(lines, f"no answer to the tracker handshake in {HANDSHAKE_TIMEOUT:g} s")
+
+    def test_wrong_echo(self):
+        """A peer that answers something else is closed and named once, not per attempt."""
+        service, endpoint, lines = self.register(WrongEcho)
+        self.assertEqual(service.registrations, 0)
+        self.assertGreaterEqual(len(endpoint.trackers), 3)
+        self.assert_one_line(lines, "magic")
+
+
 class PollingProtocol:
     """A tracker connection that answers GET_PENDING_MATCHKEYS from a set, or fails."""
 

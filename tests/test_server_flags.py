@@ -13,7 +13,15 @@ import subprocess
 
 import pytest
 
-from tests.daemons import Daemon, twistd, wait_until
+from tests.daemons import (
+    Daemon,
+    free_servers,
+    our_proxy,
+    our_tracker,
+    twistd,
+    wait_summary,
+    wait_until,
+)
 from tests.test_interop_server import our_server, run_client
 from tests.test_interop_tvm_client import tvm_client
 
@@ -129,6 +137,37 @@ def test_one_line_per_session_for_both_protocols(tvm):
     assert len(session_lines) == 2, "\n".join(session_lines)
     for text in TWISTED_INTERNALS:
         assert text not in daemon.output, daemon.output
+
+
+def test_no_internals_from_tracker_proxy_and_registering_servers():
+    """
+    A tracker, a proxy in tracker mode and two servers registering with them
+    (one directly, one through the proxy): after a session on each,
+    no daemon's output holds Twisted's own lines (its factories log under our
+    namespaces, so only C{noisy = False} keeps them out).
+    """
+    with our_tracker() as (tracker, tracker_port):
+        with our_proxy("--tracker", f"127.0.0.1:{tracker_port}") as (proxy, proxy_port):
+            servers = [
+                Daemon(twistd("rpc-server", "--listen", "tcp:0:interface=127.0.0.1",
+                              "--tracker", f"127.0.0.1:{tracker_port}", "--key", "dev")),
+                Daemon(twistd("rpc-server", "--through-proxy", "--host", "127.0.0.1",
+                              "--port", str(proxy_port), "--key", "dev")),
+            ]
+            try:
+                wait_summary(tracker_port, lambda summary: free_servers(summary, "dev") >= 2,
+                             timeout=60)
+                # Two at once: the tracker grants both servers.
+                report = run_client("many", "127.0.0.1", tracker_port, "dev", 2)
+                assert report["ok"] is True and len(report["paths"]) == 2, report
+                servers[0].wait_for(r"tvm_rpc session for 127\.0\.0\.1:\d+ ended")
+                servers[1].wait_for(r"tvm_rpc session for a client through proxy .* ended")
+            finally:
+                for server in servers:
+                    server.stop()
+    for daemon in (tracker, proxy, *servers):
+        for text in TWISTED_INTERNALS:
+            assert text not in daemon.output, daemon.output
 
 
 def test_verbose_shows_more():

@@ -14,6 +14,9 @@ imports none of them.
   - L{client_endpoint}: reach C{host:port} by address or by name.
   - L{SwitchingCarrier}: the protocol that does one side of the RPC handshake
     and then carries a session protocol over the same transport.
+  - L{quiet_factory}: a factory for one protocol instance that logs no
+    "Starting factory" lines (our factory classes say C{noisy = False} too):
+    an operator reads our lines, not Twisted's.
   - L{PEER_HANDSHAKE_TIMEOUT}: how long a server or proxy port waits for a
     connecting peer's handshake (the timers are L{TimeoutMixin}s on the
     handshake protocols).
@@ -25,6 +28,7 @@ import struct
 
 import attrs
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 log = Logger("tvm_rpc.transport")
@@ -211,6 +215,19 @@ def peer_host_port(address):
 
 
 # Endpoints
+
+
+def quiet_factory(build):
+    """
+    @param build: makes the protocol (called with no argument).
+    @return: a L{Factory} for it that logs nothing when it starts and stops
+        (Twisted's factories log both at the info level, with their repr,
+        under our namespaces, so the daemons' filter cannot tell them from
+        our lines).
+    """
+    factory = Factory.forProtocol(build)
+    factory.noisy = False
+    return factory
 
 
 def client_endpoint(reactor, host, port, timeout):

@@ -22,22 +22,46 @@ C{key}/C{offered}/C{current_offer()}/C{renew()}/C{offer_changed}).
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 from ..protocol.tracker_commands import GetPendingMatchkeys, Put, UpdateInfo
 from ..protocol.keys import SERVER_PREFIX, redact_matchkeys
+from ..transport import PEER_HANDSHAKE_TIMEOUT
+from .link_errors import connect_reason
 from .reach_report import ReachReport, ReportingEndpoint, reporting_policy
-from .tracker import TrackerClientFactory
+from .tracker import NotATracker, TrackerClientFactory
 
 #: Seconds between GET_PENDING_MATCHKEYS polls (TVM's ping period).
 POLL_PERIOD = 2.0
 #: Seconds a handed-out matchkey may stay unused before it is replaced.
 UNMATCHED_TIMEOUT = 4.0
+#: Seconds a connected tracker has to echo the magic: a tracker does so at
+#: once, a port of another kind (the tracker's --http, any other service) may
+#: say nothing at all.
+HANDSHAKE_TIMEOUT = PEER_HANDSHAKE_TIMEOUT
 
 
-def tracker_client_service(endpoint, clock, max_delay, prepare, report=None, peer=None):
+def _not_answering(failure, timeout):
+    """
+    @return: why a registration failed, in words, when the peer is not (or
+        no longer) a tracker answering: the handshake timed out, the
+        connection closed first, the echo was wrong; L{None} for anything
+        else (logged with its traceback).
+    """
+    if failure.check(defer.TimeoutError):
+        return (f"no answer to the tracker handshake in {timeout:g} s "
+                "(is it a tracker's port?)")
+    if failure.check(error.ConnectionDone, error.ConnectionLost):
+        return "the connection closed before the tracker answered (is it a tracker's port?)"
+    if failure.check(NotATracker):
+        return connect_reason(failure.value)
+    return None
+
+
+def tracker_client_service(endpoint, clock, max_delay, prepare, report=None, peer=None,
+                           log_violations=True):
     """
     @param endpoint: reaches the tracker.
     @param clock: an L{IReactorTime} for the backoff.
@@ -48,6 +72,9 @@ def tracker_client_service(endpoint, clock, max_delay, prepare, report=None, pee
         links to the same tracker).
     @param peer: the tracker's printable name for Twisted's own retry lines
         when there is no C{report} (else the report's).
+    @param log_violations: whether each connection logs a peer that breaks the
+        protocol (L{TrackerClientProtocol.log_violations}); off for an owner
+        that says why itself.
     @return: a L{ClientService} that keeps a tracker connection up, with the
         reconnection backoff of every tracker link (the server's and the
         proxy's): from 0.5 s, growing 1.5 times per failure.
@@ -58,9 +85,11 @@ def tracker_client_service(endpoint, clock, max_delay, prepare, report=None, pee
         endpoint = ReportingEndpoint(endpoint, name)
     if report is not None:
         policy = reporting_policy(policy, endpoint, report)
+    factory = TrackerClientFactory()
+    factory.log_violations = log_violations
     return ClientService(
         endpoint,
-        TrackerClientFactory(),
+        factory,
         retryPolicy=policy,
         clock=clock,
         prepareConnection=prepare,
@@ -224,6 +253,7 @@ class TrackerLink:
     _connections: int = attrs.field(init=False, default=0)
     _registered: list = attrs.field(init=False, factory=list)
     _report: object = attrs.field(init=False, default=None)
+    _not_registering: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self):
         """Poll as configured; report failure streaks when losses are worth a warning."""
@@ -242,7 +272,7 @@ class TrackerLink:
         """Start connecting to the tracker."""
         self._service = tracker_client_service(
             self.endpoint, self.clock, self.settings.max_delay, self._prepare, self._report,
-            self.settings.tracker)
+            self.settings.tracker, log_violations=False)
         self._service.startService()
 
     def stop(self):
@@ -289,15 +319,21 @@ class TrackerLink:
 
     def _registration_failed(self, failure, protocol):
         if self._service is not None:
-            self.log.failure(
-                "registering with {tracker} failed; reconnecting", failure, tracker=self.settings.tracker
-            )
+            reason = _not_answering(failure, HANDSHAKE_TIMEOUT)
+            if reason is None:
+                self.log.failure("registering with {tracker} failed; reconnecting", failure,
+                                 tracker=self.settings.tracker)
+            elif not self._not_registering:
+                self._not_registering = True
+                self.log.warn("cannot register with {tracker}: {reason}; retrying",
+                              tracker=self.settings.tracker, reason=reason)
         transport = getattr(protocol, "transport", None)
         if transport is not None:
             transport.abortConnection()
 
     async def _register(self, protocol):
-        await protocol.ready
+        # A TimeoutError at the timeout; the cancellation drops the connection.
+        await protocol.ready.addTimeout(HANDSHAKE_TIMEOUT, self.clock)
         self._connections += 1
         await protocol.call(UpdateInfo(self.offer.update_info()))
         matchkey = self.offer.offer_on_connect(self._connections)
@@ -308,6 +344,7 @@ class TrackerLink:
             return
         self.protocol = protocol
         self.registrations += 1
+        self._not_registering = False
         if self._report is not None:
             self._report.reached()
         self.log.info(

@@ -78,7 +78,12 @@ class TrackerClientProtocol(Protocol):
     @ivar ready: a Deferred firing with this protocol once the tracker echoed
         the magic; it errbacks with L{NotATracker} when the echo is wrong and
         with the connection-loss reason when the connection closes first.
+    @ivar log_violations: whether a peer that breaks the protocol is logged
+        here as it is closed (an owner that says why itself, once per failure
+        streak, turns it off).
     """
+
+    log_violations = True
 
     def __init__(self):
         self.ready = defer.Deferred(self._cancel_ready)
@@ -218,8 +223,9 @@ class TrackerClientProtocol(Protocol):
 
     def _violation(self, problem):
         """Close the connection because the peer broke the protocol."""
-        log.warn("closing tracker connection to {peer}: {problem}",
-                 peer=self._peer, problem=problem)
+        if self.log_violations:
+            log.warn("closing tracker connection to {peer}: {problem}",
+                     peer=self._peer, problem=problem)
         self._broken = True
         self._close_reason = Failure(problem)
         if not self.ready.called:
@@ -246,6 +252,16 @@ class TrackerClientFactory(Factory):
     """Builds L{TrackerClientProtocol}s; usable with endpoints and C{ClientService}."""
 
     protocol = TrackerClientProtocol
+    #: No "Starting factory" line per connection (see L{tvm_rpc.transport.quiet_factory}).
+    noisy = False
+    #: The protocols' L{TrackerClientProtocol.log_violations}.
+    log_violations = True
+
+    def buildProtocol(self, address):
+        """@return: a L{TrackerClientProtocol} that logs violations as this factory says."""
+        protocol = super().buildProtocol(address)
+        protocol.log_violations = self.log_violations
+        return protocol
 
 
 def tracker_endpoint(reactor, host, port, timeout=DEFAULT_CONNECT_TIMEOUT):

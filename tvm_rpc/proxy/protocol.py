@@ -261,6 +261,10 @@ class ProxyFactory(Factory):
     @ivar splice: see L{ProxyConnection}.
     """
 
+    #: No "Starting factory" line with this factory's repr (see
+    #: L{tvm_rpc.transport.quiet_factory}).
+    noisy = False
+
     pool: object
     clock: object
     handshake_timeout: float = PEER_HANDSHAKE_TIMEOUT

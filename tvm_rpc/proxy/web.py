@@ -112,6 +112,23 @@ class ProxyWebSocketProtocol(WebSocketServerProtocol):
         self.connection = None
         self._relaying = False
 
+    def sendHttpErrorResponse(self, code, reason, responseHeaders=None):
+        """
+        Refuse a request that is not a websocket to C{/ws} (a browser's plain
+        GET, another path, a bad handshake) with a short text saying what this
+        port is, instead of autobahn's bare status line; the connection then
+        closes.
+        """
+        body = (f"{code} {reason}\n\nThis is the websocket port of a tvm_rpc proxy: RPC "
+                f"sessions open a websocket to {WS_PATH} and send binary messages.\n"
+                ).encode("utf-8")
+        head = [f"HTTP/1.1 {code} {reason}", "Content-Type: text/plain; charset=utf-8",
+                f"Content-Length: {len(body)}", "Connection: close"]
+        if code == 426:
+            head.append("Upgrade: websocket")
+        head += [f"{name}: {value}" for name, value in responseHeaders or ()]
+        self.sendData(("\r\n".join(head) + "\r\n\r\n").encode("utf-8") + body)
+
     def onConnect(self, request):
         """Accept only the C{/ws} path."""
         if request.path != WS_PATH:
@@ -161,6 +178,8 @@ class ProxyWebSocketFactory(WebSocketServerFactory):
     """Builds L{ProxyWebSocketProtocol}s sharing the proxy's pool."""
 
     protocol = ProxyWebSocketProtocol
+    #: No "Starting factory" line (see L{tvm_rpc.transport.quiet_factory}).
+    noisy = False
 
     def __init__(self, pool, reactor, handshake_timeout=PEER_HANDSHAKE_TIMEOUT,
                  on_relay_end=None):
@@ -177,4 +196,7 @@ class ProxyWebSocketFactory(WebSocketServerFactory):
         self.handshake_timeout = handshake_timeout
         # Nothing is held per message (see ProxyWebSocketProtocol), so no
         # size limit is needed to bound memory.
-        self.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0)
+        # webStatus off: a plain HTTP request gets a 426 saying what this port
+        # is (see sendHttpErrorResponse), not autobahn's banner page, whose
+        # ?redirect= parameter would also make the port an open redirector.
+        self.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0, webStatus=False)

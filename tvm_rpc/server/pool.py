@@ -35,6 +35,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
 from ..protocol.flavour import OUR_PROTOCOL, TVM_PROTOCOL
+from ..transport import quiet_factory
 from . import tvm_session
 from .control import send_control, site_flags
 from .activity import ServerActivity
@@ -268,7 +269,7 @@ class WorkerPool:
         server.reader = _ControlReader(self, server)
         reading = control.dup()
         self.reactor.adoptStreamConnection(
-            reading.fileno(), socket.AF_UNIX, tprotocol.Factory.forProtocol(lambda: server.reader)
+            reading.fileno(), socket.AF_UNIX, quiet_factory(lambda: server.reader)
         )
         reading.close()
         return server

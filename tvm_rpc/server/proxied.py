@@ -13,7 +13,7 @@ One session at a time, as TVM's server does through a proxy.
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 
 from ..client.reach_report import ReachReport
 from ..protocol.constants import (
@@ -24,7 +24,7 @@ from ..protocol.constants import (
 )
 from ..protocol.flavour import server_key, tvm_exception_packet
 from ..protocol.handshake import TRACKER_ANSWERED, ReplyDecoder, encode_handshake
-from ..transport import PEER_HANDSHAKE_TIMEOUT, SwitchingCarrier, set_no_delay
+from ..transport import PEER_HANDSHAKE_TIMEOUT, SwitchingCarrier, quiet_factory, set_no_delay
 from .activity import ServerActivity
 from .listener import Handoff, close_cleanly, read_client_key
 from .logs import logger
@@ -207,7 +207,7 @@ class ProxyLink(Service):
         if not self.running:
             return
         self.attempts += 1
-        attempt = self.endpoint.connect(Factory.forProtocol(lambda: ProxiedServerProtocol(self)))
+        attempt = self.endpoint.connect(quiet_factory(lambda: ProxiedServerProtocol(self)))
         self._connecting = attempt
         attempt.addCallbacks(self._connected, self._failed)
 

@@ -47,6 +47,7 @@ import sys
 from twisted.internet import protocol as tprotocol
 
 from ..protocol.flavour import TVM_PROTOCOL
+from ..transport import quiet_factory
 from . import tvm_globals, tvm_session, watchdog
 from .control import receive_control, send_control, site_flags
 from .limits import SessionSettings
@@ -170,7 +171,7 @@ def _serve_session(fd, rest, make_session, work_root):
             reactor.stop()
 
     carrier = SessionCarrier(session, rest, lost)
-    reactor.adoptStreamConnection(fd, family, tprotocol.Factory.forProtocol(lambda: carrier))
+    reactor.adoptStreamConnection(fd, family, quiet_factory(lambda: carrier))
     os.close(fd)
     if not ended:
         reactor.run()
