@@ -420,6 +420,22 @@ class SessionTests(SynchronousTestCase):
         harness.accept(Chatty())
         self.failureResultOf(connecting, NotATracker)
 
+    def test_peer_closing_at_once_is_named(self):
+        """A port that closes tracker clients (a server's, a proxy's) is named, with a hint."""
+        harness = SessionHarness()
+        connecting = connect_tracker("127.0.0.1", 9190, reactor=harness.reactor)
+
+        class Closing(Protocol):
+            def dataReceived(self, data):
+                self.transport.loseConnection()
+
+        harness.accept(Closing())
+        harness.flush()
+        failure = self.failureResultOf(connecting, NotATracker)
+        self.assertIn("127.0.0.1:9190 closed the connection before answering the tracker "
+                      "handshake", str(failure.value))
+        self.assertIn("tracker's port?", str(failure.value))
+
     def test_silent_peer_times_out(self):
         harness = SessionHarness()
         connecting = connect_tracker("127.0.0.1", 9190, reactor=harness.reactor,

@@ -174,8 +174,9 @@ class ClientHandshake(SwitchingCarrier, TimeoutMixin, Protocol):
         """Fail the handshake, or tell the session."""
         self._fail(
             NotAnRpcServer(
-                f"{self._address} closed the connection during the handshake "
-                f"({reason.getErrorMessage() if reason else 'closed'})"
+                f"{self._address} closed the connection during the RPC handshake "
+                f"({reason.getErrorMessage() if reason else 'closed'}): is it a server's or "
+                "a proxy's port? A tracker's port closes like this"
             )
         )
         self.carry_loss(reason)

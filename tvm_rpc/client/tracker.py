@@ -284,7 +284,13 @@ async def _open(reactor, endpoint, address, timeout):
         """Connect, then wait for the echo."""
         protocol = await reaching(f"connecting to the tracker at {address}",
                                   connectProtocol(endpoint, TrackerClientProtocol()))
-        return await protocol.ready
+        try:
+            return await protocol.ready
+        except (error.ConnectionDone, error.ConnectionLost) as e:
+            raise NotATracker(
+                f"{address} closed the connection before answering the tracker handshake: "
+                "is it a tracker's port? A server's or a proxy's port closes like this"
+            ) from e
 
     attempt = defer.Deferred.fromCoroutine(connect())
     if timeout is not None:
