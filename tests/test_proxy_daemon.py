@@ -316,5 +316,7 @@ def test_tracker_restart_reregisters_and_leaving_server_is_withdrawn():
                          timeout=30)
             second.close()
             wait_summary(tracker_port, lambda s: free_servers(s, "b") == 0, timeout=5)
+        # The factories' "Starting factory <repr>" lines (one per tracker link) stay out.
+        assert "Starting factory" not in proxy.output, proxy.output
     finally:
         tracker.stop()

@@ -245,6 +245,9 @@ class TrackerClientProtocol(Protocol):
 class TrackerClientFactory(Factory):
     """Builds L{TrackerClientProtocol}s; usable with endpoints and C{ClientService}."""
 
+    # The registration loops start one per (re)connection: Twisted's
+    # "Starting factory <repr>" lines would fill a daemon's log.
+    noisy = False
     protocol = TrackerClientProtocol
 
 

@@ -261,6 +261,9 @@ class ProxyFactory(Factory):
     @ivar splice: see L{ProxyConnection}.
     """
 
+    # Twisted's "Starting factory" line would print this whole attrs repr.
+    noisy = False
+
     pool: object
     clock: object
     handshake_timeout: float = PEER_HANDSHAKE_TIMEOUT
