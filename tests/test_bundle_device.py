@@ -13,6 +13,7 @@ import pytest
 
 from tests.daemons import ROOT, Daemon, child_env, our_tracker, wait_summary
 from tests.test_interop_server import run_client
+from tests.test_server_flags import TWISTED_INTERNALS
 
 pytestmark = pytest.mark.system
 
@@ -103,6 +104,9 @@ def test_serves_a_session_through_a_tracker(bundle, tmp_path):
     assert found["no_site"] is True
     assert server.proc.returncode == 0, server.output
     assert "Traceback" not in server.output
+    # Logged as under twistd: "ListenerFactory starting on", "Starting factory" left out.
+    for text in TWISTED_INTERNALS:
+        assert text not in server.output, server.output
 
 
 def test_bad_options_exit_with_usage(bundle):

@@ -55,9 +55,10 @@ def main(argv=None, out=None):
         not start, 2 on bad options.
     """
     from twisted.application import app, service
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import FilteringLogObserver, globalLogBeginner, textFileLogObserver
     from twisted.python import usage
 
+    from ..daemon.logfile import operator_filter
     from ..server import tap
 
     argv = sys.argv[1:] if argv is None else argv
@@ -73,7 +74,10 @@ def main(argv=None, out=None):
     except usage.UsageError as e:
         print(f"{options}\nrpc-server: {e}", file=sys.stderr)
         return 2
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(out)], redirectStandardIO=False)
+    # The same filter as under twistd: no "ListenerFactory starting on" and
+    # other Twisted internals below warnings unless --verbose.
+    observer = FilteringLogObserver(textFileLogObserver(out), [operator_filter(options["verbose"])])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     from twisted.internet import reactor
 
     application = service.Application("rpc-server")
