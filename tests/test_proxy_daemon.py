@@ -177,6 +177,7 @@ def test_websocket_peer_paired_with_tcp_peer():
         ws.close()
         assert recv_all(client) == b""
         client.close()
+    assert "Starting factory" not in daemon.output, daemon.output
 
 
 def test_slow_reader_on_a_1gib_stream():

@@ -160,6 +160,8 @@ class ProxyWebSocketProtocol(WebSocketServerProtocol):
 class ProxyWebSocketFactory(WebSocketServerFactory):
     """Builds L{ProxyWebSocketProtocol}s sharing the proxy's pool."""
 
+    # No "Starting factory <repr>" line at the default level.
+    noisy = False
     protocol = ProxyWebSocketProtocol
 
     def __init__(self, pool, reactor, handshake_timeout=PEER_HANDSHAKE_TIMEOUT,
