@@ -92,7 +92,9 @@ def describe_failure(failure, timeout):
     if failure.check(NotATracker):
         return "not an RPC tracker (it did not echo the tracker magic)"
     if failure.check(error.ConnectionDone, error.ConnectionLost):
-        return "the connection closed before the tracker answered"
+        # What rpc-server and rpc-proxy do with a tracker client on their port.
+        return ("the connection closed before the tracker answered "
+                "(is it a tracker's port? an RPC server or proxy closes tracker clients)")
     if failure.check(TrackerError, BadMessage):
         return f"bad answer from the tracker: {value}"
     if failure.check(error.ConnectError):
