@@ -60,6 +60,7 @@ def main(argv=None, out=None):
 
     from ..daemon.logfile import operator_filter
     from ..server import tap
+    from ..partial_tls import hide_partial_tls
 
     argv = sys.argv[1:] if argv is None else argv
     out = sys.stdout if out is None else out
@@ -78,6 +79,9 @@ def main(argv=None, out=None):
     # other Twisted internals below warnings unless --verbose.
     observer = FilteringLogObserver(textFileLogObserver(out), [operator_filter(options["verbose"])])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    if hide_partial_tls():
+        log.warn("pyOpenSSL is installed here without service_identity, which Twisted's TLS "
+                 "needs: TLS is off (for --listen ssl:..., pip install 'twisted[tls]')")
     from twisted.internet import reactor
 
     application = service.Application("rpc-server")
