@@ -18,6 +18,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import tvm_rpc
+from tvm_rpc import partial_tls
 from tvm_rpc.bundle import archive, contents, device
 
 pytestmark = pytest.mark.unit
@@ -200,3 +201,22 @@ def test_archive_path():
 def test_bad_options_return_2(capsys):
     assert device.main(["--port", "5", "--port-end", "5"], out=io.StringIO()) == 2
     assert "--port-end must be greater than --port" in capsys.readouterr().err
+
+
+def spec_finder(*present):
+    """@return: a C{find_spec} that finds only the top-level modules C{present}."""
+    return lambda name: object() if name in present else None
+
+
+@pytest.mark.parametrize("present, cached, hidden", [
+    (("OpenSSL",), {}, True),                        # Debian's python3-openssl alone
+    (("OpenSSL", "service_identity"), {}, False),    # twisted[tls]: TLS works
+    ((), {}, False),                                 # no pyOpenSSL: nothing to hide
+    (("OpenSSL",), {"OpenSSL": None}, True),          # hidden already
+    (("OpenSSL",), {"OpenSSL": types}, False),        # imported already: too late to hide
+])
+def test_hide_partial_tls(present, cached, hidden):
+    """pyOpenSSL without service_identity is hidden, so that Twisted's endpoints import."""
+    modules = dict(cached)
+    assert partial_tls.hide_partial_tls(spec_finder(*present), modules) is hidden
+    assert (modules.get("OpenSSL", types) is None) is hidden

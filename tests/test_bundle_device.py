@@ -13,6 +13,7 @@ import pytest
 
 from tests.daemons import ROOT, Daemon, child_env, our_tracker, wait_summary
 from tests.test_interop_server import run_client
+from tests.test_server_flags import TWISTED_INTERNALS
 
 pytestmark = pytest.mark.system
 
@@ -73,25 +74,41 @@ def test_the_bare_interpreter_has_nothing():
     assert b"No module named 'twisted'" in completed.stderr
 
 
-def test_serves_a_session_through_a_tracker(bundle, tmp_path):
-    """TVM's flags register the bundle with our tracker; a session runs with the bundle's modules only."""
+def session_on_bundle(python, bundle, tmp_path, env, expect):
+    """
+    Run the bundle with TVM's flags under our tracker, wait for the lines
+    C{expect}, and serve one session of our client uploading L{PROBE}.
+
+    @param python: the interpreter's command line.
+    @param env: the bundle's environment.
+    @return: the stopped L{Daemon} and the client's report.
+    """
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     with our_tracker() as (_, tracker_port):
         server = Daemon(
-            BARE_PYTHON + [str(bundle), "--tracker", f"127.0.0.1:{tracker_port}",
-                           "--key", "bundled", "--host", "127.0.0.1", "--port", "0"],
-            env=bare_environment(), cwd=str(elsewhere),
+            python + [str(bundle), "--tracker", f"127.0.0.1:{tracker_port}",
+                      "--key", "bundled", "--host", "127.0.0.1", "--port", "0"],
+            env=env, cwd=str(elsewhere),
         )
         try:
-            server.wait_for(r"rpc-server listening on 127\.0\.0\.1:\d+")
-            server.wait_for(r"serves tvm_rpc's clients only.*No module named 'tvm'")
+            for pattern in expect:
+                server.wait_for(pattern)
             wait_summary(tracker_port, lambda s: s["queue_info"].get("bundled", {}).get("free"))
             report = run_client("device", "127.0.0.1", tracker_port, "bundled", probe)
         finally:
             server.stop()
+    return server, report
+
+
+def test_serves_a_session_through_a_tracker(bundle, tmp_path):
+    """TVM's flags register the bundle with our tracker; a session runs with the bundle's modules only."""
+    server, report = session_on_bundle(
+        BARE_PYTHON, bundle, tmp_path, bare_environment(),
+        [r"rpc-server listening on 127\.0\.0\.1:\d+",
+         r"serves tvm_rpc's clients only.*No module named 'tvm'"])
     assert report["ok"], report
     assert report["same"] and report["array_same"]
     assert report["workpath"].endswith("blob.bin")
@@ -103,6 +120,32 @@ def test_serves_a_session_through_a_tracker(bundle, tmp_path):
     assert found["no_site"] is True
     assert server.proc.returncode == 0, server.output
     assert "Traceback" not in server.output
+    # Logged as under twistd: "ListenerFactory starting on", "Starting factory" left out.
+    for text in TWISTED_INTERNALS:
+        assert text not in server.output, server.output
+
+
+def test_a_system_pyopenssl_without_service_identity(bundle, tmp_path):
+    """
+    Run with plain Python (no -I, to see TVM's runtime) on a device whose
+    system packages have pyOpenSSL but not service_identity, as Debian's
+    python3-openssl: Twisted would fail importing its endpoints; the bundle
+    and its worker hide pyOpenSSL, say that TLS is off, and serve.
+    """
+    system = tmp_path / "dist-packages"
+    (system / "OpenSSL").mkdir(parents=True)
+    # A stand-in with every name Twisted asks of pyOpenSSL: unless hidden, it
+    # takes Twisted's TLS import on to a missing module (cryptography here,
+    # service_identity on such a device) and the server down with it.
+    anything = "def __getattr__(name):\n    return type(name, (Exception,), {})\n"
+    for module in ("__init__", "SSL", "crypto", "_util"):
+        (system / "OpenSSL" / f"{module}.py").write_text(anything)
+    server, report = session_on_bundle(
+        [sys.executable, "-S"], bundle, tmp_path, dict(bare_environment(), PYTHONPATH=str(system)),
+        [r"pyOpenSSL is installed here without service_identity",
+         r"rpc-server listening on 127\.0\.0\.1:\d+"])
+    assert report["ok"], (report, server.output)
+    assert "Traceback" not in server.output, server.output
 
 
 def test_bad_options_exit_with_usage(bundle):

@@ -177,6 +177,7 @@ def test_websocket_peer_paired_with_tcp_peer():
         ws.close()
         assert recv_all(client) == b""
         client.close()
+    assert "Starting factory" not in daemon.output, daemon.output
 
 
 def test_slow_reader_on_a_1gib_stream():
@@ -285,6 +286,26 @@ def test_taken_port_range_is_fatal():
             daemon.output
 
 
+def test_taken_websocket_port_is_fatal_and_named():
+    """
+    A taken --web-port (8888 by default: a second proxy on one machine) stops
+    the proxy with an error naming that port, not only its number.
+    """
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        web_port = taken.getsockname()[1]
+        daemon = Daemon(twistd("rpc-proxy", "--host", "127.0.0.1",
+                               "--listen", listen_any("127.0.0.1"), "--web-port", str(web_port)),
+                        env=child_env())
+        try:
+            assert daemon.proc.wait(60) != 0
+        finally:
+            daemon.stop()
+        assert "rpc-proxy websocket /ws: no free port among 1 candidates" in daemon.output, \
+            daemon.output
+
+
 def test_tracker_restart_reregisters_and_leaving_server_is_withdrawn():
     """
     Tracker mode with our tracker: a server that leaves the proxy leaves the
@@ -316,5 +337,7 @@ def test_tracker_restart_reregisters_and_leaving_server_is_withdrawn():
                          timeout=30)
             second.close()
             wait_summary(tracker_port, lambda s: free_servers(s, "b") == 0, timeout=5)
+        # The factories' "Starting factory <repr>" lines (one per tracker link) stay out.
+        assert "Starting factory" not in proxy.output, proxy.output
     finally:
         tracker.stop()

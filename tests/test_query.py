@@ -219,6 +219,17 @@ class QueryTests(SynchronousTestCase):
 
         self.assert_one_line_error(*self.run_query([], Http()), reason="not an RPC tracker")
 
+    def test_peer_that_closes(self):
+        """An RPC server or proxy closes a tracker client: the line hints at the port."""
+        class Closes(Protocol):
+            def dataReceived(self, data):
+                self.transport.loseConnection()
+
+        self.assert_one_line_error(
+            *self.run_query([], Closes()),
+            reason="closed before the tracker answered (is it a tracker's port?",
+        )
+
     def test_silent_peer(self):
         self.assert_one_line_error(
             *self.run_query(["--timeout", "3"], Protocol(), advance=3),

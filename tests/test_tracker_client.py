@@ -409,6 +409,19 @@ class SessionTests(SynchronousTestCase):
                          "connecting to the tracker at 127.0.0.1:9190: connection refused")
         self.assertIsInstance(failure.value.cause, error.ConnectionRefusedError)
 
+    def test_unknown_host_name(self):
+        """A name that does not resolve is a CannotReach naming the tracker, as a refusal is."""
+        class Unresolved:
+            def connect(self, factory):
+                return defer.fail(error.DNSLookupError("no results for hostname lookup: lab"))
+
+        connecting = connect_tracker("lab", 9190, reactor=MemoryReactorClock(),
+                                     endpoint=Unresolved())
+        failure = self.failureResultOf(connecting, error.ConnectError)
+        self.assertEqual(str(failure.value),
+                         "connecting to the tracker at lab:9190: host name not found")
+        self.assertIsInstance(failure.value.cause, error.DNSLookupError)
+
     def test_not_a_tracker(self):
         harness = SessionHarness()
         connecting = connect_tracker("127.0.0.1", 9190, reactor=harness.reactor)
@@ -432,8 +445,8 @@ class SessionTests(SynchronousTestCase):
         harness.accept(Closing())
         harness.flush()
         failure = self.failureResultOf(connecting, NotATracker)
-        self.assertIn("127.0.0.1:9190 closed the connection before answering the tracker "
-                      "handshake", str(failure.value))
+        self.assertIn("127.0.0.1:9190 closed the connection before the tracker answered",
+                      str(failure.value))
         self.assertIn("tracker's port?", str(failure.value))
 
     def test_silent_peer_times_out(self):

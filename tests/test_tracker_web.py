@@ -203,6 +203,15 @@ class PageTests(LabTestCase):
         self.assertIn(user, page.text)
         self.assertIn("<b>host</b>:9000", page.text)
 
+    def test_counts_line(self):
+        """The counts read "1 key", "2 keys"."""
+        self.peer("10.0.0.2").ask([PUT, "rasp", [9000, "rasp:0.5"], None])
+        text = parse_page(render_page(tracker_status(self.state))).text
+        self.assertTrue(any(t.startswith("1 key \u00b7 1 free") for t in text), text)
+        self.peer("10.0.0.3").ask([PUT, "jetson", [9000, "jetson:0.5"], None])
+        text = parse_page(render_page(tracker_status(self.state))).text
+        self.assertTrue(any(t.startswith("2 keys \u00b7 2 free") for t in text), text)
+
     def test_durations(self):
         """Durations read short at every scale."""
         self.assertEqual([duration(s) for s in (0.25, 42, 600, 9000, 400000)],

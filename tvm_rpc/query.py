@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from .client.link_errors import connect_reason
 from .client.summary_text import text_summary
-from .client.tracker import NotATracker, connect_tracker
+from .client.tracker import NotATracker, TrackerHungUp, connect_tracker
 from .protocol.tracker_commands import BadMessage, TrackerError
 
 #: Where to look when neither options nor the environment say.
@@ -89,10 +89,12 @@ def describe_failure(failure, timeout):
     value = failure.value
     if failure.check(defer.TimeoutError, error.TimeoutError):
         return f"no answer within {timeout:g} s"
-    if failure.check(NotATracker):
+    if failure.check(NotATracker) and not failure.check(TrackerHungUp):
         return "not an RPC tracker (it did not echo the tracker magic)"
-    if failure.check(error.ConnectionDone, error.ConnectionLost):
-        return "the connection closed before the tracker answered"
+    if failure.check(TrackerHungUp, error.ConnectionDone, error.ConnectionLost):
+        # What rpc-server and rpc-proxy do with a tracker client on their port.
+        return ("the connection closed before the tracker answered "
+                "(is it a tracker's port? an RPC server or proxy closes tracker clients)")
     if failure.check(TrackerError, BadMessage):
         return f"bad answer from the tracker: {value}"
     if failure.check(error.ConnectError):

@@ -55,10 +55,12 @@ def main(argv=None, out=None):
         not start, 2 on bad options.
     """
     from twisted.application import app, service
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import FilteringLogObserver, globalLogBeginner, textFileLogObserver
     from twisted.python import usage
 
+    from ..daemon.logfile import operator_filter
     from ..server import tap
+    from ..partial_tls import hide_partial_tls
 
     argv = sys.argv[1:] if argv is None else argv
     out = sys.stdout if out is None else out
@@ -73,7 +75,13 @@ def main(argv=None, out=None):
     except usage.UsageError as e:
         print(f"{options}\nrpc-server: {e}", file=sys.stderr)
         return 2
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(out)], redirectStandardIO=False)
+    # The same filter as under twistd: no "ListenerFactory starting on" and
+    # other Twisted internals below warnings unless --verbose.
+    observer = FilteringLogObserver(textFileLogObserver(out), [operator_filter(options["verbose"])])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    if hide_partial_tls():
+        log.warn("pyOpenSSL is installed here without service_identity, which Twisted's TLS "
+                 "needs: TLS is off (for --listen ssl:..., pip install 'twisted[tls]')")
     from twisted.internet import reactor
 
     application = service.Application("rpc-server")

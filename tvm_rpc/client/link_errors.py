@@ -73,7 +73,8 @@ async def reaching(doing, attempt):
     """
     try:
         return await attempt
-    except error.ConnectError as e:
+    # A host name that does not resolve fails with DNSLookupError, which is no ConnectError.
+    except (error.ConnectError, error.DNSLookupError) as e:
         if isinstance(e, CannotReach):
             raise
         raise CannotReach(doing, e) from e

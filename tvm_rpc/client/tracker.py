@@ -37,6 +37,7 @@ __all__ = [
     "NotATracker",
     "TrackerClientFactory",
     "TrackerClientProtocol",
+    "TrackerHungUp",
     "TrackerSession",
     "connect_tracker",
     "tracker_endpoint",
@@ -50,6 +51,13 @@ log = Logger()
 
 class NotATracker(BadMessage):
     """The peer did not answer the tracker magic as a tracker does."""
+
+
+class TrackerHungUp(NotATracker):
+    """
+    The peer closed the connection before answering the tracker handshake:
+    what an RPC server's or a proxy's port does with a tracker client.
+    """
 
 
 class AllocationTimeout(TrackerError, defer.TimeoutError):
@@ -287,9 +295,9 @@ async def _open(reactor, endpoint, address, timeout):
         try:
             return await protocol.ready
         except (error.ConnectionDone, error.ConnectionLost) as e:
-            raise NotATracker(
-                f"{address} closed the connection before answering the tracker handshake: "
-                "is it a tracker's port? A server's or a proxy's port closes like this"
+            raise TrackerHungUp(
+                f"{address} closed the connection before the tracker answered "
+                "(is it a tracker's port? an RPC server or proxy closes tracker clients)"
             ) from e
 
     attempt = defer.Deferred.fromCoroutine(connect())

@@ -147,7 +147,8 @@ class ListenerService(service.Service):
         raise CannotListenError(
             first.interface,
             f"{first.port}..{last.port}",
-            f"no free port among {len(self.candidates)} candidates (last: {last})",
+            # Named: a proxy has two ranges (--port and --web-port) and twistd prints only this.
+            f"{self.label}: no free port among {len(self.candidates)} candidates (last: {last})",
         )
 
     def _listen(self, endpoint):

@@ -149,7 +149,8 @@ def page(status, refresh=DEFAULT_REFRESH):
     """
     keys = status["keys"]
     totals = {name: sum(entry[name] for entry in keys) for name in ("free", "held", "pending")}
-    summary = (f"{len(keys)} keys \u00b7 {totals['free']} free \u00b7 {totals['held']} held "
+    noun = "key" if len(keys) == 1 else "keys"
+    summary = (f"{len(keys)} {noun} \u00b7 {totals['free']} free \u00b7 {totals['held']} held "
                f"\u00b7 {totals['pending']} waiting \u00b7 up {duration(status['uptime'])}")
     updated = f"updated {clock_time(status['now'])} UTC"
     if refresh:
