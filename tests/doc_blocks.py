@@ -133,8 +133,13 @@ def classify(block):
 
 
 def shell_commands(block):
-    """@return: the lines of a shell block that are commands (comment lines dropped)."""
-    return [line for line in block.lines if not line.startswith("#")]
+    """
+    @return: C{(line number, line)} of each line of a shell block that is a
+        command (blank and comment lines dropped).
+    """
+    return [(block.line + offset, line.strip())
+            for offset, line in enumerate(block.text.splitlines(), 1)
+            if line.strip() and not line.strip().startswith("#")]
 
 
 def command_text(line):

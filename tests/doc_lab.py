@@ -6,12 +6,16 @@ writes lands in the temporary directory). Commands run through C{bash} with a
 directory of stand-ins first on C{PATH}: C{python}/C{python3}/C{twistd}/
 C{tvm-rpc-query} run this tree (as C{pip install .} would have installed it);
 C{ssh HOST cmd} runs C{cmd} here; C{scp FILE HOST:} finds the file already on
-the "device" (this directory). Daemons are started in their own process
+the "device" (this directory); C{pip}, C{systemctl} and the like refuse. Daemons are started in their own process
 groups and stopped by group when the walkthrough ends.
 """
 
 import ast
 import json
+import random
+import re
+import socket
+import time
 import shlex
 import shutil
 import subprocess
@@ -39,6 +43,11 @@ STANDINS = {
     "scp": ('dest="${{2#*:}}"; if [ -z "$dest" ]; then [ -e "$1" ]; exit; fi; '
             'echo "scp stand-in: only HOST: (this directory) is supported, not $2" >&2; exit 1'),
 }
+#: Commands that change this machine: a documented line running one must be
+#: named in the test's list of lines that cannot run, never run by accident.
+for _name in ("pip", "pip3", "sudo", "systemctl", "useradd", "apt", "apt-get"):
+    STANDINS[_name] = (f'echo "{_name}: not run by the docs test; name this line, with'
+                       ' the reason, in NOT_RUN of tests/test_docs_run.py" >&2; exit 1')
 
 
 def make_standins(directory):
@@ -69,6 +78,7 @@ class Walk:
     @ivar allowed: C{{line or first line: reason}} of this doc's steps that cannot run here.
     @ivar running: the daemons started, with their C{(kind, argv)}.
     @ivar record: one line per step done or skipped, for the test's output.
+    @ivar free_port: returns a free loopback port, for a daemon's default one.
     """
 
     name: str
@@ -78,6 +88,7 @@ class Walk:
     allowed: dict = attrs.Factory(dict)
     running: list = attrs.Factory(list)
     record: list = attrs.Factory(list)
+    free_port: object = daemons.free_port
     _tracker: str = None
     _env: dict = None
 
@@ -98,13 +109,14 @@ class Walk:
         """Run every step in order; @raise DocFailed: at the first that fails."""
         for step in steps:
             where = f"{self.name}:{step.line}"
+            began = len(self.record), time.monotonic()
             if isinstance(step, LabStep):
                 self.lab(step.directive, where)
                 continue
             kind = doc_blocks.classify(step)
             if kind == "shell":
-                for line in doc_blocks.shell_commands(step):
-                    self.shell(line, f"{where}: {line}")
+                for number, line in doc_blocks.shell_commands(step):
+                    self.shell(line, f"{self.name}:{number}: {line}")
             elif kind == "python":
                 self.python(step, where)
             elif kind == "python file":
@@ -118,6 +130,8 @@ class Walk:
                 self.record.append(f"{where}: json parses")
             else:
                 self.record.append(f"{where}: read only (```{step.info})")
+            if len(self.record) > began[0]:
+                self.record[-1] += f" [{time.monotonic() - began[1]:.1f}s]"
 
     def lab(self, directive, where):
         """Set up the part of the lab a standalone directive names."""
@@ -172,9 +186,9 @@ class Walk:
             # defaults (9090 up) that a person may be using: a daemon's default is 0.0.0.0:9090.
             extra = [] if "--host" in argv else ["--host", "127.0.0.1"]
             if kind == "rpc-proxy" and "--web-port" not in argv:
-                extra += ["--web-port", str(daemons.free_port())]
+                extra += ["--web-port", str(self.free_port())]
             if port is None:
-                free = daemons.free_port()
+                free = self.free_port()
                 extra += ["--port", str(free), "--port-end", str(free + 1)]
             elif doc_blocks.option(argv, "--port-end") is None:
                 # The default end (9199) is below a mapped port: keep the range one port.
@@ -257,7 +271,30 @@ class Walk:
             self.running.pop()[2].stop()
 
 
-def walk(path, work, library, allowed, free_port=daemons.free_port):
+def loopback_port():
+    """
+    @return: a loopback port free a moment ago, below the system's ephemeral
+        range: no outgoing connection of another test takes it meanwhile (only
+        a listener named by its number could).
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        port = random.randrange(20000, low)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free loopback port in 20000-{low} after 100 tries")
+
+
+#: How many times a walkthrough is run again, on other ports, when one of its
+#: ports was taken between picking and binding (another process listened there).
+ATTEMPTS = 3
+
+
+def walk(path, work, library, allowed, free_port=loopback_port):
     """
     Run the doc at C{path} in the empty directory C{work}.
 
@@ -265,17 +302,25 @@ def walk(path, work, library, allowed, free_port=daemons.free_port):
     @raise DocFailed: at the first step that fails as written.
     """
     steps = doc_blocks.steps_of(path.read_text())
-    ports = []
-    while len(ports) < len(doc_blocks.documented_ports(steps)):
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    # In order, so a documented range (--port 9190 --port-end 9199) stays a range.
-    mapping = dict(zip(doc_blocks.documented_ports(steps), sorted(ports)))
-    name = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
-    done = Walk(name, work, doc_blocks.Rewriter(mapping), library, allowed)
-    try:
-        done.run(steps)
-    finally:
-        done.stop()
-    return done
+    documented = doc_blocks.documented_ports(steps)
+    for attempt in range(1, ATTEMPTS + 1):
+        ports = set()
+        while len(ports) < len(documented):
+            ports.add(free_port())
+        # In order, so a documented range (--port 9190 --port-end 9199) stays a range.
+        mapping = dict(zip(documented, sorted(ports)))
+        name = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+        directory = work / f"attempt{attempt}"
+        directory.mkdir()
+        done = Walk(name, directory, doc_blocks.Rewriter(mapping), library, allowed,
+                    free_port=free_port)
+        try:
+            done.run(steps)
+        except DocFailed as e:
+            if attempt == ATTEMPTS or not re.search(daemons.BIND_FAILED, str(e)):
+                raise
+            done.record.append(f"a port was taken: running {name} again on other ports")
+        else:
+            return done
+        finally:
+            done.stop()

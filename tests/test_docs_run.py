@@ -95,7 +95,7 @@ def lines_of(path):
     blocks = [step for step in doc_blocks.steps_of(path.read_text())
               if isinstance(step, doc_blocks.Block)]
     return ({doc_blocks.command_text(line) for block in blocks if block.info in {"sh", "bash"}
-             for line in doc_blocks.shell_commands(block)}
+             for _, line in doc_blocks.shell_commands(block)}
             | {block.lines[0] for block in blocks if block.info == "python"})
 
 
@@ -140,6 +140,9 @@ def broken_doc(tmp_path, text):
     ("```sh\ntwistd -n rpc-tracker --port 9190\ntwistd -n rpc-proxy --port 9090\n```\n",
      "did not start as written"),
     ("```sh\npython -m tvm_rpc.query --json --leases\n```\n", "exit status 2"),
+    ("```sh\npip install tvm_rpc\n```\n", "name this line"),
+    ("```python\n# mydevice.py\nraise ImportError('as written')\n```\n"
+     "```sh\nPYTHONPATH=. python -c 'import mydevice'\n```\n", "as written"),
     ("```\npython -m tvm_rpc.query\n```\n", "nobody classified"),
     ("<!-- doc-test: tracker 127.0.0.1:9190 -->\n"
      "<!-- doc-test: output of python -m tvm_rpc.query --port 9190 -->\n"
