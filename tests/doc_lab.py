@@ -76,7 +76,7 @@ class Walk:
     @ivar rewrite: the doc's L{doc_blocks.Rewriter}.
     @ivar library: a function returning the path of the compiled dense + ReLU library.
     @ivar allowed: C{{line or first line: reason}} of this doc's steps that cannot run here.
-    @ivar running: the daemons started, with their C{(kind, argv)}.
+    @ivar running: C{(kind, argv, daemon)} of each daemon started and not replaced.
     @ivar record: one line per step done or skipped, for the test's output.
     @ivar free_port: returns a free loopback port, for a daemon's default one.
     """
@@ -126,7 +126,10 @@ class Walk:
             elif kind == "output":
                 self.output(step, where)
             elif kind == "json":
-                json.loads(step.text)
+                try:
+                    json.loads(step.text)
+                except ValueError as e:
+                    raise DocFailed(f"{where}: a ```json block that does not parse: {e}") from None
                 self.record.append(f"{where}: json parses")
             else:
                 self.record.append(f"{where}: read only (```{step.info})")
