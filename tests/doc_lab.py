@@ -35,7 +35,9 @@ RUN_TIMEOUT = 180
 STANDINS = {
     "python": 'exec "{python}" "$@"',
     "python3": 'exec "{python}" "$@"',
-    "twistd": 'exec "{python}" -c "from twisted.scripts.twistd import run; run()" "$@"',
+    # -P: like the installed twistd script, the current directory is not on
+    # sys.path (python -c would put it there and hide a missing PYTHONPATH=.).
+    "twistd": 'exec "{python}" -P -c "from twisted.scripts.twistd import run; run()" "$@"',
     "tvm-rpc-query": 'exec "{python}" -m tvm_rpc.query "$@"',
     # ssh HOST [cmd...]: the device is this machine.
     "ssh": 'shift; exec bash -c "$*"',

@@ -145,6 +145,9 @@ def broken_doc(tmp_path, text):
      "did not start as written"),
     ("```sh\npython -m tvm_rpc.query --json --leases\n```\n", "exit status 2"),
     ("```sh\npip install tvm_rpc\n```\n", "name this line"),
+    ("```python\n# mydevice.py\nX = 1\n```\n"
+     "```sh\ntwistd -n --pidfile= rpc-server --key rasp --init mydevice\n```\n",
+     "did not start as written"),
     ("```python\n# mydevice.py\nraise ImportError('as written')\n```\n"
      "```sh\nPYTHONPATH=. python -c 'import mydevice'\n```\n", "as written"),
     ("```\npython -m tvm_rpc.query\n```\n", "nobody classified"),
