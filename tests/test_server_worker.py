@@ -432,6 +432,22 @@ class WorkerReactorTests(SynchronousTestCase):
         self.run_reactor()
         self.assertEqual(fired, ["now", "later"])
 
+    def test_end_of_the_loop_is_a_debug_line(self):
+        """
+        The loop's "Main loop terminated." is debug (Twisted says it at info):
+        under our namespace the daemons' filter would let it end the log of
+        every session whose worker stops its reactor before the watchdog ends it.
+        """
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.reactor.callLater(0, self.reactor.stop)
+        self.run_reactor()
+        ends = [event for event in events if event.get("log_format") == "Main loop terminated."]
+        self.assertEqual([event["log_level"] for event in ends], [LogLevel.debug])
+
     def test_reads_and_thread_calls(self):
         """A plain read reaches doRead; a call from another thread runs in the loop."""
         import threading

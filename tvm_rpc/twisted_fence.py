@@ -422,7 +422,8 @@ def lean_main_loop(reactor):
                     reactor.doPoll(timeout if reactor.running else 0)
         except BaseException:
             log.failure("Unexpected error in main loop")
-    log.info("Main loop terminated.")
+    # Twisted says it at info; here it would end every session's worker log.
+    log.debug("Main loop terminated.")
 
 
 def lean_do_poll(reactor, timeout):
