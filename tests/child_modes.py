@@ -4,6 +4,8 @@ Each such script (L{tests.interop_client}, L{tests.tvm_engine_client},
 L{tests.tvm_server_driver}) names its modes, coroutines taking the reactor
 and the remaining arguments; the chosen one runs in one reactor run and its
 result is printed last, as one JSON line, for the test to read.
+L{dense_relu_arguments} is the seed story's arguments, shared by the two
+clients' story modes.
 """
 
 import json
@@ -17,6 +19,24 @@ def report(value):
     """Print C{value} as one JSON line, at once (the test reads line by line)."""
     sys.stdout.write(json.dumps(value) + "\n")
     sys.stdout.flush()
+
+
+async def dense_relu_arguments(session, device, n, m):
+    """
+    The seed story's arguments on C{device}: x (1 x n) and w (m x n), random
+    with a fixed seed, and an empty float32 y (1 x m).
+
+    @return: C{(x, w, x_remote, w_remote, y_remote)}, the first two numpy arrays.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, n)).astype("float32")
+    w = rng.standard_normal((m, n)).astype("float32")
+    x_remote = await session.array(x, device)
+    w_remote = await session.array(w, device)
+    y_remote = await session.empty((1, m), "float32", device)
+    return x, w, x_remote, w_remote, y_remote
 
 
 def dispatch(modes, describe_failure=None, argv=None):

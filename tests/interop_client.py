@@ -30,7 +30,7 @@ Usage: ``python tests/interop_client.py MODE ARGS...``; prints one JSON object.
 
 from twisted.internet import defer
 
-from tests.child_modes import dispatch, report
+from tests.child_modes import dense_relu_arguments, dispatch, report
 
 
 def describe(failure):
@@ -74,12 +74,7 @@ async def story_mode(reactor, tracker_host, tracker_port, key, library, n, m):
         await session.upload(library, "dense_relu.so")
         module = await session.load_module("dense_relu.so")
         device = session.cpu(0)
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((1, n)).astype("float32")
-        w = rng.standard_normal((m, n)).astype("float32")
-        x_remote = await session.array(x, device)
-        w_remote = await session.array(w, device)
-        y_remote = await session.empty((1, m), "float32", device)
+        x, w, x_remote, w_remote, y_remote = await dense_relu_arguments(session, device, n, m)
         function = module.get_function("dense_relu")
         if isinstance(function, defer.Deferred):
             function = await function

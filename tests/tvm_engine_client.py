@@ -12,7 +12,7 @@ Usage: ``python tests/tvm_engine_client.py MODE HOST PORT ARGS...``; prints one 
   longer than the session's max_result_size; the session stays usable after each.
 """
 
-from tests.child_modes import dispatch
+from tests.child_modes import dense_relu_arguments, dispatch
 from tvm_rpc.client import connect
 
 
@@ -37,12 +37,7 @@ async def story_mode(reactor, host, port, library, n, m):
         report["cpu_exists"] = await device.exists()
         report["cuda_exists"] = await session.cuda(0).exists()
         await device.sync()
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((1, n)).astype("float32")
-        w = rng.standard_normal((m, n)).astype("float32")
-        x_remote = await session.array(x, device)
-        w_remote = await session.array(w, device)
-        y_remote = await session.empty((1, m), "float32", device)
+        x, w, x_remote, w_remote, y_remote = await dense_relu_arguments(session, device, n, m)
         function = await module.get_function("dense_relu")
         await function(x_remote, w_remote, y_remote)
         y = await y_remote.numpy()
