@@ -101,6 +101,17 @@ class ProtocolTests(SynchronousTestCase):
         self.assertIn("not an RPC tracker", str(failure.value))
         self.assertTrue(transport.disconnecting)
 
+    def test_giving_up_on_ready_closes_cleanly(self):
+        """
+        Cancelling C{ready} (a handshake timeout) closes the connection without
+        a reset: the peer may be a TVM daemon whose accept thread a reset kills.
+        """
+        protocol, transport = connected()
+        protocol.ready.cancel()
+        self.failureResultOf(protocol.ready, defer.CancelledError)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected, "aborted (reset), not closed")
+
     def test_call_before_ready_is_sent_after_echo_in_one_write(self):
         protocol, transport = connected()
         first = protocol.call(Ping())

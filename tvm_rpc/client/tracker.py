@@ -241,9 +241,12 @@ class TrackerClientProtocol(Protocol):
         self.transport.loseConnection()
 
     def _cancel_ready(self, deferred):
-        """Giving up on C{ready} drops the connection."""
+        """
+        Giving up on C{ready} closes the connection, cleanly: the peer may be
+        a TVM daemon whose accept thread a reset can kill.
+        """
         if self.transport is not None and not self._closed:
-            self.transport.abortConnection()
+            self.transport.loseConnection()
 
     def _cancel_call(self, entry):
         """
