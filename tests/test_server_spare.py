@@ -18,11 +18,16 @@ class SpareTests(SynchronousTestCase):
     """Workers forked ahead of their sessions (real forks of this process)."""
 
     def test_spare_serves_the_session_it_is_handed(self):
-        """A spare runs C{serve} with the header and socket it is handed, in its own group."""
+        """
+        A spare runs C{serve} with the header and socket it is handed, in its
+        own group, and the channel stays open both ways (a kept worker reports
+        on it and gets its next session through it).
+        """
 
-        def serve(header, fd):
+        def serve(header, fd, channel):
             sock = socket.socket(fileno=fd)
             sock.sendall(f"{header['id']} {os.getpgid(0) == os.getpid()}".encode())
+            channel.sendall(b"idle")
             os._exit(0)
 
         spare = worker_module._Spare.fork(serve)
@@ -34,19 +39,22 @@ class SpareTests(SynchronousTestCase):
             theirs.close()
         ours.settimeout(10)
         self.assertEqual(ours.recv(100), b"7 True")
+        spare.channel.settimeout(10)
+        self.assertEqual(spare.channel.recv(100), b"idle")
+        spare.channel.close()
         self.assertEqual(os.waitpid(spare.pid, 0)[1], 0)
 
     def test_spare_without_a_session_ends(self):
         """A spare whose channel closes (the fork server is gone) ends without serving."""
         served = []
-        spare = worker_module._Spare.fork(lambda header, fd: served.append(header))
-        spare._channel.close()
+        spare = worker_module._Spare.fork(lambda header, fd, channel: served.append(header))
+        spare.channel.close()
         _, status = os.waitpid(spare.pid, 0)
         self.assertTrue(os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
 
     def test_dead_spare_says_so(self):
         """Handing a session to a spare that died returns None (the fork server forks another)."""
-        spare = worker_module._Spare.fork(lambda header, fd: os._exit(0))
+        spare = worker_module._Spare.fork(lambda header, fd, channel: os._exit(0))
         os.kill(spare.pid, signal.SIGKILL)
         os.waitpid(spare.pid, 0)
         ours, theirs = socket.socketpair()

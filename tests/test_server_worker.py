@@ -338,6 +338,12 @@ class WatchdogTests(SynchronousTestCase):
         self.assertEqual(self.exits, [])
         self.assertEqual(self.ours.recv(10), b"hello")
 
+    def _armed(self, lifeline, root):
+        """@return: a watchdog (its loop run by the test) armed on our end."""
+        watchdog = self.watchdog.Watchdog(lifeline.fileno(), root)
+        watchdog.arm(self.ours.fileno())
+        return watchdog
+
     def test_client_gone(self):
         """The client's close ends the worker at once, its data left unread."""
         lifeline, server_end = socket.socketpair()
@@ -345,9 +351,7 @@ class WatchdogTests(SynchronousTestCase):
         self.addCleanup(server_end.close)
         self.theirs.sendall(b"a request")
         self.theirs.close()
-        self.assertRaises(
-            SystemExit, self.watchdog._watch, self.ours.fileno(), lifeline.fileno(), "/nowhere"
-        )
+        self.assertRaises(SystemExit, self._armed(lifeline, "/nowhere").watch)
         self.assertEqual(self.exits, [self.watchdog.EXIT_CLIENT_GONE])
         self.assertEqual(self.ours.recv(20), b"a request")
 
@@ -362,9 +366,7 @@ class WatchdogTests(SynchronousTestCase):
         lifeline, server_end = socket.socketpair()
         self.addCleanup(lifeline.close)
         server_end.close()
-        self.assertRaises(
-            SystemExit, self.watchdog._watch, self.ours.fileno(), lifeline.fileno(), root
-        )
+        self.assertRaises(SystemExit, self._armed(lifeline, root).watch)
         self.assertEqual(self.exits, [self.watchdog.EXIT_SERVER_GONE])
         self.assertFalse(os.path.exists(mine))
 

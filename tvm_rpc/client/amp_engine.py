@@ -86,6 +86,9 @@ class AMPEngine(EngineState, StreamTransfers):
     @ivar chunk_size: the chunk size of transfers (from the server's Hello).
     @ivar window: chunks kept in flight per transfer.
     @ivar max_result_size: the longest encoded result of a call accepted.
+    @ivar on_kept: called with C{(token, keep_for)} when the server keeps
+        the session's worker for our next session; the session's C{Goodbye}
+        asks for that only when it is set.
     """
 
     _protocol: SessionClientProtocol
@@ -93,6 +96,7 @@ class AMPEngine(EngineState, StreamTransfers):
     chunk_size: int = CHUNK_SIZE
     window: int = WINDOW
     max_result_size: int = DEFAULT_MAX_RESULT_SIZE
+    on_kept: object = None
 
     #: The session protocol this engine speaks (see L{ISessionEngine}).
     protocol_name = "tvm_rpc"
@@ -307,10 +311,19 @@ class AMPEngine(EngineState, StreamTransfers):
             dropping = self._clock.callLater(timeout, transport.abortConnection)
             self._protocol.when_lost().addCallback(
                 lambda _: dropping.cancel() if dropping.active() else None)
-            goodbye = self._protocol.callRemote(Goodbye)
+            if self.on_kept is None:
+                goodbye = self._protocol.callRemote(Goodbye)
+            else:
+                goodbye = self._protocol.callRemote(Goodbye, keep=True)
+                goodbye.addCallback(self._kept)
             goodbye.addErrback(_ignore)
             goodbye.addCallback(lambda _: transport.loseConnection())
         return self._protocol.when_lost()
+
+    def _kept(self, answer):
+        """The server answered C{Goodbye}: remember the token of a kept worker."""
+        if answer.get("token"):
+            self.on_kept(answer["token"], answer.get("keep_for"))
 
 
 __all__ = ["FREE_BATCH", "AMPEngine"]

@@ -9,6 +9,8 @@ server from a tracker; L{request_and_run} runs a function on a session and
 retries on another server when the one it got drops out. All return Deferreds.
 """
 
+import functools
+
 from twisted.internet import defer, error
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Protocol
@@ -20,6 +22,7 @@ from ..protocol.flavour import OUR_PROTOCOL, TVM_PROTOCOL, client_key, reply_is_
 from ..protocol.handshake import ReplyDecoder, encode_handshake
 from ..transport import SwitchingCarrier, client_endpoint, set_no_delay
 from .engine import DEFAULT_MAX_RESULT_SIZE
+from .kept_workers import KEPT_WORKERS
 from .link_errors import reaching
 from .waiting import PROGRESS_PERIOD, WaitReporter
 from .session import open_session
@@ -74,15 +77,18 @@ class ClientHandshake(SwitchingCarrier, TimeoutMixin, Protocol):
         gives up the connection.
     """
 
-    def __init__(self, key, session_timeout, address, clock=None, timeout=None):
+    def __init__(self, key, session_timeout, address, clock=None, timeout=None, resume=None):
         """
         @param key: the key or matchkey to present (without C{client:}).
         @param session_timeout: seconds, or 0/L{None} for none.
         @param address: C{host:port}, for messages.
         @param clock: an L{IReactorTime} for the timer; needed with C{timeout}.
         @param timeout: seconds L{shake} may take, or L{None} for no limit.
+        @param resume: the token of a worker this server kept for us
+            (L{tvm_rpc.client.kept_workers}), or L{None}.
         """
         self._key = key
+        self._resume = resume
         self._session_timeout = session_timeout
         self._address = address
         self._timeout = timeout
@@ -135,7 +141,8 @@ class ClientHandshake(SwitchingCarrier, TimeoutMixin, Protocol):
     def connectionMade(self):
         """Send the handshake in one write, with Nagle off."""
         set_no_delay(self.transport)
-        self.transport.write(encode_handshake(client_key(self._key, self._session_timeout)))
+        self.transport.write(encode_handshake(
+            client_key(self._key, self._session_timeout, self._resume)))
 
     def dataReceived(self, data):
         """Decode the reply, then pass bytes to the session."""
@@ -184,7 +191,7 @@ class ClientHandshake(SwitchingCarrier, TimeoutMixin, Protocol):
 
 def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=None,
             handshake_timeout=CONNECT_TIMEOUT,
-            max_result_size=DEFAULT_MAX_RESULT_SIZE):
+            max_result_size=DEFAULT_MAX_RESULT_SIZE, keep_worker=True):
     """
     Open a session on a server (directly, or through a proxy by key).
 
@@ -202,6 +209,10 @@ def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=Non
         with the key is there: raise it (or pass L{None}) to wait longer.
     @param max_result_size: the longest encoded result of one call the
         session accepts (see L{RPCSession.max_result_size}).
+    @param keep_worker: on our servers, ask at the session's end to keep its
+        worker process for this process's next session on the same server
+        (L{tvm_rpc.client.kept_workers}), and continue in a worker kept by
+        an earlier one; L{False} for a fresh worker each time.
     @return: a Deferred firing with an L{RPCSession} whose C{address} is
         C{host:port} and whose C{session_timeout} is the one asked for; it
         errbacks with L{KeyMismatch}, L{DuplicateKey} or
@@ -215,13 +226,19 @@ def connect(host, port, key="", session_timeout=0, *, reactor=None, endpoint=Non
     if endpoint is None:
         endpoint = server_endpoint(reactor, host, port, handshake_timeout)
 
+    kept = KEPT_WORKERS if keep_worker else None
+
     async def run():
-        handshake = ClientHandshake(key, session_timeout, address, reactor, handshake_timeout)
+        handshake = ClientHandshake(
+            key, session_timeout, address, reactor, handshake_timeout,
+            resume=kept.take(address) if kept is not None else None,
+        )
         rest = await handshake.shake(endpoint)
         return await open_session(
             handshake, rest, reactor=reactor, session_timeout=session_timeout,
             address=address, max_result_size=max_result_size,
             protocol=handshake.peer_protocol,
+            on_kept=functools.partial(kept.keep, address) if kept is not None else None,
         )
 
     return defer.Deferred.fromCoroutine(run())

@@ -58,7 +58,7 @@ MAX_WINDOW = 64
 
 
 def start_session(protocol, *, clock=None, hello_timeout=HELLO_TIMEOUT,
-                  max_result_size=DEFAULT_MAX_RESULT_SIZE):
+                  max_result_size=DEFAULT_MAX_RESULT_SIZE, on_kept=None):
     """
     Open a session on a connected L{SessionClientProtocol}.
 
@@ -68,6 +68,9 @@ def start_session(protocol, *, clock=None, hello_timeout=HELLO_TIMEOUT,
     @param hello_timeout: seconds the server may take to answer Hello.
     @param max_result_size: the longest encoded result of a call accepted
         (see L{RPCSession.max_result_size}).
+    @param on_kept: called with C{(token, keep_for)} when the server keeps
+        the session's worker for our next session (the session then asks it
+        to at its end); L{None}: never ask.
     @return: a Deferred of an L{RPCSession}; it fails with
         L{SessionLostAtStart} when the connection is lost before the answer
         (the server died, or is not a session server), and with
@@ -77,10 +80,10 @@ def start_session(protocol, *, clock=None, hello_timeout=HELLO_TIMEOUT,
     if clock is None:
         from twisted.internet import reactor as clock
     return Deferred.fromCoroutine(
-        _start_session(protocol, clock, hello_timeout, max_result_size))
+        _start_session(protocol, clock, hello_timeout, max_result_size, on_kept))
 
 
-async def _start_session(protocol, clock, hello_timeout, max_result_size):
+async def _start_session(protocol, clock, hello_timeout, max_result_size, on_kept):
     asking = protocol.callRemote(
         Hello,
         protocol=SESSION_PROTOCOL,
@@ -118,7 +121,7 @@ async def _start_session(protocol, clock, hello_timeout, max_result_size):
             f"this client {SESSION_PROTOCOL!r} version {SESSION_VERSION}"
         )
     return RPCSession(
-        AMPEngine(protocol, clock),
+        AMPEngine(protocol, clock, on_kept=on_kept),
         chunk_size=max(1, min(answer["chunk_size"], CHUNK_SIZE)),
         window=max(1, min(answer["window"], MAX_WINDOW)),
         server_implementation=answer["implementation"],
@@ -169,7 +172,7 @@ async def _start_tvm_session(protocol, clock, hello_timeout, max_result_size):
 
 def open_session(carrier, rest=b"", *, reactor=None, session_timeout=0, address=None,
                  hello_timeout=HELLO_TIMEOUT, max_result_size=DEFAULT_MAX_RESULT_SIZE,
-                 protocol=OUR_PROTOCOL):
+                 protocol=OUR_PROTOCOL, on_kept=None):
     """
     Switch a handshaken connection to the session protocol and open the
     session (what L{tvm_rpc.client.connect.connect} calls).
@@ -186,6 +189,7 @@ def open_session(carrier, rest=b"", *, reactor=None, session_timeout=0, address=
     @param protocol: the session protocol the handshake reply announced:
         L{OUR_PROTOCOL} (a marked reply) or L{TVM_PROTOCOL} (one of TVM's
         servers).
+    @param on_kept: see L{start_session} (TVM's servers keep no worker).
     @return: a Deferred of an L{RPCSession} (see L{start_session} and
         L{start_tvm_session}).
     """
@@ -198,7 +202,7 @@ def open_session(carrier, rest=b"", *, reactor=None, session_timeout=0, address=
         connection = make_client_protocol()
         carrier.switch_to(connection, rest)
         opening = start_session(connection, clock=reactor, hello_timeout=hello_timeout,
-                                max_result_size=max_result_size)
+                                max_result_size=max_result_size, on_kept=on_kept)
 
     def describe(session):
         session.address = address

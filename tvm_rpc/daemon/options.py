@@ -2,7 +2,8 @@
 
 They come in two groups:
 
-  - option coercers (L{port_number}, L{positive_int}, L{positive_float}) and
+  - option coercers (L{port_number}, L{positive_int}, L{positive_float},
+    L{non_negative_float}) and
     the C{HOST:PORT} parser L{parse_address}.
   - L{ListenOptions}: the C{--host/--port/--port-end/--listen} flags (TVM's
     plus Twisted endpoint strings) and their validation, and C{-h} for
@@ -47,6 +48,17 @@ def positive_float(value):
     number = float(value)
     if not number > 0 or number == float("inf"):
         raise ValueError(f"{value} is not a positive number")
+    return number
+
+
+def non_negative_float(value):
+    """
+    @return: C{value} as a finite float of at least 0 (seconds, 0 for none).
+    @raise ValueError: if it is not one.
+    """
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError(f"{value} is not a number of seconds (0 or more)")
     return number
 
 

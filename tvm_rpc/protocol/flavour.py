@@ -17,7 +17,7 @@ never parses the server key):
 """
 
 from . import tvm_packets
-from .keys import CLIENT_PREFIX, SERVER_PREFIX
+from .keys import CLIENT_PREFIX, RESUME_OPTION, SERVER_PREFIX
 
 #: The name of our session protocol (AMP boxes), for logs and counts.
 OUR_PROTOCOL = "tvm_rpc"
@@ -41,15 +41,19 @@ TVM_CLIENT_REFUSAL = (
 )
 
 
-def client_key(matchkey, timeout=None):
+def client_key(matchkey, timeout=None, resume=None):
     """
     @param matchkey: the key or tracker matchkey to present.
     @param timeout: the session timeout in seconds, or L{None}/0 for none.
+    @param resume: the token of the worker that served our previous session
+        on this server (L{RESUME_OPTION}), or L{None}.
     @return: the handshake key of our client, marked.
     """
     text = CLIENT_PREFIX + matchkey
     if timeout:
         text += f" -timeout={timeout}"
+    if resume:
+        text += f" -{RESUME_OPTION}={resume}"
     return text + MARKER
 
 

@@ -39,6 +39,35 @@ def random_matchkey(key):
 # a float in [0, 1).
 _RANDOM_PART = re.compile(r"(:0\.\d{2})\d+(?:e-\d+)?")
 
+#: The handshake option by which our client asks to continue in the worker
+#: that served its previous session on that server (see L{resume_token}).
+RESUME_OPTION = "resume"
+_RESUME_VALUE = re.compile(r"[0-9a-f]{32}")
+_RESUME_IN_TEXT = re.compile(r"(-" + RESUME_OPTION + r"=)\S+")
+
+
+def resume_token():
+    """
+    @return: a fresh token for a worker kept for its client's next session:
+        whoever presents it joins that worker, so it is as secret as a
+        matchkey (128 random bits, never logged).
+    """
+    return secrets.token_hex(16)
+
+
+def parse_resume_option(options):
+    """
+    @param options: as returned by L{parse_client_key}.
+    @return: the resume token the client presented, or L{None}.
+    @raise ValueError: when it is not shaped as L{resume_token} makes them.
+    """
+    raw = options.get(RESUME_OPTION)
+    if raw is None:
+        return None
+    if not _RESUME_VALUE.fullmatch(raw):
+        raise ValueError("bad resume token (not 32 hex digits)")
+    return raw
+
 
 def redact_matchkeys(text):
     """
@@ -47,9 +76,9 @@ def redact_matchkeys(text):
 
     @param text: a matchkey, a handshake key, or any text holding them.
     @return: the text with each matchkey's random part cut after two digits
-        (C{rasp:0.12…}).
+        (C{rasp:0.12…}) and each resume token hidden (C{-resume=…}).
     """
-    return _RANDOM_PART.sub("\\1\u2026", str(text))
+    return _RESUME_IN_TEXT.sub("\\1\u2026", _RANDOM_PART.sub("\\1\u2026", str(text)))
 
 
 def split_matchkey(matchkey):

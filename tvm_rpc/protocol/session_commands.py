@@ -437,10 +437,21 @@ class TimeEvaluator(SessionCommand):
 
 
 class Goodbye(SessionCommand):
-    """End the session: the server answers, drops everything and closes."""
+    """
+    End the session: the server answers, drops everything and closes.
 
-    arguments = []
-    response = []
+    With C{keep}, the client asks the server to keep this session's worker
+    process for its next session on this server: a server that agrees
+    answers a C{token} (presented with the next handshake's C{-resume=}
+    option, see L{tvm_rpc.protocol.keys.resume_token}) and C{keep_for}, the
+    seconds it keeps the worker waiting. Older peers ignore both.
+    """
+
+    arguments = [(b"keep", amp.Boolean(optional=True))]
+    response = [
+        (b"token", amp.Unicode(optional=True)),
+        (b"keep_for", amp.Float(optional=True)),
+    ]
 
 
 class SessionEnded(amp.Command):

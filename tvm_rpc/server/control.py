@@ -21,18 +21,18 @@ MAX_CONTROL_MESSAGE = 1 << 20
 
 def send_control(sock, header, fd):
     """
-    Send one control message with a file descriptor.
+    Send one control message, with a file descriptor or without.
 
     @param sock: a blocking Unix socket (the server's end of the control
-        socket, or the fork server's end of a spare's).
+        socket, or either end of a worker's channel to the fork server).
     @param header: a JSON-able L{dict}.
-    @param fd: the descriptor to pass.
+    @param fd: the descriptor to pass, or L{None}.
     """
     body = json.dumps(header).encode("utf-8")
     if len(body) > MAX_CONTROL_MESSAGE:
         raise ValueError("control message too large")
     data = _LENGTH.pack(len(body)) + body
-    sent = socket.send_fds(sock, [data], [fd])
+    sent = socket.send_fds(sock, [data], [] if fd is None else [fd])
     if sent < len(data):
         sock.sendall(data[sent:])
 
@@ -41,7 +41,8 @@ def receive_control(sock):
     """
     Wait for one control message.
 
-    @return: C{(header, fd)}, or C{(None, None)} when the server went away.
+    @return: C{(header, fd)} (C{fd} is L{None} for a message without
+        one), or C{(None, None)} when the other end went away.
     """
     data, fds, _, _ = socket.recv_fds(sock, 65536, 1)
     if not data:

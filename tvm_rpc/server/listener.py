@@ -24,7 +24,12 @@ from ..protocol.flavour import (
     tvm_exception_packet,
 )
 from ..protocol.handshake import WRONG_PORT_FOR_TRACKER, HandshakeDecoder, encode_reply
-from ..protocol.keys import parse_client_key, parse_timeout_option, redact_matchkeys
+from ..protocol.keys import (
+    parse_client_key,
+    parse_resume_option,
+    parse_timeout_option,
+    redact_matchkeys,
+)
 from ..transport import (
     PEER_HANDSHAKE_TIMEOUT,
     SwitchingCarrier,
@@ -45,13 +50,15 @@ def read_client_key(text):
     Read what a client presented in its handshake.
 
     @param text: C{client:<matchkey>} with its options.
-    @return: C{(matchkey, timeout, protocol)}: the matchkey, the session
-        timeout it asks for (seconds or L{None}) and the session protocol it
-        speaks (L{OUR_PROTOCOL} or L{TVM_PROTOCOL}).
-    @raise ValueError: when C{text} is not a client key or its timeout is bad.
+    @return: C{(matchkey, timeout, protocol, resume)}: the matchkey, the
+        session timeout it asks for (seconds or L{None}), the session protocol
+        it speaks (L{OUR_PROTOCOL} or L{TVM_PROTOCOL}) and the token of a kept
+        worker it asks to continue in (or L{None}).
+    @raise ValueError: when C{text} is not a client key or an option is bad.
     """
     matchkey, options = parse_client_key(text)
-    return matchkey, parse_timeout_option(options), session_protocol(options)
+    return (matchkey, parse_timeout_option(options), session_protocol(options),
+            parse_resume_option(options))
 
 
 def session_time(asked, cap):
@@ -139,6 +146,8 @@ class Handoff:
     @ivar protocol: the session protocol the client speaks
         (L{OUR_PROTOCOL} or L{TVM_PROTOCOL}).
     @ivar key: the device key the session was granted under.
+    @ivar resume: the token of a kept worker the client asked to continue
+        in (C{-resume=}), or L{None}.
     """
 
     transport: object
@@ -150,6 +159,7 @@ class Handoff:
     slot: object
     protocol: str = OUR_PROTOCOL
     key: str = ""
+    resume: "str | None" = None
 
 
 class ISessionRunner(Interface):
@@ -249,7 +259,7 @@ class HandshakeProtocol(SwitchingCarrier, TimeoutMixin, Protocol):
             self._close_cleanly()
             return
         try:
-            matchkey, timeout, protocol = read_client_key(decoder.key)
+            matchkey, timeout, protocol, resume = read_client_key(decoder.key)
         except ValueError as e:
             self._refuse("bad_key", "{problem}", problem=str(e))
             return
@@ -278,7 +288,7 @@ class HandshakeProtocol(SwitchingCarrier, TimeoutMixin, Protocol):
         self.transport.pauseProducing()
         self._waiting = waiting
         waiting.addCallbacks(
-            lambda slot: self._slot_granted(slot, timeout, protocol),
+            lambda slot: self._slot_granted(slot, timeout, protocol, resume),
             lambda failure: None,
         )
 
@@ -287,7 +297,7 @@ class HandshakeProtocol(SwitchingCarrier, TimeoutMixin, Protocol):
         self._refused = True
         self._drain = close_cleanly(self.transport, self._listener.clock)
 
-    def _slot_granted(self, slot, timeout, protocol=OUR_PROTOCOL):
+    def _slot_granted(self, slot, timeout, protocol=OUR_PROTOCOL, resume=None):
         self._waiting = None
         self._handed_off = True
         self.transport.resumeProducing()
@@ -301,6 +311,7 @@ class HandshakeProtocol(SwitchingCarrier, TimeoutMixin, Protocol):
             slot=slot,
             protocol=protocol,
             key=self._listener.gate.key,
+            resume=resume,
         )
         self.log.debug(
             "{protocol} session for {peer} (timeout {timeout})",

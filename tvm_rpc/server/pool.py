@@ -19,6 +19,16 @@ The server keeps its own copy of each session's descriptor, so that:
     closed;
   - however a worker ends, the server kills what is left of its process group
     and removes its work directory.
+
+A worker may serve more than one session of the same client: when our
+client ends a session with C{Goodbye(keep=True)}, the worker answers a
+token (made here, one per session) and, once the connection is closed,
+waits. The next session that presents the token in its handshake
+(C{-resume=}) within L{WorkerPool.keep_worker} seconds runs in that worker:
+no fork, no fresh process to warm up, no exit. Any other session retires
+it first, so a waiting worker never sits beside another's, and a worker
+whose session failed, timed out or was refused is never kept. C{--keep-worker 0}
+gives every session a fresh worker.
 """
 
 import base64
@@ -35,6 +45,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
 from ..protocol.flavour import OUR_PROTOCOL, TVM_PROTOCOL
+from ..protocol.keys import resume_token
 from ..transport import quiet_factory
 from . import tvm_session
 from .control import send_control, site_flags
@@ -48,6 +59,11 @@ from .workdir import remove_work_dirs_of
 #: The log namespace of the pool's lines (that of the module it came from,
 #: which operators' log filters name).
 LOG_NAMESPACE = "tvm_rpc.server.worker"
+
+#: Seconds a worker whose client asked to keep it waits for that client's
+#: next session (C{--keep-worker}): a tuner's next candidate comes in
+#: milliseconds; a client that does not come back frees it soon.
+KEEP_WORKER_SECONDS = 5.0
 
 
 class _ForkServerProcess(tprotocol.ProcessProtocol):
@@ -111,6 +127,16 @@ class _Session:
     timer: object = None
     timed_out: bool = False
     started: float = 0.0
+    token: "str | None" = None
+
+
+@attrs.define(eq=False)
+class _Kept:
+    """A worker waiting for the next session of the client that holds its token."""
+
+    pid: int
+    server: object
+    timer: object = None
 
 
 @attrs.define(eq=False)
@@ -155,6 +181,8 @@ class WorkerPool:
         answered, to send its first session message (L{None}: no limit).
     @ivar max_session_time: the longest a session may run, whatever its
         client asked for (L{None}: as long as the client asks).
+    @ivar keep_worker: seconds a worker waits for its client's next session
+        when that client asks to keep it (see the module); 0 or L{None}: never.
     @ivar activity: the L{ServerActivity} counting sessions and worker exits.
     """
 
@@ -175,7 +203,10 @@ class WorkerPool:
     spawn: bool = False
     start_timeout: "float | None" = None
     max_session_time: "float | None" = None
+    keep_worker: "float | None" = KEEP_WORKER_SECONDS
     activity: ServerActivity = attrs.field(factory=ServerActivity, repr=False)
+    _kept: dict = attrs.field(init=False, factory=dict)
+    _retiring: set = attrs.field(init=False, factory=set)
     _server: object = attrs.field(init=False, default=None)
     _sessions: dict = attrs.field(init=False, factory=dict)
     _by_pid: dict = attrs.field(init=False, factory=dict)
@@ -299,6 +330,19 @@ class WorkerPool:
             "protocol": handoff.protocol,
             "start_timeout": self.start_timeout,
         }
+        kept = self._kept.pop(handoff.resume, None) if handoff.resume else None
+        if kept is not None:
+            kept.timer.cancel()
+            if kept.server is server:
+                header["resume"] = kept.pid
+            else:
+                self._retire(kept)
+        # Anyone else's waiting worker goes first: a fresh worker never
+        # sits beside a kept one.
+        self.retire_kept()
+        if self.keep_worker and handoff.protocol == OUR_PROTOCOL:
+            session.token = header["token"] = resume_token()
+            header["keep_for"] = self.keep_worker
         # The transport is left out of the reactor on purpose: closing it the
         # Twisted way would shut the socket down under the worker.
         try:
@@ -344,10 +388,63 @@ class WorkerPool:
                 # The session's time starts with its worker, not while the
                 # fork server is still starting up.
                 session.timer = self.reactor.callLater(timeout, self._expired, session)
+        elif "idle" in message:
+            session = self._by_pid.get(message["idle"])
+            if session is None or session.id != message.get("id") or session.timed_out:
+                return
+            del self._by_pid[session.pid]
+            self._finish(session, 0, None, kept=True)
+            if session.token is None or self._stopping:
+                self._retire(_Kept(session.pid, server))
+                return
+            kept = _Kept(session.pid, server)
+            kept.timer = self.reactor.callLater(self.keep_worker, self._expire, session.token)
+            self._kept[session.token] = kept
         elif "ended" in message:
             session = self._by_pid.pop(message["ended"], None)
             if session is not None:
                 self._finish(session, message.get("code"), message.get("signal"))
+            else:
+                self._kept_ended(message["ended"])
+
+    def retire_kept(self):
+        """Retire every worker waiting for its client's next session."""
+        kept, self._kept = self._kept, {}
+        for worker in kept.values():
+            if worker.timer is not None and worker.timer.active():
+                worker.timer.cancel()
+            self._retire(worker)
+
+    def _expire(self, token):
+        """Its client did not come back in time: retire the kept worker."""
+        kept = self._kept.pop(token, None)
+        if kept is not None:
+            self._retire(kept)
+
+    def _retire(self, kept):
+        """Tell the fork server to end a kept worker (it closes the worker's channel)."""
+        self._retiring.add(kept.pid)
+        try:
+            send_control(kept.server.control, {"retire": kept.pid}, None)
+        except OSError:
+            # The fork server is gone: so is the channel, and the worker ends.
+            pass
+
+    def _kept_ended(self, pid):
+        """A worker ended that no session was running in: kept, retired, or neither (a spare)."""
+        known = pid in self._retiring
+        self._retiring.discard(pid)
+        for token, kept in list(self._kept.items()):
+            if kept.pid == pid:
+                known = True
+                del self._kept[token]
+                kept.timer.cancel()
+        if not known:
+            return
+        # What its sessions started dies with it.
+        self._kill_group(pid)
+        remove_work_dirs_of(self.work_root, pid)
+        self.activity.worker_exited("clean")
 
     def _workers_started(self):
         """@return: how workers start, for the ready line (TVM's server gives the same hint)."""
@@ -370,26 +467,37 @@ class WorkerPool:
         self._kill(session)
 
     def _kill(self, session):
-        if session.pid is None:
-            return
+        if session.pid is not None:
+            self._kill_group(session.pid)
+
+    @staticmethod
+    def _kill_group(pid):
         try:
-            os.killpg(session.pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             try:
-                os.kill(session.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def _finish(self, session, code, signal_number):
+    def _finish(self, session, code, signal_number, kept=False):
+        """
+        A session ended: log it, count it, close the server's copy of its
+        socket and free its slot.
+
+        @param kept: its worker lives on, waiting for the client's next
+            session (it removed the session's work directory itself).
+        """
         self._sessions.pop(session.id, None)
         if session.timer is not None and session.timer.active():
             session.timer.cancel()
         session.timer = None
-        # Whatever the worker started dies with it, and what it could not
-        # clean up (a kill, a crash) is removed here.
-        self._kill(session)
-        if session.pid is not None:
-            remove_work_dirs_of(self.work_root, session.pid)
+        if not kept:
+            # Whatever the worker started dies with it, and what it could
+            # not clean up (a kill, a crash) is removed here.
+            self._kill(session)
+            if session.pid is not None:
+                remove_work_dirs_of(self.work_root, session.pid)
         failed = True
         if session.timed_out:
             self._send_notice(session)
@@ -411,7 +519,7 @@ class WorkerPool:
             counts = log_session_end(self.log, session.handoff, how, duration, session.socket,
                                      f"worker {session.pid}", warn=failed)
             self.activity.session_ended(session.handoff.protocol, cause, duration, counts)
-            if session.pid is not None:
+            if session.pid is not None and not kept:
                 self.activity.worker_exited(exit_cause)
         finally:
             try:
@@ -442,6 +550,11 @@ class WorkerPool:
         if not self._stopping:
             self.log.warn("fork server ended: {reason}", reason=reason.getErrorMessage())
         # Without the fork server nobody reports these workers' ends: end them.
+        for token, kept in list(self._kept.items()):
+            if kept.server is server:
+                del self._kept[token]
+                kept.timer.cancel()
+                self._kill_group(kept.pid)
         for session in list(self._sessions.values()):
             if session.server is server:
                 self._kill(session)
@@ -454,6 +567,10 @@ class WorkerPool:
     def stop(self):
         """Kill every worker and the fork server."""
         self._stopping = True
+        kept, self._kept = self._kept, {}
+        for worker in kept.values():
+            worker.timer.cancel()
+            self._kill_group(worker.pid)
         for session in list(self._sessions.values()):
             self._kill(session)
         server = self._server

@@ -101,7 +101,7 @@ class ProxiedServerProtocol(SwitchingCarrier, Protocol):
             self.transport.loseConnection()
             return
         try:
-            _, timeout, protocol = read_client_key(decoder.key)
+            _, timeout, protocol, resume = read_client_key(decoder.key)
         except ValueError as e:
             log.warn("bad client key from {proxy}: {problem}", proxy=proxy, problem=str(e))
             self._link.activity.refuse("bad_key")
@@ -120,9 +120,9 @@ class ProxiedServerProtocol(SwitchingCarrier, Protocol):
         self._handed_off = True
         self.transport.pauseProducing()
         waiting = self._link.gate.claim(self._link.gate.key)
-        waiting.addCallback(self._start, timeout, protocol)
+        waiting.addCallback(self._start, timeout, protocol, resume)
 
-    def _start(self, slot, timeout, protocol):
+    def _start(self, slot, timeout, protocol, resume=None):
         self.transport.resumeProducing()
         handoff = Handoff(
             transport=self.transport,
@@ -134,6 +134,7 @@ class ProxiedServerProtocol(SwitchingCarrier, Protocol):
             slot=_LinkSlot(slot, self._link),
             protocol=protocol,
             key=self._link.gate.key,
+            resume=resume,
         )
         log.debug("{protocol} session through {proxy} (timeout {timeout})",
                  protocol=protocol, proxy=self._link.proxy, timeout=timeout)

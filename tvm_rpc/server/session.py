@@ -92,6 +92,13 @@ class SessionProtocol(CallResponder, RemoteErrorLocator, LeanAMP):
     its transport (AMP's parser pauses and resumes).
 
     @ivar environment: the L{SessionEnvironment}, from C{connectionMade} on.
+    @ivar keeper: set by the worker process that runs the session: called
+        with C{Goodbye}'s C{keep} before it is answered (the client closes
+        once it has the answer, which the worker must not take for a client
+        gone away), it returns the rest of the answer: the token and
+        C{keep_for} when the worker stays for the client's next session,
+        else nothing. L{None}: no worker to tell.
+    @ivar kept: whether the worker stays for the client's next session.
     @ivar settings: the operator's L{SessionSettings}.
     @ivar send_tracebacks: whether remote errors carry tracebacks (read by
         L{RemoteErrorLocator<tvm_rpc.protocol.remote_error.RemoteErrorLocator>},
@@ -128,6 +135,8 @@ class SessionProtocol(CallResponder, RemoteErrorLocator, LeanAMP):
         self._callees = {}
         self._idle = None
         self.peer = "?"
+        self.keeper = None
+        self.kept = False
 
     def _reactor(self):
         """@return: the injected clock, or the global reactor imported on first use."""
@@ -363,10 +372,18 @@ class SessionProtocol(CallResponder, RemoteErrorLocator, LeanAMP):
         return {"results": results}
 
     @session_commands.Goodbye.responder
-    def goodbye(self):
-        """Answer, then end the session."""
+    def goodbye(self, keep=None):
+        """
+        Answer, then end the session; when the client asks to keep this
+        worker and it may be kept (L{keeper}), the answer holds the token of
+        its next session.
+        """
         self._reactor().callLater(0, self.transport.loseConnection)
-        return {}
+        if self.keeper is None:
+            return {}
+        answer = self.keeper(bool(keep) and not self._refused)
+        self.kept = bool(answer)
+        return answer
 
 
 def _stream_and_size(opened):

@@ -13,6 +13,7 @@ from ..daemon.options import (
     ListenOptions,
     MetricsHttpOptions,
     listen_parameters,
+    non_negative_float,
     parse_address,
     positive_float,
     positive_int,
@@ -36,7 +37,7 @@ from .modules import (
     load_libraries,
     run_init,
 )
-from .pool import WorkerPool
+from .pool import KEEP_WORKER_SECONDS, WorkerPool
 from .proxied import ProxiedServerService, ProxyLink
 from .service import RPCServerService
 
@@ -87,6 +88,12 @@ class Options(ListenOptions, MetricsHttpOptions, LogFileOptions, usage.Options):
         ["max-session-time", None, None,
          "Seconds a session may run at most, whatever its client asked for "
          "(default: as long as the client asks; TVM's server has no cap).", positive_float],
+        ["keep-worker", None, KEEP_WORKER_SECONDS,
+         "Seconds a session's worker process waits for the next session of the same "
+         "tvm_rpc client, when that client asks to keep it (it proves it with a token): "
+         "a tuning loop's next candidate then skips a fork and a fresh process. Any other "
+         "session retires it first. 0: a fresh worker for every session.",
+         non_negative_float],
         ["max-sessions", None, 1,
          "Sessions run at once (TVM runs one: measurements stay exclusive).", positive_int],
         ["session-factory", None, DEFAULT_SESSION_FACTORY,
@@ -214,6 +221,7 @@ def makeService(options, reactor=None):
             spawn=bool(options["no-fork"]),
             start_timeout=options["handshake-timeout"],
             max_session_time=options["max-session-time"],
+            keep_worker=options["keep-worker"],
             activity=activity,
         )
     if options["through-proxy"]:

@@ -48,30 +48,96 @@ EXIT_CAUSES = {
 }
 
 
-def _watch(socket_fd, lifeline_fd, work_root):
-    poller = select.poll()
-    poller.register(lifeline_fd, select.POLLIN)
-    poller.register(socket_fd, select.POLLRDHUP)
-    while True:
-        for fd, _ in poller.poll():
-            if fd == lifeline_fd:
-                remove_work_dirs_of(work_root, os.getpid())
-                os._exit(EXIT_SERVER_GONE)
-            os._exit(EXIT_CLIENT_GONE)
+class Watchdog:
+    """
+    Watches the lifeline for the worker's whole life, and the session socket
+    while a session runs (L{arm}, L{disarm}): a worker kept for its
+    client's next session must outlive the end of the previous one.
+    """
+
+    def __init__(self, lifeline_fd, work_root):
+        """
+        @param lifeline_fd: the lifeline's descriptor.
+        @param work_root: where this worker makes its work directories.
+        """
+        self._lifeline = lifeline_fd
+        self._work_root = work_root
+        self._lock = _thread.allocate_lock()
+        # The duplicate of the session socket being watched, and a count of
+        # arm/disarm calls: an event on a socket no longer watched is ignored.
+        self._watched = None
+        self._generation = 0
+        # Duplicates no longer watched, closed by the thread itself (once it
+        # no longer polls them, so their numbers cannot be reused under it).
+        self._retired = []
+        self._wake_read, self._wake_write = os.pipe()
+
+    def start(self):
+        """Watch from a daemon thread; @return: this watchdog."""
+        # _thread, not threading: Thread.start waits until the new thread
+        # runs, which can cost a session's start milliseconds on a busy device.
+        _thread.start_new_thread(self.watch, ())
+        return self
+
+    def arm(self, socket_fd):
+        """
+        End the worker when the client's end of C{socket_fd} closes.
+
+        @param socket_fd: the session socket (the watchdog watches a
+            duplicate of its own: the session may close or re-home the original).
+        """
+        self._switch(os.dup(socket_fd))
+
+    def disarm(self):
+        """Stop watching the session socket (its session ended cleanly)."""
+        self._switch(None)
+
+    def _switch(self, watched):
+        with self._lock:
+            if self._watched is not None:
+                self._retired.append(self._watched)
+            self._watched = watched
+            self._generation += 1
+        os.write(self._wake_write, b"!")
+
+    def watch(self):
+        """Wait for the end of the lifeline or of the watched socket; end the worker then."""
+        while True:
+            with self._lock:
+                watched, generation = self._watched, self._generation
+                retired, self._retired = self._retired, []
+            for fd in retired:
+                os.close(fd)
+            poller = select.poll()
+            poller.register(self._lifeline, select.POLLIN)
+            poller.register(self._wake_read, select.POLLIN)
+            if watched is not None:
+                poller.register(watched, select.POLLRDHUP)
+            for fd, _ in poller.poll():
+                if fd == self._lifeline:
+                    remove_work_dirs_of(self._work_root, os.getpid())
+                    os._exit(EXIT_SERVER_GONE)
+                if fd == self._wake_read:
+                    os.read(self._wake_read, 4096)
+                    continue
+                with self._lock:
+                    if self._generation == generation:
+                        os._exit(EXIT_CLIENT_GONE)
 
 
 def start(socket_fd, lifeline_fd, work_root):
     """
-    Watch the session socket and the lifeline from a daemon thread.
+    Watch the session socket and the lifeline from a daemon thread, for a
+    worker that serves one session.
 
-    @param socket_fd: the session socket's descriptor (the watchdog watches
-        a duplicate of its own: the session may close or re-home the original).
+    @param socket_fd: the session socket's descriptor.
     @param lifeline_fd: the lifeline's descriptor.
     @param work_root: where this worker made its work directory.
+    @return: the L{Watchdog}.
     """
-    # _thread, not threading: Thread.start waits until the new thread runs,
-    # which can cost a session's start milliseconds on a busy device.
-    _thread.start_new_thread(_watch, (os.dup(socket_fd), lifeline_fd, work_root))
+    watchdog = Watchdog(lifeline_fd, work_root)
+    watchdog.arm(socket_fd)
+    return watchdog.start()
 
 
 def wait_for_start(socket_fd, timeout):

@@ -112,9 +112,11 @@ def _start_logging(silent=False, verbose=False):
 
 
 def serve_session(header, fd, lifeline_fd, work_root, make_session, tvm_problem=None,
-                  settings=None):
+                  settings=None, channel=None):
     """
-    Run one session in this (freshly forked) process; never returns.
+    Run one session in this (freshly forked) process, and for a session of
+    our protocol whose client asked to keep its worker, the same client's
+    next ones (L{_KeptWorker}); never returns.
 
     @param header: the control message.
     @param fd: the session socket.
@@ -123,27 +125,21 @@ def serve_session(header, fd, lifeline_fd, work_root, make_session, tvm_problem=
     @param make_session: makes the session protocol.
     @param tvm_problem: why TVM's clients cannot be served here, or L{None}.
     @param settings: the operator's L{SessionSettings}, or L{None} for the defaults.
+    @param channel: this worker's channel to the fork server (the next
+        sessions of a kept worker come through it), or L{None}.
     """
     code = 1
     try:
-        rest = base64.b64decode(header["rest"])
-        sock = socket.socket(fileno=fd)
-        # The server's reactor made the (shared) file description
-        # non-blocking; the worker's own steps here block.
-        sock.setblocking(True)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Every answer is latency.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(base64.b64decode(header["reply"]))
-        if not rest:
-            watchdog.wait_for_start(fd, header.get("start_timeout"))
         if header.get("protocol") == TVM_PROTOCOL:
+            sock, rest = _take(header, fd)
             code = tvm_session.serve(
                 sock, rest, work_root, lifeline_fd, problem=tvm_problem, settings=settings
             )
         else:
-            watchdog.start(fd, lifeline_fd, work_root)
-            code = _serve_session(sock.detach(), rest, make_session, work_root)
+            code = _KeptWorker(
+                make_session, work_root, watchdog.Watchdog(lifeline_fd, work_root).start(),
+                channel,
+            ).run(header, fd)
     except BaseException:
         import traceback
 
@@ -154,28 +150,173 @@ def serve_session(header, fd, lifeline_fd, work_root, make_session, tvm_problem=
         os._exit(code)
 
 
-def _serve_session(fd, rest, make_session, work_root):
-    """Run a session of our protocol on the worker's reactor; @return: the exit code."""
-    from . import reactor as worker_reactor
+def _take(header, fd):
+    """
+    Take a session's socket: answer its handshake and give the client a
+    bounded time to start (L{watchdog.wait_for_start}).
 
-    reactor = worker_reactor.install()
-    probe = socket.socket(fileno=fd)
-    family = probe.family
-    probe.detach()
-    session = make_session(work_root, clock=reactor)
-    ended = []
+    @return: C{(socket, rest)}: the socket, blocking, and the bytes the
+        client sent after its handshake.
+    """
+    rest = base64.b64decode(header["rest"])
+    sock = socket.socket(fileno=fd)
+    # The server's reactor made the (shared) file description
+    # non-blocking; the worker's own steps here block.
+    sock.setblocking(True)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # Every answer is latency.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(base64.b64decode(header["reply"]))
+    if not rest:
+        watchdog.wait_for_start(sock.fileno(), header.get("start_timeout"))
+    return sock, rest
 
-    def lost(reason):
-        ended.append(reason)
-        if reactor.running:
-            reactor.stop()
 
-    carrier = SessionCarrier(session, rest, lost)
-    reactor.adoptStreamConnection(fd, family, quiet_factory(lambda: carrier))
-    os.close(fd)
-    if not ended:
-        reactor.run()
-    return 0
+class _KeptWorker:
+    """
+    Runs sessions of our protocol on the worker's reactor: the first, and,
+    when its client asks to keep the worker (C{Goodbye} with C{keep}) and the
+    server offers it (a C{token} in the control message), that client's next
+    ones, until the server retires the worker.
+
+    Between sessions the worker tells the fork server it is idle and waits
+    on its channel, the reactor still running (a reactor cannot be started
+    twice); the server hands it the next session only to a client that
+    presents the token, and closes the channel to retire it. A session that
+    ends any other way (the client went away, a timeout, a protocol error)
+    ends the worker, as does the L{MAX_SESSIONS}th.
+    """
+
+    #: Sessions one worker serves at most (bounds what their leftovers
+    #: can accumulate in one process).
+    MAX_SESSIONS = 100
+
+    def __init__(self, make_session, work_root, guard, channel):
+        """
+        @param make_session: makes the session protocol.
+        @param work_root: the directory under which sessions work.
+        @param guard: the worker's L{watchdog.Watchdog}, running.
+        @param channel: the channel to the fork server, or L{None} (no reuse).
+        """
+        self._make_session = make_session
+        self._work_root = work_root
+        self._guard = guard
+        self._channel = channel
+        self._served = 0
+        self._reactor = None
+        self._done = False
+        self._code = 0
+
+    def run(self, header, fd):
+        """Serve the first session, and any that follow; @return: the exit code."""
+        from . import reactor as worker_reactor
+
+        self._reactor = worker_reactor.install()
+        self._start(header, fd)
+        if not self._done:
+            self._reactor.run()
+        return self._code
+
+    def _start(self, header, fd):
+        """Answer a session's handshake and run it on the reactor."""
+        sock, rest = _take(header, fd)
+        self._guard.arm(sock.fileno())
+        self._served += 1
+        session = self._make_session(self._work_root, clock=self._reactor)
+        session.keeper = functools.partial(self._goodbye, header)
+        carrier = SessionCarrier(
+            session, rest, lambda reason: self._ended(session, header["id"]))
+        self._reactor.adoptStreamConnection(
+            sock.fileno(), sock.family, quiet_factory(lambda: carrier))
+        sock.close()
+
+    def _goodbye(self, header, keep):
+        """
+        The client said goodbye: its close is no longer a client gone away.
+
+        @param keep: whether it asks to keep this worker for its next session.
+        @return: the rest of C{Goodbye}'s answer: the token and C{keep_for}
+            when this worker stays for that session.
+        """
+        self._guard.disarm()
+        token = header.get("token")
+        if (keep and token and self._channel is not None
+                and self._served < self.MAX_SESSIONS):
+            return {"token": token, "keep_for": header.get("keep_for")}
+        return {}
+
+    def _ended(self, session, session_id):
+        """A session ended: wait for the same client's next one, or end the worker."""
+        self._guard.disarm()
+        if session.kept:
+            try:
+                send_control(self._channel, {"idle": os.getpid(), "id": session_id}, None)
+            except OSError:
+                pass
+            else:
+                self._reactor.addReader(_NextSession(self._reactor, self._channel, self._next))
+                return
+        self._stop()
+
+    def _stop(self, code=0):
+        self._done = True
+        self._code = code
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def _next(self, header, fd):
+        """The fork server handed the next session (or retired the worker: L{None})."""
+        if header is None:
+            self._stop()
+            return
+        try:
+            self._start(header, fd)
+        except BaseException:
+            # The server is following this session: end the worker, so it hears.
+            import traceback
+
+            traceback.print_exc()
+            self._stop(1)
+
+
+class _NextSession:
+    """
+    Reads the channel of an idle kept worker (an C{IReadDescriptor}): one
+    control message, the next session, or the channel's end.
+    """
+
+    def __init__(self, reactor, channel, handed):
+        """
+        @param reactor: the reactor that reads it.
+        @param channel: the channel to the fork server.
+        @param handed: called with C{(header, fd)}, or C{(None, None)} at the end.
+        """
+        self._reactor = reactor
+        self._channel = channel
+        self._handed = handed
+
+    def fileno(self):
+        """@return: the channel's descriptor."""
+        return self._channel.fileno()
+
+    def logPrefix(self):
+        """@return: the name in Twisted's log lines."""
+        return "kept worker"
+
+    def doRead(self):
+        """Take the next session, once."""
+        self._reactor.removeReader(self)
+        try:
+            header, fd = receive_control(self._channel)
+        except (OSError, ValueError):
+            header = fd = None
+        if header is not None and fd is None:
+            # Not a session (nothing else is sent to a worker): retire.
+            header = None
+        self._handed(header, fd)
+
+    def connectionLost(self, reason):
+        """The reactor dropped the channel: nothing more comes."""
 
 
 def _report(control, message):
@@ -268,16 +409,18 @@ def _spare_argv(argv, spare_fd):
 
 def _receive_session(channel):
     """
-    Wait on a spare's channel for its session, then close the channel.
+    Wait on a spare's channel for its session (the channel stays open: a
+    kept worker reports on it and gets its next sessions through it).
 
-    @return: C{(header, fd)}, or C{(None, None)} when the fork server went away.
+    @return: C{(header, fd)}, or C{(None, None)} when the fork server went
+        away (the channel is then closed).
     """
     try:
         header, fd = receive_control(channel)
     except (OSError, ValueError):
         header = fd = None
-    channel.close()
     if fd is None:
+        channel.close()
         return None, None
     return header, fd
 
@@ -290,11 +433,12 @@ def spare_main(args):
     @return: the exit code, when no session came (the fork server is gone).
     """
     make_session, settings, tvm_problem = _prepare(args)
-    header, fd = _receive_session(socket.socket(fileno=args.spare_fd))
+    channel = socket.socket(fileno=args.spare_fd)
+    header, fd = _receive_session(channel)
     if header is None:
         return 0
     serve_session(header, fd, args.lifeline_fd, args.work_root, make_session, tvm_problem,
-                  settings)
+                  settings, channel)
 
 
 def fork_server_main(argv=None):
@@ -325,9 +469,14 @@ def fork_server_main(argv=None):
     signal.set_wakeup_fd(wake_write)
     signal.signal(signal.SIGCHLD, lambda number, frame: None)
 
-    def serve(header, fd):
+    # The fork server's ends of the channels of workers that may be kept
+    # (their next sessions go through them), by pid.
+    busy = {}
+
+    def serve(header, fd, channel):
         serve_session(
             header, fd, lifeline.detach(), args.work_root, make_session, tvm_problem, settings,
+            channel,
         )
 
     if args.spawn:
@@ -340,12 +489,14 @@ def fork_server_main(argv=None):
             return _Spare.spawn(lambda fd: _spare_argv(argv, fd))
     else:
         def fork_spare():
-            return _Spare.fork(serve, close_in_child=(control, wake_read, wake_write))
+            # A worker keeping another's channel open would hide its retirement.
+            return _Spare.fork(
+                serve, close_in_child=(control, wake_read, wake_write, *busy.values()))
 
     spare = fork_spare()
     _report(control, {"ready": os.getpid(), "tvm": tvm_problem})
     while True:
-        readable, _, _ = select.select([control, lifeline, wake_read], [], [])
+        readable, _, _ = select.select([control, lifeline, wake_read, *busy.values()], [], [])
         if wake_read in readable:
             try:
                 os.read(wake_read, 4096)
@@ -354,22 +505,75 @@ def fork_server_main(argv=None):
             _reap(control)
         if lifeline in readable:
             return 0
+        for pid, channel in list(busy.items()):
+            if channel in readable:
+                _relay_worker(control, busy, pid)
         if control not in readable:
             continue
         header, fd = receive_control(control)
         if header is None:
             return 0
+        if "retire" in header:
+            channel = busy.pop(header["retire"], None)
+            if channel is not None:
+                # The kept worker sees its channel end, and exits.
+                channel.close()
+            continue
         if fd is None:
             continue
-        pid = spare.hand(header, fd)
+        pid = _resume(busy, header, fd)
         if pid is None:
-            # The spare died (killed from outside); fork one for this session.
-            pid = fork_spare().hand(header, fd)
+            pid = spare.hand(header, fd)
+            if pid is None:
+                # The spare died (killed from outside); fork one for this session.
+                spare = fork_spare()
+                pid = spare.hand(header, fd)
+            if pid is not None:
+                busy[pid] = spare.channel
+            # The next session's worker is forked now, off its critical path.
+            spare = None
         os.close(fd)
         if pid is not None:
             _report(control, {"started": pid, "id": header["id"]})
-        # The next session's worker is forked now, off its critical path.
-        spare = fork_spare()
+        if spare is None:
+            spare = fork_spare()
+
+
+def _relay_worker(control, busy, pid):
+    """
+    Read what a worker sent on its channel: that it is idle, kept for its
+    client's next session (told to the server), or the channel's end.
+    """
+    channel = busy[pid]
+    try:
+        message, _ = receive_control(channel)
+    except (OSError, ValueError):
+        message = None
+    if message is None:
+        del busy[pid]
+        channel.close()
+    elif "idle" in message:
+        _report(control, {"idle": pid, "id": message.get("id")})
+
+
+def _resume(busy, header, fd):
+    """
+    Hand a session to the kept worker it resumes, if it asks to and that
+    worker is still there.
+
+    @return: the worker's pid, or L{None} (a spare must take the session).
+    """
+    pid = header.get("resume")
+    channel = busy.get(pid)
+    if channel is None:
+        return None
+    try:
+        send_control(channel, header, fd)
+    except OSError:
+        del busy[pid]
+        channel.close()
+        return None
+    return pid
 
 
 class _Spare:
@@ -384,12 +588,13 @@ class _Spare:
 
     def __init__(self, pid, channel):
         self.pid = pid
-        self._channel = channel
+        self.channel = channel
 
     @classmethod
     def fork(cls, serve, close_in_child=()):
         """
-        @param serve: runs a session in the child, from C{(header, fd)}; never returns.
+        @param serve: runs a session in the child, from C{(header, fd,
+            channel)}; never returns.
         @param close_in_child: sockets and descriptors the child must not keep.
         @return: the L{_Spare}.
         """
@@ -411,7 +616,7 @@ class _Spare:
             header, fd = _receive_session(theirs)
             if header is None:
                 os._exit(0)
-            serve(header, fd)
+            serve(header, fd, theirs)
         theirs.close()
         return cls(pid, ours)
 
@@ -440,16 +645,15 @@ class _Spare:
 
     def hand(self, header, fd):
         """
-        Give this spare its session.
+        Give this spare its session; the channel stays open (L{channel}).
 
         @return: its pid, or L{None} when it is gone.
         """
         try:
-            send_control(self._channel, header, fd)
+            send_control(self.channel, header, fd)
         except OSError:
+            self.channel.close()
             return None
-        finally:
-            self._channel.close()
         return self.pid
 
 
