@@ -10,6 +10,7 @@ Pythons with.
 """
 
 import json
+import os
 import socket
 import struct
 import sys
@@ -41,27 +42,51 @@ def receive_control(sock):
     """
     Wait for one control message.
 
+    It reads exactly one message's bytes, never into the next: a descriptor
+    arrives with the first byte of its message, so a read that ran on would
+    take the next message's descriptor with this one's header (a retirement
+    followed at once by a session would lose the session).
+
     @return: C{(header, fd)} (C{fd} is L{None} for a message without
         one), or C{(None, None)} when the other end went away.
     """
-    data, fds, _, _ = socket.recv_fds(sock, 65536, 1)
-    if not data:
-        return None, None
-    while len(data) < _LENGTH.size:
-        more = sock.recv(65536)
-        if not more:
+    fds = []
+    try:
+        prefix = _receive_exactly(sock, _LENGTH.size, fds)
+        if prefix is None:
             return None, None
-        data += more
-    (length,) = _LENGTH.unpack_from(data)
-    if length > MAX_CONTROL_MESSAGE:
-        raise ValueError("control message too large")
-    while len(data) < _LENGTH.size + length:
-        more = sock.recv(65536)
-        if not more:
+        (length,) = _LENGTH.unpack(prefix)
+        if length > MAX_CONTROL_MESSAGE:
+            raise ValueError("control message too large")
+        body = _receive_exactly(sock, length, fds)
+        if body is None:
             return None, None
-        data += more
-    header = json.loads(data[_LENGTH.size : _LENGTH.size + length].decode("utf-8"))
+        header = json.loads(body.decode("utf-8"))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    for extra in fds[1:]:
+        os.close(extra)
     return header, (fds[0] if fds else None)
+
+
+def _receive_exactly(sock, size, fds):
+    """
+    @return: C{size} bytes from C{sock} (descriptors that came with them
+        appended to C{fds}), or L{None} when it ended first.
+    """
+    data = b""
+    while len(data) < size:
+        chunk, received, _, _ = socket.recv_fds(sock, size - len(data), 1)
+        fds.extend(received)
+        if not chunk:
+            for fd in fds:
+                os.close(fd)
+            del fds[:]
+            return None
+        data += chunk
+    return data
 
 
 def site_flags(flags=sys.flags):

@@ -393,13 +393,15 @@ class WorkerPool:
             if session is None or session.id != message.get("id") or session.timed_out:
                 return
             del self._by_pid[session.pid]
-            self._finish(session, 0, None, kept=True)
-            if session.token is None or self._stopping:
-                self._retire(_Kept(session.pid, server))
-                return
             kept = _Kept(session.pid, server)
-            kept.timer = self.reactor.callLater(self.keep_worker, self._expire, session.token)
-            self._kept[session.token] = kept
+            if session.token is None or self._stopping:
+                self._retire(kept)
+            else:
+                # Kept before the slot is freed: freeing it may start the
+                # client's next session at once (it waited for the slot).
+                kept.timer = self.reactor.callLater(self.keep_worker, self._expire, session.token)
+                self._kept[session.token] = kept
+            self._finish(session, 0, None, kept=True)
         elif "ended" in message:
             session = self._by_pid.pop(message["ended"], None)
             if session is not None:
