@@ -63,3 +63,31 @@ def test_proxy_stale_renewal_logs_no_matchkey():
     text = " ".join(formatEvent(event) for event in events)
     assert "board" in text and split_matchkey(matchkey)[1] not in text
     assert Pool.renewed
+
+
+@given(keys, st.booleans())
+def test_resume_token_round_trip_and_redaction(key, timeout):
+    """
+    Our client's handshake key carries a resume token the server reads back
+    exactly; a log line of that key never shows it.
+    """
+    from tvm_rpc.protocol.flavour import client_key
+    from tvm_rpc.protocol.keys import parse_client_key, parse_resume_option, resume_token
+    from tvm_rpc.server.listener import read_client_key
+
+    token = resume_token()
+    text = client_key(key, 5 if timeout else None, token)
+    _, options = parse_client_key(text)
+    assert parse_resume_option(options) == token
+    assert read_client_key(text)[3] == token
+    assert token not in redact_matchkeys(text)
+    assert read_client_key(client_key(key))[3] is None
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 32, "0" * 31, "0" * 33, "A" * 32, "../" * 11])
+def test_bad_resume_token_is_a_bad_key(bad):
+    """A token not shaped as ours makes the key bad (the server refuses it, cleanly)."""
+    from tvm_rpc.server.listener import read_client_key
+
+    with pytest.raises(ValueError, match="resume token"):
+        read_client_key(f"client:k -resume={bad} -tvm_rpc=1")

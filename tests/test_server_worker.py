@@ -95,13 +95,132 @@ class WorkerPoolTests(SynchronousTestCase):
         protocol, args, kept = self.reactor.spawned[index]
         return protocol, args, kept[3]
 
-    def start_session(self, timeout=None, rest=b""):
+    def start_session(self, timeout=None, rest=b"", resume=None, slot=None,
+                      protocol="tvm_rpc"):
         server_end, client_end = socket.socketpair()
         self.client_ends.append(client_end)
-        slot = self.successResultOf(self.gate.claim("k"))
-        handoff = Handoff(FakeTCPTransport(server_end), None, b"REPLY", rest, timeout, "peer", slot)
+        if slot is None:
+            slot = self.successResultOf(self.gate.claim("k"))
+        handoff = Handoff(FakeTCPTransport(server_end), None, b"REPLY", rest, timeout, "peer", slot,
+                          protocol=protocol, resume=resume)
         self.pool.start(handoff)
         return handoff, client_end
+
+    def control_message(self):
+        """@return: the next message the fork server reads (its descriptor closed)."""
+        _, _, control = self.fork_server()
+        header, fd = receive_control(control)
+        if fd is not None:
+            os.close(fd)
+        return header
+
+    def kept_worker(self, pid=50):
+        """Run a session whose worker is kept; @return: its token."""
+        handoff, _ = self.start_session()
+        header = self.control_message()
+        self.report({"started": pid, "id": header["id"]})
+        self.report({"idle": pid, "id": header["id"]})
+        self.assertTrue(handoff.slot.released)
+        return header["token"]
+
+    def test_kept_worker_serves_the_next_session_of_its_token(self):
+        """
+        A worker that reports idle (its client asked to keep it) ends its
+        session as closed without being killed, and the session that presents
+        its token is handed to it.
+        """
+        token = self.kept_worker(50)
+        self.assertEqual(self.killed, [])
+        self.assertEqual(dict(self.pool.activity.worker_exits), {})
+        self.assertEqual(self.pool.activity.ended[("tvm_rpc", "closed")], 1)
+        self.start_session(resume=token)
+        header = self.control_message()
+        self.assertEqual(header["resume"], 50)
+        self.assertNotEqual(header["token"], token)
+        self.assertEqual(self.pool.activity.kept_worker_sessions, 0)
+        self.report({"started": 50, "id": header["id"]})
+        self.assertEqual(self.pool.activity.kept_worker_sessions, 1)
+        self.report({"ended": 50, "code": 0, "signal": None})
+        self.assertEqual(self.killed, [(50, signal.SIGKILL)])
+
+    def test_token_serves_once(self):
+        """A token used once is gone: a second session presenting it gets a fresh worker."""
+        token = self.kept_worker(50)
+        self.start_session(resume=token)
+        self.control_message()
+        self.start_session(resume=token)
+        self.assertNotIn("resume", self.control_message())
+
+    def test_any_other_session_retires_the_kept_worker(self):
+        """A session without the token (or with another) retires the kept worker first."""
+        token = self.kept_worker(50)
+        self.start_session(resume="0" * 32)
+        self.assertEqual(self.control_message(), {"retire": 50})
+        self.assertNotIn("resume", self.control_message())
+        self.start_session(resume=token)
+        self.assertNotIn("resume", self.control_message())
+        # Its exit is counted once it comes, and what it started dies.
+        self.report({"ended": 50, "code": 0, "signal": None})
+        self.assertEqual(self.killed, [(50, signal.SIGKILL)])
+        self.assertEqual(dict(self.pool.activity.worker_exits), {"clean": 1})
+
+    def test_kept_worker_is_retired_after_keep_worker_seconds(self):
+        """A client that does not come back within --keep-worker frees the worker."""
+        token = self.kept_worker(50)
+        self.reactor.advance(pool_module.KEEP_WORKER_SECONDS - 0.1)
+        self.assertEqual(self.pool._kept.keys(), {token})
+        self.reactor.advance(0.2)
+        self.assertEqual(self.control_message(), {"retire": 50})
+        self.start_session(resume=token)
+        self.assertNotIn("resume", self.control_message())
+
+    def test_waiting_session_resumes_when_the_slot_frees(self):
+        """
+        The client's next session may be waiting for the slot when the worker
+        reports idle: it is handed to that worker, not to a fresh one.
+        """
+        self.gate = SessionGate("k", max_sessions=1)
+        self.start_session()
+        header = self.control_message()
+        self.report({"started": 60, "id": header["id"]})
+        self.gate.claim("k").addCallback(
+            lambda slot: self.start_session(resume=header["token"], slot=slot))
+        self.report({"idle": 60, "id": header["id"]})
+        self.assertEqual(self.control_message()["resume"], 60)
+
+    def test_no_token_without_keep_worker_or_for_tvm_sessions(self):
+        """--keep-worker 0 never keeps a worker; TVM's protocol never does."""
+        self.pool.keep_worker = 0
+        self.start_session()
+        self.assertNotIn("token", self.control_message())
+        self.pool.keep_worker = 5
+        self.start_session(protocol="tvm")
+        self.assertNotIn("token", self.control_message())
+
+    def test_timed_out_session_is_not_kept(self):
+        """An idle report from a worker whose session timed out (being killed) is ignored."""
+        handoff, _ = self.start_session(timeout=1)
+        header = self.control_message()
+        self.report({"started": 70, "id": header["id"]})
+        self.reactor.advance(1.1)
+        self.report({"idle": 70, "id": header["id"]})
+        self.assertFalse(handoff.slot.released)
+        self.report({"ended": 70, "code": None, "signal": 9})
+        self.assertTrue(handoff.slot.released)
+        self.start_session(resume=header["token"])
+        self.assertNotIn("resume", self.control_message())
+
+    def test_stop_and_fork_server_death_end_kept_workers(self):
+        """Kept workers die with the pool, and with their fork server."""
+        self.kept_worker(50)
+        protocol, _, _ = self.fork_server()
+        protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertIn((50, signal.SIGKILL), self.killed)
+        self.assertEqual(self.pool._kept, {})
+        self.killed.clear()
+        self.kept_worker(51)
+        self.pool.stop()
+        self.assertIn((51, signal.SIGKILL), self.killed)
 
     def report(self, message, index=-1):
         protocol, _, _ = self.fork_server(index)
@@ -205,14 +324,8 @@ class WorkerPoolTests(SynchronousTestCase):
     def test_start_timeout_and_protocol_reach_the_worker(self):
         """The control message carries the start timeout and the session protocol."""
         self.pool.start_timeout = 7.5
-        server_end, client_end = socket.socketpair()
-        self.client_ends.append(client_end)
-        slot = self.successResultOf(self.gate.claim("k"))
-        self.pool.start(Handoff(FakeTCPTransport(server_end), None, b"R", b"", None, "peer",
-                                slot, protocol="tvm"))
-        _, _, control = self.fork_server()
-        header, fd = receive_control(control)
-        os.close(fd)
+        self.start_session(protocol="tvm")
+        header = self.control_message()
         self.assertEqual((header["start_timeout"], header["protocol"]), (7.5, "tvm"))
         self.assertEqual(dict(self.pool.activity.started), {"tvm": 1})
 
@@ -266,6 +379,24 @@ class ControlMessageTests(SynchronousTestCase):
             os.close(fd)
         parent.close()
         self.assertEqual(receive_control(child), (None, None))
+
+    def test_message_without_descriptor_then_one_with(self):
+        """
+        A retirement (no descriptor) queued just before a session keeps
+        apart from it: the session and its descriptor are not swallowed.
+        """
+        parent, child = socket.socketpair()
+        self.addCleanup(parent.close)
+        self.addCleanup(child.close)
+        send_control(parent, {"retire": 50}, None)
+        fd = os.open(os.devnull, os.O_RDONLY)
+        send_control(parent, {"id": 2}, fd)
+        os.close(fd)
+        self.assertEqual(receive_control(child), ({"retire": 50}, None))
+        header, fd = receive_control(child)
+        self.assertEqual(header, {"id": 2})
+        self.assertIsNotNone(fd)
+        os.close(fd)
 
 
 class SessionCarrierTests(SynchronousTestCase):
@@ -354,6 +485,20 @@ class WatchdogTests(SynchronousTestCase):
         self.assertRaises(SystemExit, self._armed(lifeline, "/nowhere").watch)
         self.assertEqual(self.exits, [self.watchdog.EXIT_CLIENT_GONE])
         self.assertEqual(self.ours.recv(20), b"a request")
+
+    def test_disarmed_watchdog_ignores_the_clients_close(self):
+        """
+        Disarmed (the session said goodbye; its worker may be kept), the
+        client's close no longer ends the worker; the lifeline still does.
+        """
+        lifeline, server_end = socket.socketpair()
+        self.addCleanup(lifeline.close)
+        watchdog = self._armed(lifeline, "/nowhere")
+        watchdog.disarm()
+        self.theirs.close()
+        server_end.close()
+        self.assertRaises(SystemExit, watchdog.watch)
+        self.assertEqual(self.exits, [self.watchdog.EXIT_SERVER_GONE])
 
     def test_server_gone(self):
         """The lifeline's end ends the worker and removes its work directories."""

@@ -1078,3 +1078,41 @@ class TimeEvaluatorResultTests(SynchronousTestCase):
     def test_empty(self):
         """A result needs timings."""
         self.assertRaises(ValueError, TimeEvaluatorResult, [])
+
+
+class KeepWorkerTests(SessionTestBase):
+    """Goodbye asks the server to keep its worker; a token answered reaches C{on_kept}."""
+
+    def setUp(self):
+        self.kept = []
+        self.session_options = {"on_kept": lambda *token: self.kept.append(token)}
+        super().setUp()
+        self.asked = []
+
+        def keeper(keep):
+            self.asked.append(keep)
+            return {"token": "t" * 32, "keep_for": 5.0} if keep else {}
+
+        self.server.keeper = keeper
+
+    def test_kept(self):
+        """The client asks, the server answers a token, the client remembers it."""
+        self.resolve(self.session.close())
+        self.assertEqual(self.asked, [True])
+        self.assertEqual(self.kept, [("t" * 32, 5.0)])
+        self.assertTrue(self.server.kept)
+
+    def test_server_that_keeps_nothing(self):
+        """A server (or runner) without a keeper answers nothing more; the close is the same."""
+        self.server.keeper = None
+        self.resolve(self.session.close())
+        self.assertEqual(self.kept, [])
+        self.assertFalse(self.server.kept)
+        self.assertTrue(self.client.lost)
+
+    def test_client_that_does_not_ask(self):
+        """Without on_kept the client does not ask: the worker is not kept."""
+        self.session._engine.engine.on_kept = None
+        self.resolve(self.session.close())
+        self.assertEqual(self.asked, [False])
+        self.assertFalse(self.server.kept)

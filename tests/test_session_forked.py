@@ -5,24 +5,21 @@ loopback running each session in a worker it forks."""
 import os
 import shutil
 import tempfile
-import time
 
 import pytest
-from twisted.internet.selectreactor import SelectReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.daemons import listen_any, start_announced, twistd, wait_until
+from tests.private_reactor import PrivateReactor
 from tests.session_behaviour import SessionBehaviour
 from tvm_rpc.client.connect import connect
 
 pytestmark = pytest.mark.system
 
-#: Seconds any one remote operation may take before the test fails.
-WAIT = 60.0
 KEY = "behaviour"
 
 
-class ForkedWorkerSessionTests(SessionBehaviour, SynchronousTestCase):
+class ForkedWorkerSessionTests(SessionBehaviour, PrivateReactor, SynchronousTestCase):
     """
     One server for the class (its work directories under a directory of the
     test's), a fresh session (and worker) per test.
@@ -41,9 +38,7 @@ class ForkedWorkerSessionTests(SessionBehaviour, SynchronousTestCase):
         shutil.rmtree(cls.root, True)
 
     def setUp(self):
-        # A private reactor, turned by resolve(): the global one is never run.
-        self.reactor = SelectReactor()
-        self.addCleanup(self.release_reactor)
+        self.start_private_reactor()
         self.session = self.resolve(connect("127.0.0.1", self.port, KEY, reactor=self.reactor))
         self.addCleanup(self.close_session)
         super().setUp()
@@ -52,37 +47,6 @@ class ForkedWorkerSessionTests(SessionBehaviour, SynchronousTestCase):
         """Close the session if a test left it open."""
         if not self.session.closed:
             self.resolve(self.session.close())
-
-    def release_reactor(self):
-        """Drop whatever the private reactor still watches, and its waker."""
-        for selectable in self.reactor.removeAll():
-            selectable.connectionLost(None)
-        self.reactor.waker.connectionLost(None)
-
-    def settle(self, deferred):
-        """Turn the reactor until C{deferred} has a result (bounded by L{WAIT})."""
-        done = []
-
-        def note(result):
-            done.append(True)
-            return result
-
-        deferred.addBoth(note)
-        deadline = time.monotonic() + WAIT
-        while not done:
-            if time.monotonic() > deadline:
-                self.fail(f"no result within {WAIT} s; server output:\n{self.daemon.output}")
-            self.reactor.iterate(0.01)
-
-    def resolve(self, deferred):
-        """@return: the result of C{deferred} once it fires (fails the test on an error)."""
-        self.settle(deferred)
-        return self.successResultOf(deferred)
-
-    def failure(self, deferred, *types):
-        """@return: the failure of C{deferred} once it fires."""
-        self.settle(deferred)
-        return self.failureResultOf(deferred, *types)
 
     def session_dir(self):
         return self.resolve(self.session.workpath(""))

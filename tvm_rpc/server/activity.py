@@ -44,6 +44,8 @@ class ServerActivity:
     @ivar received: bytes received from clients by ended sessions, by protocol.
     @ivar sent: bytes sent to clients by ended sessions, by protocol.
     @ivar worker_exits: session workers ended, by cause (L{WORKER_EXIT_CAUSES}).
+    @ivar kept_worker_sessions: sessions run in a worker kept from the same
+        client's previous session (no fork, no fresh process).
     @ivar refused: connections refused before a session, by reason.
     @ivar durations: ended sessions' seconds, a L{Histogram} per protocol.
     """
@@ -53,6 +55,7 @@ class ServerActivity:
     received: Counter = attrs.field(factory=Counter)
     sent: Counter = attrs.field(factory=Counter)
     worker_exits: Counter = attrs.field(factory=Counter)
+    kept_worker_sessions: int = 0
     refused: Counter = attrs.field(factory=Counter)
     durations: dict = attrs.field(factory=dict)
 
@@ -82,6 +85,10 @@ class ServerActivity:
         if counts is not None:
             self.received[protocol] += counts[0]
             self.sent[protocol] += counts[1]
+
+    def session_in_kept_worker(self):
+        """A session started in a worker kept from its client's previous session."""
+        self.kept_worker_sessions += 1
 
     def worker_exited(self, cause):
         """A session worker ended, for C{cause} (one of L{WORKER_EXIT_CAUSES})."""

@@ -71,6 +71,10 @@ class ServerCollector:
         for cause in WORKER_EXIT_CAUSES:
             exits.add_metric([cause], activity.worker_exits[cause])
         yield exits
+        yield CounterMetricFamily(
+            f"{PREFIX}_sessions_in_kept_workers",
+            "Sessions run in the worker of the same client's previous session (--keep-worker).",
+            value=activity.kept_worker_sessions)
         refused = CounterMetricFamily(f"{PREFIX}_handshakes_refused",
                                       "Connections refused before a session, by reason.",
                                       labels=["reason"])

@@ -128,6 +128,7 @@ class _Session:
     timed_out: bool = False
     started: float = 0.0
     token: "str | None" = None
+    resumes: "int | None" = None
 
 
 @attrs.define(eq=False)
@@ -334,7 +335,7 @@ class WorkerPool:
         if kept is not None:
             kept.timer.cancel()
             if kept.server is server:
-                header["resume"] = kept.pid
+                session.resumes = header["resume"] = kept.pid
             else:
                 self._retire(kept)
         # Anyone else's waiting worker goes first: a fresh worker never
@@ -383,6 +384,8 @@ class WorkerPool:
                 return
             session.pid = message["started"]
             self._by_pid[session.pid] = session
+            if session.resumes == session.pid:
+                self.activity.session_in_kept_worker()
             timeout = self.session_time(session.handoff)
             if timeout:
                 # The session's time starts with its worker, not while the

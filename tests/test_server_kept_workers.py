@@ -1,0 +1,113 @@
+"""Workers kept for the same client's next session, on a real ``twistd -n
+rpc-server``: our client (a private reactor in this process) opens sessions
+one after another, and the worker serving each is read from its work
+directory's name (``session-<pid>-...``)."""
+
+import os
+import re
+import shutil
+import signal
+import tempfile
+
+import pytest
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.daemons import gone, listen_any, start_announced, twistd, wait_until
+from tests.private_reactor import PrivateReactor
+from tvm_rpc.client.connect import connect
+from tvm_rpc.client.kept_workers import KEPT_WORKERS
+
+pytestmark = pytest.mark.system
+
+KEY = "kept"
+
+
+class KeptWorkerTests(PrivateReactor, SynchronousTestCase):
+    """One server per test (its options vary), sessions opened in turn."""
+
+    def setUp(self):
+        self.start_private_reactor()
+        self.root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.root, True)
+
+    def start_server(self, *options):
+        self.daemon, self.port = start_announced("rpc-server", twistd(
+            "rpc-server", "--listen", listen_any("127.0.0.1"), "--key", KEY,
+            "--work-dir", self.root, "--init", "tests.server_init_sample", *options))
+        self.addCleanup(self.daemon.stop)
+
+    def session(self, keep_worker=True):
+        """Open a session, note its worker and work directory, and close it."""
+        session = self.resolve(connect("127.0.0.1", self.port, KEY, reactor=self.reactor,
+                                       keep_worker=keep_worker))
+        where = self.resolve(session.workpath(""))
+        listed = self.resolve(session.listdir("."))
+        self.resolve(session.upload(b"left by this session", "mine.txt"))
+        self.resolve(session.close())
+        pid = int(re.search(r"session-(\d+)-", where).group(1))
+        return pid, where, listed
+
+    def ended_lines(self, count):
+        return wait_until(
+            lambda: (lines := re.findall(r"session for .* ended: (\w+) .*worker (\d+)",
+                                         self.daemon.output)) and len(lines) >= count and lines,
+            30, what=lambda: f"{count} session lines in:\n{self.daemon.output}")
+
+    def test_same_client_continues_in_its_worker(self):
+        """
+        A client's sessions run one after another in one worker, each in a
+        fresh work directory (the previous one removed, its files unseen),
+        each logged as closed; a session that does not ask to keep gets a
+        fresh worker, and the kept one is retired (its process ends).
+        """
+        self.start_server()
+        first, first_dir, _ = self.session()
+        second, second_dir, listed = self.session()
+        third, _, _ = self.session()
+        self.assertEqual({first, second, third}, {first})
+        self.assertNotEqual(first_dir, second_dir)
+        self.assertFalse(os.path.exists(first_dir))
+        self.assertEqual(listed, [])
+        fresh, _, _ = self.session(keep_worker=False)
+        self.assertNotEqual(fresh, first)
+        wait_until(lambda: gone(first), 30, what=f"kept worker {first} retired")
+        lines = self.ended_lines(4)
+        self.assertEqual([how for how, _ in lines], ["closed"] * 4)
+        self.assertEqual([int(pid) for _, pid in lines], [first] * 3 + [fresh])
+        # The last one did not ask: its worker exits with its session.
+        wait_until(lambda: gone(fresh), 30, what=f"worker {fresh} gone")
+
+    def test_keep_worker_zero_gives_fresh_workers(self):
+        """--keep-worker 0: every session in a fresh worker, whatever the client asks."""
+        self.start_server("--keep-worker", "0")
+        pids = [self.session()[0] for _ in range(3)]
+        self.assertEqual(len(set(pids)), 3)
+
+    def test_kept_worker_retired_after_its_time(self):
+        """A client that does not come back frees the worker after --keep-worker seconds."""
+        self.start_server("--keep-worker", "0.5")
+        pid, _, _ = self.session()
+        wait_until(lambda: gone(pid), 30, what=f"kept worker {pid} retired")
+        # The client's token is stale now: its next session still opens, in a fresh worker.
+        self.assertNotEqual(self.session()[0], pid)
+
+    def test_kept_worker_killed_while_waiting(self):
+        """A kept worker that dies while waiting costs its client nothing: a fresh one serves."""
+        self.start_server()
+        pid, _, _ = self.session()
+        # Our server's own worker (a descendant of the daemon this test started).
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: gone(pid), 30, what=f"worker {pid} killed")
+        again, _, _ = self.session()
+        self.assertNotEqual(again, pid)
+        self.assertEqual(self.session()[0], again)
+
+    def test_another_client_cannot_take_the_worker(self):
+        """A session with a token not handed to it (a guess) gets a fresh worker."""
+        self.start_server()
+        pid, _, _ = self.session()
+        KEPT_WORKERS.take(f"127.0.0.1:{self.port}")
+        KEPT_WORKERS.keep(f"127.0.0.1:{self.port}", "0" * 32, 30)
+        other, _, _ = self.session()
+        self.assertNotEqual(other, pid)
+        wait_until(lambda: gone(pid), 30, what=f"kept worker {pid} retired")
