@@ -150,12 +150,21 @@ def wait_until(predicate, timeout=30, what="condition", interval=0.1):
 
 
 def gone(pid):
-    """@return: whether process C{pid} no longer exists."""
+    """
+    @return: whether process C{pid} no longer runs: it does not exist, or is
+        a zombie (an orphan whose reaper, PID 1 in some containers, may never
+        reap it).
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # The state follows the command name, which is in parentheses.
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def twistd(*args):

@@ -44,6 +44,20 @@ def pid():
     return os.getpid()
 
 
+@register_func("test.start_child", override=True)
+def start_child():
+    """Start a child process that outlives the call (and a thread that spins); @return: its pid."""
+    import subprocess
+    import threading
+
+    def spin():
+        while True:
+            pass
+
+    threading.Thread(target=spin, daemon=True).start()
+    return subprocess.Popen(["sleep", "300"]).pid
+
+
 @register_func("test.mapped", override=True)
 def mapped(path):
     """@return: whether the shared library C{path} is mapped into the worker."""

@@ -77,6 +77,23 @@ class KeptWorkerTests(PrivateReactor, SynchronousTestCase):
         # The last one did not ask: its worker exits with its session.
         wait_until(lambda: gone(fresh), 30, what=f"worker {fresh} gone")
 
+    def test_retired_with_what_it_started(self):
+        """
+        Retiring a kept worker kills its process group: a child its client's
+        session started dies, and a thread spinning in it cannot keep it alive
+        beside the next client's session.
+        """
+        self.start_server()
+        session = self.resolve(connect("127.0.0.1", self.port, KEY, reactor=self.reactor))
+        worker = self.resolve(self.resolve(session.get_function("test.pid"))())
+        child = self.resolve(self.resolve(session.get_function("test.start_child"))())
+        self.resolve(session.close())
+        self.assertFalse(gone(child))
+        other, _, _ = self.session(keep_worker=False)
+        self.assertNotEqual(other, worker)
+        wait_until(lambda: gone(worker) and gone(child), 30,
+                   what=f"kept worker {worker} and its child {child} gone")
+
     def test_keep_worker_zero_gives_fresh_workers(self):
         """--keep-worker 0: every session in a fresh worker, whatever the client asks."""
         self.start_server("--keep-worker", "0")

@@ -27,8 +27,9 @@ waits. The next session that presents the token in its handshake
 (C{-resume=}) within L{WorkerPool.keep_worker} seconds runs in that worker:
 no fork, no fresh process to warm up, no exit. Any other session retires
 it first, so a waiting worker never sits beside another's, and a worker
-whose session failed, timed out or was refused is never kept. C{--keep-worker 0}
-gives every session a fresh worker.
+whose session failed, timed out or was refused is never kept. Retiring a
+kept worker kills its process group. C{--keep-worker 0} gives every session
+a fresh worker.
 """
 
 import base64
@@ -427,13 +428,13 @@ class WorkerPool:
             self._retire(kept)
 
     def _retire(self, kept):
-        """Tell the fork server to end a kept worker (it closes the worker's channel)."""
+        """
+        End a kept worker, and whatever its sessions started, at once: it
+        is idle, so nothing is lost, and a worker whose code hogs the CPU or
+        blocks its reactor cannot linger beside the next client's session.
+        """
         self._retiring.add(kept.pid)
-        try:
-            send_control(kept.server.control, {"retire": kept.pid}, None)
-        except OSError:
-            # The fork server is gone: so is the channel, and the worker ends.
-            pass
+        self._kill_group(kept.pid)
 
     def _kept_ended(self, pid):
         """A worker ended that no session was running in: kept, retired, or neither (a spare)."""
@@ -441,13 +442,13 @@ class WorkerPool:
         self._retiring.discard(pid)
         for token, kept in list(self._kept.items()):
             if kept.pid == pid:
+                # It died while kept (killed from outside).
                 known = True
                 del self._kept[token]
                 kept.timer.cancel()
+                self._kill_group(pid)
         if not known:
             return
-        # What its sessions started dies with it.
-        self._kill_group(pid)
         remove_work_dirs_of(self.work_root, pid)
         self.activity.worker_exited("clean")
 

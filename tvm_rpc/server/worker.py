@@ -182,7 +182,8 @@ class _KeptWorker:
     Between sessions the worker tells the fork server it is idle and waits
     on its channel, the reactor still running (a reactor cannot be started
     twice); the server hands it the next session only to a client that
-    presents the token, and closes the channel to retire it. A session that
+    presents the token, and kills it to retire it (the channel's end, the
+    fork server gone, ends it too). A session that
     ends any other way (the client went away, a timeout, a protocol error)
     ends the worker, as does the L{MAX_SESSIONS}th.
     """
@@ -265,7 +266,7 @@ class _KeptWorker:
             self._reactor.stop()
 
     def _next(self, header, fd):
-        """The fork server handed the next session (or retired the worker: L{None})."""
+        """The fork server handed the next session (or went away: L{None})."""
         if header is None:
             self._stop()
             return
@@ -311,7 +312,7 @@ class _NextSession:
         except (OSError, ValueError):
             header = fd = None
         if header is not None and fd is None:
-            # Not a session (nothing else is sent to a worker): retire.
+            # Not a session (nothing else is sent to a worker): end.
             header = None
         self._handed(header, fd)
 
@@ -489,7 +490,8 @@ def fork_server_main(argv=None):
             return _Spare.spawn(lambda fd: _spare_argv(argv, fd))
     else:
         def fork_spare():
-            # A worker keeping another's channel open would hide its retirement.
+            # A worker holding another's channel open would keep that one
+            # waiting after the fork server has gone.
             return _Spare.fork(
                 serve, close_in_child=(control, wake_read, wake_write, *busy.values()))
 
@@ -513,12 +515,6 @@ def fork_server_main(argv=None):
         header, fd = receive_control(control)
         if header is None:
             return 0
-        if "retire" in header:
-            channel = busy.pop(header["retire"], None)
-            if channel is not None:
-                # The kept worker sees its channel end, and exits.
-                channel.close()
-            continue
         if fd is None:
             continue
         pid = _resume(busy, header, fd)
