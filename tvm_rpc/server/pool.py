@@ -26,9 +26,9 @@ token (made here, one per session) and, once the connection is closed,
 waits. The next session that presents the token in its handshake
 (C{-resume=}) within L{WorkerPool.keep_worker} seconds runs in that worker:
 no fork, no fresh process to warm up, no exit. Any other session retires
-it first, so a waiting worker never sits beside another's, and a worker
-whose session failed, timed out or was refused is never kept. Retiring a
-kept worker kills its process group. C{--keep-worker 0} gives every session
+it first (retiring kills its process group), so kept workers never
+outnumber the sessions at once, and a worker whose session failed, timed
+out or was refused is never kept. C{--keep-worker 0} gives every session
 a fresh worker.
 """
 
@@ -339,8 +339,8 @@ class WorkerPool:
                 session.resumes = header["resume"] = kept.pid
             else:
                 self._retire(kept)
-        # Anyone else's waiting worker goes first: a fresh worker never
-        # sits beside a kept one.
+        # Anyone else's kept worker goes first: they never outnumber the
+        # sessions at once.
         self.retire_kept()
         if self.keep_worker and handoff.protocol == OUR_PROTOCOL:
             session.token = header["token"] = resume_token()
