@@ -58,11 +58,25 @@ def start_child():
     return subprocess.Popen(["sleep", "300"]).pid
 
 
+#: What test.hold keeps alive in the worker, for good.
+HELD = []
+
+
+@register_func("test.hold", override=True)
+def hold(size):
+    """Keep C{size} bytes resident in the worker for its whole life (a leak)."""
+    HELD.append(b"x" * size)
+    return len(HELD)
+
+
 @register_func("test.mapped", override=True)
 def mapped(path):
-    """@return: whether the shared library C{path} is mapped into the worker."""
+    """
+    @return: whether the shared library C{path} is mapped into the worker
+        (still mapped after its file was removed, too: C{path (deleted)}).
+    """
     with open("/proc/self/maps") as maps:
-        return any(line.rstrip().endswith(path) for line in maps)
+        return any(line.rstrip().removesuffix(" (deleted)").endswith(path) for line in maps)
 
 
 @register_func("test.cmdline", override=True)

@@ -94,6 +94,17 @@ class KeptWorkerTests(PrivateReactor, SynchronousTestCase):
         wait_until(lambda: gone(worker) and gone(child), 30,
                    what=f"kept worker {worker} and its child {child} gone")
 
+    def test_grown_worker_is_not_kept(self):
+        """A worker whose sessions left it 256 MiB larger than it started is not kept."""
+        self.start_server()
+        session = self.resolve(connect("127.0.0.1", self.port, KEY, reactor=self.reactor))
+        worker = self.resolve(self.resolve(session.get_function("test.pid"))())
+        self.resolve(self.resolve(session.get_function("test.hold"))(300 * 1024 * 1024))
+        self.resolve(session.close())
+        # At once: a kept worker would take this session.
+        self.assertNotEqual(self.session()[0], worker)
+        wait_until(lambda: gone(worker), 30, what=f"grown worker {worker} gone")
+
     def test_keep_worker_zero_gives_fresh_workers(self):
         """--keep-worker 0: every session in a fresh worker, whatever the client asks."""
         self.start_server("--keep-worker", "0")

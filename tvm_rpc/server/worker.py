@@ -185,12 +185,18 @@ class _KeptWorker:
     presents the token, and kills it to retire it (the channel's end, the
     fork server gone, ends it too). A session that
     ends any other way (the client went away, a timeout, a protocol error)
-    ends the worker, as does the L{MAX_SESSIONS}th.
+    ends the worker, as does the L{MAX_SESSIONS}th, and any once the worker
+    has grown by L{MAX_GROWTH}.
     """
 
     #: Sessions one worker serves at most (bounds what their leftovers
     #: can accumulate in one process).
     MAX_SESSIONS = 100
+    #: Growth of the resident set since the first session beyond which the
+    #: worker is no longer kept: what sessions leave stays in the process
+    #: (TVM's runtime never unloads a library it loaded), and a device has
+    #: little memory to spare.
+    MAX_GROWTH = 256 * 1024 * 1024
 
     def __init__(self, make_session, work_root, guard, channel):
         """
@@ -207,6 +213,7 @@ class _KeptWorker:
         self._reactor = None
         self._done = False
         self._code = 0
+        self._resident_at_start = resident_bytes()
 
     def run(self, header, fd):
         """Serve the first session, and any that follow; @return: the exit code."""
@@ -242,7 +249,8 @@ class _KeptWorker:
         self._guard.disarm()
         token = header.get("token")
         if (keep and token and self._channel is not None
-                and self._served < self.MAX_SESSIONS):
+                and self._served < self.MAX_SESSIONS
+                and resident_bytes() - self._resident_at_start < self.MAX_GROWTH):
             return {"token": token, "keep_for": header.get("keep_for")}
         return {}
 
@@ -278,6 +286,18 @@ class _KeptWorker:
 
             traceback.print_exc()
             self._stop(1)
+
+
+def resident_bytes():
+    """@return: this process's resident set in bytes (its peak where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 class _NextSession:
