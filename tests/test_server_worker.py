@@ -400,6 +400,41 @@ class ControlMessageTests(SynchronousTestCase):
         os.close(fd)
 
 
+class RelayTests(SynchronousTestCase):
+    """The fork server reading a worker's channel (non-blocking, as it keeps them)."""
+
+    def setUp(self):
+        self.control, self.server_side = socket.socketpair()
+        self.addCleanup(self.control.close)
+        self.addCleanup(self.server_side.close)
+        self.ours, self.worker_end = socket.socketpair()
+        self.addCleanup(self.worker_end.close)
+        self.ours.setblocking(False)
+        self.busy = {77: self.ours}
+        self.server_side.setblocking(False)
+
+    def test_idle_is_relayed_with_the_known_pid(self):
+        """The worker's idle report reaches the server under the pid the fork server knows."""
+        send_control(self.worker_end, {"idle": 1, "id": 5}, None)
+        worker_module._relay_worker(self.control, self.busy, 77)
+        self.assertEqual(self.server_side.recv(100), b'{"idle": 77, "id": 5}\n')
+        self.assertIn(77, self.busy)
+
+    def test_cut_message_closes_the_channel_without_blocking(self):
+        """A message cut short (the session's own code writing there) costs the worker its channel."""
+        self.worker_end.sendall(b"\x64\x00\x00\x00" + b"{" * 10)
+        worker_module._relay_worker(self.control, self.busy, 77)
+        self.assertEqual(self.busy, {})
+        self.assertEqual(self.ours.fileno(), -1)
+        self.assertRaises(BlockingIOError, self.server_side.recv, 100)
+
+    def test_end_of_channel(self):
+        """The worker's end (its exit) closes the channel."""
+        self.worker_end.close()
+        worker_module._relay_worker(self.control, self.busy, 77)
+        self.assertEqual(self.busy, {})
+
+
 class SessionCarrierTests(SynchronousTestCase):
     """The worker's side of the adopted session socket."""
 

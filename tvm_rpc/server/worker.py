@@ -545,6 +545,8 @@ def fork_server_main(argv=None):
                 spare = fork_spare()
                 pid = spare.hand(header, fd)
             if pid is not None:
+                # Never blocks on what a worker (its session's code too) sends.
+                spare.channel.setblocking(False)
                 busy[pid] = spare.channel
             # The next session's worker is forked now, off its critical path.
             spare = None
@@ -558,7 +560,11 @@ def fork_server_main(argv=None):
 def _relay_worker(control, busy, pid):
     """
     Read what a worker sent on its channel: that it is idle, kept for its
-    client's next session (told to the server), or the channel's end.
+    client's next session (told to the server), or the channel's end. The
+    channel is non-blocking: a worker writes each message at once, so one
+    that is cut short (or too long) is a worker that broke the rule, and its
+    channel is closed (it can no longer be kept) instead of stalling the fork
+    server.
     """
     channel = busy[pid]
     try:
