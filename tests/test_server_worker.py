@@ -428,6 +428,24 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(self.ours.fileno(), -1)
         self.assertRaises(BlockingIOError, self.server_side.recv, 100)
 
+    def test_what_a_session_could_forge_goes_no_further(self):
+        """
+        A descriptor is closed, an id that is not a session's number is
+        dropped (a long one would overflow the server's report line), and
+        a message that is not an object ends the channel.
+        """
+        fd = os.open(os.devnull, os.O_RDONLY)
+        send_control(self.worker_end, {"idle": 1, "id": 5}, fd)
+        os.close(fd)
+        send_control(self.worker_end, {"idle": 1, "id": "x" * 100_000}, None)
+        for _ in range(2):
+            worker_module._relay_worker(self.control, self.busy, 77)
+        self.assertEqual(self.server_side.recv(100_000), b'{"idle": 77, "id": 5}\n')
+        self.assertRaises(BlockingIOError, self.server_side.recv, 100)
+        send_control(self.worker_end, [1, 2], None)
+        worker_module._relay_worker(self.control, self.busy, 77)
+        self.assertEqual(self.busy, {})
+
     def test_end_of_channel(self):
         """The worker's end (its exit) closes the channel."""
         self.worker_end.close()

@@ -568,14 +568,19 @@ def _relay_worker(control, busy, pid):
     """
     channel = busy[pid]
     try:
-        message, _ = receive_control(channel)
+        message, fd = receive_control(channel)
     except (OSError, ValueError):
-        message = None
-    if message is None:
+        message = fd = None
+    if fd is not None:
+        # No worker has a descriptor to give.
+        os.close(fd)
+    if not isinstance(message, dict):
         del busy[pid]
         channel.close()
-    elif "idle" in message:
-        _report(control, {"idle": pid, "id": message.get("id")})
+    elif type(message.get("id")) is int and "idle" in message:
+        # Only what the server asked for goes on, under the pid known here:
+        # the session's own code may have written this.
+        _report(control, {"idle": pid, "id": message["id"]})
 
 
 def _resume(busy, header, fd):
