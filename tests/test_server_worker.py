@@ -453,6 +453,56 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(self.busy, {})
 
 
+class KeptWorkerEndTests(SynchronousTestCase):
+    """How a worker's session ends decides whether it waits for the next or ends."""
+
+    class Guard:
+        def __init__(self):
+            self.armed = None
+
+        def disarm(self):
+            self.armed = False
+
+    class Reactor:
+        running = True
+
+        def __init__(self):
+            self.readers = []
+
+        def stop(self):
+            self.running = False
+
+        def addReader(self, reader):
+            self.readers.append(reader)
+
+    def worker(self, channel=None):
+        kept = worker_module._KeptWorker(None, "/nowhere", self.Guard(), channel)
+        kept._reactor = self.Reactor()
+        return kept
+
+    def test_a_session_that_knows_nothing_of_keeping_ends_the_worker(self):
+        """A --session-factory protocol without C{kept} (the plumbing tests' stand-in) ends it."""
+        kept = self.worker()
+        kept._ended(object(), 1)
+        self.assertEqual((kept._done, kept._reactor.running, kept._guard.armed),
+                         (True, False, False))
+
+    def test_kept_session_waits_on_the_channel(self):
+        """A kept session reports idle and waits; a channel gone ends the worker instead."""
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        kept = self.worker(ours)
+        session = types.SimpleNamespace(kept=True)
+        kept._ended(session, 3)
+        self.assertEqual(receive_control(theirs), ({"idle": os.getpid(), "id": 3}, None))
+        self.assertEqual(len(kept._reactor.readers), 1)
+        self.assertFalse(kept._done)
+        ours.close()
+        closed = self.worker(ours)
+        closed._ended(session, 4)
+        self.assertTrue(closed._done)
+
+
 class SessionCarrierTests(SynchronousTestCase):
     """The worker's side of the adopted session socket."""
 

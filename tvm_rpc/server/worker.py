@@ -257,14 +257,18 @@ class _KeptWorker:
     def _ended(self, session, session_id):
         """A session ended: wait for the same client's next one, or end the worker."""
         self._guard.disarm()
-        if session.kept:
-            try:
+        try:
+            # Another --session-factory's protocol may know nothing of keeping.
+            if getattr(session, "kept", False):
                 send_control(self._channel, {"idle": os.getpid(), "id": session_id}, None)
-            except OSError:
-                pass
-            else:
                 self._reactor.addReader(_NextSession(self._reactor, self._channel, self._next))
                 return
+        except Exception:
+            # Whatever went wrong, the worker must end: the server is
+            # waiting for that to free the session's slot.
+            import traceback
+
+            traceback.print_exc()
         self._stop()
 
     def _stop(self, code=0):
