@@ -105,6 +105,32 @@ class KeptWorkerTests(PrivateReactor, SynchronousTestCase):
         self.assertNotEqual(self.session()[0], worker)
         wait_until(lambda: gone(worker), 30, what=f"grown worker {worker} gone")
 
+    def test_through_the_tracker(self):
+        """
+        Sessions a tracker hands out continue in the kept worker too (each
+        with the tracker's fresh matchkey); keep_worker=False on the request
+        gets a fresh worker.
+        """
+        from tests.daemons import our_tracker
+        from tvm_rpc.client import connect_tracker
+
+        with our_tracker() as (_, tracker_port):
+            self.start_server("--tracker", f"127.0.0.1:{tracker_port}")
+            self.daemon.wait_for(r"registered kept with tracker")
+            tracker = self.resolve(connect_tracker("127.0.0.1", tracker_port,
+                                                   reactor=self.reactor))
+            self.addCleanup(lambda: self.resolve(tracker.close()))
+
+            def worker(**options):
+                session = self.resolve(tracker.request(KEY, **options))
+                pid = self.resolve(self.resolve(session.get_function("test.pid"))())
+                self.resolve(session.close())
+                return pid
+
+            first = worker()
+            self.assertEqual(worker(), first)
+            self.assertNotEqual(worker(keep_worker=False), first)
+
     def test_keep_worker_zero_gives_fresh_workers(self):
         """--keep-worker 0: every session in a fresh worker, whatever the client asks."""
         self.start_server("--keep-worker", "0")

@@ -258,7 +258,7 @@ RETRYABLE = (
 
 def request(tracker, key, priority=1, session_timeout=0, max_retry=5, timeout=None, *,
             max_result_size=DEFAULT_MAX_RESULT_SIZE, progress=None,
-            progress_period=PROGRESS_PERIOD):
+            progress_period=PROGRESS_PERIOD, keep_worker=True):
     """
     Obtain a server for C{key} from a tracker and open a session on it.
 
@@ -269,6 +269,7 @@ def request(tracker, key, priority=1, session_timeout=0, max_retry=5, timeout=No
     @param max_retry: attempts (allocation plus connection) before giving up.
     @param timeout: seconds each wait in the tracker's queue may take, or L{None}.
     @param max_result_size: see L{connect}.
+    @param keep_worker: see L{connect}.
     @param progress: called with a L{WaitProgress<tvm_rpc.client.waiting.WaitProgress>}
         (key, requests pending for it, seconds waited) every C{progress_period}
         seconds while the request waits in the tracker's queue; a log line
@@ -296,6 +297,7 @@ def request(tracker, key, priority=1, session_timeout=0, max_retry=5, timeout=No
                 return await connect(
                     allocation.host, allocation.port, allocation.matchkey,
                     session_timeout, reactor=reactor, max_result_size=max_result_size,
+                    keep_worker=keep_worker,
                 )
             except RETRYABLE as e:
                 last = e
@@ -314,7 +316,7 @@ def request(tracker, key, priority=1, session_timeout=0, max_retry=5, timeout=No
 
 def request_and_run(tracker, key, func, priority=1, session_timeout=0, max_retry=2, *,
                     max_result_size=DEFAULT_MAX_RESULT_SIZE, progress=None,
-                    progress_period=PROGRESS_PERIOD):
+                    progress_period=PROGRESS_PERIOD, keep_worker=True):
     """
     Run C{func(session)} on a server for C{key}, on another server when the
     one obtained drops out.
@@ -323,6 +325,7 @@ def request_and_run(tracker, key, func, priority=1, session_timeout=0, max_retry
     @param progress: see L{request}: each attempt's wait in the tracker's
         queue reports to it (C{waited} counts from that attempt's start).
     @param progress_period: see L{request}.
+    @param keep_worker: see L{connect}.
     @return: a Deferred firing with what C{func}'s Deferred gives; the session
         is closed however it ends. It errbacks with L{SessionTimeout} when the
         server ended the session for its timeout, with C{func}'s own error at
@@ -337,7 +340,7 @@ def request_and_run(tracker, key, func, priority=1, session_timeout=0, max_retry
             session = await request(
                 tracker, key, priority=priority, session_timeout=session_timeout,
                 max_result_size=max_result_size, progress=progress,
-                progress_period=progress_period,
+                progress_period=progress_period, keep_worker=keep_worker,
             )
             started = reactor.seconds()
             try:

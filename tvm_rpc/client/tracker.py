@@ -416,8 +416,8 @@ class TrackerSession:
         @param session_timeout: seconds after which the server ends the session.
         @param max_retry: attempts before giving up.
         @param timeout: seconds each wait in the queue may take, or L{None}.
-        @param options: session options (C{max_result_size}) and the wait's
-            C{progress}/C{progress_period}; see
+        @param options: session options (C{max_result_size}, C{keep_worker})
+            and the wait's C{progress}/C{progress_period}; see
             L{tvm_rpc.client.connect.connect}.
         @return: a Deferred firing with an L{RPCSession}; cancelling it
             withdraws the request. See L{tvm_rpc.client.connect.request}.
@@ -432,8 +432,8 @@ class TrackerSession:
         Run C{func(session)} on a server for C{key}, retrying on another server
         when the one obtained drops out; the session is always closed.
 
-        @param options: session options (C{max_result_size}), see
-            L{tvm_rpc.client.connect.connect}, and each attempt's wait's
+        @param options: session options (C{max_result_size}, C{keep_worker}),
+            see L{tvm_rpc.client.connect.connect}, and each attempt's wait's
             C{progress}/C{progress_period}, see L{request}.
         @return: a Deferred firing with what C{func}'s Deferred gives. See
             L{tvm_rpc.client.connect.request_and_run}.
