@@ -91,6 +91,7 @@ from bench.common import (  # noqa: E402
     twistd,
 )
 from tests.daemons import tracker_summary  # noqa: E402
+from tvm_rpc.server.pool import KEEP_WORKER_SECONDS  # noqa: E402
 
 HOST = "127.0.0.1"
 KEY = "chaos"
@@ -977,6 +978,9 @@ def main(argv=None):
         run_our_loops(reactor, lab.tracker_port, options.loops, options.warmup, warmup)
         print(f"warm-up: {len(warmup)} cycles, "
               f"{Counter(r['outcome'] for r in warmup)}", flush=True)
+        # The warm-up's last sessions may have left their workers kept for
+        # our client's next session: idle is once they are retired.
+        time.sleep(KEEP_WORKER_SECONDS + 1)
         lab.idle_processes = Counter(
             s.processes() for s in lab.servers if s.role != "tvm").most_common(1)[0][0]
         settle_seconds, problems = settle(lab)

@@ -166,6 +166,20 @@ class WrongPeerTests(SynchronousTestCase):
         self.assertNotIn("(2 times so far)", text())
         self.assertNotIn("waiting at p", text())
 
+    def test_proxy_back_after_a_restart_is_said(self):
+        """
+        A proxy killed while we waited (our connection closed unanswered),
+        then down a while and back: waiting there is said again.
+        """
+        text = self.events()
+        protocol, _ = self.latest()
+        self.lose(protocol)
+        self.endpoint.refuse = True
+        self.clock.advance(10)
+        self.endpoint.refuse = False
+        self.clock.advance(10)
+        self.assertIn("waiting at p", text())
+
     def test_proxy_giving_up_late_is_not_suspect(self):
         """A proxy that closes a long-waiting server is not mistaken for a tracker."""
         text = self.events()

@@ -223,6 +223,9 @@ class ProxyLink(Service):
 
     def _failed(self, failure):
         self._connecting = None
+        # The peer is down (a proxy restarting): when it is back, a new
+        # streak starts, and waiting there is said again.
+        self._unanswered = 0
         if self.running:
             self._reach.failed(failure.value, self._delay)
             self._later(backoff=True)
