@@ -131,6 +131,26 @@ class KeptWorkerTests(PrivateReactor, SynchronousTestCase):
             self.assertEqual(worker(), first)
             self.assertNotEqual(worker(keep_worker=False), first)
 
+    def test_spawned_workers_are_kept_too(self):
+        """With --no-fork (spawned workers), a client's sessions continue in one worker too."""
+        self.start_server("--no-fork")
+        first, _, _ = self.session()
+        self.assertEqual(self.session()[0], first)
+
+    def test_through_our_proxy(self):
+        """A --through-proxy server keeps its worker for the client it paired with again."""
+        from tests.daemons import Daemon, our_proxy
+
+        with our_proxy() as (_, proxy_port):
+            self.daemon = Daemon(twistd(
+                "rpc-server", "--through-proxy", "--host", "127.0.0.1",
+                "--port", str(proxy_port), "--key", KEY, "--work-dir", self.root))
+            self.addCleanup(self.daemon.stop)
+            self.daemon.wait_for(r"waiting at proxy")
+            self.port = proxy_port
+            first, _, _ = self.session()
+            self.assertEqual(self.session()[0], first)
+
     def test_keep_worker_zero_gives_fresh_workers(self):
         """--keep-worker 0: every session in a fresh worker, whatever the client asks."""
         self.start_server("--keep-worker", "0")
