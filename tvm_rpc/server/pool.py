@@ -332,9 +332,8 @@ class WorkerPool:
             "protocol": handoff.protocol,
             "start_timeout": self.start_timeout,
         }
-        kept = self._kept.pop(handoff.resume, None) if handoff.resume else None
+        kept = self._drop_kept(handoff.resume)
         if kept is not None:
-            kept.timer.cancel()
             if kept.server is server:
                 session.resumes = header["resume"] = kept.pid
             else:
@@ -415,17 +414,21 @@ class WorkerPool:
 
     def retire_kept(self):
         """Retire every worker waiting for its client's next session."""
-        kept, self._kept = self._kept, {}
-        for worker in kept.values():
-            if worker.timer is not None and worker.timer.active():
-                worker.timer.cancel()
-            self._retire(worker)
+        for token in list(self._kept):
+            self._retire(self._drop_kept(token))
 
     def _expire(self, token):
         """Its client did not come back in time: retire the kept worker."""
-        kept = self._kept.pop(token, None)
+        kept = self._drop_kept(token)
         if kept is not None:
             self._retire(kept)
+
+    def _drop_kept(self, token):
+        """@return: the worker kept for C{token}, no longer waiting (or L{None})."""
+        kept = self._kept.pop(token, None) if token else None
+        if kept is not None and kept.timer.active():
+            kept.timer.cancel()
+        return kept
 
     def _retire(self, kept):
         """
@@ -444,8 +447,7 @@ class WorkerPool:
             if kept.pid == pid:
                 # It died while kept (killed from outside).
                 known = True
-                del self._kept[token]
-                kept.timer.cancel()
+                self._drop_kept(token)
                 self._kill_group(pid)
         if not known:
             return
@@ -558,9 +560,7 @@ class WorkerPool:
         # Without the fork server nobody reports these workers' ends: end them.
         for token, kept in list(self._kept.items()):
             if kept.server is server:
-                del self._kept[token]
-                kept.timer.cancel()
-                self._kill_group(kept.pid)
+                self._kill_group(self._drop_kept(token).pid)
         for session in list(self._sessions.values()):
             if session.server is server:
                 self._kill(session)
@@ -573,10 +573,8 @@ class WorkerPool:
     def stop(self):
         """Kill every worker and the fork server."""
         self._stopping = True
-        kept, self._kept = self._kept, {}
-        for worker in kept.values():
-            worker.timer.cancel()
-            self._kill_group(worker.pid)
+        for token in list(self._kept):
+            self._kill_group(self._drop_kept(token).pid)
         for session in list(self._sessions.values()):
             self._kill(session)
         server = self._server
